@@ -1,0 +1,1 @@
+"""Client-facing face of pagedserve: config, public API, CLI."""

@@ -1,0 +1,1 @@
+"""Block-paged KV cache memory: block pool, prefix cache, block tables, layout and sizing."""

@@ -1,0 +1,1 @@
+"""Policy: request state, sampling parameters, continuous batching."""

@@ -1,0 +1,1 @@
+"""Device side: attention backends, models, weight loading, model runner, sampler, engine."""

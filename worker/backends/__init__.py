@@ -1,0 +1,1 @@
+"""Attention backends: one per device kind, all implementing worker.attention.AttentionBackend."""

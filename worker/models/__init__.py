@@ -1,0 +1,1 @@
+"""Llama-family decoder models whose attention runs through the paged op."""
