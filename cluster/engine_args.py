@@ -1,0 +1,29 @@
+"""Command-line flags shared by every verb that starts an engine, and their mapping to EngineConfig."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default="tiny",
+                   help="a local Hugging Face checkpoint directory, or 'tiny' (built in; default)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "npu", "cuda"])
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on cpu")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step (prefill chunks + decodes)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's)")
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments from parsed flags."""
+    return dict(
+        device=args.device, dtype=args.dtype, block_size=args.block_size,
+        kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching)

@@ -1,0 +1,114 @@
+"""`pagedserve generate`: run prompts on an in-process engine, stream text or print JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.engine_args import add_engine_flags, engine_options
+from cluster.jobs_file import Job, read_jobs_file
+from scheduler.sampling_params import SamplingParams
+from worker.output import CompletionOutput, JobOutput, RequestOutput
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text for prompts on this machine")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts", metavar="FILE.jsonl",
+                     help='one JSON object per line: "prompt" or "prompt_token_ids", plus optional '
+                          "sampling fields")
+    add_sampling_flags(p)
+    add_engine_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per input, in input order")
+    p.set_defaults(func=run)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults for every job)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token")
+
+
+def sampling_defaults(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n, stop=args.stop,
+                ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def load_jobs(args: argparse.Namespace) -> list[Job]:
+    defaults = sampling_defaults(args)
+    if args.prompts:
+        return read_jobs_file(args.prompts, defaults)
+    return [Job(text, SamplingParams(**defaults)) for text in args.prompt]
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs = load_jobs(args)  # bad input fails here, before the model loads
+    from cluster.llm import LLM
+
+    llm = LLM(args.model, **engine_options(args))
+    printer = None if args.json else _TerminalPrinter(len(jobs))
+    results = llm.generate([j.prompt for j in jobs], [j.params for j in jobs],
+                           priorities=[j.priority for j in jobs],
+                           on_output=printer.on_output if printer else None)
+    if args.json:
+        for i, job in enumerate(results):
+            print(json.dumps(job_record(i, job)), flush=True)
+    return 0
+
+
+def job_record(index: int, job: JobOutput) -> dict:
+    """The --json form of one job's result."""
+    record = {"index": index, **_sample_record(job.outputs[0]),
+              "num_prompt_tokens": job.num_prompt_tokens}
+    if len(job.outputs) > 1:
+        record["samples"] = [_sample_record(o) for o in job.outputs]
+    return record
+
+
+def _sample_record(out: CompletionOutput) -> dict:
+    record = {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}
+    if out.logprobs is not None:
+        record["logprobs"] = [
+            {"token_id": lp.token_id, "logprob": lp.logprob,
+             "top": [[t, v] for t, v in lp.top]} for lp in out.logprobs]
+    return record
+
+
+class _TerminalPrinter:
+    """Streams sample 0 of each job in input order: the head job live, later ones as they catch up."""
+
+    def __init__(self, num_jobs: int) -> None:
+        self.pending: list[list[str]] = [[] for _ in range(num_jobs)]
+        self.done = [False] * num_jobs
+        self.head = 0
+        self.multi = num_jobs > 1
+        self._header_shown = False
+
+    def on_output(self, index: int, delta: RequestOutput) -> None:
+        if delta.index != 0:
+            return
+        self.pending[index].append(delta.text)
+        self.done[index] = delta.finished
+        while self.head < len(self.done):
+            if self.multi and not self._header_shown:
+                sys.stdout.write(f"--- [{self.head}] ")
+                self._header_shown = True
+            sys.stdout.write("".join(self.pending[self.head]))
+            self.pending[self.head].clear()
+            if not self.done[self.head]:
+                break
+            sys.stdout.write("\n")
+            self.head += 1
+            self._header_shown = False
+        sys.stdout.flush()

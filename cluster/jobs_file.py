@@ -1,0 +1,56 @@
+"""Reading jobs from the command line or a JSONL file into (prompt, SamplingParams) pairs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
+
+
+@dataclass(slots=True)
+class Job:
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int = 0
+
+
+def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:
+    """One job per line: ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}``, plus optional
+    sampling fields and ``priority``; errors name the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    jobs = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                jobs.append(_parse_line(line, defaults))
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"{path}:{number}: {exc}") from None
+    if not jobs:
+        raise InvalidRequestError(f"{path} holds no jobs")
+    return jobs
+
+
+def _parse_line(line: str, defaults: dict) -> Job:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise InvalidRequestError("each line must be a JSON object")
+    has_text, has_ids = "prompt" in record, "prompt_token_ids" in record
+    if has_text == has_ids:
+        raise InvalidRequestError('give exactly one of "prompt" or "prompt_token_ids"')
+    prompt = record.pop("prompt") if has_text else record.pop("prompt_token_ids")
+    if has_text and not isinstance(prompt, str):
+        raise InvalidRequestError('"prompt" must be a string')
+    if has_ids and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        raise InvalidRequestError('"prompt_token_ids" must be a list of integers')
+    priority = record.pop("priority", 0)
+    if not isinstance(priority, int):
+        raise InvalidRequestError('"priority" must be an integer')
+    return Job(prompt, SamplingParams.from_dict({**defaults, **record}), priority)

@@ -1,0 +1,74 @@
+"""LLM: the in-process Python API — generate a batch of prompts on one engine."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from scheduler.sampling_params import SamplingParams
+from worker.engine import Engine, EngineConfig
+from worker.output import JobOutput, RequestOutput
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """``LLM(model="tiny").generate(prompts, params)`` returns outputs in input order."""
+
+    def __init__(self, model: str = "tiny", **engine_options) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priorities: Sequence[int] | None = None,
+        on_output: Callable[[int, RequestOutput], None] | None = None,
+    ) -> list[JobOutput]:
+        """Run every prompt to completion. Bad input raises before any work is queued.
+        ``on_output(index, delta)`` sees each incremental output (for streaming, progress)."""
+        prompts = [prompts] if _is_single(prompts) else list(prompts)
+        params_list = _per_prompt(params or SamplingParams(), len(prompts))
+        priorities = list(priorities or [0] * len(prompts))
+        jobs = self._submit_all(prompts, params_list, priorities)
+        index = {job.request_id: i for i, job in enumerate(jobs)}
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                now = time.monotonic()
+                jobs[index[delta.request_id]].add(delta, now)
+                if on_output is not None:
+                    on_output(index[delta.request_id], delta)
+        return jobs
+
+    def _submit_all(self, prompts, params_list, priorities) -> list[JobOutput]:
+        jobs: list[JobOutput] = []
+        try:
+            for prompt, params, priority in zip(prompts, params_list, priorities):
+                now = time.monotonic()
+                rid = self.engine.add_request(prompt, params, priority=priority)
+                jobs.append(JobOutput.start(rid, params.n, now))
+        except Exception:
+            for job in jobs:
+                self.engine.abort(job.request_id)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
+        return jobs
+
+
+def _is_single(prompts) -> bool:
+    return isinstance(prompts, str) or (
+        isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+    return params

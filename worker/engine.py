@@ -1,0 +1,258 @@
+"""The per-device engine: add / abort / step over one model, one KV cache, one batch."""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.layout import bytes_per_block, num_blocks_for_budget
+from kvcache.manager import KVCacheManager
+from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
+from scheduler.request import FinishReason, Request
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from worker.backends import get_backend
+from worker.loader import load_model, resolve_model_path
+from worker.output import EngineStats, RequestOutput
+from worker.runner import ModelRunner, prepare_inputs
+from worker.sampler import Sampler, SamplingRow
+from worker.streams import SampleStream
+from worker.tokenizer import Tokenizer
+
+log = logging.getLogger("pagedserve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything one device's engine needs; cluster configs fill it."""
+
+    model: str = "tiny"
+    device: str = "cpu"
+    device_index: int = 0
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_gib: float = 1.0  # cpu: the KV budget; npu/cuda size from free memory instead
+    memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's own limit
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+    seed: int = 0  # for unseeded sampling
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if self.block_size < 1 or self.kv_cache_gib <= 0:
+            raise ValueError("block_size must be >= 1 and kv_cache_gib > 0")
+
+
+class Engine:
+    """One device: continuous batching over a paged KV cache."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        path = resolve_model_path(config.model)
+        self.backend = get_backend(config.device, config.device_index)
+        self.model, self.model_config = load_model(
+            path, dtype=DTYPES[config.dtype], backend=self.backend)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
+                                 self.model_config.max_model_len)
+        num_blocks = self._num_kv_blocks()
+        self.kv = KVCacheManager(num_blocks, config.block_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
+        self.batcher = ContinuousBatcher(self._batching_config(), self.kv)
+        self.runner = ModelRunner(self.model, self.model_config, self.backend, num_blocks,
+                                  config.block_size, DTYPES[config.dtype])
+        self.sampler = Sampler(seed=config.seed)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
+            self.tokenizer.eos_token_ids)
+        self._streams: dict[str, SampleStream] = {}
+        self._pending_forks: dict[str, list[Request]] = {}
+        self._aborted: list[SampleStream] = []
+        self._generated_window: collections.deque[tuple[float, int]] = collections.deque()
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+
+    def _batching_config(self) -> BatchingConfig:
+        c = self.config
+        return BatchingConfig(
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_chunked_prefill=c.enable_chunked_prefill,
+            enable_prefix_caching=c.enable_prefix_caching, policy=c.policy)
+
+    def _num_kv_blocks(self) -> int:
+        mc = self.model_config
+        per_block = bytes_per_block(mc.num_hidden_layers, self.config.block_size,
+                                    mc.num_key_value_heads, mc.head_dim, DTYPES[self.config.dtype])
+        budget = int(self.config.kv_cache_gib * 2**30)
+        num_blocks = num_blocks_for_budget(budget, per_block)
+        log.info("KV cache: %d blocks x %d tokens (%.2f GiB, %d bytes per block)",
+                 num_blocks, self.config.block_size, num_blocks * per_block / 2**30, per_block)
+        return num_blocks
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, priority: int = 0,
+                    cache_salt: object = None) -> str:
+        """Queue a job; raises InvalidRequestError (nothing queued) for bad input."""
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        request_id = request_id or uuid.uuid4().hex
+        samples = [
+            Request(f"{request_id}/{i}" if params.n > 1 else request_id, prompt_ids, params,
+                    eos_token_ids=self.eos_token_ids, priority=priority,
+                    seed=_sample_seed(params.seed, i), cache_salt=cache_salt)
+            for i in range(params.n)
+        ]
+        self.batcher.add(samples[0])
+        for i, req in enumerate(samples):
+            self._streams[req.request_id] = SampleStream(req, request_id, i, self.tokenizer)
+        if params.n > 1:
+            self._pending_forks[samples[0].request_id] = samples[1:]
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt_token_ids is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt_token_ids has ids outside [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Abort every sample of a job; its blocks are freed at once. False if unknown."""
+        streams = [s for s in self._streams.values() if s.job_id == request_id]
+        for stream in streams:
+            req = stream.request
+            self._pending_forks.pop(req.request_id, None)
+            if not req.is_finished:
+                self.batcher.finish(req, FinishReason.ABORT)
+                self._aborted.append(stream)
+        return bool(streams)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._streams)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and return every sample's new output."""
+        outputs = self._collect_aborted()
+        batch = self.batcher.schedule()
+        if not batch.requests:
+            return outputs
+        inputs = prepare_inputs(batch, self.kv, self.runner.device)
+        logits = self.runner.execute(inputs)
+        sampled_reqs = [batch.requests[i] for i in inputs.sampling_rows]
+        sampled, forks = self._sample(logits, sampled_reqs)
+        self._count_tokens(batch, len(sampled_reqs))
+        finished = self.batcher.update(batch, sampled)
+        for parent, child in forks:
+            self._start_fork(parent, child)
+        touched = {r.request_id for r in sampled_reqs} | {r.request_id for r in finished}
+        touched.update(child.request_id for _, child in forks)
+        for rid in touched:
+            out = self._emit(self._streams[rid])
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]):
+        """Sample one token per request, plus the first token of each pending fork (n > 1),
+        drawn from its parent's logits row."""
+        rows = [_sampling_row(req) for req in reqs]
+        sources = list(range(len(reqs)))
+        forks: list[tuple[Request, Request]] = []
+        for i, req in enumerate(reqs):
+            for child in self._pending_forks.pop(req.request_id, ()):
+                rows.append(_sampling_row(child))
+                sources.append(i)
+                forks.append((req, child))
+        if forks:
+            logits = logits.index_select(0, torch.tensor(sources, device=logits.device))
+        result = self.sampler(logits, rows)
+        everyone = reqs + [child for _, child in forks]
+        for req, lp in zip(everyone, result.logprobs):
+            if lp is not None:
+                self._streams[req.request_id].logprobs.append(lp)
+        for (_, child), token in zip(forks, result.token_ids[len(reqs):]):
+            child.append_token(token)
+        sampled = {req.request_id: t for req, t in zip(reqs, result.token_ids)}
+        return sampled, forks
+
+    def _start_fork(self, parent: Request, child: Request) -> None:
+        """A sample of an n > 1 job joins its parent's blocks (or recomputes if it cannot)."""
+        reason = child.check_token_stop(self.max_model_len)
+        if reason is not None:
+            self.batcher.finish(child, reason)
+        else:
+            self.runner.copy_blocks(self.batcher.fork(parent, child))
+
+    def _count_tokens(self, batch: ScheduledBatch, num_sampled: int) -> None:
+        now = time.monotonic()
+        self.generated_tokens += num_sampled
+        self.prompt_tokens += batch.total_tokens - num_sampled
+        self._generated_window.append((now, num_sampled))
+        while self._generated_window and now - self._generated_window[0][0] > 10.0:
+            self._generated_window.popleft()
+
+    def _collect_aborted(self) -> list[RequestOutput]:
+        aborted, self._aborted = self._aborted, []
+        return [o for o in (self._emit(s) for s in aborted) if o is not None]
+
+    def _emit(self, stream: SampleStream) -> RequestOutput | None:
+        stream.absorb()
+        if stream.stopped_by_text and not stream.request.is_finished:
+            self.batcher.finish(stream.request, FinishReason.STOP)
+        out = stream.emit()
+        if stream.done:
+            del self._streams[stream.request.request_id]
+        return out
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        kv = self.kv.stats()
+        window = sum(n for _, n in self._generated_window)
+        span = (time.monotonic() - self._generated_window[0][0]) if self._generated_window else 0
+        return EngineStats(
+            num_running=len(self.batcher.running), num_waiting=self.batcher.num_waiting,
+            kv_blocks_used=kv.used, kv_blocks_total=kv.num_blocks, kv_blocks_cached=kv.cached,
+            prefix_hit_rate=kv.prefix_hit_tokens / kv.prefix_query_tokens
+            if kv.prefix_query_tokens else 0.0,
+            num_preemptions=self.batcher.num_preemptions, prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            tokens_per_s=window / span if span > 0 else 0.0)
+
+
+def _sample_seed(seed: int | None, index: int) -> int | None:
+    """Sample i of an n > 1 job draws from its own seeded stream; sample 0 uses the seed as is."""
+    if seed is None or index == 0:
+        return seed
+    return (seed * 0x9E3779B1 + index) % (1 << 63)
+
+
+def _sampling_row(req: Request) -> SamplingRow:
+    p = req.params
+    needs_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    return SamplingRow(
+        params=p,
+        prompt_token_ids=req.prompt_token_ids if needs_history else (),
+        output_token_ids=req.output_token_ids if needs_history else (),
+        seed=req.seed, position=req.num_tokens)
+

@@ -1,0 +1,97 @@
+"""What the engine hands back per step: incremental per-sample deltas, and engine statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """The sampled token's log-probability and the model's top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """New tokens of one sample (``index`` among the job's n) since the last step."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    text: str
+    num_prompt_tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_cached: int
+    prefix_hit_rate: float  # hit tokens / queried tokens, over the engine's life
+    num_preemptions: int
+    prompt_tokens: int  # computed prompt tokens, excluding prefix-cache hits
+    generated_tokens: int
+    tokens_per_s: float  # generated tokens per second over the recent window
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One sample's whole output so far."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class JobOutput:
+    """A job's accumulated result: every sample, plus the timings a user reports on."""
+
+    request_id: str
+    outputs: list[CompletionOutput]
+    arrival_time: float
+    num_prompt_tokens: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @classmethod
+    def start(cls, request_id: str, n: int, now: float) -> "JobOutput":
+        return cls(request_id, [CompletionOutput(i) for i in range(n)], now)
+
+    def add(self, delta: RequestOutput, now: float) -> None:
+        sample = self.outputs[delta.index]
+        self.num_prompt_tokens = delta.num_prompt_tokens
+        if delta.new_token_ids and self.first_token_time is None:
+            self.first_token_time = now
+        sample.token_ids.extend(delta.new_token_ids)
+        sample.text += delta.text
+        if delta.logprobs is not None:
+            sample.logprobs = (sample.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            sample.finish_reason = delta.finish_reason
+            if self.finished:
+                self.finish_time = now
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time

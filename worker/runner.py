@@ -1,0 +1,101 @@
+"""Model runner: turns a scheduled step into packed model inputs, runs the model, returns the
+logits of the tokens that are sampled."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.layout import kv_cache_shape
+from kvcache.manager import KVCacheManager
+from scheduler.batching import ScheduledBatch
+from worker.attention import AttentionBackend, AttentionMetadata
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    logits_indices: list[int]  # rows of the hidden states to sample from
+    sampling_rows: list[int]  # which batch entries those rows belong to
+
+
+def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> StepInputs:
+    """Pack the step's tokens of every scheduled request, with their slots and block tables."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    tables: list[list[int]] = []
+    seq_lens: list[int] = []
+    query_start_loc = [0]
+    logits_indices: list[int] = []
+    sampling_rows: list[int] = []
+    for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+        start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
+        input_ids.extend(req.token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(kv.slot_mapping(req.request_id, start, end))
+        tables.append(kv.block_table(req.request_id))
+        seq_lens.append(end)
+        query_start_loc.append(query_start_loc[-1] + num_new)
+        if end == req.num_tokens:
+            logits_indices.append(query_start_loc[-1] - 1)
+            sampling_rows.append(i)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int32, device=device),
+        block_tables=_padded_tables(tables, device),
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+    )
+    return StepInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        meta=meta,
+        logits_indices=logits_indices,
+        sampling_rows=sampling_rows,
+    )
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0)
+    out = torch.zeros((len(tables), max(width, 1)), dtype=torch.int32)
+    for i, table in enumerate(tables):
+        out[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return out.to(device)
+
+
+class ModelRunner:
+    """Owns the model, the per-layer KV caches and the attention backend of one device."""
+
+    def __init__(self, model: torch.nn.Module, config, backend: AttentionBackend,
+                 num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = backend.device
+        shape = kv_cache_shape(num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device),
+             torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Run one step; returns float32 logits ``[len(inputs.logits_indices), vocab]``."""
+        meta = self.backend.prepare(inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+        if not inputs.logits_indices:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        index = torch.tensor(inputs.logits_indices, device=hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, index)).float()
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks src -> dst in every layer (for forked samples)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for key_cache, value_cache in self.kv_caches:
+            key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
+            value_cache.index_copy_(0, dst, value_cache.index_select(0, src))

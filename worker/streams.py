@@ -1,0 +1,56 @@
+"""One sample's output stream: incremental text, stop strings, and what was already sent."""
+from __future__ import annotations
+
+from scheduler.request import Request
+from worker.output import RequestOutput, TokenLogprob
+from worker.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class SampleStream:
+    """Turns a request's new tokens into deltas; holds back text that might begin a stop string."""
+
+    def __init__(self, request: Request, job_id: str, index: int, tokenizer: Tokenizer) -> None:
+        self.request = request
+        self.job_id = job_id
+        self.index = index
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        self.text = ""
+        self.logprobs: list[TokenLogprob] = []
+        self.stopped_by_text = False
+        self.done = False
+        self._tokens_read = 0
+        self._tokens_sent = 0
+        self._text_sent = 0
+        self._holdback = max((len(s) for s in request.params.stop), default=1) - 1
+
+    def absorb(self) -> None:
+        """Detokenize the request's new tokens and look for stop strings in the new text."""
+        new_tokens = self.request.output_token_ids[self._tokens_read:]
+        self._tokens_read += len(new_tokens)
+        if not new_tokens or self.stopped_by_text:
+            return
+        start = max(0, len(self.text) - self._holdback)
+        self.text += self.detokenizer.add(new_tokens)
+        hits = [at for at in (self.text.find(s, start) for s in self.request.params.stop) if at >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped_by_text = True
+
+    def emit(self) -> RequestOutput | None:
+        """The output since the last call; None when there is nothing new to say."""
+        req = self.request
+        finished = req.is_finished
+        if self.done or (self._tokens_read == self._tokens_sent and not finished):
+            return None
+        end = len(self.text) if finished else max(self._text_sent, len(self.text) - self._holdback)
+        new_tokens = req.output_token_ids[self._tokens_sent:self._tokens_read]
+        out = RequestOutput(
+            request_id=self.job_id, index=self.index, new_token_ids=new_tokens,
+            text=self.text[self._text_sent:end], num_prompt_tokens=req.num_prompt_tokens,
+            finish_reason=req.finish_reason.value if finished else None,
+            logprobs=self.logprobs[self._tokens_sent:self._tokens_read]
+            if req.params.logprobs is not None else None)
+        self._tokens_sent = self._tokens_read
+        self._text_sent = end
+        self.done = finished
+        return out
