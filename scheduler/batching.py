@@ -99,13 +99,14 @@ class ContinuousBatcher:
         blocks; returns the KV block copies to make. If the batch is full or no block is free,
         the child is queued to recompute instead (the prefix cache still shares full blocks)."""
         self.requests[child.request_id] = child
-        if parent.status is RequestStatus.RUNNING and len(self.running) < self.config.max_num_seqs:
+        if (parent.status is RequestStatus.RUNNING
+                and len(self.running) < self.config.max_num_seqs
+                and self.kv.blocks_to_fork(parent.request_id) <= self.kv.num_free_blocks):
             pairs = self.kv.fork(parent.request_id, child.request_id)
-            if pairs is not None:
-                child.num_computed_tokens = child.num_tokens - 1
-                child.status = RequestStatus.RUNNING
-                bisect.insort(self.running, child, key=self._order_key)
-                return pairs
+            child.num_computed_tokens = child.num_tokens - 1
+            child.status = RequestStatus.RUNNING
+            bisect.insort(self.running, child, key=self._order_key)
+            return pairs
         self._push_waiting(child)
         return []
 
