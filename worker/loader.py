@@ -1,0 +1,118 @@
+"""Loading a Hugging Face checkpoint directory (config.json + safetensors) into a pagedserve model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from worker.attention import AttentionBackend
+from worker.models.config import ModelConfig, UnsupportedModelError, parse_dtype
+from worker.models.llama import LlamaForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TINY_MODEL_NAME = "tiny"
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint directory is missing, incomplete or corrupt; the message names the culprit."""
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """The checkpoint directory: "tiny" is the built-in model (written on first use)."""
+    if str(name_or_path) == TINY_MODEL_NAME:
+        from worker.models.tiny import tiny_model_dir
+
+        return tiny_model_dir()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist (or pass {TINY_MODEL_NAME!r})")
+    return path
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Parse ``<path>/config.json``; ModelLoadError if absent or corrupt."""
+    raw = read_json(Path(path) / "config.json")
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{Path(path) / 'config.json'} must hold a JSON object")
+    return ModelConfig.from_dict(raw)
+
+
+def read_json(file: Path) -> object:
+    if not file.is_file():
+        raise ModelLoadError(f"{file} is missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from exc
+
+
+def load_model(
+    path: str | Path, *, dtype: torch.dtype | str | None = None, backend: AttentionBackend
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Build the model for ``path`` ("tiny" or a HF directory) and fill it from its safetensors.
+
+    ``dtype`` None means the checkpoint's declared dtype, else float32. Raises ModelLoadError for a
+    missing/corrupt directory, file or tensor, UnsupportedModelError for an architecture we lack.
+    """
+    directory = resolve_model_path(path)
+    config = load_config(directory)
+    chosen = parse_dtype(dtype) if dtype is not None else (config.dtype or torch.float32)
+    model = LlamaForCausalLM(config, backend, dtype=chosen)
+    fill_weights(model.hf_weight_slots(), weight_files(directory))
+    return model.to(backend.device).eval(), config
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files to read: the index's shards, or the single file."""
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index_path} has no 'weight_map' object")
+        shards = sorted({directory / str(shard) for shard in weight_map.values()})
+        for shard in shards:
+            if not shard.is_file():
+                raise ModelLoadError(f"{index_path} names shard {shard.name}, which is missing")
+        return shards
+    single = directory / SINGLE_FILE
+    if not single.is_file():
+        raise ModelLoadError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
+    return [single]
+
+
+def fill_weights(slots: dict[str, torch.Tensor], files: list[Path]) -> None:
+    """Copy every needed tensor into its slot (casting dtype); extra tensors are ignored."""
+    missing = set(slots)
+    with torch.no_grad():
+        for file in files:
+            for name, tensor in _read_needed(file, missing):
+                _copy_checked(slots[name], tensor, name, file)
+                missing.discard(name)
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")
+
+
+def _read_needed(file: Path, needed: set[str]):
+    try:
+        with safe_open(file, framework="pt") as reader:
+            for name in reader.keys():
+                if name in needed:
+                    yield name, reader.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+
+
+def _copy_checked(slot: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:
+    if tuple(tensor.shape) != tuple(slot.shape):
+        raise ModelLoadError(
+            f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}"
+        )
+    slot.copy_(tensor)
+
+
+__all__ = ["ModelLoadError", "UnsupportedModelError", "load_model", "load_config", "resolve_model_path"]

@@ -1,0 +1,212 @@
+"""ModelConfig: the architecture facts pagedserve needs, parsed from a Hugging Face config.json."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+# Used only when a config.json lacks "architectures" (e.g. one written by PretrainedConfig alone).
+_ARCHITECTURE_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint describes a model this package cannot run."""
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """A rotary-embedding frequency rescaling: "linear" or Llama-3's "llama3"."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q/k/v projections
+    o_proj_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    dtype: torch.dtype | None  # the checkpoint's declared dtype, if any
+    sliding_window: int | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence we serve correctly.
+
+        Sliding-window attention is not implemented: full attention equals it only while the
+        sequence fits in the window, so a smaller window caps the length.
+        """
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Parse a config.json dict (transformers 4 or 5 key names)."""
+        architecture = _architecture(raw)
+        _check_activation_and_mlp(raw)
+        heads = _required(raw, "num_attention_heads")
+        hidden = _required(raw, "hidden_size")
+        rope_theta, rope_scaling = _rope(raw)
+        is_qwen2 = architecture == "Qwen2ForCausalLM"
+        llama_bias = bool(raw.get("attention_bias", False))
+        config = cls(
+            architecture=architecture,
+            vocab_size=_required(raw, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_required(raw, "intermediate_size"),
+            num_hidden_layers=_required(raw, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=True if is_qwen2 else llama_bias,
+            o_proj_bias=False if is_qwen2 else llama_bias,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_token_ids(raw.get("eos_token_id")),
+            dtype=_dtype(raw),
+            sliding_window=_sliding_window(raw, architecture),
+        )
+        config._validate()
+        return config
+
+    def _validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+def _required(raw: dict[str, Any], key: str) -> Any:
+    if raw.get(key) is None:
+        raise UnsupportedModelError(f"config.json has no {key!r}")
+    return raw[key]
+
+
+def _architecture(raw: dict[str, Any]) -> str:
+    names = raw.get("architectures") or []
+    if not names and raw.get("model_type") in _ARCHITECTURE_BY_MODEL_TYPE:
+        names = [_ARCHITECTURE_BY_MODEL_TYPE[raw["model_type"]]]
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    shown = ", ".join(names) or f"model_type={raw.get('model_type')!r}"
+    raise UnsupportedModelError(
+        f"unsupported model architecture {shown}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _check_activation_and_mlp(raw: dict[str, Any]) -> None:
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is implemented")
+    if raw.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported; MLP projections must be bias-free")
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and scaling from transformers 5 `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
+    params = dict(raw.get("rope_scaling") or {})
+    params.update(raw.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return theta, None
+    if "factor" not in params:
+        raise UnsupportedModelError(f"rope scaling {rope_type!r} needs a 'factor'")
+    scaling = RopeScaling(rope_type=rope_type, factor=float(params["factor"]))
+    if rope_type == "llama3":
+        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k not in params]
+        if missing:
+            raise UnsupportedModelError(f"llama3 rope scaling is missing {', '.join(missing)}")
+        scaling = RopeScaling(
+            rope_type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+        if scaling.high_freq_factor <= scaling.low_freq_factor:
+            raise UnsupportedModelError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+    return theta, scaling
+
+
+def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _dtype(raw: dict[str, Any]) -> torch.dtype | None:
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    if name is None:
+        return None
+    return parse_dtype(name)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A supported model dtype from its name ("bfloat16") or a torch.dtype."""
+    if isinstance(name, torch.dtype):
+        if name in _DTYPES.values():
+            return name
+        name = str(name)
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise UnsupportedModelError(f"unsupported dtype {name!r}; supported: {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def _sliding_window(raw: dict[str, Any], architecture: str) -> int | None:
+    window = raw.get("sliding_window")
+    if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+        return None
+    if window is None or window >= raw.get("max_position_embeddings", window):
+        return None
+    return int(window)

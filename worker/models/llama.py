@@ -1,0 +1,148 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) over packed tokens, attention via the paged op."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
+from worker.models.config import ModelConfig
+from worker.models.rope import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    """Uninitialised inference-only storage; the loader fills it."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 and scale in the model dtype, as the reference implementation does.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block with fused q/k/v and gate/up projections (one matmul each)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        c = config
+        self.eps = c.rms_norm_eps
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.input_norm = _weight(c.hidden_size, dtype=dtype)
+        self.qkv_weight = _weight(c.q_size + 2 * c.kv_size, c.hidden_size, dtype=dtype)
+        self.qkv_bias = _weight(c.q_size + 2 * c.kv_size, dtype=dtype) if c.attention_bias else None
+        self.o_weight = _weight(c.hidden_size, c.q_size, dtype=dtype)
+        self.o_bias = _weight(c.hidden_size, dtype=dtype) if c.o_proj_bias else None
+        self.post_norm = _weight(c.hidden_size, dtype=dtype)
+        self.gate_up_weight = _weight(2 * c.intermediate_size, c.hidden_size, dtype=dtype)
+        self.down_weight = _weight(c.hidden_size, c.intermediate_size, dtype=dtype)
+        self.attn_params = SelfAttentionParams(
+            head_num=c.num_attention_heads,
+            kv_head_num=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            qk_scale=c.head_dim**-0.5,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        attn_out = self._attention(rms_norm(hidden, self.input_norm, self.eps), rope, kv_cache, meta, backend)
+        hidden = hidden + attn_out
+        return hidden + self._mlp(rms_norm(hidden, self.post_norm, self.eps))
+
+    def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
+        tokens = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), *rope)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
+        return F.linear(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_weight)
+
+    def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Where each Hugging Face tensor of this layer lands in the fused layout (views)."""
+        q, kv = self.q_size, self.kv_size
+        inter = self.down_weight.shape[1]
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        slots = {
+            f"{prefix}.input_layernorm.weight": self.input_norm.data,
+            f"{prefix}.post_attention_layernorm.weight": self.post_norm.data,
+            f"{attn}.q_proj.weight": self.qkv_weight.data[:q],
+            f"{attn}.k_proj.weight": self.qkv_weight.data[q : q + kv],
+            f"{attn}.v_proj.weight": self.qkv_weight.data[q + kv :],
+            f"{attn}.o_proj.weight": self.o_weight.data,
+            f"{mlp}.gate_proj.weight": self.gate_up_weight.data[:inter],
+            f"{mlp}.up_proj.weight": self.gate_up_weight.data[inter:],
+            f"{mlp}.down_proj.weight": self.down_weight.data,
+        }
+        if self.qkv_bias is not None:
+            slots[f"{attn}.q_proj.bias"] = self.qkv_bias.data[:q]
+            slots[f"{attn}.k_proj.bias"] = self.qkv_bias.data[q : q + kv]
+            slots[f"{attn}.v_proj.bias"] = self.qkv_bias.data[q + kv :]
+        if self.o_bias is not None:
+            slots[f"{attn}.o_proj.bias"] = self.o_bias.data
+        return slots
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder over packed tokens (no batch dim); every layer's attention goes through ``backend``.
+
+    Serves LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM checkpoints: they differ only
+    in config (q/k/v bias, tied embeddings, rope parameters).
+    """
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.dtype = dtype
+        c = config
+        self.embed_tokens = _weight(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(c, dtype) for _ in range(c.num_hidden_layers))
+        self.norm = _weight(c.hidden_size, dtype=dtype)
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else _weight(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.rotary = RotaryEmbedding(c)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm; writes this step's K/V into the caches."""
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} per-layer KV caches, got {len(kv_caches)}")
+        if meta.backend_state is None:
+            meta = self.backend.prepare(meta)
+        rope = self.rotary.cos_sin(positions, self.dtype)
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer.forward(hidden, rope, kv_cache, meta, self.backend)
+        return rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` for the given hidden rows (e.g. each sequence's last token)."""
+        return F.linear(hidden, self.lm_head).float()
+
+    def hf_weight_slots(self) -> dict[str, torch.Tensor]:
+        """Every Hugging Face tensor name this model needs, mapped to the view it is copied into."""
+        slots = {"model.embed_tokens.weight": self.embed_tokens.data, "model.norm.weight": self.norm.data}
+        if not self.config.tie_word_embeddings:
+            slots["lm_head.weight"] = self.lm_head.data
+        for i, layer in enumerate(self.layers):
+            slots.update(layer.hf_weight_slots(f"model.layers.{i}"))
+        return slots
