@@ -1,0 +1,229 @@
+"""Checkpoint loading: dtype choice, fused layout, and an actionable ModelLoadError for each broken input."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from worker.backends import get_backend
+from worker.loader import ModelLoadError, load_config, load_model, resolve_model_path
+from worker.models import tiny
+from worker.models.config import UnsupportedModelError
+
+HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, VOCAB = 32, 4, 2, 48, 2, 50
+HEAD_DIM = HIDDEN // HEADS
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 128,
+    "dtype": "bfloat16",
+}
+
+
+def hf_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (HIDDEN,),
+            f"{p}.post_attention_layernorm.weight": (HIDDEN,),
+            f"{p}.self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+            f"{p}.self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+            f"{p}.self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+            f"{p}.self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+            f"{p}.mlp.gate_proj.weight": (INTER, HIDDEN),
+            f"{p}.mlp.up_proj.weight": (INTER, HIDDEN),
+            f"{p}.mlp.down_proj.weight": (HIDDEN, INTER),
+        }
+    return {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+
+
+def write_checkpoint(directory: Path, tensors=None, config=None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config or CONFIG))
+    save_file(tensors if tensors is not None else hf_tensors(), str(directory / "model.safetensors"))
+    return directory
+
+
+def write_sharded(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(CONFIG))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, shard_names in halves.items():
+        save_file({n: tensors[n] for n in shard_names}, str(directory / shard))
+        weight_map |= {n: shard for n in shard_names}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def load(path, dtype=None):
+    return load_model(path, dtype=dtype, backend=get_backend("cpu"))
+
+
+# ---- what a good checkpoint loads into ----------------------------------------------------------
+
+
+def test_weights_land_in_fused_layout(tmp_path):
+    tensors = hf_tensors(seed=1)
+    model, _ = load(write_checkpoint(tmp_path, tensors), dtype=torch.float32)
+    layer = model.layers[1]
+    p = "model.layers.1"
+    qkv = [tensors[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"]
+    assert torch.equal(layer.qkv_weight, torch.cat(qkv))
+    gate_up = [tensors[f"{p}.mlp.{n}_proj.weight"] for n in ("gate", "up")]
+    assert torch.equal(layer.gate_up_weight, torch.cat(gate_up))
+    assert torch.equal(model.lm_head, tensors["lm_head.weight"])
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_dtype_defaults_to_config_then_float32(tmp_path):
+    model, config = load(write_checkpoint(tmp_path / "bf16"))
+    assert config.dtype == torch.bfloat16 and model.embed_tokens.dtype == torch.bfloat16
+    no_dtype = {k: v for k, v in CONFIG.items() if k != "dtype"}
+    model, _ = load(write_checkpoint(tmp_path / "none", config=no_dtype))
+    assert model.embed_tokens.dtype == torch.float32
+    model, _ = load(tmp_path / "bf16", dtype=torch.float16)
+    assert model.layers[0].qkv_weight.dtype == torch.float16
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+    tensors = hf_tensors(seed=2)
+    single, _ = load(write_checkpoint(tmp_path / "single", tensors), dtype=torch.float32)
+    sharded, _ = load(write_sharded(tmp_path / "sharded", tensors), dtype=torch.float32)
+    for (name, a), (_, b) in zip(single.named_parameters(), sharded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_extra_tensors_are_ignored(tmp_path):
+    tensors = hf_tensors() | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(HEAD_DIM // 2)}
+    model, _ = load(write_checkpoint(tmp_path, tensors))
+    assert model.config.num_hidden_layers == LAYERS
+
+
+def test_tied_embeddings_need_no_lm_head(tmp_path):
+    tensors = hf_tensors()
+    del tensors["lm_head.weight"]
+    model, _ = load(write_checkpoint(tmp_path, tensors, {**CONFIG, "tie_word_embeddings": True}), dtype=torch.float32)
+    assert torch.equal(model.lm_head, tensors["model.embed_tokens.weight"])
+
+
+# ---- each broken input names its culprit --------------------------------------------------------
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="nowhere"):
+        load(tmp_path / "nowhere")
+
+
+def test_missing_config(tmp_path):
+    write_checkpoint(tmp_path).joinpath("config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load(tmp_path)
+
+
+def test_corrupt_config_json(tmp_path):
+    write_checkpoint(tmp_path).joinpath("config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json.*not valid JSON"):
+        load(tmp_path)
+
+
+def test_missing_weights(tmp_path):
+    write_checkpoint(tmp_path).joinpath("model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load(tmp_path)
+
+
+def test_corrupt_safetensors(tmp_path):
+    weights = write_checkpoint(tmp_path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load(tmp_path)
+
+
+def test_index_naming_missing_shard(tmp_path):
+    write_sharded(tmp_path, hf_tensors()).joinpath("model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors"):
+        load(tmp_path)
+
+
+def test_missing_tensor(tmp_path):
+    tensors = hf_tensors()
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load(write_checkpoint(tmp_path, tensors))
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
+    tensors = hf_tensors()
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(KV_HEADS * HEAD_DIM + 1, HIDDEN)
+    with pytest.raises(ModelLoadError) as err:
+        load(write_checkpoint(tmp_path, tensors))
+    message = str(err.value)
+    assert "model.layers.0.self_attn.k_proj.weight" in message
+    assert str((KV_HEADS * HEAD_DIM + 1, HIDDEN)) in message and str((KV_HEADS * HEAD_DIM, HIDDEN)) in message
+
+
+def test_unsupported_architecture(tmp_path):
+    write_checkpoint(tmp_path, config={**CONFIG, "architectures": ["FalconForCausalLM"]})
+    with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*LlamaForCausalLM"):
+        load(tmp_path)
+
+
+def test_unsupported_dtype_request(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="float64"):
+        load(write_checkpoint(tmp_path), dtype=torch.float64)
+
+
+# ---- the built-in tiny model --------------------------------------------------------------------
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
+
+
+def test_tiny_is_written_once_and_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path / "a"))
+    first = resolve_model_path("tiny")
+    assert first == tmp_path / "a" / tiny.TINY_VERSION
+    stamp = {f.name: f.stat().st_mtime_ns for f in first.iterdir()}
+    assert resolve_model_path("tiny") == first
+    assert {f.name: f.stat().st_mtime_ns for f in first.iterdir()} == stamp  # not rewritten
+    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path / "b"))
+    assert digest(resolve_model_path("tiny")) == digest(first)  # same bytes from scratch
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [tiny.TINY_VERSION]  # no staging left
+
+
+def test_tiny_loads_through_the_loader(tmp_path, monkeypatch):
+    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path))
+    model, config = load("tiny")
+    weights = load_file(str(resolve_model_path("tiny") / "model.safetensors"))
+    assert torch.equal(model.lm_head, weights["lm_head.weight"])
+    assert config == load_config(resolve_model_path("tiny"))
+    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (256, 4, 2)
+    assert model.embed_tokens.dtype == torch.float32
+
+
+def test_losing_tiny_writer_keeps_the_winners_copy(tmp_path):
+    """A writer that finishes second (the race's loser) discards its staging dir and does not fail."""
+    target = tmp_path / tiny.TINY_VERSION
+    tiny.write_tiny_checkpoint_atomically(target)
+    before = digest(target)
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    tiny.write_tiny_checkpoint_atomically(target)
+    assert digest(target) == before
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [tiny.TINY_VERSION]

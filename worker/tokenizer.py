@@ -1,0 +1,224 @@
+"""Text <-> token ids for a HF tokenizer directory: encode/decode, chat templates, streaming detokenizing."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class TokenizerLoadError(ValueError):
+    """A tokenizer directory is missing a file or holds a corrupt one; the message names it."""
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer has no chat template, or rendering it failed."""
+
+
+class Tokenizer:
+    """Wraps a ``tokenizers`` tokenizer with the special-token facts from the sibling config files."""
+
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_tokens: tuple[str, ...] = (),
+        extra_eos_ids: tuple[int, ...] = (),
+        chat_template: str | None = None,
+    ) -> None:
+        self._backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_tokens[0] if eos_tokens else None
+        self.bos_token_id = self._token_id(bos_token)
+        eos_ids = [self._token_id(t) for t in eos_tokens] + list(extra_eos_ids)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        self.chat_template = chat_template
+        self._compiled_template: jinja2.Template | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json`` plus tokenizer_config.json / generation_config.json / chat_template.jinja."""
+        directory = Path(path)
+        tokenizer_file = directory / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise TokenizerLoadError(f"{tokenizer_file} is missing")
+        try:
+            backend = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the Rust side raises plain Exception subclasses
+            raise TokenizerLoadError(f"cannot parse {tokenizer_file}: {exc}") from exc
+        config = _read_optional_json(directory / "tokenizer_config.json")
+        generation = _read_optional_json(directory / "generation_config.json")
+        bos = _token_text(config.get("bos_token"))
+        eos = _token_text(config.get("eos_token"))
+        # tokenizer.json's post-processor alone decides whether encode() adds BOS/EOS; like
+        # transformers 5, add_bos_token/add_eos_token in tokenizer_config.json are not consulted.
+        return cls(
+            backend,
+            bos_token=bos,
+            eos_tokens=(eos,) if eos else (),
+            extra_eos_ids=_ids(generation.get("eos_token_id")),
+            chat_template=_chat_template(directory, config),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce, added tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """Render ``messages`` with the checkpoint's template.
+
+        The rendered text already holds the template's special tokens (BOS included, if it
+        writes one), so encode it with ``add_special_tokens=False``.
+        """
+        template = self._template()
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **extra,
+            )
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+    def _template(self) -> jinja2.Template:
+        if self._compiled_template is None:
+            if not self.chat_template:
+                raise ChatTemplateError(
+                    "this tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
+                    "chat_template.jinja); send a plain prompt instead of messages"
+                )
+            try:
+                self._compiled_template = _chat_environment().from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        return self._compiled_template
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token stream into text deltas, never splitting a UTF-8 character.
+
+    Each call decodes only a short window: the tokens since the last emitted text plus the few
+    before them (context that decoders such as Metaspace need to get leading spaces right).
+    Text whose decoding ends in U+FFFD is held back until a later token completes the character;
+    :meth:`flush` releases whatever is still held when the stream ends.
+    """
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = list(prompt_ids)
+        self._read = len(self._ids)  # ids before this are already emitted (or are the prompt)
+        self._context = max(0, self._read - self.CONTEXT_TOKENS)
+
+    def add(self, token_ids: list[int] | int) -> str:
+        """Append new token ids; return the text they complete (possibly "")."""
+        self._ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Text still held back (an unfinished character decodes as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        if len(self._ids) == self._read:
+            return ""
+        before = self._decode(self._context, self._read)
+        full = self._decode(self._context, len(self._ids))
+        if len(full) <= len(before) or (full.endswith("\ufffd") and not final):
+            return ""
+        self._context, self._read = self._read, len(self._ids)
+        return full[len(before) :]
+
+    def _decode(self, start: int, end: int) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+
+
+def _read_optional_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TokenizerLoadError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TokenizerLoadError(f"{file} must hold a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja (what transformers 5 writes) wins over tokenizer_config's entry."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts ``{% generation %}...{% endgeneration %}`` (used by some templates) and renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _chat_environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox chat templates are written for: trimmed blocks, loop controls, HF's helper names."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
