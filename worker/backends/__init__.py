@@ -12,4 +12,12 @@ def get_backend(name: str, device_index: int = 0) -> AttentionBackend:
         from worker.backends.cpu import CpuBackend
 
         return CpuBackend()
+    if name == "npu":
+        from worker.backends.npu import NpuBackend
+
+        return NpuBackend(device_index)
+    if name == "cuda":
+        from worker.backends.cuda import CudaBackend
+
+        return CudaBackend(f"cuda:{device_index}")
     raise ValueError(f"unknown device {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
