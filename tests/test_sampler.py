@@ -311,3 +311,12 @@ def test_logits_must_have_one_row_per_sampling_row(shape):
 def test_integer_logits_are_rejected():
     with pytest.raises(ValueError, match="floating-point"):
         Sampler()(torch.zeros(1, 4, dtype=torch.long), [make_row()])
+
+
+def test_inverse_cdf_never_steps_past_the_last_possible_token():
+    from worker.sampler import _inverse_cdf
+
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.25, 0.75, 0.0]])
+    # A uniform of (almost) 1 must still land on the last token with probability > 0.
+    tokens = _inverse_cdf(probs, torch.tensor([1.0, 1.0 - 2**-24]))
+    assert tokens.tolist() == [1, 2]

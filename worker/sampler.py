@@ -1,4 +1,4 @@
-"""The sampler: turns one step's logits into next tokens (penalties, temperature, top-k/top-p/min-p, seeded draws) and logprobs."""
+"""The sampler: one step's logits to next tokens (penalties, temperature, truncation, seeded draws) and logprobs."""
 from __future__ import annotations
 
 import itertools
@@ -35,6 +35,8 @@ class TokenLogprobs:
 
 @dataclass(slots=True)
 class SamplerOutput:
+    """One step's result, row for row."""
+
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
 
@@ -72,6 +74,7 @@ class Sampler:
         else:
             self._unseeded.manual_seed(seed & _MASK_64)
         self._seeded = torch.Generator()  # re-seeded from (seed, position) for each seeded row
+        self._draw = torch.empty(1)  # reused: a fresh tensor per seeded row would cost more than the draw
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         _check_logits(logits, rows)
@@ -116,15 +119,15 @@ class Sampler:
         for i, row in enumerate(rows):
             if row.seed is not None:
                 self._seeded.manual_seed(row_seed(row.seed, row.position))
-                values[i] = torch.rand(1, generator=self._seeded).item()
+                values[i] = self._draw.uniform_(generator=self._seeded).item()
         return torch.tensor(values, dtype=torch.float32)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Repetition (HF), then frequency/presence (OpenAI) penalties; returns ``logits`` itself if none apply.
 
-    Both touch only the (row, token) pairs that occurred, so their cost follows the token counts,
-    not rows x vocabulary.
+    The caller's tensor is never modified. Both penalties read and write only the (row, token)
+    pairs that occurred, not every row x vocabulary entry.
     """
     repetition = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     counted = [i for i, row in enumerate(rows)
@@ -199,12 +202,12 @@ def _keep_floor(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor |
     floor = torch.full((len(rows), 1), float("-inf"), device=device)
     if truncated:
         index = _index(truncated, device)
-        floor[index] = _top_k_top_p_floor(logits[index], [rows[i].params for i in truncated])
+        floor[index] = _top_k_top_p_floor(_take_rows(logits, truncated), [rows[i].params for i in truncated])
     if with_min_p:
         index = _index(with_min_p, device)
         min_p = torch.tensor([rows[i].params.min_p for i in with_min_p], device=device)
         # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p)
-        min_p_floor = logits[index].amax(dim=-1, keepdim=True) + min_p.log()[:, None]
+        min_p_floor = _take_rows(logits, with_min_p).amax(dim=-1, keepdim=True) + min_p.log()[:, None]
         floor[index] = torch.maximum(floor[index], min_p_floor)
     return floor
 
@@ -215,14 +218,20 @@ def _top_k_top_p_floor(logits: torch.Tensor, params: list[SamplingParams]) -> to
     top_k = torch.tensor([_top_k_or_vocab(p.top_k, vocab) for p in params], device=logits.device)
     top_p = torch.tensor([p.top_p for p in params], device=logits.device)
     ordered = _sorted_descending(logits)
+    if any(p.top_p < 1.0 for p in params):
+        top_k = _kept_by_top_p(ordered, top_k, top_p)
+    return ordered.gather(1, (top_k - 1)[:, None])
+
+
+def _kept_by_top_p(ordered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[N] how many of the descending ``ordered`` logits survive top-k and then top-p."""
     cdf = (ordered - ordered[:, :1]).exp_().cumsum(dim=-1)  # unnormalised, most likely first
     top_k_mass = cdf.gather(1, (top_k - 1)[:, None])
     # Token j survives top-p while the mass before it, cdf[j - 1], is below top_p of the top-k
     # mass; the most likely token always survives.
     by_top_p = torch.searchsorted(cdf, top_p[:, None] * top_k_mass).squeeze(1) + 1
     # top_p == 1 keeps the whole top-k even where rounding would make the mass reach it early.
-    kept = torch.where(top_p < 1.0, torch.minimum(by_top_p, top_k), top_k)
-    return ordered.gather(1, (kept - 1)[:, None])
+    return torch.where(top_p < 1.0, torch.minimum(by_top_p, top_k), top_k)
 
 
 def _sorted_descending(values: torch.Tensor) -> torch.Tensor:
@@ -248,13 +257,14 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
-def _logprobs(raw: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
+def _logprobs(raw: torch.Tensor, token_ids: list[int],
+              rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
     result: list[TokenLogprobs | None] = [None] * len(rows)
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
         return result
     device = raw.device
-    logprobs = raw[_index(wanted, device)].log_softmax(dim=-1)
+    logprobs = _take_rows(raw, wanted).log_softmax(dim=-1)
     chosen = torch.tensor([token_ids[i] for i in wanted], device=device)
     chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
     width = min(max(rows[i].params.logprobs for i in wanted), raw.shape[-1])
@@ -265,6 +275,13 @@ def _logprobs(raw: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]) 
         top = list(zip(top_ids[j][:count], top_values[j][:count]))
         result[i] = TokenLogprobs(token_ids[i], chosen_logprobs[j], top)
     return result
+
+
+def _take_rows(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """``tensor[positions]``, without the copy when that is every row in order."""
+    if len(positions) == tensor.shape[0]:  # positions are ascending and distinct: all rows
+        return tensor
+    return tensor[_index(positions, tensor.device)]
 
 
 def _index(positions: list[int], device: torch.device) -> torch.Tensor:
