@@ -251,9 +251,9 @@ def _top_k_or_vocab(top_k: int, vocab: int) -> int:
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Per row, the token whose CDF interval holds ``uniform * total``; zero-probability tokens never win."""
     cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # Strictly below the total, so rounding in u * total cannot step past the last possible token.
-    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    # For u <= 1 - 2**-24, float32 rounding keeps u * total strictly below total, so the search
+    # cannot step past the last token with probability > 0.
+    target = uniforms.clamp(max=1.0 - 2**-24)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
