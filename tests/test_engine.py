@@ -1,0 +1,137 @@
+"""Engine behaviour on the built-in tiny model: determinism, n > 1, stops, abort, logprobs, bad input."""
+import pytest
+
+from cluster.llm import LLM
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
+
+PROMPTS = ["The cluster", "Scale out by adding nodes and", "KV", "A dead worker loses no job because"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny", block_size=16)
+
+
+def texts(outs):
+    return [o.outputs[0].text for o in outs]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def seeded(i, **kw):
+    return SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=100 + i,
+                          ignore_eos=True, **kw)
+
+
+def test_seeded_sampling_is_identical_with_and_without_preemption(llm):
+    params = [seeded(i) for i in range(len(PROMPTS))]
+    calm = tokens(llm.generate(PROMPTS, params))
+    tight = LLM("tiny", block_size=16, kv_cache_gib=12 * 16 * 2 * 4 * 2 * 64 * 4 / 2**30)
+    squeezed = tokens(tight.generate(PROMPTS, params))
+    assert tight.engine.stats().num_preemptions > 0
+    assert squeezed == calm
+
+
+def test_seeded_job_does_not_depend_on_its_neighbours(llm):
+    alone = tokens(llm.generate(PROMPTS[1], seeded(1)))[0]
+    together = tokens(llm.generate(PROMPTS, [seeded(i) for i in range(len(PROMPTS))]))[1]
+    assert alone == together
+    assert tokens(llm.generate(PROMPTS[1], seeded(2)))[0] != alone
+
+
+def test_n_samples_fork_from_one_prefill(llm):
+    job = llm.generate(PROMPTS[1], seeded(1, n=3))[0]
+    outs = [o.token_ids for o in job.outputs]
+    assert len(outs) == 3 and all(len(t) == 40 for t in outs)
+    assert outs[0] == tokens(llm.generate(PROMPTS[1], seeded(1)))[0]  # sample 0 keeps the seed
+    assert len({tuple(t) for t in outs}) == 3
+    greedy = llm.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, n=2))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert llm.engine.stats().kv_blocks_used == 0
+
+
+def test_stop_string_truncates_text_and_stops(llm):
+    full = llm.generate(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    text = full[0].outputs[0].text
+    stop = text[10:13]
+    assert stop and text.find(stop) >= 0
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                  stop=[stop]))[0].outputs[0]
+    assert out.text == text[: text.find(stop)]
+    assert out.finish_reason == "stop"
+    assert len(out.token_ids) < 40
+
+
+def test_stop_token_ends_the_output(llm):
+    full = tokens(llm.generate(PROMPTS[2], SamplingParams(max_tokens=30, temperature=0,
+                                                          ignore_eos=True)))[0]
+    stop_id = full[7]
+    out = llm.generate(PROMPTS[2], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                  stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == full[: full.index(stop_id) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_streamed_deltas_add_up_to_the_result(llm):
+    seen = {}
+
+    def on_output(index, delta):
+        seen.setdefault(index, []).append(delta)
+
+    outs = llm.generate(PROMPTS, [seeded(i) for i in range(len(PROMPTS))], on_output=on_output)
+    for i, job in enumerate(outs):
+        deltas = seen[i]
+        assert sum((d.new_token_ids for d in deltas), []) == job.outputs[0].token_ids
+        assert "".join(d.text for d in deltas) == job.outputs[0].text
+        assert [d.finished for d in deltas].count(True) == 1 and deltas[-1].finished
+
+
+def test_abort_frees_blocks_at_once(llm):
+    engine = llm.engine
+    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().kv_blocks_used > 0
+    assert engine.abort(rid)
+    assert engine.stats().kv_blocks_used == 0
+    final = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in final] == [(rid, "abort")]
+    assert not engine.has_unfinished()
+
+
+def test_logprobs_are_sorted_and_match_the_tokens(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, logprobs=3,
+                                                  ignore_eos=True))[0].outputs[0]
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    for lp in out.logprobs:
+        assert len(lp.top) == 3 and lp.logprob <= 0
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", SamplingParams(), "prompt is empty"),
+    ([], SamplingParams(), "prompt_token_ids is empty"),
+    ([1, 99999], SamplingParams(), "outside"),
+    ("x" * 3000, SamplingParams(), "max_model_len"),
+])
+def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message):
+    engine = llm.engine
+    good = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request(prompt, params)
+    finished = []
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == [good]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("n", 0),
+])
+def test_bad_sampling_params_name_the_field(field, value):
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(**{field: value})
