@@ -155,8 +155,8 @@ def test_penalties_match_a_per_row_reference():
     penalised = apply_penalties(logits, rows)
     assert torch.equal(logits, original), "the caller's logits must not be modified"
     for i, row in enumerate(rows):
-        torch.testing.assert_close(penalised[i], reference_penalties(original[i], row),
-                                   rtol=1e-6, atol=1e-6)
+        expected = reference_penalties(original[i], row)
+        assert torch.allclose(penalised[i], expected, rtol=1e-6, atol=1e-6), (i, penalised[i], expected)
     assert torch.equal(penalised[3], original[3])
 
 
@@ -320,3 +320,12 @@ def test_inverse_cdf_never_steps_past_the_last_possible_token():
     # A uniform of (almost) 1 must still land on the last token with probability > 0.
     tokens = _inverse_cdf(probs, torch.tensor([1.0, 1.0 - 2**-24]))
     assert tokens.tolist() == [1, 2]
+
+
+def test_cpu_value_sort_matches_torch_sort():
+    from worker.sampler import _sorted_descending
+
+    values = random_logits(7, 333, seed=13)
+    values[2, 5] = float("-inf")
+    values[3, :10] = 1.0  # ties
+    assert torch.equal(_sorted_descending(values), values.sort(dim=-1, descending=True).values)
