@@ -1,0 +1,80 @@
+"""The pagedserve CLI: generate's JSON output, and one-line errors (exit 2) for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_is_in_input_order(capsys, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join([
+        json.dumps({"prompt": "Hello there", "max_tokens": 5, "temperature": 0}),
+        json.dumps({"prompt_token_ids": [72, 105], "max_tokens": 3, "temperature": 0,
+                    "logprobs": 2}),
+        "",
+        json.dumps({"prompt": "Third", "max_tokens": 4, "temperature": 0}),
+    ]))
+    code, out, _ = run(capsys, "generate", "--prompts", str(jobs), "--json", "--ignore-eos")
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [len(r["token_ids"]) for r in records] == [5, 3, 4]
+    assert records[1]["num_prompt_tokens"] == 2
+    assert len(records[1]["logprobs"]) == 3 and "logprobs" not in records[0]
+    assert all(r["finish_reason"] == "length" and isinstance(r["text"], str) for r in records)
+
+
+def test_generate_streams_text_to_the_terminal(capsys):
+    code, out, _ = run(capsys, "generate", "--prompt", "a", "--prompt", "b", "--max-tokens", "4",
+                       "--temperature", "0")
+    assert code == 0
+    assert out.startswith("--- [0] ") and "--- [1] " in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x" * 3000], "max_model_len"),
+    (["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top-p", "0"], "top_p"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+    (["--prompt", "hi", "--model", "/no/such/model"], "/no/such/model"),
+])
+def test_bad_input_gives_one_line_and_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, "generate", *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("pagedserve: error:") and message in err
+
+
+def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
+    jobs = tmp_path / "bad.jsonl"
+    jobs.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))
+    assert code == 2 and f"{jobs}:2: not valid JSON" in err and err.count("\n") == 1
+
+
+def test_unknown_sampling_field_in_a_line_is_named(capsys, tmp_path):
+    jobs = tmp_path / "bad.jsonl"
+    jobs.write_text('{"prompt": "ok", "temprature": 0}\n')
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))
+    assert code == 2 and "temprature" in err
+
+
+def test_installed_entry_point_reports_errors_without_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--prompt", "hi",
+                           "--max-tokens", "-3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "pagedserve: error: invalid max_tokens=-3: must be an integer >= 1"
+    help_proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert help_proc.returncode == 0 and "generate" in help_proc.stdout
