@@ -49,10 +49,10 @@ def reference():
 def _valid_fia_call(kind: str = "mixed", block_size: int = 128):
     """Arguments of a correct paged TND call, built by hand from a random bf16 case."""
     case = random_paged_case(kind, block_size, head_num=8, kv_head_num=2, head_dim=64, seed=3)
+    case = case.rounded(torch.bfloat16)
     num_blocks = case.key_cache.shape[0]
-    bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
-    args = [bf16(case.query), bf16(case.key_cache).view(num_blocks, block_size, -1),
-            bf16(case.value_cache).view(num_blocks, block_size, -1)]
+    args = [case.query.bfloat16(), case.key_cache.bfloat16().view(num_blocks, block_size, -1),
+            case.value_cache.bfloat16().view(num_blocks, block_size, -1)]
     kwargs = dict(
         atten_mask=torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1),
         block_table=case.block_tables, input_layout="TND", block_size=block_size,
@@ -95,11 +95,15 @@ FIA_MISTAKES = {
 }
 
 
+def test_fake_accepts_the_valid_calls_the_mistakes_start_from(fake_npu):
+    fake_npu.npu_fused_infer_attention_score(*_valid_fia_call()[0], **_valid_fia_call()[1])
+    for op in ("npu_scatter_pa_kv_cache", "_npu_reshape_and_cache"):
+        getattr(fake_npu, op)(*_valid_write())
+
+
 @pytest.mark.parametrize("mistake", list(FIA_MISTAKES))
 def test_fake_attention_rejects(fake_npu, mistake):
-    args, kwargs = _valid_fia_call()
-    fake_npu.npu_fused_infer_attention_score(*args, **kwargs)  # the unmutated call is accepted
-    args, kwargs = FIA_MISTAKES[mistake](args, kwargs)
+    args, kwargs = FIA_MISTAKES[mistake](*_valid_fia_call())
     with pytest.raises(fake_npu.ContractError, match=re.escape(REJECTION_REASON[mistake])):
         fake_npu.npu_fused_infer_attention_score(*args, **kwargs)
 
@@ -117,9 +121,8 @@ def test_fake_attention_accepts_block_size_64_for_pure_decode(fake_npu):
 
 def _valid_write(case_kind: str = "mixed"):
     case = random_paged_case(case_kind, 128, head_num=4, kv_head_num=2, head_dim=64, seed=5)
-    bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
-    return [bf16(case.key), bf16(case.value), bf16(case.key_cache), bf16(case.value_cache),
-            case.slot_mapping.clone()]
+    halves = [t.bfloat16() for t in (case.key, case.value, case.key_cache, case.value_cache)]
+    return [*halves, case.slot_mapping.clone()]
 
 
 def _with_slot(args, index, slot):
@@ -176,7 +179,6 @@ REJECTION_REASON = {
 @pytest.mark.parametrize("mistake", list(WRITE_MISTAKES))
 def test_fake_kv_write_rejects(fake_npu, op, mistake):
     write = getattr(fake_npu, op)
-    write(*_valid_write())
     with pytest.raises(fake_npu.ContractError, match=re.escape(REJECTION_REASON[mistake])):
         write(*WRITE_MISTAKES[mistake](_valid_write()))
 
@@ -248,11 +250,11 @@ def test_padded_query_rows_are_trimmed_for_the_op(fake_npu):
 
     def run(extra_rows: int) -> torch.Tensor:
         caches = [case.key_cache.bfloat16(), case.value_cache.bfloat16()]
-        pad = lambda t: torch.cat([t, t[:extra_rows]]).bfloat16()  # noqa: E731
+        q, k, v = (torch.cat([t, t[:extra_rows]]).bfloat16() for t in (case.query, case.key, case.value))
         meta = case.meta()
         meta.slot_mapping = torch.cat([meta.slot_mapping, torch.full((extra_rows,), -1, dtype=torch.int32)])
         meta = backend.prepare(meta)
-        return backend.forward(pad(case.query), pad(case.key), pad(case.value), *caches, meta, case.params)
+        return backend.forward(q, k, v, *caches, meta, case.params)
 
     exact, padded = run(0), run(5)
     assert padded.shape[0] == exact.shape[0] + 5

@@ -206,6 +206,7 @@ def compare_models(model, reference, block_size: int, seed: int = 0) -> Selftest
     for step in MODEL_STEP_PLAN:
         spans = [(computed[i], computed[i] + new) for i, new in enumerate(step)]
         got, want = (run.step(tokens, spans) for run in runs)
+        assert want.numel(), "every planned step samples at least one sequence"
         worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         sampled += want.shape[0]
@@ -254,9 +255,12 @@ class _ModelRun:
             seq_lens=[end for _, end in spans],
         )
         meta = self.model.backend.prepare(meta)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        hidden = self.model(as_tensor(ids), as_tensor(positions), self.caches, meta)
-        return self.model.compute_logits(hidden[as_tensor(rows)]).float().cpu()
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        hidden = self.model(longs(ids), longs(positions), self.caches, meta)
+        return self.model.compute_logits(hidden[longs(rows)]).float().cpu()
 
 
 def format_table(results: list[SelftestResult]) -> str:

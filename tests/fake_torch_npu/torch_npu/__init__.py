@@ -17,6 +17,7 @@ Use: put tests/fake_torch_npu first on sys.path (or PYTHONPATH, which Ray worker
 from __future__ import annotations
 
 import collections
+import functools
 
 import torch
 
@@ -119,6 +120,11 @@ def _npu_reshape_and_cache(key, value, key_cache, value_cache, slot_indices):
 _validated_mask: tuple | None = None  # (data_ptr, version) of the last mask found correct
 
 
+@functools.cache
+def _expected_mask() -> torch.Tensor:
+    return torch.triu(torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool), diagonal=1)
+
+
 def _check_causal_mask(mask) -> None:
     global _validated_mask
     _require(mask is not None, "sparse_mode=3 needs the compressed causal atten_mask")
@@ -129,8 +135,7 @@ def _check_causal_mask(mask) -> None:
     _require_contiguous(atten_mask=mask)
     stamp = (mask.data_ptr(), mask._version)
     if stamp != _validated_mask:
-        expected = torch.triu(torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool), diagonal=1)
-        _require(torch.equal(mask.reshape(MASK_SIZE, MASK_SIZE).bool(), expected),
+        _require(torch.equal(mask.reshape(MASK_SIZE, MASK_SIZE).bool(), _expected_mask()),
                  "atten_mask must be triu(ones(2048, 2048), diagonal=1) (1 = masked)")
         _validated_mask = stamp
 
