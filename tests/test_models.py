@@ -24,8 +24,8 @@ def make_kv_caches(config: ModelConfig, max_len: int, dtype: torch.dtype) -> lis
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_hidden_layers)]
 
 
-def step_metadata(chunks: list[tuple[int, int]], max_len: int) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Positions and metadata for a batch of (already_cached, new_tokens) sequences.
+def step_metadata(model, chunks: list[tuple[int, int]], max_len: int) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions and prepared metadata for a batch of (already_cached, new_tokens) sequences.
 
     Sequence i owns blocks FIRST_BLOCK + i * blocks_per_seq onward, contiguously.
     """
@@ -45,7 +45,7 @@ def step_metadata(chunks: list[tuple[int, int]], max_len: int) -> tuple[torch.Te
         query_start_loc=starts,
         seq_lens=seq_lens,
     )
-    return torch.cat(positions), meta
+    return torch.cat(positions), model.backend.prepare(meta)
 
 
 def run_chunks(model, config, tokens: list[int], chunk_lens: list[int], dtype=torch.float32) -> torch.Tensor:
@@ -55,7 +55,7 @@ def run_chunks(model, config, tokens: list[int], chunk_lens: list[int], dtype=to
     logits, done = [], 0
     with torch.inference_mode():
         for n in chunk_lens:
-            positions, meta = step_metadata([(done, n)], len(tokens))
+            positions, meta = step_metadata(model, [(done, n)], len(tokens))
             hidden = model(torch.tensor(tokens[done : done + n]), positions, caches, meta)
             logits.append(model.compute_logits(hidden))
             done += n
@@ -178,9 +178,9 @@ def test_mixed_batch_matches_separate_sequences(llama_ckpt):
     max_len = 16
     caches = make_kv_caches(config, 2 * max_len, torch.float32)
     with torch.inference_mode():
-        positions, meta = step_metadata([(0, 10)], max_len)
+        positions, meta = step_metadata(model, [(0, 10)], max_len)
         model(torch.tensor(first[:10]), positions, caches, meta)
-        positions, meta = step_metadata([(10, 1), (0, 6)], max_len)
+        positions, meta = step_metadata(model, [(10, 1), (0, 6)], max_len)
         logits = model.compute_logits(model(torch.tensor(first[10:] + second), positions, caches, meta))
     assert_logits_close(logits[0], hf_logits(hf_model, first)[-1])
     assert_logits_close(logits[1:], hf_logits(hf_model, second))
@@ -259,6 +259,6 @@ def test_unsupported_models_are_named(change, words):
 def test_kv_cache_count_is_checked(llama_ckpt):
     _, directory = llama_ckpt
     model, config = load_model(directory, backend=get_backend("cpu"))
-    positions, meta = step_metadata([(0, 3)], 4)
+    positions, meta = step_metadata(model, [(0, 3)], 4)
     with pytest.raises(ValueError, match="KV caches"):
         model(torch.tensor([1, 2, 3]), positions, make_kv_caches(config, 4, torch.float32)[:1], meta)

@@ -18,7 +18,9 @@ def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 and scale in the model dtype, as the reference implementation does.
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Normalise in float32, then scale in the model dtype, as the reference implementation does.
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
@@ -54,9 +56,10 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        attn_out = self._attention(rms_norm(hidden, self.input_norm, self.eps), rope, kv_cache, meta, backend)
-        hidden = hidden + attn_out
-        return hidden + self._mlp(rms_norm(hidden, self.post_norm, self.eps))
+        # ``hidden`` is this forward's own buffer (never a weight), so residual adds go in place.
+        hidden += self._attention(rms_norm(hidden, self.input_norm, self.eps), rope, kv_cache, meta, backend)
+        hidden += self._mlp(rms_norm(hidden, self.post_norm, self.eps))
+        return hidden
 
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
@@ -70,7 +73,7 @@ class DecoderLayer(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        return F.linear(F.silu(gate).mul_(up), self.down_weight)
 
     def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
         """Where each Hugging Face tensor of this layer lands in the fused layout (views)."""
@@ -123,11 +126,12 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after the final norm; writes this step's K/V into the caches."""
+        """Hidden states ``[T, hidden]`` after the final norm; writes this step's K/V into the caches.
+
+        ``meta`` must already have been through ``backend.prepare`` (the runner does it once per step).
+        """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} per-layer KV caches, got {len(kv_caches)}")
-        if meta.backend_state is None:
-            meta = self.backend.prepare(meta)
         rope = self.rotary.cos_sin(positions, self.dtype)
         hidden = F.embedding(input_ids, self.embed_tokens)
         for layer, kv_cache in zip(self.layers, kv_caches):
