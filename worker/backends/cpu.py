@@ -1,36 +1,129 @@
-"""CPU attention backend (placeholder: a gather-then-SDPA version to be replaced by the real one)."""
+"""CPU attention backend: the in-place numba kernel by default, the tiled torch reference on request."""
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
+from worker.backends.cpu_plan import CpuStepPlan, plan_step
+from worker.backends.cpu_reference import attend_sequence_tiled
+
+KERNELS = ("fast", "reference")
+# Sequences with more query tokens than this (prefills) use tiled matmuls, which beat the
+# numba kernel once a key is reused by many query tokens.
+MAX_KERNEL_QUERY_LEN = 16
 
 
 class CpuBackend(AttentionBackend):
+    """Paged self-attention on CPU.
+
+    ``kernel="fast"``: fp32 sequences with few query tokens (decode, short chunks) run in a numba
+    kernel that reads cache blocks in place; longer ones, non-fp32 dtypes and non-contiguous
+    caches use the tiled torch path. ``kernel="reference"``: everything uses the tiled torch path
+    (online softmax over key tiles, memory linear in sequence length).
+    """
+
     name = "cpu"
 
+    def __init__(self, device: torch.device | str = "cpu", kernel: str = "fast") -> None:
+        super().__init__(device)
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown cpu attention kernel {kernel!r}; choose one of {KERNELS}")
+        self.kernel = kernel
+        self._max_kernel_query_len = MAX_KERNEL_QUERY_LEN if kernel == "fast" else 0
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        meta.backend_state = plan_step(meta, self._max_kernel_query_len, _kernel_threads())
+        return meta
+
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping):
+        if key.shape[0] != slot_mapping.shape[0]:
+            raise ValueError(
+                f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} key tokens"
+            )
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].long()
-        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key[keep])
-        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slots, value[keep])
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key[keep].to(key_cache.dtype))
+        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(
+            0, slots, value[keep].to(value_cache.dtype)
+        )
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, params: SelfAttentionParams):
-        out = torch.empty_like(query)
-        block_size = key_cache.shape[1]
-        group = params.head_num // params.kv_head_num
-        for i, kv_len in enumerate(meta.seq_lens):
-            q0, q1 = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            nblocks = -(-kv_len // block_size)
-            ids = meta.block_tables[i, :nblocks].long()
-            k = key_cache[ids].reshape(-1, params.kv_head_num, params.head_dim)[:kv_len]
-            v = value_cache[ids].reshape(-1, params.kv_head_num, params.head_dim)[:kv_len]
-            k = k.repeat_interleave(group, dim=1).transpose(0, 1)
-            v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-            q = query[q0:q1].transpose(0, 1)
-            qpos = torch.arange(kv_len - (q1 - q0), kv_len).unsqueeze(1)
-            mask = torch.arange(kv_len).unsqueeze(0) <= qpos
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=params.qk_scale)
-            out[q0:q1] = o.transpose(0, 1)
+        _check_shapes(query, key_cache, meta, params)
+        plan = self._plan_for(meta)
+        _check_block_tables(plan, key_cache)
+        out = torch.empty(query.shape, dtype=query.dtype)
+        if _kernel_accepts(query, key_cache, value_cache):
+            if plan.has_kernel_work:
+                _run_kernel(query, key_cache, value_cache, plan, params, out)
+            tiled = plan.tiled_seqs
+        else:
+            tiled = plan.active_seqs
+        for s in tiled:
+            q0, q1 = int(plan.query_start_loc[s]), int(plan.query_start_loc[s + 1])
+            out[q0:q1] = attend_sequence_tiled(
+                query[q0:q1], key_cache, value_cache, meta.block_tables[s], int(plan.seq_lens[s]), params
+            )
         return out
+
+    def _plan_for(self, meta: AttentionMetadata) -> CpuStepPlan:
+        if not isinstance(meta.backend_state, CpuStepPlan):  # the caller skipped prepare()
+            self.prepare(meta)
+        return meta.backend_state
+
+
+def _kernel_threads() -> int:
+    """numba threads follow torch's setting (e.g. Ray's per-actor limit), capped by numba's pool."""
+    import numba
+
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _kernel_accepts(query, key_cache, value_cache) -> bool:
+    tensors = (query, key_cache, value_cache)
+    return all(t.dtype == torch.float32 for t in tensors) and key_cache.is_contiguous() and value_cache.is_contiguous()
+
+
+def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -> None:
+    import numba
+
+    from worker.backends.cpu_numba import paged_attention_fp32
+
+    numba.set_num_threads(_kernel_threads())
+    paged_attention_fp32(
+        query.contiguous().numpy(), key_cache.numpy(), value_cache.numpy(),
+        plan.block_tables, plan.query_start_loc, plan.seq_lens,
+        plan.part_seq, plan.part_kv_start, plan.part_kv_end, plan.seq_part_start,
+        float(params.qk_scale), out.numpy(),
+    )
+
+
+def _check_shapes(query, key_cache, meta: AttentionMetadata, params: SelfAttentionParams) -> None:
+    expected_query = (meta.num_tokens, params.head_num, params.head_dim)
+    if tuple(query.shape) != expected_query:
+        raise ValueError(
+            f"query must be [num_tokens, head_num, head_dim] = {list(expected_query)}, "
+            f"got {list(query.shape)}"
+        )
+    if key_cache.dim() != 4 or key_cache.shape[2:] != (params.kv_head_num, params.head_dim):
+        raise ValueError(
+            f"caches must be [num_blocks, block_size, kv_head_num={params.kv_head_num}, "
+            f"head_dim={params.head_dim}], got {list(key_cache.shape)}"
+        )
+
+
+def _check_block_tables(plan: CpuStepPlan, key_cache) -> None:
+    """The kernel reads blocks unchecked, so a bad table must fail here, not read stray memory."""
+    num_blocks, block_size = key_cache.shape[:2]
+    tables = plan.block_tables[: len(plan.seq_lens)]
+    blocks_needed = -(-plan.seq_lens // block_size)
+    if blocks_needed.size and blocks_needed.max() > tables.shape[1]:
+        raise ValueError(
+            f"block_tables has {tables.shape[1]} columns but a sequence of {plan.seq_lens.max()} "
+            f"tokens needs {blocks_needed.max()} blocks of {block_size}"
+        )
+    used = tables[np.arange(tables.shape[1])[None, :] < blocks_needed[:, None]]
+    if used.size and not 0 <= used.min() <= used.max() < num_blocks:
+        raise ValueError(
+            f"block_tables holds block ids outside [0, {num_blocks}): [{used.min()}, {used.max()}]"
+        )
