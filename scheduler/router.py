@@ -1,0 +1,165 @@
+"""Cross-worker routing: which worker a new job goes to, given every worker's current load.
+
+Two policies behind one ``Router`` protocol:
+
+- ``least_loaded`` scores each worker by its queued work and KV-cache use, and adds **prefix
+  affinity**: a job whose prompt starts with the same full KV blocks as an earlier job goes to the
+  worker that got that earlier job, where those blocks are likely still cached, unless that worker
+  is clearly busier than the least-loaded one (the rule is on ``LeastLoadedRouter``).
+- ``round_robin`` cycles through the workers in the order they are given.
+
+The scheduler owns the loads: it refreshes them from worker reports and bumps ``num_waiting`` of
+the chosen worker itself between calls, so a router keeps no load state of its own.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class NoWorkerError(RuntimeError):
+    """There is no live worker to route a job to."""
+
+    def __init__(self) -> None:
+        super().__init__("no live worker to route the job to; wait for the workers to start "
+                         "(see `pagedserve status`) or add NPU resources to the cluster")
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    """One worker as the router sees it, refreshed by the scheduler."""
+
+    worker_id: str
+    free_blocks: int
+    total_blocks: int
+    num_running: int
+    num_waiting: int
+    block_size: int
+
+    @property
+    def queued(self) -> int:
+        return self.num_running + self.num_waiting
+
+    @property
+    def used_fraction(self) -> float:
+        """Share of the KV cache in use; a worker with no cache yet counts as full."""
+        if self.total_blocks <= 0:
+            return 1.0
+        return 1.0 - self.free_blocks / self.total_blocks
+
+
+class Router(Protocol):
+    def choose(self, prompt_token_ids: Sequence[int], loads: Sequence[WorkerLoad]) -> str:
+        """The id of the worker that should run a job with this prompt; NoWorkerError if none."""
+        ...
+
+    def forget(self, worker_id: str) -> None:
+        """Drop what is remembered about a worker that died."""
+        ...
+
+
+class LeastLoadedRouter:
+    """Least-loaded routing with prefix affinity.
+
+    A worker's score is ``running + waiting + KV_WEIGHT * used_fraction``: a full KV cache weighs
+    like KV_WEIGHT more queued jobs, since it means preemptions ahead. The lowest score wins (ties:
+    the first worker given).
+
+    Affinity: the router remembers, in an LRU map of at most ``capacity`` entries, which worker
+    last received a prompt starting with each of its first 1..``max_prefix_blocks`` full blocks
+    (keys chain the blocks' tokens, like the KV prefix cache). The worker remembered for the
+    longest matching prefix whose score is at most ``best + max(AFFINITY_SLACK, AFFINITY_RATIO *
+    best)`` gets the job; when no remembered worker is within that limit the job goes to the
+    least-loaded worker, and its prefix is remembered there from then on.
+    """
+
+    KV_WEIGHT = 4.0
+    AFFINITY_SLACK = 4.0
+    AFFINITY_RATIO = 0.5
+
+    def __init__(self, capacity: int = 10_000, max_prefix_blocks: int = 16) -> None:
+        if capacity < 1 or max_prefix_blocks < 1:
+            raise ValueError("capacity and max_prefix_blocks must be >= 1")
+        self.capacity = capacity
+        self.max_prefix_blocks = max_prefix_blocks
+        self._last_worker: OrderedDict[int, str] = OrderedDict()  # prefix key -> worker id
+
+    def choose(self, prompt_token_ids: Sequence[int], loads: Sequence[WorkerLoad]) -> str:
+        if not loads:
+            raise NoWorkerError()
+        scores = {load.worker_id: self.score(load) for load in loads}
+        best = min(loads, key=lambda load: scores[load.worker_id]).worker_id
+        keys = self._prefix_keys(prompt_token_ids, loads[0].block_size)
+        chosen = self._affine_worker(keys, scores, scores[best]) or best
+        self._remember(keys, chosen)
+        return chosen
+
+    def forget(self, worker_id: str) -> None:
+        stale = [key for key, worker in self._last_worker.items() if worker == worker_id]
+        for key in stale:
+            del self._last_worker[key]
+
+    def score(self, load: WorkerLoad) -> float:
+        return load.queued + self.KV_WEIGHT * load.used_fraction
+
+    def _affine_worker(self, keys: list[int], scores: dict[str, float],
+                       best_score: float) -> str | None:
+        limit = best_score + max(self.AFFINITY_SLACK, self.AFFINITY_RATIO * best_score)
+        for key in reversed(keys):  # the longest shared prefix first
+            worker = self._last_worker.get(key)
+            # A worker missing from the loads (dead, draining) or too busy is passed over.
+            if worker in scores and scores[worker] <= limit:
+                return worker
+        return None
+
+    def _remember(self, keys: list[int], worker_id: str) -> None:
+        for key in keys:
+            self._last_worker[key] = worker_id
+            self._last_worker.move_to_end(key)
+        while len(self._last_worker) > self.capacity:
+            self._last_worker.popitem(last=False)
+
+    def _prefix_keys(self, token_ids: Sequence[int], block_size: int) -> list[int]:
+        """One chained key per leading full block, up to max_prefix_blocks.
+
+        A collision only misplaces a job (a cache miss), never changes its output, so Python's
+        tuple hash is strong enough here.
+        """
+        num_blocks = min(len(token_ids) // max(block_size, 1), self.max_prefix_blocks)
+        keys: list[int] = []
+        parent = 0
+        for i in range(num_blocks):
+            parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+            keys.append(parent)
+        return keys
+
+
+class RoundRobinRouter:
+    """Each call takes the next worker of the given sequence, wrapping around."""
+
+    def __init__(self) -> None:
+        self._calls = 0
+
+    def choose(self, prompt_token_ids: Sequence[int], loads: Sequence[WorkerLoad]) -> str:
+        if not loads:
+            raise NoWorkerError()
+        chosen = loads[self._calls % len(loads)].worker_id
+        self._calls += 1
+        return chosen
+
+    def forget(self, worker_id: str) -> None:
+        """Nothing to drop: the cycle runs over whichever workers the next call is given."""
+
+
+_ROUTERS: dict[str, type] = {"least_loaded": LeastLoadedRouter, "round_robin": RoundRobinRouter}
+ROUTER_NAMES = tuple(_ROUTERS)
+
+
+def make_router(name: str) -> Router:
+    """A fresh router of the named policy; ValueError naming the allowed policies otherwise."""
+    try:
+        return _ROUTERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; allowed: {', '.join(ROUTER_NAMES)}") from None
