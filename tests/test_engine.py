@@ -135,3 +135,20 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_resumed_output_continues_exactly_where_it_stopped(llm):
+    params = SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True,
+                            frequency_penalty=0.5)
+    full = llm.generate(PROMPTS[1], params)[0].outputs[0]
+    engine = llm.engine
+    prompt_ids = engine.tokenizer.encode(PROMPTS[1])
+    rid = engine.add_request(prompt_ids, params, resumed_token_ids=full.token_ids[:12])
+    new_tokens, text = [], ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == rid
+            new_tokens += out.new_token_ids
+            text += out.text
+    assert new_tokens == full.token_ids[12:]
+    assert full.text.endswith(text) and len(text) > 0

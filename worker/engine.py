@@ -102,15 +102,23 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, priority: int = 0,
-                    cache_salt: object = None) -> str:
-        """Queue a job; raises InvalidRequestError (nothing queued) for bad input."""
+                    cache_salt: object = None, resumed_token_ids: list[int] | None = None) -> str:
+        """Queue a job; raises InvalidRequestError (nothing queued) for bad input.
+
+        ``resumed_token_ids``: output a previous run already produced (failover); generation
+        continues after them exactly as if it had never stopped, and they are not emitted again.
+        """
         params = params or SamplingParams()
         prompt_ids = self._prompt_ids(prompt)
+        resumed = list(resumed_token_ids or [])
+        if resumed and params.n != 1:
+            raise InvalidRequestError("resuming is per sample: n must be 1")
         request_id = request_id or uuid.uuid4().hex
         samples = [
             Request(f"{request_id}/{i}" if params.n > 1 else request_id, prompt_ids, params,
                     eos_token_ids=self.eos_token_ids, priority=priority,
-                    seed=_sample_seed(params.seed, i), cache_salt=cache_salt)
+                    seed=sample_seed(params.seed, i), cache_salt=cache_salt,
+                    token_ids=prompt_ids + resumed)
             for i in range(params.n)
         ]
         self.batcher.add(samples[0])
@@ -240,7 +248,7 @@ class Engine:
             tokens_per_s=window / span if span > 0 else 0.0)
 
 
-def _sample_seed(seed: int | None, index: int) -> int | None:
+def sample_seed(seed: int | None, index: int) -> int | None:
     """Sample i of an n > 1 job draws from its own seeded stream; sample 0 uses the seed as is."""
     if seed is None or index == 0:
         return seed

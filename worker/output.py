@@ -3,14 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass(slots=True)
-class TokenLogprob:
-    """The sampled token's log-probability and the model's top alternatives."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
+from worker.sampler import TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -23,7 +16,7 @@ class RequestOutput:
     text: str
     num_prompt_tokens: int
     finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -56,7 +49,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from scheduler.request import Request
-from worker.output import RequestOutput, TokenLogprob
+from worker.output import RequestOutput
+from worker.sampler import TokenLogprobs
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -13,13 +14,15 @@ class SampleStream:
         self.request = request
         self.job_id = job_id
         self.index = index
-        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        # Output resumed from an earlier run is context for the text, not news to emit.
+        self._resumed = request.num_output_tokens
+        self.detokenizer = IncrementalDetokenizer(tokenizer, list(request.token_ids))
         self.text = ""
-        self.logprobs: list[TokenLogprob] = []
+        self.logprobs: list[TokenLogprobs] = []
         self.stopped_by_text = False
         self.done = False
-        self._tokens_read = 0
-        self._tokens_sent = 0
+        self._tokens_read = self._resumed
+        self._tokens_sent = self._resumed
         self._text_sent = 0
         self._holdback = max((len(s) for s in request.params.stop), default=1) - 1
 
@@ -48,7 +51,7 @@ class SampleStream:
             request_id=self.job_id, index=self.index, new_token_ids=new_tokens,
             text=self.text[self._text_sent:end], num_prompt_tokens=req.num_prompt_tokens,
             finish_reason=req.finish_reason.value if finished else None,
-            logprobs=self.logprobs[self._tokens_sent:self._tokens_read]
+            logprobs=self.logprobs[self._tokens_sent - self._resumed:self._tokens_read - self._resumed]
             if req.params.logprobs is not None else None)
         self._tokens_sent = self._tokens_read
         self._text_sent = end
