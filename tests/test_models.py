@@ -115,6 +115,19 @@ def qwen2_config() -> transformers.Qwen2Config:
     )
 
 
+def mistral_config() -> transformers.MistralConfig:
+    return transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=128,
+    )
+
+
 def save_reference(hf_cls, config, directory, seed: int, **save_kwargs):
     model = hf_cls(config).eval()
     randomise(model, seed)
@@ -132,6 +145,12 @@ def llama_ckpt(tmp_path_factory):
 def qwen2_ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("qwen2")
     return save_reference(transformers.Qwen2ForCausalLM, qwen2_config(), directory, seed=2), directory
+
+
+@pytest.fixture(scope="module")
+def mistral_ckpt(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mistral")
+    return save_reference(transformers.MistralForCausalLM, mistral_config(), directory, seed=9), directory
 
 
 def prompts(seed: int, lengths=(1, 7, 23)) -> list[list[int]]:
@@ -152,7 +171,7 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-
 # ---- tests --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ckpt", ["llama_ckpt", "qwen2_ckpt"])
+@pytest.mark.parametrize("ckpt", ["llama_ckpt", "qwen2_ckpt", "mistral_ckpt"])
 def test_prefill_logits_match_hf(ckpt, request):
     hf_model, directory = request.getfixturevalue(ckpt)
     model, config = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))
