@@ -47,14 +47,15 @@ def row_seed(seed: int, position: int) -> int:
 
 
 def _fold_int(value: int) -> int:
-    """Mixes a Python int of any size and sign into 64 bits, so that no two small seeds collide."""
-    mixed = _splitmix64(int(value < 0))
+    """Mixes a Python int of any size and sign into 64 bits (one mix for the common 64-bit case)."""
+    if 0 <= value <= _MASK_64:
+        return _splitmix64(value)
+    mixed = _splitmix64(int(value < 0))  # the sign, then each 64-bit limb of the magnitude
     magnitude = abs(value)
-    while True:
+    while magnitude:
         mixed = _splitmix64(mixed ^ (magnitude & _MASK_64))
         magnitude >>= 64
-        if not magnitude:
-            return mixed
+    return mixed
 
 
 def _splitmix64(value: int) -> int:
