@@ -196,6 +196,11 @@ class KVCacheManager:
     # ---- metrics ----
 
     @property
+    def pool(self) -> BlockPool:
+        """The underlying pool, for inspection (metrics, tests); change it only through here."""
+        return self._pool
+
+    @property
     def num_free_blocks(self) -> int:
         return self._pool.num_free
 
