@@ -1,0 +1,96 @@
+"""Bringing the daemon up and down on a Ray cluster, and the embedded local cluster."""
+from __future__ import annotations
+
+import functools
+import os
+
+import ray
+
+from cluster.config import PagedServeConfig, engine_config_kwargs
+from cluster.journal import Journal
+from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, ServiceOptions,
+                               head_node_strategy)
+
+
+class ClusterNotFoundError(ConnectionError):
+    """No Ray cluster where the user said one would be."""
+
+
+def connect(address: str = "auto") -> None:
+    """Join a running Ray cluster as a driver in the pagedserve namespace."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    except ConnectionError:
+        raise ClusterNotFoundError(
+            f"no Ray cluster at {address!r}; start one with "
+            "`ray start --head --resources='{\"NPU\": 2}'` (or leave --address out to use the "
+            "embedded local cluster)") from None
+
+
+def cluster_is_running() -> bool:
+    """Is there a Ray cluster this host can join (RAY_ADDRESS or a local head)?"""
+    try:
+        connect("auto")
+    except ClusterNotFoundError:
+        return False
+    return True
+
+
+def start_embedded(cfg: PagedServeConfig) -> None:
+    """A local Ray instance with the preset's simulated NPUs (CPU simulation mode)."""
+    if ray.is_initialized():
+        return
+    # A local single-user instance: a stray token file must not make it demand auth.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    npus = cfg.cluster.simulated_npus
+    ray.init(num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)), namespace=NAMESPACE,
+             resources={"NPU": npus}, include_dashboard=False, log_to_driver=False)
+
+
+def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.partial]:
+    engine = engine_config_kwargs(cfg)
+    env = {"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"} if engine["device"] == "cpu" else {}
+    options = ServiceOptions(
+        engine_options=engine, torch_threads=cfg.cluster.torch_threads,
+        worker_num_cpus=cfg.cluster.worker_num_cpus,
+        resource_poll_interval_s=cfg.cluster.resource_poll_interval_s,
+        max_queued_jobs=cfg.scheduler.max_queued_jobs, router=cfg.scheduler.router,
+        worker_env=env)
+    journal = functools.partial(Journal, cfg.scheduler.journal_path,
+                                cfg.scheduler.journal_fsync_interval_s)
+    return options, journal
+
+
+def find_scheduler():
+    """The running scheduler actor, or None."""
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -> dict:
+    """Create the scheduler if it is not running (a second `up` is harmless), wait until
+    ``min_workers`` workers have loaded the model, and return the daemon's status."""
+    scheduler = find_scheduler()
+    if scheduler is None:
+        options, journal = service_options(cfg)
+        scheduler = SchedulerActor.options(
+            name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True, scheduling_strategy=head_node_strategy(),
+        ).remote(options, journal)
+    return ray.get(scheduler.wait_ready.remote(min_workers, timeout))
+
+
+def down() -> bool:
+    """Stop the workers and the scheduler; False if nothing was running."""
+    scheduler = find_scheduler()
+    if scheduler is None:
+        return False
+    try:
+        ray.get(scheduler.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(scheduler, no_restart=True)
+    return True

@@ -1,0 +1,105 @@
+"""Job state owned by the scheduler: every sample's tokens and text so far, cursors for streams,
+and attempt numbers so that a re-routed sample never takes output twice."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from scheduler.sampling_params import SamplingParams, sample_seed
+from worker.output import RequestOutput
+
+
+@dataclass(slots=True)
+class SampleState:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    text_offsets: list[int] = field(default_factory=lambda: [0])  # len(text) after k tokens
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    attempt: int = 0  # bumped at each re-route; reports of older attempts are stale
+    worker_id: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class JobState:
+    """One job. The scheduler routes each sample on its own, as an n = 1 engine request whose id
+    is ``job_id/index/attempt``."""
+
+    job_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # with the seed fixed at acceptance, so a replay repeats the output
+    priority: int = 0
+    samples: list[SampleState] = field(default_factory=list)
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.time)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            self.samples = [SampleState(i) for i in range(self.params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+    def engine_request_id(self, sample: SampleState) -> str:
+        return f"{self.job_id}/{sample.index}/{sample.attempt}"
+
+    def sample_params(self, index: int) -> SamplingParams:
+        """Sample ``index`` as its own n = 1 request (same tokens as an in-engine fork)."""
+        return dataclasses.replace(self.params, n=1, seed=sample_seed(self.params.seed, index))
+
+    def apply(self, sample_index: int, attempt: int, out: RequestOutput) -> bool:
+        """Take a worker's output for one sample; False (ignored) if it is stale or late."""
+        sample = self.samples[sample_index]
+        if attempt != sample.attempt or sample.finished:
+            return False
+        if out.new_token_ids and self.first_token_time is None:
+            self.first_token_time = time.time()
+        sample.token_ids.extend(out.new_token_ids)
+        sample.text += out.text
+        # text is attributed to the last token of the chunk that produced it
+        sample.text_offsets.extend([sample.text_offsets[-1]] * (len(out.new_token_ids) - 1))
+        if out.new_token_ids:
+            sample.text_offsets.append(len(sample.text))
+        else:
+            sample.text_offsets[-1] = len(sample.text)
+        if out.logprobs:
+            sample.logprobs.extend(out.logprobs)
+        if out.finish_reason is not None:
+            self.finish_sample(sample, out.finish_reason)
+        return True
+
+    def finish_sample(self, sample: SampleState, reason: str) -> None:
+        sample.finish_reason = reason
+        if self.finished and self.finish_time is None:
+            self.finish_time = time.time()
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        for sample in self.samples:
+            if not sample.finished:
+                self.finish_sample(sample, "error")
+
+    def deltas_since(self, cursor: list[int]) -> list[RequestOutput]:
+        """What a stream that has seen ``cursor[i]`` tokens of sample i has not seen yet;
+        ``cursor[i] > len(tokens)`` means that stream has also seen the sample finish."""
+        out = []
+        for sample, seen in zip(self.samples, cursor):
+            new = sample.token_ids[seen:]
+            if not new and not (sample.finished and seen <= len(sample.token_ids)):
+                continue
+            out.append(RequestOutput(
+                request_id=self.job_id, index=sample.index, new_token_ids=new,
+                text=sample.text[sample.text_offsets[seen]:],
+                num_prompt_tokens=len(self.prompt_token_ids),
+                finish_reason=sample.finish_reason,
+                logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None))
+        return out

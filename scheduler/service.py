@@ -1,0 +1,451 @@
+"""The scheduler actor: owns every job, routes samples to worker actors, relays their tokens to
+client streams, re-routes the work of dead workers, and spawns workers for the cluster's NPUs."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from scheduler.jobs import JobState, SampleState
+from scheduler.router import NoWorkerError, WorkerLoad, make_router
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
+
+log = logging.getLogger("pagedserve.scheduler")
+
+NAMESPACE = "pagedserve"
+SCHEDULER_NAME = "pagedserve-scheduler"
+MAX_FINISHED_JOBS_KEPT = 10_000
+MAX_SPAWN_FAILURES = 3
+
+
+class OverloadedError(RuntimeError):
+    """Too many unfinished jobs; the client should retry later."""
+
+
+class UnknownJobError(KeyError):
+    """No job with that id (never submitted, or forgotten long after it finished)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(slots=True)
+class ServiceOptions:
+    """The scheduler's settings, as plain values (cluster/config.py builds them)."""
+
+    engine_options: dict
+    torch_threads: int = 1
+    worker_num_cpus: float = 1.0
+    resource_poll_interval_s: float = 2.0
+    max_queued_jobs: int = 1024
+    router: str = "least_loaded"
+    worker_env: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class WorkerSlot:
+    worker_id: str
+    actor: object
+    info: dict | None = None  # set when the worker has loaded its model
+    load: WorkerLoad | None = None
+    samples: set = field(default_factory=set)  # (job_id, sample index) running here
+    stats: dict = field(default_factory=dict)
+
+
+class SchedulerService:
+    """Use through the Ray actor ``SchedulerActor`` (below); every method runs on its event loop."""
+
+    def __init__(self, options: ServiceOptions, journal_factory) -> None:
+        from worker.loader import load_config, resolve_model_path
+        from worker.tokenizer import Tokenizer
+
+        self.options = options
+        path = resolve_model_path(options.engine_options.get("model", "tiny"))
+        self.tokenizer = Tokenizer.from_dir(path)
+        model_config = load_config(path)
+        self.vocab_size = model_config.vocab_size
+        self.max_model_len = min(options.engine_options.get("max_model_len") or 1 << 62,
+                                 model_config.max_model_len)
+        self.router = make_router(options.router)
+        self.journal = journal_factory()
+        self.workers: dict[str, WorkerSlot] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.finished_order: collections.deque[str] = collections.deque()
+        self.changed: dict[str, asyncio.Event] = {}
+        self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.failovers = 0
+        self.spawn_failures = 0
+        self.last_spawn_error: str | None = None
+        self.started_at = time.time()
+        self._self_handle = ray.get_runtime_context().current_actor
+        self._resume_from_journal()
+        self._tasks = [asyncio.get_running_loop().create_task(self._reconcile_forever())]
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], params: dict | None = None, priority: int = 0,
+               job_id: str | None = None) -> str:
+        params = SamplingParams.from_dict(params or {})
+        unfinished = len(self.jobs) - len(self.finished_order)
+        if unfinished >= self.options.max_queued_jobs:
+            raise OverloadedError(
+                f"overloaded: {unfinished} jobs are queued (max_queued_jobs="
+                f"{self.options.max_queued_jobs}); retry later")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError(f"invalid priority={priority!r}: must be an integer")
+        prompt_ids = self._validate_prompt(prompt, params)
+        if params.seed is None:  # fixed now, so a replay after a restart repeats the output
+            params.seed = random.getrandbits(63)
+        job_id = job_id or uuid.uuid4().hex
+        if job_id in self.jobs:
+            raise InvalidRequestError(f"job id {job_id!r} is already in use")
+        job = JobState(job_id, prompt_ids, params, priority)
+        self.journal.record_accepted(job_id, prompt_ids, params.to_dict(), priority)
+        self._track(job)
+        for sample in job.samples:
+            self._dispatch(job, sample)
+        return job_id
+
+    def _validate_prompt(self, prompt, params: SamplingParams) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list):
+            ids = prompt
+            if not ids:
+                raise InvalidRequestError("prompt_token_ids is empty")
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+                raise InvalidRequestError(
+                    f"prompt_token_ids must be integers in [0, {self.vocab_size})")
+        else:
+            raise InvalidRequestError("prompt must be a string or a list of token ids")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        fits = [w.info["max_tokens_fit"] for w in self.workers.values() if w.info]
+        needed = min(len(ids) + params.max_tokens, self.max_model_len)
+        if fits and needed > max(fits):
+            raise InvalidRequestError(
+                f"job needs up to {needed} tokens of KV cache but a worker holds at most "
+                f"{max(fits)}; shorten the prompt or max_tokens")
+        return ids
+
+    def _track(self, job: JobState) -> None:
+        self.jobs[job.job_id] = job
+        self.changed[job.job_id] = asyncio.Event()
+
+    def _dispatch(self, job: JobState, sample: SampleState) -> None:
+        ready = [w for w in self.workers.values() if w.info and w.load]
+        if not ready:
+            self.pending.append((job.job_id, sample.index))
+            return
+        try:
+            worker = self.workers[self.router.choose(job.prompt_token_ids,
+                                                     [w.load for w in ready])]
+        except NoWorkerError:
+            self.pending.append((job.job_id, sample.index))
+            return
+        sample.worker_id = worker.worker_id
+        worker.samples.add((job.job_id, sample.index))
+        worker.load.num_waiting += 1
+        worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
+                                job.sample_params(sample.index).to_dict(), job.priority,
+                                list(sample.token_ids))
+
+    def _drain_pending(self) -> None:
+        waiting, self.pending = self.pending, collections.deque()
+        for job_id, index in waiting:
+            job = self.jobs.get(job_id)
+            if job is not None and not job.samples[index].finished:
+                self._dispatch(job, job.samples[index])
+
+    def report(self, worker_id: str, outputs: list, rejected: list, load: dict) -> None:
+        """A worker's outputs of one step (and adds it refused), with its load after the step."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self._update_load(worker, load)
+        for out in outputs:
+            job_id, index, attempt = out.request_id.rsplit("/", 2)
+            job = self.jobs.get(job_id)
+            if job is not None and job.apply(int(index), int(attempt), out):
+                if out.finish_reason is not None and worker is not None:
+                    worker.samples.discard((job_id, int(index)))
+                self._changed(job)
+        for request_id, message in rejected:
+            job = self.jobs.get(request_id.rsplit("/", 2)[0])
+            if job is not None and not job.finished:
+                job.fail(message)
+                self._changed(job)
+
+    def _update_load(self, worker: WorkerSlot, load: dict) -> None:
+        worker.stats = load
+        worker.load.free_blocks = load["free_blocks"]
+        worker.load.num_running = load["running"]
+        worker.load.num_waiting = load["waiting"]
+
+    def _changed(self, job: JobState) -> None:
+        event = self.changed.get(job.job_id)
+        if event is not None:
+            event.set()
+            self.changed[job.job_id] = asyncio.Event()
+        if job.finished and job.job_id not in self.finished_order:
+            self._retire(job)
+
+    def _retire(self, job: JobState) -> None:
+        reason = "error" if job.error else job.samples[0].finish_reason
+        self.journal.record_finished(job.job_id, reason)
+        self.finished_order.append(job.job_id)
+        while len(self.finished_order) > MAX_FINISHED_JOBS_KEPT:
+            old = self.finished_order.popleft()
+            self.jobs.pop(old, None)
+            self.changed.pop(old, None)
+
+    def abort(self, job_id: str) -> bool:
+        job = self._job(job_id)
+        if job.finished:
+            return False
+        for sample in job.samples:
+            if sample.finished:
+                continue
+            worker = self.workers.get(sample.worker_id or "")
+            if worker is not None:
+                worker.actor.abort.remote(job.engine_request_id(sample))
+                worker.samples.discard((job_id, sample.index))
+            job.finish_sample(sample, "abort")
+        self._changed(job)
+        return True
+
+    def job_status(self, job_id: str) -> dict:
+        job = self._job(job_id)
+        return {"job_id": job_id, "finished": job.finished, "error": job.error,
+                "num_tokens": [len(s.token_ids) for s in job.samples],
+                "workers": [s.worker_id for s in job.samples]}
+
+    def _job(self, job_id: str) -> JobState:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UnknownJobError(f"unknown job id {job_id!r}")
+        return job
+
+    async def stream(self, job_id: str, cursor: list[int] | None = None):
+        """Yields lists of new outputs until the job finishes; resume with the cursor of
+        tokens already seen per sample (see JobState.deltas_since)."""
+        job = self._job(job_id)
+        cursor = list(cursor or [])
+        cursor += [0] * (len(job.samples) - len(cursor))
+        while True:
+            event = self.changed[job_id]
+            deltas = job.deltas_since(cursor)
+            for d in deltas:
+                cursor[d.index] += len(d.new_token_ids)
+                if d.finish_reason is not None:
+                    cursor[d.index] = len(job.samples[d.index].token_ids) + 1
+            if deltas:
+                yield deltas
+            elif job.finished:
+                return
+            else:
+                await _wait(event, 5.0)
+
+    async def result(self, job_id: str, timeout: float | None = None) -> dict:
+        job = self._job(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.finished:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"job {job_id} has not finished after {timeout} s")
+            await _wait(self.changed[job_id], min(left or 5.0, 5.0))
+        return job_summary(job)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                self._reconcile()
+            except Exception:  # never let the watcher die: log and try again next round
+                log.exception("reconcile failed")
+            await asyncio.sleep(self.options.resource_poll_interval_s)
+
+    def _reconcile(self) -> None:
+        """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead
+        workers' freed NPUs)."""
+        if self.spawn_failures >= MAX_SPAWN_FAILURES:
+            return
+        wanted = int(ray.cluster_resources().get("NPU", 0))
+        for _ in range(wanted - len(self.workers)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        from worker.actor import WorkerActor
+
+        worker_id = f"w{uuid.uuid4().hex[:8]}"
+        actor = WorkerActor.options(
+            resources={"NPU": 1}, num_cpus=self.options.worker_num_cpus,
+            runtime_env={"env_vars": self.options.worker_env} if self.options.worker_env else None,
+        ).remote(worker_id, self.options.engine_options, self.options.torch_threads,
+                 self._self_handle)
+        slot = WorkerSlot(worker_id, actor)
+        self.workers[worker_id] = slot
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch(slot)))
+
+    async def _watch(self, slot: WorkerSlot) -> None:
+        """Wait for the worker to load, then for its run() to end: then it is dead."""
+        try:
+            slot.info = await slot.actor.info.remote()
+        except Exception as exc:  # the constructor failed: a config or model error
+            self.spawn_failures += 1
+            self.last_spawn_error = _one_line(exc)
+            log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
+            self.workers.pop(slot.worker_id, None)
+            return
+        self.spawn_failures = 0
+        slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],
+                               0, 0, slot.info["block_size"])
+        log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
+        self._drain_pending()
+        try:
+            await slot.actor.run.remote()
+        except Exception as exc:
+            log.warning("worker %s died: %s", slot.worker_id, _one_line(exc))
+        self._on_worker_gone(slot)
+
+    def _on_worker_gone(self, slot: WorkerSlot) -> None:
+        if self.workers.pop(slot.worker_id, None) is None:
+            return
+        self.router.forget(slot.worker_id)
+        for job_id, index in slot.samples:
+            job = self.jobs.get(job_id)
+            if job is None or job.samples[index].finished:
+                continue
+            sample = job.samples[index]
+            sample.attempt += 1  # anything the dead worker still sends is stale
+            sample.worker_id = None
+            self.failovers += 1
+            self._dispatch(job, sample)
+        ray.kill(slot.actor, no_restart=True)
+
+    def _resume_from_journal(self) -> None:
+        for entry in self.journal.unfinished():
+            job = JobState(entry.job_id, list(entry.prompt_token_ids),
+                           SamplingParams.from_dict(entry.params), entry.priority)
+            self._track(job)
+            self.pending.extend((job.job_id, s.index) for s in job.samples)
+        if self.pending:
+            log.info("resuming %d unfinished jobs from the journal", len(self.jobs))
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def wait_ready(self, min_workers: int = 1, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = sum(1 for w in self.workers.values() if w.info)
+            if ready >= min_workers:
+                return self.status()
+            if self.spawn_failures >= MAX_SPAWN_FAILURES:
+                raise RuntimeError(f"workers fail to start: {self.last_spawn_error}")
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"fewer than {min_workers} workers ready after {timeout} s; "
+                           f"NPU resources in the cluster: "
+                           f"{ray.cluster_resources().get('NPU', 0)}")
+
+    def status(self) -> dict:
+        workers = []
+        for w in self.workers.values():
+            entry = {"worker_id": w.worker_id, "ready": w.info is not None, **(w.info or {})}
+            entry.update({k: v for k, v in w.stats.items() if k != "worker_id"})
+            entry.setdefault("kv_total", (w.info or {}).get("num_blocks", 0))
+            workers.append(entry)
+        unfinished = len(self.jobs) - len(self.finished_order)
+        return {
+            "workers": workers, "jobs_unfinished": unfinished,
+            "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
+            "failovers": self.failovers, "uptime_s": time.time() - self.started_at,
+            "last_spawn_error": self.last_spawn_error,
+        }
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for slot in list(self.workers.values()):
+            ray.kill(slot.actor, no_restart=True)
+        self.workers.clear()
+        self.journal.close()
+
+
+def job_summary(job: JobState) -> dict:
+    """A finished job as plain values for clients."""
+    return {
+        "job_id": job.job_id, "num_prompt_tokens": len(job.prompt_token_ids), "error": job.error,
+        "arrival_time": job.arrival_time, "first_token_time": job.first_token_time,
+        "finish_time": job.finish_time,
+        "outputs": [{"index": s.index, "token_ids": s.token_ids, "text": s.text,
+                     "finish_reason": s.finish_reason,
+                     "logprobs": s.logprobs if job.params.logprobs is not None else None}
+                    for s in job.samples],
+    }
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
+class SchedulerActor:
+    """The detached, named scheduler. Thin: every call goes to SchedulerService."""
+
+    def __init__(self, options: ServiceOptions, journal_factory) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.service = SchedulerService(options, journal_factory)
+
+    async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
+        return self.service.submit(prompt, params, priority, job_id)
+
+    async def report(self, worker_id, outputs, rejected, load) -> None:
+        self.service.report(worker_id, outputs, rejected, load)
+
+    async def abort(self, job_id) -> bool:
+        return self.service.abort(job_id)
+
+    async def stream(self, job_id, cursor=None):
+        async for deltas in self.service.stream(job_id, cursor):
+            yield deltas
+
+    async def result(self, job_id, timeout=None) -> dict:
+        return await self.service.result(job_id, timeout)
+
+    async def status(self) -> dict:
+        return self.service.status()
+
+    async def job_status(self, job_id) -> dict:
+        return self.service.job_status(job_id)
+
+    async def wait_ready(self, min_workers=1, timeout=120.0) -> dict:
+        return await self.service.wait_ready(min_workers, timeout)
+
+    async def shutdown(self) -> None:
+        await self.service.shutdown()
+
+
+def head_node_strategy() -> NodeAffinitySchedulingStrategy:
+    """Pin the scheduler to the head node (whose resources carry Ray's head marker)."""
+    head = next((n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})),
+                ray.get_runtime_context().get_node_id())
+    return NodeAffinitySchedulingStrategy(head, soft=False)

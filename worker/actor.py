@@ -1,0 +1,109 @@
+"""The worker actor: one engine on one (real or simulated) NPU, stepping continuously on its own
+thread while the actor keeps answering add / abort / stats."""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import socket
+import threading
+
+import ray
+
+from scheduler.sampling_params import SamplingParams
+from worker.device import device_index_from_ray_ids
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class WorkerActor:
+    """Asks Ray for ``{"NPU": 1}`` (set by the scheduler at creation)."""
+
+    def __init__(self, worker_id: str, engine_options: dict, torch_threads: int,
+                 scheduler) -> None:
+        import torch
+
+        from worker.engine import Engine, EngineConfig
+
+        torch.set_num_threads(torch_threads)
+        npu_ids = ray.get_runtime_context().get_accelerator_ids().get("NPU", [])
+        index = device_index_from_ray_ids(npu_ids) if engine_options.get("device") == "npu" else 0
+        self.worker_id = worker_id
+        self.engine = Engine(EngineConfig(**engine_options, device_index=index))
+        self.scheduler = scheduler
+        self.npu_ids = list(npu_ids)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
+
+    def info(self) -> dict:
+        kv = self.engine.kv
+        return {
+            "worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": f"{self.engine.config.device}:{self.engine.config.device_index}",
+            "npu_ids": self.npu_ids, "num_blocks": kv.num_blocks, "block_size": kv.block_size,
+            "max_tokens_fit": (kv.num_blocks - kv.watermark_blocks) * kv.block_size,
+            "max_model_len": self.engine.max_model_len,
+        }
+
+    async def run(self) -> None:
+        """The step loop; returns when stopped and raises if the engine fails. The scheduler
+        holds this call's reference: when it ends, the worker is gone."""
+        await asyncio.get_running_loop().run_in_executor(None, self._loop)
+
+    async def add(self, request_id: str, prompt_token_ids: list[int], params: dict,
+                  priority: int, resumed_token_ids: list[int]) -> None:
+        self._inbox.put(("add", request_id, prompt_token_ids, params, priority, resumed_token_ids))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake",))
+
+    async def stats(self) -> dict:
+        return self.load()
+
+    def load(self) -> dict:
+        s = self.engine.stats()
+        return {
+            "worker_id": self.worker_id, "running": s.num_running, "waiting": s.num_waiting,
+            "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
+            "free_blocks": s.kv_blocks_total - s.kv_blocks_used, "tokens_per_s": s.tokens_per_s,
+            "generated_tokens": s.generated_tokens, "preemptions": s.num_preemptions,
+            "prefix_hit_rate": s.prefix_hit_rate, "pid": os.getpid(),
+        }
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            rejected = self._drain_inbox(block=not self.engine.has_unfinished())
+            outputs = self.engine.step() if self.engine.has_unfinished() else []
+            if outputs or rejected:
+                self.scheduler.report.remote(self.worker_id, outputs, rejected, self.load())
+
+    def _drain_inbox(self, block: bool) -> list[tuple[str, str]]:
+        """Apply queued commands; returns (request_id, error) for adds the engine refused."""
+        rejected = []
+        try:
+            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                error = self._apply(command)
+                if error is not None:
+                    rejected.append(error)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            return rejected
+
+    def _apply(self, command: tuple) -> tuple[str, str] | None:
+        if command[0] == "add":
+            _, rid, prompt, params, priority, resumed = command
+            try:
+                self.engine.add_request(prompt, SamplingParams.from_dict(params), request_id=rid,
+                                        priority=priority, resumed_token_ids=resumed)
+            except ValueError as exc:
+                return rid, str(exc)
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+        return None
