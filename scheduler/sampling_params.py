@@ -80,6 +80,14 @@ class SamplingParams:
             raise InvalidRequestError(str(exc)) from None
 
 
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample ``index`` of an n > 1 job: each sample draws from its own stream, and
+    sample 0 uses the job's seed as is (so n = 1 and sample 0 of n agree)."""
+    if seed is None or index == 0:
+        return seed
+    return (seed * 0x9E3779B1 + index) % (1 << 63)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
