@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from kvcache.block_key import BlockKey
 from kvcache.block_pool import Block, BlockPool
@@ -120,14 +121,15 @@ class KVCacheManager:
     def append_slots(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Grow the table to hold ``num_tokens`` slots; False (and no change) if blocks run out."""
         seq = self._seq(seq_id)
-        missing = self.blocks_needed(num_tokens) - len(seq.blocks)
-        if missing > self._pool.num_free:
-            return False
-        if missing > 0:
-            fresh = self._pool.take(missing)
-            seq.blocks.extend(fresh)
-            seq.block_ids.extend(block.block_id for block in fresh)
-        seq.num_slots = max(seq.num_slots, num_tokens)
+        if num_tokens > seq.num_slots:
+            missing = -(-num_tokens // self.block_size) - len(seq.blocks)
+            if missing > self._pool.num_free:
+                return False
+            if missing > 0:
+                fresh = self._pool.take(missing)
+                seq.blocks.extend(fresh)
+                seq.block_ids.extend(block.block_id for block in fresh)
+            seq.num_slots = num_tokens
         return True
 
     def blocks_to_fork(self, seq_id: Hashable) -> int:
@@ -144,7 +146,8 @@ class KVCacheManager:
         if child_id in self._seqs:
             raise ValueError(f"sequence {child_id!r} already has blocks; fork into a new id")
         if self.blocks_to_fork(parent_id) > self._pool.num_free:
-            raise OutOfBlocksError(f"no free block to fork sequence {parent_id!r} into {child_id!r}")
+            raise OutOfBlocksError(
+                f"no free block to fork sequence {parent_id!r} into {child_id!r}")
         num_full = parent.num_slots // self.block_size
         blocks = parent.blocks[:num_full]
         for block in blocks:
@@ -183,15 +186,17 @@ class KVCacheManager:
                 f"positions [{start}, {end}) are outside sequence {seq_id!r}'s "
                 f"{len(table) * bs} slots; append_slots first"
             )
-        slots: list[int] = []
-        pos = start
-        while pos < end:  # one C-level range per block, not one Python step per token
-            index, offset = divmod(pos, bs)
-            stop = min(end, (index + 1) * bs)
-            first = table[index] * bs + offset
-            slots.extend(range(first, first + stop - pos))
-            pos = stop
-        return slots
+        if end - start == 1:  # decode: one token
+            return [table[start // bs] * bs + start % bs]
+        if start == end:
+            return []
+        # One C-level range per block rather than one Python step per token.
+        block_ids = table[start // bs:(end - 1) // bs + 1]
+        firsts = [block_id * bs for block_id in block_ids]
+        lasts = [first + bs for first in firsts]
+        firsts[0] += start % bs
+        lasts[-1] -= bs - 1 - (end - 1) % bs
+        return list(chain.from_iterable(map(range, firsts, lasts)))
 
     # ---- metrics ----
 
@@ -227,11 +232,12 @@ class KVCacheManager:
             raise KeyError(f"sequence {seq_id!r} has no blocks; allocate it first") from None
 
     def _blocks_to_take(self, num_tokens: int, prefix: list[Block]) -> int:
-        """Free blocks an allocation consumes: fresh ones plus prefix blocks now on the free list."""
+        """Free blocks an allocation takes: fresh ones plus prefix blocks now on the free list."""
         fresh = self.blocks_needed(num_tokens) - len(prefix)
         if fresh < 0:
             raise ValueError(
-                f"a prefix of {len(prefix)} blocks holds more than the {num_tokens} tokens asked for"
+                f"a prefix of {len(prefix)} blocks holds more than the {num_tokens} tokens "
+                f"asked for"
             )
         for block in prefix:
             if block.cache_key is None:

@@ -26,4 +26,6 @@ class KVCacheStats:
     @property
     def prefix_hit_rate(self) -> float:
         """Fraction of queried prompt tokens served from the cache (0 before any query)."""
-        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+        if not self.prefix_query_tokens:
+            return 0.0
+        return self.prefix_hit_tokens / self.prefix_query_tokens

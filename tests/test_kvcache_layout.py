@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache import bytes_per_block, describe_cache, dtype_size, kv_cache_shape, num_blocks_for_budget
+from kvcache import (bytes_per_block, describe_cache, dtype_size, kv_cache_shape,
+                     num_blocks_for_budget)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
@@ -16,7 +17,8 @@ def test_bytes_per_block_equals_the_tensors_it_describes(dtype):
     assert total == blocks * bytes_per_block(layers, block_size, kv_heads, head_dim, dtype)
 
 
-@pytest.mark.parametrize("name,dtype", [("float16", torch.float16), ("torch.bfloat16", torch.bfloat16),
+@pytest.mark.parametrize("name,dtype", [("float16", torch.float16),
+                                        ("torch.bfloat16", torch.bfloat16),
                                         ("fp32", torch.float32), ("int8", torch.int8)])
 def test_dtype_names_size_like_torch_dtypes(name, dtype):
     assert dtype_size(name) == dtype_size(dtype) == torch.empty(0, dtype=dtype).element_size()
