@@ -1,0 +1,335 @@
+"""The job journal: an append-only log of accepted and finished jobs, so a restarted scheduler
+resumes every job that had not finished.
+
+File format: the 4-byte magic ``PSJ1``, then one frame per record: a little-endian header of
+payload length and CRC-32 (4 bytes each), then the record as a msgpack map. The CRC tells a
+complete record from a write cut short by a crash or from stray bytes.
+
+Durability: records are buffered in memory. With ``fsync_interval_s > 0`` a background flusher
+thread writes and fsyncs the buffer ``fsync_interval_s`` after the first record that entered it,
+so every record is on disk at most that long (plus the fsync) after it was recorded, and a burst
+shares one fsync. With ``fsync_interval_s == 0`` every record is written and fsynced before
+``record_*`` returns. ``flush()`` forces it at any time.
+
+Recovery: at open the file is replayed up to the last good record; a bad tail (a partial write,
+random bytes) is dropped with a logged warning, never an error. The file is then rewritten
+(compacted) to hold only the unfinished jobs whenever there is a bad tail or a finished job to
+drop, and again while running once finished jobs outnumber ``compact_min_finished`` and twice
+the unfinished ones. A rewrite goes to a temporary file that is fsynced and renamed over the
+journal, then the directory is fsynced, so a crash leaves either the old or the new file.
+
+A lock file next to the journal keeps a second process from writing to it at the same time.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import operator
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+log = logging.getLogger("pagedserve.journal")
+
+MAGIC = b"PSJ1"
+FRAME_HEADER = struct.Struct("<II")  # payload length, CRC-32 of the payload
+ACCEPTED, FINISHED = "accepted", "finished"
+
+
+class JournalError(OSError):
+    """The journal file cannot be used; the message says which file and what to do."""
+
+
+@dataclass(slots=True)
+class JournalJob:
+    """An accepted job that has not finished, as the scheduler recorded it."""
+
+    job_id: str
+    prompt_token_ids: list[int]
+    params: dict
+    priority: int = 0
+    extra: dict | None = None
+    accepted_at: float = 0.0  # time.time() when it was recorded
+
+
+class Journal:
+    """The append-only job log; one writer thread plus the flusher may use it concurrently."""
+
+    def __init__(self, path: str | Path, fsync_interval_s: float = 0.05, *,
+                 compact_min_finished: int = 1000) -> None:
+        if fsync_interval_s < 0:
+            raise ValueError(f"fsync_interval_s={fsync_interval_s!r}: must be >= 0")
+        self.path = Path(path).expanduser()
+        self.fsync_interval_s = float(fsync_interval_s)
+        self.compact_min_finished = compact_min_finished
+        self._lock = threading.Condition()  # guards the fields below; the flusher waits on it
+        self._io_lock = threading.Lock()  # orders file writes; always taken before _lock
+        self._jobs: dict[str, JournalJob] = {}  # unfinished, in acceptance order
+        self._finished_on_disk = 0  # finished jobs whose records the file still holds
+        self._pending = bytearray()  # frames recorded but not yet written
+        self._pending_since: float | None = None  # time.monotonic() of the oldest pending frame
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_exclusively(self.path)
+        self._file = None
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._flusher: threading.Thread | None = None
+        if self.fsync_interval_s > 0:
+            self._flusher = threading.Thread(target=self._run_flusher, daemon=True,
+                                             name=f"journal-flusher:{self.path.name}")
+            self._flusher.start()
+
+    # -- the scheduler's calls ------------------------------------------------------------------
+
+    def record_accepted(self, job_id: str, prompt_token_ids: list[int], params: dict,
+                        priority: int = 0, extra: dict | None = None) -> None:
+        """Log a newly accepted job. Jobs replayed at open are already logged: do not re-record."""
+        job = _new_job(job_id, prompt_token_ids, params, priority, extra)
+        frame = _frame(_accepted_record(job))
+        with self._lock:
+            self._check_open()
+            if job_id in self._jobs:
+                raise ValueError(f"job {job_id!r} is already in the journal and unfinished")
+            self._jobs[job_id] = job
+            self._append(frame)
+        self._flush_now_if_unbuffered()
+
+    def record_finished(self, job_id: str, finish_reason: str) -> None:
+        """Log that a job ended; a job not unfinished in the journal is ignored."""
+        frame = _frame({"kind": FINISHED, "job_id": job_id, "finish_reason": str(finish_reason),
+                        "finished_at": time.time()})
+        with self._lock:
+            self._check_open()
+            if self._jobs.pop(job_id, None) is None:
+                return
+            self._finished_on_disk += 1
+            self._append(frame)
+        self._flush_now_if_unbuffered()
+
+    def unfinished(self) -> list[JournalJob]:
+        """The jobs accepted and not finished (replayed at open plus recorded since), oldest
+        first. The objects are the journal's own: read them, do not change them."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    def flush(self) -> None:
+        """Write and fsync every buffered record now (and compact if it is due)."""
+        self._write_pending()
+        self._compact_if_due()
+
+    def compact(self) -> None:
+        """Rewrite the file to hold only the unfinished jobs' accept records, atomically."""
+        with self._io_lock, self._lock:
+            self._check_open()
+            self._rewrite()
+
+    def close(self) -> None:
+        """Flush, stop the flusher and release the file; later calls to record_* raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+        try:
+            self._write_pending()
+        finally:
+            self._file.close()
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"journal {self.path} is closed")
+
+    def _append(self, frame: bytes) -> None:
+        """Buffer a frame (caller holds _lock) and wake the flusher on the first one."""
+        self._pending += frame
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+            self._lock.notify_all()
+
+    def _flush_now_if_unbuffered(self) -> None:
+        if self.fsync_interval_s == 0:
+            self.flush()
+
+    def _write_pending(self) -> None:
+        with self._io_lock:
+            with self._lock:
+                if self._file.closed:
+                    return
+                data = bytes(self._pending)
+                self._pending.clear()
+                self._pending_since = None
+            if data:
+                self._file.write(data)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+
+    def _compact_if_due(self) -> None:
+        with self._io_lock, self._lock:
+            finished = self._finished_on_disk
+            if (not self._closed and finished > self.compact_min_finished
+                    and finished > 2 * len(self._jobs)):
+                self._rewrite()
+
+    def _run_flusher(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and self._pending_since is None:
+                    self._lock.wait()
+                if self._closed:
+                    return  # close() writes what is left
+                delay = self._pending_since + self.fsync_interval_s - time.monotonic()
+                if delay > 0:
+                    self._lock.wait(delay)
+                    continue
+            try:
+                self.flush()
+            except OSError:
+                log.exception("journal %s: flush failed; retrying", self.path)
+                time.sleep(self.fsync_interval_s)
+
+    def _rewrite(self) -> None:
+        """Replace the file by MAGIC + one accept frame per unfinished job (caller holds both
+        locks). Buffered frames are dropped: the jobs table already reflects them."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(MAGIC)
+            for job in self._jobs.values():
+                out.write(_frame(_accepted_record(job)))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self._pending.clear()
+        self._pending_since = None
+        self._finished_on_disk = 0
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.path, "ab")
+
+    # -- replay ---------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Replay the file into the jobs table, rewrite it if it has anything to drop, and
+        open it for appending."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        good_end, problem = self._replay(data)
+        if problem:
+            log.warning("journal %s: %s at byte %d; dropped the last %d bytes (a write cut "
+                        "short by a crash?) and kept %d unfinished jobs", self.path, problem,
+                        good_end, len(data) - good_end, len(self._jobs))
+        if problem or not data or self._finished_on_disk:
+            self._rewrite()
+        else:
+            self._file = open(self.path, "ab")
+
+    def _replay(self, data: bytes) -> tuple[int, str | None]:
+        """Apply every good record; return the offset after the last one and what stopped it."""
+        if not data.startswith(MAGIC):
+            if MAGIC.startswith(data):
+                return 0, ("truncated file header" if data else None)
+            raise JournalError(
+                f"{self.path} is not a pagedserve journal (it does not start with {MAGIC!r}); "
+                f"move it away or set scheduler.journal_path to another file")
+        pos = len(MAGIC)
+        while pos < len(data):
+            if len(data) - pos < FRAME_HEADER.size:
+                return pos, "truncated record header"
+            length, crc = FRAME_HEADER.unpack_from(data, pos)
+            end = pos + FRAME_HEADER.size + length
+            if end > len(data):
+                return pos, "truncated record"
+            payload = data[pos + FRAME_HEADER.size:end]
+            if zlib.crc32(payload) != crc:
+                return pos, "record checksum mismatch"
+            try:
+                self._apply(msgpack.unpackb(payload, raw=False, strict_map_key=False))
+            except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+                return pos, f"unreadable record ({exc})"
+            pos = end
+        return pos, None
+
+    def _apply(self, record: dict) -> None:
+        if record["kind"] == ACCEPTED:
+            job = _new_job(record["job_id"], record["prompt_token_ids"], record["params"],
+                           record["priority"], record["extra"])
+            job.accepted_at = float(record["accepted_at"])
+            if self._jobs.pop(job.job_id, None) is not None:
+                self._finished_on_disk += 1  # a superseded accept is as dead as a finished one
+            self._jobs[job.job_id] = job
+        elif record["kind"] == FINISHED:
+            self._jobs.pop(record["job_id"], None)
+            self._finished_on_disk += 1
+        else:
+            raise ValueError(f"unknown record kind {record['kind']!r}")
+
+
+def _new_job(job_id: object, prompt_token_ids: object, params: object, priority: object,
+             extra: object) -> JournalJob:
+    """A JournalJob from caller or file input, with types checked (ValueError otherwise)."""
+    if not isinstance(job_id, str) or not job_id:
+        raise ValueError(f"job_id={job_id!r}: must be a non-empty string")
+    if not isinstance(params, dict) or not (extra is None or isinstance(extra, dict)):
+        raise ValueError("params must be a dict and extra a dict or None")
+    try:
+        token_ids = [operator.index(t) for t in prompt_token_ids]
+        priority = operator.index(priority)
+    except TypeError:
+        raise ValueError("prompt_token_ids must be a list of ints and priority an int") from None
+    return JournalJob(job_id, token_ids, dict(params), priority,
+                      None if extra is None else dict(extra), time.time())
+
+
+def _accepted_record(job: JournalJob) -> dict:
+    return {"kind": ACCEPTED, "job_id": job.job_id, "prompt_token_ids": job.prompt_token_ids,
+            "params": job.params, "priority": job.priority, "extra": job.extra,
+            "accepted_at": job.accepted_at}
+
+
+def _frame(record: dict) -> bytes:
+    try:
+        payload = msgpack.packb(record, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"journal record for job {record.get('job_id')!r} is not serialisable "
+                         f"(params and extra may hold only dicts, lists, str, bytes, numbers, "
+                         f"bools and None): {exc}") from None
+    return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _lock_exclusively(path: Path) -> int:
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalError(f"journal {path} is in use by another process (a second scheduler?); "
+                           f"stop it, or set scheduler.journal_path to another file") from None
+    return fd
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

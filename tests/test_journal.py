@@ -1,0 +1,307 @@
+"""Job journal: round trips, resume after reopen, damaged tails, compaction, batched fsync."""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.journal import FRAME_HEADER, MAGIC, Journal, JournalError
+
+
+def ids(journal: Journal) -> list[str]:
+    return [job.job_id for job in journal.unfinished()]
+
+
+def count_frames(path: Path) -> int:
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    pos, frames = len(MAGIC), 0
+    while pos < len(data):
+        length, _ = FRAME_HEADER.unpack_from(data, pos)
+        pos += FRAME_HEADER.size + length
+        frames += 1
+    assert pos == len(data)
+    return frames
+
+
+def reopened_copy(path: Path, tmp_path: Path) -> list[str]:
+    """What a scheduler restarted from the file's current bytes would resume."""
+    copy = tmp_path / f"copy-{time.monotonic_ns()}.journal"
+    shutil.copyfile(path, copy)
+    with Journal(copy, fsync_interval_s=0) as journal:
+        return ids(journal)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.journal"
+
+
+def test_round_trip_keeps_every_field(path):
+    rng = random.Random(1)
+    jobs = [(f"job-{i}", [rng.randrange(50_000) for _ in range(rng.randrange(1, 40))],
+             {"max_tokens": i + 1, "temperature": 0.5 * i, "stop": ["\n"], "seed": None},
+             rng.randrange(-3, 3), None if i % 2 else {"tenant": f"t{i}", "salt": b"\x00\x01"})
+            for i in range(5)]
+    with Journal(path) as journal:
+        for job in jobs:
+            journal.record_accepted(*job)
+        live = [(j.job_id, j.prompt_token_ids, j.params, j.priority, j.extra)
+                for j in journal.unfinished()]
+    assert live == jobs
+    with Journal(path) as journal:
+        resumed = journal.unfinished()
+    assert [(j.job_id, j.prompt_token_ids, j.params, j.priority, j.extra)
+            for j in resumed] == jobs
+    assert all(j.accepted_at > 0 for j in resumed)
+
+
+def test_finished_jobs_are_gone_after_reopen_and_order_is_kept(path):
+    with Journal(path) as journal:
+        for i in range(10):
+            journal.record_accepted(f"j{i}", [i, i + 1], {})
+        for i in (0, 3, 4, 9):
+            journal.record_finished(f"j{i}", "stop")
+        journal.record_finished("never-accepted", "abort")  # ignored
+        expected = ids(journal)
+    assert expected == [f"j{i}" for i in (1, 2, 5, 6, 7, 8)]
+    with Journal(path) as journal:
+        assert ids(journal) == expected
+        journal.record_accepted("late", [1], {})
+        journal.record_finished("j5", "length")
+    with Journal(path) as journal:
+        assert ids(journal) == [e for e in expected if e != "j5"] + ["late"]
+    assert count_frames(path) == len(expected)  # compacted at open: only unfinished accepts
+
+
+def test_records_reach_disk_within_the_fsync_interval_without_flush(path, tmp_path):
+    with Journal(path, fsync_interval_s=0.02) as journal:
+        journal.record_accepted("a", [1, 2, 3], {})
+        journal.record_accepted("b", [4], {})
+        deadline = time.monotonic() + 5
+        while reopened_copy(path, tmp_path) != ["a", "b"]:
+            assert time.monotonic() < deadline, "the flusher never wrote the records"
+            time.sleep(0.01)
+
+
+def test_zero_interval_writes_before_record_returns(path, tmp_path):
+    with Journal(path, fsync_interval_s=0) as journal:
+        journal.record_accepted("a", [1], {})
+        assert reopened_copy(path, tmp_path) == ["a"]
+        journal.record_finished("a", "stop")
+        assert reopened_copy(path, tmp_path) == []
+
+
+def test_flush_forces_buffered_records_out(path, tmp_path):
+    with Journal(path, fsync_interval_s=60) as journal:
+        journal.record_accepted("a", [1], {})
+        assert reopened_copy(path, tmp_path) == []
+        journal.flush()
+        assert reopened_copy(path, tmp_path) == ["a"]
+
+
+def _journal_bytes_with_last_record(path: Path, last: str) -> tuple[bytes, bytes]:
+    """(file bytes before the last record, that record's frame)."""
+    with Journal(path, fsync_interval_s=0) as journal:
+        journal.record_accepted("a", list(range(20)), {"max_tokens": 8})
+        journal.record_accepted("b", [7, 8, 9], {"temperature": 0.0}, extra={"x": 1})
+    before = path.read_bytes()
+    with Journal(path, fsync_interval_s=0) as journal:
+        if last == "accepted":
+            journal.record_accepted("c", [1, 2, 3, 4], {"seed": 3})
+        else:
+            journal.record_finished("b", "stop")
+    after = path.read_bytes()
+    assert after.startswith(before) and len(after) > len(before)
+    return before, after[len(before):]
+
+
+@pytest.mark.parametrize("last", ["accepted", "finished"])
+def test_a_truncated_last_record_is_skipped_at_every_byte_offset(tmp_path, caplog, last):
+    before, frame = _journal_bytes_with_last_record(tmp_path / "source.journal", last)
+    for cut in range(len(frame)):
+        path = tmp_path / f"cut-{last}-{cut}.journal"
+        path.write_bytes(before + frame[:cut])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
+            with Journal(path, fsync_interval_s=0) as journal:
+                assert ids(journal) == ["a", "b"], cut
+                journal.record_accepted("d", [5], {})
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(warned) == (cut > 0), cut
+        with Journal(path, fsync_interval_s=0) as journal:
+            assert ids(journal) == ["a", "b", "d"], cut
+
+
+def test_a_corrupted_byte_in_the_last_record_is_caught_by_the_checksum(tmp_path, caplog):
+    before, frame = _journal_bytes_with_last_record(tmp_path / "source.journal", "finished")
+    path = tmp_path / "flipped.journal"
+    damaged = bytearray(frame)
+    damaged[len(frame) // 2 + FRAME_HEADER.size // 2] ^= 0x40
+    path.write_bytes(before + damaged)
+    with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
+        with Journal(path) as journal:
+            assert ids(journal) == ["a", "b"]  # the damaged "finished" record is not trusted
+    assert "checksum" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_random_garbage_tail_is_skipped(path, caplog, seed):
+    with Journal(path, fsync_interval_s=0) as journal:
+        for i in range(4):
+            journal.record_accepted(f"j{i}", [i] * 5, {"n": 1})
+        journal.record_finished("j1", "stop")
+    rng = random.Random(seed)
+    with open(path, "ab") as f:
+        f.write(rng.randbytes(rng.randrange(1, 300)))
+    with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
+        with Journal(path, fsync_interval_s=0) as journal:
+            assert ids(journal) == ["j0", "j2", "j3"]
+            journal.record_accepted("after", [1], {})
+    assert "dropped" in caplog.text
+    with Journal(path) as journal:
+        assert ids(journal) == ["j0", "j2", "j3", "after"]
+
+
+def test_a_file_cut_inside_the_header_is_treated_as_empty(path, caplog):
+    path.write_bytes(MAGIC[:2])
+    with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
+        with Journal(path) as journal:
+            assert ids(journal) == []
+            journal.record_accepted("a", [1], {})
+    assert "header" in caplog.text
+    with Journal(path) as journal:
+        assert ids(journal) == ["a"]
+
+
+def test_a_file_that_is_not_a_journal_is_refused_and_left_alone(path):
+    content = b"important notes, not a journal\n"
+    path.write_bytes(content)
+    with pytest.raises(JournalError, match="not a pagedserve journal"):
+        Journal(path)
+    assert path.read_bytes() == content
+    Journal(path.with_name("other.journal")).close()  # the refused one released its lock
+
+
+def test_compact_keeps_exactly_the_unfinished(path):
+    rng = random.Random(7)
+    with Journal(path, fsync_interval_s=0) as journal:
+        for i in range(60):
+            journal.record_accepted(f"j{i}", [i] * rng.randrange(1, 30), {"max_tokens": i + 1})
+        finished = set(rng.sample(range(60), 35))
+        for i in sorted(finished):
+            journal.record_finished(f"j{i}", "stop")
+        expected = [j.job_id for j in journal.unfinished()]
+        size_before = path.stat().st_size
+        journal.compact()
+        assert path.stat().st_size < size_before
+        assert count_frames(path) == len(expected) == 60 - len(finished)
+        assert ids(journal) == expected
+        journal.record_accepted("new", [1], {})
+    with Journal(path) as journal:
+        assert ids(journal) == expected + ["new"]
+
+
+def test_compact_drops_buffered_records_it_has_already_folded_in(path):
+    with Journal(path, fsync_interval_s=60) as journal:
+        for job_id in ("a", "b", "c"):
+            journal.record_accepted(job_id, [1, 2], {})
+        journal.record_finished("b", "stop")
+        journal.compact()
+    assert count_frames(path) == 2
+    with Journal(path) as journal:
+        assert ids(journal) == ["a", "c"]
+
+
+def test_compaction_runs_by_itself_once_finished_records_pile_up(path):
+    with Journal(path, fsync_interval_s=0, compact_min_finished=10) as journal:
+        for i in range(30):
+            journal.record_accepted(f"j{i}", [i], {})
+        for i in range(26):
+            journal.record_finished(f"j{i}", "stop")
+            live = 30 - (i + 1)
+            dead_bound = max(10, 2 * live) + 1
+            # Never more than the live accepts, the dead records allowed, and their accepts.
+            assert count_frames(path) <= 30 + 2 * dead_bound
+        assert count_frames(path) < 30 + 26
+    with Journal(path) as journal:
+        assert ids(journal) == [f"j{i}" for i in range(26, 30)]
+
+
+def test_one_writer_thread_with_the_flusher_and_compaction(path):
+    model: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def writer(journal: Journal) -> None:
+        rng = random.Random(3)
+        try:
+            for i in range(1500):
+                if model and rng.random() < 0.45:
+                    job_id = rng.choice(list(model))
+                    journal.record_finished(job_id, "stop")
+                    del model[job_id]
+                else:
+                    model[f"j{i}"] = [i % 97] * rng.randrange(1, 20)
+                    journal.record_accepted(f"j{i}", model[f"j{i}"], {"i": i})
+                if i % 100 == 99:
+                    journal.flush()  # races the flusher thread on purpose
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with Journal(path, fsync_interval_s=0.001, compact_min_finished=50) as journal:
+        thread = threading.Thread(target=writer, args=(journal,))
+        thread.start()
+        while thread.is_alive():
+            journal.unfinished()  # readers may look while the writer and flusher run
+            time.sleep(0.001)
+        thread.join()
+        assert not errors
+        assert ids(journal) == list(model)
+    with Journal(path) as journal:
+        assert {j.job_id: j.prompt_token_ids for j in journal.unfinished()} == model
+        assert ids(journal) == list(model)
+
+
+def test_a_second_journal_on_the_same_file_is_refused_until_the_first_closes(path):
+    first = Journal(path)
+    with pytest.raises(JournalError, match="in use"):
+        Journal(path)
+    first.close()
+    Journal(path).close()
+
+
+def test_bad_input_is_refused_and_records_nothing(path):
+    with Journal(path, fsync_interval_s=0) as journal:
+        journal.record_accepted("a", [1], {})
+        with pytest.raises(ValueError, match="already in the journal"):
+            journal.record_accepted("a", [2], {})
+        with pytest.raises(ValueError, match="job_id"):
+            journal.record_accepted("", [1], {})
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            journal.record_accepted("b", ["x"], {})
+        with pytest.raises(ValueError, match="not serialisable"):
+            journal.record_accepted("c", [1], {"params": object()})
+        assert ids(journal) == ["a"]
+    with Journal(path) as journal:
+        assert ids(journal) == ["a"]
+
+
+def test_a_closed_journal_refuses_records(path):
+    journal = Journal(path)
+    journal.close()
+    journal.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        journal.record_accepted("a", [1], {})
+
+
+def test_the_journal_imports_neither_torch_nor_ray():
+    code = ("import sys, cluster.journal; "
+            "assert not {'torch', 'ray'} & set(sys.modules), 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
