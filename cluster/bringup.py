@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import ray
@@ -44,9 +45,16 @@ def start_embedded(cfg: PagedServeConfig) -> None:
         return
     # A local single-user instance: a stray token file must not make it demand auth.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Given logical NPUs, Ray probes CANN for the NPU model and logs a traceback when it is
+    # absent, which is the normal case in CPU simulation mode.
+    logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
     npus = cfg.cluster.simulated_npus
     ray.init(num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)), namespace=NAMESPACE,
              resources={"NPU": npus}, include_dashboard=False, log_to_driver=False)
+
+
+def shutdown_ray() -> None:
+    ray.shutdown()
 
 
 def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.partial]:

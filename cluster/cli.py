@@ -5,10 +5,20 @@ import argparse
 import logging
 import sys
 
-from cluster import demo, generate_cmd
+from cluster import daemon_cmds, demo, generate_cmd
 
-# Bad input surfaces as ValueError subclasses (InvalidRequestError, ModelLoadError, ...) or OSError.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# Errors the user can act on: bad input is a ValueError (InvalidRequestError, ModelLoadError,
+# ConfigError, ...) or OSError (files, no cluster); the rest are named here and looked up only
+# if their module was imported (so `pagedserve --help` imports neither torch nor Ray).
+NAMED_USER_ERRORS = (("scheduler.service", "OverloadedError"),
+                     ("scheduler.service", "UnknownJobError"),
+                     ("cluster.client", "JobFailedError"),
+                     ("worker.device", "DeviceUnavailableError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    found = [getattr(sys.modules[m], name) for m, name in NAMED_USER_ERRORS if m in sys.modules]
+    return (ValueError, OSError, *found)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     demo.add_parser(sub)
     generate_cmd.add_parser(sub)
+    daemon_cmds.add_parsers(sub)
     return parser
 
 
@@ -32,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pagedserve: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
-        if args.verbose:
+    except Exception as exc:
+        if args.verbose or not isinstance(exc, user_errors()):
             raise
         print(f"pagedserve: error: {exc}", file=sys.stderr)
         return 2

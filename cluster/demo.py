@@ -3,12 +3,16 @@ with a progress bar and a summary of what the engine did."""
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import sys
+import tempfile
+import threading
 import time
 
 from tqdm import tqdm
 
-from cluster.engine_args import add_engine_flags, engine_options
+from cluster.config import config_from_dict, config_to_dict, load_config
 from scheduler.sampling_params import SamplingParams
 
 SHARED_PREFIX = (
@@ -21,10 +25,11 @@ TOPICS = ["scaling out", "a dead worker", "KV cache pressure", "prefix caching",
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run a mixed batch of jobs on the built-in tiny model")
+    p = sub.add_parser("demo", help="run a mixed batch of jobs through the daemon (embedded "
+                                    "local Ray cluster if none is running)")
     p.add_argument("--jobs", type=int, default=48, help="number of jobs (default 48)")
     p.add_argument("--seed", type=int, default=0)
-    add_engine_flags(p)
+    p.add_argument("--config", default=None, help="preset or YAML file (default cpu-sim)")
     p.set_defaults(func=run)
 
 
@@ -43,38 +48,86 @@ def demo_workload(num_jobs: int, seed: int) -> list[tuple[str, SamplingParams]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.llm import LLM
+    from cluster import bringup
+    from cluster.client import Client
+    from cluster.daemon_cmds import format_status
 
-    jobs = demo_workload(args.jobs, args.seed)
-    llm = LLM(args.model, **engine_options(args))
-    bar = tqdm(total=len(jobs), unit="job", desc="demo")
-    peak = {"kv": 0.0}
-
-    def on_output(index, delta):
-        peak["kv"] = max(peak["kv"], llm.engine.stats().kv_usage)
-        if delta.finished:
-            bar.update(1)
-
-    start = time.monotonic()
-    results = llm.generate([p for p, _ in jobs], [s for _, s in jobs], on_output=on_output)
-    elapsed = time.monotonic() - start
-    bar.close()
-    print(summary_table(results, elapsed, llm.engine.stats(), peak["kv"]))
+    if args.jobs < 1:
+        raise ValueError("--jobs must be >= 1")
+    cfg = load_config(args.config)
+    embedded = not bringup.cluster_is_running()
+    with tempfile.TemporaryDirectory(prefix="pagedserve-demo-") as scratch:
+        if embedded:  # the cluster dies with this process: keep its journal out of the way
+            cfg = _with_journal(cfg, os.path.join(scratch, "journal.msgpack"))
+            print(f"no Ray cluster running: starting an embedded one with "
+                  f"{cfg.cluster.simulated_npus} simulated NPUs", file=sys.stderr)
+            bringup.start_embedded(cfg)
+        try:
+            status = bringup.up(cfg, min_workers=cfg.cluster.simulated_npus if embedded else 1)
+            print(format_status(status), file=sys.stderr)
+            results, elapsed, final, peak_kv = _run_jobs(Client(), demo_workload(args.jobs,
+                                                                                 args.seed))
+        finally:
+            if embedded:
+                bringup.down()
+                bringup.shutdown_ray()
+    print(summary_table(results, elapsed, final, peak_kv))
     return 0
 
 
-def summary_table(results, elapsed: float, stats, peak_kv: float) -> str:
+def _with_journal(cfg, path: str):
+    data = config_to_dict(cfg)
+    data["scheduler"]["journal_path"] = path
+    return config_from_dict(data, cfg.source)
+
+
+def _run_jobs(client, jobs):
+    """Submit everything, then wait with a progress bar while watching KV usage."""
+    start = time.monotonic()
+    ids = [client.submit(prompt, params) for prompt, params in jobs]
+    results: list = [None] * len(ids)
+    waiter = threading.Thread(target=_collect, args=(client, ids, results), daemon=True)
+    waiter.start()
+    peak_kv = 0.0
+    with tqdm(total=len(ids), unit="job", desc="demo") as bar:
+        while waiter.is_alive():
+            peak_kv = max(peak_kv, _kv_usage(client.status()))
+            bar.update(sum(r is not None for r in results) - bar.n)
+            waiter.join(0.3)
+        bar.update(len(ids) - bar.n)
+    elapsed = time.monotonic() - start
+    if any(r is None for r in results):
+        raise RuntimeError("some demo jobs did not finish")
+    return results, elapsed, client.status(), peak_kv
+
+
+def _collect(client, ids, results) -> None:
+    for i, job_id in enumerate(ids):
+        results[i] = client.result(job_id)
+
+
+def _kv_usage(status: dict) -> float:
+    used = sum(w.get("kv_used", 0) for w in status["workers"])
+    total = sum(w.get("kv_total", 0) for w in status["workers"])
+    return used / total if total else 0.0
+
+
+def summary_table(results, elapsed: float, status: dict, peak_kv: float) -> str:
     ttfts = sorted(r.ttft for r in results if r.ttft is not None)
     out_tokens = sum(len(o.token_ids) for r in results for o in r.outputs)
+    workers = [w for w in status["workers"] if w.get("ready")]
+    kv_total = sum(w.get("kv_total", 0) for w in workers)
+    hit_rate = sum(w.get("prefix_hit_rate", 0.0) for w in workers) / max(len(workers), 1)
     rows = [
-        ("jobs", f"{len(results)}"),
+        ("jobs", f"{len(results)} on {len(workers)} workers"),
         ("output tokens", f"{out_tokens}"),
         ("wall time", f"{elapsed:.2f} s"),
         ("output tokens/s", f"{out_tokens / elapsed:.1f}"),
         ("TTFT p50 / p99", f"{_pct(ttfts, 50) * 1e3:.0f} ms / {_pct(ttfts, 99) * 1e3:.0f} ms"),
-        ("KV utilisation (peak)", f"{peak_kv:.1%} of {stats.kv_blocks_total} blocks"),
-        ("prefix-cache hit rate", f"{stats.prefix_hit_rate:.1%}"),
-        ("preemptions", f"{stats.num_preemptions}"),
+        ("KV utilisation (peak)", f"{peak_kv:.1%} of {kv_total} blocks"),
+        ("prefix-cache hit rate", f"{hit_rate:.1%} (mean over workers)"),
+        ("preemptions", f"{sum(w.get('preemptions', 0) for w in workers)}"),
+        ("failovers", f"{status['failovers']}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.llm import LLM
 
     llm = LLM(args.model, **engine_options(args))
-    printer = None if args.json else _TerminalPrinter(len(jobs))
+    printer = None if args.json else TerminalPrinter(len(jobs))
     results = llm.generate([j.prompt for j in jobs], [j.params for j in jobs],
                            priorities=[j.priority for j in jobs],
                            on_output=printer.on_output if printer else None)
@@ -85,7 +85,7 @@ def _sample_record(out: CompletionOutput) -> dict:
     return record
 
 
-class _TerminalPrinter:
+class TerminalPrinter:
     """Streams sample 0 of each job in input order: the head job live, later ones as they catch up."""
 
     def __init__(self, num_jobs: int) -> None:

@@ -1,0 +1,123 @@
+"""`pagedserve up | down | status | submit`: the daemon's verbs, as a driver on the cluster."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.config import load_config
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("up", help="bring the daemon up on the running Ray cluster")
+    _add_common(p)
+    p.add_argument("--config", default=None,
+                   help="a preset (cpu-sim, ascend-910b) or a YAML file; default cpu-sim")
+    p.add_argument("--min-workers", type=int, default=1, help="wait for this many workers")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for workers")
+    p.set_defaults(func=run_up)
+
+    p = sub.add_parser("down", help="stop the daemon (scheduler and workers)")
+    _add_common(p)
+    p.set_defaults(func=run_down)
+
+    p = sub.add_parser("status", help="workers, KV usage and jobs of the running daemon")
+    _add_common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_status)
+
+    from cluster.generate_cmd import add_sampling_flags
+
+    p = sub.add_parser("submit", help="submit jobs to the running daemon and wait for them")
+    _add_common(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help="jobs, one JSON object per line")
+    add_sampling_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per job, in input order")
+    p.set_defaults(func=run_submit)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from cluster import bringup
+
+    cfg = load_config(args.config)
+    bringup.connect(args.address)
+    status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout)
+    print(format_status(status))
+    return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from cluster import bringup
+
+    bringup.connect(args.address)
+    print("pagedserve is down" if bringup.down() else "pagedserve was not running")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from cluster.client import Client
+
+    status = Client(args.address, timeout_s=5).status()
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from cluster.client import Client
+    from cluster.generate_cmd import TerminalPrinter, job_record, load_jobs
+
+    jobs = load_jobs(args)
+    client = Client(args.address)
+    ids = [client.submit(j.prompt, j.params, priority=j.priority)
+           for j in _progress(jobs, "submit", args.json)]
+    if args.json:
+        for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
+            print(json.dumps(job_record(i, job)), flush=True)
+        return 0
+    printer = TerminalPrinter(len(ids))
+    for i, job_id in enumerate(ids):
+        for delta in client.stream(job_id):
+            printer.on_output(i, delta)
+    return 0
+
+
+def _progress(items, desc: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="job", disable=not (show and sys.stderr.isatty()))
+
+
+def format_status(status: dict) -> str:
+    """The status table: one line per worker, then totals."""
+    header = f"{'worker':<11} {'node':<10} {'device':<8} {'pid':>7} {'KV used/total':>15} " \
+             f"{'running':>7} {'waiting':>7} {'tok/s':>7}"
+    lines = [header]
+    used = total = running = waiting = 0
+    rate = 0.0
+    for w in status["workers"]:
+        if not w.get("ready"):
+            lines.append(f"{w['worker_id']:<11} (starting)")
+            continue
+        kv = f"{w.get('kv_used', 0)}/{w.get('kv_total', 0)}"
+        lines.append(f"{w['worker_id']:<11} {w['node_id'][:8]:<10} {w['device']:<8} "
+                     f"{w['pid']:>7} {kv:>15} {w.get('running', 0):>7} {w.get('waiting', 0):>7} "
+                     f"{w.get('tokens_per_s', 0.0):>7.1f}")
+        used += w.get("kv_used", 0)
+        total += w.get("kv_total", 0)
+        running += w.get("running", 0)
+        waiting += w.get("waiting", 0)
+        rate += w.get("tokens_per_s", 0.0)
+    ready = sum(1 for w in status["workers"] if w.get("ready"))
+    lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
+                 f"{waiting} waiting, {rate:.1f} tok/s; jobs unfinished "
+                 f"{status['jobs_unfinished']}, failovers {status['failovers']}")
+    if status.get("last_spawn_error"):
+        lines.append(f"last worker start error: {status['last_spawn_error']}")
+    return "\n".join(lines)
