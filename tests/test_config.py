@@ -125,6 +125,7 @@ BAD_VALUES = [
     ("engine", "block_size", 0, ">= 1"),
     ("engine", "block_size", 16.0, ">= 1"),
     ("engine", "kv_cache_gib", 0, "> 0"),
+    ("engine", "kv_cache_gib", float("inf"), "> 0"),
     ("engine", "memory_utilization", 1.5, "(0, 1]"),
     ("engine", "memory_utilization", 0, "(0, 1]"),
     ("engine", "max_num_seqs", -1, ">= 1"),
