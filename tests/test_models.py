@@ -281,3 +281,17 @@ def test_kv_cache_count_is_checked(llama_ckpt):
     positions, meta = step_metadata(model, [(0, 3)], 4)
     with pytest.raises(ValueError, match="KV caches"):
         model(torch.tensor([1, 2, 3]), positions, make_kv_caches(config, 4, torch.float32)[:1], meta)
+
+
+def test_tiny_checkpoint_is_a_real_hf_checkpoint(tmp_path):
+    """transformers loads the built-in tiny model and computes the same logits as we do."""
+    from worker.models import tiny
+
+    tiny.write_tiny_checkpoint(tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model, config = load_model(tmp_path, backend=get_backend("cpu"))
+    tokens = list(b"Hello, tiny model!")
+    ref = hf_logits(hf_model, tokens)
+    torch.testing.assert_close(run_chunks(model, config, tokens, [10, 8]), ref, atol=1e-3, rtol=1e-4)
+    # peaky enough that the greedy choice depends on the context
+    assert len(set(ref.argmax(-1).tolist())) > len(tokens) // 2

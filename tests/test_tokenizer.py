@@ -262,6 +262,14 @@ def test_flush_releases_an_unfinished_character(tiny_tok):
     assert detok.flush() == ""
 
 
+def test_tiny_tokenizer_agrees_with_hf(tmp_path):
+    tiny.write_tiny_tokenizer(tmp_path)
+    ours, hf = Tokenizer.from_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in SAMPLES:
+        assert ours.encode(text) == hf.encode(text)
+    assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+
+
 def test_tiny_chat_template_renders_roles(tiny_tok):
     tok = tiny_tok
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
