@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-
-from cluster import daemon_cmds, demo, generate_cmd
 
 # Errors the user can act on: bad input is a ValueError (InvalidRequestError, ModelLoadError,
 # ConfigError, ...) or OSError (files, no cluster); the rest are named here and looked up only
@@ -28,13 +27,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "Ascend NPU workers, CPU simulation mode.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    # Imported here, not at the top: some verb modules import torch, which must come after
+    # main() has decided TORCH_DEVICE_BACKEND_AUTOLOAD.
+    from cluster import daemon_cmds, demo, generate_cmd, selftest_cmd
+
     demo.add_parser(sub)
     generate_cmd.add_parser(sub)
     daemon_cmds.add_parsers(sub)
+    selftest_cmd.add_parser(sub)
     return parser
 
 
+def requested_device(argv: list[str]) -> str | None:
+    """The --device value in ``argv``, read before argparse (and torch) runs; None if absent."""
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.partition("=")[2]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if requested_device(argv) in (None, "cpu"):
+        # Since torch 2.5 `import torch` also imports an installed torch_npu, which fails on a
+        # host without CANN. cpu runs turn that off; npu runs are unaffected either way, since
+        # the npu backend imports torch_npu itself. See docs/ascend.md.
+        os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -76,6 +76,12 @@ class AttentionBackend:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
 
+    def check_config(
+        self, block_size: int, head_num: int, kv_head_num: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        """Raise ValueError naming the first setting this backend cannot serve (called at
+        engine start-up). The base accepts everything."""
+
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         """Called once per step before the layers run; may fill ``meta.backend_state``."""
         return meta
