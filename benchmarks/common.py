@@ -1,0 +1,184 @@
+"""Shared benchmark helpers: progress on stderr, timing, summary statistics, seeded token
+workloads, and a random Hugging Face Llama checkpoint written to disk."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr so that stdout stays one JSON document."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def emit_json(document: dict) -> None:
+    json.dump(document, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """``with stopwatch() as t: ...`` then ``t[0]`` is the elapsed wall time in seconds."""
+    elapsed = [0.0]
+    start = time.perf_counter()
+    try:
+        yield elapsed
+    finally:
+        elapsed[0] = time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between order statistics."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summary_ms(seconds: list[float]) -> dict:
+    """Mean / p50 / p99 / max of a list of durations, in milliseconds."""
+    ms = [s * 1e3 for s in seconds]
+    return {"mean_ms": round(statistics.fmean(ms), 4), "p50_ms": round(percentile(ms, 50), 4),
+            "p99_ms": round(percentile(ms, 99), 4), "max_ms": round(max(ms), 4), "count": len(ms)}
+
+
+def machine_info() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def random_token_ids(generator: torch.Generator, length: int, vocab_size: int) -> list[int]:
+    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+
+def uniform_ints(generator: torch.Generator, count: int, low: int, high: int) -> list[int]:
+    """``count`` integers uniform in the closed range [low, high]."""
+    return torch.randint(low, high + 1, (count,), generator=generator).tolist()
+
+
+@dataclass(slots=True, frozen=True)
+class LlamaShape:
+    """The architecture of a random Llama benchmark model."""
+
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    intermediate_size: int = 1376
+    vocab_size: int = 2048
+    max_position_embeddings: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def build_random_llama(shape: LlamaShape, directory: Path, tokenizer_dir: Path, seed: int = 0):
+    """Save a random float32 transformers Llama of ``shape`` to ``directory`` together with the
+    tokenizer files of ``tokenizer_dir``; returns the in-memory model (eval mode, same weights)."""
+    import transformers  # only benchmarks that compare against HF need it
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return model
+
+
+@dataclass(slots=True, frozen=True)
+class StepShape:
+    """One executed engine step: packed tokens through the decoder, rows through the lm_head."""
+
+    num_tokens: int
+    num_sampled: int
+
+
+def step_matmul_flops(shape: LlamaShape, step: StepShape) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one step's linear layers."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    per_token_layer = h * (shape.q_size + 2 * shape.kv_size) + shape.q_size * h + 3 * h * inter
+    decoder = step.num_tokens * per_token_layer * shape.num_hidden_layers
+    head = step.num_sampled * h * shape.vocab_size
+    return 2 * (decoder + head)
+
+
+class MatmulReplay:
+    """Times just the linear layers of a Llama at the given step shapes: per layer the fused
+    q/k/v, o, fused gate/up and down projections (the engine's fused layout), then the lm_head
+    on the sampled rows, with torch.nn.functional.linear on random float32 tensors. Every layer
+    has its own weights, so weight traffic matches the real model."""
+
+    def __init__(self, shape: LlamaShape, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        h, inter, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_size, shape.kv_size
+
+        def weight(rows: int, cols: int) -> torch.Tensor:
+            return torch.randn(rows, cols, generator=g) * cols**-0.5
+
+        self.shape = shape
+        self.layers = [(weight(q + 2 * kv, h), weight(h, q), weight(2 * inter, h), weight(h, inter))
+                       for _ in range(shape.num_hidden_layers)]
+        self.lm_head = weight(shape.vocab_size, h)
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _activations(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if rows not in self._inputs:
+            s = self.shape
+            self._inputs[rows] = (torch.randn(rows, s.hidden_size), torch.randn(rows, s.q_size),
+                                  torch.randn(rows, s.intermediate_size))
+        return self._inputs[rows]
+
+    @torch.inference_mode()
+    def step_seconds(self, step: StepShape) -> float:
+        hidden, attn_out, mlp_mid = self._activations(step.num_tokens)
+        sampled = self._activations(max(step.num_sampled, 1))[0][: step.num_sampled]
+        start = time.perf_counter()
+        for qkv, o, gate_up, down in self.layers:
+            torch.nn.functional.linear(hidden, qkv)
+            torch.nn.functional.linear(attn_out, o)
+            torch.nn.functional.linear(hidden, gate_up)
+            torch.nn.functional.linear(mlp_mid, down)
+        if step.num_sampled:
+            torch.nn.functional.linear(sampled, self.lm_head)
+        return time.perf_counter() - start
+
+    def replay_seconds(self, steps: list[StepShape]) -> list[float]:
+        """Matmul seconds of each step, in order."""
+        return [self.step_seconds(step) for step in steps]
