@@ -366,7 +366,7 @@ def section_scheduler_step(ctx: "Context") -> dict:
     """schedule() + prepare_inputs() + update() with every sequence decoding, no model."""
     w = ctx.workload
     g = torch.Generator().manual_seed(w.seed * 1000 + 13)
-    max_tokens = w.scheduler_steps + 64
+    max_tokens = w.scheduler_steps + 1024  # early admits decode while the rest prefill
     longest = w.scheduler_prompt_len[1] + max_tokens
     kv = KVCacheManager(w.scheduler_seqs * -(-longest // BLOCK_SIZE) + 64, BLOCK_SIZE)
     batcher = ContinuousBatcher(BatchingConfig(max_num_seqs=w.scheduler_seqs,
@@ -459,7 +459,8 @@ def run_sections(ctx: Context, wanted: list[str]) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few small requests: a smoke run")
     parser.add_argument("--skip-hf", action="store_true",
                         help="skip the Hugging Face transformers baselines")
