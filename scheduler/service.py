@@ -289,6 +289,7 @@ class SchedulerService:
 
         worker_id = f"w{uuid.uuid4().hex[:8]}"
         actor = WorkerActor.options(
+            name=f"pagedserve-worker-{worker_id}", namespace=NAMESPACE,
             resources={"NPU": 1}, num_cpus=self.options.worker_num_cpus,
             runtime_env={"env_vars": self.options.worker_env} if self.options.worker_env else None,
         ).remote(worker_id, self.options.engine_options, self.options.torch_threads,

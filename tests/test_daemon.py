@@ -1,0 +1,151 @@
+"""The daemon on a real local Ray cluster with two simulated NPUs: routing, streaming, abort,
+failover of killed workers, scheduler restart from the journal, overload, up/down."""
+import os
+import signal
+
+import pytest
+import ray
+
+from daemon_helpers import daemon_config, ready_workers, wait_for
+
+from cluster import bringup
+from cluster.client import Client
+from scheduler.sampling_params import SamplingParams
+from scheduler.service import NAMESPACE, OverloadedError
+
+NUM_JOBS = 32
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    cfg = daemon_config(tmp_path_factory.mktemp("daemon"), max_queued_jobs=48)
+    ray.init(num_cpus=4, resources={"NPU": 2}, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        status = bringup.up(cfg, min_workers=2)
+        yield cfg, status, Client()
+    finally:
+        bringup.down()
+        ray.shutdown()
+
+
+def jobs(count=NUM_JOBS, max_tokens=40):
+    """Seeded sampling with penalties: any lost, doubled or misplaced token changes the output."""
+    return [(f"job {i}: " + "tell me about the cluster " * (1 + i % 5),
+             SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=40, seed=1000 + i,
+                            repetition_penalty=1.1, ignore_eos=True))
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(daemon):
+    _, _, client = daemon
+    ids = [client.submit(p, s) for p, s in jobs()]
+    return [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
+
+
+def test_up_starts_one_worker_per_npu_and_twice_is_harmless(daemon):
+    cfg, status, client = daemon
+    workers = [w for w in status["workers"] if w["ready"]]
+    assert len(workers) == 2 and {w["npu_ids"][0] for w in workers} == {"0", "1"}
+    again = bringup.up(cfg, min_workers=2)
+    assert {w["pid"] for w in again["workers"]} == {w["pid"] for w in workers}
+
+
+def test_jobs_are_routed_over_both_workers(daemon, undisturbed):
+    _, _, client = daemon
+    assert all(len(t) == 40 for t in undisturbed)
+    ids = [client.submit(p, s) for p, s in jobs(8)]
+    placed = {client.status_of(j)["workers"][0] for j in ids}
+    for j in ids:
+        client.result(j, timeout=120)
+    assert len(placed) == 2
+
+
+def test_stream_delivers_every_token_once(daemon, undisturbed):
+    _, _, client = daemon
+    prompt, params = jobs()[3]
+    job_id = client.submit(prompt, params)
+    streamed, text = [], ""
+    for delta in client.stream(job_id):
+        streamed += delta.new_token_ids
+        text += delta.text
+    result = client.result(job_id).outputs[0]
+    assert streamed == result.token_ids == undisturbed[3]
+    assert text == result.text
+
+
+def test_abort_stops_the_job_and_frees_its_blocks(daemon):
+    _, _, client = daemon
+    job_id = client.submit("abort me", SamplingParams(max_tokens=1500, ignore_eos=True))
+    wait_for(lambda: sum(client.status_of(job_id)["num_tokens"]) > 3, what="first tokens")
+    assert client.abort(job_id)
+    assert client.result(job_id, timeout=30).outputs[0].finish_reason == "abort"
+    wait_for(lambda: all(w.get("kv_used", 1) == 0 for w in ready_workers(client)),
+             timeout=30, what="blocks freed")
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "kill -9"])
+def test_killed_worker_loses_no_job(daemon, undisturbed, how):
+    _, _, client = daemon
+    failovers = client.status()["failovers"]
+    ids = [client.submit(p, s) for p, s in jobs()]
+    victim = wait_for(lambda: _busy_worker(client), what="a worker with running jobs")
+    if how == "ray.kill":
+        ray.kill(ray.get_actor(f"pagedserve-worker-{victim['worker_id']}", namespace=NAMESPACE))
+    else:
+        os.kill(victim["pid"], signal.SIGKILL)
+    got = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
+    assert got == undisturbed
+    assert client.status()["failovers"] > failovers
+    # the freed NPU gets a new worker
+    wait_for(lambda: len(ready_workers(client)) == 2 and victim["pid"] not in
+             {w["pid"] for w in ready_workers(client)}, timeout=180, what="respawn")
+
+
+def _busy_worker(client):
+    busy = [w for w in ready_workers(client) if w.get("running", 0) > 2]
+    return busy[0] if busy else None
+
+
+def test_overload_fails_fast_with_a_clear_error(daemon):
+    _, _, client = daemon
+    ids = []
+    with pytest.raises(OverloadedError, match="overloaded: 48 jobs are queued"):
+        for _ in range(60):
+            ids.append(client.submit("x", SamplingParams(max_tokens=500, ignore_eos=True)))
+    assert len(ids) == 48
+    for j in ids:
+        client.abort(j)
+
+
+def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
+    _, _, client = daemon
+    selected = [0, 5, 9]
+    all_jobs = jobs(max_tokens=40)
+    ids = [client.submit(*all_jobs[i]) for i in selected]
+    scheduler = bringup.find_scheduler()
+    ray.kill(scheduler, no_restart=False)  # Ray restarts it; __init__ replays the journal
+    got = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
+    assert got == [undisturbed[i] for i in selected]
+
+
+def test_down_leaves_nothing_running(daemon):
+    cfg, _, client = daemon
+    names = [f"pagedserve-worker-{w['worker_id']}" for w in client.status()["workers"]]
+    assert bringup.down()
+    assert bringup.find_scheduler() is None
+    for name in names:
+        wait_for(lambda: not _actor_exists(name), timeout=60, what=f"{name} gone")
+    wait_for(lambda: ray.available_resources().get("NPU") == 2, timeout=60,
+             what="every NPU free again")
+    assert not bringup.down()  # nothing left to stop
+    bringup.up(cfg, min_workers=2)  # leave it up for the fixture's own teardown
+
+
+def _actor_exists(name):
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
