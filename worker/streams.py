@@ -34,6 +34,8 @@ class SampleStream:
             return
         start = max(0, len(self.text) - self._holdback)
         self.text += self.detokenizer.add(new_tokens)
+        if self.request.is_finished:  # release a character held back as incomplete
+            self.text += self.detokenizer.flush()
         hits = [at for at in (self.text.find(s, start) for s in self.request.params.stop) if at >= 0]
         if hits:
             self.text = self.text[: min(hits)]
