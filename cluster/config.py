@@ -219,6 +219,14 @@ def config_to_dict(cfg: PagedServeConfig) -> dict:
             for name in SECTIONS}
 
 
+def with_overrides(cfg: PagedServeConfig, **sections: dict) -> PagedServeConfig:
+    """A copy of ``cfg`` with some keys of some sections replaced, validated like a file."""
+    data = config_to_dict(cfg)
+    for name, values in sections.items():
+        data[name].update(values)
+    return config_from_dict(data, cfg.source)
+
+
 def engine_config_kwargs(cfg: PagedServeConfig) -> dict:
     """Keyword arguments for worker.engine.EngineConfig; the caller adds ``device_index``."""
     return asdict(cfg.engine)

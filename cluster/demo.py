@@ -3,16 +3,14 @@ with a progress bar and a summary of what the engine did."""
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
-import tempfile
 import threading
 import time
 
 from tqdm import tqdm
 
-from cluster.config import config_from_dict, config_to_dict, load_config
+from cluster.config import load_config
 from scheduler.sampling_params import SamplingParams
 
 SHARED_PREFIX = (
@@ -51,34 +49,27 @@ def run(args: argparse.Namespace) -> int:
     from cluster import bringup
     from cluster.client import Client
     from cluster.daemon_cmds import format_status
+    from cluster.embedded import EmbeddedDaemon
 
     if args.jobs < 1:
         raise ValueError("--jobs must be >= 1")
     cfg = load_config(args.config)
-    embedded = not bringup.cluster_is_running()
-    with tempfile.TemporaryDirectory(prefix="pagedserve-demo-") as scratch:
-        if embedded:  # the cluster dies with this process: keep its journal out of the way
-            cfg = _with_journal(cfg, os.path.join(scratch, "journal.msgpack"))
-            print(f"no Ray cluster running: starting an embedded one with "
-                  f"{cfg.cluster.simulated_npus} simulated NPUs", file=sys.stderr)
-            bringup.start_embedded(cfg)
-        try:
-            status = bringup.up(cfg, min_workers=cfg.cluster.simulated_npus if embedded else 1)
-            print(format_status(status), file=sys.stderr)
-            results, elapsed, final, peak_kv = _run_jobs(Client(), demo_workload(args.jobs,
-                                                                                 args.seed))
-        finally:
-            if embedded:
-                bringup.down()
-                bringup.shutdown_ray()
+    daemon = None
+    if bringup.cluster_is_running():
+        status, client = bringup.up(cfg), Client()
+    else:
+        print(f"no Ray cluster running: starting an embedded one with "
+              f"{cfg.cluster.simulated_npus} simulated NPUs", file=sys.stderr)
+        daemon = EmbeddedDaemon(cfg)
+        status, client = daemon.status, daemon.client
+    try:
+        print(format_status(status), file=sys.stderr)
+        results, elapsed, final, peak_kv = _run_jobs(client, demo_workload(args.jobs, args.seed))
+    finally:
+        if daemon is not None:
+            daemon.close()
     print(summary_table(results, elapsed, final, peak_kv))
     return 0
-
-
-def _with_journal(cfg, path: str):
-    data = config_to_dict(cfg)
-    data["scheduler"]["journal_path"] = path
-    return config_from_dict(data, cfg.source)
 
 
 def _run_jobs(client, jobs):

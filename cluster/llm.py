@@ -12,10 +12,35 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """``LLM(model="tiny").generate(prompts, params)`` returns outputs in input order."""
+    """``LLM(model="tiny").generate(prompts, params)`` returns outputs in input order.
 
-    def __init__(self, model: str = "tiny", **engine_options) -> None:
+    ``workers=N`` runs the jobs through the daemon on an embedded local Ray cluster with N
+    simulated NPU workers instead of one in-process engine; call ``close()`` when done.
+    """
+
+    def __init__(self, model: str = "tiny", *, workers: int | None = None,
+                 **engine_options) -> None:
+        self._daemon = None
+        if workers is not None:
+            from cluster.config import load_config, with_overrides
+            from cluster.embedded import EmbeddedDaemon
+
+            cfg = with_overrides(load_config("cpu-sim"), engine=dict(engine_options, model=model),
+                                 cluster={"simulated_npus": workers})
+            self._daemon = EmbeddedDaemon(cfg)
+            return
         self.engine = Engine(EngineConfig(model=model, **engine_options))
+
+    def close(self) -> None:
+        if self._daemon is not None:
+            self._daemon.close()
+            self._daemon = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):
@@ -34,6 +59,10 @@ class LLM:
         prompts = [prompts] if _is_single(prompts) else list(prompts)
         params_list = _per_prompt(params or SamplingParams(), len(prompts))
         priorities = list(priorities or [0] * len(prompts))
+        if self._daemon is not None:
+            if on_output is not None:
+                raise ValueError("on_output is not supported with workers=; use Client.stream")
+            return self._daemon.generate(prompts, params_list, priorities)
         jobs = self._submit_all(prompts, params_list, priorities)
         index = {job.request_id: i for i, job in enumerate(jobs)}
         while self.engine.has_unfinished():

@@ -1,0 +1,39 @@
+"""The daemon on an embedded local Ray cluster, owned by one Python process (the demo,
+LLM(workers=N))."""
+from __future__ import annotations
+
+import tempfile
+
+import ray
+
+from cluster import bringup
+from cluster.client import Client
+from cluster.config import PagedServeConfig, with_overrides
+from worker.output import JobOutput
+
+
+class EmbeddedDaemon:
+    """Starts Ray with the config's simulated NPUs (unless this process already joined a
+    cluster), brings the daemon up on it, and takes it all down on ``close()``. The cluster
+    dies with the process, so its journal lives in a temporary directory."""
+
+    def __init__(self, cfg: PagedServeConfig) -> None:
+        self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
+        self.config = with_overrides(
+            cfg, scheduler={"journal_path": f"{self._scratch.name}/journal.msgpack"})
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            bringup.start_embedded(self.config)
+        self.status = bringup.up(self.config, min_workers=self.config.cluster.simulated_npus)
+        self.client = Client()
+
+    def generate(self, prompts, params_list, priorities) -> list[JobOutput]:
+        ids = [self.client.submit(p, s, priority=pr)
+               for p, s, pr in zip(prompts, params_list, priorities)]
+        return [self.client.result(job_id) for job_id in ids]
+
+    def close(self) -> None:
+        bringup.down()
+        if self._owns_ray:
+            bringup.shutdown_ray()
+        self._scratch.cleanup()

@@ -1,0 +1,21 @@
+"""LLM(workers=N): the same Python API through the daemon on an embedded local Ray cluster."""
+import os
+
+import torch
+
+from cluster.llm import LLM
+from scheduler.sampling_params import SamplingParams
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+def test_workers_give_the_same_output_as_the_in_process_engine():
+    prompts = [f"prompt {i} " * (i + 1) for i in range(6)]
+    params = [SamplingParams(max_tokens=24, temperature=0.7, seed=i, ignore_eos=True)
+              for i in range(6)]
+    torch.set_num_threads(1)  # the workers' setting, so float reductions run the same way
+    local = LLM("tiny", kv_cache_gib=0.05).generate(prompts, params)
+    with LLM("tiny", workers=2, kv_cache_gib=0.05) as llm:
+        remote = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in remote] == [o.outputs[0].token_ids for o in local]
+    assert [o.outputs[0].text for o in remote] == [o.outputs[0].text for o in local]
