@@ -72,7 +72,7 @@ def _check_count(count: int) -> None:
 def random_text(rng: np.random.Generator, num_chars: int) -> str:
     words: list[str] = []
     size = 0
-    while size < num_chars:
+    while size <= num_chars:  # the join is one shorter than size
         words.append(WORDS[int(rng.integers(len(WORDS)))])
         size += len(words[-1]) + 1
     return " ".join(words)[:num_chars]

@@ -1,0 +1,380 @@
+"""pagedserve bench: arrival statistics, length sampling, SSE accounting, percentiles and goodput
+(pure, fast); the load loop against a small local SSE server; one run against the real server."""
+import asyncio
+import contextlib
+import json
+import math
+import socket
+import statistics
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cluster import bench
+from cluster.bench import (DONE, BenchRequest, LoadSpec, RequestResult, RunOutcome, Target,
+                           arrival_gaps, parse_sse_line, percentile, summarize)
+from cluster.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- arrivals ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [0.5, 4.0, 50.0])
+def test_poisson_gaps_have_mean_one_over_rate_and_unit_cv(rate):
+    gaps = arrival_gaps(20000, rate, "poisson", seed=1)
+    mean = statistics.fmean(gaps)
+    assert mean == pytest.approx(1 / rate, rel=0.03)
+    assert statistics.pstdev(gaps) / mean == pytest.approx(1.0, rel=0.05)  # exponential
+    assert min(gaps) >= 0
+
+
+@pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])
+def test_gamma_gaps_keep_the_mean_and_scale_variance_by_burstiness(burstiness):
+    rate = 8.0
+    gaps = arrival_gaps(40000, rate, "gamma", burstiness, seed=2)
+    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=0.03)
+    # Gamma(shape k, scale 1/(rate k)) has variance 1/(rate^2 k).
+    assert statistics.pvariance(gaps) == pytest.approx(1 / (rate**2 * burstiness), rel=0.08)
+
+
+def test_arrivals_repeat_with_a_seed_and_differ_without():
+    assert arrival_gaps(50, 3.0, seed=7) == arrival_gaps(50, 3.0, seed=7)
+    assert arrival_gaps(50, 3.0, seed=7) != arrival_gaps(50, 3.0, seed=8)
+    assert arrival_gaps(5, math.inf) == [0.0] * 5
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "nan", "fast"])
+def test_bad_rates_are_rejected(text):
+    with pytest.raises(ValueError, match="rate"):
+        bench.parse_rate(text)
+
+
+def test_rates_parse_numbers_and_inf():
+    assert bench.parse_rate("2.5") == 2.5 and math.isinf(bench.parse_rate("inf"))
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mean_len, ratio", [(128, 0.5), (64, 0.0), (3, 1.0), (10, 0.25)])
+def test_lengths_stay_in_the_asked_range_and_cover_it(mean_len, ratio):
+    lengths = bench.sample_lengths(np.random.default_rng(0), 5000, mean_len, ratio)
+    low, high = max(1, mean_len * (1 - ratio)), mean_len * (1 + ratio)
+    assert all(low <= n <= high for n in lengths)
+    assert min(lengths) == math.ceil(low) and max(lengths) == math.floor(high)
+
+
+def test_random_workload_token_ids_and_text():
+    ids = bench.random_workload(30, 40, 9, 0.5, seed=3, kind="ids", vocab_size=100)
+    assert all(len(r.prompt) == r.prompt_tokens and 20 <= r.prompt_tokens <= 60 for r in ids)
+    assert all(0 <= t < 100 for r in ids for t in r.prompt)
+    assert all(5 <= r.max_tokens <= 13 for r in ids)
+    again = bench.random_workload(30, 40, 9, 0.5, seed=3, kind="ids", vocab_size=100)
+    assert [r.prompt for r in again] == [r.prompt for r in ids]
+    text = bench.random_workload(10, 50, 9, 0.0, seed=3, kind="text")
+    assert all(isinstance(r.prompt, str) and len(r.prompt) == 50 for r in text)
+    assert all(r.prompt_tokens is None for r in text)
+
+
+def test_dataset_reads_prompts_and_cycles(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "hello", "max_tokens": 3, "id": "x"}) + "\n\n"
+                    + json.dumps({"prompt": [1, 2, 3]}) + "\n")
+    requests = bench.load_dataset(path, 5, default_max_tokens=7)
+    assert [r.prompt for r in requests] == ["hello", [1, 2, 3]] * 2 + ["hello"]
+    assert [r.max_tokens for r in requests[:2]] == [3, 7]
+    assert [r.prompt_tokens for r in requests[:2]] == [None, 3]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{oops", "not valid JSON"),
+    ('{"text": "x"}', '"prompt"'),
+    ('{"prompt": ""}', '"prompt"'),
+    ('{"prompt": [1, "a"]}', '"prompt"'),
+    ('{"prompt": "x", "max_tokens": 0}', "max_tokens"),
+])
+def test_bad_dataset_lines_name_the_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as info:
+        bench.load_dataset(path, 2, 8)
+    assert f"{path}:2:" in str(info.value)
+
+
+# -- SSE accounting ---------------------------------------------------------------------------
+
+def chunk(text):
+    return "data: " + json.dumps({"choices": [{"index": 0, "text": text}]})
+
+
+def feed(result, timed_lines):
+    for line, now in timed_lines:
+        event = parse_sse_line(line)
+        if event is not None:
+            result.on_event(event, now)
+
+
+def test_sse_lines_parse_to_payloads_done_or_nothing():
+    assert parse_sse_line('data: {"a": 1}') == {"a": 1}
+    assert parse_sse_line("data:[DONE]") is DONE
+    assert parse_sse_line("") is None and parse_sse_line(": keep-alive") is None
+    assert parse_sse_line("event: message") is None
+    with pytest.raises(ValueError, match="bad SSE"):
+        parse_sse_line("data: {not json")
+
+
+def test_stream_timings_and_usage_token_count():
+    arrivals = [1.25, 1.5, 1.75, 2.25]
+    usage = 'data: {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 6}}'
+    result = RequestResult(asked_tokens=6, prompt_tokens=None, start=1.0)
+    feed(result, [(chunk(c), t) for c, t in zip("abcd", arrivals)]
+         + [("", 2.3), (usage, 2.4), ("data: [DONE]", 3.0)])
+    assert result.ok and result.done
+    assert result.ttft == pytest.approx(arrivals[0] - 1.0)
+    assert result.itls == pytest.approx(list(np.diff(arrivals)))
+    assert result.e2el == pytest.approx(2.0)
+    assert (result.output_tokens, result.prompt_tokens, result.chunks) == (6, 11, 4)
+    assert result.tpot == pytest.approx((result.e2el - result.ttft) / (6 - 1))
+
+
+def test_without_usage_tokens_are_counted_from_chunks():
+    result = RequestResult(asked_tokens=3, prompt_tokens=5, start=0.0)
+    feed(result, [(chunk("x"), 0.1), (chunk("y"), 0.2), (chunk(""), 0.3), ("data: [DONE]", 0.3)])
+    assert result.output_tokens == 3 and result.prompt_tokens == 5 and result.ok
+
+
+def test_an_error_event_or_a_missing_done_fails_the_request():
+    failed = RequestResult(asked_tokens=3, prompt_tokens=5)
+    feed(failed, [(chunk("x"), 0.1), ('data: {"error": {"message": "worker died"}}', 0.2)])
+    assert not failed.ok and failed.error == "worker died"
+    unfinished = RequestResult(asked_tokens=3, prompt_tokens=5)
+    feed(unfinished, [(chunk("x"), 0.1)])
+    assert not unfinished.ok and unfinished.tpot is None
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 7, 100, 1001):
+        values = list(rng.exponential(3.0, size))
+        for q in (0, 10, 50, 90, 99, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert math.isnan(percentile([], 50))
+
+
+def finished(ttft, e2el, tokens, start=0.0):
+    result = RequestResult(asked_tokens=tokens, prompt_tokens=10, start=start)
+    result.on_event({"choices": [{"text": "a"}]}, start + ttft)
+    result.on_event({"choices": [], "usage": {"completion_tokens": tokens}}, start + e2el)
+    result.on_event(DONE, start + e2el)
+    return result
+
+
+def test_summary_figures_and_goodput_follow_the_definitions():
+    rng = np.random.default_rng(9)
+    results = [finished(float(t), float(t + e), int(n)) for t, e, n in
+               zip(rng.uniform(0.05, 0.6, 40), rng.uniform(0.5, 3.0, 40), rng.integers(1, 60, 40))]
+    broken = RequestResult(asked_tokens=5, prompt_tokens=10)
+    broken.error = "HTTP 503: overloaded"
+    duration = 12.5
+    slos = {"ttft": 400.0, "tpot": 40.0}
+    summary = summarize(RunOutcome(LoadSpec(2.0), results + [broken], duration), slos)
+
+    tpots = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in results if r.output_tokens > 1]
+    good = [r for r in results if r.ttft <= 0.4
+            and (r.output_tokens == 1 or (r.e2el - r.ttft) / (r.output_tokens - 1) <= 0.04)]
+    assert (summary["completed"], summary["failed"]) == (40, 1)
+    assert summary["first_error"] == "HTTP 503: overloaded"
+    assert summary["good_requests"] == len(good) and 0 < len(good) < 40
+    assert summary["goodput"] == pytest.approx(len(good) / duration)
+    assert summary["request_throughput"] == pytest.approx(40 / duration)
+    out_tokens = sum(r.output_tokens for r in results)
+    assert summary["output_throughput"] == pytest.approx(out_tokens / duration)
+    assert summary["total_token_throughput"] == pytest.approx((out_tokens + 400) / duration)
+    assert summary["tpot_ms"]["p90"] == pytest.approx(np.percentile(tpots, 90) * 1e3)
+    assert summary["ttft_ms"]["mean"] == pytest.approx(np.mean([r.ttft for r in results]) * 1e3)
+    assert summary["e2el_ms"]["p99"] == pytest.approx(
+        np.percentile([r.e2el for r in results], 99) * 1e3)
+    assert bench.format_summary(summary).count("\n") > 10
+
+
+@pytest.mark.parametrize("items, message", [
+    (["ttft"], "NAME:MS"), (["latency:5"], "NAME:MS"), (["tpot:abc"], "not a number"),
+    (["e2el:0"], "> 0"),
+])
+def test_bad_goodput_slos(items, message):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_slos(items)
+
+
+# -- the load loop against a small local SSE server -------------------------------------------
+
+class StubServer:
+    """A minimal OpenAI-style streaming endpoint: one chunk per token every ``gap`` seconds.
+    Prompt "slow" never finishes; prompt "reject" gets HTTP 400. Tracks peak concurrency."""
+
+    def __init__(self, gap=0.01, api_key=None):
+        self.gap, self.api_key = gap, api_key
+        self.active = self.peak = self.served = 0
+        self.lock = threading.Lock()
+
+    def app(self):
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.routing import Route
+
+        async def completions(request):
+            if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return JSONResponse({"error": {"message": "invalid API key"}}, status_code=401)
+            body = await request.json()
+            if body["prompt"] == "reject":
+                return JSONResponse({"error": {"message": "prompt rejected"}}, status_code=400)
+            return StreamingResponse(self.stream(body), media_type="text/event-stream")
+
+        async def models(request):
+            return JSONResponse({"object": "list", "data": [{"id": "stub-model"}]})
+
+        return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                                 Route("/v1/models", models)])
+
+    async def stream(self, body):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            steps = 10**6 if body["prompt"] == "slow" else body["max_tokens"]
+            for _ in range(steps):
+                await asyncio.sleep(self.gap)
+                yield chunk("t") + "\n\n"
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": steps}
+            yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+            self.served += 1
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@contextlib.contextmanager
+def serving(state):
+    """Run ``state``'s app with uvicorn in a thread on a free localhost port."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(state.app(), log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "stub server did not start"
+            time.sleep(0.02)
+        state.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield state
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+@pytest.fixture()
+def stub():
+    with serving(StubServer()) as state:
+        yield state
+
+
+def ids_requests(count, max_tokens):
+    return [BenchRequest([1, 2, 3, 4], max_tokens, 4) for _ in range(count)]
+
+
+def test_load_respects_max_concurrency_and_counts_tokens(stub):
+    outcome = asyncio.run(bench.run_load(Target(stub.url), ids_requests(12, 5),
+                                         LoadSpec(math.inf, max_concurrency=3)))
+    assert all(r.ok for r in outcome.results) and stub.peak == 3
+    assert all(r.output_tokens == 5 and len(r.itls) == 4 for r in outcome.results)
+    assert all(r.ttft >= stub.gap * 0.9 and r.e2el >= 5 * stub.gap * 0.9 for r in outcome.results)
+    # three at a time, each taking >= 5 gaps: four waves at least
+    assert outcome.duration_s >= 4 * 5 * stub.gap * 0.9
+
+
+def test_arrivals_spread_the_requests_over_time(stub):
+    rate, count = 20.0, 10
+    outcome = asyncio.run(bench.run_load(Target(stub.url), ids_requests(count, 1),
+                                         LoadSpec(rate, seed=4)))
+    starts = [r.start for r in outcome.results]
+    planned = np.cumsum(arrival_gaps(count, rate, seed=4))
+    assert all(s >= p - 0.005 for s, p in zip(starts, planned))
+    assert starts[-1] < planned[-1] + 0.5
+
+
+def test_timeouts_and_http_errors_are_failed_requests_not_crashes(stub):
+    requests = [BenchRequest("slow", 4, None), BenchRequest("reject", 4, None),
+                *ids_requests(2, 3)]
+    outcome = asyncio.run(bench.run_load(Target(stub.url, timeout_s=0.5), requests,
+                                         LoadSpec(math.inf)))
+    slow, rejected, *good = outcome.results
+    assert "--timeout" in slow.error and not slow.ok
+    assert rejected.error == "HTTP 400: prompt rejected"
+    assert all(r.ok for r in good) and outcome.duration_s < 5
+    cut = asyncio.run(bench.run_load(Target(stub.url), requests[:1] + ids_requests(1, 2),
+                                     LoadSpec(math.inf, max_duration_s=0.4)))
+    assert "cut off" in cut.results[0].error and cut.results[1].ok
+
+
+def test_cli_sweep_writes_json_document(stub, capsys, tmp_path):
+    out_file = tmp_path / "bench.json"
+    code, out, err = run_cli(capsys, "--base-url", stub.url, "--num-prompts", "6",
+                             "--sweep-rates", "50,inf", "--random-input-len", "8",
+                             "--random-output-len", "4", "--goodput", "ttft:5000", "--json",
+                             "--output", str(out_file), "--per-request")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document == json.loads(out_file.read_text())
+    assert document["model"] == "stub-model"
+    assert [run["request_rate"] for run in document["runs"]] == [50.0, "inf"]
+    for run in document["runs"]:
+        assert run["completed"] == 6 and run["failed"] == 0 and run["good_requests"] == 6
+        assert run["outputs_of_asked_length"] == 6 and run["input_tokens_known"]
+        assert [r["output_tokens"] for r in run["requests"]] == \
+               [r["asked_tokens"] for r in run["requests"]]
+    assert "TTFT" in err and "rate" in err
+
+
+def test_cli_reports_a_rejected_key_in_one_line(capsys):
+    with serving(StubServer(api_key="secret")) as keyed:
+        code, _, err = run_cli(capsys, "--base-url", keyed.url, "--num-prompts", "2")
+        assert code == 2 and err.count("\n") == 1 and "invalid API key" in err
+        code, _, err = run_cli(capsys, "--base-url", keyed.url, "--num-prompts", "2",
+                               "--api-key", "secret", "--random-output-len", "2")
+        assert code == 0, err
+
+
+def closed_port_url():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--request-rate", "0"], "rate"),
+    (["--sweep-rates", "1,-4"], "rate"),
+    (["--num-prompts", "0"], "--num-prompts"),
+    (["--goodput", "ttft=5"], "NAME:MS"),
+    (["--random-range-ratio", "1.5"], "range-ratio"),
+    (["--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    ([], "cannot reach the server"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, "--base-url", closed_port_url(), *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("pagedserve: error:") and message in err
