@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.layout import bytes_per_block, num_blocks_for_budget
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
 from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.backends import get_backend
-from worker.loader import load_model, resolve_model_path
+from worker.kv_sizing import KVCacheSize, check_backend_limits, size_kv_cache
+from worker.loader import load_config, load_model, resolve_model_path
 from worker.output import EngineStats, RequestOutput
 from worker.runner import ModelRunner, prepare_inputs
 from worker.sampler import Sampler, SamplingRow
@@ -60,6 +60,8 @@ class Engine:
         self.config = config
         path = resolve_model_path(config.model)
         self.backend = get_backend(config.device, config.device_index)
+        check_backend_limits(self.backend, load_config(path), config.block_size,
+                             DTYPES[config.dtype])
         self.model, self.model_config = load_model(
             path, dtype=DTYPES[config.dtype], backend=self.backend)
         self.tokenizer = Tokenizer.from_dir(path)
@@ -89,14 +91,11 @@ class Engine:
             enable_prefix_caching=c.enable_prefix_caching, policy=c.policy)
 
     def _num_kv_blocks(self) -> int:
-        mc = self.model_config
-        per_block = bytes_per_block(mc.num_hidden_layers, self.config.block_size,
-                                    mc.num_key_value_heads, mc.head_dim, DTYPES[self.config.dtype])
-        budget = int(self.config.kv_cache_gib * 2**30)
-        num_blocks = num_blocks_for_budget(budget, per_block)
-        log.info("KV cache: %d blocks x %d tokens (%.2f GiB, %d bytes per block)",
-                 num_blocks, self.config.block_size, num_blocks * per_block / 2**30, per_block)
-        return num_blocks
+        """Blocks from kv_cache_gib on cpu, from device memory after a profiling forward on
+        npu/cuda (worker/kv_sizing.py); the decision is kept in ``self.kv_size``."""
+        self.kv_size: KVCacheSize = size_kv_cache(self.config, self.model, self.model_config,
+                                                  self.backend, self.max_model_len)
+        return self.kv_size.num_blocks
 
     # -- requests --------------------------------------------------------------------------
 
