@@ -6,6 +6,7 @@ import json
 import math
 import socket
 import statistics
+import sys
 import threading
 import time
 
@@ -378,3 +379,20 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, "--base-url", closed_port_url(), *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("pagedserve: error:") and message in err
+
+
+def test_plot_draws_a_png_of_every_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from cluster.bench_plot import draw
+
+    outcomes = [RunOutcome(LoadSpec(rate), [finished(0.1 * k, 0.5 * k + 0.2, 8) for k in
+                                            range(1, 9)], 4.0) for rate in (1.0, math.inf)]
+    path = tmp_path / "bench.png"
+    draw(outcomes, [summarize(o) for o in outcomes], str(path))
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_is_one_line_before_any_request(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    code, _, err = run_cli(capsys, "--base-url", closed_port_url(), "--plot", "x.png")
+    assert code == 2 and err.count("\n") == 1 and "pip install 'pagedserve[plot]'" in err
