@@ -169,9 +169,12 @@ def parse_sse_line(line: str):
     if data == "[DONE]":
         return DONE
     try:
-        return json.loads(data)
+        payload = json.loads(data)
     except json.JSONDecodeError:
-        raise ValueError(f"bad SSE data line: {data[:80]!r}") from None
+        payload = None
+    if not isinstance(payload, dict):
+        raise ValueError(f"bad SSE data line: {data[:80]!r}")
+    return payload
 
 
 @dataclass(slots=True)

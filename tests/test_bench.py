@@ -126,8 +126,9 @@ def test_sse_lines_parse_to_payloads_done_or_nothing():
     assert parse_sse_line("data:[DONE]") is DONE
     assert parse_sse_line("") is None and parse_sse_line(": keep-alive") is None
     assert parse_sse_line("event: message") is None
-    with pytest.raises(ValueError, match="bad SSE"):
-        parse_sse_line("data: {not json")
+    for bad in ("data: {not json", "data: [1, 2]"):
+        with pytest.raises(ValueError, match="bad SSE"):
+            parse_sse_line(bad)
 
 
 def test_stream_timings_and_usage_token_count():
