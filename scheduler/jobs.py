@@ -20,6 +20,7 @@ class SampleState:
     finish_reason: str | None = None
     attempt: int = 0  # bumped at each re-route; reports of older attempts are stale
     worker_id: str | None = None
+    emitted_at: float | None = None  # when the worker produced the newest token
 
     @property
     def finished(self) -> bool:
@@ -73,6 +74,7 @@ class JobState:
             sample.text_offsets[-1] = len(sample.text)
         if out.logprobs:
             sample.logprobs.extend(out.logprobs)
+        sample.emitted_at = out.emitted_at
         if out.finish_reason is not None:
             self.finish_sample(sample, out.finish_reason)
         return True
@@ -101,5 +103,6 @@ class JobState:
                 text=sample.text[sample.text_offsets[seen]:],
                 num_prompt_tokens=len(self.prompt_token_ids),
                 finish_reason=sample.finish_reason,
-                logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None))
+                logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None,
+                emitted_at=sample.emitted_at))
         return out

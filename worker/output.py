@@ -17,6 +17,7 @@ class RequestOutput:
     num_prompt_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    emitted_at: float | None = None  # time.time() when the engine produced the newest token
 
     @property
     def finished(self) -> bool:

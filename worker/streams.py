@@ -1,6 +1,8 @@
 """One sample's output stream: incremental text, stop strings, and what was already sent."""
 from __future__ import annotations
 
+import time
+
 from scheduler.request import Request
 from worker.output import RequestOutput
 from worker.sampler import TokenLogprobs
@@ -54,7 +56,8 @@ class SampleStream:
             text=self.text[self._text_sent:end], num_prompt_tokens=req.num_prompt_tokens,
             finish_reason=req.finish_reason.value if finished else None,
             logprobs=self.logprobs[self._tokens_sent - self._resumed:self._tokens_read - self._resumed]
-            if req.params.logprobs is not None else None)
+            if req.params.logprobs is not None else None,
+            emitted_at=time.time())
         self._tokens_sent = self._tokens_read
         self._text_sent = end
         self.done = finished

@@ -1,0 +1,126 @@
+"""The daemon's figures: scale-out from 1 to 2 simulated workers, and the daemon's overhead
+against the in-process engine (throughput, and relay latency per streamed token).
+
+Workload: the engine issue's — a random ~25M-parameter Llama (hidden 512, 8 layers, 8 heads,
+4 KV heads, intermediate 1376, vocab 2048), 48 requests with prompts of 16-256 tokens and 64
+greedy output tokens each, float32, one torch thread per engine. Run by hand; prints JSON.
+
+    python benchmarks/daemon.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (LlamaShape, build_random_llama, emit_json, machine_info,
+                               progress, random_token_ids, stopwatch, summary_ms, uniform_ints)
+from scheduler.sampling_params import SamplingParams
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def workload(num_requests: int, output_len: int, vocab: int) -> list[tuple[list[int], SamplingParams]]:
+    g = torch.Generator().manual_seed(0)
+    lengths = uniform_ints(g, num_requests, 16, 256)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    return [(random_token_ids(g, n, vocab), params) for n in lengths]
+
+
+def warmup_jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
+    g = torch.Generator().manual_seed(1)
+    return [(random_token_ids(g, n, vocab), SamplingParams(max_tokens=8, temperature=0.0))
+            for n in (5, 40, 300)]
+
+
+def in_process(model_dir: Path, jobs) -> dict:
+    from cluster.llm import LLM
+
+    torch.set_num_threads(1)
+    llm = LLM(str(model_dir), kv_cache_gib=1.0)
+    llm.generate([p for p, _ in warmup_jobs(2048)], warmup_jobs(2048)[0][1])
+    with stopwatch() as elapsed:
+        outs = llm.generate([p for p, _ in jobs], [s for _, s in jobs])
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"output_tokens": tokens, "wall_s": round(elapsed[0], 3),
+            "output_tokens_per_s": round(tokens / elapsed[0], 2)}
+
+
+def through_daemon(model_dir: Path, jobs, workers: int) -> dict:
+    """Throughput with ``workers`` simulated NPUs, plus relay latency measured on streams."""
+    from cluster.config import load_config, with_overrides
+    from cluster.embedded import EmbeddedDaemon
+
+    cfg = with_overrides(load_config("cpu-sim"),
+                         engine={"model": str(model_dir), "kv_cache_gib": 1.0},
+                         cluster={"simulated_npus": workers, "torch_threads": 1})
+    daemon = EmbeddedDaemon(cfg)
+    try:
+        client = daemon.client
+        for prompt, params in warmup_jobs(2048) * workers:
+            client.result(client.submit(prompt, params))
+        relay: list[float] = []
+        with stopwatch() as elapsed:
+            ids = [client.submit(p, s) for p, s in jobs]
+            threads = [threading.Thread(target=_drain, args=(client, j, relay)) for j in ids]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        results = [client.result(j) for j in ids]
+        placed = {client.status_of(j)["workers"][0] for j in ids}
+    finally:
+        daemon.close()
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    return {"workers": workers, "workers_used": len(placed), "output_tokens": tokens,
+            "wall_s": round(elapsed[0], 3), "output_tokens_per_s": round(tokens / elapsed[0], 2),
+            "relay_latency_per_streamed_chunk": summary_ms(relay)}
+
+
+def _drain(client, job_id: str, relay: list[float]) -> None:
+    """Stream a job; each chunk's relay latency = arrival here - when the engine emitted it."""
+    for delta in client.stream(job_id):
+        if delta.emitted_at is not None and delta.new_token_ids:
+            relay.append(time.time() - delta.emitted_at)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens (smoke run)")
+    args = parser.parse_args(argv)
+    shape = LlamaShape()
+    num, out_len = (8, 16) if args.quick else (48, 64)
+    from worker.models.tiny import tiny_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
+        model_dir = Path(scratch)
+        progress("writing the random Llama checkpoint")
+        build_random_llama(shape, model_dir, tiny_model_dir())
+        jobs = workload(num, out_len, shape.vocab_size)
+        progress("in-process engine, 1 thread")
+        local = in_process(model_dir, jobs)
+        progress("daemon, 1 worker")
+        one = through_daemon(model_dir, jobs, 1)
+        progress("daemon, 2 workers")
+        two = through_daemon(model_dir, jobs, 2)
+    emit_json({
+        "benchmark": "daemon", "machine": machine_info(),
+        "workload": {"requests": num, "prompt_len": [16, 256], "output_len": out_len,
+                     "model": "random Llama hidden 512 x 8 layers, vocab 2048, float32",
+                     "torch_threads_per_engine": 1},
+        "in_process": local, "daemon_1_worker": one, "daemon_2_workers": two,
+        "scale_out_2_vs_1": round(two["output_tokens_per_s"] / one["output_tokens_per_s"], 3),
+        "daemon_overhead_1_worker": round(
+            1 - one["output_tokens_per_s"] / local["output_tokens_per_s"], 4),
+        "goals": {"scale_out_2_vs_1": ">= 1.7", "daemon_overhead_1_worker": "<= 0.10"},
+    })
+
+
+if __name__ == "__main__":
+    main()
