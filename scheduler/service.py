@@ -416,7 +416,11 @@ class SchedulerActor:
         self.service = SchedulerService(options, journal_factory)
 
     async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
-        return self.service.submit(prompt, params, priority, job_id)
+        job_id = self.service.submit(prompt, params, priority, job_id)
+        # Acknowledge only what is on disk: a scheduler killed right after this reply must still
+        # find the job in the journal. Concurrent submits share one fsync (group commit).
+        await asyncio.to_thread(self.service.journal.flush)
+        return job_id
 
     async def report(self, worker_id, outputs, rejected, load) -> None:
         self.service.report(worker_id, outputs, rejected, load)
