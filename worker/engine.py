@@ -12,7 +12,7 @@ import torch
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
 from scheduler.request import FinishReason, Request
-from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
 from worker.kv_sizing import KVCacheSize, check_backend_limits, size_kv_cache
 from worker.loader import load_config, load_model, resolve_model_path
@@ -245,13 +245,6 @@ class Engine:
             num_preemptions=self.batcher.num_preemptions, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated_tokens,
             tokens_per_s=window / span if span > 0 else 0.0)
-
-
-def sample_seed(seed: int | None, index: int) -> int | None:
-    """Sample i of an n > 1 job draws from its own seeded stream; sample 0 uses the seed as is."""
-    if seed is None or index == 0:
-        return seed
-    return (seed * 0x9E3779B1 + index) % (1 << 63)
 
 
 def _sampling_row(req: Request) -> SamplingRow:
