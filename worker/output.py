@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.sampler import TokenLogprobs
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """The chosen token's logprob and the model's top alternatives, all from the raw logits."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), most likely first, params.logprobs long
 
 
 @dataclass(slots=True)

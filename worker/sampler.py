@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from scheduler.sampling_params import SamplingParams
+from worker.output import TokenLogprobs
 
 _MASK_64 = (1 << 64) - 1
 
@@ -22,15 +23,6 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # presence/frequency penalties (OpenAI: output only) and repetition
     seed: int | None  # already specific to this sample (the engine derives it for n > 1)
     position: int  # index of the token being generated = len(prompt) + len(output)
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    """The chosen token's logprob and the model's top alternatives, all from the raw logits."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token_id, logprob), most likely first, params.logprobs long
 
 
 @dataclass(slots=True)

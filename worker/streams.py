@@ -5,7 +5,7 @@ import time
 
 from scheduler.request import Request
 from worker.output import RequestOutput
-from worker.sampler import TokenLogprobs
+from worker.output import TokenLogprobs
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
