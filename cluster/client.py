@@ -1,20 +1,22 @@
 """Client: submit jobs to the daemon, stream or wait for their results, from any driver."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.bringup import connect, find_scheduler
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import OverloadedError, UnknownJobError
+from scheduler.service import NAMESPACE, OverloadedError, UnknownJobError
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
 SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
+RETRY_DELAY_S = 0.5
 
 
 class JobFailedError(RuntimeError):
@@ -49,13 +51,29 @@ class Client:
         while True:
             try:
                 return ray.get(getattr(self._scheduler, method).remote(*args), timeout=timeout)
-            except RayTaskError as exc:
-                raise _unwrap(exc) from None
-            except SCHEDULER_GONE:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)  # the scheduler is restarting: same name, new actor
-                self._scheduler = self._lookup()
+            except (RayTaskError, *SCHEDULER_GONE) as exc:
+                self._raise_unless_restarting(exc, deadline)
+            time.sleep(RETRY_DELAY_S)  # the scheduler is restarting: same name, new actor
+            self._scheduler = self._lookup()
+
+    async def _acall(self, method: str, *args):
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return await getattr(self._scheduler, method).remote(*args)
+            except (RayTaskError, *SCHEDULER_GONE) as exc:
+                self._raise_unless_restarting(exc, deadline)
+            await asyncio.sleep(RETRY_DELAY_S)
+            self._scheduler = await asyncio.to_thread(self._lookup)
+
+    @staticmethod
+    def _raise_unless_restarting(exc: BaseException, deadline: float) -> None:
+        """Raise the user's error for a failed call; return (so the caller retries) only when
+        the scheduler is gone and ``deadline`` has not passed."""
+        if isinstance(exc, RayTaskError):
+            raise _unwrap(exc) from None
+        if time.monotonic() > deadline:
+            raise exc
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -63,18 +81,35 @@ class Client:
                priority: int = 0, job_id: str | None = None) -> str:
         """Queue a job and return its id. Bad input raises InvalidRequestError; a full queue
         raises OverloadedError."""
-        params = _params_dict(params)
-        job_id = job_id or uuid.uuid4().hex  # chosen here, so a retried submit is not doubled
+        args = _submit_args(prompt, params, priority, job_id)
         try:
-            return self._call("submit", prompt, params, priority, job_id)
+            return self._call("submit", *args)
         except InvalidRequestError as exc:
-            if "already in use" in str(exc) and self._known(job_id):
-                return job_id  # an earlier try went through before the scheduler restarted
+            if _id_in_use(exc) and self._known(args[-1]):
+                return args[-1]  # an earlier try went through before the scheduler restarted
+            raise
+
+    async def asubmit(self, prompt: str | list[int], params: SamplingParams | dict | None = None,
+                      *, priority: int = 0, job_id: str | None = None) -> str:
+        """``submit`` for asyncio code."""
+        args = _submit_args(prompt, params, priority, job_id)
+        try:
+            return await self._acall("submit", *args)
+        except InvalidRequestError as exc:
+            if _id_in_use(exc) and await self._aknown(args[-1]):
+                return args[-1]
             raise
 
     def _known(self, job_id: str) -> bool:
         try:
             self.status_of(job_id)
+            return True
+        except UnknownJobError:
+            return False
+
+    async def _aknown(self, job_id: str) -> bool:
+        try:
+            await self.astatus_of(job_id)
             return True
         except UnknownJobError:
             return False
@@ -103,20 +138,34 @@ class Client:
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
-            except RayTaskError as exc:
-                raise _unwrap(exc) from None
-            except SCHEDULER_GONE:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-                self._scheduler = self._lookup()
+            except (RayTaskError, *SCHEDULER_GONE) as exc:
+                self._raise_unless_restarting(exc, deadline)
+            time.sleep(RETRY_DELAY_S)
+            self._scheduler = self._lookup()
+
+    async def astream(self, job_id: str) -> AsyncIterator[RequestOutput]:
+        """``stream`` for asyncio code."""
+        cursor: list[int] | None = None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                async for ref in self._scheduler.stream.remote(job_id, cursor):
+                    for delta in await ref:
+                        cursor = _advance(cursor, delta)
+                        yield delta
+                return
+            except (RayTaskError, *SCHEDULER_GONE) as exc:
+                self._raise_unless_restarting(exc, deadline)
+            await asyncio.sleep(RETRY_DELAY_S)
+            self._scheduler = await asyncio.to_thread(self._lookup)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobOutput:
         """Wait for the job and return its whole output; JobFailedError if it failed."""
-        summary = self._call("result", job_id, timeout)
-        if summary["error"]:
-            raise JobFailedError(f"job {job_id} failed: {summary['error']}")
-        return _job_output(summary)
+        return _checked_output(self._call("result", job_id, timeout))
+
+    async def aresult(self, job_id: str, timeout: float | None = None) -> JobOutput:
+        """``result`` for asyncio code."""
+        return _checked_output(await self._acall("result", job_id, timeout))
 
     def results(self, job_ids: Sequence[str], *, progress: bool = False,
                 timeout: float | None = None) -> list[JobOutput]:
@@ -128,11 +177,57 @@ class Client:
     def abort(self, job_id: str) -> bool:
         return self._call("abort", job_id)
 
+    async def aabort(self, job_id: str) -> bool:
+        return await self._acall("abort", job_id)
+
     def status(self) -> dict:
         return self._call("status")
 
+    async def astatus(self) -> dict:
+        return await self._acall("status")
+
     def status_of(self, job_id: str) -> dict:
         return self._call("job_status", job_id)
+
+    async def astatus_of(self, job_id: str) -> dict:
+        return await self._acall("job_status", job_id)
+
+    async def alive_workers(self, status: dict, timeout: float = 5.0) -> list[str]:
+        """Ids of the ready workers in ``status`` that answer a stats call within ``timeout``."""
+        ready = [w["worker_id"] for w in status["workers"] if w.get("ready")]
+        answers = await asyncio.gather(*(self._ping_worker(w, timeout) for w in ready))
+        return [w for w, ok in zip(ready, answers) if ok]
+
+    @staticmethod
+    async def _ping_worker(worker_id: str, timeout: float) -> bool:
+        try:
+            actor = await asyncio.to_thread(ray.get_actor, worker_actor_name(worker_id),
+                                            NAMESPACE)
+            await asyncio.wait_for(asyncio.wrap_future(actor.stats.remote().future()), timeout)
+            return True
+        except (ValueError, asyncio.TimeoutError, RayActorError, ActorUnavailableError,
+                RayTaskError):
+            return False
+
+
+def worker_actor_name(worker_id: str) -> str:
+    """The Ray name the scheduler gives a worker actor (scheduler/service.py, _spawn)."""
+    return f"pagedserve-worker-{worker_id}"
+
+
+def _submit_args(prompt, params, priority: int, job_id: str | None) -> tuple:
+    # The id is chosen here, so a submit retried across a scheduler restart is not doubled.
+    return prompt, _params_dict(params), priority, job_id or uuid.uuid4().hex
+
+
+def _id_in_use(exc: InvalidRequestError) -> bool:
+    return "already in use" in str(exc)
+
+
+def _checked_output(summary: dict) -> JobOutput:
+    if summary["error"]:
+        raise JobFailedError(f"job {summary['job_id']} failed: {summary['error']}")
+    return _job_output(summary)
 
 
 def _params_dict(params) -> dict:
