@@ -1,0 +1,532 @@
+"""The HTTP front door: an OpenAI-compatible FastAPI app over the daemon's Client, with bearer
+API keys, a body size limit, content negotiation (JSON / msgpack), health and metrics."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import msgpack
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from cluster.client import SCHEDULER_GONE, Client, DaemonNotUpError, JobFailedError
+from cluster.config import PagedServeConfig
+from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, GenerationRequest,
+                                 ResponseContext, bad_request, full_response, param_of,
+                                 role_chunk, stream_chunk, usage_chunk, validation_error)
+from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cluster.metrics import ServerMetrics
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.service import OverloadedError
+from worker.output import JobOutput, RequestOutput
+from worker.tokenizer import ChatTemplateError, Tokenizer
+
+log = logging.getLogger("pagedserve.http")
+
+API_KEYS_ENV = "PAGEDSERVE_API_KEYS"
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+HEALTH_TIMEOUT_S = 5.0
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+RETRY_AFTER_S = 1
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def api_keys_from(cfg: PagedServeConfig, environ=os.environ) -> tuple[str, ...]:
+    """Keys from PAGEDSERVE_API_KEYS (comma-separated) and the config's http.api_keys; both
+    are accepted. None at all means the API is open."""
+    from_env = [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return tuple(dict.fromkeys([*from_env, *cfg.http.api_keys]))
+
+
+# -- per-app state ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Server:
+    """What the routes share: the daemon's client, the served model's tokenizer and limits."""
+
+    client: Client
+    tokenizer: Tokenizer
+    model_id: str
+    api_keys: tuple[str, ...]
+    max_body_bytes: int
+    context_len: int  # longest prompt + output a request can count on
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    started: int = field(default_factory=lambda: int(time.time()))
+    _background: set = field(default_factory=set)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.model_id!r} (see GET /v1/models)",
+                           param="model", code="model_not_found")
+
+    def chat_prompt(self, request: ChatRequest) -> list[int]:
+        messages = [m.as_template_input() for m in request.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages)
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc), "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+
+    def abort_soon(self, job_id: str) -> None:
+        """Abort without waiting: called while the request's own task is being torn down."""
+        task = asyncio.get_running_loop().create_task(self._abort_quietly(job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort_quietly(self, job_id: str) -> None:
+        try:
+            await self.client.aabort(job_id)
+        except Exception as exc:  # best effort: the job may be gone with its scheduler
+            log.warning("could not abort job %s: %s", job_id, exc)
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def create_app(client: Client, cfg: PagedServeConfig, *,
+               api_keys: tuple[str, ...] | None = None,
+               tokenizer: Tokenizer | None = None) -> FastAPI:
+    """The app for the daemon ``client`` talks to, serving ``cfg.engine.model``. ``api_keys``
+    defaults to ``api_keys_from(cfg)``."""
+    from worker.loader import resolve_model_path
+
+    path = resolve_model_path(cfg.engine.model)
+    server = Server(client, tokenizer or Tokenizer.from_dir(path), cfg.engine.model,
+                    api_keys_from(cfg) if api_keys is None else tuple(api_keys),
+                    cfg.http.max_body_bytes, _context_len(client.status(), cfg, path))
+    app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+    app.add_middleware(RequestCounter, metrics=server.metrics)
+    return app
+
+
+def _context_len(status: dict, cfg: PagedServeConfig, model_path) -> int:
+    """The smallest room any ready worker has (model length and KV capacity); the model's
+    length if no worker is ready yet."""
+    fits = [min(w["max_model_len"], w["max_tokens_fit"]) for w in status["workers"]
+            if w.get("ready")]
+    if fits:
+        return min(fits)
+    from worker.loader import load_config
+
+    return min(cfg.engine.max_model_len or 1 << 62, load_config(model_path).max_model_len)
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+
+async def require_api_key(request: Request) -> None:
+    keys = _server(request).api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    # compare with every key, in constant time, so timing tells nothing about a key
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    if scheme.lower() != "bearer" or not any(matches):
+        raise ApiError(401, "missing or invalid API key; send the header "
+                            "'Authorization: Bearer <key>'",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter()
+authorized = [Depends(require_api_key)]
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """Open without a key: 200 when the scheduler and at least one worker answer."""
+    client = _server(request).client
+    try:
+        status = await asyncio.wait_for(client.astatus(), HEALTH_TIMEOUT_S)
+    except Exception as exc:
+        log.warning("health: the scheduler does not answer: %s", exc)
+        return JSONResponse({"status": "unavailable", "reason": "the scheduler does not "
+                             "answer"}, 503)
+    alive = await client.alive_workers(status, timeout=HEALTH_TIMEOUT_S)
+    body = {"status": "ok" if alive else "unavailable", "workers_alive": len(alive),
+            "workers_known": len(status["workers"])}
+    if not alive:
+        body["reason"] = "no worker answers"
+    return JSONResponse(body, 200 if alive else 503)
+
+
+@router.get("/metrics", dependencies=authorized)
+async def metrics(request: Request) -> Response:
+    server = _server(request)
+    try:
+        status = await asyncio.wait_for(server.client.astatus(), HEALTH_TIMEOUT_S)
+    except Exception as exc:  # still serve the server's own metrics
+        log.warning("metrics: the scheduler does not answer: %s", exc)
+        status = None
+    return Response(server.metrics.render(status), media_type=METRICS_CONTENT_TYPE)
+
+
+@router.get("/v1/models", dependencies=authorized)
+async def list_models(request: Request) -> Response:
+    return _encode(request, {"object": "list", "data": [_model_card(_server(request))]})
+
+
+@router.get("/v1/models/{model:path}", dependencies=authorized)
+async def get_model(model: str, request: Request) -> Response:
+    server = _server(request)
+    server.check_model(model)
+    return _encode(request, _model_card(server))
+
+
+def _model_card(server: Server) -> dict:
+    return {"id": server.model_id, "object": "model", "created": server.started,
+            "owned_by": "pagedserve"}
+
+
+@router.post("/v1/completions", dependencies=authorized)
+async def completions(request: Request) -> Response:
+    started = time.monotonic()
+    server = _server(request)
+    body = await _parse(request, CompletionRequest, server.max_body_bytes)
+    server.check_model(body.model)
+    prompt = body.prompt_input()
+    return await _generate(request, body, prompt, body.sampling_params(), started)
+
+
+@router.post("/v1/chat/completions", dependencies=authorized)
+async def chat_completions(request: Request) -> Response:
+    started = time.monotonic()
+    server = _server(request)
+    body = await _parse(request, ChatRequest, server.max_body_bytes)
+    server.check_model(body.model)
+    prompt_ids = server.chat_prompt(body)
+    # OpenAI's chat default is "until the model stops": the room left in the context
+    room = {} if body.requested_max_tokens is not None else \
+        {"max_tokens": max(1, server.context_len - len(prompt_ids))}
+    return await _generate(request, body, prompt_ids, body.sampling_params(**room), started)
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+async def _generate(request: Request, body: GenerationRequest, prompt: str | list[int],
+                    params: SamplingParams, started: float) -> Response:
+    server = _server(request)
+    chat = isinstance(body, ChatRequest)
+    with _daemon_errors(body):
+        job_id = await server.client.asubmit(prompt, params, priority=body.priority)
+    ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", int(time.time()),
+                          server.model_id, chat, server.tokenizer)
+    endpoint = "chat" if chat else "completions"
+    if body.stream:
+        meter = StreamMeter(started)
+        events = _events(server, ctx, job_id, params.n, body.include_usage, meter, endpoint)
+        return EventStream(events, on_close=functools.partial(_abort_unfinished, server,
+                                                               meter, job_id))
+    with _daemon_errors(body):
+        job = await _result_unless_gone(request, server, job_id)
+    server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+    server.metrics.count_tokens(job.num_prompt_tokens, sum(len(o.token_ids) for o in job.outputs))
+    return _encode(request, full_response(ctx, job))
+
+
+def _abort_unfinished(server: Server, meter: StreamMeter, job_id: str) -> None:
+    if not meter.finished:  # the client left mid-stream
+        server.abort_soon(job_id)
+
+
+async def _result_unless_gone(request: Request, server: Server, job_id: str) -> JobOutput:
+    """Wait for the job, aborting it if the client disconnects meanwhile."""
+    waiter = asyncio.ensure_future(server.client.aresult(job_id))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                raise _client_gone()
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+            server.abort_soon(job_id)
+
+
+@dataclass(slots=True)
+class StreamMeter:
+    """Latencies and token counts of one stream, as its client sees them."""
+
+    started: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    first_chunk_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished: bool = False
+
+    def add(self, delta: RequestOutput, now: float) -> None:
+        self.prompt_tokens = delta.num_prompt_tokens
+        if not delta.new_token_ids:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.first_chunk_tokens = len(delta.new_token_ids)
+        self.last_token_at = now
+        self.completion_tokens += len(delta.new_token_ids)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    @property
+    def tpot(self) -> float | None:
+        later = self.completion_tokens - self.first_chunk_tokens
+        if self.first_token_at is None or later <= 0:
+            return None
+        return (self.last_token_at - self.first_token_at) / later
+
+    def record(self, metrics: ServerMetrics, endpoint: str) -> None:
+        metrics.observe_stream(self.ttft, self.tpot)
+        metrics.latency.labels(endpoint).observe(time.monotonic() - self.started)
+        metrics.count_tokens(self.prompt_tokens, self.completion_tokens)
+
+
+async def _events(server: Server, ctx: ResponseContext, job_id: str, n: int,
+                  include_usage: bool, meter: StreamMeter, endpoint: str
+                  ) -> AsyncIterator[bytes]:
+    """The job's output as OpenAI server-sent events, ending with [DONE]. Errors after the
+    first byte can no longer change the status: they become an error event."""
+    try:
+        if ctx.chat:
+            for index in range(n):
+                yield _sse(role_chunk(ctx, index))
+        async for delta in server.client.astream(job_id):
+            if delta.finish_reason == "error":
+                yield _sse(await _job_error(server, job_id))
+                break
+            meter.add(delta, time.monotonic())
+            yield _sse(stream_chunk(ctx, delta))
+        meter.finished = True
+        if include_usage:
+            yield _sse(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
+        meter.record(server.metrics, endpoint)
+    except Exception as exc:  # the daemon went away mid-stream
+        log.warning("stream of job %s failed: %s", job_id, exc)
+        yield _sse(_daemon_error(exc).body())
+    yield DONE_EVENT
+
+
+async def _job_error(server: Server, job_id: str) -> dict:
+    try:
+        await server.client.aresult(job_id)
+    except JobFailedError as exc:
+        return _daemon_error(exc).body()
+    return ApiError(500, f"job {job_id} failed", type="server_error").body()
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that watch for the client leaving whatever the ASGI server's
+    version, and call ``on_close`` however the response ends (so a job whose client left
+    can be aborted: nothing else would stop it)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], object]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def stream_then_stop() -> None:
+                    with contextlib.suppress(OSError):  # ASGI 2.4 servers raise on a gone client
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self.on_close()
+            await self.body_iterator.aclose()
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _daemon_errors(body: GenerationRequest):
+    """The daemon's exceptions as API errors (the message only, never a traceback)."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), param_of(str(exc), body.field_names())) from None
+    except (OverloadedError, JobFailedError, DaemonNotUpError, *SCHEDULER_GONE) as exc:
+        raise _daemon_error(exc) from None
+
+
+def _daemon_error(exc: Exception) -> ApiError:
+    if isinstance(exc, OverloadedError):
+        return ApiError(429, str(exc), type="rate_limit_error", code="overloaded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, JobFailedError):
+        return ApiError(500, str(exc), type="server_error", code="job_failed")
+    if isinstance(exc, (DaemonNotUpError, *SCHEDULER_GONE)):
+        return ApiError(503, "the pagedserve daemon does not answer; retry later",
+                        type="service_unavailable", code="daemon_unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    return ApiError(500, "internal server error", type="server_error")
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> Response:
+    return _encode(request, exc.body(), exc.status, exc.headers)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    error = ApiError(exc.status_code, str(exc.detail), code=_snake(str(exc.detail)),
+                     headers=dict(exc.headers or {}))
+    return await _on_api_error(request, error)
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(ApiError(500, "internal server error", type="server_error").body(), 500)
+
+
+def _snake(text: str) -> str:
+    return "_".join(text.lower().split())
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 if its Content-Length or its actual size is over ``limit`` bytes
+    (the ASGI server discards what is left unread)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise _too_large(limit) if declared.isdigit() else bad_request("bad Content-Length")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _client_gone() from None
+    return b"".join(chunks)
+
+
+def _client_gone() -> ApiError:
+    # 499 (nginx's "client closed request"): nobody reads it, but metrics count it
+    return ApiError(499, "the client closed the connection", code="client_closed")
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes (http.max_body_bytes)",
+                    code="request_too_large")
+
+
+async def _parse(request: Request, model: type[GenerationRequest], limit: int):
+    data = _decode(await read_body(request, limit), request.headers.get("content-type"))
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be an object", code="invalid_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+
+
+def _decode(body: bytes, content_type: str | None) -> object:
+    """JSON, or msgpack when the Content-Type says so. Nothing else is ever decoded (and
+    nothing is unpickled)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in MSGPACK_TYPES:
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception:  # untrusted bytes: every failure is the client's bad body
+            raise bad_request("the request body is not valid msgpack", code="invalid_body") \
+                from None
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") \
+            from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _encode(request: Request, payload: dict, status: int = 200,
+            headers: dict[str, str] | None = None) -> Response:
+    if _prefers_msgpack(request.headers.get("accept", "")):
+        return Response(msgpack.packb(payload, use_bin_type=True), status, headers,
+                        media_type=MSGPACK_TYPES[0])
+    return JSONResponse(payload, status, headers)
+
+
+def _prefers_msgpack(accept: str) -> bool:
+    """msgpack when the Accept header ranks it above JSON (JSON wins ties and absence)."""
+    ranks: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *options = (part.strip().lower() for part in item.split(";"))
+        quality = 1.0
+        for option in options:
+            if option.startswith("q="):
+                with contextlib.suppress(ValueError):
+                    quality = float(option[2:])
+        ranks[media] = max(quality, ranks.get(media, 0.0))
+    msgpack_rank = max(ranks.get(media, 0.0) for media in MSGPACK_TYPES)
+    return msgpack_rank > ranks.get("application/json", 0.0)
+
+
+# -- request counting -------------------------------------------------------------------------
+
+
+class RequestCounter:
+    """ASGI middleware counting answered requests by route and status (plain ASGI, so that
+    streaming and disconnect detection pass through untouched)."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            # the route template (bounded label values), set on the scope by the router
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, str(status)).inc()

@@ -1,0 +1,291 @@
+"""The OpenAI-compatible wire format: request bodies (validated by pydantic), the error body,
+and the completion / chat response objects, whole and as stream chunks."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from worker.output import JobOutput, RequestOutput
+from worker.sampler import TokenLogprobs
+from worker.tokenizer import Tokenizer
+
+# A logprob JSON can carry (JSON has no -Infinity); far below any real one.
+LOGPROB_FLOOR = -9999.0
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status; never a traceback."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # strict: no "1" for 1; forbid: a misspelt field is an error, not silently ignored
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class GenerationRequest(_Strict):
+    """Fields both endpoints share: OpenAI's, then pagedserve's extensions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    priority: int = 0
+
+    def field_names(self) -> dict[str, str]:
+        """SamplingParams field -> the request field the user wrote, where they differ."""
+        return {}
+
+    def sampling_fields(self) -> dict:
+        names = ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
+                 "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
+                 "stop_token_ids")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """The job's SamplingParams; a bad value is a 400 naming the request's field."""
+        try:
+            return SamplingParams(**{**self.sampling_fields(), **overrides})
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), param_of(str(exc), self.field_names())) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+
+    def prompt_input(self) -> str | list[int]:
+        """The one prompt, as text or token ids; several prompts in one call are refused."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise bad_request("one prompt per request is supported; send one request per "
+                                  "prompt (they are batched together on the server)", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise bad_request("prompt is empty", "prompt")
+        return prompt
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        return super().sampling_params(logprobs=self.logprobs, **overrides)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def field_names(self) -> dict[str, str]:
+        names = {"logprobs": "top_logprobs", "prompt": "messages"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return names
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None:
+                raise bad_request("give max_tokens or max_completion_tokens, not both",
+                                  "max_completion_tokens")
+            overrides.setdefault("max_tokens", self.max_completion_tokens)
+        top = (self.top_logprobs or 0) if self.logprobs else None
+        return super().sampling_params(logprobs=top, **overrides)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+
+_FIELD_IN_MESSAGE = re.compile(r"^invalid (\w+)=")
+
+
+def param_of(message: str, aliases: dict) -> str | None:
+    """The request field a SamplingParams / scheduler message is about (they start with
+    "invalid <field>=" or "prompt ...")."""
+    match = _FIELD_IN_MESSAGE.match(message)
+    name = match[1] if match else "prompt" if message.startswith("prompt") else None
+    return aliases.get(name, name)
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """A 400 naming the first field pydantic rejected by its dotted path (``messages.0.role``);
+    the union member types pydantic adds to the path are left out."""
+    if not errors:
+        return bad_request("the request body is invalid")
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"] if not _is_union_member(p)) or None
+    if param is None:
+        return bad_request(first["msg"])
+    union = len(first["loc"]) > 1 and any(_is_union_member(p) for p in first["loc"])
+    reason = "has a type this field does not accept" if union else first["msg"]
+    return bad_request(f"invalid {param}: {reason}", param)
+
+
+def _is_union_member(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ResponseContext:
+    """What every object of one response repeats, and how it renders tokens."""
+
+    response_id: str
+    created: int
+    model: str
+    chat: bool
+    tokenizer: Tokenizer
+    text_offsets: dict[int, int] = field(default_factory=dict)  # per sample, completions only
+
+    @property
+    def object_name(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def header(self, streaming: bool) -> dict:
+        name = "chat.completion.chunk" if self.chat and streaming else self.object_name
+        return {"id": self.response_id, "object": name, "created": self.created,
+                "model": self.model}
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def full_response(ctx: ResponseContext, job: JobOutput) -> dict:
+    choices = [_choice(ctx, o.index, o.text, o.logprobs, o.finish_reason, streaming=False)
+               for o in job.outputs]
+    completion_tokens = sum(len(o.token_ids) for o in job.outputs)
+    return {**ctx.header(False), "choices": choices,
+            "usage": usage(job.num_prompt_tokens, completion_tokens)}
+
+
+def stream_chunk(ctx: ResponseContext, delta: RequestOutput) -> dict:
+    choice = _choice(ctx, delta.index, delta.text, delta.logprobs, delta.finish_reason,
+                     streaming=True)
+    return {**ctx.header(True), "choices": [choice]}
+
+
+def role_chunk(ctx: ResponseContext, index: int) -> dict:
+    """A chat stream opens each sample with the assistant role and no text."""
+    return {**ctx.header(True), "choices": [{"index": index, "delta": {"role": "assistant",
+                                                                       "content": ""},
+                                             "logprobs": None, "finish_reason": None}]}
+
+
+def usage_chunk(ctx: ResponseContext, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {**ctx.header(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _choice(ctx: ResponseContext, index: int, text: str, logprobs: list | None,
+            finish_reason: str | None, *, streaming: bool) -> dict:
+    if ctx.chat:
+        body = {"delta": {"content": text}} if streaming else \
+            {"message": {"role": "assistant", "content": text}}
+        rendered = None if logprobs is None else {"content": _chat_logprobs(ctx, logprobs)}
+    else:
+        body = {"text": text}
+        rendered = None if logprobs is None else _completion_logprobs(ctx, index, logprobs)
+    return {"index": index, **body, "logprobs": rendered, "finish_reason": finish_reason}
+
+
+def _chat_logprobs(ctx: ResponseContext, logprobs: list[TokenLogprobs]) -> list[dict]:
+    return [{**_chat_token(ctx, lp.token_id, lp.logprob),
+             "top_logprobs": [_chat_token(ctx, t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def _chat_token(ctx: ResponseContext, token_id: int, logprob: float) -> dict:
+    text = ctx.token_text(token_id)
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+
+
+def _completion_logprobs(ctx: ResponseContext, index: int,
+                         logprobs: list[TokenLogprobs]) -> dict:
+    tokens = [ctx.token_text(lp.token_id) for lp in logprobs]
+    offsets, at = [], ctx.text_offsets.get(index, 0)
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    ctx.text_offsets[index] = at  # a stream's next chunk continues from here
+    return {"tokens": tokens, "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
+            "top_logprobs": [{ctx.token_text(t): _finite(v) for t, v in lp.top}
+                             for lp in logprobs],
+            "text_offset": offsets}
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
