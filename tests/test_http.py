@@ -1,0 +1,363 @@
+"""The OpenAI-compatible HTTP API against a live daemon on a local Ray cluster, driven with the
+official openai client and raw httpx: results equal the daemon's own, streams equal whole
+responses, bad input gets the right status and error body, and the server keeps serving."""
+import json
+import threading
+
+import httpx
+import msgpack
+import openai
+import pytest
+import ray
+import uvicorn
+
+from daemon_helpers import daemon_config, ready_workers, wait_for
+
+from cluster import bringup
+from cluster.client import Client
+from cluster.http import create_app
+from cluster.serve_cmd import bind_socket
+from scheduler.sampling_params import SamplingParams
+from scheduler.service import NAMESPACE
+from worker.loader import resolve_model_path
+from worker.tokenizer import Tokenizer
+
+KEY = "test-key-7f3a"
+MAX_QUEUED = 4
+LONG = 2000  # tokens: a job that runs for seconds on the tiny model (max_model_len 2048)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    cfg = daemon_config(tmp_path_factory.mktemp("http"), max_queued_jobs=MAX_QUEUED)
+    ray.init(num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        bringup.up(cfg, min_workers=1)
+        yield cfg, Client()
+    finally:
+        bringup.down()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_url(daemon):
+    cfg, client = daemon
+    app = create_app(client, cfg, api_keys=(KEY,))
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=30, interval=0.05, what="uvicorn start")
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def api(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_dir(resolve_model_path("tiny"))
+
+
+def greedy(**extra):
+    return dict(model="tiny", max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True, **extra})
+
+
+def assert_still_serves(api):
+    out = api.completions.create(prompt="still there?", **greedy())
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
+
+
+def error_of(response):
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["error"]
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+def test_completion_equals_the_daemons_own_result(api, daemon, tokenizer):
+    _, client = daemon
+    out = api.completions.create(prompt="The cluster has", **greedy())
+    own = client.result(client.submit("The cluster has", SamplingParams(
+        max_tokens=12, temperature=0, ignore_eos=True))).outputs[0]
+    assert out.object == "text_completion" and out.model == "tiny"
+    assert out.choices[0].text == own.text and out.choices[0].finish_reason == "length"
+    prompt_tokens = len(tokenizer.encode("The cluster has"))
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == \
+        (prompt_tokens, 12, prompt_tokens + 12)
+
+
+def test_completion_of_token_ids_and_stop_string(api, daemon):
+    _, client = daemon
+    ids = [5, 17, 42, 99]
+    whole = api.completions.create(prompt=ids, **greedy()).choices[0].text
+    own = client.result(client.submit(ids, SamplingParams(max_tokens=12, temperature=0,
+                                                         ignore_eos=True))).outputs[0].text
+    assert whole == own
+    stop = whole[len(whole) // 2:][:2]
+    if stop.strip():
+        cut = api.completions.create(prompt=ids, stop=[stop], **greedy()).choices[0]
+        assert cut.finish_reason == "stop" and cut.text == whole[:whole.index(stop)]
+
+
+def test_chat_uses_the_chat_template(api, daemon, tokenizer):
+    _, client = daemon
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Which worker is free?"}]
+    out = api.chat.completions.create(messages=messages, **greedy())
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages),
+                                  add_special_tokens=False)
+    own = client.result(client.submit(prompt_ids, SamplingParams(
+        max_tokens=12, temperature=0, ignore_eos=True))).outputs[0]
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == own.text
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    # max_completion_tokens is chat's newer name for max_tokens
+    newer = api.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                        max_completion_tokens=5,
+                                        extra_body={"ignore_eos": True})
+    assert newer.usage.completion_tokens == 5 and own.text.startswith(
+        newer.choices[0].message.content)
+
+
+def test_completion_stream_equals_the_whole_response(api):
+    whole = api.completions.create(prompt="Stream this", **greedy())
+    chunks = list(api.completions.create(prompt="Stream this", stream=True,
+                                         stream_options={"include_usage": True}, **greedy()))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices
+                and c.choices[0].finish_reason]
+    assert finished == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_stream_with_two_seeded_samples_equals_the_whole_response(api):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Name two queues"}],
+                  max_tokens=10, temperature=0.9, seed=7, n=2,
+                  extra_body={"ignore_eos": True, "top_k": 20})
+    whole = api.chat.completions.create(**kwargs)
+    texts, roles = ["", ""], [None, None]
+    for chunk in api.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index] = roles[choice.index] or choice.delta.role
+    assert texts == [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert roles == ["assistant", "assistant"]
+
+
+def test_raw_event_stream_format(http):
+    body = {"model": "tiny", "prompt": "raw", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_raw()).decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert sum(p["choices"][0]["finish_reason"] is not None for p in payloads) == 1
+
+
+def test_logprobs_cover_every_token(api, tokenizer):
+    out = api.completions.create(prompt="log", logprobs=3, **greedy())
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
+    assert "".join(lp.tokens).endswith(out.choices[0].text[-3:])
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy takes the best
+    chat = api.chat.completions.create(messages=[{"role": "user", "content": "x"}],
+                                       logprobs=True, top_logprobs=2, **greedy())
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 12 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_a_wrong_key_is_401_and_health_stays_open(api, base_url):
+    bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad.completions.create(prompt="hi", **greedy())
+    assert caught.value.body["code"] == "invalid_api_key"
+    assert httpx.get(f"{base_url}/v1/models").status_code == 401
+    assert httpx.get(f"{base_url}/metrics").status_code == 401
+    assert httpx.get(f"{base_url}/health").status_code == 200
+    assert_still_serves(api)
+
+
+def test_models_lists_the_served_model_and_others_are_404(api):
+    assert [m.id for m in api.models.list()] == ["tiny"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        api.completions.create(prompt="hi", **{**greedy(), "model": "gpt-4"})
+    assert caught.value.body["code"] == "model_not_found"
+    assert caught.value.body["param"] == "model"
+    assert_still_serves(api)
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("completions", {"prompt": [10 ** 6]}, "prompt"),
+    ("chat", {"messages": []}, "messages"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+              "top_logprobs": 99}, "top_logprobs"),
+    ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+])
+def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
+    path = "/completions" if endpoint == "completions" else "/chat/completions"
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.post(path, body={"model": "tiny", **body}, cast_to=object)
+    error = caught.value.body
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert "Traceback" not in error["message"]
+    assert_still_serves(api)
+
+
+def test_malformed_json_is_400(api, http):
+    response = http.post("/v1/completions", content=b'{"prompt": "x", ',
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_json"
+    assert http.post("/v1/completions", json=["a list"]).status_code == 400
+    nan = http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
+                    headers={"Content-Type": "application/json"})
+    assert nan.status_code == 400
+    assert_still_serves(api)
+
+
+def test_a_10_mb_body_is_413(api, http, daemon):
+    cfg, _ = daemon
+    with pytest.raises(openai.APIStatusError) as caught:
+        api.completions.create(prompt="x" * 10_000_000, **greedy())
+    assert caught.value.status_code == 413
+    # no Content-Length (chunked): the size actually received counts
+    chunks = (b" " * 65536 for _ in range(cfg.http.max_body_bytes // 65536 + 2))
+    response = http.post("/v1/completions", content=chunks)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+    assert_still_serves(api)
+
+
+def test_overload_is_429_with_retry_after(api, daemon):
+    _, client = daemon
+    hogs = [client.submit("hog", SamplingParams(max_tokens=LONG, ignore_eos=True))
+            for _ in range(MAX_QUEUED)]
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            api.completions.create(prompt="one more", **greedy())
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+    finally:
+        for job_id in hogs:
+            client.abort(job_id)
+    assert_still_serves(api)
+
+
+# -- msgpack, health, metrics -----------------------------------------------------------------
+
+
+def test_msgpack_round_trip(http):
+    body = {"model": "tiny", "prompt": "pack me", "max_tokens": 6, "temperature": 0}
+    as_json = http.post("/v1/completions", json=body).json()
+    response = http.post("/v1/completions", content=msgpack.packb(body), headers={
+        "Content-Type": "application/msgpack", "Accept": "application/msgpack"})
+    assert response.headers["content-type"] == "application/msgpack"
+    as_msgpack = msgpack.unpackb(response.content)
+    assert as_msgpack["choices"] == as_json["choices"]
+    assert as_msgpack["usage"] == as_json["usage"]
+    bad = http.post("/v1/completions", content=b"\xc1\xc1",
+                    headers={"Content-Type": "application/msgpack",
+                             "Accept": "application/msgpack"})
+    assert bad.status_code == 400
+    assert msgpack.unpackb(bad.content)["error"]["code"] == "invalid_body"
+
+
+def test_health_reports_live_workers(base_url, daemon):
+    _, client = daemon
+    response = httpx.get(f"{base_url}/health")
+    assert response.status_code == 200
+    assert response.json()["workers_alive"] == len(ready_workers(client))
+
+
+def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
+    _, client = daemon
+    list(api.completions.create(prompt="measure me", stream=True, **greedy()))
+    text = http.get("/metrics").text
+    for name in ("pagedserve_requests_running", "pagedserve_requests_waiting",
+                 "pagedserve_generation_tokens_per_second",
+                 "pagedserve_time_to_first_token_seconds_bucket",
+                 "pagedserve_time_per_output_token_seconds_bucket",
+                 "pagedserve_prefix_cache_hit_rate", "pagedserve_preemptions_total",
+                 "pagedserve_failovers_total", "pagedserve_http_requests_total"):
+        assert f"\n{name}" in text, name
+    worker = ready_workers(client)[0]["worker_id"]
+    assert f'pagedserve_kv_cache_usage_ratio{{worker="{worker}"}}' in text
+    streams = _sample(text, "pagedserve_time_to_first_token_seconds_count")
+    assert streams >= 1
+    assert _sample(text, "pagedserve_time_per_output_token_seconds_count") == streams
+
+
+def _sample(text, name):
+    lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(lines) == 1, name
+    return float(lines[0].split()[1])
+
+
+# -- clients that leave -----------------------------------------------------------------------
+
+
+def test_a_client_leaving_mid_stream_aborts_its_job(http, daemon):
+    _, client = daemon
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": LONG, "ignore_eos": True,
+            "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line).removeprefix("data: "))
+        job_id = first["id"].removeprefix("cmpl-")
+        wait_for(lambda: sum(client.status_of(job_id)["num_tokens"]) > 3, what="tokens")
+    # the connection is closed here, long before 1500 tokens
+    job = client.result(job_id, timeout=60)
+    assert job.outputs[0].finish_reason == "abort"
+    assert len(job.outputs[0].token_ids) < LONG
+    wait_for(lambda: all(w.get("kv_used", 0) == 0 for w in ready_workers(client)),
+             timeout=30, what="the job's blocks back in the pool")
+
+
+def test_a_client_leaving_a_whole_response_aborts_its_job(base_url, daemon):
+    _, client = daemon
+    generated = _generated_tokens(client)
+    body = {"model": "tiny", "prompt": "another long story", "max_tokens": LONG,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", json=body, timeout=1.0,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, timeout=30,
+             what="the job to end")
+    wait_for(lambda: all(w.get("kv_used", 0) == 0 for w in ready_workers(client)),
+             timeout=30, what="the job's blocks back in the pool")
+    assert _generated_tokens(client) - generated < LONG  # it ended early: aborted
+
+
+def _generated_tokens(client):
+    return sum(w.get("generated_tokens", 0) for w in ready_workers(client))
