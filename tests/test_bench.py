@@ -265,31 +265,31 @@ class StubServer:
 
 
 @contextlib.contextmanager
-def serving(state):
-    """Run ``state``'s app with uvicorn in a thread on a free localhost port."""
+def serving(app):
+    """Run ``app`` with uvicorn in a thread on a free localhost port; yields its base URL."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(state.app(), log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not server.started:
-            assert time.monotonic() < deadline, "stub server did not start"
+            assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.02)
-        state.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        yield state
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(5)
+        thread.join(10)
         sock.close()
 
 
 @pytest.fixture()
 def stub():
-    with serving(StubServer()) as state:
+    state = StubServer()
+    with serving(state.app()) as state.url:
         yield state
 
 
@@ -351,10 +351,10 @@ def test_cli_sweep_writes_json_document(stub, capsys, tmp_path):
 
 
 def test_cli_reports_a_rejected_key_in_one_line(capsys):
-    with serving(StubServer(api_key="secret")) as keyed:
-        code, _, err = run_cli(capsys, "--base-url", keyed.url, "--num-prompts", "2")
+    with serving(StubServer(api_key="secret").app()) as url:
+        code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "2")
         assert code == 2 and err.count("\n") == 1 and "invalid API key" in err
-        code, _, err = run_cli(capsys, "--base-url", keyed.url, "--num-prompts", "2",
+        code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "2",
                                "--api-key", "secret", "--random-output-len", "2")
         assert code == 0, err
 
@@ -397,3 +397,57 @@ def test_plot_without_matplotlib_is_one_line_before_any_request(capsys, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     code, _, err = run_cli(capsys, "--base-url", closed_port_url(), "--plot", "x.png")
     assert code == 2 and err.count("\n") == 1 and "pip install 'pagedserve[plot]'" in err
+
+
+# -- against the real server: Ray, the daemon, the HTTP API -----------------------------------
+
+LIVE_KEY = "bench-key-5c1e"
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    import ray
+    from daemon_helpers import daemon_config  # also pins RAY_AUTH_MODE=disabled
+
+    from cluster import bringup
+    from cluster.client import Client
+    from cluster.http import create_app
+    from scheduler.service import NAMESPACE
+
+    cfg = daemon_config(tmp_path_factory.mktemp("bench"))
+    ray.init(num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        bringup.up(cfg, min_workers=1)
+        with serving(create_app(Client(), cfg, api_keys=(LIVE_KEY,))) as url:
+            yield url
+    finally:
+        bringup.down()
+        ray.shutdown()
+
+
+def test_bench_against_the_real_server(live_server, capsys):
+    code, out, err = run_cli(capsys, "--base-url", live_server, "--api-key", LIVE_KEY,
+                             "--num-prompts", "8", "--sweep-rates", "inf,4", "--seed", "3",
+                             "--random-input-len", "24", "--random-output-len", "10",
+                             "--json", "--per-request")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["model"] == "tiny"
+    asked = [r.max_tokens for r in bench.random_workload(8, 24, 10, 0.5, seed=3)]
+    inf_run, paced_run = document["runs"]
+    for run in document["runs"]:
+        assert run["completed"] == 8 and run["failed"] == 0, run["first_error"]
+        records = run["requests"]
+        assert [r["asked_tokens"] for r in records] == asked
+        assert [r["output_tokens"] for r in records] == asked  # ignore_eos, counted by usage
+        assert all(0 < r["ttft_s"] <= r["e2el_s"] for r in records)
+        assert all(r["tpot_s"] > 0 and min(r["itls_s"]) >= 0 for r in records)
+        assert run["total_output_tokens"] == sum(asked) and run["input_tokens_known"]
+        assert run["ttft_ms"]["p50"] <= run["e2el_ms"]["p50"]
+        assert run["output_throughput"] == pytest.approx(sum(asked) / run["duration_s"])
+    # all at once: every request is sent before the first answer; at 4 req/s they spread out
+    assert max(r["start_s"] for r in inf_run["requests"]) < \
+        min(r["start_s"] + r["ttft_s"] for r in inf_run["requests"])
+    planned = np.cumsum(arrival_gaps(8, 4.0, seed=3))
+    assert all(r["start_s"] >= p - 0.01 for r, p in zip(paced_run["requests"], planned))
