@@ -61,8 +61,9 @@ class CpuBackend(AttentionBackend):
             tiled = plan.active_seqs
         for s in tiled:
             q0, q1 = int(plan.query_start_loc[s]), int(plan.query_start_loc[s + 1])
-            out[q0:q1] = attend_sequence_tiled(
-                query[q0:q1], key_cache, value_cache, meta.block_tables[s], int(plan.seq_lens[s]), params
+            attend_sequence_tiled(
+                query[q0:q1], key_cache, value_cache, meta.block_tables[s], int(plan.seq_lens[s]),
+                params, out[q0:q1],
             )
         return out
 

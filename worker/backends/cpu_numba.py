@@ -4,13 +4,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Reassociation lets LLVM vectorise the head_dim dot products; no "nnan"/"ninf" because the
-# kernel never produces infinities but must not be allowed to assume it away either.
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-_NEG_BIG = np.float32(-3.0e38)  # "minus infinity" that stays finite, so max - max is never NaN
+from worker.backends.cpu_simd import JIT_OPTIONS, exp_nonpositive, prefetch_token
+
+_NEG_BIG = np.float32(-3.0e38)  # a finite "minus infinity": max - max is never NaN
+TOKENS_PER_STEP = 4  # keys handled together, so each accumulator load/store serves four
+PREFETCH_AHEAD = 8  # tokens
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+@numba.njit(parallel=True, **JIT_OPTIONS)
 def paged_attention_fp32(
     query: np.ndarray,  # float32 [T, head_num, d]
     key_cache: np.ndarray,  # float32 [num_blocks, block_size, kv_head_num, d]
@@ -27,13 +28,12 @@ def paged_attention_fp32(
 ) -> None:
     """Attend the served sequences' query tokens to their cached K/V.
 
-    Each partition is a run of one sequence's KV positions, scored against all that sequence's
-    query rows (every query token x every head) in one sweep, so the cache is read block by
-    block in memory order. Partitions give both cores work when there are few sequences; a
-    second pass merges each sequence's partitions with their softmax max and sum.
+    A partition is a run of one sequence's KV positions, scored against all of that sequence's
+    query rows (query token x head) in one sweep over the cache in block order, so each cached
+    vector is read once per step. Partitions give every thread work when sequences are few or
+    uneven; a second parallel loop merges each sequence's partitions by their softmax max and sum.
     """
     head_num = query.shape[1]
-    head_dim = query.shape[2]
     num_parts = part_seq.shape[0]
     part_row_start = np.empty(num_parts + 1, dtype=np.int64)
     part_row_start[0] = 0
@@ -42,7 +42,7 @@ def paged_attention_fp32(
         q_len = query_start_loc[seq + 1] - query_start_loc[seq]
         part_row_start[p + 1] = part_row_start[p] + q_len * head_num
     total_rows = part_row_start[num_parts]
-    acc = np.empty((total_rows, head_dim), dtype=np.float32)
+    acc = np.empty((total_rows, query.shape[2]), dtype=np.float32)
     row_max = np.empty(total_rows, dtype=np.float32)
     row_sum = np.empty(total_rows, dtype=np.float32)
 
@@ -58,70 +58,204 @@ def paged_attention_fp32(
 
     for s in numba.prange(seq_part_start.shape[0] - 1):
         p0, p1 = seq_part_start[s], seq_part_start[s + 1]
-        seq = part_seq[p0]
         _merge_partitions(
-            acc, row_max, row_sum, part_row_start[p0:p1 + 1], query_start_loc[seq], head_num, out,
+            acc, row_max, row_sum, part_row_start[p0:p1 + 1],
+            query_start_loc[part_seq[p0]], head_num, out,
         )
 
 
-@numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)
+@numba.njit(**JIT_OPTIONS)
 def _attend_partition(query, key_cache, value_cache, block_table, q0, q1, kv_len, kv_start,
                       kv_end, qk_scale, acc, row_max, row_sum):
-    """Unnormalised attention of all query rows of one sequence over KV positions
-    [kv_start, kv_end): fills acc (sum of p * v), row_max and row_sum (sum of p)."""
-    block_size = key_cache.shape[1]
+    """Unnormalised attention of one sequence's query rows over KV positions [kv_start, kv_end).
+
+    Rows are ``j * head_num + head`` for query token j. Fills acc (sum of p * v), row_max and
+    row_sum (sum of p), where p = exp(score - row_max). Keys go in steps of four; a key a row
+    may not see (causality, or padding past kv_end) gets score -inf-like and p exactly 0.
+    """
     head_num = query.shape[1]
-    head_dim = query.shape[2]
-    group = head_num // key_cache.shape[2]
-    q_len = q1 - q0
-    rows = q_len * head_num
-    first_pos = kv_len - q_len  # KV position of this step's first query token
-    q = np.empty((rows, head_dim), dtype=np.float32)
+    rows = (q1 - q0) * head_num
+    q = np.empty((rows, query.shape[2]), dtype=np.float32)
     for r in range(rows):
-        for c in range(head_dim):
+        for c in range(query.shape[2]):
             q[r, c] = query[q0 + r // head_num, r % head_num, c] * qk_scale
+    first_pos = kv_len - (q1 - q0)  # KV position of this step's first query token
+    num_steps = (kv_end - kv_start + TOKENS_PER_STEP - 1) // TOKENS_PER_STEP
+    scores = np.empty((num_steps * TOKENS_PER_STEP, rows), dtype=np.float32)
 
-    # Pass 1: scores, token-major so each cached token's K is loaded once for all rows.
-    span = kv_end - kv_start
-    scores = np.empty((span, rows), dtype=np.float32)
     row_max[:] = _NEG_BIG
-    for t in range(kv_start, kv_end):
-        k = key_cache[block_table[t // block_size], t % block_size]
-        visible_from = max(0, t - first_pos) * head_num  # rows of earlier tokens can't see t
-        for r in range(visible_from, rows):
-            kh = (r % head_num) // group
-            s = np.float32(0.0)
-            for c in range(head_dim):
-                s += q[r, c] * k[kh, c]
-            scores[t - kv_start, r] = s
-            if s > row_max[r]:
-                row_max[r] = s
+    for step in range(num_steps):
+        t0 = kv_start + step * TOKENS_PER_STEP
+        _prefetch_ahead(key_cache, block_table, t0, kv_end)
+        k0, k1, k2, k3 = _token_rows(key_cache, block_table, t0, kv_end)
+        s = scores[step * TOKENS_PER_STEP:(step + 1) * TOKENS_PER_STEP]
+        for j in range(max(0, t0 - first_pos), q1 - q0):
+            _score_query(q, j * head_num, head_num, key_cache.shape[2], k0, k1, k2, k3, s)
+        _mask_step(s, t0, kv_end, first_pos, head_num)
+        for i in range(TOKENS_PER_STEP):
+            for r in range(rows):
+                row_max[r] = max(row_max[r], s[i, r])
 
-    # Pass 2: probabilities and the weighted sum of values.
+    for i in range(scores.shape[0]):
+        for r in range(rows):
+            scores[i, r] = exp_nonpositive(scores[i, r] - row_max[r])
+
     acc[:] = 0.0
     row_sum[:] = 0.0
-    for t in range(kv_start, kv_end):
-        v = value_cache[block_table[t // block_size], t % block_size]
-        visible_from = max(0, t - first_pos) * head_num
-        for r in range(visible_from, rows):
-            kh = (r % head_num) // group
-            p = np.exp(scores[t - kv_start, r] - row_max[r])
-            row_sum[r] += p
-            for c in range(head_dim):
-                acc[r, c] += p * v[kh, c]
+    for step in range(num_steps):
+        t0 = kv_start + step * TOKENS_PER_STEP
+        _prefetch_ahead(value_cache, block_table, t0, kv_end)
+        v0, v1, v2, v3 = _token_rows(value_cache, block_table, t0, kv_end)
+        p = scores[step * TOKENS_PER_STEP:(step + 1) * TOKENS_PER_STEP]
+        for i in range(TOKENS_PER_STEP):
+            for r in range(rows):
+                row_sum[r] += p[i, r]
+        for j in range(max(0, t0 - first_pos), q1 - q0):
+            _accumulate_query(p, j * head_num, head_num, key_cache.shape[2], v0, v1, v2, v3, acc)
 
 
-@numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _token_rows(cache, block_table, t0, kv_end):
+    """The [kv_heads, d] rows of tokens t0..t0+3; past kv_end the last token stands in (masked)."""
+    block_size = cache.shape[1]
+    t1 = min(t0 + 1, kv_end - 1)
+    t2 = min(t0 + 2, kv_end - 1)
+    t3 = min(t0 + 3, kv_end - 1)
+    return (
+        cache[block_table[t0 // block_size], t0 % block_size],
+        cache[block_table[t1 // block_size], t1 % block_size],
+        cache[block_table[t2 // block_size], t2 % block_size],
+        cache[block_table[t3 // block_size], t3 % block_size],
+    )
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _prefetch_ahead(cache, block_table, t0, kv_end):
+    block_size = cache.shape[1]
+    for t in range(t0 + PREFETCH_AHEAD, min(t0 + PREFETCH_AHEAD + TOKENS_PER_STEP, kv_end)):
+        prefetch_token(cache, block_table[t // block_size], t % block_size)
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _mask_step(s, t0, kv_end, first_pos, head_num):
+    """Score rows of query tokens that may not see key t0 + i (and padding keys) become -big."""
+    for i in range(TOKENS_PER_STEP):
+        t = t0 + i
+        hidden_rows = s.shape[1] if t >= kv_end else max(0, t - first_pos) * head_num
+        for r in range(hidden_rows):
+            s[i, r] = _NEG_BIG
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _score_query(q, r0, head_num, kv_heads, k0, k1, k2, k3, s):
+    """s[i, r] = q[r] . k_i[kv head of r] for one query token's rows r0..r0 + head_num. Heads
+    sharing a KV head go four at a time, so each loaded key element feeds sixteen products."""
+    group = head_num // kv_heads
+    for kh in range(kv_heads):
+        r = r0 + kh * group
+        g = 0
+        while g + 4 <= group:
+            _dot_4x4(q, r + g, kh, k0, k1, k2, k3, s)
+            g += 4
+        while g < group:
+            _dot_1x4(q, r + g, kh, k0, k1, k2, k3, s)
+            g += 1
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _accumulate_query(p, r0, head_num, kv_heads, v0, v1, v2, v3, acc):
+    """acc[r] += sum_i p[i, r] * v_i[kv head of r] for one query token's rows."""
+    group = head_num // kv_heads
+    for kh in range(kv_heads):
+        r = r0 + kh * group
+        g = 0
+        while g + 4 <= group:
+            _axpy_4x4(p, r + g, kh, v0, v1, v2, v3, acc)
+            g += 4
+        while g < group:
+            _axpy_1x4(p, r + g, kh, v0, v1, v2, v3, acc)
+            g += 1
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _dot_4x4(q, r, kh, k0, k1, k2, k3, s):
+    """Rows r..r+3 against four keys: sixteen independent sums that LLVM vectorises over c."""
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = np.float32(0.0)
+    a30 = a31 = a32 = a33 = np.float32(0.0)
+    for c in range(q.shape[1]):
+        x0, x1, x2, x3 = k0[kh, c], k1[kh, c], k2[kh, c], k3[kh, c]
+        y0, y1, y2, y3 = q[r, c], q[r + 1, c], q[r + 2, c], q[r + 3, c]
+        a00 += y0 * x0
+        a01 += y0 * x1
+        a02 += y0 * x2
+        a03 += y0 * x3
+        a10 += y1 * x0
+        a11 += y1 * x1
+        a12 += y1 * x2
+        a13 += y1 * x3
+        a20 += y2 * x0
+        a21 += y2 * x1
+        a22 += y2 * x2
+        a23 += y2 * x3
+        a30 += y3 * x0
+        a31 += y3 * x1
+        a32 += y3 * x2
+        a33 += y3 * x3
+    s[0, r], s[1, r], s[2, r], s[3, r] = a00, a01, a02, a03
+    s[0, r + 1], s[1, r + 1], s[2, r + 1], s[3, r + 1] = a10, a11, a12, a13
+    s[0, r + 2], s[1, r + 2], s[2, r + 2], s[3, r + 2] = a20, a21, a22, a23
+    s[0, r + 3], s[1, r + 3], s[2, r + 3], s[3, r + 3] = a30, a31, a32, a33
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _dot_1x4(q, r, kh, k0, k1, k2, k3, s):
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for c in range(q.shape[1]):
+        y = q[r, c]
+        a0 += y * k0[kh, c]
+        a1 += y * k1[kh, c]
+        a2 += y * k2[kh, c]
+        a3 += y * k3[kh, c]
+    s[0, r], s[1, r], s[2, r], s[3, r] = a0, a1, a2, a3
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _axpy_4x4(p, r, kh, v0, v1, v2, v3, acc):
+    """acc rows r..r+3 += their four probabilities times the four values: one load and store
+    of each accumulator per four keys."""
+    p00, p01, p02, p03 = p[0, r], p[1, r], p[2, r], p[3, r]
+    p10, p11, p12, p13 = p[0, r + 1], p[1, r + 1], p[2, r + 1], p[3, r + 1]
+    p20, p21, p22, p23 = p[0, r + 2], p[1, r + 2], p[2, r + 2], p[3, r + 2]
+    p30, p31, p32, p33 = p[0, r + 3], p[1, r + 3], p[2, r + 3], p[3, r + 3]
+    for c in range(acc.shape[1]):
+        x0, x1, x2, x3 = v0[kh, c], v1[kh, c], v2[kh, c], v3[kh, c]
+        acc[r, c] += p00 * x0 + p01 * x1 + p02 * x2 + p03 * x3
+        acc[r + 1, c] += p10 * x0 + p11 * x1 + p12 * x2 + p13 * x3
+        acc[r + 2, c] += p20 * x0 + p21 * x1 + p22 * x2 + p23 * x3
+        acc[r + 3, c] += p30 * x0 + p31 * x1 + p32 * x2 + p33 * x3
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _axpy_1x4(p, r, kh, v0, v1, v2, v3, acc):
+    p0, p1, p2, p3 = p[0, r], p[1, r], p[2, r], p[3, r]
+    for c in range(acc.shape[1]):
+        acc[r, c] += p0 * v0[kh, c] + p1 * v1[kh, c] + p2 * v2[kh, c] + p3 * v3[kh, c]
+
+
+@numba.njit(**JIT_OPTIONS)
 def _merge_partitions(acc, row_max, row_sum, part_rows, q0, head_num, out):
     """Combine one sequence's partition results (rows part_rows[i]:part_rows[i+1]) into out."""
     rows = part_rows[1] - part_rows[0]
     head_dim = acc.shape[1]
+    merged = np.empty(head_dim, dtype=np.float32)
     for r in range(rows):
         best = _NEG_BIG
         for i in range(part_rows.shape[0] - 1):
             best = max(best, row_max[part_rows[i] + r])
         total = np.float32(0.0)
-        merged = np.zeros(head_dim, dtype=np.float32)
+        merged[:] = 0.0
         for i in range(part_rows.shape[0] - 1):
             pr = part_rows[i] + r
             weight = np.exp(row_max[pr] - best)

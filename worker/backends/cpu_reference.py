@@ -16,24 +16,22 @@ def attend_sequence_tiled(
     block_table: torch.Tensor,
     kv_len: int,
     params: SelfAttentionParams,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
     """Causal attention of one sequence's query tokens ``[q_len, head_num, d]`` (the last q_len of
-    its kv_len positions) over its paged K/V. Scores exist one tile at a time, so memory grows
-    linearly with the sequence, never as q_len x kv_len. Returns ``[q_len, head_num, d]``."""
+    its kv_len positions) over its paged K/V, written into ``out`` (shaped like query). Scores
+    exist one tile at a time, so memory grows linearly with the sequence, never as q_len x kv_len."""
     q_len = query.shape[0]
-    group = params.head_num // params.kv_head_num
-    # Rows of one KV head are (query token, head in its group) pairs: [kv_heads, q_len * group, d].
-    rows = query.float().view(q_len, params.kv_head_num, group, -1).permute(1, 0, 2, 3)
-    rows = rows.reshape(params.kv_head_num, q_len * group, -1) * params.qk_scale
-    out = torch.empty_like(rows)
+    kv_heads, group = params.kv_head_num, params.head_num // params.kv_head_num
     for q_start in range(0, q_len, QUERY_TILE):
         q_end = min(q_len, q_start + QUERY_TILE)
-        tile = rows[:, q_start * group:q_end * group]
-        out[:, q_start * group:q_end * group] = _attend_query_tile(
-            tile, key_cache, value_cache, block_table, kv_len - q_len + q_start, group
-        )
-    out = out.view(params.kv_head_num, q_len, group, -1).permute(1, 0, 2, 3)
-    return out.reshape(q_len, params.head_num, -1).to(query.dtype)
+        n = q_end - q_start
+        # A KV head's rows are its (query token, head in group) pairs: [kv_heads, n * group, d].
+        rows = query[q_start:q_end].float().view(n, kv_heads, group, -1).transpose(0, 1)
+        rows = rows.reshape(kv_heads, n * group, -1) * params.qk_scale
+        first_pos = kv_len - q_len + q_start
+        result = _attend_query_tile(rows, key_cache, value_cache, block_table, first_pos, group)
+        out[q_start:q_end] = result.view(kv_heads, n, group, -1).transpose(0, 1).flatten(1, 2)
 
 
 def _attend_query_tile(rows, key_cache, value_cache, block_table, first_pos, group):

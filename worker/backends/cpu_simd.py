@@ -1,0 +1,78 @@
+"""Low-level numba helpers for the CPU attention kernel: a vectorisable exp and a cache prefetch."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+# Reassociation lets LLVM vectorise reductions (the head_dim dot products); no "nnan"/"ninf":
+# the kernel keeps every value finite and must not let the compiler assume more than that.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+JIT_OPTIONS = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+
+_LOG2_E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693145751953125)  # ln 2 split in two so that n * _LN2_HI is exact
+_LN2_LO = np.float32(1.428606765330187e-06)
+_EXP_FLOOR = np.float32(-87.0)  # below this exp(x) < 1.7e-38: returned as exactly 0
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret an int32 as float32 (a bitcast LLVM vectorises, unlike libm's ldexpf)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def exp_nonpositive(x):
+    """exp(x) for float32 x <= 0, in plain arithmetic so that loops calling it vectorise (libm's
+    expf is a scalar call). e**x = 2**n * e**r with |r| <= ln2 / 2 and a degree-6 Taylor
+    polynomial: relative error under 5e-7. Inputs below -87 give exactly 0."""
+    clamped = max(x, _EXP_FLOOR)
+    n = np.floor(clamped * _LOG2_E + np.float32(0.5))
+    r = clamped - n * _LN2_HI - n * _LN2_LO
+    poly = np.float32(1.0 / 720.0)
+    poly = poly * r + np.float32(1.0 / 120.0)
+    poly = poly * r + np.float32(1.0 / 24.0)
+    poly = poly * r + np.float32(1.0 / 6.0)
+    poly = poly * r + np.float32(0.5)
+    poly = poly * r + np.float32(1.0)
+    poly = poly * r + np.float32(1.0)
+    result = poly * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    return np.float32(0.0) if x < _EXP_FLOOR else result
+
+
+@intrinsic
+def prefetch_token(typingctx, cache, block, offset):
+    """Ask for ``cache[block, offset]`` (one token's rows of a C-contiguous 4-d cache) to be
+    pulled into the CPU cache, one line at a time. A token's rows span whole pages for common
+    shapes (8 KV heads x 128 x fp32 = 4 KiB) and blocks lie anywhere, so the hardware prefetcher
+    keeps starting cold; prefetching a few tokens ahead hides that latency."""
+    def codegen(context, builder, signature, args):
+        cache_type = signature.args[0]
+        array = context.make_array(cache_type)(context, builder, args[0])
+        intp = context.get_value_type(types.intp)
+        zero = ir.Constant(intp, 0)
+        index = [
+            context.cast(builder, args[1], signature.args[1], types.intp),
+            context.cast(builder, args[2], signature.args[2], types.intp),
+            zero,
+            zero,
+        ]
+        start = cgutils.get_item_pointer(context, builder, cache_type, array, index)
+        byte_ptr = ir.IntType(8).as_pointer()
+        prefetch_type = ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3)
+        prefetch = cgutils.get_or_insert_function(builder.module, prefetch_type, "llvm.prefetch.p0i8")
+        base = builder.bitcast(start, byte_ptr)
+        token_bytes = cgutils.unpack_tuple(builder, array.strides, cache_type.ndim)[1]
+        read, keep_in_all_levels, data = (ir.Constant(ir.IntType(32), v) for v in (0, 3, 1))
+        with cgutils.for_range_slice(builder, zero, token_bytes, ir.Constant(intp, 64)) as (offset_bytes, _):
+            builder.call(prefetch, [builder.gep(base, [offset_bytes]), read, keep_in_all_levels, data])
+        return context.get_dummy_value()
+
+    return types.void(cache, block, offset), codegen
