@@ -164,29 +164,38 @@ def prefill_case(repeats):
 
 
 PEAK_MEMORY_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 sys.path.insert(0, sys.argv[3])
 from benchmarks.attention import HEADS, HEAD_DIM, KV_HEADS, THREADS, paged_forward, paged_step
 from worker.attention import SelfAttentionParams
 from worker.backends.cpu import CpuBackend
+
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
 torch.set_num_threads(THREADS)
 tokens, kernel = int(sys.argv[1]), sys.argv[2]
 params = SelfAttentionParams(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5)
 paged_forward(CpuBackend(kernel=kernel), paged_step(1, 0, 64, 128), params)()  # lazy imports
 step = paged_step(1, 0, tokens, 128)
 run = paged_forward(CpuBackend(kernel=kernel), step, params)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # restart the peak-RSS (VmHWM) count from the current RSS
+before = kib("VmRSS")
 start = time.perf_counter()
-run()
+out = run()
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_growth_mib": round((after - before) / 1024, 1), "seconds": round(seconds, 2)}))
+print(json.dumps({
+    "peak_growth_mib": round((kib("VmHWM") - before) / 1024, 1),
+    "output_mib": round(out.numel() * 4 / 2**20, 1),
+    "seconds": round(seconds, 2),
+}))
 """
 
 
 def long_prefill_memory(tokens, kernel):
-    """Peak RSS growth of one prefill, in a fresh process (ru_maxrss is a high-water mark)."""
+    """Peak RSS growth over one prefill (Linux VmHWM, reset just before), in a fresh process."""
     repo = str(Path(__file__).resolve().parents[1])
     out = subprocess.run(
         [sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(tokens), kernel, repo],

@@ -168,8 +168,21 @@ def test_bf16_matches_naive(kernel, block_size):
     run_and_check(case, backend, tolerance=2e-2)
 
 
+def test_empty_step_returns_empty_output():
+    backend = CpuBackend()
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.int32),
+                             block_tables=torch.zeros(0, 1, dtype=torch.int32),
+                             query_start_loc=[0], seq_lens=[])
+    cache = torch.zeros(2, 16, 2, 64)
+    params = SelfAttentionParams(4, 2, 64, 0.125)
+    empty = torch.zeros(0, 2, 64)
+    out = backend.forward(torch.zeros(0, 4, 64), empty, empty, cache, cache, meta, params)
+    assert out.shape == (0, 4, 64)
+
+
 def test_attend_without_prepare_plans_itself():
     backend = CpuBackend()
+    backend.warm_up()
     case = build_case([SeqSpec(20, 1), SeqSpec(0, 5)], 16, 4, 2, 64, torch.float32, 3, backend)
     out = backend.forward(case.query, case.key, case.value, case.key_cache, case.value_cache,
                           case.meta, case.params)

@@ -49,7 +49,7 @@ class CpuBackend(AttentionBackend):
         )
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, params: SelfAttentionParams):
-        _check_shapes(query, key_cache, meta, params)
+        _check_shapes(query, key_cache, value_cache, meta, params)
         plan = self._plan_for(meta)
         _check_block_tables(plan, key_cache)
         out = torch.empty(query.shape, dtype=query.dtype)
@@ -67,6 +67,21 @@ class CpuBackend(AttentionBackend):
             )
         return out
 
+    def warm_up(self) -> None:
+        """Compile the fast kernel now (or load it from numba's on-disk cache) instead of during
+        the first decode step; see the benchmark for the seconds this takes. No-op for reference."""
+        if self.kernel != "fast":
+            return
+        params = SelfAttentionParams(head_num=2, kv_head_num=1, head_dim=8, qk_scale=1.0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(2, dtype=torch.int32),
+            block_tables=torch.zeros(1, 1, dtype=torch.int32),
+            query_start_loc=[0, 2],
+            seq_lens=[2],
+        )
+        cache = torch.zeros(1, 4, 1, 8)
+        self.attend(torch.zeros(2, 2, 8), cache, cache, meta, params)
+
     def _plan_for(self, meta: AttentionMetadata) -> CpuStepPlan:
         if not isinstance(meta.backend_state, CpuStepPlan):  # the caller skipped prepare()
             self.prepare(meta)
@@ -81,8 +96,10 @@ def _kernel_threads() -> int:
 
 
 def _kernel_accepts(query, key_cache, value_cache) -> bool:
-    tensors = (query, key_cache, value_cache)
-    return all(t.dtype == torch.float32 for t in tensors) and key_cache.is_contiguous() and value_cache.is_contiguous()
+    """The numba kernel is fp32 only and indexes the caches as C-contiguous arrays."""
+    if any(t.dtype != torch.float32 for t in (query, key_cache, value_cache)):
+        return False
+    return key_cache.is_contiguous() and value_cache.is_contiguous()
 
 
 def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -> None:
@@ -92,14 +109,14 @@ def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -
 
     numba.set_num_threads(_kernel_threads())
     paged_attention_fp32(
-        query.contiguous().numpy(), key_cache.numpy(), value_cache.numpy(),
+        query.detach().contiguous().numpy(), key_cache.detach().numpy(), value_cache.detach().numpy(),
         plan.block_tables, plan.query_start_loc, plan.seq_lens,
         plan.part_seq, plan.part_kv_start, plan.part_kv_end, plan.seq_part_start,
         float(params.qk_scale), out.numpy(),
     )
 
 
-def _check_shapes(query, key_cache, meta: AttentionMetadata, params: SelfAttentionParams) -> None:
+def _check_shapes(query, key_cache, value_cache, meta: AttentionMetadata, params) -> None:
     expected_query = (meta.num_tokens, params.head_num, params.head_dim)
     if tuple(query.shape) != expected_query:
         raise ValueError(
@@ -111,11 +128,18 @@ def _check_shapes(query, key_cache, meta: AttentionMetadata, params: SelfAttenti
             f"caches must be [num_blocks, block_size, kv_head_num={params.kv_head_num}, "
             f"head_dim={params.head_dim}], got {list(key_cache.shape)}"
         )
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(
+            f"value_cache {list(value_cache.shape)} must match key_cache {list(key_cache.shape)}"
+        )
 
 
 def _check_block_tables(plan: CpuStepPlan, key_cache) -> None:
-    """The kernel reads blocks unchecked, so a bad table must fail here, not read stray memory."""
+    """The kernel reads blocks unchecked, so a bad table must fail here, not read stray memory.
+    Checked once per step and cache shape: every layer has the same."""
     num_blocks, block_size = key_cache.shape[:2]
+    if plan.checked_cache_shape == (num_blocks, block_size):
+        return
     tables = plan.block_tables[: len(plan.seq_lens)]
     blocks_needed = -(-plan.seq_lens // block_size)
     if blocks_needed.size and blocks_needed.max() > tables.shape[1]:
@@ -128,3 +152,4 @@ def _check_block_tables(plan: CpuStepPlan, key_cache) -> None:
         raise ValueError(
             f"block_tables holds block ids outside [0, {num_blocks}): [{used.min()}, {used.max()}]"
         )
+    plan.checked_cache_shape = (num_blocks, block_size)

@@ -31,6 +31,8 @@ class CpuStepPlan:
     seq_part_start: np.ndarray  # int64 [S + 1]
     tiled_seqs: list[int]
     active_seqs: list[int]  # every sequence with at least one query token
+    # (num_blocks, block_size) the block tables were last checked against; layers share it.
+    checked_cache_shape: tuple[int, int] | None = None
 
     @property
     def has_kernel_work(self) -> bool:
