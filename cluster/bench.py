@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.jobs_file import read_jsonl
+
 ARRIVALS = ("poisson", "gamma")
 SLO_NAMES = ("ttft", "tpot", "e2el")
 DONE = object()  # what parse_sse_line returns for the stream's closing `data: [DONE]`
@@ -82,18 +84,7 @@ def load_dataset(path: str | Path, count: int, default_max_tokens: int) -> list[
     """``count`` requests from a JSONL file of {"prompt": text or token ids, "max_tokens": n}
     lines (other keys ignored), cycling through the file if it is shorter; errors name the line."""
     _check_count(count)
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise OSError(f"cannot read dataset {path}: {exc.strerror}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                records.append(_dataset_record(line, default_max_tokens))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: {exc}") from None
+    records = read_jsonl(path, lambda line: _dataset_record(line, default_max_tokens), "dataset")
     if not records:
         raise ValueError(f"dataset {path} holds no prompts")
     return [records[i % len(records)] for i in range(count)]

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -18,21 +22,28 @@ class Job:
 def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:
     """One job per line: ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}``, plus optional
     sampling fields and ``priority``; errors name the file and line."""
+    jobs = read_jsonl(path, lambda line: _parse_line(line, defaults), "prompts file")
+    if not jobs:
+        raise InvalidRequestError(f"{path} holds no jobs")
+    return jobs
+
+
+def read_jsonl(path: str | Path, parse: Callable[[str], T], what: str) -> list[T]:
+    """``parse`` applied to every non-blank line; its ValueError comes back prefixed with
+    ``path:line``, as the same error class."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise InvalidRequestError(f"cannot read prompts file {path}: {exc.strerror}") from None
-    jobs = []
+        raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
+    records = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
-                jobs.append(_parse_line(line, defaults))
-            except InvalidRequestError as exc:
-                raise InvalidRequestError(f"{path}:{number}: {exc}") from None
-    if not jobs:
-        raise InvalidRequestError(f"{path} holds no jobs")
-    return jobs
+                records.append(parse(line))
+            except ValueError as exc:
+                raise type(exc)(f"{path}:{number}: {exc}") from None
+    return records
 
 
 def _parse_line(line: str, defaults: dict) -> Job:
