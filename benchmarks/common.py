@@ -57,6 +57,9 @@ def summary_ms(seconds: list[float]) -> dict:
             "p99_ms": round(percentile(ms, 99), 4), "max_ms": round(max(ms), 4), "count": len(ms)}
 
 
+THREADING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
+
+
 def machine_info() -> dict:
     return {
         "python": platform.python_version(),
@@ -65,7 +68,18 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "processor": platform.processor() or platform.machine(),
+        "threading_env": {name: os.environ.get(name) for name in THREADING_ENV},
     }
+
+
+def numba_threading_layer() -> str | None:
+    """The layer numba's parallel kernels ran on, or None if none has run in this process."""
+    try:
+        import numba
+
+        return numba.threading_layer()
+    except (ImportError, ValueError):  # ValueError: no parallel kernel has run yet
+        return None
 
 
 def random_token_ids(generator: torch.Generator, length: int, vocab_size: int) -> list[int]:

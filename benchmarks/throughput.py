@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (LlamaShape, MatmulReplay, StepShape, build_random_llama,
-                               emit_json, machine_info, progress, random_token_ids,
-                               step_matmul_flops, stopwatch, summary_ms, uniform_ints)
+                               emit_json, machine_info, numba_threading_layer, progress,
+                               random_token_ids, step_matmul_flops, stopwatch, summary_ms,
+                               uniform_ints)
 from cluster.llm import LLM
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher
@@ -126,8 +127,17 @@ def warmed_llm(model_dir: Path, shape: LlamaShape, **options) -> LLM:
     return llm
 
 
-def run_engine(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> tuple[dict, list]:
-    """Generate everything at once (all jobs arrive at t=0); returns figures and the jobs."""
+@dataclass(slots=True)
+class EngineRun:
+    """One timed ``generate``: the reported figures, the jobs, and the steps it executed."""
+
+    figures: dict
+    jobs: list
+    recorder: StepRecorder
+
+
+def run_engine(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> EngineRun:
+    """Generate everything at once (all jobs arrive at t=0)."""
     kv_before, stats_before = llm.engine.kv.stats(), llm.engine.stats()
     recorder = StepRecorder(llm.engine.runner)
     try:
@@ -160,7 +170,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> tu
         "prompt_tokens_computed": stats_after.prompt_tokens - stats_before.prompt_tokens,
         "prefix_hit_rate": round(hits / queried, 4) if queried else 0.0,
     }
-    return figures | {"_recorder": recorder}, jobs
+    return EngineRun(figures, jobs, recorder)
 
 
 def section_pagedserve(ctx: "Context") -> dict:
@@ -168,14 +178,13 @@ def section_pagedserve(ctx: "Context") -> dict:
     llm = warmed_llm(ctx.model_dir, ctx.shape)
     prompts = uniform_prompts(ctx.workload, ctx.shape.vocab_size, salt=1)
     progress(f"pagedserve: {len(prompts)} requests x {ctx.workload.output_len} output tokens")
-    figures, jobs = run_engine(llm, prompts, [ctx.workload.output_len] * len(prompts))
-    ctx.pagedserve_tokens = [job.outputs[0].token_ids for job in jobs]
-    progress(f"pagedserve: {figures['output_tokens_per_s']} output tok/s")
-    return figures
+    ctx.pagedserve_run = run = run_engine(llm, prompts, [ctx.workload.output_len] * len(prompts))
+    progress(f"pagedserve: {run.figures['output_tokens_per_s']} output tok/s")
+    return run.figures
 
 
-def section_roofline(ctx: "Context", pagedserve: dict) -> dict:
-    recorder: StepRecorder = pagedserve["_recorder"]
+def section_roofline(ctx: "Context") -> dict:
+    pagedserve, recorder = ctx.pagedserve_run.figures, ctx.pagedserve_run.recorder
     steps = recorder.steps
     progress(f"roofline: replaying the matmuls of {len(steps)} engine steps")
     replay = MatmulReplay(ctx.shape, seed=ctx.workload.seed)
@@ -332,8 +341,7 @@ def section_variable_output(ctx: "Context") -> dict:
     lens = variable_output_lengths(ctx.workload)
     progress(f"variable_output: pagedserve, {sum(lens)} output tokens")
     llm = warmed_llm(ctx.model_dir, ctx.shape)
-    figures, _ = run_engine(llm, prompts, lens)
-    figures.pop("_recorder")
+    figures = run_engine(llm, prompts, lens).figures
     result = {"output_len_range": list(ctx.workload.variable_output_len), "pagedserve": figures}
     if ctx.hf_model is not None:
         progress("variable_output: hf static generate")
@@ -352,9 +360,7 @@ def section_shared_prefix(ctx: "Context") -> dict:
         label = "prefix_caching_on" if caching else "prefix_caching_off"
         progress(f"shared_prefix: {label}")
         llm = warmed_llm(ctx.model_dir, ctx.shape, enable_prefix_caching=caching)
-        figures, _ = run_engine(llm, prompts, lens)
-        figures.pop("_recorder")
-        result[label] = figures
+        result[label] = run_engine(llm, prompts, lens).figures
     on, off = result["prefix_caching_on"], result["prefix_caching_off"]
     result["throughput_ratio_on_vs_off"] = round(
         on["output_tokens_per_s"] / off["output_tokens_per_s"], 3)
@@ -416,7 +422,14 @@ class Context:
     shape: LlamaShape
     model_dir: Path
     hf_model: object = None
-    pagedserve_tokens: list | None = None
+    pagedserve_run: EngineRun | None = None
+
+    @property
+    def pagedserve_tokens(self) -> list[list[int]] | None:
+        """The headline run's output tokens, to check the baselines produced the same text."""
+        if self.pagedserve_run is None:
+            return None
+        return [job.outputs[0].token_ids for job in self.pagedserve_run.jobs]
 
 
 def goals(report: dict) -> dict:
@@ -442,19 +455,16 @@ def _goal(measured: float, target: float, *, at_least: bool) -> dict:
 
 def run_sections(ctx: Context, wanted: list[str]) -> dict:
     report: dict = {}
-    needs_paged = {"pagedserve", "roofline"} & set(wanted)
-    if needs_paged:
+    if {"pagedserve", "roofline"} & set(wanted):
         report["pagedserve"] = section_pagedserve(ctx)
     if "roofline" in wanted:
-        report["roofline"] = section_roofline(ctx, report["pagedserve"])
+        report["roofline"] = section_roofline(ctx)
     simple = {"hf_static": section_hf_static, "hf_continuous": section_hf_continuous,
               "variable_output": section_variable_output, "shared_prefix": section_shared_prefix,
               "scheduler_step": section_scheduler_step}
     for name in wanted:
         if name in simple:
             report[name] = simple[name](ctx)
-    if "pagedserve" in report:
-        report["pagedserve"].pop("_recorder")
     return report
 
 
@@ -495,6 +505,7 @@ def main(argv=None) -> None:
             "sections": wanted,
         }
         report |= run_sections(ctx, wanted)
+    report["machine"]["numba_threading_layer"] = numba_threading_layer()
     report["goals"] = goals(report)
     emit_json(report)
 
