@@ -237,19 +237,23 @@ def numba_first_call():
     return results
 
 
+CASES = ("first_call", "decode", "prefill", "memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 4096-token memory case")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     repeats = 8 if args.quick else 30
-    report = {
-        "threads": THREADS,
-        "numba_first_call": numba_first_call(),
-        "decode": [decode_case(bs, repeats) for bs in (16, 128)],
-        "prefill": prefill_case(max(3, repeats // 6)),
-        "long_prefill_memory": long_prefill_memory(4096 if args.quick else 8192, "reference"),
+    runners = {
+        "first_call": numba_first_call,
+        "decode": lambda: [decode_case(bs, repeats) for bs in (16, 128)],
+        "prefill": lambda: prefill_case(max(3, repeats // 6)),
+        "memory": lambda: long_prefill_memory(4096 if args.quick else 8192, "reference"),
     }
+    report = {"threads": THREADS, **{case: runners[case]() for case in args.cases}}
     print(json.dumps(report, indent=2))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from worker.attention import AttentionMetadata, SelfAttentionParams, paged_self_attention
 from worker.backends.cpu import CpuBackend
+from worker.backends.cpu_plan import plan_step
 
 KERNELS = ("fast", "reference")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +205,31 @@ def test_fast_and_reference_agree_on_kernel_boundary_query_lengths():
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_plan_covers_every_kv_position_once_and_balances_threads(num_threads):
+    seq_lens = [8192, 5, 300, 1, 2000] + [256] * 11
+    query_lens = [1, 2, 16, 1, 40] + [1] * 11
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(starts[-1], dtype=torch.int32),
+                             block_tables=torch.zeros(len(seq_lens), 1, dtype=torch.int32),
+                             query_start_loc=starts, seq_lens=seq_lens)
+    plan = plan_step(meta, max_kernel_query_len=16, num_threads=num_threads)
+    assert plan.tiled_seqs == [4]
+    served = [s for s in range(len(seq_lens)) if s != 4]
+    for i, seq in enumerate(served):
+        parts = range(plan.seq_part_start[i], plan.seq_part_start[i + 1])
+        assert all(plan.part_seq[p] == seq for p in parts)
+        covered = [pos for p in parts for pos in range(plan.part_kv_start[p], plan.part_kv_end[p])]
+        assert covered == list(range(seq_lens[seq]))
+    assert sorted(plan.thread_parts.tolist()) == list(range(len(plan.part_seq)))
+    cost = (plan.part_kv_end - plan.part_kv_start) * [query_lens[s] for s in plan.part_seq]
+    loads = [cost[plan.thread_parts[plan.thread_part_start[t]:plan.thread_part_start[t + 1]]].sum()
+             for t in range(num_threads)]
+    assert max(loads) - min(loads) <= cost.max()
+
+
 def test_write_kv_skips_slot_minus_one():
     backend = CpuBackend()
     key_cache = torch.randn(4, 8, 2, 16)
@@ -242,6 +268,7 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     from worker.attention import AttentionMetadata, SelfAttentionParams
     from worker.backends.cpu import CpuBackend
+from worker.backends.cpu_plan import plan_step
 
     def kib(field):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))

@@ -112,6 +112,7 @@ def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -
         query.detach().contiguous().numpy(), key_cache.detach().numpy(), value_cache.detach().numpy(),
         plan.block_tables, plan.query_start_loc, plan.seq_lens,
         plan.part_seq, plan.part_kv_start, plan.part_kv_end, plan.seq_part_start,
+        plan.thread_part_start, plan.thread_parts,
         float(params.qk_scale), out.numpy(),
     )
 

@@ -23,6 +23,8 @@ def paged_attention_fp32(
     part_kv_start: np.ndarray,  # int64 [P]: first KV position of the partition
     part_kv_end: np.ndarray,  # int64 [P]: one past its last KV position
     seq_part_start: np.ndarray,  # int64 [S + 1]: partitions of served sequence s are contiguous
+    thread_part_start: np.ndarray,  # int64 [threads + 1]: thread i runs partitions
+    thread_parts: np.ndarray,  # int64 [P]: thread_parts[thread_part_start[i]:[i + 1]]
     qk_scale: float,
     out: np.ndarray,  # float32 [T, head_num, d], written for the served sequences' tokens
 ) -> None:
@@ -31,7 +33,8 @@ def paged_attention_fp32(
     A partition is a run of one sequence's KV positions, scored against all of that sequence's
     query rows (query token x head) in one sweep over the cache in block order, so each cached
     vector is read once per step. Partitions give every thread work when sequences are few or
-    uneven; a second parallel loop merges each sequence's partitions by their softmax max and sum.
+    uneven; the plan deals them to threads by cost (numba's prange would split them by count).
+    A second parallel loop merges each sequence's partitions by their softmax max and sum.
     """
     head_num = query.shape[1]
     num_parts = part_seq.shape[0]
@@ -46,15 +49,16 @@ def paged_attention_fp32(
     row_max = np.empty(total_rows, dtype=np.float32)
     row_sum = np.empty(total_rows, dtype=np.float32)
 
-    for p in numba.prange(num_parts):
-        seq = part_seq[p]
-        r0, r1 = part_row_start[p], part_row_start[p + 1]
-        _attend_partition(
-            query, key_cache, value_cache, block_tables[seq],
-            query_start_loc[seq], query_start_loc[seq + 1], seq_lens[seq],
-            part_kv_start[p], part_kv_end[p], qk_scale,
-            acc[r0:r1], row_max[r0:r1], row_sum[r0:r1],
-        )
+    for thread in numba.prange(thread_part_start.shape[0] - 1):
+        for p in thread_parts[thread_part_start[thread]:thread_part_start[thread + 1]]:
+            seq = part_seq[p]
+            r0, r1 = part_row_start[p], part_row_start[p + 1]
+            _attend_partition(
+                query, key_cache, value_cache, block_tables[seq],
+                query_start_loc[seq], query_start_loc[seq + 1], seq_lens[seq],
+                part_kv_start[p], part_kv_end[p], qk_scale,
+                acc[r0:r1], row_max[r0:r1], row_sum[r0:r1],
+            )
 
     for s in numba.prange(seq_part_start.shape[0] - 1):
         p0, p1 = seq_part_start[s], seq_part_start[s + 1]

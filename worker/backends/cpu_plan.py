@@ -1,6 +1,7 @@
 """One step's CPU attention plan: metadata as numpy, sequences split between kernels, KV partitions."""
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ class CpuStepPlan:
     part_kv_start: np.ndarray  # int64 [P]
     part_kv_end: np.ndarray  # int64 [P]
     seq_part_start: np.ndarray  # int64 [S + 1]
+    thread_part_start: np.ndarray  # int64 [threads + 1]: thread i runs partitions
+    thread_parts: np.ndarray  # int64 [P]: thread_parts[thread_part_start[i]:[i + 1]]
     tiled_seqs: list[int]
     active_seqs: list[int]  # every sequence with at least one query token
     # (num_blocks, block_size) the block tables were last checked against; layers share it.
@@ -47,7 +50,9 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
     query_lens = np.diff(query_start_loc)
     kernel_seqs = [s for s in range(len(seq_lens)) if 0 < query_lens[s] <= max_kernel_query_len]
     tiled_seqs = [s for s in range(len(seq_lens)) if query_lens[s] > max_kernel_query_len]
+    num_threads = max(1, num_threads)
     parts = _partition(kernel_seqs, query_lens, seq_lens, num_threads)
+    thread_part_start, thread_parts = _assign_threads(*parts[:3], query_lens, num_threads)
     return CpuStepPlan(
         block_tables=np.ascontiguousarray(meta.block_tables.numpy(), dtype=np.int32),
         query_start_loc=query_start_loc,
@@ -56,6 +61,8 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
         part_kv_start=parts[1],
         part_kv_end=parts[2],
         seq_part_start=parts[3],
+        thread_part_start=thread_part_start,
+        thread_parts=thread_parts,
         tiled_seqs=tiled_seqs,
         active_seqs=[s for s in range(len(seq_lens)) if query_lens[s] > 0],
     )
@@ -89,12 +96,12 @@ def _partition(kernel_seqs, query_lens, seq_lens, num_threads):
     """Cut each kernel sequence's KV range into partitions of similar size, small enough that
     there are a few per thread and each partition's score buffer stays cache sized."""
     total_kv = int(sum(seq_lens[s] for s in kernel_seqs))
-    balanced = -(-total_kv // (PARTITIONS_PER_THREAD * max(1, num_threads)))
+    balanced = -(-total_kv // (PARTITIONS_PER_THREAD * num_threads))
     balanced = max(PARTITION_ALIGN, _round_up(balanced, PARTITION_ALIGN))
     part_seq, starts, ends, seq_part_start = [], [], [], [0]
     for s in kernel_seqs:
-        cap = max(PARTITION_ALIGN, SCORE_BUDGET // int(query_lens[s]) // PARTITION_ALIGN * PARTITION_ALIGN)
-        span = min(balanced, cap)
+        fits_budget = SCORE_BUDGET // int(query_lens[s]) // PARTITION_ALIGN * PARTITION_ALIGN
+        span = min(balanced, max(PARTITION_ALIGN, fits_budget))
         kv_len = int(seq_lens[s])
         for start in range(0, kv_len, span):
             part_seq.append(s)
@@ -102,6 +109,21 @@ def _partition(kernel_seqs, query_lens, seq_lens, num_threads):
             ends.append(min(kv_len, start + span))
         seq_part_start.append(len(part_seq))
     return tuple(np.asarray(v, dtype=np.int64) for v in (part_seq, starts, ends, seq_part_start))
+
+
+def _assign_threads(part_seq, part_kv_start, part_kv_end, query_lens, num_threads):
+    """Deal partitions to threads, largest first, each to the least loaded thread (cost: KV
+    positions x query tokens). Returns (thread_part_start [threads + 1], thread_parts [P])."""
+    costs = (part_kv_end - part_kv_start) * query_lens[part_seq]
+    loads = [(0, thread) for thread in range(num_threads)]
+    assigned = [[] for _ in range(num_threads)]
+    for p in np.argsort(-costs, kind="stable"):
+        load, thread = heapq.heappop(loads)
+        assigned[thread].append(int(p))
+        heapq.heappush(loads, (load + int(costs[p]), thread))
+    thread_part_start = np.cumsum([0] + [len(parts) for parts in assigned], dtype=np.int64)
+    thread_parts = np.asarray([p for parts in assigned for p in parts], dtype=np.int64)
+    return thread_part_start, thread_parts
 
 
 def _round_up(value: int, multiple: int) -> int:
