@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -69,7 +70,21 @@ def machine_info() -> dict:
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "processor": platform.processor() or platform.machine(),
         "threading_env": {name: os.environ.get(name) for name in THREADING_ENV},
+        "git": git_revision(),
     }
+
+
+def git_revision() -> str | None:
+    """HEAD of the checkout the benchmark ran from, with '+dirty' when tracked files differ."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def numba_threading_layer() -> str | None:
