@@ -9,12 +9,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from worker.attention import AttentionMetadata, SelfAttentionParams, paged_self_attention
 from worker.backends.cpu import CpuBackend
 from worker.backends.cpu_plan import plan_step
+from worker.backends.cpu_simd import exp_nonpositive
 
 KERNELS = ("fast", "reference")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,22 @@ def test_single_long_decode_spanning_many_partitions(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_chunk_whose_last_partition_is_hidden_from_its_first_queries(kernel):
+    """124 cached + 16 new: the KV partition [128, 140) holds no key that queries 0-3 may see."""
+    backend = CpuBackend(kernel=kernel)
+    case = build_case([SeqSpec(124, 16)], 16, 4, 2, 64, torch.float32, 13, backend)
+    run_and_check(case, backend, tolerance=1e-5)
+
+
+def test_vectorised_exp_matches_numpy():
+    x = np.concatenate([-np.geomspace(1e-8, 86.9, 2000), [0.0, -87.5, -1e30]]).astype(np.float32)
+    got = np.array([exp_nonpositive(v) for v in x])
+    expected = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(got - expected) <= 1e-6 * expected + 1e-38)
+    assert got[-1] == 0.0 and got[-2] == 0.0 and got[-3] == 1.0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_bf16_matches_naive(kernel, block_size):
     specs = [SeqSpec(0, 40), SeqSpec(33, 1), SeqSpec(100, 9)]
@@ -268,7 +286,6 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     from worker.attention import AttentionMetadata, SelfAttentionParams
     from worker.backends.cpu import CpuBackend
-from worker.backends.cpu_plan import plan_step
 
     def kib(field):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))

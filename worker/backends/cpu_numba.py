@@ -4,11 +4,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from worker.backends.cpu_simd import JIT_OPTIONS, exp_nonpositive, prefetch_token
+from worker.backends.cpu_simd import JIT_OPTIONS, exp_nonpositive
 
 _NEG_BIG = np.float32(-3.0e38)  # a finite "minus infinity": max - max is never NaN
 TOKENS_PER_STEP = 4  # keys handled together, so each accumulator load/store serves four
-PREFETCH_AHEAD = 8  # tokens
 
 
 @numba.njit(parallel=True, **JIT_OPTIONS)
@@ -90,7 +89,6 @@ def _attend_partition(query, key_cache, value_cache, block_table, q0, q1, kv_len
     row_max[:] = _NEG_BIG
     for step in range(num_steps):
         t0 = kv_start + step * TOKENS_PER_STEP
-        _prefetch_ahead(key_cache, block_table, t0, kv_end)
         k0, k1, k2, k3 = _token_rows(key_cache, block_table, t0, kv_end)
         s = scores[step * TOKENS_PER_STEP:(step + 1) * TOKENS_PER_STEP]
         for j in range(max(0, t0 - first_pos), q1 - q0):
@@ -108,7 +106,6 @@ def _attend_partition(query, key_cache, value_cache, block_table, q0, q1, kv_len
     row_sum[:] = 0.0
     for step in range(num_steps):
         t0 = kv_start + step * TOKENS_PER_STEP
-        _prefetch_ahead(value_cache, block_table, t0, kv_end)
         v0, v1, v2, v3 = _token_rows(value_cache, block_table, t0, kv_end)
         p = scores[step * TOKENS_PER_STEP:(step + 1) * TOKENS_PER_STEP]
         for i in range(TOKENS_PER_STEP):
@@ -131,13 +128,6 @@ def _token_rows(cache, block_table, t0, kv_end):
         cache[block_table[t2 // block_size], t2 % block_size],
         cache[block_table[t3 // block_size], t3 % block_size],
     )
-
-
-@numba.njit(inline="always", **JIT_OPTIONS)
-def _prefetch_ahead(cache, block_table, t0, kv_end):
-    block_size = cache.shape[1]
-    for t in range(t0 + PREFETCH_AHEAD, min(t0 + PREFETCH_AHEAD + TOKENS_PER_STEP, kv_end)):
-        prefetch_token(cache, block_table[t // block_size], t % block_size)
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)

@@ -1,10 +1,10 @@
-"""Low-level numba helpers for the CPU attention kernel: a vectorisable exp and a cache prefetch."""
+"""Low-level numba helpers for the CPU attention kernel: jit options and a vectorisable exp."""
 from __future__ import annotations
 
 import numba
 import numpy as np
 from llvmlite import ir
-from numba.core import cgutils, types
+from numba.core import types
 from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorise reductions (the head_dim dot products); no "nnan"/"ninf":
@@ -45,34 +45,3 @@ def exp_nonpositive(x):
     poly = poly * r + np.float32(1.0)
     result = poly * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
     return np.float32(0.0) if x < _EXP_FLOOR else result
-
-
-@intrinsic
-def prefetch_token(typingctx, cache, block, offset):
-    """Ask for ``cache[block, offset]`` (one token's rows of a C-contiguous 4-d cache) to be
-    pulled into the CPU cache, one line at a time. A token's rows span whole pages for common
-    shapes (8 KV heads x 128 x fp32 = 4 KiB) and blocks lie anywhere, so the hardware prefetcher
-    keeps starting cold; prefetching a few tokens ahead hides that latency."""
-    def codegen(context, builder, signature, args):
-        cache_type = signature.args[0]
-        array = context.make_array(cache_type)(context, builder, args[0])
-        intp = context.get_value_type(types.intp)
-        zero = ir.Constant(intp, 0)
-        index = [
-            context.cast(builder, args[1], signature.args[1], types.intp),
-            context.cast(builder, args[2], signature.args[2], types.intp),
-            zero,
-            zero,
-        ]
-        start = cgutils.get_item_pointer(context, builder, cache_type, array, index)
-        byte_ptr = ir.IntType(8).as_pointer()
-        prefetch_type = ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3)
-        prefetch = cgutils.get_or_insert_function(builder.module, prefetch_type, "llvm.prefetch.p0i8")
-        base = builder.bitcast(start, byte_ptr)
-        token_bytes = cgutils.unpack_tuple(builder, array.strides, cache_type.ndim)[1]
-        read, keep_in_all_levels, data = (ir.Constant(ir.IntType(32), v) for v in (0, 3, 1))
-        with cgutils.for_range_slice(builder, zero, token_bytes, ir.Constant(intp, 64)) as (offset_bytes, _):
-            builder.call(prefetch, [builder.gep(base, [offset_bytes]), read, keep_in_all_levels, data])
-        return context.get_dummy_value()
-
-    return types.void(cache, block, offset), codegen
