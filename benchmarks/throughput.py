@@ -43,8 +43,9 @@ ROOFLINE_METHOD = (
     "the fused q/k/v, o, fused gate/up and down projections of every layer at M=T, plus the "
     "lm_head at M=S, on random float32 tensors of the model's shapes (distinct weights per "
     "layer), same thread count. Roofline time = sum over steps of each step's best matmul time "
-    "across the replays; upper-bound tokens/s = the section's output tokens / roofline time. It leaves out attention, norms, rope, embedding, "
-    "sampling, scheduling and Python overhead, so no engine running these matmuls can beat it.")
+    "across the replays; upper-bound tokens/s = the section's output tokens / roofline time. "
+    "It leaves out attention, norms, rope, embedding, sampling, scheduling and Python "
+    "overhead, so no engine running these matmuls can beat it.")
 
 
 @dataclass(slots=True, frozen=True)
