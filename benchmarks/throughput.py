@@ -355,7 +355,8 @@ def section_variable_output(ctx: "Context") -> dict:
 def section_shared_prefix(ctx: "Context") -> dict:
     prompts = shared_prefix_prompts(ctx.workload, ctx.shape.vocab_size)
     lens = [ctx.workload.output_len] * len(prompts)
-    result = {"prefix_len": ctx.workload.prefix_len, "suffix_len_range": list(ctx.workload.suffix_len),
+    result = {"prefix_len": ctx.workload.prefix_len,
+              "suffix_len_range": list(ctx.workload.suffix_len),
               "ttft_note": "all jobs arrive at t=0, so TTFT includes queueing behind earlier jobs"}
     for caching in (True, False):
         label = "prefix_caching_on" if caching else "prefix_caching_off"
