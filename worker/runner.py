@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvcache.layout import kv_cache_shape
@@ -58,11 +59,12 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
 
 
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    # One numpy fill and one conversion: a torch.tensor per row costs ~10x more at 256 rows.
     width = max((len(t) for t in tables), default=0)
-    out = torch.zeros((len(tables), max(width, 1)), dtype=torch.int32)
+    out = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
     for i, table in enumerate(tables):
-        out[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    return out.to(device)
+        out[i, : len(table)] = table
+    return torch.from_numpy(out).to(device)
 
 
 class ModelRunner:
