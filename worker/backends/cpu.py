@@ -31,6 +31,7 @@ class CpuBackend(AttentionBackend):
             raise ValueError(f"unknown cpu attention kernel {kernel!r}; choose one of {KERNELS}")
         self.kernel = kernel
         self._max_kernel_query_len = MAX_KERNEL_QUERY_LEN if kernel == "fast" else 0
+        _use_workqueue_threads()
 
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         meta.backend_state = plan_step(meta, self._max_kernel_query_len, _kernel_threads())
@@ -100,6 +101,19 @@ def _kernel_accepts(query, key_cache, value_cache) -> bool:
     if any(t.dtype != torch.float32 for t in (query, key_cache, value_cache)):
         return False
     return key_cache.is_contiguous() and value_cache.is_contiguous()
+
+
+def _use_workqueue_threads() -> None:
+    """Pick numba's own "workqueue" thread pool unless the user chose a layer. Its default
+    "omp" layer loads the system libgomp beside torch's bundled one: two OpenMP runtimes then
+    spin against each other and decode steps swing between ~50 and ~650 ms on 2 cores. Must run
+    before the first parallel kernel launch; the engine calls kernels from one thread only."""
+    import os
+
+    import numba
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -> None:
