@@ -234,7 +234,7 @@ def test_plan_covers_every_kv_position_once_and_balances_threads(num_threads):
                              block_tables=torch.zeros(len(seq_lens), 1, dtype=torch.int32),
                              query_start_loc=starts, seq_lens=seq_lens)
     plan = plan_step(meta, max_kernel_query_len=16, num_threads=num_threads)
-    assert plan.tiled_seqs == [4]
+    assert plan.long_seqs == [4]
     served = [s for s in range(len(seq_lens)) if s != 4]
     for i, seq in enumerate(served):
         parts = range(plan.seq_part_start[i], plan.seq_part_start[i + 1])

@@ -6,21 +6,23 @@ import torch
 
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.backends.cpu_plan import CpuStepPlan, plan_step
+from worker.backends.cpu_prefill import attend_sequence_sdpa
 from worker.backends.cpu_reference import attend_sequence_tiled
 
 KERNELS = ("fast", "reference")
-# Sequences with more query tokens than this (prefills) use tiled matmuls, which beat the
-# numba kernel once a key is reused by many query tokens.
+# Sequences with more query tokens than this (prefills) use torch's flash SDPA on a gathered
+# copy, which beats the numba kernel once each key serves many query tokens.
 MAX_KERNEL_QUERY_LEN = 16
 
 
 class CpuBackend(AttentionBackend):
     """Paged self-attention on CPU.
 
-    ``kernel="fast"``: fp32 sequences with few query tokens (decode, short chunks) run in a numba
-    kernel that reads cache blocks in place; longer ones, non-fp32 dtypes and non-contiguous
-    caches use the tiled torch path. ``kernel="reference"``: everything uses the tiled torch path
-    (online softmax over key tiles, memory linear in sequence length).
+    ``kernel="fast"``: sequences with few query tokens (decode, short chunks) run in a numba kernel
+    that reads fp32 cache blocks in place (other dtypes or non-contiguous caches: the reference
+    path); long prefills gather their blocks once and run torch's flash SDPA.
+    ``kernel="reference"``: every sequence takes the readable tiled torch path (online softmax
+    over key tiles). Memory stays linear in sequence length on every path.
     """
 
     name = "cpu"
@@ -54,18 +56,17 @@ class CpuBackend(AttentionBackend):
         plan = self._plan_for(meta)
         _check_block_tables(plan, key_cache)
         out = torch.empty(query.shape, dtype=query.dtype)
-        if _kernel_accepts(query, key_cache, value_cache):
-            if plan.has_kernel_work:
-                _run_kernel(query, key_cache, value_cache, plan, params, out)
-            tiled = plan.tiled_seqs
-        else:
-            tiled = plan.active_seqs
-        for s in tiled:
+        short_on_kernel = _kernel_accepts(query, key_cache, value_cache)
+        if short_on_kernel and plan.has_kernel_work:
+            _run_kernel(query, key_cache, value_cache, plan, params, out)
+        long_path = attend_sequence_sdpa if self.kernel == "fast" else attend_sequence_tiled
+        jobs = [(s, long_path) for s in plan.long_seqs]
+        if not short_on_kernel:
+            jobs += [(s, attend_sequence_tiled) for s in plan.short_seqs]
+        for s, path in jobs:
             q0, q1 = int(plan.query_start_loc[s]), int(plan.query_start_loc[s + 1])
-            attend_sequence_tiled(
-                query[q0:q1], key_cache, value_cache, meta.block_tables[s], int(plan.seq_lens[s]),
-                params, out[q0:q1],
-            )
+            path(query[q0:q1], key_cache, value_cache, meta.block_tables[s],
+                 int(plan.seq_lens[s]), params, out[q0:q1])
         return out
 
     def warm_up(self) -> None:

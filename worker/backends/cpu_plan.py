@@ -17,10 +17,10 @@ SCORE_BUDGET = 8192  # max query tokens x KV positions per partition: bounds its
 class CpuStepPlan:
     """What ``CpuBackend.prepare`` computes once per step for all layers.
 
-    Sequences with at most ``max_kernel_query_len`` query tokens go to the in-place kernel, cut
-    into KV partitions (partition p covers positions ``part_kv_start[p]:part_kv_end[p]`` of
-    sequence ``part_seq[p]``; a sequence's partitions are ``seq_part_start[s]:[s+1]``); the other
-    sequences (long prefills) go to the tiled torch path.
+    Sequences with 1 to ``max_kernel_query_len`` query tokens (``short_seqs``) go to the in-place
+    kernel, cut into KV partitions (partition p covers positions ``part_kv_start[p]:part_kv_end[p]``
+    of sequence ``part_seq[p]``; a sequence's partitions are ``seq_part_start[s]:[s+1]``); those
+    with more (``long_seqs``: prefills) go to a torch path.
     """
 
     block_tables: np.ndarray  # int32 [B, max_blocks]
@@ -32,8 +32,8 @@ class CpuStepPlan:
     seq_part_start: np.ndarray  # int64 [S + 1]
     thread_part_start: np.ndarray  # int64 [threads + 1]: thread i runs partitions
     thread_parts: np.ndarray  # int64 [P]: thread_parts[thread_part_start[i]:[i + 1]]
-    tiled_seqs: list[int]
-    active_seqs: list[int]  # every sequence with at least one query token
+    short_seqs: list[int]
+    long_seqs: list[int]
     # (num_blocks, block_size) the block tables were last checked against; layers share it.
     checked_cache_shape: tuple[int, int] | None = None
 
@@ -48,10 +48,10 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
     seq_lens = np.asarray(meta.seq_lens, dtype=np.int64)
     _validate(meta, query_start_loc, seq_lens)
     query_lens = np.diff(query_start_loc)
-    kernel_seqs = [s for s in range(len(seq_lens)) if 0 < query_lens[s] <= max_kernel_query_len]
-    tiled_seqs = [s for s in range(len(seq_lens)) if query_lens[s] > max_kernel_query_len]
+    short_seqs = [s for s in range(len(seq_lens)) if 0 < query_lens[s] <= max_kernel_query_len]
+    long_seqs = [s for s in range(len(seq_lens)) if query_lens[s] > max_kernel_query_len]
     num_threads = max(1, num_threads)
-    parts = _partition(kernel_seqs, query_lens, seq_lens, num_threads)
+    parts = _partition(short_seqs, query_lens, seq_lens, num_threads)
     thread_part_start, thread_parts = _assign_threads(*parts[:3], query_lens, num_threads)
     return CpuStepPlan(
         block_tables=np.ascontiguousarray(meta.block_tables.numpy(), dtype=np.int32),
@@ -63,8 +63,8 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
         seq_part_start=parts[3],
         thread_part_start=thread_part_start,
         thread_parts=thread_parts,
-        tiled_seqs=tiled_seqs,
-        active_seqs=[s for s in range(len(seq_lens)) if query_lens[s] > 0],
+        short_seqs=short_seqs,
+        long_seqs=long_seqs,
     )
 
 
@@ -92,14 +92,14 @@ def _validate(meta: AttentionMetadata, query_start_loc: np.ndarray, seq_lens: np
         )
 
 
-def _partition(kernel_seqs, query_lens, seq_lens, num_threads):
+def _partition(short_seqs, query_lens, seq_lens, num_threads):
     """Cut each kernel sequence's KV range into partitions of similar size, small enough that
     there are a few per thread and each partition's score buffer stays cache sized."""
-    total_kv = int(sum(seq_lens[s] for s in kernel_seqs))
+    total_kv = int(sum(seq_lens[s] for s in short_seqs))
     balanced = -(-total_kv // (PARTITIONS_PER_THREAD * num_threads))
     balanced = max(PARTITION_ALIGN, _round_up(balanced, PARTITION_ALIGN))
     part_seq, starts, ends, seq_part_start = [], [], [], [0]
-    for s in kernel_seqs:
+    for s in short_seqs:
         fits_budget = SCORE_BUDGET // int(query_lens[s]) // PARTITION_ALIGN * PARTITION_ALIGN
         span = min(balanced, max(PARTITION_ALIGN, fits_budget))
         kv_len = int(seq_lens[s])
