@@ -85,18 +85,21 @@ def paged_forward(backend, step, params):
 
 
 def gathered_sdpa(step, params):
-    """The previous approach: copy each sequence's blocks out, then SDPA (for comparison)."""
+    """The approach this backend replaced, for comparison: copy each sequence's blocks out,
+    then SDPA over the copy (decode: one query per sequence, so no mask)."""
     meta, key_cache, value_cache = step["meta"], step["key_cache"], step["value_cache"]
     block_size = key_cache.shape[1]
+
+    def gather(cache, ids, kv_len):
+        return cache.index_select(0, ids).flatten(0, 1)[:kv_len].transpose(0, 1).unsqueeze(0)
 
     def run():
         outs = []
         for i, kv_len in enumerate(meta.seq_lens):
             q0, q1 = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             ids = meta.block_tables[i, : -(-kv_len // block_size)].long()
-            k = key_cache.index_select(0, ids).flatten(0, 1)[:kv_len].transpose(0, 1)
-            v = value_cache.index_select(0, ids).flatten(0, 1)[:kv_len].transpose(0, 1)
-            q = step["query"][q0:q1].transpose(0, 1)
+            k, v = gather(key_cache, ids, kv_len), gather(value_cache, ids, kv_len)
+            q = step["query"][q0:q1].transpose(0, 1).unsqueeze(0)
             outs.append(F.scaled_dot_product_attention(q, k, v, scale=params.qk_scale, enable_gqa=True))
         return outs
 

@@ -1,4 +1,4 @@
-"""CPU attention backend: the in-place numba kernel by default, the tiled torch reference on request."""
+"""CPU attention backend: numba kernel for decode, flash SDPA for prefills, a tiled reference."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,12 +46,11 @@ class CpuBackend(AttentionBackend):
             )
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].long()
-        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key[keep].to(key_cache.dtype))
-        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(
-            0, slots, value[keep].to(value_cache.dtype)
-        )
+        for new, cache in ((key, key_cache), (value, value_cache)):
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new[keep].to(cache.dtype))
 
-    def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, params: SelfAttentionParams):
+    def attend(self, query, key_cache, value_cache, meta: AttentionMetadata,
+               params: SelfAttentionParams):
         _check_shapes(query, key_cache, value_cache, meta, params)
         plan = self._plan_for(meta)
         _check_block_tables(plan, key_cache)
@@ -124,7 +123,9 @@ def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -
 
     numba.set_num_threads(_kernel_threads())
     paged_attention_fp32(
-        query.detach().contiguous().numpy(), key_cache.detach().numpy(), value_cache.detach().numpy(),
+        query.detach().contiguous().numpy(),
+        key_cache.detach().numpy(),
+        value_cache.detach().numpy(),
         plan.block_tables, plan.query_start_loc, plan.seq_lens,
         plan.part_seq, plan.part_kv_start, plan.part_kv_end, plan.seq_part_start,
         plan.thread_part_start, plan.thread_parts,

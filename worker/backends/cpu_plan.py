@@ -1,4 +1,4 @@
-"""One step's CPU attention plan: metadata as numpy, sequences split between kernels, KV partitions."""
+"""One CPU attention step's plan: metadata as numpy, each sequence's path, KV partitions."""
 from __future__ import annotations
 
 import heapq
@@ -87,8 +87,8 @@ def _validate(meta: AttentionMetadata, query_start_loc: np.ndarray, seq_lens: np
         )
     if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] < len(seq_lens):
         raise ValueError(
-            f"block_tables must be [num_seqs, max_blocks]; got shape {tuple(meta.block_tables.shape)}"
-            f" for {len(seq_lens)} sequences"
+            f"block_tables must be [num_seqs, max_blocks]; got shape "
+            f"{tuple(meta.block_tables.shape)} for {len(seq_lens)} sequences"
         )
 
 

@@ -20,7 +20,7 @@ def attend_sequence_tiled(
 ) -> None:
     """Causal attention of one sequence's query tokens ``[q_len, head_num, d]`` (the last q_len of
     its kv_len positions) over its paged K/V, written into ``out`` (shaped like query). Scores
-    exist one tile at a time, so memory grows linearly with the sequence, never as q_len x kv_len."""
+    exist one tile at a time: memory grows linearly with the sequence, never as q_len x kv_len."""
     q_len = query.shape[0]
     kv_heads, group = params.kv_head_num, params.head_num // params.kv_head_num
     for q_start in range(0, q_len, QUERY_TILE):
@@ -45,7 +45,8 @@ def _attend_query_tile(rows, key_cache, value_cache, block_table, first_pos, gro
     acc = torch.zeros((kv_heads, num_rows, head_dim))
     # Tiles go in position order and position 0 is visible to every query, so after the first
     # tile every running max is finite and exp(old_max - new_max) never meets inf - inf.
-    for key_start, keys, values in _key_tiles(key_cache, value_cache, block_table, last_visible + 1):
+    tiles = _key_tiles(key_cache, value_cache, block_table, last_visible + 1)
+    for key_start, keys, values in tiles:
         scores = rows @ keys.transpose(1, 2)  # [kv_heads, rows, keys]
         key_pos = key_start + torch.arange(keys.shape[1])
         if key_pos[-1] > first_pos:  # the tile reaches past some query: mask the future
