@@ -254,7 +254,9 @@ def main() -> None:
         "first_call": numba_first_call,
         "decode": lambda: [decode_case(bs, repeats) for bs in (16, 128)],
         "prefill": lambda: prefill_case(max(3, repeats // 6)),
-        "memory": lambda: long_prefill_memory(4096 if args.quick else 8192, "reference"),
+        "memory": lambda: [
+            long_prefill_memory(4096 if args.quick else 8192, kernel) for kernel in ("reference", "fast")
+        ],
     }
     report = {"threads": THREADS, **{case: runners[case]() for case in args.cases}}
     print(json.dumps(report, indent=2))
