@@ -130,7 +130,7 @@ def random_specs(gen, count, block_size):
     return specs
 
 
-HEAD_LAYOUTS = [(8, 8), (8, 4), (8, 2), (16, 2), (8, 1)]  # GQA ratios 1, 2, 4, 8 and MQA
+HEAD_LAYOUTS = [(8, 8), (8, 4), (8, 2), (16, 2), (8, 1), (12, 2)]  # GQA 1, 2, 4, 8, MQA, 6
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -179,11 +179,12 @@ def test_vectorised_exp_matches_numpy():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("block_size", [16, 128])
-def test_bf16_matches_naive(kernel, block_size):
+@pytest.mark.parametrize("dtype,block_size", [(torch.bfloat16, 16), (torch.bfloat16, 128),
+                                              (torch.float16, 32)])
+def test_half_precision_matches_naive(kernel, dtype, block_size):
     specs = [SeqSpec(0, 40), SeqSpec(33, 1), SeqSpec(100, 9)]
     backend = CpuBackend(kernel=kernel)
-    case = build_case(specs, block_size, 8, 2, 64, torch.bfloat16, block_size, backend)
+    case = build_case(specs, block_size, 8, 2, 64, dtype, block_size, backend)
     run_and_check(case, backend, tolerance=2e-2)
 
 
