@@ -59,7 +59,11 @@ def shutdown_ray() -> None:
 
 def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.partial]:
     engine = engine_config_kwargs(cfg)
-    env = {"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"} if engine["device"] == "cpu" else {}
+    # numba's thread pool sized like torch's: an idle pool per worker process still costs
+    # scheduling on a host whose cores are shared by several simulated NPUs.
+    env = {"NUMBA_NUM_THREADS": str(cfg.cluster.torch_threads)}
+    if engine["device"] == "cpu":
+        env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
     options = ServiceOptions(
         engine_options=engine, torch_threads=cfg.cluster.torch_threads,
         worker_num_cpus=cfg.cluster.worker_num_cpus,
