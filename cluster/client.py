@@ -11,7 +11,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.bringup import connect, find_scheduler
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import NAMESPACE, OverloadedError, UnknownJobError
+from scheduler.service import NAMESPACE, OverloadedError, UnknownJobError, worker_actor_name
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
@@ -208,11 +208,6 @@ class Client:
         except (ValueError, asyncio.TimeoutError, RayActorError, ActorUnavailableError,
                 RayTaskError):
             return False
-
-
-def worker_actor_name(worker_id: str) -> str:
-    """The Ray name the scheduler gives a worker actor (scheduler/service.py, _spawn)."""
-    return f"pagedserve-worker-{worker_id}"
 
 
 def _submit_args(prompt, params, priority: int, job_id: str | None) -> tuple:

@@ -25,6 +25,11 @@ MAX_FINISHED_JOBS_KEPT = 10_000
 MAX_SPAWN_FAILURES = 3
 
 
+def worker_actor_name(worker_id: str) -> str:
+    """The Ray name of a worker actor, so drivers can find one (status, health, tests)."""
+    return f"pagedserve-worker-{worker_id}"
+
+
 class OverloadedError(RuntimeError):
     """Too many unfinished jobs; the client should retry later."""
 
@@ -289,7 +294,7 @@ class SchedulerService:
 
         worker_id = f"w{uuid.uuid4().hex[:8]}"
         actor = WorkerActor.options(
-            name=f"pagedserve-worker-{worker_id}", namespace=NAMESPACE,
+            name=worker_actor_name(worker_id), namespace=NAMESPACE,
             resources={"NPU": 1}, num_cpus=self.options.worker_num_cpus,
             runtime_env={"env_vars": self.options.worker_env} if self.options.worker_env else None,
         ).remote(worker_id, self.options.engine_options, self.options.torch_threads,

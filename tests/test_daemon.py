@@ -11,7 +11,7 @@ from daemon_helpers import daemon_config, ready_workers, wait_for
 from cluster import bringup
 from cluster.client import Client
 from scheduler.sampling_params import SamplingParams
-from scheduler.service import NAMESPACE, OverloadedError
+from scheduler.service import NAMESPACE, OverloadedError, worker_actor_name
 
 NUM_JOBS = 32
 
@@ -92,7 +92,7 @@ def test_killed_worker_loses_no_job(daemon, undisturbed, how):
     ids = [client.submit(p, s) for p, s in jobs()]
     victim = wait_for(lambda: _busy_worker(client), what="a worker with running jobs")
     if how == "ray.kill":
-        ray.kill(ray.get_actor(f"pagedserve-worker-{victim['worker_id']}", namespace=NAMESPACE))
+        ray.kill(ray.get_actor(worker_actor_name(victim["worker_id"]), namespace=NAMESPACE))
     else:
         os.kill(victim["pid"], signal.SIGKILL)
     got = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
@@ -132,7 +132,7 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
 
 def test_down_leaves_nothing_running(daemon):
     cfg, _, client = daemon
-    names = [f"pagedserve-worker-{w['worker_id']}" for w in client.status()["workers"]]
+    names = [worker_actor_name(w["worker_id"]) for w in client.status()["workers"]]
     assert bringup.down()
     assert bringup.find_scheduler() is None
     for name in names:
