@@ -331,3 +331,20 @@ def test_long_prefill_memory_stays_linear(kernel):
     growth = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth_bytes"]
     full_scores = 2 * tokens * tokens * 4
     assert 0 < growth < full_scores / 16, f"peak grew {growth / 2**20:.1f} MiB"
+
+
+THREAD_COUNT_SCRIPT = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(1)
+    from worker.backends.cpu import CpuBackend
+    CpuBackend(kernel="fast").warm_up()  # the process's first numba parallel call
+    print(torch.get_num_threads())
+""")
+
+
+def test_fast_kernel_keeps_torch_thread_count():
+    """numba's first parallel call starts an OpenMP pool that resets torch's thread count to the
+    core count; an engine limited to one thread must stay at one (fresh process: first call)."""
+    result = subprocess.run([sys.executable, "-c", THREAD_COUNT_SCRIPT], capture_output=True,
+                            text=True, cwd=REPO_ROOT, timeout=120, check=True)
+    assert result.stdout.split()[-1] == "1"

@@ -110,7 +110,11 @@ def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -
 
     from worker.backends.cpu_numba import paged_attention_fp32
 
+    torch_threads = torch.get_num_threads()
     numba.set_num_threads(_kernel_threads())
+    # numba's first call starts its OpenMP pool, which resets torch's thread count to the core
+    # count: an engine limited to one thread would silently run its matmuls on every core.
+    torch.set_num_threads(torch_threads)
     paged_attention_fp32(
         query.detach().contiguous().numpy(),
         key_cache.detach().numpy(),
