@@ -57,6 +57,17 @@ class JobState:
         """Sample ``index`` as its own n = 1 request (same tokens as an in-engine fork)."""
         return dataclasses.replace(self.params, n=1, seed=sample_seed(self.params.seed, index))
 
+    def pending_tokens(self, sample_index: int) -> int:
+        """Tokens a worker still has to compute for a sample: its prompt until the first output
+        token arrives, plus the outputs still allowed (an estimate: it counts no prefix-cache hits,
+        nor a re-routed sample's recompute of its earlier tokens)."""
+        sample = self.samples[sample_index]
+        if sample.finished:
+            return 0
+        generated = len(sample.token_ids)
+        to_prefill = 0 if generated else len(self.prompt_token_ids)
+        return to_prefill + max(0, self.params.max_tokens - generated)
+
     def apply(self, sample_index: int, attempt: int, out: RequestOutput) -> bool:
         """Take a worker's output for one sample; False (ignored) if it is stale or late."""
         sample = self.samples[sample_index]

@@ -2,14 +2,16 @@
 
 Two policies behind one ``Router`` protocol:
 
-- ``least_loaded`` scores each worker by its queued work and KV-cache use, and adds **prefix
+- ``least_loaded`` scores each worker by its outstanding work in tokens and its KV-cache use,
+  and adds **prefix
   affinity**: a job whose prompt starts with the same full KV blocks as an earlier job goes to the
   worker that got that earlier job, where those blocks are likely still cached, unless that worker
   is clearly busier than the least-loaded one (the rule is on ``LeastLoadedRouter``).
 - ``round_robin`` cycles through the workers in the order they are given.
 
-The scheduler owns the loads: it refreshes them from worker reports and bumps ``num_waiting`` of
-the chosen worker itself between calls, so a router keeps no load state of its own.
+The scheduler owns the loads: it counts each worker's outstanding tokens from the jobs it has
+sent there (exact at every call, even in a burst of submits between worker reports) and takes
+KV-cache use from the reports, so a router keeps no load state of its own.
 """
 from __future__ import annotations
 
@@ -34,13 +36,9 @@ class WorkerLoad:
     worker_id: str
     free_blocks: int
     total_blocks: int
-    num_running: int
-    num_waiting: int
     block_size: int
-
-    @property
-    def queued(self) -> int:
-        return self.num_running + self.num_waiting
+    # Tokens still to compute for the jobs routed here: unprefilled prompts + outputs to come.
+    pending_tokens: int = 0
 
     @property
     def used_fraction(self) -> float:
@@ -63,9 +61,10 @@ class Router(Protocol):
 class LeastLoadedRouter:
     """Least-loaded routing with prefix affinity.
 
-    A worker's score is ``running + waiting + KV_WEIGHT * used_fraction``: a full KV cache weighs
-    like KV_WEIGHT more queued jobs, since it means preemptions ahead. The lowest score wins (ties:
-    the first worker given).
+    A worker's score is ``pending_tokens + KV_WEIGHT * used_fraction``: tokens measure how long
+    its queue takes to drain (a job count would weigh a 16-token prompt like a 4000-token one),
+    and a full KV cache weighs like KV_WEIGHT more queued tokens, since it means preemptions
+    ahead. The lowest score wins (ties: the first worker given).
 
     Affinity: the router remembers, in an LRU map of at most ``capacity`` entries, which worker
     last received a prompt starting with each of its first 1..``max_prefix_blocks`` full blocks
@@ -75,8 +74,8 @@ class LeastLoadedRouter:
     least-loaded worker, and its prefix is remembered there from then on.
     """
 
-    KV_WEIGHT = 4.0
-    AFFINITY_SLACK = 4.0
+    KV_WEIGHT = 4096.0  # tokens
+    AFFINITY_SLACK = 4096.0  # tokens
     AFFINITY_RATIO = 0.5
 
     def __init__(self, capacity: int = 10_000, max_prefix_blocks: int = 16) -> None:
@@ -102,7 +101,7 @@ class LeastLoadedRouter:
             del self._last_worker[key]
 
     def score(self, load: WorkerLoad) -> float:
-        return load.queued + self.KV_WEIGHT * load.used_fraction
+        return load.pending_tokens + self.KV_WEIGHT * load.used_fraction
 
     def _affine_worker(self, keys: list[int], scores: dict[str, float],
                        best_score: float) -> str | None:

@@ -152,6 +152,9 @@ class SchedulerService:
         if not ready:
             self.pending.append((job.job_id, sample.index))
             return
+        for w in ready:
+            w.load.pending_tokens = sum(self.jobs[j].pending_tokens(i) for j, i in w.samples
+                                        if j in self.jobs)
         try:
             worker = self.workers[self.router.choose(job.prompt_token_ids,
                                                      [w.load for w in ready])]
@@ -160,7 +163,6 @@ class SchedulerService:
             return
         sample.worker_id = worker.worker_id
         worker.samples.add((job.job_id, sample.index))
-        worker.load.num_waiting += 1
         worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
                                 job.sample_params(sample.index).to_dict(), job.priority,
                                 list(sample.token_ids))
@@ -193,8 +195,6 @@ class SchedulerService:
     def _update_load(self, worker: WorkerSlot, load: dict) -> None:
         worker.stats = load
         worker.load.free_blocks = load["free_blocks"]
-        worker.load.num_running = load["running"]
-        worker.load.num_waiting = load["waiting"]
 
     def _changed(self, job: JobState) -> None:
         event = self.changed.get(job.job_id)
@@ -315,7 +315,7 @@ class SchedulerService:
             return
         self.spawn_failures = 0
         slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],
-                               0, 0, slot.info["block_size"])
+                               slot.info["block_size"])
         log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
         self._drain_pending()
         try:

@@ -12,17 +12,18 @@ from scheduler.router import (LeastLoadedRouter, NoWorkerError, RoundRobinRouter
                               make_router)
 
 BLOCK = 4
+OUTPUT_TOKENS = 16  # every routed job's max_tokens
 
 
-def load(worker_id: str, queued: int = 0, free: int = 100, total: int = 100) -> WorkerLoad:
-    return WorkerLoad(worker_id, free_blocks=free, total_blocks=total, num_running=queued,
-                      num_waiting=0, block_size=BLOCK)
+def load(worker_id: str, pending: int = 0, free: int = 100, total: int = 100) -> WorkerLoad:
+    return WorkerLoad(worker_id, free_blocks=free, total_blocks=total, block_size=BLOCK,
+                      pending_tokens=pending)
 
 
 def route(router, prompt, loads) -> str:
-    """choose(), then bump the chosen worker's queue as the scheduler does."""
+    """choose(), then add the job's tokens to the chosen worker's load, as the scheduler does."""
     chosen = router.choose(prompt, loads)
-    next(w for w in loads if w.worker_id == chosen).num_waiting += 1
+    next(w for w in loads if w.worker_id == chosen).pending_tokens += len(prompt) + OUTPUT_TOKENS
     return chosen
 
 
@@ -32,15 +33,15 @@ def prompt_of(*blocks: int, tail: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_least_loaded_picks_the_worker_with_least_queued_work(seed):
+def test_least_loaded_picks_the_worker_with_the_fewest_pending_tokens(seed):
     rng = random.Random(seed)
-    loads = [load(f"w{i}", queued=rng.randrange(0, 20)) for i in range(6)]
-    expected = min(loads, key=lambda w: w.queued).worker_id
+    loads = [load(f"w{i}", pending=rng.randrange(0, 20_000)) for i in range(6)]
+    expected = min(loads, key=lambda w: w.pending_tokens).worker_id
     assert make_router("least_loaded").choose([1, 2, 3], loads) == expected
 
 
 def test_least_loaded_picks_the_idle_worker():
-    loads = [load("busy", queued=3), load("idle"), load("busier", queued=7)]
+    loads = [load("busy", pending=300), load("idle"), load("busier", pending=700)]
     assert LeastLoadedRouter().choose(prompt_of(1, 2), loads) == "idle"
 
 
@@ -50,15 +51,27 @@ def test_a_nearly_full_kv_cache_counts_against_a_worker():
 
 
 def test_a_worker_with_no_cache_yet_counts_as_full():
-    loads = [load("starting", free=0, total=0), load("ready", queued=1)]
+    loads = [load("starting", free=0, total=0), load("ready", pending=100)]
     assert LeastLoadedRouter().choose([5], loads) == "ready"
 
 
-def test_without_prefixes_jobs_spread_evenly_as_the_scheduler_bumps_queues():
+def test_without_prefixes_jobs_spread_evenly_as_the_scheduler_adds_their_tokens():
     router = LeastLoadedRouter()
     loads = [load(f"w{i}") for i in range(3)]
     chosen = [route(router, prompt_of(i + 10), loads) for i in range(9)]
     assert sorted(chosen.count(w.worker_id) for w in loads) == [3, 3, 3]
+
+
+def test_a_burst_of_uneven_prompts_is_balanced_by_tokens_not_by_job_count():
+    """One 3000-token prompt outweighs twenty 100-token ones: they all go to the other worker
+    (counting jobs would split them ten and ten)."""
+    router = LeastLoadedRouter()
+    loads = [load("a"), load("b")]
+    long_job = route(router, [1000] * 3000, loads)
+    short_jobs = [route(router, [2000 + i] * 100, loads) for i in range(20)]
+    assert set(short_jobs) == {"a", "b"} - {long_job}
+    route(router, [3000] * 1000, loads)  # now the short jobs' worker holds more: this one evens it
+    assert abs(loads[0].pending_tokens - loads[1].pending_tokens) <= 1000
 
 
 def test_jobs_sharing_a_prefix_go_to_the_same_worker():
@@ -78,10 +91,10 @@ def test_affinity_yields_when_that_worker_is_clearly_more_loaded():
     first = route(router, prompt_of(1, 2), loads)
     other = next(w.worker_id for w in loads if w.worker_id != first)
     busy = next(w for w in loads if w.worker_id == first)
-    busy.num_waiting += int(router.AFFINITY_SLACK) + 1  # just past the allowed excess
+    busy.pending_tokens = int(router.AFFINITY_SLACK) + 1  # just past the allowed excess
     assert route(router, prompt_of(1, 2, 3), loads) == other
     # From then on the prefix is remembered on the worker that took it.
-    busy.num_waiting = 0
+    busy.pending_tokens = 0
     assert route(router, prompt_of(1, 2, 4), loads) == other
 
 
@@ -90,7 +103,7 @@ def test_affinity_holds_within_the_allowed_excess():
     loads = [load("a"), load("b")]
     first = route(router, prompt_of(1, 2), loads)
     busy = next(w for w in loads if w.worker_id == first)
-    busy.num_waiting = int(router.AFFINITY_SLACK)  # exactly at the limit
+    busy.pending_tokens = int(router.AFFINITY_SLACK)  # exactly at the limit
     assert route(router, prompt_of(1, 2, 9), loads) == first
 
 
@@ -99,10 +112,10 @@ def test_the_longest_shared_prefix_decides():
     loads = [load("a"), load("b")]
     ab = route(router, prompt_of(1, 2), loads)
     owner = next(w for w in loads if w.worker_id == ab)
-    owner.num_waiting += 10  # force the next job sharing block 1 elsewhere
+    owner.pending_tokens += 10 * int(router.AFFINITY_SLACK)  # force the next job elsewhere
     ac = route(router, prompt_of(1, 3), loads)
     assert ac != ab
-    owner.num_waiting -= 10
+    owner.pending_tokens -= 10 * int(router.AFFINITY_SLACK)
     assert route(router, prompt_of(1, 2, 5), loads) == ab
     assert route(router, prompt_of(1, 3, 5), loads) == ac
 
@@ -143,7 +156,7 @@ def test_affinity_memory_is_bounded_least_recently_used_first():
     route(router, prompt_of(3), loads)  # two newer prefixes push prefix 1 out
     owner = next(w for w in loads if w.worker_id == first)
     other = next(w for w in loads if w.worker_id != first)
-    owner.num_waiting, other.num_waiting = 1, 0
+    owner.pending_tokens, other.pending_tokens = 1, 0
     assert router.choose(prompt_of(1, 6), loads) == other.worker_id
 
 
@@ -156,7 +169,7 @@ def test_no_worker_is_a_clear_error():
 def test_round_robin_cycles_through_the_workers_in_order():
     router = make_router("round_robin")
     assert isinstance(router, RoundRobinRouter)
-    loads = [load("a", queued=50), load("b"), load("c")]
+    loads = [load("a", pending=5000), load("b"), load("c")]
     ids = [w.worker_id for w in loads]
     assert [router.choose([1], loads) for _ in range(3 * len(ids))] == ids * 3
 
