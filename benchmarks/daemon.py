@@ -5,11 +5,16 @@ Workload: the engine issue's — a random ~25M-parameter Llama (hidden 512, 8 la
 4 KV heads, intermediate 1376, vocab 2048), 48 requests with prompts of 16-256 tokens and 64
 greedy output tokens each, float32, one torch thread per engine. Run by hand; prints JSON.
 
+Two references bound what 2 workers can reach on this host: the same single-thread matmul loop
+in 1 and then 2 processes at once (how well the machine itself runs two busy processes), and two
+in-process engines with half of the jobs each, run at once (the daemon minus Ray).
+
     python benchmarks/daemon.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -49,6 +54,67 @@ def in_process(model_dir: Path, jobs) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"output_tokens": tokens, "wall_s": round(elapsed[0], 3),
             "output_tokens_per_s": round(tokens / elapsed[0], 2)}
+
+
+MATMUL_SIZE = 256  # fits in L2: the loop measures the cores, not memory
+
+
+def _matmul_gflops(barrier, results, seconds: float) -> None:
+    """One thread multiplying small float32 matrices for ``seconds`` after the barrier."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    torch.mm(a, b)
+    barrier.wait()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            torch.mm(a, b)
+        count += 50
+    results.put(count * 2 * MATMUL_SIZE**3 / (time.perf_counter() - start) / 1e9)
+
+
+def _in_process_part(barrier, results, model_dir: str, jobs) -> None:
+    """One engine in its own process, 1 thread, timed from the barrier on."""
+    from cluster.llm import LLM
+
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # as the daemon gives its workers
+    torch.set_num_threads(1)
+    llm = LLM(model_dir, kv_cache_gib=1.0)
+    llm.generate([p for p, _ in warmup_jobs(2048)], warmup_jobs(2048)[0][1])
+    barrier.wait()
+    with stopwatch() as elapsed:
+        outs = llm.generate([p for p, _ in jobs], [s for _, s in jobs])
+    results.put((sum(len(o.outputs[0].token_ids) for o in outs), elapsed[0]))
+
+
+def _run_processes(target, args_per_process: list[tuple]) -> list:
+    """Run ``target(barrier, results, *args)`` in one spawned process per args, started
+    together at a barrier; returns what each put on the results queue."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(args_per_process)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(barrier, results, *args)) for args in args_per_process]
+    for proc in procs:
+        proc.start()
+    out = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return out
+
+
+def machine_scale_out(seconds: float = 4.0) -> dict:
+    one = _run_processes(_matmul_gflops, [(seconds,)])[0]
+    two = _run_processes(_matmul_gflops, [(seconds,)] * 2)
+    return {"method": f"{MATMUL_SIZE}x{MATMUL_SIZE} float32 torch.mm loop, 1 thread per process",
+            "one_process_gflops": round(one, 1), "two_processes_gflops": [round(g, 1) for g in two],
+            "scale_2_vs_1": round(sum(two) / one, 3)}
+
+
+def in_process_pair(model_dir: Path, jobs) -> dict:
+    """Two engines in two processes, each with every other job, started together."""
+    parts = _run_processes(_in_process_part, [(str(model_dir), jobs[i::2]) for i in range(2)])
+    tokens, wall = sum(t for t, _ in parts), max(w for _, w in parts)
+    return {"output_tokens": tokens, "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(tokens / wall, 2)}
 
 
 def through_daemon(model_dir: Path, jobs, workers: int) -> dict:
@@ -106,10 +172,14 @@ def main(argv=None) -> None:
         jobs = workload(num, out_len, shape.vocab_size)
         progress("in-process engine, 1 thread")
         local = in_process(model_dir, jobs)
+        progress("two in-process engines at once, half of the jobs each")
+        pair = in_process_pair(model_dir, jobs)
         progress("daemon, 1 worker")
         one = through_daemon(model_dir, jobs, 1)
         progress("daemon, 2 workers")
         two = through_daemon(model_dir, jobs, 2)
+        progress("machine: one busy process vs two")
+        machine = machine_scale_out()
     emit_json({
         "benchmark": "daemon", "machine": machine_info(),
         "workload": {"requests": num, "prompt_len": [16, 256], "output_len": out_len,
@@ -117,6 +187,14 @@ def main(argv=None) -> None:
                      "torch_threads_per_engine": 1},
         "in_process": local, "daemon_1_worker": one, "daemon_2_workers": two,
         "scale_out_2_vs_1": round(two["output_tokens_per_s"] / one["output_tokens_per_s"], 3),
+        "references": {
+            "machine_scale_out": machine,
+            "in_process_pair": pair,
+            "in_process_pair_vs_in_process": round(
+                pair["output_tokens_per_s"] / local["output_tokens_per_s"], 3),
+            "daemon_2_workers_vs_in_process_pair": round(
+                two["output_tokens_per_s"] / pair["output_tokens_per_s"], 3),
+        },
         "daemon_overhead_1_worker": round(
             1 - one["output_tokens_per_s"] / local["output_tokens_per_s"], 4),
         "goals": {"scale_out_2_vs_1": ">= 1.7", "daemon_overhead_1_worker": "<= 0.10"},
