@@ -14,6 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.jobs import JobState, SampleState
+from scheduler.in_order import InOrder
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 
@@ -62,6 +63,7 @@ class WorkerSlot:
     load: WorkerLoad | None = None
     samples: set = field(default_factory=set)  # (job_id, sample index) running here
     stats: dict = field(default_factory=dict)
+    reports: InOrder = field(default_factory=InOrder)  # the worker's reports, in step order
 
 
 class SchedulerService:
@@ -174,11 +176,21 @@ class SchedulerService:
             if job is not None and not job.samples[index].finished:
                 self._dispatch(job, job.samples[index])
 
-    def report(self, worker_id: str, outputs: list, rejected: list, load: dict) -> None:
-        """A worker's outputs of one step (and adds it refused), with its load after the step."""
+    def report(self, worker_id: str, number: int, outputs: list, rejected: list,
+               load: dict) -> None:
+        """A worker's outputs of one step (and adds it refused), with its load after the step.
+
+        Ray does not keep the order of calls to an async actor, and a report that overtook an
+        earlier one would put a sample's tokens out of order: reports are applied by number."""
         worker = self.workers.get(worker_id)
-        if worker is not None:
+        if worker is None:  # gone: its outputs are stale attempts, dropped by JobState.apply
+            self._apply_report(None, outputs, rejected)
+            return
+        for outputs, rejected, load in worker.reports.push(number, (outputs, rejected, load)):
             self._update_load(worker, load)
+            self._apply_report(worker, outputs, rejected)
+
+    def _apply_report(self, worker: WorkerSlot | None, outputs: list, rejected: list) -> None:
         for out in outputs:
             job_id, index, attempt = out.request_id.rsplit("/", 2)
             job = self.jobs.get(job_id)
@@ -427,8 +439,8 @@ class SchedulerActor:
         await asyncio.to_thread(self.service.journal.flush)
         return job_id
 
-    async def report(self, worker_id, outputs, rejected, load) -> None:
-        self.service.report(worker_id, outputs, rejected, load)
+    async def report(self, worker_id, number, outputs, rejected, load) -> None:
+        self.service.report(worker_id, number, outputs, rejected, load)
 
     async def abort(self, job_id) -> bool:
         return self.service.abort(job_id)

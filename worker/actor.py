@@ -33,6 +33,7 @@ class WorkerActor:
         self.npu_ids = list(npu_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._reports_sent = 0  # numbers each report: the scheduler applies them in this order
 
     def info(self) -> dict:
         kv = self.engine.kv
@@ -81,7 +82,9 @@ class WorkerActor:
             rejected = self._drain_inbox(block=not self.engine.has_unfinished())
             outputs = self.engine.step() if self.engine.has_unfinished() else []
             if outputs or rejected:
-                self.scheduler.report.remote(self.worker_id, outputs, rejected, self.load())
+                self.scheduler.report.remote(self.worker_id, self._reports_sent, outputs,
+                                             rejected, self.load())
+                self._reports_sent += 1
 
     def _drain_inbox(self, block: bool) -> list[tuple[str, str]]:
         """Apply queued commands; returns (request_id, error) for adds the engine refused."""
