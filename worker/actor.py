@@ -3,6 +3,7 @@ thread while the actor keeps answering add / abort / stats."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import queue
 import socket
@@ -12,6 +13,9 @@ import ray
 
 from scheduler.sampling_params import SamplingParams
 from worker.device import device_index_from_ray_ids
+
+
+MAX_UNMATCHED_ABORTS = 10_000
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -34,6 +38,8 @@ class WorkerActor:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._reports_sent = 0  # numbers each report: the scheduler applies them in this order
+        # Aborts of requests not (yet) here: Ray may deliver an abort before its add.
+        self._unmatched_aborts: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def info(self) -> dict:
         kv = self.engine.kv
@@ -102,11 +108,16 @@ class WorkerActor:
     def _apply(self, command: tuple) -> tuple[str, str] | None:
         if command[0] == "add":
             _, rid, prompt, params, priority, resumed = command
+            if rid in self._unmatched_aborts:  # aborted before it arrived
+                del self._unmatched_aborts[rid]
+                return None
             try:
                 self.engine.add_request(prompt, SamplingParams.from_dict(params), request_id=rid,
                                         priority=priority, resumed_token_ids=resumed)
             except ValueError as exc:
                 return rid, str(exc)
-        elif command[0] == "abort":
-            self.engine.abort(command[1])
+        elif command[0] == "abort" and not self.engine.abort(command[1]):
+            self._unmatched_aborts[command[1]] = None
+            while len(self._unmatched_aborts) > MAX_UNMATCHED_ABORTS:  # aborts of finished jobs
+                self._unmatched_aborts.popitem(last=False)
         return None
