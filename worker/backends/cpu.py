@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
-from worker.backends.cpu_plan import CpuStepPlan, plan_step
+from worker.backends.cpu_plan import CpuStepPlan, plan_step, written_slots
 from worker.backends.cpu_prefill import attend_sequence_sdpa
 from worker.backends.cpu_reference import attend_sequence_tiled
 
@@ -39,14 +39,14 @@ class CpuBackend(AttentionBackend):
         return meta
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping):
-        if key.shape[0] != slot_mapping.shape[0]:
-            raise ValueError(
-                f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} key tokens"
-            )
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        for new, cache in ((key, key_cache), (value, value_cache)):
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new[keep].to(cache.dtype))
+        _check_slots(key, slot_mapping)
+        _write_rows(key, value, key_cache, value_cache, *written_slots(slot_mapping))
+
+    def forward(self, query, key, value, key_cache, value_cache, meta, params):
+        plan = self._plan_for(meta)  # the written rows and slots are worked out once per step
+        _check_slots(key, meta.slot_mapping)
+        _write_rows(key, value, key_cache, value_cache, plan.write_rows, plan.write_slots)
+        return self.attend(query, key_cache, value_cache, meta, params)
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata,
                params: SelfAttentionParams):
@@ -93,6 +93,21 @@ def _kernel_threads() -> int:
     import numba
 
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _check_slots(key, slot_mapping) -> None:
+    if key.shape[0] != slot_mapping.shape[0]:
+        raise ValueError(
+            f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} key tokens"
+        )
+
+
+def _write_rows(key, value, key_cache, value_cache, rows, slots) -> None:
+    """Copy key/value rows ``rows`` (None: all) into the flat cache slots ``slots``."""
+    for new, cache in ((key, key_cache), (value, value_cache)):
+        if rows is not None:
+            new = new.index_select(0, rows)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
 
 
 def _kernel_accepts(query, key_cache, value_cache) -> bool:

@@ -5,6 +5,7 @@ import heapq
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from worker.attention import AttentionMetadata
 
@@ -34,6 +35,8 @@ class CpuStepPlan:
     thread_parts: np.ndarray  # int64 [P]: thread_parts[thread_part_start[i]:[i + 1]]
     short_seqs: list[int]
     long_seqs: list[int]
+    write_rows: torch.Tensor | None  # int64: tokens whose K/V are written (None: all of them)
+    write_slots: torch.Tensor  # int64: their flat cache slots
     # (num_blocks, block_size) the block tables were last checked against; layers share it.
     checked_cache_shape: tuple[int, int] | None = None
 
@@ -53,6 +56,7 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
     num_threads = max(1, num_threads)
     parts = _partition(short_seqs, query_lens, seq_lens, num_threads)
     thread_part_start, thread_parts = _assign_threads(*parts[:3], query_lens, num_threads)
+    write_rows, write_slots = written_slots(meta.slot_mapping)
     return CpuStepPlan(
         block_tables=np.ascontiguousarray(meta.block_tables.numpy(), dtype=np.int32),
         query_start_loc=query_start_loc,
@@ -65,7 +69,18 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
         thread_parts=thread_parts,
         short_seqs=short_seqs,
         long_seqs=long_seqs,
+        write_rows=write_rows,
+        write_slots=write_slots,
     )
+
+
+def written_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(rows to write or None for all, their slots as int64): slot -1 means "do not write"."""
+    slots = slot_mapping.long()
+    if not slots.numel() or slots.min() >= 0:
+        return None, slots
+    rows = (slots >= 0).nonzero().squeeze(1)
+    return rows, slots.index_select(0, rows)
 
 
 def _validate(meta: AttentionMetadata, query_start_loc: np.ndarray, seq_lens: np.ndarray) -> None:

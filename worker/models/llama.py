@@ -64,10 +64,10 @@ class DecoderLayer(nn.Module):
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), *rope)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, d] tensor.
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
+        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
         return F.linear(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
 
