@@ -8,6 +8,7 @@ from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionP
 from worker.backends.cpu_plan import CpuStepPlan, plan_step, written_slots
 from worker.backends.cpu_prefill import attend_sequence_sdpa
 from worker.backends.cpu_reference import attend_sequence_tiled
+from worker.backends.cpu_simd import match_numba_threads_to_torch, numba_thread_limit
 
 KERNELS = ("fast", "reference")
 # Sequences with more query tokens than this (prefills) use torch's flash SDPA on a gathered
@@ -35,7 +36,7 @@ class CpuBackend(AttentionBackend):
         self._max_kernel_query_len = MAX_KERNEL_QUERY_LEN if kernel == "fast" else 0
 
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
-        meta.backend_state = plan_step(meta, self._max_kernel_query_len, _kernel_threads())
+        meta.backend_state = plan_step(meta, self._max_kernel_query_len, numba_thread_limit())
         return meta
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping):
@@ -88,13 +89,6 @@ class CpuBackend(AttentionBackend):
         return meta.backend_state
 
 
-def _kernel_threads() -> int:
-    """numba threads follow torch's setting (e.g. Ray's per-actor limit), capped by numba's pool."""
-    import numba
-
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
 def _check_slots(key, slot_mapping) -> None:
     if key.shape[0] != slot_mapping.shape[0]:
         raise ValueError(
@@ -121,15 +115,9 @@ def _run_kernel(query, key_cache, value_cache, plan: CpuStepPlan, params, out) -
     """Runs on numba's default threading layer (omp where libgomp exists), not "workqueue":
     on 2 cores, engine decode steps took 39-54 ms with omp vs 48-69 quiet, and 72-365 vs
     210-444 ms beside two busy processes; the bare decode kernel 15.4 vs 20.9 ms."""
-    import numba
-
     from worker.backends.cpu_numba import paged_attention_fp32
 
-    torch_threads = torch.get_num_threads()
-    numba.set_num_threads(_kernel_threads())
-    # numba's first call starts its OpenMP pool, which resets torch's thread count to the core
-    # count: an engine limited to one thread would silently run its matmuls on every core.
-    torch.set_num_threads(torch_threads)
+    match_numba_threads_to_torch()
     paged_attention_fp32(
         query.detach().contiguous().numpy(),
         key_cache.detach().numpy(),

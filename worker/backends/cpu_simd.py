@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
@@ -45,3 +46,18 @@ def exp_nonpositive(x):
     poly = poly * r + np.float32(1.0)
     result = poly * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
     return np.float32(0.0) if x < _EXP_FLOOR else result
+
+
+def numba_thread_limit() -> int:
+    """Threads for numba's parallel kernels: torch's setting (e.g. Ray's per-actor limit), capped
+    by numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def match_numba_threads_to_torch() -> None:
+    """Call before each parallel kernel. numba's first call starts its OpenMP pool, which resets
+    torch's thread count to the core count: it is put back, or an engine limited to one thread
+    would silently run its matmuls on every core."""
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(numba_thread_limit())
+    torch.set_num_threads(torch_threads)

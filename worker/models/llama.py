@@ -7,6 +7,7 @@ from torch import nn
 
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
+from worker.models.fused_ops import add_rms_norm, rms_norm, silu_mul
 from worker.models.rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -15,13 +16,6 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     """Uninitialised inference-only storage; the loader fills it."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # Normalise in float32, then scale in the model dtype, as the reference implementation does.
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 class DecoderLayer(nn.Module):
@@ -50,16 +44,20 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        normed: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: KVCache,
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        next_norm: torch.Tensor,
     ) -> torch.Tensor:
-        # ``hidden`` is this forward's own buffer (never a weight), so residual adds go in place.
-        hidden += self._attention(rms_norm(hidden, self.input_norm, self.eps), rope, kv_cache, meta, backend)
-        hidden += self._mlp(rms_norm(hidden, self.post_norm, self.eps))
-        return hidden
+        """``normed`` is ``residual`` after this layer's input norm. Adds the attention and MLP
+        outputs to ``residual`` in place (the forward's own buffer, never a weight) and returns
+        it normalised by ``next_norm``: the next layer's input norm, or the final one."""
+        attended = self._attention(normed, rope, kv_cache, meta, backend)
+        mlp_input = add_rms_norm(residual, attended, self.post_norm, self.eps)
+        return add_rms_norm(residual, self._mlp(mlp_input), next_norm, self.eps)
 
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
@@ -72,8 +70,7 @@ class DecoderLayer(nn.Module):
         return F.linear(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate).mul_(up), self.down_weight)
+        return F.linear(silu_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
 
     def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
         """Where each Hugging Face tensor of this layer lands in the fused layout (views)."""
@@ -133,10 +130,12 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} per-layer KV caches, got {len(kv_caches)}")
         rope = self.rotary.cos_sin(positions, self.dtype)
-        hidden = F.embedding(input_ids, self.embed_tokens)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer.forward(hidden, rope, kv_cache, meta, self.backend)
-        return rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        residual = F.embedding(input_ids, self.embed_tokens)
+        normed = rms_norm(residual, self.layers[0].input_norm, self.config.rms_norm_eps)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms):
+            normed = layer.forward(residual, normed, rope, kv_cache, meta, self.backend, next_norm)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for the given hidden rows (e.g. each sequence's last token)."""

@@ -1,0 +1,106 @@
+"""The decoder's small ops, fused for float32 on the CPU: residual add + RMSNorm, and SwiGLU's
+SiLU(gate) * up. Other dtypes and devices take the plain torch ops."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.backends.cpu_simd import (
+    JIT_OPTIONS,
+    exp_nonpositive,
+    match_numba_threads_to_torch,
+)
+
+# Below this many rows (decode batches) a kernel runs on the calling thread: waking numba's
+# thread pool costs more than the work, and its threads would contend with torch's.
+PARALLEL_MIN_ROWS = 256
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Normalise in float32, then scale in the model dtype, as the reference implementation does.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """``residual += delta`` in place, then returns ``rms_norm(residual)``: one pass, not five
+    (measured 18 vs 33 us at 48 x 512, 0.37 vs 0.90 ms at 2048 x 512)."""
+    if not _fusable(residual, delta, weight):
+        residual += delta
+        return rms_norm(residual, weight, eps)
+    out = torch.empty_like(residual)
+    kernel = _add_rms_norm_parallel if _parallel(residual) else _add_rms_norm
+    kernel(residual.numpy(), delta.numpy(), weight.numpy(), np.float32(eps), out.numpy())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim. Fused only
+    for prefill-sized inputs: at decode sizes torch's two ops are as fast (measured 34 vs 39 us
+    at 48 x 1376; 1.39 vs 0.90 ms at 2048 rows)."""
+    if not _fusable(gate_up) or not _parallel(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    _silu_mul_parallel(gate_up.numpy(), out.numpy())
+    return out
+
+
+def _parallel(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` is big enough for a parallel kernel; if so, numba's threads are set."""
+    if rows.shape[0] < PARALLEL_MIN_ROWS:
+        return False
+    match_numba_threads_to_torch()
+    return True
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               and not t.requires_grad for t in tensors)
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _add_rms_norm_row(residual, delta, weight, eps, out, r):
+    cols = residual.shape[1]
+    sum_sq = np.float32(0.0)
+    for c in range(cols):
+        v = residual[r, c] + delta[r, c]
+        residual[r, c] = v
+        sum_sq += v * v
+    scale = np.float32(1.0) / np.sqrt(sum_sq / np.float32(cols) + eps)
+    for c in range(cols):
+        out[r, c] = residual[r, c] * scale * weight[c]
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _silu_mul_row(gate_up, out, r):
+    half = out.shape[1]
+    for c in range(half):
+        g = gate_up[r, c]
+        # sigmoid from e = exp(-|g|) <= 1, which neither overflows nor needs libm's scalar expf:
+        # 1 / (1 + e) for g >= 0, e / (1 + e) below (a select, so the loop still vectorises)
+        e = exp_nonpositive(-abs(g))
+        sigmoid = (np.float32(1.0) if g >= 0 else e) / (np.float32(1.0) + e)
+        out[r, c] = g * sigmoid * gate_up[r, half + c]
+
+
+@numba.njit(**JIT_OPTIONS)
+def _add_rms_norm(residual, delta, weight, eps, out):
+    for r in range(residual.shape[0]):
+        _add_rms_norm_row(residual, delta, weight, eps, out, r)
+
+
+@numba.njit(parallel=True, **JIT_OPTIONS)
+def _add_rms_norm_parallel(residual, delta, weight, eps, out):
+    for r in numba.prange(residual.shape[0]):
+        _add_rms_norm_row(residual, delta, weight, eps, out, r)
+
+
+@numba.njit(parallel=True, **JIT_OPTIONS)
+def _silu_mul_parallel(gate_up, out):
+    for r in numba.prange(gate_up.shape[0]):
+        _silu_mul_row(gate_up, out, r)
