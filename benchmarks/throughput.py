@@ -388,12 +388,12 @@ def section_scheduler_step(ctx: "Context") -> dict:
     progress(f"scheduler_step: timing {w.scheduler_steps} decode steps")
     parts = [scheduler_step(batcher, kv, g, ctx.shape.vocab_size) for _ in range(w.scheduler_steps)]
     assert all(n == w.scheduler_seqs for n, *_ in parts), "every sequence decodes in every step"
-    totals = [s + p + u for _, s, p, u in parts]
     return {
         "running_sequences": w.scheduler_seqs,
         "context_tokens_at_start": list(w.scheduler_prompt_len),
         "prefix_caching": kv.enable_prefix_caching,
-        "per_step_total": summary_ms(totals),
+        "schedule_plus_prepare": summary_ms([s + p for _, s, p, _ in parts]),
+        "per_step_total": summary_ms([s + p + u for _, s, p, u in parts]),
         "schedule": summary_ms([s for _, s, _, _ in parts]),
         "prepare_inputs": summary_ms([p for _, _, p, _ in parts]),
         "update": summary_ms([u for *_, u in parts]),
@@ -443,8 +443,8 @@ def goals(report: dict) -> dict:
     if "roofline" in report:
         frac = report["roofline"]["pagedserve_fraction_of_roofline"]
         out["fraction_of_roofline"] = _goal(frac, GOAL_ROOFLINE_FRACTION, at_least=True)
-    if "scheduler_step" in report:
-        mean = report["scheduler_step"]["per_step_total"]["mean_ms"]
+    if "scheduler_step" in report:  # the measure: schedule + input preparation
+        mean = report["scheduler_step"]["schedule_plus_prepare"]["mean_ms"]
         out["scheduler_step_mean_ms"] = _goal(mean, GOAL_SCHEDULER_STEP_MS, at_least=False)
     return out
 
