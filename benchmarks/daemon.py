@@ -9,13 +9,14 @@ Two references bound what 2 workers can reach on this host: the same single-thre
 in 1 and then 2 processes at once (how well the machine itself runs two busy processes), and two
 in-process engines with half of the jobs each, run at once (the daemon minus Ray).
 
-    python benchmarks/daemon.py [--quick]
+    python -m benchmarks.daemon [--quick] [--rounds N]
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -160,45 +161,62 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens (smoke run)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of in-process / 1 worker / 2 workers (default 3): this "
+                             "host's speed drifts within a minute, so goals use per-round "
+                             "ratios' medians")
     args = parser.parse_args(argv)
     shape = LlamaShape()
     num, out_len = (8, 16) if args.quick else (48, 64)
     from worker.models.tiny import tiny_model_dir
 
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
         model_dir = Path(scratch)
         progress("writing the random Llama checkpoint")
         build_random_llama(shape, model_dir, tiny_model_dir())
         jobs = workload(num, out_len, shape.vocab_size)
-        progress("in-process engine, 1 thread")
-        local = in_process(model_dir, jobs)
+        for r in range(max(1, args.rounds)):
+            progress(f"round {r + 1}: in-process engine (1 thread), daemon with 1 then 2 workers")
+            rounds.append({"in_process": in_process(model_dir, jobs),
+                           "daemon_1_worker": through_daemon(model_dir, jobs, 1),
+                           "daemon_2_workers": through_daemon(model_dir, jobs, 2)})
         progress("two in-process engines at once, half of the jobs each")
         pair = in_process_pair(model_dir, jobs)
-        progress("daemon, 1 worker")
-        one = through_daemon(model_dir, jobs, 1)
-        progress("daemon, 2 workers")
-        two = through_daemon(model_dir, jobs, 2)
         progress("machine: one busy process vs two")
         machine = machine_scale_out()
-    emit_json({
+    emit_json(report(rounds, pair, machine, num, out_len))
+
+
+def report(rounds: list[dict], pair: dict, machine: dict, num: int, out_len: int) -> dict:
+    def rate(r, name):
+        return r[name]["output_tokens_per_s"]
+
+    scale = [round(rate(r, "daemon_2_workers") / rate(r, "daemon_1_worker"), 3) for r in rounds]
+    overhead = [round(1 - rate(r, "daemon_1_worker") / rate(r, "in_process"), 4) for r in rounds]
+    median_local = statistics.median(rate(r, "in_process") for r in rounds)
+    median_two = statistics.median(rate(r, "daemon_2_workers") for r in rounds)
+    return {
         "benchmark": "daemon", "machine": machine_info(),
         "workload": {"requests": num, "prompt_len": [16, 256], "output_len": out_len,
                      "model": "random Llama hidden 512 x 8 layers, vocab 2048, float32",
                      "torch_threads_per_engine": 1},
-        "in_process": local, "daemon_1_worker": one, "daemon_2_workers": two,
-        "scale_out_2_vs_1": round(two["output_tokens_per_s"] / one["output_tokens_per_s"], 3),
+        "rounds": rounds,
+        "scale_out_2_vs_1_per_round": scale,
+        "scale_out_2_vs_1": statistics.median(scale),
+        "daemon_overhead_1_worker_per_round": overhead,
+        "daemon_overhead_1_worker": statistics.median(overhead),
         "references": {
             "machine_scale_out": machine,
             "in_process_pair": pair,
-            "in_process_pair_vs_in_process": round(
-                pair["output_tokens_per_s"] / local["output_tokens_per_s"], 3),
-            "daemon_2_workers_vs_in_process_pair": round(
-                two["output_tokens_per_s"] / pair["output_tokens_per_s"], 3),
+            "in_process_pair_vs_median_in_process": round(
+                pair["output_tokens_per_s"] / median_local, 3),
+            "median_daemon_2_workers_vs_in_process_pair": round(
+                median_two / pair["output_tokens_per_s"], 3),
         },
-        "daemon_overhead_1_worker": round(
-            1 - one["output_tokens_per_s"] / local["output_tokens_per_s"], 4),
-        "goals": {"scale_out_2_vs_1": ">= 1.7", "daemon_overhead_1_worker": "<= 0.10"},
-    })
+        "goals": {"scale_out_2_vs_1": ">= 1.7", "daemon_overhead_1_worker": "<= 0.10",
+                  "checked_on": "medians of the per-round ratios"},
+    }
 
 
 if __name__ == "__main__":
