@@ -3,10 +3,10 @@
 Two policies behind one ``Router`` protocol:
 
 - ``least_loaded`` scores each worker by its outstanding work in tokens and its KV-cache use,
-  and adds **prefix
-  affinity**: a job whose prompt starts with the same full KV blocks as an earlier job goes to the
-  worker that got that earlier job, where those blocks are likely still cached, unless that worker
-  is clearly busier than the least-loaded one (the rule is on ``LeastLoadedRouter``).
+  and adds **prefix affinity**: a job whose prompt starts with the same full KV blocks as an
+  earlier job goes to the worker that got that earlier job, where those blocks are likely still
+  cached, unless that worker is clearly busier than the least-loaded one (the rule is on
+  ``LeastLoadedRouter``).
 - ``round_robin`` cycles through the workers in the order they are given.
 
 The scheduler owns the loads: it counts each worker's outstanding tokens from the jobs it has

@@ -1,4 +1,5 @@
-"""Low-level numba helpers for the CPU attention kernel: jit options and a vectorisable exp."""
+"""Low-level numba helpers shared by the CPU kernels: jit options, a vectorisable exp, and the
+thread-count set-up of parallel kernels."""
 from __future__ import annotations
 
 import numba
