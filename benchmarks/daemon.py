@@ -38,10 +38,23 @@ def workload(num_requests: int, output_len: int, vocab: int) -> list[tuple[list[
     return [(random_token_ids(g, n, vocab), params) for n in lengths]
 
 
-def warmup_jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
+WARMUP_PROMPT_LENS = (1900, 300, 40, 5)  # a full 2048-token step, chunked prefill, decode
+
+
+def warmup_jobs(vocab: int, copies: int = 1) -> list[tuple[list[int], SamplingParams]]:
+    """Jobs that take every engine through its step shapes once (numba kernels, allocator
+    growth), so the timed run is not the first big one. ``copies``: one set per worker, longest
+    first, so that routing by outstanding tokens gives each worker a set when they are
+    submitted together."""
     g = torch.Generator().manual_seed(1)
-    return [(random_token_ids(g, n, vocab), SamplingParams(max_tokens=8, temperature=0.0))
-            for n in (5, 40, 300)]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    return [(random_token_ids(g, n, vocab), params)
+            for n in WARMUP_PROMPT_LENS for _ in range(copies)]
+
+
+def warm_up_llm(llm) -> None:
+    jobs = warmup_jobs(2048)
+    llm.generate([p for p, _ in jobs], [s for _, s in jobs])
 
 
 def in_process(model_dir: Path, jobs) -> dict:
@@ -49,7 +62,7 @@ def in_process(model_dir: Path, jobs) -> dict:
 
     torch.set_num_threads(1)
     llm = LLM(str(model_dir), kv_cache_gib=1.0)
-    llm.generate([p for p, _ in warmup_jobs(2048)], warmup_jobs(2048)[0][1])
+    warm_up_llm(llm)
     with stopwatch() as elapsed:
         outs = llm.generate([p for p, _ in jobs], [s for _, s in jobs])
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -81,7 +94,7 @@ def _in_process_part(barrier, results, model_dir: str, jobs) -> None:
     os.environ["NUMBA_NUM_THREADS"] = "1"  # as the daemon gives its workers
     torch.set_num_threads(1)
     llm = LLM(model_dir, kv_cache_gib=1.0)
-    llm.generate([p for p, _ in warmup_jobs(2048)], warmup_jobs(2048)[0][1])
+    warm_up_llm(llm)
     barrier.wait()
     with stopwatch() as elapsed:
         outs = llm.generate([p for p, _ in jobs], [s for _, s in jobs])
@@ -129,8 +142,11 @@ def through_daemon(model_dir: Path, jobs, workers: int) -> dict:
     daemon = EmbeddedDaemon(cfg)
     try:
         client = daemon.client
-        for prompt, params in warmup_jobs(2048) * workers:
-            client.result(client.submit(prompt, params))
+        warmup = [client.submit(p, s) for p, s in warmup_jobs(2048, copies=workers)]
+        warmed = {client.status_of(j)["workers"][0] for j in warmup}
+        assert len(warmed) == workers, f"warm-up reached {len(warmed)} of {workers} workers"
+        for job_id in warmup:
+            client.result(job_id)
         with stopwatch() as elapsed:  # throughput: results only, no client-side streaming
             ids = [client.submit(p, s) for p, s in jobs]
             results = [client.result(j) for j in ids]
