@@ -3,7 +3,6 @@ thread while the actor keeps answering add / abort / stats."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import queue
 import socket
@@ -11,11 +10,8 @@ import threading
 
 import ray
 
-from scheduler.sampling_params import SamplingParams
+from worker.commands import EngineCommands
 from worker.device import device_index_from_ray_ids
-
-
-MAX_UNMATCHED_ABORTS = 10_000
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -37,9 +33,8 @@ class WorkerActor:
         self.npu_ids = list(npu_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._commands = EngineCommands(self.engine)
         self._reports_sent = 0  # numbers each report: the scheduler applies them in this order
-        # Aborts of requests not (yet) here: Ray may deliver an abort before its add.
-        self._unmatched_aborts: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def info(self) -> dict:
         kv = self.engine.kv
@@ -98,26 +93,9 @@ class WorkerActor:
         try:
             command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             while True:
-                error = self._apply(command)
+                error = self._commands.apply(command)
                 if error is not None:
                     rejected.append(error)
                 command = self._inbox.get_nowait()
         except queue.Empty:
             return rejected
-
-    def _apply(self, command: tuple) -> tuple[str, str] | None:
-        if command[0] == "add":
-            _, rid, prompt, params, priority, resumed = command
-            if rid in self._unmatched_aborts:  # aborted before it arrived
-                del self._unmatched_aborts[rid]
-                return None
-            try:
-                self.engine.add_request(prompt, SamplingParams.from_dict(params), request_id=rid,
-                                        priority=priority, resumed_token_ids=resumed)
-            except ValueError as exc:
-                return rid, str(exc)
-        elif command[0] == "abort" and not self.engine.abort(command[1]):
-            self._unmatched_aborts[command[1]] = None
-            while len(self._unmatched_aborts) > MAX_UNMATCHED_ABORTS:  # aborts of finished jobs
-                self._unmatched_aborts.popitem(last=False)
-        return None
