@@ -64,7 +64,8 @@ class LeastLoadedRouter:
     A worker's score is ``pending_tokens + KV_WEIGHT * used_fraction``: tokens measure how long
     its queue takes to drain (a job count would weigh a 16-token prompt like a 4000-token one),
     and a full KV cache weighs like KV_WEIGHT more queued tokens, since it means preemptions
-    ahead. The lowest score wins (ties: the first worker given).
+    ahead. The lowest score wins; ties go to the tied workers in turn, so that jobs arriving one
+    at a time on an idle cluster still use every worker (and warm every worker's caches).
 
     Affinity: the router remembers, in an LRU map of at most ``capacity`` entries, which worker
     last received a prompt starting with each of its first 1..``max_prefix_blocks`` full blocks
@@ -84,12 +85,16 @@ class LeastLoadedRouter:
         self.capacity = capacity
         self.max_prefix_blocks = max_prefix_blocks
         self._last_worker: OrderedDict[int, str] = OrderedDict()  # prefix key -> worker id
+        self._ties_broken = 0
 
     def choose(self, prompt_token_ids: Sequence[int], loads: Sequence[WorkerLoad]) -> str:
         if not loads:
             raise NoWorkerError()
         scores = {load.worker_id: self.score(load) for load in loads}
-        best = min(loads, key=lambda load: scores[load.worker_id]).worker_id
+        lowest = min(scores.values())
+        tied = [load.worker_id for load in loads if scores[load.worker_id] == lowest]
+        best = tied[self._ties_broken % len(tied)]
+        self._ties_broken += len(tied) > 1
         keys = self._prefix_keys(prompt_token_ids, loads[0].block_size)
         chosen = self._affine_worker(keys, scores, scores[best]) or best
         self._remember(keys, chosen)

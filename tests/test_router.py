@@ -45,6 +45,15 @@ def test_least_loaded_picks_the_idle_worker():
     assert LeastLoadedRouter().choose(prompt_of(1, 2), loads) == "idle"
 
 
+def test_ties_go_to_the_tied_workers_in_turn():
+    """Jobs that arrive one at a time on an idle cluster (each done before the next) use every
+    worker, not just the first one listed; a less loaded worker still wins outright."""
+    router = LeastLoadedRouter()
+    idle = [load("a"), load("b"), load("c")]
+    assert [router.choose([i], idle) for i in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    assert router.choose([9], [load("a", pending=5), load("b"), load("c", pending=5)]) == "b"
+
+
 def test_a_nearly_full_kv_cache_counts_against_a_worker():
     loads = [load("full", free=2), load("roomy", free=90)]
     assert LeastLoadedRouter().choose([5, 6], loads) == "roomy"
