@@ -121,6 +121,29 @@ class AttentionBackend:
         return self.attend(query, key_cache, value_cache, meta, params)
 
 
+def written_rows(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(rows to write or None for all, their slots in the mapping's dtype): resolves slot -1
+    ("do not write") once, for backends whose writes take valid slots only.
+
+    One small host read per call; a step with no -1 slot passes the mapping through untouched.
+    """
+    skip = slot_mapping < 0
+    if not bool(skip.any()):
+        return None, slot_mapping
+    rows = torch.nonzero(~skip).flatten()
+    return rows, slot_mapping.index_select(0, rows).contiguous()
+
+
+def copy_into_slots(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, rows: torch.Tensor | None,
+                    slots: torch.Tensor) -> None:
+    """Copy key/value rows ``rows`` (None: all) into the flattened caches at int64 ``slots``."""
+    for new, cache in ((key, key_cache), (value, value_cache)):
+        if rows is not None:
+            new = new.index_select(0, rows)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+
+
 def paged_self_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -4,8 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
-from worker.backends.cpu_plan import CpuStepPlan, plan_step, written_slots
+from worker.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    SelfAttentionParams,
+    copy_into_slots,
+    written_rows,
+)
+from worker.backends.cpu_plan import CpuStepPlan, plan_step
 from worker.backends.cpu_prefill import attend_sequence_sdpa
 from worker.backends.cpu_reference import attend_sequence_tiled
 from worker.backends.cpu_simd import match_numba_threads_to_torch, numba_thread_limit
@@ -41,12 +47,13 @@ class CpuBackend(AttentionBackend):
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping):
         _check_slots(key, slot_mapping)
-        _write_rows(key, value, key_cache, value_cache, *written_slots(slot_mapping))
+        rows, slots = written_rows(slot_mapping)
+        copy_into_slots(key, value, key_cache, value_cache, rows, slots.long())
 
     def forward(self, query, key, value, key_cache, value_cache, meta, params):
         plan = self._plan_for(meta)  # the written rows and slots are worked out once per step
         _check_slots(key, meta.slot_mapping)
-        _write_rows(key, value, key_cache, value_cache, plan.write_rows, plan.write_slots)
+        copy_into_slots(key, value, key_cache, value_cache, plan.write_rows, plan.write_slots)
         return self.attend(query, key_cache, value_cache, meta, params)
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata,
@@ -94,14 +101,6 @@ def _check_slots(key, slot_mapping) -> None:
         raise ValueError(
             f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} key tokens"
         )
-
-
-def _write_rows(key, value, key_cache, value_cache, rows, slots) -> None:
-    """Copy key/value rows ``rows`` (None: all) into the flat cache slots ``slots``."""
-    for new, cache in ((key, key_cache), (value, value_cache)):
-        if rows is not None:
-            new = new.index_select(0, rows)
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
 
 
 def _kernel_accepts(query, key_cache, value_cache) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.attention import AttentionMetadata
+from worker.attention import AttentionMetadata, written_rows
 
 PARTITION_ALIGN = 128  # partition edges fall on block edges for every block size dividing this
 PARTITIONS_PER_THREAD = 4  # enough work items that uneven sequences still balance
@@ -56,7 +56,7 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
     num_threads = max(1, num_threads)
     parts = _partition(short_seqs, query_lens, seq_lens, num_threads)
     thread_part_start, thread_parts = _assign_threads(*parts[:3], query_lens, num_threads)
-    write_rows, write_slots = written_slots(meta.slot_mapping)
+    write_rows, write_slots = written_rows(meta.slot_mapping)
     return CpuStepPlan(
         block_tables=np.ascontiguousarray(meta.block_tables.numpy(), dtype=np.int32),
         query_start_loc=query_start_loc,
@@ -70,17 +70,8 @@ def plan_step(meta: AttentionMetadata, max_kernel_query_len: int, num_threads: i
         short_seqs=short_seqs,
         long_seqs=long_seqs,
         write_rows=write_rows,
-        write_slots=write_slots,
+        write_slots=write_slots.long(),
     )
-
-
-def written_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(rows to write or None for all, their slots as int64): slot -1 means "do not write"."""
-    slots = slot_mapping.long()
-    if not slots.numel() or slots.min() >= 0:
-        return None, slots
-    rows = (slots >= 0).nonzero().squeeze(1)
-    return rows, slots.index_select(0, rows)
 
 
 def _validate(meta: AttentionMetadata, query_start_loc: np.ndarray, seq_lens: np.ndarray) -> None:

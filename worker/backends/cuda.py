@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
+from worker.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    SelfAttentionParams,
+    copy_into_slots,
+    written_rows,
+)
 from worker.device import DeviceUnavailableError
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,10 +53,8 @@ class CudaBackend(AttentionBackend):
         )
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key[keep])
-        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slots, value[keep])
+        rows, slots = written_rows(slot_mapping)
+        copy_into_slots(key, value, key_cache, value_cache, rows, slots.long())
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, params: SelfAttentionParams):
         out = torch.zeros_like(query)

@@ -14,7 +14,12 @@ from types import ModuleType
 
 import torch
 
-from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
+from worker.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    SelfAttentionParams,
+    written_rows,
+)
 from worker.device import DeviceUnavailableError
 
 # Fused-op limits (npu_fused_infer_attention_score, paged KV, TND layout).
@@ -149,7 +154,7 @@ class NpuBackend(AttentionBackend):
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         slot_mapping = meta.slot_mapping.to(device=self.device, dtype=torch.int32).contiguous()
         block_tables = meta.block_tables.to(device=self.device, dtype=torch.int32).contiguous()
-        write_rows, write_slots = _written_rows(slot_mapping)
+        write_rows, write_slots = written_rows(slot_mapping)
         state = NpuStepState(
             cum_query_ends=[int(end) for end in meta.query_start_loc[1:]],
             kv_lens=[int(n) for n in meta.seq_lens],
@@ -170,7 +175,7 @@ class NpuBackend(AttentionBackend):
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
         slots = slot_mapping.to(device=self.device, dtype=torch.int32).contiguous()
-        self._write(key, value, key_cache, value_cache, *_written_rows(slots))
+        self._write(key, value, key_cache, value_cache, *written_rows(slots))
 
     def attend(self, query, key_cache, value_cache, meta, params) -> torch.Tensor:
         state = self._state(meta)
@@ -225,19 +230,6 @@ class NpuBackend(AttentionBackend):
         padded = query.new_zeros(query.shape)  # rows past the packed tokens stay zero
         padded[: state.num_tokens] = out
         return padded
-
-
-def _written_rows(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(rows to write or None for all, their slots): the scatter ops take slots in
-    [0, blocks*block_size) only, so "-1 = do not write" is resolved here.
-
-    One small host read per call; a step with no -1 slot passes the mapping through untouched.
-    """
-    skip = slot_mapping < 0
-    if not bool(skip.any()):
-        return None, slot_mapping
-    rows = torch.nonzero(~skip).flatten()
-    return rows, slot_mapping.index_select(0, rows).contiguous()
 
 
 def _require_visible_npu(torch_npu: ModuleType, index: int) -> None:
