@@ -162,6 +162,18 @@ def test_single_long_decode_spanning_many_partitions(kernel):
     run_and_check(case, backend, tolerance=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [40, 56])
+def test_decode_partitions_that_start_mid_block(block_size):
+    """Partition edges fall on multiples of 128 positions, which are mid-block for these block
+    sizes: the decode loop must start and stop inside a block and prefetch across them."""
+    backend = CpuBackend(kernel="fast")
+    specs = [SeqSpec(3000, 1), SeqSpec(700, 1), SeqSpec(130, 1), SeqSpec(3, 1)]
+    case = build_case(specs, block_size, 8, 2, 64, torch.float32, block_size, backend)
+    plan = backend.prepare(case.meta).backend_state
+    assert any(start % block_size for start in plan.part_kv_start.tolist())
+    run_and_check(case, backend, tolerance=1e-5)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_chunk_whose_last_partition_is_hidden_from_its_first_queries(kernel):
     """124 cached + 16 new: the KV partition [128, 140) holds no key that queries 0-3 may see."""

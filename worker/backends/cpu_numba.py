@@ -4,7 +4,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from worker.backends.cpu_simd import JIT_OPTIONS, exp_nonpositive
+from worker.backends.cpu_simd import JIT_OPTIONS, exp_nonpositive, prefetch_token
 
 _NEG_BIG = np.float32(-3.0e38)  # a finite "minus infinity": max - max is never NaN
 TOKENS_PER_STEP = 4  # keys handled together, so each accumulator load/store serves four
@@ -31,7 +31,7 @@ def paged_attention_fp32(
 
     A partition is a run of one sequence's KV positions, scored against all of that sequence's
     query rows (query token x head) in one sweep over the cache in block order, so each cached
-    vector is read once per step. Partitions give every thread work when sequences are few or
+    vector is read once per step. Decode partitions (one query token) take a leaner loop. Partitions give every thread work when sequences are few or
     uneven; the plan deals them to threads by cost (numba's prange would split them by count).
     A second parallel loop merges each sequence's partitions by their softmax max and sum.
     """
@@ -51,13 +51,20 @@ def paged_attention_fp32(
     for thread in numba.prange(thread_part_start.shape[0] - 1):
         for p in thread_parts[thread_part_start[thread]:thread_part_start[thread + 1]]:
             seq = part_seq[p]
+            q0, q1 = query_start_loc[seq], query_start_loc[seq + 1]
             r0, r1 = part_row_start[p], part_row_start[p + 1]
-            _attend_partition(
-                query, key_cache, value_cache, block_tables[seq],
-                query_start_loc[seq], query_start_loc[seq + 1], seq_lens[seq],
-                part_kv_start[p], part_kv_end[p], qk_scale,
-                acc[r0:r1], row_max[r0:r1], row_sum[r0:r1],
-            )
+            if q1 - q0 == 1:
+                _decode_partition(
+                    query[q0], key_cache, value_cache, block_tables[seq],
+                    part_kv_start[p], part_kv_end[p], qk_scale,
+                    acc[r0:r1], row_max[r0:r1], row_sum[r0:r1],
+                )
+            else:
+                _attend_partition(
+                    query, key_cache, value_cache, block_tables[seq], q0, q1, seq_lens[seq],
+                    part_kv_start[p], part_kv_end[p], qk_scale,
+                    acc[r0:r1], row_max[r0:r1], row_sum[r0:r1],
+                )
 
     for s in numba.prange(seq_part_start.shape[0] - 1):
         p0, p1 = seq_part_start[s], seq_part_start[s + 1]
@@ -113,6 +120,100 @@ def _attend_partition(query, key_cache, value_cache, block_table, q0, q1, kv_len
                 row_sum[r] += p[i, r]
         for j in range(max(0, t0 - first_pos), q1 - q0):
             _accumulate_query(p, j * head_num, head_num, key_cache.shape[2], v0, v1, v2, v3, acc)
+
+
+@numba.njit(**JIT_OPTIONS)
+def _decode_partition(query_row, key_cache, value_cache, block_table, kv_start, kv_end, qk_scale,
+                      acc, row_max, row_sum):
+    """_attend_partition for a single query token (rows are its heads), which may see every KV
+    position: no mask, whole blocks at a time, and the next block prefetched while this one is
+    read. Same outputs: acc (sum of p * v), row_max, row_sum (sum of p)."""
+    head_num, head_dim = query_row.shape
+    q = np.empty((head_num, head_dim), dtype=np.float32)
+    for h in range(head_num):
+        for c in range(head_dim):
+            q[h, c] = query_row[h, c] * qk_scale
+    scores = np.empty((head_num, kv_end - kv_start), dtype=np.float32)
+    _score_keys(q, key_cache, block_table, kv_start, kv_end, scores)
+    for h in range(head_num):
+        best = _NEG_BIG
+        for t in range(scores.shape[1]):
+            best = max(best, scores[h, t])
+        total = np.float32(0.0)
+        for t in range(scores.shape[1]):
+            p = exp_nonpositive(scores[h, t] - best)
+            scores[h, t] = p
+            total += p
+        row_max[h] = best
+        row_sum[h] = total
+    acc[:] = 0.0
+    _accumulate_values(scores, value_cache, block_table, kv_start, kv_end, acc)
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _block_span(block_table, pos, kv_end, block_size):
+    """(block id, first row, rows, next block id to prefetch) of the block holding KV position pos,
+    clipped to kv_end; the next block is this one when there is none."""
+    row = pos % block_size
+    count = min(block_size - row, kv_end - pos)
+    index = pos // block_size
+    block = block_table[index]
+    upcoming = block_table[index + 1] if pos + count < kv_end else block
+    return block, row, count, upcoming
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _score_keys(q, key_cache, block_table, kv_start, kv_end, scores):
+    """scores[h, t - kv_start] = q[h] . key of position t, for the kv head serving head h."""
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = q.shape[0] // kv_heads
+    pos = kv_start
+    while pos < kv_end:
+        block, row, count, upcoming = _block_span(block_table, pos, kv_end, block_size)
+        for i in range(count):
+            prefetch_token(key_cache, upcoming, i)
+            key = key_cache[block, row + i]
+            t = pos - kv_start + i
+            for h in range(q.shape[0]):
+                kh = h // group
+                dot = np.float32(0.0)
+                for c in range(q.shape[1]):
+                    dot += q[h, c] * key[kh, c]
+                scores[h, t] = dot
+        pos += count
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _accumulate_values(p, value_cache, block_table, kv_start, kv_end, acc):
+    """acc[h] += p[h, t - kv_start] * value of position t. Values go four at a time, so each
+    load and store of an accumulator serves four of them."""
+    block_size, kv_heads = value_cache.shape[1], value_cache.shape[2]
+    group = acc.shape[0] // kv_heads
+    pos = kv_start
+    while pos < kv_end:
+        block, row, count, upcoming = _block_span(block_table, pos, kv_end, block_size)
+        i = 0
+        while i + TOKENS_PER_STEP <= count:
+            for j in range(TOKENS_PER_STEP):
+                prefetch_token(value_cache, upcoming, i + j)
+            v0, v1 = value_cache[block, row + i], value_cache[block, row + i + 1]
+            v2, v3 = value_cache[block, row + i + 2], value_cache[block, row + i + 3]
+            t = pos - kv_start + i
+            for h in range(acc.shape[0]):
+                kh = h // group
+                p0, p1, p2, p3 = p[h, t], p[h, t + 1], p[h, t + 2], p[h, t + 3]
+                for c in range(acc.shape[1]):
+                    acc[h, c] += p0 * v0[kh, c] + p1 * v1[kh, c] + p2 * v2[kh, c] + p3 * v3[kh, c]
+            i += TOKENS_PER_STEP
+        for rest in range(i, count):
+            prefetch_token(value_cache, upcoming, rest)
+            value = value_cache[block, row + rest]
+            t = pos - kv_start + rest
+            for h in range(acc.shape[0]):
+                kh = h // group
+                for c in range(acc.shape[1]):
+                    acc[h, c] += p[h, t] * value[kh, c]
+        pos += count
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)

@@ -1,12 +1,12 @@
-"""Low-level numba helpers shared by the CPU kernels: jit options, a vectorisable exp, and the
-thread-count set-up of parallel kernels."""
+"""Low-level numba helpers shared by the CPU kernels: jit options, a vectorisable exp, a cache
+prefetch, and the thread-count set-up of parallel kernels."""
 from __future__ import annotations
 
 import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorise reductions (the head_dim dot products); no "nnan"/"ninf":
@@ -28,6 +28,46 @@ def _float32_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+_CACHE_LINE = 64
+
+
+@intrinsic
+def prefetch_token(typingctx, cache, block, row):
+    """Hint the CPU to load cache[block, row] (a 4-D cache's [kv_heads, head_dim] token row) into
+    its caches. The paged kernels jump from block to block, which the hardware prefetcher cannot
+    predict: asking for the next block while reading this one roughly halved the cold decode
+    kernel's time on this 2-core host. A prefetch never faults, so any in-range indices are safe."""
+
+    def codegen(context, builder, signature, args):
+        cache_type = signature.args[0]
+        array = context.make_array(cache_type)(context, builder, args[0])
+        index = [context.cast(builder, value, ty, types.intp)
+                 for value, ty in zip(args[1:], signature.args[1:])]
+        index += [context.get_constant(types.intp, 0)] * (cache_type.ndim - 2)
+        start = cgutils.get_item_pointer(context, builder, cache_type, array, index,
+                                         wraparound=False)
+        shape = cgutils.unpack_tuple(builder, array.shape, cache_type.ndim)
+        nbytes = context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(cache_type.dtype)))
+        for extent in shape[2:]:
+            nbytes = builder.mul(nbytes, extent)
+        byte_ptr = ir.IntType(8).as_pointer()
+        prefetch = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3),
+            "llvm.prefetch.p0i8",
+        )
+        base = builder.bitcast(start, byte_ptr)
+        read, keep_in_all_levels, data = (ir.Constant(ir.IntType(32), v) for v in (0, 3, 1))
+        zero = context.get_constant(types.intp, 0)
+        line = context.get_constant(types.intp, _CACHE_LINE)
+        with cgutils.for_range_slice(builder, zero, nbytes, line) as (offset, _):
+            builder.call(prefetch, [builder.gep(base, [offset]), read, keep_in_all_levels, data])
+        return context.get_dummy_value()
+
+    return types.none(cache, block, row), codegen
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
