@@ -78,14 +78,20 @@ def load(path, dtype=None):
 
 
 def test_weights_land_in_fused_layout(tmp_path):
+    """Projections are stored [in, out] (Hugging Face's transposed), contiguous, q/k/v and
+    gate/up side by side."""
     tensors = hf_tensors(seed=1)
     model, _ = load(write_checkpoint(tmp_path, tensors), dtype=torch.float32)
     layer = model.layers[1]
     p = "model.layers.1"
     qkv = [tensors[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"]
-    assert torch.equal(layer.qkv_weight, torch.cat(qkv))
+    assert torch.equal(layer.qkv_weight, torch.cat(qkv).t())
     gate_up = [tensors[f"{p}.mlp.{n}_proj.weight"] for n in ("gate", "up")]
-    assert torch.equal(layer.gate_up_weight, torch.cat(gate_up))
+    assert torch.equal(layer.gate_up_weight, torch.cat(gate_up).t())
+    assert torch.equal(layer.o_weight, tensors[f"{p}.self_attn.o_proj.weight"].t())
+    assert torch.equal(layer.down_weight, tensors[f"{p}.mlp.down_proj.weight"].t())
+    assert all(w.is_contiguous() for w in (layer.qkv_weight, layer.o_weight,
+                                           layer.gate_up_weight, layer.down_weight))
     assert torch.equal(model.lm_head, tensors["lm_head.weight"])
     assert all(not p.requires_grad for p in model.parameters())
 

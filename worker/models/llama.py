@@ -18,8 +18,18 @@ def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight (+ bias)`` for a projection stored ``[in_features, out_features]``."""
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
 class DecoderLayer(nn.Module):
-    """One pre-norm block with fused q/k/v and gate/up projections (one matmul each)."""
+    """One pre-norm block with fused q/k/v and gate/up projections (one matmul each).
+
+    Projection weights are stored ``[in_features, out_features]``, the transpose of Hugging Face's
+    layout: on the CPU, MKL multiplies decode-sized batches (8-48 rows) 1.2-1.5x faster that way
+    than ``F.linear`` on ``[out, in]`` weights, and as fast from about 96 rows up.
+    """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -28,13 +38,13 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = c.q_size, c.kv_size
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.input_norm = _weight(c.hidden_size, dtype=dtype)
-        self.qkv_weight = _weight(c.q_size + 2 * c.kv_size, c.hidden_size, dtype=dtype)
+        self.qkv_weight = _weight(c.hidden_size, c.q_size + 2 * c.kv_size, dtype=dtype)
         self.qkv_bias = _weight(c.q_size + 2 * c.kv_size, dtype=dtype) if c.attention_bias else None
-        self.o_weight = _weight(c.hidden_size, c.q_size, dtype=dtype)
+        self.o_weight = _weight(c.q_size, c.hidden_size, dtype=dtype)
         self.o_bias = _weight(c.hidden_size, dtype=dtype) if c.o_proj_bias else None
         self.post_norm = _weight(c.hidden_size, dtype=dtype)
-        self.gate_up_weight = _weight(2 * c.intermediate_size, c.hidden_size, dtype=dtype)
-        self.down_weight = _weight(c.hidden_size, c.intermediate_size, dtype=dtype)
+        self.gate_up_weight = _weight(c.hidden_size, 2 * c.intermediate_size, dtype=dtype)
+        self.down_weight = _weight(c.intermediate_size, c.hidden_size, dtype=dtype)
         self.attn_params = SelfAttentionParams(
             head_num=c.num_attention_heads,
             kv_head_num=c.num_key_value_heads,
@@ -61,32 +71,33 @@ class DecoderLayer(nn.Module):
 
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = _project(x, self.qkv_weight, self.qkv_bias)
         # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, d] tensor.
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
         q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
-        return F.linear(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
+        return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        return _project(silu_mul(_project(x, self.gate_up_weight)), self.down_weight)
 
     def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Where each Hugging Face tensor of this layer lands in the fused layout (views)."""
+        """Where each Hugging Face tensor of this layer lands in the fused layout: views, the
+        projections' transposed to Hugging Face's ``[out, in]``."""
         q, kv = self.q_size, self.kv_size
-        inter = self.down_weight.shape[1]
+        inter = self.down_weight.shape[0]
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
         slots = {
             f"{prefix}.input_layernorm.weight": self.input_norm.data,
             f"{prefix}.post_attention_layernorm.weight": self.post_norm.data,
-            f"{attn}.q_proj.weight": self.qkv_weight.data[:q],
-            f"{attn}.k_proj.weight": self.qkv_weight.data[q : q + kv],
-            f"{attn}.v_proj.weight": self.qkv_weight.data[q + kv :],
-            f"{attn}.o_proj.weight": self.o_weight.data,
-            f"{mlp}.gate_proj.weight": self.gate_up_weight.data[:inter],
-            f"{mlp}.up_proj.weight": self.gate_up_weight.data[inter:],
-            f"{mlp}.down_proj.weight": self.down_weight.data,
+            f"{attn}.q_proj.weight": self.qkv_weight.data[:, :q].t(),
+            f"{attn}.k_proj.weight": self.qkv_weight.data[:, q : q + kv].t(),
+            f"{attn}.v_proj.weight": self.qkv_weight.data[:, q + kv :].t(),
+            f"{attn}.o_proj.weight": self.o_weight.data.t(),
+            f"{mlp}.gate_proj.weight": self.gate_up_weight.data[:, :inter].t(),
+            f"{mlp}.up_proj.weight": self.gate_up_weight.data[:, inter:].t(),
+            f"{mlp}.down_proj.weight": self.down_weight.data.t(),
         }
         if self.qkv_bias is not None:
             slots[f"{attn}.q_proj.bias"] = self.qkv_bias.data[:q]
