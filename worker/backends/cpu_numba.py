@@ -174,12 +174,12 @@ def _score_keys(q, key_cache, block_table, kv_start, kv_end, scores):
             prefetch_token(key_cache, upcoming, i)
             key = key_cache[block, row + i]
             t = pos - kv_start + i
-            for h in range(q.shape[0]):
-                kh = h // group
-                dot = np.float32(0.0)
-                for c in range(q.shape[1]):
-                    dot += q[h, c] * key[kh, c]
-                scores[h, t] = dot
+            for kh in range(kv_heads):
+                for h in range(kh * group, (kh + 1) * group):
+                    dot = np.float32(0.0)
+                    for c in range(q.shape[1]):
+                        dot += q[h, c] * key[kh, c]
+                    scores[h, t] = dot
         pos += count
 
 
@@ -199,20 +199,21 @@ def _accumulate_values(p, value_cache, block_table, kv_start, kv_end, acc):
             v0, v1 = value_cache[block, row + i], value_cache[block, row + i + 1]
             v2, v3 = value_cache[block, row + i + 2], value_cache[block, row + i + 3]
             t = pos - kv_start + i
-            for h in range(acc.shape[0]):
-                kh = h // group
-                p0, p1, p2, p3 = p[h, t], p[h, t + 1], p[h, t + 2], p[h, t + 3]
-                for c in range(acc.shape[1]):
-                    acc[h, c] += p0 * v0[kh, c] + p1 * v1[kh, c] + p2 * v2[kh, c] + p3 * v3[kh, c]
+            for kh in range(kv_heads):
+                for h in range(kh * group, (kh + 1) * group):
+                    p0, p1, p2, p3 = p[h, t], p[h, t + 1], p[h, t + 2], p[h, t + 3]
+                    for c in range(acc.shape[1]):
+                        acc[h, c] += (p0 * v0[kh, c] + p1 * v1[kh, c]
+                                      + p2 * v2[kh, c] + p3 * v3[kh, c])
             i += TOKENS_PER_STEP
         for rest in range(i, count):
             prefetch_token(value_cache, upcoming, rest)
             value = value_cache[block, row + rest]
             t = pos - kv_start + rest
-            for h in range(acc.shape[0]):
-                kh = h // group
-                for c in range(acc.shape[1]):
-                    acc[h, c] += p[h, t] * value[kh, c]
+            for kh in range(kv_heads):
+                for h in range(kh * group, (kh + 1) * group):
+                    for c in range(acc.shape[1]):
+                        acc[h, c] += p[h, t] * value[kh, c]
         pos += count
 
 
