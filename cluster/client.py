@@ -17,6 +17,7 @@ from worker.output import CompletionOutput, JobOutput, RequestOutput
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
 SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
+SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
 
 
 class JobFailedError(RuntimeError):
@@ -116,15 +117,42 @@ class Client:
 
     def submit_many(self, prompts: Sequence[str | list[int]],
                     params: SamplingParams | dict | Sequence | None = None, *,
-                    progress: bool = False) -> list[str]:
-        per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+                    priorities: Sequence[int] | None = None, progress: bool = False) -> list[str]:
+        """Queue many jobs, ``SUBMIT_BATCH`` per scheduler call, and return their ids in order.
+        ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
+        on a bad job or a full queue the error says which job, and the ids of the batches
+        already accepted are on the exception as ``submitted``."""
         from tqdm import tqdm
 
-        ids = []
-        for prompt, p in tqdm(list(zip(prompts, per_job)), desc="submit", unit="job",
-                              disable=not progress):
-            ids.append(self.submit(prompt, p))
+        per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        priorities = [0] * len(prompts) if priorities is None else list(priorities)
+        if not len(per_job) == len(priorities) == len(prompts):
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts need as many params and priorities, got "
+                f"{len(per_job)} and {len(priorities)}")
+        ids: list[str] = []
+        with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
+            for start in range(0, len(prompts), SUBMIT_BATCH):
+                chunk = range(start, min(len(prompts), start + SUBMIT_BATCH))
+                try:
+                    ids += self._submit_batch([_batch_args(prompts, per_job, priorities, i)
+                                               for i in chunk], start)
+                except USER_ERRORS as exc:
+                    exc.submitted = ids
+                    raise
+                bar.update(len(chunk))
         return ids
+
+    def _submit_batch(self, specs: list[tuple], first_index: int) -> list[str]:
+        try:
+            return self._call("submit_many", specs, first_index)
+        except InvalidRequestError as exc:
+            if not _id_in_use(exc):
+                raise
+        # An earlier try went through before the scheduler restarted (our ids are fresh uuids):
+        # submit one by one, which tells apart the jobs already accepted.
+        return [self.submit(prompt, params, priority=priority, job_id=job_id)
+                for prompt, params, priority, job_id in specs]
 
     def stream(self, job_id: str) -> Iterator[RequestOutput]:
         """New output of every sample as it is produced, until the job finishes. Resumes
@@ -213,6 +241,13 @@ class Client:
 def _submit_args(prompt, params, priority: int, job_id: str | None) -> tuple:
     # The id is chosen here, so a submit retried across a scheduler restart is not doubled.
     return prompt, _params_dict(params), priority, job_id or uuid.uuid4().hex
+
+
+def _batch_args(prompts, params, priorities, index: int) -> tuple:
+    try:
+        return _submit_args(prompts[index], params[index], priorities[index], None)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"job {index}: {exc}") from None
 
 
 def _id_in_use(exc: InvalidRequestError) -> bool:

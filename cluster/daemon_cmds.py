@@ -75,8 +75,9 @@ def run_submit(args: argparse.Namespace) -> int:
 
     jobs = load_jobs(args)
     client = Client(args.address)
-    ids = [client.submit(j.prompt, j.params, priority=j.priority)
-           for j in _progress(jobs, "submit", args.json)]
+    ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
+                             priorities=[j.priority for j in jobs],
+                             progress=args.json and sys.stderr.isatty())
     if args.json:
         for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
             print(json.dumps(job_record(i, job)), flush=True)
@@ -86,12 +87,6 @@ def run_submit(args: argparse.Namespace) -> int:
         for delta in client.stream(job_id):
             printer.on_output(i, delta)
     return 0
-
-
-def _progress(items, desc: str, show: bool):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="job", disable=not (show and sys.stderr.isatty()))
 
 
 def format_status(status: dict) -> str:

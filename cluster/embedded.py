@@ -28,8 +28,7 @@ class EmbeddedDaemon:
         self.client = Client()
 
     def generate(self, prompts, params_list, priorities) -> list[JobOutput]:
-        ids = [self.client.submit(p, s, priority=pr)
-               for p, s, pr in zip(prompts, params_list, priorities)]
+        ids = self.client.submit_many(prompts, params_list, priorities=priorities)
         return [self.client.result(job_id) for job_id in ids]
 
     def close(self) -> None:

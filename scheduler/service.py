@@ -97,14 +97,37 @@ class SchedulerService:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], params: dict | None = None, priority: int = 0,
-               job_id: str | None = None) -> str:
-        params = SamplingParams.from_dict(params or {})
+    def submit_many(self, specs: list[tuple], first_index: int = 0) -> list[str]:
+        """Accept every job of ``specs`` (``(prompt, params, priority, job_id)`` each) or none:
+        a bad job raises, naming it as job ``first_index + its place``, and a batch that would
+        pass ``max_queued_jobs`` is refused whole."""
         unfinished = len(self.jobs) - len(self.finished_order)
-        if unfinished >= self.options.max_queued_jobs:
+        if unfinished + len(specs) > self.options.max_queued_jobs:
+            batch = f"; this batch adds {len(specs)}" if len(specs) > 1 else ""
             raise OverloadedError(
                 f"overloaded: {unfinished} jobs are queued (max_queued_jobs="
-                f"{self.options.max_queued_jobs}); retry later")
+                f"{self.options.max_queued_jobs}){batch}; retry later")
+        jobs: dict[str, JobState] = {}
+        for i, spec in enumerate(specs):
+            try:
+                job = self._new_job(*spec)
+                if job.job_id in jobs:
+                    raise InvalidRequestError(f"job id {job.job_id!r} is already in use")
+            except InvalidRequestError as exc:
+                if len(specs) == 1 and first_index == 0:  # a plain submit: no place to name
+                    raise
+                raise InvalidRequestError(
+                    f"job {first_index + i}: {exc} (no job of its batch was accepted)") from None
+            jobs[job.job_id] = job
+        for job in jobs.values():
+            self.journal.record_accepted(job.job_id, job.prompt_token_ids, job.params.to_dict(),
+                                         job.priority)
+            self._track(job)
+        self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
+        return list(jobs)
+
+    def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None) -> JobState:
+        params = SamplingParams.from_dict(params or {})
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"invalid priority={priority!r}: must be an integer")
         prompt_ids = self._validate_prompt(prompt, params)
@@ -113,12 +136,7 @@ class SchedulerService:
         job_id = job_id or uuid.uuid4().hex
         if job_id in self.jobs:
             raise InvalidRequestError(f"job id {job_id!r} is already in use")
-        job = JobState(job_id, prompt_ids, params, priority)
-        self.journal.record_accepted(job_id, prompt_ids, params.to_dict(), priority)
-        self._track(job)
-        for sample in job.samples:
-            self._dispatch(job, sample)
-        return job_id
+        return JobState(job_id, prompt_ids, params, priority)
 
     def _validate_prompt(self, prompt, params: SamplingParams) -> list[int]:
         if isinstance(prompt, str):
@@ -149,32 +167,33 @@ class SchedulerService:
         self.jobs[job.job_id] = job
         self.changed[job.job_id] = asyncio.Event()
 
-    def _dispatch(self, job: JobState, sample: SampleState) -> None:
+    def _dispatch(self, samples: list[tuple[JobState, SampleState]]) -> None:
+        """Route each sample to a worker, or hold it in ``pending`` while none is ready. Loads
+        are counted once per call, then grow by each routed sample's tokens, so a batch
+        spreads out without recounting every sample each time."""
         ready = [w for w in self.workers.values() if w.info and w.load]
-        if not ready:
-            self.pending.append((job.job_id, sample.index))
-            return
         for w in ready:
             w.load.pending_tokens = sum(self.jobs[j].pending_tokens(i) for j, i in w.samples
                                         if j in self.jobs)
-        try:
-            worker = self.workers[self.router.choose(job.prompt_token_ids,
-                                                     [w.load for w in ready])]
-        except NoWorkerError:
-            self.pending.append((job.job_id, sample.index))
-            return
-        sample.worker_id = worker.worker_id
-        worker.samples.add((job.job_id, sample.index))
-        worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
-                                job.sample_params(sample.index).to_dict(), job.priority,
-                                list(sample.token_ids))
+        for job, sample in samples:
+            try:
+                worker = self.workers[self.router.choose(job.prompt_token_ids,
+                                                         [w.load for w in ready])]
+            except NoWorkerError:  # also when no worker is ready
+                self.pending.append((job.job_id, sample.index))
+                continue
+            sample.worker_id = worker.worker_id
+            worker.samples.add((job.job_id, sample.index))
+            worker.load.pending_tokens += job.pending_tokens(sample.index)
+            worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
+                                    job.sample_params(sample.index).to_dict(), job.priority,
+                                    list(sample.token_ids))
 
     def _drain_pending(self) -> None:
         waiting, self.pending = self.pending, collections.deque()
-        for job_id, index in waiting:
-            job = self.jobs.get(job_id)
-            if job is not None and not job.samples[index].finished:
-                self._dispatch(job, job.samples[index])
+        jobs = ((self.jobs.get(job_id), index) for job_id, index in waiting)
+        self._dispatch([(job, job.samples[index]) for job, index in jobs
+                        if job is not None and not job.samples[index].finished])
 
     def report(self, worker_id: str, number: int, outputs: list, rejected: list,
                load: dict) -> None:
@@ -340,6 +359,7 @@ class SchedulerService:
         if self.workers.pop(slot.worker_id, None) is None:
             return
         self.router.forget(slot.worker_id)
+        orphans = []
         for job_id, index in slot.samples:
             job = self.jobs.get(job_id)
             if job is None or job.samples[index].finished:
@@ -348,7 +368,8 @@ class SchedulerService:
             sample.attempt += 1  # anything the dead worker still sends is stale
             sample.worker_id = None
             self.failovers += 1
-            self._dispatch(job, sample)
+            orphans.append((job, sample))
+        self._dispatch(orphans)
         ray.kill(slot.actor, no_restart=True)
 
     def _resume_from_journal(self) -> None:
@@ -433,11 +454,14 @@ class SchedulerActor:
         self.service = SchedulerService(options, journal_factory)
 
     async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
-        job_id = self.service.submit(prompt, params, priority, job_id)
+        return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
+
+    async def submit_many(self, specs, first_index=0) -> list[str]:
+        job_ids = self.service.submit_many(specs, first_index)
         # Acknowledge only what is on disk: a scheduler killed right after this reply must still
-        # find the job in the journal. Concurrent submits share one fsync (group commit).
+        # find the jobs in the journal. Concurrent submits share one fsync (group commit).
         await asyncio.to_thread(self.service.journal.flush)
-        return job_id
+        return job_ids
 
     async def report(self, worker_id, number, outputs, rejected, load) -> None:
         self.service.report(worker_id, number, outputs, rejected, load)

@@ -10,7 +10,7 @@ from daemon_helpers import daemon_config, ready_workers, wait_for
 
 from cluster import bringup
 from cluster.client import Client
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import NAMESPACE, OverloadedError, worker_actor_name
 
 NUM_JOBS = 32
@@ -117,6 +117,38 @@ def test_overload_fails_fast_with_a_clear_error(daemon):
     assert len(ids) == 48
     for j in ids:
         client.abort(j)
+
+
+def test_submit_many_keeps_input_order_and_outputs(daemon, undisturbed):
+    _, _, client = daemon
+    prompts, params = zip(*jobs(8))
+    ids = client.submit_many(list(prompts), list(params))
+    assert len(set(ids)) == 8
+    assert [client.result(j, timeout=300).outputs[0].token_ids for j in ids] == undisturbed[:8]
+
+
+def _accepted(client) -> int:
+    status = client.status()
+    return status["jobs_unfinished"] + status["jobs_finished_kept"]
+
+
+def test_submit_many_refuses_a_batch_with_a_bad_job_whole(daemon):
+    _, _, client = daemon
+    before = _accepted(client)
+    with pytest.raises(InvalidRequestError, match="job 1: prompt is empty") as caught:
+        client.submit_many(["fine", "", "fine too"], SamplingParams(max_tokens=2))
+    assert caught.value.submitted == []
+    with pytest.raises(InvalidRequestError, match="job 2: .*temperature"):
+        client.submit_many(["a", "b", "c"], [{}, {}, {"temperature": -1.0}])
+    assert _accepted(client) == before
+
+
+def test_submit_many_past_the_queue_limit_is_refused_whole(daemon):
+    _, _, client = daemon
+    before = _accepted(client)
+    with pytest.raises(OverloadedError, match="this batch adds 60"):
+        client.submit_many(["x"] * 60, SamplingParams(max_tokens=2))
+    assert _accepted(client) == before
 
 
 def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
