@@ -14,6 +14,7 @@ in-process engines with half of the jobs each, run at once (the daemon minus Ray
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -31,8 +32,10 @@ from scheduler.sampling_params import SamplingParams
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def workload(num_requests: int, output_len: int, vocab: int) -> list[tuple[list[int], SamplingParams]]:
-    g = torch.Generator().manual_seed(0)
+def workload(num_requests: int, output_len: int, vocab: int,
+             seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
+    """The jobs; each round gets its own seed, so no engine's prefix cache has seen them."""
+    g = torch.Generator().manual_seed(seed)
     lengths = uniform_ints(g, num_requests, 16, 256)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     return [(random_token_ids(g, n, vocab), params) for n in lengths]
@@ -57,12 +60,17 @@ def warm_up_llm(llm) -> None:
     llm.generate([p for p, _ in jobs], [s for _, s in jobs])
 
 
-def in_process(model_dir: Path, jobs) -> dict:
+def local_engine(model_dir: Path):
+    """The in-process reference: one warmed engine in this process, 1 thread."""
     from cluster.llm import LLM
 
     torch.set_num_threads(1)
     llm = LLM(str(model_dir), kv_cache_gib=1.0)
     warm_up_llm(llm)
+    return llm
+
+
+def in_process(llm, jobs) -> dict:
     with stopwatch() as elapsed:
         outs = llm.generate([p for p, _ in jobs], [s for _, s in jobs])
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -131,8 +139,9 @@ def in_process_pair(model_dir: Path, jobs) -> dict:
             "output_tokens_per_s": round(tokens / wall, 2)}
 
 
-def through_daemon(model_dir: Path, jobs, workers: int) -> dict:
-    """Throughput with ``workers`` simulated NPUs, plus relay latency measured on streams."""
+@contextlib.contextmanager
+def warmed_daemon(model_dir: Path, workers: int):
+    """An embedded daemon with ``workers`` simulated NPUs, each warmed; yields its client."""
     from cluster.config import load_config, with_overrides
     from cluster.embedded import EmbeddedDaemon
 
@@ -142,28 +151,49 @@ def through_daemon(model_dir: Path, jobs, workers: int) -> dict:
     daemon = EmbeddedDaemon(cfg)
     try:
         client = daemon.client
-        warmup = [client.submit(p, s) for p, s in warmup_jobs(2048, copies=workers)]
+        warmup = client.submit_many(*zip(*warmup_jobs(2048, copies=workers)))
         warmed = {client.status_of(j)["workers"][0] for j in warmup}
         assert len(warmed) == workers, f"warm-up reached {len(warmed)} of {workers} workers"
         for job_id in warmup:
             client.result(job_id)
-        with stopwatch() as elapsed:  # throughput: results only, no client-side streaming
-            ids = [client.submit(p, s) for p, s in jobs]
-            results = [client.result(j) for j in ids]
-        placed = {client.status_of(j)["workers"][0] for j in ids}
-        relay: list[float] = []  # latency: the same jobs again, every one streamed
-        ids = [client.submit(p, s) for p, s in jobs]
-        threads = [threading.Thread(target=_drain, args=(client, j, relay)) for j in ids]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        yield client
     finally:
         daemon.close()
+
+
+def through_daemon(client, jobs, workers: int) -> dict:
+    """Throughput (results only, no client-side streaming), then relay latency measured on
+    the same jobs run again with every one streamed."""
+    with stopwatch() as elapsed:
+        ids = client.submit_many(*zip(*jobs))  # one call: all jobs arrive together
+        results = [client.result(j) for j in ids]
+    placed = {client.status_of(j)["workers"][0] for j in ids}
+    relay: list[float] = []
+    ids = client.submit_many(*zip(*jobs))
+    threads = [threading.Thread(target=_drain, args=(client, j, relay)) for j in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
     return {"workers": workers, "workers_used": len(placed), "output_tokens": tokens,
             "wall_s": round(elapsed[0], 3), "output_tokens_per_s": round(tokens / elapsed[0], 2),
             "relay_latency_per_streamed_chunk": summary_ms(relay)}
+
+
+def run_round(model_dir: Path, llm, jobs, local_first: bool) -> dict:
+    """The in-process engine and the 1-worker daemon run back to back (the daemon idle while
+    the local engine runs), in the given order: alternating it over rounds cancels the drift
+    of this host's speed within a round. Then the 2-worker daemon."""
+    with warmed_daemon(model_dir, 1) as client:
+        if local_first:
+            local, one = in_process(llm, jobs), through_daemon(client, jobs, 1)
+        else:
+            one, local = through_daemon(client, jobs, 1), in_process(llm, jobs)
+    with warmed_daemon(model_dir, 2) as client:
+        two = through_daemon(client, jobs, 2)
+    return {"order": "in-process first" if local_first else "daemon first",
+            "in_process": local, "daemon_1_worker": one, "daemon_2_workers": two}
 
 
 def _drain(client, job_id: str, relay: list[float]) -> None:
@@ -177,8 +207,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens (smoke run)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of in-process / 1 worker / 2 workers (default 3): this "
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of in-process / 1 worker / 2 workers (default 5): this "
                              "host's speed drifts within a minute, so goals use per-round "
                              "ratios' medians")
     args = parser.parse_args(argv)
@@ -191,12 +221,12 @@ def main(argv=None) -> None:
         model_dir = Path(scratch)
         progress("writing the random Llama checkpoint")
         build_random_llama(shape, model_dir, tiny_model_dir())
-        jobs = workload(num, out_len, shape.vocab_size)
+        llm = local_engine(model_dir)
         for r in range(max(1, args.rounds)):
-            progress(f"round {r + 1}: in-process engine (1 thread), daemon with 1 then 2 workers")
-            rounds.append({"in_process": in_process(model_dir, jobs),
-                           "daemon_1_worker": through_daemon(model_dir, jobs, 1),
-                           "daemon_2_workers": through_daemon(model_dir, jobs, 2)})
+            progress(f"round {r + 1}: in-process engine (1 thread) and daemon with 1 worker, "
+                     f"then 2 workers")
+            jobs = workload(num, out_len, shape.vocab_size, seed=r)
+            rounds.append(run_round(model_dir, llm, jobs, local_first=r % 2 == 0))
         progress("two in-process engines at once, half of the jobs each")
         pair = in_process_pair(model_dir, jobs)
         progress("machine: one busy process vs two")
