@@ -163,12 +163,13 @@ def test_single_long_decode_spanning_many_partitions(kernel):
 
 
 @pytest.mark.parametrize("block_size", [40, 56])
-def test_decode_partitions_that_start_mid_block(block_size):
+@pytest.mark.parametrize("kv_head_num", [8, 4])  # 1 and 2 query heads per KV head
+def test_decode_partitions_that_start_mid_block(block_size, kv_head_num):
     """Partition edges fall on multiples of 128 positions, which are mid-block for these block
     sizes: the decode loop must start and stop inside a block and prefetch across them."""
     backend = CpuBackend(kernel="fast")
     specs = [SeqSpec(3000, 1), SeqSpec(700, 1), SeqSpec(130, 1), SeqSpec(3, 1)]
-    case = build_case(specs, block_size, 8, 2, 64, torch.float32, block_size, backend)
+    case = build_case(specs, block_size, 8, kv_head_num, 64, torch.float32, block_size, backend)
     plan = backend.prepare(case.meta).backend_state
     assert any(start % block_size for start in plan.part_kv_start.tolist())
     run_and_check(case, backend, tolerance=1e-5)
