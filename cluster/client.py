@@ -117,23 +117,27 @@ class Client:
 
     def submit_many(self, prompts: Sequence[str | list[int]],
                     params: SamplingParams | dict | Sequence | None = None, *,
-                    priorities: Sequence[int] | None = None, progress: bool = False) -> list[str]:
-        """Queue many jobs, ``SUBMIT_BATCH`` per scheduler call, and return their ids in order.
+                    priorities: Sequence[int] | None = None, progress: bool = False,
+                    batch_size: int = SUBMIT_BATCH) -> list[str]:
+        """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
         on a bad job or a full queue the error says which job, and the ids of the batches
-        already accepted are on the exception as ``submitted``."""
+        already accepted are on the exception as ``submitted``. A batch larger than the
+        scheduler's ``max_queued_jobs`` is always refused: lower ``batch_size`` then."""
         from tqdm import tqdm
 
         per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not len(per_job) == len(priorities) == len(prompts):
             raise InvalidRequestError(
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
         ids: list[str] = []
         with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
-            for start in range(0, len(prompts), SUBMIT_BATCH):
-                chunk = range(start, min(len(prompts), start + SUBMIT_BATCH))
+            for start in range(0, len(prompts), batch_size):
+                chunk = range(start, min(len(prompts), start + batch_size))
                 try:
                     ids += self._submit_batch([_batch_args(prompts, per_job, priorities, i)
                                                for i in chunk], start)

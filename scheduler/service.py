@@ -102,6 +102,10 @@ class SchedulerService:
         a bad job raises, naming it as job ``first_index + its place``, and a batch that would
         pass ``max_queued_jobs`` is refused whole."""
         unfinished = len(self.jobs) - len(self.finished_order)
+        if len(specs) > self.options.max_queued_jobs:
+            raise OverloadedError(
+                f"a batch of {len(specs)} jobs can never fit max_queued_jobs="
+                f"{self.options.max_queued_jobs}; send smaller batches")
         if unfinished + len(specs) > self.options.max_queued_jobs:
             batch = f"; this batch adds {len(specs)}" if len(specs) > 1 else ""
             raise OverloadedError(

@@ -146,9 +146,15 @@ def test_submit_many_refuses_a_batch_with_a_bad_job_whole(daemon):
 def test_submit_many_past_the_queue_limit_is_refused_whole(daemon):
     _, _, client = daemon
     before = _accepted(client)
-    with pytest.raises(OverloadedError, match="this batch adds 60"):
+    with pytest.raises(OverloadedError, match="can never fit max_queued_jobs=48"):
         client.submit_many(["x"] * 60, SamplingParams(max_tokens=2))
-    assert _accepted(client) == before
+    long_jobs = SamplingParams(max_tokens=500, ignore_eos=True)  # still queued at the 2nd batch
+    with pytest.raises(OverloadedError, match="this batch adds 30") as caught:
+        client.submit_many(["x"] * 60, long_jobs, batch_size=30)
+    assert len(caught.value.submitted) == 30
+    for job_id in caught.value.submitted:
+        client.abort(job_id)
+    assert _accepted(client) == before + 30
 
 
 def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
