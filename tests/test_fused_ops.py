@@ -1,9 +1,11 @@
-"""Fused decoder ops (residual add + RMSNorm, SiLU-and-multiply) against the plain torch ops."""
+"""Fused decoder ops (residual add + RMSNorm, SiLU-and-multiply, rotary embedding) against the
+plain torch ops."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.models.fused_ops import PARALLEL_MIN_ROWS, add_rms_norm, silu_mul
+from worker.models.fused_ops import PARALLEL_MIN_ROWS, add_rms_norm, rotate, silu_mul
+from worker.models.rope import apply_rotary, base_inv_freq
 
 ROWS = (1, 7, PARALLEL_MIN_ROWS + 3)  # torch or single-threaded, and parallel kernels
 
@@ -28,6 +30,21 @@ def test_silu_mul_matches_silu_of_gate_times_up(rows):
     gate_up[0, :4] = torch.tensor([0.0, -0.0, 100.0, -100.0])  # sigmoid's saturated ends
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_rotate_matches_apply_rotary_on_a_strided_view(rows):
+    """q and k as they sit in the fused qkv output: a view with a longer row stride."""
+    g = torch.Generator().manual_seed(rows)
+    heads, kv_heads, head_dim = 4, 2, 32
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, -1, head_dim)
+    angles = torch.arange(rows).float()[:, None] * base_inv_freq(head_dim, 10000.0)[None, :]
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1).unsqueeze(1)
+    sin_signed = torch.cat((-angles.sin(), angles.sin()), dim=-1).unsqueeze(1)
+    out = rotate(qk, cos, sin_signed)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, apply_rotary(qk, cos, sin_signed), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -7,8 +7,8 @@ from torch import nn
 
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
-from worker.models.fused_ops import add_rms_norm, rms_norm, silu_mul
-from worker.models.rope import RotaryEmbedding, apply_rotary
+from worker.models.fused_ops import add_rms_norm, rms_norm, rotate, silu_mul
+from worker.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
         qkv = _project(x, self.qkv_weight, self.qkv_bias)
         # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, d] tensor.
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
-        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = rotate(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
         return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
