@@ -1,5 +1,6 @@
 """The daemon on a real local Ray cluster with two simulated NPUs: routing, streaming, abort,
 failover of killed workers, scheduler restart from the journal, overload, up/down."""
+import json
 import os
 import signal
 
@@ -8,7 +9,7 @@ import ray
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
-from cluster import bringup
+from cluster import bringup, cli
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import NAMESPACE, OverloadedError, worker_actor_name
@@ -155,6 +156,30 @@ def test_submit_many_past_the_queue_limit_is_refused_whole(daemon):
     for job_id in caught.value.submitted:
         client.abort(job_id)
     assert _accepted(client) == before + 30
+
+
+def test_submit_cli_prints_results_in_input_order(daemon, tmp_path, capsys):
+    lines = [{"prompt": "first", "max_tokens": 3, "ignore_eos": True},
+             {"prompt_token_ids": [5, 6, 7], "max_tokens": 5, "ignore_eos": True},
+             {"prompt": "third", "max_tokens": 1, "ignore_eos": True}]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(json.dumps(line) for line in lines))
+    assert cli.main(["submit", "--prompts", str(jobs_file), "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [len(r["token_ids"]) for r in records] == [3, 5, 1]
+    assert records[1]["num_prompt_tokens"] == 3
+
+
+def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, capsys):
+    _, _, client = daemon
+    before = _accepted(client)
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
+    assert cli.main(["submit", "--prompts", str(jobs_file), "--json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pagedserve: error: job 1: prompt is empty (no job of its batch was accepted)")
+    assert _accepted(client) == before
 
 
 def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
