@@ -114,9 +114,7 @@ class SchedulerService:
         jobs: dict[str, JobState] = {}
         for i, spec in enumerate(specs):
             try:
-                job = self._new_job(*spec)
-                if job.job_id in jobs:
-                    raise InvalidRequestError(f"job id {job.job_id!r} is already in use")
+                job = self._new_job(*spec, batch=jobs)
             except InvalidRequestError as exc:
                 if len(specs) == 1 and first_index == 0:  # a plain submit: no place to name
                     raise
@@ -130,7 +128,9 @@ class SchedulerService:
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
-    def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None) -> JobState:
+    def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None,
+                 batch: dict[str, JobState]) -> JobState:
+        """A validated job, not yet accepted; its id must be new here and in ``batch``."""
         params = SamplingParams.from_dict(params or {})
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"invalid priority={priority!r}: must be an integer")
@@ -138,7 +138,7 @@ class SchedulerService:
         if params.seed is None:  # fixed now, so a replay after a restart repeats the output
             params.seed = random.getrandbits(63)
         job_id = job_id or uuid.uuid4().hex
-        if job_id in self.jobs:
+        if job_id in self.jobs or job_id in batch:
             raise InvalidRequestError(f"job id {job_id!r} is already in use")
         return JobState(job_id, prompt_ids, params, priority)
 
