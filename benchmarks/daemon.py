@@ -97,16 +97,11 @@ def _matmul_gflops(barrier, results, seconds: float) -> None:
 
 def _in_process_part(barrier, results, model_dir: str, jobs) -> None:
     """One engine in its own process, 1 thread, timed from the barrier on."""
-    from cluster.llm import LLM
-
     os.environ["NUMBA_NUM_THREADS"] = "1"  # as the daemon gives its workers
-    torch.set_num_threads(1)
-    llm = LLM(model_dir, kv_cache_gib=1.0)
-    warm_up_llm(llm)
+    llm = local_engine(Path(model_dir))
     barrier.wait()
-    with stopwatch() as elapsed:
-        outs = llm.generate([p for p, _ in jobs], [s for _, s in jobs])
-    results.put((sum(len(o.outputs[0].token_ids) for o in outs), elapsed[0]))
+    figures = in_process(llm, jobs)
+    results.put((figures["output_tokens"], figures["wall_s"]))
 
 
 def _run_processes(target, args_per_process: list[tuple]) -> list:
