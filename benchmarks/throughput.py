@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass
@@ -143,11 +144,13 @@ def run_engine(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> En
     """Generate everything at once (all jobs arrive at t=0)."""
     kv_before, stats_before = llm.engine.kv.stats(), llm.engine.stats()
     recorder = StepRecorder(llm.engine.runner)
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     try:
         with stopwatch() as elapsed:
             jobs = llm.generate(prompts, [greedy(n) for n in output_lens])
     finally:
         recorder.detach(llm.engine.runner)
+    page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     kv_after, stats_after = llm.engine.kv.stats(), llm.engine.stats()
     output_tokens = sum(len(job.outputs[0].token_ids) for job in jobs)
     assert output_tokens == sum(output_lens), "ignore_eos jobs must produce max_tokens each"
@@ -172,6 +175,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> En
         "preemptions": stats_after.num_preemptions - stats_before.num_preemptions,
         "prompt_tokens_computed": stats_after.prompt_tokens - stats_before.prompt_tokens,
         "prefix_hit_rate": round(hits / queried, 4) if queried else 0.0,
+        "minor_page_faults": page_faults,
     }
     return EngineRun(figures, jobs, recorder)
 

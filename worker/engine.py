@@ -14,6 +14,7 @@ from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
 from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
+from worker.host_memory import retain_freed_memory
 from worker.kv_sizing import KVCacheSize, check_backend_limits, size_kv_cache
 from worker.loader import load_config, load_model, resolve_model_path
 from worker.output import EngineStats, RequestOutput
@@ -58,6 +59,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.device == "cpu":
+            retain_freed_memory()
         path = resolve_model_path(config.model)
         self.backend = get_backend(config.device, config.device_index)
         check_backend_limits(self.backend, load_config(path), config.block_size,
