@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.models.fused_ops import PARALLEL_MIN_ROWS, add_rms_norm, rotate, silu_mul
+from worker.models.fused_ops import PARALLEL_MIN_ROWS, add_rms_norm, rotate_qk, silu_mul
 from worker.models.rope import apply_rotary, base_inv_freq
 
 ROWS = (1, 7, PARALLEL_MIN_ROWS + 3)  # torch or single-threaded, and parallel kernels
@@ -33,7 +33,7 @@ def test_silu_mul_matches_silu_of_gate_times_up(rows):
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_rotate_matches_apply_rotary_on_a_strided_view(rows):
+def test_rotate_qk_matches_apply_rotary_on_a_strided_view(rows):
     """q and k as they sit in the fused qkv output: a view with a longer row stride."""
     g = torch.Generator().manual_seed(rows)
     heads, kv_heads, head_dim = 4, 2, 32
@@ -42,9 +42,11 @@ def test_rotate_matches_apply_rotary_on_a_strided_view(rows):
     angles = torch.arange(rows).float()[:, None] * base_inv_freq(head_dim, 10000.0)[None, :]
     cos = torch.cat((angles.cos(), angles.cos()), dim=-1).unsqueeze(1)
     sin_signed = torch.cat((-angles.sin(), angles.sin()), dim=-1).unsqueeze(1)
-    out = rotate(qk, cos, sin_signed)
-    assert out.is_contiguous()
-    torch.testing.assert_close(out, apply_rotary(qk, cos, sin_signed), rtol=1e-6, atol=1e-6)
+    q, k = rotate_qk(qk, cos, sin_signed, heads)
+    assert q.is_contiguous() and k.is_contiguous()
+    expected = apply_rotary(qk, cos, sin_signed)
+    torch.testing.assert_close(q, expected[:, :heads], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, expected[:, heads:], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -54,10 +54,16 @@ class CpuBackend(AttentionBackend):
         plan = self._plan_for(meta)  # the written rows and slots are worked out once per step
         _check_slots(key, meta.slot_mapping)
         copy_into_slots(key, value, key_cache, value_cache, plan.write_rows, plan.write_slots)
-        return self.attend(query, key_cache, value_cache, meta, params)
+        step_kv = (key, value) if key.dtype == key_cache.dtype else None
+        return self._attend(query, key_cache, value_cache, meta, params, step_kv)
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata,
                params: SelfAttentionParams):
+        return self._attend(query, key_cache, value_cache, meta, params, None)
+
+    def _attend(self, query, key_cache, value_cache, meta, params, step_kv):
+        """``step_kv``: this step's keys and values, already in the cache's dtype, which fresh
+        prefills attend to directly (None: every sequence reads the cache)."""
         _check_shapes(query, key_cache, value_cache, meta, params)
         plan = self._plan_for(meta)
         _check_block_tables(plan, key_cache)
@@ -71,8 +77,12 @@ class CpuBackend(AttentionBackend):
             jobs += [(s, attend_sequence_tiled) for s in plan.short_seqs]
         for s, path in jobs:
             q0, q1 = int(plan.query_start_loc[s]), int(plan.query_start_loc[s + 1])
-            path(query[q0:q1], key_cache, value_cache, meta.block_tables[s],
-                 int(plan.seq_lens[s]), params, out[q0:q1])
+            args = (query[q0:q1], key_cache, value_cache, meta.block_tables[s],
+                    int(plan.seq_lens[s]), params, out[q0:q1])
+            if path is attend_sequence_sdpa and step_kv is not None:
+                path(*args, step_kv=(step_kv[0][q0:q1], step_kv[1][q0:q1]))
+            else:
+                path(*args)
         return out
 
     def warm_up(self) -> None:

@@ -19,16 +19,23 @@ def attend_sequence_sdpa(
     kv_len: int,
     params: SelfAttentionParams,
     out: torch.Tensor,
+    step_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Causal attention of one sequence's ``[q_len, head_num, d]`` queries (its last q_len
     positions) over its paged K/V, written into ``out``.
 
     For a long prefill the O(kv_len) copy of its blocks is small next to the O(q_len x kv_len)
     work, and torch's CPU flash attention beats a hand-written tiling; it keeps memory linear.
+    ``step_kv``: the ``[q_len, kv_head_num, d]`` keys and values this step wrote for the
+    sequence, in the cache's dtype; when they are all its keys (no cached prefix) they are
+    used as they are instead of being gathered back from the blocks.
     """
     q_len = query.shape[0]
-    keys = _gather(key_cache, block_table, kv_len).to(query.dtype)
-    values = _gather(value_cache, block_table, kv_len).to(query.dtype)
+    if step_kv is not None and q_len == kv_len:
+        keys, values = (rows.transpose(0, 1).unsqueeze(0).to(query.dtype) for rows in step_kv)
+    else:
+        keys = _gather(key_cache, block_table, kv_len).to(query.dtype)
+        values = _gather(value_cache, block_table, kv_len).to(query.dtype)
     # SDPA's fast CPU kernel wants 4-d [batch, heads, tokens, d]; 3-d inputs take a slow path.
     q = query.transpose(0, 1).unsqueeze(0)
     if q_len == kv_len:  # no cached prefix: SDPA's own (top-left aligned) causal mask is right

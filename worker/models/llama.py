@@ -7,7 +7,7 @@ from torch import nn
 
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
-from worker.models.fused_ops import add_rms_norm, rms_norm, rotate, silu_mul
+from worker.models.fused_ops import add_rms_norm, rms_norm, rotate_qk, silu_mul
 from worker.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -72,9 +72,9 @@ class DecoderLayer(nn.Module):
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = _project(x, self.qkv_weight, self.qkv_bias)
-        # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, d] tensor.
+        # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, d] view.
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
-        q, k = rotate(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = rotate_qk(qk, *rope, self.num_heads)
         v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
         return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
