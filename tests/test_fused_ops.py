@@ -33,8 +33,8 @@ def test_silu_mul_matches_silu_of_gate_times_up(rows):
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_rotate_qk_matches_apply_rotary_on_a_strided_view(rows):
-    """q and k as they sit in the fused qkv output: a view with a longer row stride."""
+def test_rotate_qk_matches_apply_rotary_of_the_fused_qkv(rows):
+    """q and k as they sit in the fused qkv output, each rotated into its own tensor."""
     g = torch.Generator().manual_seed(rows)
     heads, kv_heads, head_dim = 4, 2, 32
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g)
@@ -42,7 +42,7 @@ def test_rotate_qk_matches_apply_rotary_on_a_strided_view(rows):
     angles = torch.arange(rows).float()[:, None] * base_inv_freq(head_dim, 10000.0)[None, :]
     cos = torch.cat((angles.cos(), angles.cos()), dim=-1).unsqueeze(1)
     sin_signed = torch.cat((-angles.sin(), angles.sin()), dim=-1).unsqueeze(1)
-    q, k = rotate_qk(qk, cos, sin_signed, heads)
+    q, k = rotate_qk(qkv, cos, sin_signed, heads, kv_heads)
     assert q.is_contiguous() and k.is_contiguous()
     expected = apply_rotary(qk, cos, sin_signed)
     torch.testing.assert_close(q, expected[:, :heads], rtol=1e-6, atol=1e-6)

@@ -72,9 +72,7 @@ class DecoderLayer(nn.Module):
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = _project(x, self.qkv_weight, self.qkv_bias)
-        # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, d] view.
-        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
-        q, k = rotate_qk(qk, *rope, self.num_heads)
+        q, k = rotate_qk(qkv, *rope, self.num_heads, self.num_kv_heads)
         v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
         return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
