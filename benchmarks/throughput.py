@@ -325,10 +325,12 @@ def paired_rounds(ctx: "Context") -> dict:
         prompts = uniform_prompts(w, ctx.shape.vocab_size, salt=100 + r)
         lens = [w.output_len] * len(prompts)
         hf.append(hf_static_figures(ctx, prompts, lens)["output_tokens_per_s"])
-        paged.append(run_engine(ctx.llm, prompts, lens).figures["output_tokens_per_s"])
-    ratios = [round(a / b, 3) for a, b in zip(paged, hf)]
+        paged.append(run_engine(ctx.llm, prompts, lens).figures)
+    ratios = [round(p["output_tokens_per_s"] / h, 3) for p, h in zip(paged, hf)]
     progress(f"hf_static: paired speedups {ratios}")
-    return {"hf_output_tokens_per_s": hf, "pagedserve_output_tokens_per_s": paged,
+    return {"hf_output_tokens_per_s": hf,
+            "pagedserve_output_tokens_per_s": [p["output_tokens_per_s"] for p in paged],
+            "pagedserve_minor_page_faults": [p["minor_page_faults"] for p in paged],
             "speedups": ratios, "median_speedup": statistics.median(ratios)}
 
 
