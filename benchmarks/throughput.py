@@ -198,7 +198,7 @@ def section_roofline(ctx: "Context") -> dict:
     replay = MatmulReplay(ctx.shape, seed=ctx.workload.seed)
     replay.replay_seconds(steps[:4])  # warm the allocator and the BLAS dispatch
     runs = [replay.replay_seconds(steps) for _ in range(ctx.workload.roofline_repeats)]
-    best = [min(per_step) for per_step in zip(*runs)]
+    best = _best_per_step(runs)
     flops = sum(step_matmul_flops(ctx.shape, s) for s in steps)
     bound = pagedserve["output_tokens"] / sum(best)
     figures = {
@@ -233,10 +233,15 @@ def roofline_rounds(ctx: "Context", replay: MatmulReplay) -> dict:
         prompts = uniform_prompts(w, ctx.shape.vocab_size, salt=200 + r)
         run = run_engine(ctx.llm, prompts, [w.output_len] * len(prompts))
         steps = run.recorder.steps
-        matmul_s = sum(map(min, zip(replay.replay_seconds(steps), replay.replay_seconds(steps))))
+        matmul_s = sum(_best_per_step([replay.replay_seconds(steps) for _ in range(2)]))
         fractions.append(round(matmul_s / run.figures["wall_s"], 4))
     progress(f"roofline: paired fractions {fractions}")
     return {"fractions": fractions, "median_fraction": statistics.median(fractions)}
+
+
+def _best_per_step(runs: list[list[float]]) -> list[float]:
+    """Each step's fastest time over several replays of the same steps."""
+    return [min(per_step) for per_step in zip(*runs)]
 
 
 def _step_group(shape, steps, execute_s, matmul_s, decode_only: bool) -> dict:
