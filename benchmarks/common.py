@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from worker.models.packed_gemm import PackedWeight, pack
+
 
 def progress(message: str) -> None:
     """Progress goes to stderr so that stdout stays one JSON document."""
@@ -168,13 +170,18 @@ def step_matmul_flops(shape: LlamaShape, step: StepShape) -> int:
     return 2 * (decoder + head)
 
 
+def _packed_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    return weight.matmul(x)
+
+
 class MatmulReplay:
     """Times just the linear layers of a Llama at the given step shapes: per layer the fused
     q/k/v, o, fused gate/up and down projections (the engine's fused layout), then the lm_head
     on the sampled rows, on random float32 tensors. Every layer has its own weights, so weight
-    traffic matches the real model. Each step is timed both with ``F.linear`` on ``[out, in]``
-    weights and as ``x @ w`` on ``[in, out]`` weights (the engine's layout, faster for small
-    batches on MKL), and the faster counts: the bound holds whichever layout an engine picks."""
+    traffic matches the real model. Each step is timed with ``F.linear`` on ``[out, in]``
+    weights, as ``x @ w`` on ``[in, out]`` weights, and through MKL's packed weights (the
+    engine's path for batches of up to ``PACKED_MAX_ROWS`` rows, where MKL has it), and the
+    fastest counts: the bound holds whichever of them an engine picks."""
 
     def __init__(self, shape: LlamaShape, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -189,6 +196,9 @@ class MatmulReplay:
         self.layers_in_out = [tuple(w.t().contiguous() for w in layer) for layer in self.layers]
         self.lm_head = weight(shape.vocab_size, h)
         self.lm_head_in_out = self.lm_head.t().contiguous()
+        packed_head = pack(self.lm_head.t())  # as the engine packs it; None without MKL
+        self.packed = packed_head and ([tuple(map(pack, layer)) for layer in self.layers_in_out],
+                                       packed_head)
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _activations(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,14 +210,15 @@ class MatmulReplay:
 
     @torch.inference_mode()
     def step_seconds(self, step: StepShape) -> float:
-        """The faster of the two weight layouts for this step's matmuls."""
+        """The fastest of the weight layouts for this step's matmuls."""
         hidden, attn_out, mlp_mid = self._activations(step.num_tokens)
         sampled = self._activations(max(step.num_sampled, 1))[0][: step.num_sampled]
+        variants = [(self.layers, self.lm_head, torch.nn.functional.linear),
+                    (self.layers_in_out, self.lm_head_in_out, torch.mm)]
+        if self.packed is not None:
+            variants.append((*self.packed, _packed_matmul))
         times = []
-        for layers, lm_head, multiply in (
-            (self.layers, self.lm_head, torch.nn.functional.linear),
-            (self.layers_in_out, self.lm_head_in_out, torch.mm),
-        ):
+        for layers, lm_head, multiply in variants:
             start = time.perf_counter()
             for qkv, o, gate_up, down in layers:
                 multiply(hidden, qkv)

@@ -26,6 +26,7 @@ from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher
 from scheduler.request import Request
 from scheduler.sampling_params import SamplingParams
+from worker.models.packed_gemm import PACKED_MAX_ROWS
 from worker.models.tiny import tiny_model_dir
 from worker.runner import prepare_inputs
 
@@ -43,8 +44,9 @@ ROOFLINE_METHOD = (
     "engine step with T packed tokens and S sampled rows, time the fused q/k/v, o, fused "
     "gate/up and down projections of every layer at M=T, plus the lm_head at M=S, on random "
     "float32 tensors of the model's shapes (distinct weights per layer), same thread count, "
-    "both as torch.nn.functional.linear on [out, in] weights and as torch.mm on [in, out] "
-    "weights, keeping the faster. Roofline time = sum over steps of each step's best matmul "
+    "as torch.nn.functional.linear on [out, in] weights, as torch.mm on [in, out] weights and "
+    f"through MKL's packed weights (the engine's path for batches of up to {PACKED_MAX_ROWS} "
+    "rows), keeping the fastest. Roofline time = sum over steps of each step's best matmul "
     "time across the replays; upper-bound tokens/s = the section's output tokens / roofline "
     "time. "
     "It leaves out attention, norms, rope, embedding, sampling, scheduling and Python "

@@ -8,6 +8,7 @@ import transformers
 from worker.attention import AttentionMetadata
 from worker.backends import get_backend
 from worker.loader import load_model
+from worker.models import packed_gemm
 from worker.models.config import ModelConfig, UnsupportedModelError
 
 BLOCK_SIZE = 4
@@ -203,6 +204,18 @@ def test_mixed_batch_matches_separate_sequences(llama_ckpt):
         logits = model.compute_logits(model(torch.tensor(first[10:] + second), positions, caches, meta))
     assert_logits_close(logits[0], hf_logits(hf_model, first)[-1])
     assert_logits_close(logits[1:], hf_logits(hf_model, second))
+
+
+def test_float32_cpu_models_pack_their_projections(llama_ckpt, qwen2_ckpt):
+    """The HF comparisons above run through MKL's packed GEMM where it exists; bf16 never packs."""
+    if not packed_gemm.available():
+        pytest.skip("this torch build has no MKL packed GEMM")
+    for _, directory in (llama_ckpt, qwen2_ckpt):  # Qwen2: q/k/v bias through the packed path
+        model, _ = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))
+        assert all(set(layer.packed) == {"qkv", "o", "gate_up", "down"} for layer in model.layers)
+        assert model.packed_lm_head is not None
+    model, _ = load_model(llama_ckpt[1], dtype=torch.bfloat16, backend=get_backend("cpu"))
+    assert not model.layers[0].packed and model.packed_lm_head is None
 
 
 def test_sharded_checkpoint_loads_to_same_logits(llama_ckpt, tmp_path):

@@ -62,7 +62,9 @@ def load_model(
     chosen = parse_dtype(dtype) if dtype is not None else (config.dtype or torch.float32)
     model = LlamaForCausalLM(config, backend, dtype=chosen)
     fill_weights(model.hf_weight_slots(), weight_files(directory))
-    return model.to(backend.device).eval(), config
+    model = model.to(backend.device).eval()
+    model.pack_weights()
+    return model, config
 
 
 def weight_files(directory: Path) -> list[Path]:

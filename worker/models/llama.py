@@ -8,6 +8,7 @@ from torch import nn
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
 from worker.models.fused_ops import add_rms_norm, rms_norm, rotate_qk, silu_mul
+from worker.models.packed_gemm import PackedWeight, pack
 from worker.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -18,8 +19,12 @@ def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight (+ bias)`` for a projection stored ``[in_features, out_features]``."""
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             packed: PackedWeight | None = None) -> torch.Tensor:
+    """``x @ weight (+ bias)`` for a projection stored ``[in_features, out_features]``, through
+    its packed copy when there is one."""
+    if packed is not None:
+        return packed.matmul(x, bias)
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
@@ -51,6 +56,7 @@ class DecoderLayer(nn.Module):
             head_dim=c.head_dim,
             qk_scale=c.head_dim**-0.5,
         )
+        self.packed: dict[str, PackedWeight] = {}
 
     def forward(
         self,
@@ -71,14 +77,24 @@ class DecoderLayer(nn.Module):
 
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = _project(x, self.qkv_weight, self.qkv_bias)
+        qkv = _project(x, self.qkv_weight, self.qkv_bias, self.packed.get("qkv"))
         q, k = rotate_qk(qkv, *rope, self.num_heads, self.num_kv_heads)
         v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
-        return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
+        return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias,
+                        self.packed.get("o"))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return _project(silu_mul(_project(x, self.gate_up_weight)), self.down_weight)
+        gate_up = _project(x, self.gate_up_weight, packed=self.packed.get("gate_up"))
+        return _project(silu_mul(gate_up), self.down_weight, packed=self.packed.get("down"))
+
+    def pack_weights(self) -> None:
+        """Pack the projections for MKL (float32 on the CPU; elsewhere nothing happens). Call
+        once the weights are final; it keeps a second copy of them."""
+        weights = {"qkv": self.qkv_weight, "o": self.o_weight, "gate_up": self.gate_up_weight,
+                   "down": self.down_weight}
+        packed = {name: pack(weight.data) for name, weight in weights.items()}
+        self.packed = {name: p for name, p in packed.items() if p is not None}
 
     def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
         """Where each Hugging Face tensor of this layer lands in the fused layout: views, the
@@ -124,6 +140,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = _weight(c.hidden_size, dtype=dtype)
         self.lm_head = self.embed_tokens if c.tie_word_embeddings else _weight(c.vocab_size, c.hidden_size, dtype=dtype)
         self.rotary = RotaryEmbedding(c)
+        self.packed_lm_head: PackedWeight | None = None
 
     def forward(
         self,
@@ -148,7 +165,15 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for the given hidden rows (e.g. each sequence's last token)."""
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head.matmul(hidden)
         return F.linear(hidden, self.lm_head).float()
+
+    def pack_weights(self) -> None:
+        """See :meth:`DecoderLayer.pack_weights`; also packs the lm_head."""
+        for layer in self.layers:
+            layer.pack_weights()
+        self.packed_lm_head = pack(self.lm_head.data.t())
 
     def hf_weight_slots(self) -> dict[str, torch.Tensor]:
         """Every Hugging Face tensor name this model needs, mapped to the view it is copied into."""
