@@ -218,6 +218,20 @@ def test_float32_cpu_models_pack_their_projections(llama_ckpt, qwen2_ckpt):
     assert not model.layers[0].packed and model.packed_lm_head is None
 
 
+def test_weights_changed_after_loading_are_not_served_from_stale_packed_copies(llama_ckpt):
+    _, directory = llama_ckpt
+    model, config = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(0.5)
+    tokens = prompts(seed=8, lengths=(9,))[0]
+    after_change = run_chunks(model, config, tokens, [9])
+    for layer in model.layers:  # the same model with no packed copies at all
+        layer.packed = {}
+    model.packed_lm_head = None
+    torch.testing.assert_close(after_change, run_chunks(model, config, tokens, [9]))
+
+
 def test_sharded_checkpoint_loads_to_same_logits(llama_ckpt, tmp_path):
     hf_model, _ = llama_ckpt
     hf_model.save_pretrained(tmp_path, max_shard_size="40KB")

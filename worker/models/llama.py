@@ -89,11 +89,14 @@ class DecoderLayer(nn.Module):
         return _project(silu_mul(gate_up), self.down_weight, packed=self.packed.get("down"))
 
     def pack_weights(self) -> None:
-        """Pack the projections for MKL (float32 on the CPU; elsewhere nothing happens). Call
-        once the weights are final; it keeps a second copy of them."""
+        """Pack the projections for MKL (float32 on the CPU; elsewhere nothing happens), keeping
+        a second copy of them. A weight later changed in place through its parameter is used
+        directly (its version counter moved); writes through ``.data`` aliases are not seen, so
+        call this again after those."""
         weights = {"qkv": self.qkv_weight, "o": self.o_weight, "gate_up": self.gate_up_weight,
                    "down": self.down_weight}
-        packed = {name: pack(weight.data) for name, weight in weights.items()}
+        # detach(), not .data: it shares the parameter's version counter
+        packed = {name: pack(weight.detach()) for name, weight in weights.items()}
         self.packed = {name: p for name, p in packed.items() if p is not None}
 
     def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -173,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
         """See :meth:`DecoderLayer.pack_weights`; also packs the lm_head."""
         for layer in self.layers:
             layer.pack_weights()
-        self.packed_lm_head = pack(self.lm_head.data.t())
+        self.packed_lm_head = pack(self.lm_head.detach().t())
 
     def hf_weight_slots(self) -> dict[str, torch.Tensor]:
         """Every Hugging Face tensor name this model needs, mapped to the view it is copied into."""
