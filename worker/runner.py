@@ -25,6 +25,8 @@ class StepInputs:
 
 def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> StepInputs:
     """Pack the step's tokens of every scheduled request, with their slots and block tables."""
+    if all(n == 1 for n in batch.num_new_tokens):
+        return _decode_inputs(batch, kv, device)
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -56,6 +58,34 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
         meta=meta,
         logits_indices=logits_indices,
         sampling_rows=sampling_rows,
+    )
+
+
+def _decode_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> StepInputs:
+    """prepare_inputs when every request decodes one token: list comprehensions instead of the
+    general per-request loop (the steady state of a busy engine)."""
+    requests, bs = batch.requests, kv.block_size
+    positions = [req.num_computed_tokens for req in requests]
+    tables = [kv.block_table(req.request_id) for req in requests]
+    if any(pos >= len(table) * bs for pos, table in zip(positions, tables)):
+        raise ValueError("a decoding sequence has no slot for its token; append_slots first")
+    sampled = [i for i, (req, pos) in enumerate(zip(requests, positions))
+               if pos + 1 == req.num_tokens]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs
+                                   for pos, table in zip(positions, tables)],
+                                  dtype=torch.int32, device=device),
+        block_tables=_padded_tables(tables, device),
+        query_start_loc=list(range(len(requests) + 1)),
+        seq_lens=[pos + 1 for pos in positions],
+    )
+    return StepInputs(
+        input_ids=torch.tensor([req.token_ids[pos] for req, pos in zip(requests, positions)],
+                               dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        meta=meta,
+        logits_indices=sampled,
+        sampling_rows=sampled,
     )
 
 
