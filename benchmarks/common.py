@@ -159,6 +159,24 @@ class StepShape:
 
     num_tokens: int
     num_sampled: int
+    kv_positions: int = 0  # K/V positions its attention reads: the sum of its sequence lengths
+
+
+def step_kv_read_bytes(shape: LlamaShape, step: StepShape, dtype_bytes: int = 4) -> int:
+    """Bytes of cached K and V one step's attention reads, every layer, each position once."""
+    return 2 * step.kv_positions * shape.kv_size * shape.num_hidden_layers * dtype_bytes
+
+
+def stream_read_gb_per_s(megabytes: int = 512, repeats: int = 5) -> float:
+    """The host's streaming read rate from DRAM at torch's thread count: the best of a few
+    sums over a buffer far larger than the caches."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        with stopwatch() as elapsed:
+            buffer.sum()
+        best = min(best, elapsed[0])
+    return buffer.numel() * 4 / best / 1e9
 
 
 def step_matmul_flops(shape: LlamaShape, step: StepShape) -> int:

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.common import (LlamaShape, MatmulReplay, StepShape, build_random_llama,
                                emit_json, machine_info, numba_threading_layer, progress,
-                               random_token_ids, step_matmul_flops, stopwatch, summary_ms,
-                               uniform_ints)
+                               random_token_ids, step_kv_read_bytes, step_matmul_flops,
+                               stopwatch, stream_read_gb_per_s, summary_ms, uniform_ints)
 from cluster.llm import LLM
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher
@@ -113,7 +113,8 @@ class StepRecorder:
         runner.execute = self
 
     def __call__(self, inputs):
-        self.steps.append(StepShape(int(inputs.input_ids.shape[0]), len(inputs.logits_indices)))
+        self.steps.append(StepShape(int(inputs.input_ids.shape[0]), len(inputs.logits_indices),
+                                    sum(inputs.meta.seq_lens)))
         with stopwatch() as elapsed:
             logits = self._execute(inputs)
         self.execute_seconds.append(elapsed[0])
@@ -213,6 +214,7 @@ def section_roofline(ctx: "Context") -> dict:
         "pagedserve_effective_gflops_per_s": round(flops / pagedserve["wall_s"] / 1e9, 2),
         "upper_bound_output_tokens_per_s": round(bound, 2),
         "pagedserve_fraction_of_roofline": round(pagedserve["output_tokens_per_s"] / bound, 4),
+        "kv_reads": kv_read_figures(ctx, steps, sum(best), pagedserve),
         "by_step_kind": {
             "decode_only": _step_group(ctx.shape, steps, recorder.execute_seconds, best, True),
             "with_prefill": _step_group(ctx.shape, steps, recorder.execute_seconds, best, False),
@@ -223,6 +225,25 @@ def section_roofline(ctx: "Context") -> dict:
     if ctx.rounds > 1:
         figures["paired_rounds"] = roofline_rounds(ctx, replay)
     return figures
+
+
+def kv_read_figures(ctx: "Context", steps: list[StepShape], matmul_s: float,
+                    pagedserve: dict) -> dict:
+    """What the roofline leaves out, sized: the cached K/V that attention must read, at the
+    host's streaming rate from DRAM. ``reachable_fraction_of_roofline`` is the fraction an
+    engine would reach if those reads, between its matmuls, were its only other cost. An
+    estimate, not a strict bound: some K/V may still sit in the L3 cache."""
+    kv_bytes = sum(step_kv_read_bytes(ctx.shape, s) for s in steps)
+    rate = stream_read_gb_per_s()
+    floor_s = kv_bytes / rate / 1e9
+    return {
+        "kv_read_gb": round(kv_bytes / 1e9, 3),
+        "stream_read_gb_per_s": round(rate, 2),
+        "kv_read_seconds_at_that_rate": round(floor_s, 4),
+        "reachable_fraction_of_roofline": round(matmul_s / (matmul_s + floor_s), 4),
+        "pagedserve_fraction_of_matmul_plus_kv_reads": round(
+            (matmul_s + floor_s) / pagedserve["wall_s"], 4),
+    }
 
 
 def roofline_rounds(ctx: "Context", replay: MatmulReplay) -> dict:
