@@ -218,6 +218,13 @@ def test_float32_cpu_models_pack_their_projections(llama_ckpt, qwen2_ckpt):
     assert not model.layers[0].packed and model.packed_lm_head is None
 
 
+def test_packed_copies_are_skipped_when_memory_is_short(llama_ckpt, monkeypatch, caplog):
+    monkeypatch.setattr(packed_gemm, "host_memory_info", lambda: (1 << 20, 1 << 30))  # 1 MiB free
+    model, _ = load_model(llama_ckpt[1], dtype=torch.float32, backend=get_backend("cpu"))
+    assert not model.layers[0].packed and model.packed_lm_head is None
+    assert "not packing the projections" in caplog.text
+
+
 def test_weights_changed_after_loading_are_not_served_from_stale_packed_copies(llama_ckpt):
     _, directory = llama_ckpt
     model, config = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))

@@ -8,6 +8,7 @@ from torch import nn
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
 from worker.models.fused_ops import add_rms_norm, rms_norm, rotate_qk, silu_mul
+from worker.models import packed_gemm
 from worker.models.packed_gemm import PackedWeight, pack
 from worker.models.rope import RotaryEmbedding
 
@@ -88,15 +89,17 @@ class DecoderLayer(nn.Module):
         gate_up = _project(x, self.gate_up_weight, packed=self.packed.get("gate_up"))
         return _project(silu_mul(gate_up), self.down_weight, packed=self.packed.get("down"))
 
+    def projections(self) -> dict[str, nn.Parameter]:
+        return {"qkv": self.qkv_weight, "o": self.o_weight, "gate_up": self.gate_up_weight,
+                "down": self.down_weight}
+
     def pack_weights(self) -> None:
         """Pack the projections for MKL (float32 on the CPU; elsewhere nothing happens), keeping
         a second copy of them. A weight later changed in place through its parameter is used
         directly (its version counter moved); writes through ``.data`` aliases are not seen, so
         call this again after those."""
-        weights = {"qkv": self.qkv_weight, "o": self.o_weight, "gate_up": self.gate_up_weight,
-                   "down": self.down_weight}
         # detach(), not .data: it shares the parameter's version counter
-        packed = {name: pack(weight.detach()) for name, weight in weights.items()}
+        packed = {name: pack(weight.detach()) for name, weight in self.projections().items()}
         self.packed = {name: p for name, p in packed.items() if p is not None}
 
     def hf_weight_slots(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -173,7 +176,13 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, self.lm_head).float()
 
     def pack_weights(self) -> None:
-        """See :meth:`DecoderLayer.pack_weights`; also packs the lm_head."""
+        """See :meth:`DecoderLayer.pack_weights`; also packs the lm_head. Skipped when the
+        copies would not fit the host memory share (``packed_gemm.affordable``)."""
+        if self.dtype != torch.float32 or self.lm_head.device.type != "cpu":
+            return
+        weights = [w for layer in self.layers for w in layer.projections().values()]
+        if not packed_gemm.affordable(sum(w.nbytes for w in weights + [self.lm_head])):
+            return
         for layer in self.layers:
             layer.pack_weights()
         self.packed_lm_head = pack(self.lm_head.detach().t())

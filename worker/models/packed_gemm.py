@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from worker.device import host_memory_info
+
 log = logging.getLogger("pagedserve.packed_gemm")
 
 # Batches up to this many rows use the packed weights. A plain matmul re-packs the weight on
@@ -20,6 +22,9 @@ PACKED_MAX_ROWS = 256
 # was as fast as packing for the exact count from 8 to 256 rows; for 16 it was 13% slower at
 # 128 rows, and for a huge count 1.4-1.7x slower than no packing at all.
 PACKED_FOR_ROWS = 128
+# A model's packed copies are resident memory the size of its weights; they are skipped when
+# they would take more than this share of the host's available memory.
+PACKED_MEMORY_SHARE = 0.25
 
 # cblas enum values (mkl_cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
@@ -66,6 +71,17 @@ def pack(weight: torch.Tensor) -> PackedWeight | None:
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not available():
         return None
     return _pack(weight)
+
+
+def affordable(nbytes: int) -> bool:
+    """Whether packed copies of ``nbytes`` of weights fit the memory share; warns if not."""
+    free, _ = host_memory_info()
+    if nbytes <= PACKED_MEMORY_SHARE * free:
+        return True
+    log.warning("not packing the projections for MKL: the copies would take %.2f GiB of the "
+                "%.2f GiB available; matmuls re-pack each call (slower decode)",
+                nbytes / 2**30, free / 2**30)
+    return False
 
 
 @functools.cache
