@@ -215,8 +215,9 @@ class MatmulReplay:
         self.lm_head = weight(shape.vocab_size, h)
         self.lm_head_in_out = self.lm_head.t().contiguous()
         packed_head = pack(self.lm_head.t())  # as the engine packs it; None without MKL
-        self.packed = packed_head and ([tuple(map(pack, layer)) for layer in self.layers_in_out],
-                                       packed_head)
+        self.packed = None
+        if packed_head is not None:
+            self.packed = ([tuple(map(pack, layer)) for layer in self.layers_in_out], packed_head)
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _activations(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

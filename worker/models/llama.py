@@ -8,8 +8,7 @@ from torch import nn
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
 from worker.models.fused_ops import add_rms_norm, rms_norm, rotate_qk, silu_mul
-from worker.models import packed_gemm
-from worker.models.packed_gemm import PackedWeight, pack
+from worker.models.packed_gemm import PackedWeight, affordable, pack
 from worker.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -177,11 +176,11 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_weights(self) -> None:
         """See :meth:`DecoderLayer.pack_weights`; also packs the lm_head. Skipped when the
-        copies would not fit the host memory share (``packed_gemm.affordable``)."""
+        copies would not fit the host memory share (:func:`affordable`)."""
         if self.dtype != torch.float32 or self.lm_head.device.type != "cpu":
             return
         weights = [w for layer in self.layers for w in layer.projections().values()]
-        if not packed_gemm.affordable(sum(w.nbytes for w in weights + [self.lm_head])):
+        if not affordable(sum(w.nbytes for w in weights + [self.lm_head])):
             return
         for layer in self.layers:
             layer.pack_weights()

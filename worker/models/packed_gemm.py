@@ -67,7 +67,7 @@ class PackedWeight:
 
 def pack(weight: torch.Tensor) -> PackedWeight | None:
     """Pack a float32 CPU ``[in, out]`` weight (contiguous, or the transpose of a contiguous
-    ``[out, in]`` one); None where MKL's packed GEMM is unavailable or the weight does not fit."""
+    ``[out, in]`` one); None where MKL's packed GEMM is unavailable or cannot read that layout."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not available():
         return None
     return _pack(weight)
