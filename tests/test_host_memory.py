@@ -17,9 +17,12 @@ ENGINE_SCRIPT = textwrap.dedent("""
     import json, sys
     from worker import host_memory
     from worker.engine import Engine, EngineConfig
-    before = host_memory._applied
+    def applied():  # what retain_freed_memory() cached; None before its first call
+        tuning = host_memory.retain_freed_memory
+        return tuning() if tuning.cache_info().currsize else None
+    before = applied()
     Engine(EngineConfig(model="tiny", device=sys.argv[1], kv_cache_gib=0.01))
-    print(json.dumps({"before": before, "after": host_memory._applied}))
+    print(json.dumps({"before": before, "after": applied()}))
 """)
 
 

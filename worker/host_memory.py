@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -16,9 +17,8 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 512 << 20
 
-_applied: bool | None = None
 
-
+@functools.cache
 def retain_freed_memory() -> bool:
     """Keep blocks up to 32 MiB on the heap once freed; returns whether glibc accepted it.
 
@@ -26,16 +26,9 @@ def retain_freed_memory() -> bool:
     fresh mmap and unmaps them on free, so every op's output page-faults its way in again. On
     the 2-core benchmark host that made a 2048-token prefill step ~15% slower (455-507 vs
     388-401 ms) and SiLU*up 2.5x slower. The cost is that the heap keeps up to the peak of one
-    step's activations (and up to 512 MiB of free top) instead of returning it. Idempotent;
-    a no-op off glibc.
+    step's activations (and up to 512 MiB of free top) instead of returning it. Applied once
+    per process; a no-op off glibc.
     """
-    global _applied
-    if _applied is None:
-        _applied = _set_thresholds()
-    return _applied
-
-
-def _set_thresholds() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
