@@ -206,13 +206,34 @@ def test_a_device_too_small_for_one_block_says_so(fake_npu, monkeypatch):
             max_num_batched_tokens=STEP_TOKENS, memory_utilization=0.5)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "the fused op needs the cache to hold the SUM of every request's blocks (the fake's reading "
-    "of the documented contract); forks sharing a prompt's blocks exceed it in a nearly full "
-    "pool although they fit physically. Neither the batcher nor the npu backend handles it yet."))
 def test_forks_sharing_blocks_in_a_nearly_full_pool(fake_npu):
-    llm = LLM("tiny", device="npu", dtype="bfloat16", block_size=BLOCK_SIZE,
-              max_num_batched_tokens=STEP_TOKENS, memory_utilization=UTILIZATION)
+    """Three samples of a two-block prompt share its first block: 4 blocks held, but the fused
+    op counts 6 per step, over the 5-block pool. The backend splits such a step into runs of
+    requests that fit; each sample ends as it does in a roomy pool (seeded sampling)."""
+    tight = LLM("tiny", device="npu", dtype="bfloat16", block_size=BLOCK_SIZE,
+                max_num_batched_tokens=STEP_TOKENS, memory_utilization=UTILIZATION)
     prompt = (SHARED * 2)[:200]  # two blocks, the first shared by all three samples
-    llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.8, seed=1, n=3,
-                                            ignore_eos=True))
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=1, n=3, ignore_eos=True)
+    fake_npu.CALL_LOG.clear()
+    forks = tight.generate([prompt], params)[0].outputs
+    batches = [len(args["actual_seq_lengths_kv"]) for op, args in fake_npu.CALL_LOG if op == FIA]
+    assert tight.engine.kv_size.num_blocks == POOL_BLOCKS
+    assert 2 in batches and 3 not in batches  # the three decodes went as a run of 2, then 1
+
+    roomy = LLM("tiny", device="npu", dtype="bfloat16", block_size=BLOCK_SIZE,
+                max_num_batched_tokens=STEP_TOKENS, memory_utilization=4 * UTILIZATION)
+    assert roomy.engine.kv_size.num_blocks > 3 * 2
+    alone = roomy.generate([prompt], params)[0].outputs
+    assert [f.token_ids for f in forks] == [a.token_ids for a in alone]
+    assert len({tuple(f.token_ids) for f in forks}) > 1  # the samples differ: three real forks
+
+
+@pytest.mark.parametrize(("kv_lens", "pool", "runs"), [
+    ([100, 200, 300], 10, [[0, 1, 2]]),  # 1 + 2 + 3 blocks fit in 10
+    ([256, 256, 129], 5, [[0, 1], [2]]),
+    ([128, 512, 1, 1], 4, [[0], [1], [2, 3]]),
+])
+def test_request_groups_keep_each_run_within_the_pool(kv_lens, pool, runs):
+    from worker.backends.npu import request_groups
+
+    assert [list(g) for g in request_groups(kv_lens, BLOCK_SIZE, pool)] == runs

@@ -204,9 +204,23 @@ class NpuBackend(AttentionBackend):
             self._npu._npu_reshape_and_cache(key, value, key_cache, value_cache, write_slots)
 
     def _attend(self, query, key_cache, value_cache, block_tables, state, params) -> torch.Tensor:
+        packed = query[: state.num_tokens].contiguous()
+        groups = request_groups(state.kv_lens, key_cache.shape[1], key_cache.shape[0])
+        caches = (key_cache, value_cache, params)
+        if len(groups) == 1:
+            out = self._fused_attention(packed, block_tables, state, *caches)
+        else:
+            out = torch.cat([self._fused_attention(*_group_inputs(packed, block_tables, state, group),
+                                                   *caches) for group in groups])
+        if query.shape[0] == state.num_tokens:
+            return out
+        padded = query.new_zeros(query.shape)  # rows past the packed tokens stay zero
+        padded[: state.num_tokens] = out
+        return padded
+
+    def _fused_attention(self, packed, block_tables, state, key_cache, value_cache, params):
         num_blocks, block_size = key_cache.shape[:2]
         kv_hidden = params.kv_head_num * params.head_dim
-        packed = query[: state.num_tokens].contiguous()
         if state.decode_only:
             mask_args = {"sparse_mode": SPARSE_MODE_NO_MASK}
         else:
@@ -225,11 +239,36 @@ class NpuBackend(AttentionBackend):
             scale=float(params.qk_scale),
             **mask_args,
         )
-        if query.shape[0] == state.num_tokens:
-            return out
-        padded = query.new_zeros(query.shape)  # rows past the packed tokens stay zero
-        padded[: state.num_tokens] = out
-        return padded
+        return out
+
+
+def request_groups(kv_lens: list[int], block_size: int, num_blocks: int) -> list[range]:
+    """Consecutive runs of requests whose blocks add up to at most ``num_blocks``: the fused op
+    wants the cache to hold the sum of every request's blocks, which requests sharing blocks
+    (``n > 1`` forks, prefix hits) can exceed in a nearly full pool. Usually one run."""
+    groups, start, used = [], 0, 0
+    for i, kv_len in enumerate(kv_lens):
+        blocks = -(-kv_len // block_size)
+        if used + blocks > num_blocks and i > start:
+            groups.append(range(start, i))
+            start, used = i, 0
+        used += blocks
+    groups.append(range(start, len(kv_lens)))
+    return groups
+
+
+def _group_inputs(packed: torch.Tensor, block_tables: torch.Tensor, state: NpuStepState,
+                  group: range) -> tuple[torch.Tensor, torch.Tensor, NpuStepState]:
+    """The query tokens, block-table rows and lengths of one run of requests, as a whole step."""
+    ends = [0] + state.cum_query_ends
+    first, last = ends[group.start], ends[group.stop]
+    sub_state = dataclasses.replace(
+        state,
+        cum_query_ends=[end - first for end in state.cum_query_ends[group.start:group.stop]],
+        kv_lens=state.kv_lens[group.start:group.stop],
+        num_tokens=last - first,
+    )
+    return packed[first:last], block_tables[group.start:group.stop].contiguous(), sub_state
 
 
 def _require_visible_npu(torch_npu: ModuleType, index: int) -> None:
