@@ -5,10 +5,12 @@ Workload: the engine issue's — a random ~25M-parameter Llama (hidden 512, 8 la
 4 KV heads, intermediate 1376, vocab 2048), 48 requests with prompts of 16-256 tokens and 64
 greedy output tokens each, float32, one torch thread per engine. Run by hand; prints JSON.
 
-Two references bound what 2 workers can reach on this host: the same single-thread matmul loop
-in 1 and then 2 processes at once (how well the machine itself runs two busy processes), and two
-in-process engines with half of the jobs each, run at once (the daemon minus Ray). The pair runs
-in every round, right after the 2-worker daemon, so the two are compared at the same host speed.
+Three references bound what 2 workers can reach on this host: the same single-thread matmul loop
+in 1 and then 2 processes at once (how well the machine itself runs two busy processes); two
+in-process engines with half of the jobs each, run at once (the daemon minus Ray); and one
+in-process engine running all the jobs, then each half in turn (the pair minus contention: what
+splitting the batch alone costs, as each half still pays every step's fixed cost). They run in
+every round, right after the 2-worker daemon, so all are compared at the same host speed.
 
     python -m benchmarks.daemon [--quick] [--rounds N]
 """
@@ -61,12 +63,12 @@ def warm_up_llm(llm) -> None:
     llm.generate([p for p, _ in jobs], [s for _, s in jobs])
 
 
-def local_engine(model_dir: Path):
+def local_engine(model_dir: Path, prefix_caching: bool = True):
     """The in-process reference: one warmed engine in this process, 1 thread."""
     from cluster.llm import LLM
 
     torch.set_num_threads(1)
-    llm = LLM(str(model_dir), kv_cache_gib=1.0)
+    llm = LLM(str(model_dir), kv_cache_gib=1.0, enable_prefix_caching=prefix_caching)
     warm_up_llm(llm)
     return llm
 
@@ -127,6 +129,17 @@ def machine_scale_out(seconds: float = 4.0) -> dict:
             "scale_2_vs_1": round(sum(two) / one, 3)}
 
 
+def split_without_contention(llm, jobs) -> dict:
+    """All the jobs on one engine, then the pair's two halves one after the other on it: the
+    halves' longer wall time bounds two workers that never slow each other down. The engine
+    must not cache prefixes, or the halves would find their prompts computed."""
+    whole = in_process(llm, jobs)
+    halves = [in_process(llm, jobs[i::2]) for i in range(2)]
+    slower = max(h["wall_s"] for h in halves)
+    return {"all_jobs": whole, "halves_wall_s": [h["wall_s"] for h in halves],
+            "scale_2_vs_1": round(whole["wall_s"] / slower, 3)}
+
+
 def in_process_pair(model_dir: Path, jobs) -> dict:
     """Two engines in two processes, each with every other job, started together."""
     parts = _run_processes(_in_process_part, [(str(model_dir), jobs[i::2]) for i in range(2)])
@@ -177,10 +190,11 @@ def through_daemon(client, jobs, workers: int) -> dict:
             "relay_latency_per_streamed_chunk": summary_ms(relay)}
 
 
-def run_round(model_dir: Path, llm, jobs, local_first: bool) -> dict:
+def run_round(model_dir: Path, llm, uncached_llm, jobs, local_first: bool) -> dict:
     """The in-process engine and the 1-worker daemon run back to back (the daemon idle while
     the local engine runs), in the given order: alternating it over rounds cancels the drift
-    of this host's speed within a round. Then the 2-worker daemon, then the in-process pair."""
+    of this host's speed within a round. Then the 2-worker daemon, the in-process pair and the
+    split without contention."""
     with warmed_daemon(model_dir, 1) as client:
         if local_first:
             local, one = in_process(llm, jobs), through_daemon(client, jobs, 1)
@@ -190,7 +204,8 @@ def run_round(model_dir: Path, llm, jobs, local_first: bool) -> dict:
         two = through_daemon(client, jobs, 2)
     return {"order": "in-process first" if local_first else "daemon first",
             "in_process": local, "daemon_1_worker": one, "daemon_2_workers": two,
-            "in_process_pair": in_process_pair(model_dir, jobs)}
+            "in_process_pair": in_process_pair(model_dir, jobs),
+            "split_without_contention": split_without_contention(uncached_llm, jobs)}
 
 
 def _drain(client, job_id: str, relay: list[float]) -> None:
@@ -219,11 +234,12 @@ def main(argv=None) -> None:
         progress("writing the random Llama checkpoint")
         build_random_llama(shape, model_dir, tiny_model_dir())
         llm = local_engine(model_dir)
+        uncached_llm = local_engine(model_dir, prefix_caching=False)
         for r in range(max(1, args.rounds)):
             progress(f"round {r + 1}: in-process engine (1 thread) and daemon with 1 worker, "
-                     f"then 2 workers, then two in-process engines at once")
+                     f"then 2 workers, then two in-process engines at once, then the split alone")
             jobs = workload(num, out_len, shape.vocab_size, seed=r)
-            rounds.append(run_round(model_dir, llm, jobs, local_first=r % 2 == 0))
+            rounds.append(run_round(model_dir, llm, uncached_llm, jobs, local_first=r % 2 == 0))
         progress("machine: one busy process vs two")
         machine = machine_scale_out()
     emit_json(report(rounds, machine, num, out_len))
@@ -238,6 +254,7 @@ def report(rounds: list[dict], machine: dict, num: int, out_len: int) -> dict:
     pair_scale = [round(rate(r, "in_process_pair") / rate(r, "in_process"), 3) for r in rounds]
     two_vs_pair = [round(rate(r, "daemon_2_workers") / rate(r, "in_process_pair"), 3)
                    for r in rounds]
+    split = [r["split_without_contention"]["scale_2_vs_1"] for r in rounds]
     return {
         "benchmark": "daemon", "machine": machine_info(),
         "workload": {"requests": num, "prompt_len": [16, 256], "output_len": out_len,
@@ -250,6 +267,8 @@ def report(rounds: list[dict], machine: dict, num: int, out_len: int) -> dict:
         "daemon_overhead_1_worker": statistics.median(overhead),
         "references": {
             "machine_scale_out": machine,
+            "split_without_contention_2_vs_1_per_round": split,
+            "split_without_contention_2_vs_1": statistics.median(split),
             "in_process_pair_vs_in_process_per_round": pair_scale,
             "in_process_pair_vs_in_process": statistics.median(pair_scale),
             "daemon_2_workers_vs_in_process_pair_per_round": two_vs_pair,
