@@ -206,12 +206,12 @@ class NpuBackend(AttentionBackend):
     def _attend(self, query, key_cache, value_cache, block_tables, state, params) -> torch.Tensor:
         packed = query[: state.num_tokens].contiguous()
         groups = request_groups(state.kv_lens, key_cache.shape[1], key_cache.shape[0])
-        caches = (key_cache, value_cache, params)
+        same_for_all = (key_cache, value_cache, params)
         if len(groups) == 1:
-            out = self._fused_attention(packed, block_tables, state, *caches)
-        else:
+            out = self._fused_attention(packed, block_tables, state, *same_for_all)
+        else:  # rare: one call per run of requests, outputs back in the packed order
             out = torch.cat([self._fused_attention(*_group_inputs(packed, block_tables, state, group),
-                                                   *caches) for group in groups])
+                                                   *same_for_all) for group in groups])
         if query.shape[0] == state.num_tokens:
             return out
         padded = query.new_zeros(query.shape)  # rows past the packed tokens stay zero
