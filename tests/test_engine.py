@@ -1,4 +1,10 @@
-"""Engine behaviour on the built-in tiny model: determinism, n > 1, stops, abort, logprobs, bad input."""
+"""Engine behaviour on the built-in tiny model: determinism, n > 1, stops, abort, logprobs,
+bad input, kernels loaded at start-up."""
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from cluster.llm import LLM
@@ -152,3 +158,24 @@ def test_resumed_output_continues_exactly_where_it_stopped(llm):
             text += out.text
     assert new_tokens == full.token_ids[12:]
     assert full.text.endswith(text) and len(text) > 0
+
+
+LOADED_KERNELS_SCRIPT = textwrap.dedent("""
+    import json
+    from cluster.llm import LLM
+    import worker.backends.cpu_numba as attention
+    import worker.models.fused_ops as ops
+    LLM("tiny")  # no request yet
+    kernels = [ops._add_rms_norm, ops._add_rms_norm_parallel, ops._rotate_qk,
+               ops._rotate_qk_parallel, ops._silu_mul_parallel, attention.paged_attention_fp32]
+    print(json.dumps({k.py_func.__name__: len(k.signatures) for k in kernels}))
+""")
+
+
+def test_a_new_engine_loads_its_cpu_kernels_before_the_first_request():
+    """Loading numba's kernels takes ~0.6 s in a new process: the engine pays it at start-up,
+    not the first request (a fresh process, so nothing is loaded already)."""
+    result = subprocess.run([sys.executable, "-c", LOADED_KERNELS_SCRIPT], capture_output=True,
+                            text=True, timeout=120, check=True)
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded and all(count >= 1 for count in loaded.values()), loaded

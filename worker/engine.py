@@ -15,8 +15,9 @@ from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
 from worker.host_memory import retain_freed_memory
-from worker.kv_sizing import KVCacheSize, check_backend_limits, size_kv_cache
+from worker.kv_sizing import KVCacheSize, check_backend_limits, run_profile_step, size_kv_cache
 from worker.loader import load_config, load_model, resolve_model_path
+from worker.models.fused_ops import PARALLEL_MIN_ROWS
 from worker.output import EngineStats, RequestOutput
 from worker.runner import ModelRunner, prepare_inputs
 from worker.sampler import Sampler, SamplingRow
@@ -76,6 +77,8 @@ class Engine:
         self.batcher = ContinuousBatcher(self._batching_config(), self.kv)
         self.runner = ModelRunner(self.model, self.model_config, self.backend, num_blocks,
                                   config.block_size, DTYPES[config.dtype])
+        if config.device == "cpu":  # npu/cuda ran a profiling forward while sizing the cache
+            self._warm_up()
         self.sampler = Sampler(seed=config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
             self.tokenizer.eos_token_ids)
@@ -92,6 +95,14 @@ class Engine:
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=c.enable_chunked_prefill,
             enable_prefix_caching=c.enable_prefix_caching, policy=c.policy)
+
+    def _warm_up(self) -> None:
+        """A one-token and a parallel-sized forward on a scratch cache, so that the first
+        request does not pay for loading the CPU kernels (numba's cached machine code and its
+        registries: ~0.6 s in a new process, against ~10 ms for a short request after)."""
+        for seq_len in (1, min(PARALLEL_MIN_ROWS, self.max_model_len)):
+            run_profile_step(self.model, self.backend, [seq_len], self.config.block_size,
+                             max_sampled=1)
 
     def _num_kv_blocks(self) -> int:
         """Blocks from kv_cache_gib on cpu, from device memory after a profiling forward on
