@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from cluster.llm import LLM
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The cluster", "Scale out by adding nodes and", "KV", "A dead worker loses no job because"]
 
 
@@ -176,6 +178,6 @@ def test_a_new_engine_loads_its_cpu_kernels_before_the_first_request():
     """Loading numba's kernels takes ~0.6 s in a new process: the engine pays it at start-up,
     not the first request (a fresh process, so nothing is loaded already)."""
     result = subprocess.run([sys.executable, "-c", LOADED_KERNELS_SCRIPT], capture_output=True,
-                            text=True, timeout=120, check=True)
+                            text=True, cwd=REPO_ROOT, timeout=120, check=True)
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded and all(count >= 1 for count in loaded.values()), loaded
