@@ -130,7 +130,7 @@ def random_specs(gen, count, block_size):
     return specs
 
 
-HEAD_LAYOUTS = [(8, 8), (8, 4), (8, 2), (16, 2), (8, 1), (12, 2)]  # GQA 1, 2, 4, 8, MQA, 6
+HEAD_LAYOUTS = [(8, 8), (8, 4), (6, 2), (8, 2), (16, 2), (8, 1), (12, 2)]  # GQA 1, 2, 3, 4, 8, MQA, 6
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
