@@ -17,6 +17,7 @@ from scheduler.jobs import JobState, SampleState
 from scheduler.in_order import InOrder
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from worker.output import unpack_outputs
 
 log = logging.getLogger("pagedserve.scheduler")
 
@@ -467,8 +468,8 @@ class SchedulerActor:
         await asyncio.to_thread(self.service.journal.flush)
         return job_ids
 
-    async def report(self, worker_id, number, outputs, rejected, load) -> None:
-        self.service.report(worker_id, number, outputs, rejected, load)
+    async def report(self, worker_id, number, packed_outputs, rejected, load) -> None:
+        self.service.report(worker_id, number, unpack_outputs(packed_outputs), rejected, load)
 
     async def abort(self, job_id) -> bool:
         return self.service.abort(job_id)

@@ -11,6 +11,7 @@ import threading
 import ray
 
 from worker.commands import EngineCommands
+from worker.output import pack_outputs
 from worker.device import device_index_from_ray_ids
 
 
@@ -83,8 +84,8 @@ class WorkerActor:
             rejected = self._drain_inbox(block=not self.engine.has_unfinished())
             outputs = self.engine.step() if self.engine.has_unfinished() else []
             if outputs or rejected:
-                self.scheduler.report.remote(self.worker_id, self._reports_sent, outputs,
-                                             rejected, self.load())
+                self.scheduler.report.remote(self.worker_id, self._reports_sent,
+                                             pack_outputs(outputs), rejected, self.load())
                 self._reports_sent += 1
 
     def _drain_inbox(self, block: bool) -> list[tuple[str, str]]:
