@@ -11,8 +11,8 @@ import threading
 import ray
 
 from worker.commands import EngineCommands
-from worker.output import pack_outputs
 from worker.device import device_index_from_ray_ids
+from worker.output import pack_outputs
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
