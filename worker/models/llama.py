@@ -8,7 +8,7 @@ from torch import nn
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
 from worker.models.fused_ops import add_rms_norm, rms_norm, rotate_qk, silu_mul
-from worker.models.packed_gemm import PackedWeight, affordable, pack
+from worker.models.packed_gemm import PackedWeight, affordable, pack, plain_matmul
 from worker.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -25,7 +25,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     its packed copy when there is one."""
     if packed is not None:
         return packed.matmul(x, bias)
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    return plain_matmul(x, weight, bias)
 
 
 class DecoderLayer(nn.Module):

@@ -52,7 +52,7 @@ class PackedWeight:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight (+ bias)``; falls back to torch for inputs the packed path does not take."""
         if not self.accepts(x):
-            return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
+            return plain_matmul(x, self.weight, bias)
         rows, n = x.shape[0], self.out_features
         out = torch.empty(rows, n)
         if bias is not None:
@@ -63,6 +63,12 @@ class PackedWeight:
             0.0 if bias is None else 1.0, out.data_ptr(), n,
         )
         return out
+
+
+def plain_matmul(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight (+ bias)`` through torch, for an ``[in, out]`` weight."""
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 def pack(weight: torch.Tensor) -> PackedWeight | None:
