@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 
 import ray
 
@@ -11,6 +12,11 @@ from cluster.config import PagedServeConfig, engine_config_kwargs
 from cluster.journal import Journal
 from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, ServiceOptions,
                                head_node_strategy)
+
+
+# Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
+# not accept a TCP connection in this time is reported at once instead.
+GCS_PROBE_TIMEOUT_S = 5.0
 
 
 class ClusterNotFoundError(ConnectionError):
@@ -21,13 +27,38 @@ def connect(address: str = "auto") -> None:
     """Join a running Ray cluster as a driver in the pagedserve namespace."""
     if ray.is_initialized():
         return
+    unreachable = _gcs_unreachable(address)
     try:
+        if unreachable:
+            raise ConnectionError(unreachable)
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    except ConnectionError:
+    except ConnectionError as e:
+        reason = f" ({unreachable})" if unreachable else ""
         raise ClusterNotFoundError(
-            f"no Ray cluster at {address!r}; start one with "
-            "`ray start --head --resources='{\"NPU\": 2}'` (or leave --address out to use the "
-            "embedded local cluster)") from None
+            f"no Ray cluster at {address!r}{reason}; start one with "
+            "`ray start --head --resources='{\"NPU\": 2}'` first") from e
+
+
+def _gcs_unreachable(address: str) -> str | None:
+    """Why the GCS behind ``address`` (host:port, or "auto": RAY_ADDRESS or the last local
+    cluster) cannot be reached, or None if it accepts a connection or the address is one Ray
+    itself must judge (ray:// clients, nothing recorded for "auto")."""
+    if address.startswith("ray://"):
+        return None
+    from ray._private.services import canonicalize_bootstrap_address  # host:port, or None
+
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception:  # a malformed address: ray.init's own error names it
+        return None
+    if resolved is None:
+        return None
+    host, port = resolved.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        return f"nothing answers at {resolved}: {getattr(e, 'strerror', None) or e}"
+    return None
 
 
 def cluster_is_running() -> bool:

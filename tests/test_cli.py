@@ -1,5 +1,7 @@
 """The pagedserve CLI: generate's JSON output, and one-line errors (exit 2) for bad input."""
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -78,3 +80,19 @@ def test_installed_entry_point_reports_errors_without_a_traceback():
     help_proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
                                capture_output=True, text=True, timeout=60)
     assert help_proc.returncode == 0 and "generate" in help_proc.stdout
+
+
+@pytest.mark.parametrize("command", ["status", "serve"])
+def test_an_address_where_nothing_listens_fails_at_once(command):
+    # ray.init alone would retry such an address for minutes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", command, "--address",
+                           f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"pagedserve: error: no Ray cluster at '127.0.0.1:{port}'")
+    assert f":{port}: Connection refused" in error
+    assert ("leave --address out" in error) == (command == "serve")
