@@ -1,9 +1,10 @@
 """Engine behaviour on the built-in tiny model: determinism, n > 1, stops, abort, logprobs,
-bad input, kernels loaded at start-up."""
+bad input, kernels loaded at start-up, the recent tokens/s."""
 import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,14 @@ def test_abort_frees_blocks_at_once(llm):
     final = engine.step()
     assert [(o.request_id, o.finish_reason) for o in final] == [(rid, "abort")]
     assert not engine.has_unfinished()
+
+
+def test_tokens_per_s_counts_only_the_recent_window(llm, monkeypatch):
+    monkeypatch.setattr("worker.engine.RATE_WINDOW_S", 0.5)
+    llm.generate(["rate"], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert llm.engine.stats().tokens_per_s > 0
+    time.sleep(0.6)  # idle for longer than the window: no step has run since
+    assert llm.engine.stats().tokens_per_s == 0.0
 
 
 def test_logprobs_are_sorted_and_match_the_tokens(llm):

@@ -26,6 +26,7 @@ from worker.tokenizer import Tokenizer
 
 log = logging.getLogger("pagedserve.engine")
 
+RATE_WINDOW_S = 10.0  # stats' tokens/s counts the tokens generated this long ago at most
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -229,7 +230,10 @@ class Engine:
         self.generated_tokens += num_sampled
         self.prompt_tokens += batch.total_tokens - num_sampled
         self._generated_window.append((now, num_sampled))
-        while self._generated_window and now - self._generated_window[0][0] > 10.0:
+        self._forget_old_steps(now)
+
+    def _forget_old_steps(self, now: float) -> None:
+        while self._generated_window and now - self._generated_window[0][0] > RATE_WINDOW_S:
             self._generated_window.popleft()
 
     def _collect_aborted(self) -> list[RequestOutput]:
@@ -249,8 +253,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         kv = self.kv.stats()
+        now = time.monotonic()
+        self._forget_old_steps(now)  # an idle engine reports 0 tokens/s, not a fading average
         window = sum(n for _, n in self._generated_window)
-        span = (time.monotonic() - self._generated_window[0][0]) if self._generated_window else 0
+        span = (now - self._generated_window[0][0]) if self._generated_window else 0
         return EngineStats(
             num_running=len(self.batcher.running), num_waiting=self.batcher.num_waiting,
             kv_blocks_used=kv.used, kv_blocks_total=kv.num_blocks, kv_blocks_cached=kv.cached,
