@@ -13,7 +13,9 @@ def add_parsers(sub) -> None:
     _add_common(p)
     p.add_argument("--config", default=None,
                    help="a preset (cpu-sim, ascend-910b) or a YAML file; default cpu-sim")
-    p.add_argument("--min-workers", type=int, default=1, help="wait for this many workers")
+    p.add_argument("--min-workers", type=int, default=1,
+                   help="wait for this many workers to load the model (then up to 30 s more "
+                        "for the others still loading)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for workers")
     p.set_defaults(func=run_up)
 

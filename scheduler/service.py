@@ -25,6 +25,10 @@ NAMESPACE = "pagedserve"
 SCHEDULER_NAME = "pagedserve-scheduler"
 MAX_FINISHED_JOBS_KEPT = 10_000
 MAX_SPAWN_FAILURES = 3
+# Once enough workers are ready, how long wait_ready still waits for workers already loading, so
+# that `up` reports the capacity being brought up; bounded, because a worker whose actor cannot
+# be placed (its CPUs are missing) stays "starting" until resources appear.
+STARTING_GRACE_S = 30.0
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -389,11 +393,16 @@ class SchedulerService:
     # -- status ----------------------------------------------------------------------------
 
     async def wait_ready(self, min_workers: int = 1, timeout: float = 120.0) -> dict:
+        """The status once ``min_workers`` are ready and the others loading have joined them
+        (or STARTING_GRACE_S has passed)."""
         deadline = time.monotonic() + timeout
+        grace_ends = None
         while time.monotonic() < deadline:
             ready = sum(1 for w in self.workers.values() if w.info)
             if ready >= min_workers:
-                return self.status()
+                grace_ends = grace_ends or time.monotonic() + STARTING_GRACE_S
+                if ready == len(self.workers) or time.monotonic() >= grace_ends:
+                    return self.status()
             if self.spawn_failures >= MAX_SPAWN_FAILURES:
                 raise RuntimeError(f"workers fail to start: {self.last_spawn_error}")
             await asyncio.sleep(0.2)

@@ -23,7 +23,7 @@ def daemon(tmp_path_factory):
     ray.init(num_cpus=4, resources={"NPU": 2}, namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False)
     try:
-        status = bringup.up(cfg, min_workers=2)
+        status = bringup.up(cfg, min_workers=1)  # waits on for the worker still loading too
         yield cfg, status, Client()
     finally:
         bringup.down()
@@ -45,7 +45,7 @@ def undisturbed(daemon):
     return [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
 
 
-def test_up_starts_one_worker_per_npu_and_twice_is_harmless(daemon):
+def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(daemon):
     cfg, status, client = daemon
     workers = [w for w in status["workers"] if w["ready"]]
     assert len(workers) == 2 and {w["npu_ids"][0] for w in workers} == {"0", "1"}
