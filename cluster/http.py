@@ -73,6 +73,16 @@ class Server:
                                 f"{self.model_id!r} (see GET /v1/models)",
                            param="model", code="model_not_found")
 
+    def check_room(self, prompt_len: int, request: GenerationRequest) -> None:
+        """An explicit max_tokens that cannot fit beside the prompt is the client's error (as
+        with OpenAI's API), not a silently shorter output."""
+        wanted = request.requested_max_tokens
+        if wanted is not None and prompt_len + wanted > self.context_len:
+            param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
+            raise bad_request(
+                f"this server's context holds {self.context_len} tokens: the prompt has "
+                f"{prompt_len} and {param}={wanted} asks for {prompt_len + wanted}", param)
+
     def chat_prompt(self, request: ChatRequest) -> list[int]:
         messages = [m.as_template_input() for m in request.messages]
         try:
@@ -206,6 +216,8 @@ async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest, server.max_body_bytes)
     server.check_model(body.model)
     prompt = body.prompt_input()
+    prompt_len = len(prompt) if isinstance(prompt, list) else len(server.tokenizer.encode(prompt))
+    server.check_room(prompt_len, body)
     return await _generate(request, body, prompt, body.sampling_params(), started)
 
 
@@ -216,6 +228,7 @@ async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatRequest, server.max_body_bytes)
     server.check_model(body.model)
     prompt_ids = server.chat_prompt(body)
+    server.check_room(len(prompt_ids), body)
     # OpenAI's chat default is "until the model stops": the room left in the context
     room = {} if body.requested_max_tokens is not None else \
         {"max_tokens": max(1, server.context_len - len(prompt_ids))}

@@ -96,6 +96,11 @@ class GenerationRequest(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The output length the client asked for, if it did."""
+        return self.max_tokens
+
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]

@@ -250,6 +250,23 @@ def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
     assert_still_serves(api)
 
 
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("completions", {"prompt": "x" * 40, "max_tokens": 2040}, "max_tokens"),
+    ("completions", {"prompt": [5] * 2000, "max_tokens": 49}, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2048},
+     "max_completion_tokens"),
+])
+def test_max_tokens_beyond_the_context_is_400(api, endpoint, body, param):
+    path = "/completions" if endpoint == "completions" else "/chat/completions"
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.post(path, body={"model": "tiny", **body}, cast_to=object)
+    error = caught.value.body
+    assert error["param"] == param and "context holds 2048 tokens" in error["message"]
+    fits = {**body, param: 4, "ignore_eos": True}
+    assert api.post(path, body={"model": "tiny", **fits}, cast_to=object)["usage"][
+        "completion_tokens"] == 4
+
+
 def test_malformed_json_is_400(api, http):
     response = http.post("/v1/completions", content=b'{"prompt": "x", ',
                          headers={"Content-Type": "application/json"})
