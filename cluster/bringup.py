@@ -23,20 +23,23 @@ class ClusterNotFoundError(ConnectionError):
     """No Ray cluster where the user said one would be."""
 
 
-def connect(address: str = "auto") -> None:
-    """Join a running Ray cluster as a driver in the pagedserve namespace."""
+def connect(address: str = "auto", alternative: str | None = None) -> None:
+    """Join a running Ray cluster as a driver in the pagedserve namespace. ``alternative``:
+    what else the user can do when there is none, for the error message."""
     if ray.is_initialized():
         return
     unreachable = _gcs_unreachable(address)
-    try:
-        if unreachable:
-            raise ConnectionError(unreachable)
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    except ConnectionError as e:
-        reason = f" ({unreachable})" if unreachable else ""
-        raise ClusterNotFoundError(
-            f"no Ray cluster at {address!r}{reason}; start one with "
-            "`ray start --head --resources='{\"NPU\": 2}'` first") from e
+    if unreachable is None:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            return
+        except ConnectionError:  # e.g. "auto" with no cluster recorded anywhere
+            pass
+    reason = f" ({unreachable})" if unreachable else ""
+    other = f", or {alternative}" if alternative else ""
+    raise ClusterNotFoundError(
+        f"no Ray cluster at {address!r}{reason}; start one with "
+        f"`ray start --head --resources='{{\"NPU\": 2}}'` first{other}")
 
 
 def _gcs_unreachable(address: str) -> str | None:

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             daemon = EmbeddedDaemon(cfg)
             cfg, status, client = daemon.config, daemon.status, daemon.client
         else:
-            _connect(bringup, args.address)
+            bringup.connect(args.address, alternative="leave --address out to start an "
+                                                    "embedded local cluster")
             status, client = bringup.up(cfg), Client(args.address)
         print(format_status(status), file=sys.stderr)
         _serve(create_app(client, cfg), sock, host, cfg.engine.model)
@@ -85,15 +86,6 @@ def run(args: argparse.Namespace) -> int:
             daemon.close()
         sock.close()
     return 0
-
-
-def _connect(bringup, address: str) -> None:
-    """Join the cluster the user named; only serve can fall back to an embedded one."""
-    try:
-        bringup.connect(address)
-    except bringup.ClusterNotFoundError as e:
-        raise bringup.ClusterNotFoundError(
-            f"{e}, or leave --address out to start an embedded local cluster") from None
 
 
 def _serve(app, sock: socket.socket, host: str, model: str) -> None:

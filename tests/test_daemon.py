@@ -23,7 +23,7 @@ def daemon(tmp_path_factory):
     ray.init(num_cpus=4, resources={"NPU": 2}, namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False)
     try:
-        status = bringup.up(cfg, min_workers=1)  # waits on for the worker still loading too
+        status = bringup.up(cfg, min_workers=1)  # also waits for the other worker, still loading
         yield cfg, status, Client()
     finally:
         bringup.down()
