@@ -216,8 +216,9 @@ async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest, server.max_body_bytes)
     server.check_model(body.model)
     prompt = body.prompt_input()
-    prompt_len = len(prompt) if isinstance(prompt, list) else len(server.tokenizer.encode(prompt))
-    server.check_room(prompt_len, body)
+    if body.requested_max_tokens is not None:  # else there is nothing to check
+        ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt)
+        server.check_room(len(ids), body)
     return await _generate(request, body, prompt, body.sampling_params(), started)
 
 
