@@ -198,8 +198,15 @@ def load_config(source: str | Path | None = None) -> PagedServeConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(exc)}") from None
     return config_from_dict({} if data is None else data, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, on one line (PyYAML's own message spans several, with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(exc, 'problem', None) or exc}"
 
 
 def config_from_dict(data: object, source: str = "<dict>") -> PagedServeConfig:

@@ -180,8 +180,11 @@ def test_a_missing_file_is_named(tmp_path):
 def test_bad_yaml_is_named(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("engine: {block_size: [1, 2\n")
-    with pytest.raises(ConfigError, match=re.escape(str(path)) + ".*not valid YAML"):
+    with pytest.raises(ConfigError) as info:
         load_config(path)
+    # one line: where the parser stopped and why, not PyYAML's multi-line report
+    assert str(info.value) == (f"{path}: not valid YAML at line 2, column 1: expected ',' or "
+                               "']', but got '<stream end>'")
 
 
 def test_an_unknown_preset_lists_the_presets():
