@@ -58,7 +58,9 @@ class LLM:
         ``on_output(index, delta)`` sees each incremental output (for streaming, progress)."""
         prompts = [prompts] if _is_single(prompts) else list(prompts)
         params_list = _per_prompt(params or SamplingParams(), len(prompts))
-        priorities = list(priorities or [0] * len(prompts))
+        priorities = [0] * len(prompts) if priorities is None else list(priorities)
+        if len(priorities) != len(prompts):  # zip would drop the prompts past the shorter
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         if self._daemon is not None:
             if on_output is not None:
                 raise ValueError("on_output is not supported with workers=; use Client.stream")
@@ -97,6 +99,10 @@ def _is_single(prompts) -> bool:
 def _per_prompt(params, count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count
+    if not isinstance(params, Sequence) or isinstance(params, str) or \
+            not all(isinstance(p, SamplingParams) for p in params):
+        raise TypeError(f"params must be a SamplingParams or a sequence of them, got "
+                        f"{type(params).__name__}")
     params = list(params)
     if len(params) != count:
         raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")

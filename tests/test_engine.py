@@ -154,6 +154,18 @@ def test_bad_sampling_params_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(params=[SamplingParams()] * 3), ValueError, "3 SamplingParams for 2 prompts"),
+    (dict(params="greedy"), TypeError, "got str"),
+    (dict(params=[SamplingParams(), {"max_tokens": 2}]), TypeError, "sequence of them"),
+    (dict(priorities=[1]), ValueError, "1 priorities for 2 prompts"),
+])
+def test_generate_refuses_arguments_that_do_not_match_the_prompts(llm, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        llm.generate(["one", "two"], **kwargs)
+    assert not llm.engine.has_unfinished()  # nothing was queued
+
+
 def test_resumed_output_continues_exactly_where_it_stopped(llm):
     params = SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True,
                             frequency_penalty=0.5)
