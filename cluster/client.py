@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -269,6 +269,9 @@ def _params_dict(params) -> dict:
         return {}
     if isinstance(params, SamplingParams):
         return params.to_dict()
+    if not isinstance(params, Mapping):
+        raise InvalidRequestError(f"params must be a SamplingParams or a dict of its fields, "
+                                  f"got {type(params).__name__}")
     return SamplingParams.from_dict(dict(params)).to_dict()  # validate before sending
 
 

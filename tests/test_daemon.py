@@ -141,6 +141,10 @@ def test_submit_many_refuses_a_batch_with_a_bad_job_whole(daemon):
     assert caught.value.submitted == []
     with pytest.raises(InvalidRequestError, match="job 2: .*temperature"):
         client.submit_many(["a", "b", "c"], [{}, {}, {"temperature": -1.0}])
+    with pytest.raises(InvalidRequestError, match="job 0: params must be a SamplingParams"):
+        client.submit_many(["a", "b"], "greedy")
+    with pytest.raises(InvalidRequestError, match="got str"):
+        client.submit("a", "greedy")
     assert _accepted(client) == before
 
 
