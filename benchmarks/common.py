@@ -182,10 +182,12 @@ def stream_read_gb_per_s(megabytes: int = 512, repeats: int = 5) -> float:
 def step_matmul_flops(shape: LlamaShape, step: StepShape) -> int:
     """Multiply-add FLOPs (2 per MAC) of one step's linear layers."""
     h, inter = shape.hidden_size, shape.intermediate_size
-    per_token_layer = h * (shape.q_size + 2 * shape.kv_size) + shape.q_size * h + 3 * h * inter
-    decoder = step.num_tokens * per_token_layer * shape.num_hidden_layers
+    qkv = h * (shape.q_size + 2 * shape.kv_size)
+    after_attention = shape.q_size * h + 3 * h * inter  # o, gate/up, down
+    decoder = step.num_tokens * (qkv + after_attention) * (shape.num_hidden_layers - 1)
+    last_layer = step.num_tokens * qkv + step.num_sampled * after_attention
     head = step.num_sampled * h * shape.vocab_size
-    return 2 * (decoder + head)
+    return 2 * (decoder + last_layer + head)
 
 
 def _packed_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
@@ -195,7 +197,8 @@ def _packed_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
 class MatmulReplay:
     """Times just the linear layers of a Llama at the given step shapes: per layer the fused
     q/k/v, o, fused gate/up and down projections (the engine's fused layout), then the lm_head
-    on the sampled rows, on random float32 tensors. Every layer has its own weights, so weight
+    on the sampled rows, on random float32 tensors. As in the engine, the last layer runs o,
+    gate/up and down on the sampled rows only. Every layer has its own weights, so weight
     traffic matches the real model. Each step is timed with ``F.linear`` on ``[out, in]``
     weights, as ``x @ w`` on ``[in, out]`` weights, and through MKL's packed weights (the
     engine's path for batches of up to ``PACKED_MAX_ROWS`` rows, where MKL has it), and the
@@ -231,7 +234,8 @@ class MatmulReplay:
     def step_seconds(self, step: StepShape) -> float:
         """The fastest of the weight layouts for this step's matmuls."""
         hidden, attn_out, mlp_mid = self._activations(step.num_tokens)
-        sampled = self._activations(max(step.num_sampled, 1))[0][: step.num_sampled]
+        sampled_rows = [x[: step.num_sampled] for x in self._activations(max(step.num_sampled, 1))]
+        sampled = sampled_rows[0]
         variants = [(self.layers, self.lm_head, torch.nn.functional.linear),
                     (self.layers_in_out, self.lm_head_in_out, torch.mm)]
         if self.packed is not None:
@@ -239,11 +243,12 @@ class MatmulReplay:
         times = []
         for layers, lm_head, multiply in variants:
             start = time.perf_counter()
-            for qkv, o, gate_up, down in layers:
+            for i, (qkv, o, gate_up, down) in enumerate(layers):
                 multiply(hidden, qkv)
-                multiply(attn_out, o)
-                multiply(hidden, gate_up)
-                multiply(mlp_mid, down)
+                rows = sampled_rows if i == len(layers) - 1 else (hidden, attn_out, mlp_mid)
+                multiply(rows[1], o)
+                multiply(rows[0], gate_up)
+                multiply(rows[2], down)
             if step.num_sampled:
                 multiply(sampled, lm_head)
             times.append(time.perf_counter() - start)

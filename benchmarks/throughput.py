@@ -42,7 +42,9 @@ PAD_TOKEN_ID = 0
 ROOFLINE_METHOD = (
     "Replay of the exact step shapes pagedserve executed in the 'pagedserve' section: for each "
     "engine step with T packed tokens and S sampled rows, time the fused q/k/v, o, fused "
-    "gate/up and down projections of every layer at M=T, plus the lm_head at M=S, on random "
+    "gate/up and down projections of every layer at M=T (the last layer's o, gate/up and "
+    "down at M=S: the engine carries only sampled rows past its attention), plus the lm_head "
+    "at M=S, on random "
     "float32 tensors of the model's shapes (distinct weights per layer), same thread count, "
     "as torch.nn.functional.linear on [out, in] weights, as torch.mm on [in, out] weights and "
     f"through MKL's packed weights (the engine's path for batches of up to {PACKED_MAX_ROWS} "

@@ -206,6 +206,37 @@ def test_mixed_batch_matches_separate_sequences(llama_ckpt):
     assert_logits_close(logits[1:], hf_logits(hf_model, second))
 
 
+def test_output_rows_skip_the_last_mlp_but_not_the_kv_writes(llama_ckpt, monkeypatch):
+    """A step that samples only some rows returns just those, equal to HF's; every token's
+    K/V still lands in every layer's cache, and the last layer's MLP sees only those rows."""
+    hf_model, directory = llama_ckpt
+    model, config = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))
+    first, second = prompts(seed=6, lengths=(13, 9))
+    max_len = 16
+    mlp_rows = []
+    last = model.layers[-1]
+    run_mlp = last._mlp
+    monkeypatch.setattr(last, "_mlp", lambda x: mlp_rows.append(x.shape[0]) or run_mlp(x))
+
+    def run(rows):
+        caches = make_kv_caches(config, 2 * max_len, torch.float32)
+        positions, meta = step_metadata(model, [(0, 13), (0, 9)], max_len)
+        with torch.inference_mode():
+            hidden = model(torch.tensor(first + second), positions, caches, meta, rows)
+            return model.compute_logits(hidden), caches
+
+    pruned, pruned_caches = run(torch.tensor([12, 21]))
+    full, full_caches = run(None)
+    assert mlp_rows == [2, 22]
+    assert pruned.shape[0] == 2
+    assert_logits_close(pruned[0], hf_logits(hf_model, first)[-1])
+    assert_logits_close(pruned[1], hf_logits(hf_model, second)[-1])
+    for (k, v), (full_k, full_v) in zip(pruned_caches, full_caches):
+        assert torch.equal(k, full_k) and torch.equal(v, full_v)
+    none, _ = run(torch.tensor([], dtype=torch.long))
+    assert none.shape[0] == 0
+
+
 def test_float32_cpu_models_pack_their_projections(llama_ckpt, qwen2_ckpt):
     """The HF comparisons above run through MKL's packed GEMM where it exists; bf16 never packs."""
     if not packed_gemm.available():

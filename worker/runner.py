@@ -118,11 +118,13 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits ``[len(inputs.logits_indices), vocab]``."""
         meta = self.backend.prepare(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+        rows = None  # every token is sampled (a decode step): no gather
+        if len(inputs.logits_indices) < inputs.input_ids.shape[0]:
+            rows = torch.tensor(inputs.logits_indices, dtype=torch.long, device=self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta, rows)
         if not inputs.logits_indices:
             return hidden.new_empty((0, 0), dtype=torch.float32)
-        index = torch.tensor(inputs.logits_indices, device=hidden.device)
-        return self.model.compute_logits(hidden.index_select(0, index)).float()
+        return self.model.compute_logits(hidden).float()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks src -> dst in every layer (for forked samples)."""

@@ -67,22 +67,29 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
         next_norm: torch.Tensor,
-    ) -> torch.Tensor:
+        output_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``normed`` is ``residual`` after this layer's input norm. Adds the attention and MLP
         outputs to ``residual`` in place (the forward's own buffer, never a weight) and returns
-        it normalised by ``next_norm``: the next layer's input norm, or the final one."""
+        it and its rows normalised by ``next_norm``: the next layer's input norm, or the final
+        one. With ``output_rows``, every token still writes its K/V, but only those rows go on
+        through the output projection and the MLP, and only they are returned."""
         attended = self._attention(normed, rope, kv_cache, meta, backend)
+        if output_rows is not None:
+            attended = attended.index_select(0, output_rows)
+            residual = residual.index_select(0, output_rows)
+        attended = _project(attended, self.o_weight, self.o_bias, self.packed.get("o"))
         mlp_input = add_rms_norm(residual, attended, self.post_norm, self.eps)
-        return add_rms_norm(residual, self._mlp(mlp_input), next_norm, self.eps)
+        return residual, add_rms_norm(residual, self._mlp(mlp_input), next_norm, self.eps)
 
     def _attention(self, x, rope, kv_cache, meta, backend) -> torch.Tensor:
+        """Attention output ``[T, heads x head_dim]``, before the output projection."""
         tokens = x.shape[0]
         qkv = _project(x, self.qkv_weight, self.qkv_bias, self.packed.get("qkv"))
         q, k = rotate_qk(qkv, *rope, self.num_heads, self.num_kv_heads)
         v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.attn_params)
-        return _project(out.reshape(tokens, self.q_size), self.o_weight, self.o_bias,
-                        self.packed.get("o"))
+        return out.reshape(tokens, self.q_size)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = _project(x, self.gate_up_weight, packed=self.packed.get("gate_up"))
@@ -153,10 +160,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after the final norm; writes this step's K/V into the caches.
+        """Hidden states ``[T, hidden]`` after the final norm, or only the ``output_rows`` of
+        them; writes this step's K/V of every token into the caches.
 
-        ``meta`` must already have been through ``backend.prepare`` (the runner does it once per step).
+        Rows that are not output (a prompt's tokens before its last) skip the last layer's
+        output projection and MLP: nothing reads them, and on a long prefill that is a tenth
+        of the step's matmuls. ``meta`` must already have been through ``backend.prepare``
+        (the runner does it once per step).
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} per-layer KV caches, got {len(kv_caches)}")
@@ -164,8 +176,10 @@ class LlamaForCausalLM(nn.Module):
         residual = F.embedding(input_ids, self.embed_tokens)
         normed = rms_norm(residual, self.layers[0].input_norm, self.config.rms_norm_eps)
         next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms):
-            normed = layer.forward(residual, normed, rope, kv_cache, meta, self.backend, next_norm)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache, next_norm) in enumerate(zip(self.layers, kv_caches, next_norms)):
+            residual, normed = layer.forward(residual, normed, rope, kv_cache, meta, self.backend,
+                                             next_norm, output_rows if i == last else None)
         return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
