@@ -8,16 +8,19 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default="tiny",
                    help="a local Hugging Face checkpoint directory, or 'tiny' (built in; default)")
-    g.add_argument("--device", default="cpu", choices=["cpu", "npu", "cuda"])
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on cpu")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--device", default="cpu", choices=["cpu", "npu", "cuda"],
+                   help="default: cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on cpu (default: 1.0)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one step (prefill chunks + decodes)")
+                   help="token budget of one step: prefill chunks + decodes (default: 2048)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the model's)")
-    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="recompute prompts that share a cached prefix")
 
 
 def engine_options(args: argparse.Namespace) -> dict:

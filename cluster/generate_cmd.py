@@ -27,16 +27,18 @@ def add_parser(sub) -> None:
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults for every job)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    g.add_argument("--min-p", type=float, default=0.0, help="in [0, 1]; 0 = off (default)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="makes sampling reproducible (default: none)")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
+    g.add_argument("--logprobs", type=int, default=None,
+                   help="top-k logprobs per token, 0-20 (default: none)")
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:

@@ -52,8 +52,24 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
-        if self.block_size < 1 or self.kv_cache_gib <= 0:
-            raise ValueError("block_size must be >= 1 and kv_cache_gib > 0")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size}: must be >= 1")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib}: must be > 0")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len}: must be >= 1 (or unset for "
+                             "the model's own limit)")
+
+
+def _max_model_len(requested: int | None, model_limit: int) -> int:
+    """The context length to serve: the model's own unless a shorter one is asked for. A
+    longer one is refused, as positions past what the model was built for give garbage."""
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        raise ValueError(f"max_model_len={requested} exceeds this model's limit of "
+                         f"{model_limit} tokens; leave it unset or lower it")
+    return requested
 
 
 class Engine:
@@ -65,13 +81,12 @@ class Engine:
             retain_freed_memory()
         path = resolve_model_path(config.model)
         self.backend = get_backend(config.device, config.device_index)
-        check_backend_limits(self.backend, load_config(path), config.block_size,
-                             DTYPES[config.dtype])
+        model_config = load_config(path)
+        check_backend_limits(self.backend, model_config, config.block_size, DTYPES[config.dtype])
+        self.max_model_len = _max_model_len(config.max_model_len, model_config.max_model_len)
         self.model, self.model_config = load_model(
             path, dtype=DTYPES[config.dtype], backend=self.backend)
         self.tokenizer = Tokenizer.from_dir(path)
-        self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
-                                 self.model_config.max_model_len)
         num_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
