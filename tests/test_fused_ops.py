@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from worker.models.fused_ops import PARALLEL_MIN_ROWS, add_rms_norm, rotate_qk, silu_mul
 from worker.models.rope import apply_rotary, base_inv_freq
 
-ROWS = (1, 7, PARALLEL_MIN_ROWS + 3)  # torch or single-threaded, and parallel kernels
+ROWS = (1, 7, PARALLEL_MIN_ROWS + 3)  # single-threaded and parallel kernels
 
 
 @pytest.mark.parametrize("rows", ROWS)
