@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import socket
 
 import ray
@@ -21,6 +22,10 @@ GCS_PROBE_TIMEOUT_S = 5.0
 
 class ClusterNotFoundError(ConnectionError):
     """No Ray cluster where the user said one would be."""
+
+
+class DaemonStartError(RuntimeError):
+    """`up` could not bring the daemon up: its config, model or workers failed to load."""
 
 
 def connect(address: str = "auto", alternative: str | None = None) -> None:
@@ -119,15 +124,37 @@ def find_scheduler():
 
 def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -> dict:
     """Create the scheduler if it is not running (a second `up` is harmless), wait until
-    ``min_workers`` workers have loaded the model, and return the daemon's status."""
+    ``min_workers`` workers have loaded the model, and return the daemon's status. A daemon
+    this call started whose workers cannot load is taken down again, so that the next `up`
+    starts afresh from the corrected config; one still waiting for NPUs is left up."""
     scheduler = find_scheduler()
-    if scheduler is None:
+    created = scheduler is None
+    if created:
         options, journal = service_options(cfg)
         scheduler = SchedulerActor.options(
             name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
             get_if_exists=True, scheduling_strategy=head_node_strategy(),
         ).remote(options, journal)
-    return ray.get(scheduler.wait_ready.remote(min_workers, timeout))
+    try:
+        return ray.get(scheduler.wait_ready.remote(min_workers, timeout))
+    except ray.exceptions.ActorDiedError as exc:  # its constructor raised: config or model
+        raise DaemonStartError(f"the scheduler could not start: {_last_line(exc.error_msg)}"
+                               ) from None
+    except ray.exceptions.RayTaskError as exc:  # workers failed to load, or too few in time
+        if isinstance(exc.cause, TimeoutError):
+            raise DaemonStartError(str(exc.cause)) from None
+        if created:
+            down()
+            raise DaemonStartError(f"{exc.cause}; the daemon was taken down") from None
+        raise DaemonStartError(f"{exc.cause}; this daemon was already up: `pagedserve down`, "
+                               "then `up` again to change its config") from None
+
+
+def _last_line(remote_traceback: str) -> str:
+    """The message of the exception a remote traceback ends with, without its type's name."""
+    lines = [line for line in remote_traceback.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else "unknown error"
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
 def down() -> bool:

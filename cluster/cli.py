@@ -9,7 +9,8 @@ import sys
 # Errors the user can act on: bad input is a ValueError (InvalidRequestError, ModelLoadError,
 # ConfigError, ...) or OSError (files, no cluster); the rest are named here and looked up only
 # if their module was imported (so `pagedserve --help` imports neither torch nor Ray).
-NAMED_USER_ERRORS = (("scheduler.service", "OverloadedError"),
+NAMED_USER_ERRORS = (("cluster.bringup", "DaemonStartError"),
+                     ("scheduler.service", "OverloadedError"),
                      ("scheduler.service", "UnknownJobError"),
                      ("cluster.client", "JobFailedError"),
                      ("worker.device", "DeviceUnavailableError"))

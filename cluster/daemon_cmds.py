@@ -115,6 +115,9 @@ def format_status(status: dict) -> str:
     lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
                  f"{waiting} waiting, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
+    if status.get("jobs_resumed"):
+        lines.append(f"resumed at start: {status['jobs_resumed']} unfinished jobs from the "
+                     "journal of the previous scheduler")
     if status.get("last_spawn_error"):
         lines.append(f"last worker start error: {status['last_spawn_error']}")
     return "\n".join(lines)

@@ -83,8 +83,8 @@ class SchedulerService:
         self.tokenizer = Tokenizer.from_dir(path)
         model_config = load_config(path)
         self.vocab_size = model_config.vocab_size
-        self.max_model_len = min(options.engine_options.get("max_model_len") or 1 << 62,
-                                 model_config.max_model_len)
+        self.max_model_len = model_config.context_length(
+            options.engine_options.get("max_model_len"))
         self.router = make_router(options.router)
         self.journal = journal_factory()
         self.workers: dict[str, WorkerSlot] = {}
@@ -97,7 +97,7 @@ class SchedulerService:
         self.last_spawn_error: str | None = None
         self.started_at = time.time()
         self._self_handle = ray.get_runtime_context().current_actor
-        self._resume_from_journal()
+        self.jobs_resumed = self._resume_from_journal()
         self._tasks = [asyncio.get_running_loop().create_task(self._reconcile_forever())]
 
     # -- jobs ------------------------------------------------------------------------------
@@ -381,7 +381,8 @@ class SchedulerService:
         self._dispatch(orphans)
         ray.kill(slot.actor, no_restart=True)
 
-    def _resume_from_journal(self) -> None:
+    def _resume_from_journal(self) -> int:
+        """Queues the jobs a previous scheduler left unfinished; returns how many."""
         for entry in self.journal.unfinished():
             job = JobState(entry.job_id, list(entry.prompt_token_ids),
                            SamplingParams.from_dict(entry.params), entry.priority)
@@ -389,6 +390,7 @@ class SchedulerService:
             self.pending.extend((job.job_id, s.index) for s in job.samples)
         if self.pending:
             log.info("resuming %d unfinished jobs from the journal", len(self.jobs))
+        return len(self.jobs)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -421,7 +423,8 @@ class SchedulerService:
         return {
             "workers": workers, "jobs_unfinished": unfinished,
             "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
-            "failovers": self.failovers, "uptime_s": time.time() - self.started_at,
+            "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
+            "uptime_s": time.time() - self.started_at,
             "last_spawn_error": self.last_spawn_error,
         }
 

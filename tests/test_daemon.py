@@ -9,7 +9,8 @@ import ray
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
-from cluster import bringup, cli
+from cluster import bringup, cli, daemon_cmds
+from cluster.config import config_from_dict, config_to_dict
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import NAMESPACE, OverloadedError, worker_actor_name
@@ -195,6 +196,9 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     ray.kill(scheduler, no_restart=False)  # Ray restarts it; __init__ replays the journal
     got = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
     assert got == [undisturbed[i] for i in selected]
+    status = client.status()
+    assert 1 <= status["jobs_resumed"] <= len(selected)
+    assert "from the journal" in daemon_cmds.format_status(status)
 
 
 def test_down_leaves_nothing_running(daemon):
@@ -207,7 +211,24 @@ def test_down_leaves_nothing_running(daemon):
     wait_for(lambda: ray.available_resources().get("NPU") == 2, timeout=60,
              what="every NPU free again")
     assert not bringup.down()  # nothing left to stop
+    _up_that_fails_leaves_nothing_up(cfg)
     bringup.up(cfg, min_workers=2)  # leave it up for the fixture's own teardown
+
+
+def _up_that_fails_leaves_nothing_up(cfg):
+    """A model that cannot load, or workers that cannot, fail `up` with the cause on one line
+    and leave no scheduler behind to be reused by the corrected `up` that follows."""
+    data = config_to_dict(cfg)
+    bad_model = config_from_dict({**data, "engine": {**data["engine"], "model": "/no/such"}}, "t")
+    with pytest.raises(bringup.DaemonStartError,
+                       match=r"^the scheduler could not start: model directory /no/such "):
+        bringup.up(bad_model)
+    assert bringup.find_scheduler() is None
+    no_room = config_from_dict({**data, "engine": {**data["engine"], "kv_cache_gib": 1e-5}}, "t")
+    with pytest.raises(bringup.DaemonStartError,
+                       match=r"^workers fail to start: .*KV cache budget.*; the daemon was taken down$"):
+        bringup.up(no_room)
+    assert bringup.find_scheduler() is None
 
 
 def _actor_exists(name):

@@ -61,17 +61,6 @@ class EngineConfig:
                              "the model's own limit)")
 
 
-def _max_model_len(requested: int | None, model_limit: int) -> int:
-    """The context length to serve: the model's own unless a shorter one is asked for. A
-    longer one is refused, as positions past what the model was built for give garbage."""
-    if requested is None:
-        return model_limit
-    if requested > model_limit:
-        raise ValueError(f"max_model_len={requested} exceeds this model's limit of "
-                         f"{model_limit} tokens; leave it unset or lower it")
-    return requested
-
-
 class Engine:
     """One device: continuous batching over a paged KV cache."""
 
@@ -83,7 +72,7 @@ class Engine:
         self.backend = get_backend(config.device, config.device_index)
         model_config = load_config(path)
         check_backend_limits(self.backend, model_config, config.block_size, DTYPES[config.dtype])
-        self.max_model_len = _max_model_len(config.max_model_len, model_config.max_model_len)
+        self.max_model_len = model_config.context_length(config.max_model_len)
         self.model, self.model_config = load_model(
             path, dtype=DTYPES[config.dtype], backend=self.backend)
         self.tokenizer = Tokenizer.from_dir(path)

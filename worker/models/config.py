@@ -117,6 +117,16 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
+    def context_length(self, requested: int | None) -> int:
+        """The context length to serve: the model's own unless a shorter one is asked for. A
+        longer one is refused: positions past what the model was built for give garbage."""
+        if requested is None:
+            return self.max_model_len
+        if requested > self.max_model_len:
+            raise ValueError(f"max_model_len={requested} exceeds this model's limit of "
+                             f"{self.max_model_len} tokens; leave it unset or lower it")
+        return requested
+
 
 def _required(raw: dict[str, Any], key: str) -> Any:
     if raw.get(key) is None:
