@@ -2,6 +2,7 @@
 and the completion / chat response objects, whole and as stream chunks."""
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -74,6 +75,21 @@ class GenerationRequest(_Strict):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     priority: int = 0
+    # OpenAI parameters pagedserve does not implement: accepted at their no-op values (clients
+    # that always send them work); any other value is refused by name, not silently ignored
+    logit_bias: dict[str, float] | None = None
+
+    def no_op_values(self) -> dict[str, tuple]:
+        """Unimplemented field -> the values that ask for nothing."""
+        return {"logit_bias": (None, {})}
+
+    def check_supported(self) -> None:
+        for name, no_ops in self.no_op_values().items():
+            value = getattr(self, name)
+            if value not in no_ops:
+                shown = json.dumps(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise bad_request(f"{name}={shown} is not supported by pagedserve", name)
 
     def field_names(self) -> dict[str, str]:
         """SamplingParams field -> the request field the user wrote, where they differ."""
@@ -86,7 +102,9 @@ class GenerationRequest(_Strict):
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def sampling_params(self, **overrides) -> SamplingParams:
-        """The job's SamplingParams; a bad value is a 400 naming the request's field."""
+        """The job's SamplingParams; a bad or unsupported value is a 400 naming the request's
+        field."""
+        self.check_supported()
         try:
             return SamplingParams(**{**self.sampling_fields(), **overrides})
         except InvalidRequestError as exc:
@@ -105,6 +123,13 @@ class GenerationRequest(_Strict):
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def no_op_values(self) -> dict[str, tuple]:
+        return {**super().no_op_values(), "echo": (False,), "best_of": (None, self.n or 1),
+                "suffix": (None, "")}
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt, as text or token ids; several prompts in one call are refused."""
@@ -147,6 +172,14 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: dict[str, object] | None = None
+    tools: list[dict[str, object]] | None = None
+    tool_choice: str | dict[str, object] | None = None
+
+    def no_op_values(self) -> dict[str, tuple]:
+        return {**super().no_op_values(), "response_format": (None, {"type": "text"}),
+                # with no tools, "auto" cannot call one either
+                "tools": (None, []), "tool_choice": (None, "none", "auto")}
 
     def field_names(self) -> dict[str, str]:
         names = {"logprobs": "top_logprobs", "prompt": "messages"}
@@ -192,6 +225,8 @@ def validation_error(errors: list[dict]) -> ApiError:
         return bad_request(first["msg"])
     union = len(first["loc"]) > 1 and any(_is_union_member(p) for p in first["loc"])
     reason = "has a type this field does not accept" if union else first["msg"]
+    if first["type"] == "extra_forbidden":
+        reason = "not a parameter of this endpoint (misspelt?)"
     return bad_request(f"invalid {param}: {reason}", param)
 
 

@@ -250,6 +250,44 @@ def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
     assert_still_serves(api)
 
 
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("endpoint, body, param, message", [
+    ("completions", {"logit_bias": {"5": 10}}, "logit_bias",
+     'logit_bias={"5": 10.0} is not supported by pagedserve'),
+    ("completions", {"echo": True}, "echo", "echo=true is not supported"),
+    ("completions", {"suffix": "end"}, "suffix", 'suffix="end" is not supported'),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format",
+     'response_format={"type": "json_object"} is not supported'),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f" * 99}}]}, "tools",
+     "tools=[{"),
+    ("chat", {"tool_choice": "required"}, "tool_choice", "is not supported"),
+    ("completions", {"temprature": 0.5}, "temprature", "not a parameter of this endpoint"),
+])
+def test_unimplemented_openai_parameters_are_refused_by_name(api, endpoint, body, param, message):
+    path = "/completions" if endpoint == "completions" else "/chat/completions"
+    payload = {"prompt": "x"} if endpoint == "completions" else {"messages": USER}
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.post(path, body={"model": "tiny", "max_tokens": 2, **payload, **body}, cast_to=object)
+    error = caught.value.body
+    assert error["param"] == param and message in error["message"]
+    assert len(error["message"]) < 120  # a long value is cut short
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("completions", {"logit_bias": {}, "echo": False, "best_of": 2, "n": 2, "suffix": None}),
+    ("chat", {"logit_bias": None, "response_format": {"type": "text"}, "tools": [],
+              "tool_choice": "auto"}),
+])
+def test_openai_parameters_at_their_no_op_values_are_accepted(api, endpoint, body):
+    path = "/completions" if endpoint == "completions" else "/chat/completions"
+    payload = {"prompt": "x"} if endpoint == "completions" else {"messages": USER}
+    response = api.post(path, body={"model": "tiny", "max_tokens": 2, "ignore_eos": True,
+                                    **payload, **body}, cast_to=object)
+    assert response["usage"]["completion_tokens"] == 2 * body.get("n", 1)
+
+
 @pytest.mark.parametrize("endpoint, body, param", [
     ("completions", {"prompt": "x" * 40, "max_tokens": 2040}, "max_tokens"),
     ("completions", {"prompt": [5] * 2000, "max_tokens": 49}, "max_tokens"),
