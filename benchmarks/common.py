@@ -245,10 +245,11 @@ class MatmulReplay:
             start = time.perf_counter()
             for i, (qkv, o, gate_up, down) in enumerate(layers):
                 multiply(hidden, qkv)
-                rows = sampled_rows if i == len(layers) - 1 else (hidden, attn_out, mlp_mid)
-                multiply(rows[1], o)
-                multiply(rows[0], gate_up)
-                multiply(rows[2], down)
+                last = i == len(layers) - 1
+                h, attended, mid = sampled_rows if last else (hidden, attn_out, mlp_mid)
+                multiply(attended, o)
+                multiply(h, gate_up)
+                multiply(mid, down)
             if step.num_sampled:
                 multiply(sampled, lm_head)
             times.append(time.perf_counter() - start)

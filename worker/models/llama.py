@@ -70,10 +70,10 @@ class DecoderLayer(nn.Module):
         output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``normed`` is ``residual`` after this layer's input norm. Adds the attention and MLP
-        outputs to ``residual`` in place (the forward's own buffer, never a weight) and returns
-        it and its rows normalised by ``next_norm``: the next layer's input norm, or the final
-        one. With ``output_rows``, every token still writes its K/V, but only those rows go on
-        through the output projection and the MLP, and only they are returned."""
+        outputs to ``residual`` in place (the forward's own buffer, never a weight); returns it
+        and it normalised by ``next_norm`` (the next layer's input norm, or the final one).
+        With ``output_rows``, every token still writes its K/V, but only those rows go on
+        through the output projection and the MLP: both returned tensors hold just them."""
         attended = self._attention(normed, rope, kv_cache, meta, backend)
         if output_rows is not None:
             attended = attended.index_select(0, output_rows)
