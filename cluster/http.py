@@ -216,10 +216,12 @@ async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest, server.max_body_bytes)
     server.check_model(body.model)
     prompt = body.prompt_input()
+    # Tokenized here, not in the scheduler: its one event loop relays every job's tokens,
+    # and a long prompt's encode would stall them all (~1 s for 1 MiB of text).
+    ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt)
     if body.requested_max_tokens is not None:  # else there is nothing to check
-        ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt)
         server.check_room(len(ids), body)
-    return await _generate(request, body, prompt, body.sampling_params(), started)
+    return await _generate(request, body, ids, body.sampling_params(), started)
 
 
 @router.post("/v1/chat/completions", dependencies=authorized)
@@ -239,12 +241,12 @@ async def chat_completions(request: Request) -> Response:
 # -- generation -------------------------------------------------------------------------------
 
 
-async def _generate(request: Request, body: GenerationRequest, prompt: str | list[int],
+async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int],
                     params: SamplingParams, started: float) -> Response:
     server = _server(request)
     chat = isinstance(body, ChatRequest)
     with _daemon_errors(body):
-        job_id = await server.client.asubmit(prompt, params, priority=body.priority)
+        job_id = await server.client.asubmit(prompt_ids, params, priority=body.priority)
     ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", int(time.time()),
                           server.model_id, chat, server.tokenizer)
     endpoint = "chat" if chat else "completions"
