@@ -90,7 +90,9 @@ class SchedulerService:
         self.workers: dict[str, WorkerSlot] = {}
         self.jobs: dict[str, JobState] = {}
         self.finished_order: collections.deque[str] = collections.deque()
-        self.changed: dict[str, asyncio.Event] = {}
+        self.changed: dict[str, asyncio.Event] = {}  # replaced by a fresh one at every change
+        # set once, when the job finishes: result() waiters are not woken by every token
+        self.finished_events: dict[str, asyncio.Event] = {}
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
         self.failovers = 0
         self.spawn_failures = 0
@@ -175,6 +177,7 @@ class SchedulerService:
     def _track(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
         self.changed[job.job_id] = asyncio.Event()
+        self.finished_events[job.job_id] = asyncio.Event()
 
     def _dispatch(self, samples: list[tuple[JobState, SampleState]]) -> None:
         """Route each sample to a worker, or hold it in ``pending`` while none is ready. Loads
@@ -248,10 +251,12 @@ class SchedulerService:
         reason = "error" if job.error else job.samples[0].finish_reason
         self.journal.record_finished(job.job_id, reason)
         self.finished_order.append(job.job_id)
+        self.finished_events[job.job_id].set()
         while len(self.finished_order) > MAX_FINISHED_JOBS_KEPT:
             old = self.finished_order.popleft()
             self.jobs.pop(old, None)
             self.changed.pop(old, None)
+            self.finished_events.pop(old, None)
 
     def abort(self, job_id: str) -> bool:
         job = self._job(job_id)
@@ -307,7 +312,7 @@ class SchedulerService:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"job {job_id} has not finished after {timeout} s")
-            await _wait(self.changed[job_id], min(left or 5.0, 5.0))
+            await _wait(self.finished_events[job_id], min(left or 5.0, 5.0))
         return job_summary(job)
 
     # -- workers ---------------------------------------------------------------------------
