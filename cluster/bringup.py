@@ -157,13 +157,13 @@ def _last_line(remote_traceback: str) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
-def down() -> bool:
-    """Stop the workers and the scheduler; False if nothing was running."""
+def down() -> int | None:
+    """Stop the workers and the scheduler. Returns how many unfinished jobs the journal keeps
+    for the next `up` to resume, or None if nothing was running."""
     scheduler = find_scheduler()
     if scheduler is None:
-        return False
+        return None
     try:
-        ray.get(scheduler.shutdown.remote(), timeout=60)
+        return ray.get(scheduler.shutdown.remote(), timeout=60)
     finally:
         ray.kill(scheduler, no_restart=True)
-    return True

@@ -59,7 +59,14 @@ def run_down(args: argparse.Namespace) -> int:
     from cluster import bringup
 
     bringup.connect(args.address)
-    print("pagedserve is down" if bringup.down() else "pagedserve was not running")
+    kept = bringup.down()
+    if kept is None:
+        print("pagedserve was not running")
+    elif kept:
+        print(f"pagedserve is down; the journal keeps {kept} unfinished jobs, which the next "
+              "`pagedserve up` resumes")
+    else:
+        print("pagedserve is down")
     return 0
 
 

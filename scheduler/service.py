@@ -108,7 +108,7 @@ class SchedulerService:
         """Accept every job of ``specs`` (``(prompt, params, priority, job_id)`` each) or none:
         a bad job raises, naming it as job ``first_index + its place``, and a batch that would
         pass ``max_queued_jobs`` is refused whole."""
-        unfinished = len(self.jobs) - len(self.finished_order)
+        unfinished = self.unfinished_jobs
         if len(specs) > self.options.max_queued_jobs:
             raise OverloadedError(
                 f"a batch of {len(specs)} jobs can never fit max_queued_jobs="
@@ -173,6 +173,10 @@ class SchedulerService:
                 f"job needs up to {needed} tokens of KV cache but a worker holds at most "
                 f"{max(fits)}; shorten the prompt or max_tokens")
         return ids
+
+    @property
+    def unfinished_jobs(self) -> int:
+        return len(self.jobs) - len(self.finished_order)
 
     def _track(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
@@ -424,7 +428,7 @@ class SchedulerService:
             entry.update({k: v for k, v in w.stats.items() if k != "worker_id"})
             entry.setdefault("kv_total", (w.info or {}).get("num_blocks", 0))
             workers.append(entry)
-        unfinished = len(self.jobs) - len(self.finished_order)
+        unfinished = self.unfinished_jobs
         return {
             "workers": workers, "jobs_unfinished": unfinished,
             "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
@@ -433,13 +437,15 @@ class SchedulerService:
             "last_spawn_error": self.last_spawn_error,
         }
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> int:
+        """Stops the workers; returns how many unfinished jobs the journal keeps."""
         for task in self._tasks:
             task.cancel()
         for slot in list(self.workers.values()):
             ray.kill(slot.actor, no_restart=True)
         self.workers.clear()
         self.journal.close()
+        return self.unfinished_jobs
 
 
 def job_summary(job: JobState) -> dict:
@@ -507,8 +513,8 @@ class SchedulerActor:
     async def wait_ready(self, min_workers=1, timeout=120.0) -> dict:
         return await self.service.wait_ready(min_workers, timeout)
 
-    async def shutdown(self) -> None:
-        await self.service.shutdown()
+    async def shutdown(self) -> int:
+        return await self.service.shutdown()
 
 
 def head_node_strategy() -> NodeAffinitySchedulingStrategy:

@@ -201,18 +201,28 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     assert "from the journal" in daemon_cmds.format_status(status)
 
 
-def test_down_leaves_nothing_running(daemon):
+def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, capsys):
     cfg, _, client = daemon
     names = [worker_actor_name(w["worker_id"]) for w in client.status()["workers"]]
-    assert bringup.down()
+    long_jobs = [client.submit(f"unfinished {i}", SamplingParams(max_tokens=1500,
+                                                                 ignore_eos=True, seed=i))
+                 for i in range(2)]
+    wait_for(lambda: all(client.status_of(j)["num_tokens"][0] > 0 for j in long_jobs),
+             timeout=60, what="both long jobs generating")
+    assert cli.main(["down"]) == 0
+    assert capsys.readouterr().out == ("pagedserve is down; the journal keeps 2 unfinished jobs, "
+                                       "which the next `pagedserve up` resumes\n")
     assert bringup.find_scheduler() is None
     for name in names:
         wait_for(lambda: not _actor_exists(name), timeout=60, what=f"{name} gone")
     wait_for(lambda: ray.available_resources().get("NPU") == 2, timeout=60,
              what="every NPU free again")
-    assert not bringup.down()  # nothing left to stop
+    assert bringup.down() is None  # nothing left to stop
     _up_that_fails_leaves_nothing_up(cfg)
-    bringup.up(cfg, min_workers=2)  # leave it up for the fixture's own teardown
+    status = bringup.up(cfg, min_workers=2)  # also leaves it up for the fixture's teardown
+    assert status["jobs_resumed"] == 2
+    for job_id in long_jobs:
+        assert len(Client().result(job_id, timeout=300).outputs[0].token_ids) == 1500
 
 
 def _up_that_fails_leaves_nothing_up(cfg):
