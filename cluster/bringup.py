@@ -142,7 +142,8 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -
                                ) from None
     except ray.exceptions.RayTaskError as exc:  # workers failed to load, or too few in time
         if isinstance(exc.cause, TimeoutError):
-            raise DaemonStartError(str(exc.cause)) from None
+            raise DaemonStartError(f"{exc.cause}; the daemon stays up and starts a worker for "
+                                   "each NPU that joins (see `pagedserve status`)") from None
         if created:
             down()
             raise DaemonStartError(f"{exc.cause}; the daemon was taken down") from None

@@ -419,7 +419,7 @@ class SchedulerService:
             await asyncio.sleep(0.2)
         raise TimeoutError(f"fewer than {min_workers} workers ready after {timeout} s; "
                            f"NPU resources in the cluster: "
-                           f"{ray.cluster_resources().get('NPU', 0)}")
+                           f"{ray.cluster_resources().get('NPU', 0):g}")
 
     def status(self) -> dict:
         workers = []

@@ -52,6 +52,10 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     assert len(workers) == 2 and {w["npu_ids"][0] for w in workers} == {"0", "1"}
     again = bringup.up(cfg, min_workers=2)
     assert {w["pid"] for w in again["workers"]} == {w["pid"] for w in workers}
+    with pytest.raises(bringup.DaemonStartError, match=r"^fewer than 3 workers ready after 1(\.0)? "
+                       r"s; NPU resources in the cluster: 2; the daemon stays up"):
+        bringup.up(cfg, min_workers=3, timeout=1)
+    assert len(ready_workers(client)) == 2
 
 
 def test_jobs_are_routed_over_both_workers(daemon, undisturbed):
