@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     daemon = None
     if bringup.cluster_is_running():
+        was_up = bringup.find_scheduler() is not None
         status, client = bringup.up(cfg), Client()
+        if not was_up:
+            print("pagedserve is now up on the running Ray cluster and stays up after the demo "
+                  "(`pagedserve down` stops it)", file=sys.stderr)
     else:
         print(f"no Ray cluster running: starting an embedded one with "
               f"{cfg.cluster.simulated_npus} simulated NPUs", file=sys.stderr)
