@@ -125,6 +125,8 @@ def format_status(status: dict) -> str:
     if status.get("jobs_resumed"):
         lines.append(f"resumed at start: {status['jobs_resumed']} unfinished jobs from the "
                      "journal of the previous scheduler")
+    if status.get("placement_problem"):
+        lines.append(status["placement_problem"])
     if status.get("last_spawn_error"):
         lines.append(f"last worker start error: {status['last_spawn_error']}")
     return "\n".join(lines)

@@ -97,6 +97,8 @@ class SchedulerService:
         self.failovers = 0
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
+        self.placeable_workers = 0
+        self.placement_problem: str | None = None
         self.started_at = time.time()
         self._self_handle = ray.get_runtime_context().current_actor
         self.jobs_resumed = self._resume_from_journal()
@@ -335,8 +337,23 @@ class SchedulerService:
         if self.spawn_failures >= MAX_SPAWN_FAILURES:
             return
         wanted = int(ray.cluster_resources().get("NPU", 0))
+        self._check_placement(wanted)
         for _ in range(wanted - len(self.workers)):
             self._spawn()
+
+    def _check_placement(self, wanted: int) -> None:
+        """Counts the workers the live nodes can hold at once (each takes 1 NPU and
+        worker_num_cpus CPUs); ones beyond that would wait for a bigger node forever."""
+        cpus = self.options.worker_num_cpus
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self.placeable_workers = sum(min(int(r.get("NPU", 0)), int(r.get("CPU", 0) // cpus))
+                                     for r in nodes)
+        self.placement_problem = None
+        if self.placeable_workers < wanted:
+            self.placement_problem = (
+                f"only {self.placeable_workers} of {wanted} workers can be placed: each needs "
+                f"1 NPU and {cpus:g} CPUs (cluster.worker_num_cpus), more than the nodes with "
+                f"NPUs have; lower cluster.worker_num_cpus or add CPUs")
 
     def _spawn(self) -> None:
         from worker.actor import WorkerActor
@@ -416,6 +433,8 @@ class SchedulerService:
                     return self.status()
             if self.spawn_failures >= MAX_SPAWN_FAILURES:
                 raise RuntimeError(f"workers fail to start: {self.last_spawn_error}")
+            if self.placement_problem and self.placeable_workers < min_workers:
+                raise RuntimeError(self.placement_problem)
             await asyncio.sleep(0.2)
         raise TimeoutError(f"fewer than {min_workers} workers ready after {timeout} s; "
                            f"NPU resources in the cluster: "
@@ -435,6 +454,7 @@ class SchedulerService:
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "uptime_s": time.time() - self.started_at,
             "last_spawn_error": self.last_spawn_error,
+            "placement_problem": self.placement_problem,
         }
 
     async def shutdown(self) -> int:

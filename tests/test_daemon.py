@@ -230,8 +230,9 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
 
 
 def _up_that_fails_leaves_nothing_up(cfg):
-    """A model that cannot load, or workers that cannot, fail `up` with the cause on one line
-    and leave no scheduler behind to be reused by the corrected `up` that follows."""
+    """A model that cannot load, workers that cannot, or workers no node can hold fail `up`
+    with the cause on one line and leave no scheduler behind to be reused by the corrected
+    `up` that follows."""
     data = config_to_dict(cfg)
     bad_model = config_from_dict({**data, "engine": {**data["engine"], "model": "/no/such"}}, "t")
     with pytest.raises(bringup.DaemonStartError,
@@ -242,6 +243,11 @@ def _up_that_fails_leaves_nothing_up(cfg):
     with pytest.raises(bringup.DaemonStartError,
                        match=r"^workers fail to start: .*KV cache budget.*; the daemon was taken down$"):
         bringup.up(no_room)
+    assert bringup.find_scheduler() is None
+    too_big = config_from_dict({**data, "cluster": {**data["cluster"], "worker_num_cpus": 8}}, "t")
+    with pytest.raises(bringup.DaemonStartError, match=r"^only 0 of 2 workers can be placed: "
+                       r"each needs 1 NPU and 8 CPUs \(cluster.worker_num_cpus\)"):
+        bringup.up(too_big)  # at once, not after up's timeout: no node has 8 CPUs
     assert bringup.find_scheduler() is None
 
 
