@@ -110,7 +110,7 @@ def format_status(status: dict) -> str:
             lines.append(f"{w['worker_id']:<11} (starting)")
             continue
         kv = f"{w.get('kv_used', 0)}/{w.get('kv_total', 0)}"
-        lines.append(f"{w['worker_id']:<11} {w['node_id'][:8]:<10} {w['device']:<8} "
+        lines.append(f"{w['worker_id']:<11} {w['node_id'][:8]:<10} {_device(w):<8} "
                      f"{w['pid']:>7} {kv:>15} {w.get('running', 0):>7} {w.get('waiting', 0):>7} "
                      f"{w.get('tokens_per_s', 0.0):>7.1f}")
         used += w.get("kv_used", 0)
@@ -130,3 +130,11 @@ def format_status(status: dict) -> str:
     if status.get("last_spawn_error"):
         lines.append(f"last worker start error: {status['last_spawn_error']}")
     return "\n".join(lines)
+
+
+def _device(worker: dict) -> str:
+    """A CPU-simulation worker is shown by the logical NPU it holds ("sim npu1"): every one of
+    them computes on cpu:0."""
+    if worker["device"].startswith("cpu") and worker.get("npu_ids"):
+        return f"sim npu{worker['npu_ids'][0]}"
+    return worker["device"]

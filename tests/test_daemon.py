@@ -50,6 +50,8 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     cfg, status, client = daemon
     workers = [w for w in status["workers"] if w["ready"]]
     assert len(workers) == 2 and {w["npu_ids"][0] for w in workers} == {"0", "1"}
+    table = daemon_cmds.format_status(status)
+    assert "sim npu0" in table and "sim npu1" in table  # which logical NPU each one holds
     again = bringup.up(cfg, min_workers=2)
     assert {w["pid"] for w in again["workers"]} == {w["pid"] for w in workers}
     with pytest.raises(bringup.DaemonStartError, match=r"^fewer than 3 workers ready after 1(\.0)? "
