@@ -84,7 +84,8 @@ def load_dataset(path: str | Path, count: int, default_max_tokens: int) -> list[
     """``count`` requests from a JSONL file of {"prompt": text or token ids, "max_tokens": n}
     lines (other keys ignored), cycling through the file if it is shorter; errors name the line."""
     _check_count(count)
-    records = read_jsonl(path, lambda line: _dataset_record(line, default_max_tokens), "dataset")
+    records = read_jsonl(path, lambda line, _: _dataset_record(line, default_max_tokens),
+                         "dataset")
     if not records:
         raise ValueError(f"dataset {path} holds no prompts")
     return [records[i % len(records)] for i in range(count)]

@@ -10,7 +10,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.bringup import connect, find_scheduler
-from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import NAMESPACE, OverloadedError, UnknownJobError, worker_actor_name
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
@@ -251,7 +251,7 @@ def _batch_args(prompts, params, priorities, index: int) -> tuple:
     try:
         return _submit_args(prompts[index], params[index], priorities[index], None)
     except InvalidRequestError as exc:
-        raise InvalidRequestError(f"job {index}: {exc}") from None
+        raise in_batch(exc, index) from None
 
 
 def _id_in_use(exc: InvalidRequestError) -> bool:

@@ -81,12 +81,17 @@ def run_status(args: argparse.Namespace) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     from cluster.client import Client
     from cluster.generate_cmd import TerminalPrinter, job_record, load_jobs
+    from cluster.jobs_file import located
+    from scheduler.sampling_params import InvalidRequestError
 
     jobs = load_jobs(args)
     client = Client(args.address)
-    ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
-                             priorities=[j.priority for j in jobs],
-                             progress=args.json and sys.stderr.isatty())
+    try:
+        ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
+                                 priorities=[j.priority for j in jobs],
+                                 progress=args.json and sys.stderr.isatty())
+    except InvalidRequestError as exc:
+        raise located(exc, jobs, args.prompts) from None
     if args.json:
         for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
             print(json.dumps(job_record(i, job)), flush=True)

@@ -6,8 +6,8 @@ import json
 import sys
 
 from cluster.engine_args import add_engine_flags, engine_options
-from cluster.jobs_file import Job, read_jobs_file
-from scheduler.sampling_params import SamplingParams
+from cluster.jobs_file import Job, located, read_jobs_file
+from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 
@@ -60,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, **engine_options(args))
     printer = None if args.json else TerminalPrinter(len(jobs))
-    results = llm.generate([j.prompt for j in jobs], [j.params for j in jobs],
-                           priorities=[j.priority for j in jobs],
-                           on_output=printer.on_output if printer else None)
+    try:
+        results = llm.generate([j.prompt for j in jobs], [j.params for j in jobs],
+                               priorities=[j.priority for j in jobs],
+                               on_output=printer.on_output if printer else None)
+    except InvalidRequestError as exc:
+        raise located(exc, jobs, args.prompts) from None
     if args.json:
         for i, job in enumerate(results):
             print(json.dumps(job_record(i, job)), flush=True)

@@ -17,20 +17,29 @@ class Job:
     prompt: str | list[int]
     params: SamplingParams
     priority: int = 0
+    line: int | None = None  # of the file it came from
+
+
+def located(exc: InvalidRequestError, jobs: list[Job], path: str | None) -> InvalidRequestError:
+    """``exc`` (about job N of a batch) as ``path:line: reason`` when the job came from a file."""
+    if exc.job_index is None or path is None or jobs[exc.job_index].line is None:
+        return exc
+    return InvalidRequestError(f"{path}:{jobs[exc.job_index].line}: {exc.reason}")
 
 
 def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:
     """One job per line: ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}``, plus optional
     sampling fields and ``priority``; errors name the file and line."""
-    jobs = read_jsonl(path, lambda line: _parse_line(line, defaults), "prompts file")
+    jobs = read_jsonl(path, lambda line, number: _parse_line(line, number, defaults),
+                      "prompts file")
     if not jobs:
         raise InvalidRequestError(f"{path} holds no jobs")
     return jobs
 
 
-def read_jsonl(path: str | Path, parse: Callable[[str], T], what: str) -> list[T]:
-    """``parse`` applied to every non-blank line; its ValueError comes back prefixed with
-    ``path:line``, as the same error class."""
+def read_jsonl(path: str | Path, parse: Callable[[str, int], T], what: str) -> list[T]:
+    """``parse(line, line_number)`` applied to every non-blank line; its ValueError comes back
+    prefixed with ``path:line``, as the same error class."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -40,13 +49,13 @@ def read_jsonl(path: str | Path, parse: Callable[[str], T], what: str) -> list[T
     for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
-                records.append(parse(line))
+                records.append(parse(line, number))
             except ValueError as exc:
                 raise type(exc)(f"{path}:{number}: {exc}") from None
     return records
 
 
-def _parse_line(line: str, defaults: dict) -> Job:
+def _parse_line(line: str, number: int, defaults: dict) -> Job:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -64,4 +73,4 @@ def _parse_line(line: str, defaults: dict) -> Job:
     priority = record.pop("priority", 0)
     if not isinstance(priority, int):
         raise InvalidRequestError('"priority" must be an integer')
-    return Job(prompt, SamplingParams.from_dict({**defaults, **record}), priority)
+    return Job(prompt, SamplingParams.from_dict({**defaults, **record}), priority, number)

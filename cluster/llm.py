@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
 from worker.output import JobOutput, RequestOutput
 
@@ -82,11 +82,13 @@ class LLM:
                 now = time.monotonic()
                 rid = self.engine.add_request(prompt, params, priority=priority)
                 jobs.append(JobOutput.start(rid, params.n, now))
-        except Exception:
+        except Exception as exc:
             for job in jobs:
                 self.engine.abort(job.request_id)
             while self.engine.has_unfinished():
                 self.engine.step()
+            if isinstance(exc, InvalidRequestError) and len(prompts) > 1:
+                raise in_batch(exc, len(jobs), " (no job of the batch was queued)") from None
             raise
         return jobs
 

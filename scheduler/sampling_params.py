@@ -7,6 +7,17 @@ from dataclasses import asdict, dataclass, field, fields
 class InvalidRequestError(ValueError):
     """A request the user must fix; the message names the field and the allowed values."""
 
+    job_index: int | None = None  # in a batch of jobs: which one it is about
+    reason: str | None = None  # the message without the "job N: " that names it
+
+
+def in_batch(exc: InvalidRequestError, index: int, note: str = "") -> InvalidRequestError:
+    """``exc``, about job ``index`` of a batch: the message says which, and the index and the
+    bare reason stay readable for callers that name the job another way (a file's line)."""
+    err = InvalidRequestError(f"job {index}: {exc}{note}")
+    err.job_index, err.reason = index, str(exc)
+    return err
+
 
 @dataclass(slots=True)
 class SamplingParams:

@@ -14,9 +14,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.jobs import JobState, SampleState
+from scheduler.prompts import prompt_token_ids
 from scheduler.in_order import InOrder
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
-from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.output import unpack_outputs
 
 log = logging.getLogger("pagedserve.scheduler")
@@ -127,8 +128,8 @@ class SchedulerService:
             except InvalidRequestError as exc:
                 if len(specs) == 1 and first_index == 0:  # a plain submit: no place to name
                     raise
-                raise InvalidRequestError(
-                    f"job {first_index + i}: {exc} (no job of its batch was accepted)") from None
+                raise in_batch(exc, first_index + i,
+                               " (no job of its batch was accepted)") from None
             jobs[job.job_id] = job
         for job in jobs.values():
             self.journal.record_accepted(job.job_id, job.prompt_token_ids, job.params.to_dict(),
@@ -152,19 +153,7 @@ class SchedulerService:
         return JobState(job_id, prompt_ids, params, priority)
 
     def _validate_prompt(self, prompt, params: SamplingParams) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list):
-            ids = prompt
-            if not ids:
-                raise InvalidRequestError("prompt_token_ids is empty")
-            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequestError(
-                    f"prompt_token_ids must be integers in [0, {self.vocab_size})")
-        else:
-            raise InvalidRequestError("prompt must be a string or a list of token ids")
+        ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size)
         if len(ids) > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")

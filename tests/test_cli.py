@@ -68,6 +68,20 @@ def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
     assert code == 2 and f"{jobs}:2: not valid JSON" in err and err.count("\n") == 1
 
 
+def test_a_job_the_engine_refuses_names_its_file_line(capsys, tmp_path):
+    """Token ids are checked against the model's vocabulary only once it is loaded; the error
+    still names the line (blank lines counted), and no job runs."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "ok"}\n\n{"prompt_token_ids": [1, 99999]}\n')
+    code, out, err = run(capsys, "generate", "--prompts", str(jobs), "--json")
+    assert code == 2 and out == ""
+    assert err == (f"pagedserve: error: {jobs}:3: prompt_token_ids must be integers in "
+                   "[0, 262); got [99999]\n")
+    code, _, err = run(capsys, "generate", "--prompt", "ok", "--prompt", "")
+    assert code == 2 and err == ("pagedserve: error: job 1: prompt is empty (no job of the "
+                                 "batch was queued)\n")
+
+
 def test_unknown_sampling_field_in_a_line_is_named(capsys, tmp_path):
     jobs = tmp_path / "bad.jsonl"
     jobs.write_text('{"prompt": "ok", "temprature": 0}\n')

@@ -146,6 +146,7 @@ def test_submit_many_refuses_a_batch_with_a_bad_job_whole(daemon):
     with pytest.raises(InvalidRequestError, match="job 1: prompt is empty") as caught:
         client.submit_many(["fine", "", "fine too"], SamplingParams(max_tokens=2))
     assert caught.value.submitted == []
+    assert (caught.value.job_index, caught.value.reason) == (1, "prompt is empty")
     with pytest.raises(InvalidRequestError, match="job 2: .*temperature"):
         client.submit_many(["a", "b", "c"], [{}, {}, {"temperature": -1.0}])
     with pytest.raises(InvalidRequestError, match="job 0: params must be a SamplingParams"):
@@ -186,8 +187,12 @@ def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, 
     _, _, client = daemon
     before = _accepted(client)
     jobs_file = tmp_path / "jobs.jsonl"
-    jobs_file.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
+    jobs_file.write_text('{"prompt": "fine"}\n\n{"prompt_token_ids": [1, 99999]}\n')
     assert cli.main(["submit", "--prompts", str(jobs_file), "--json"]) == 2
+    assert capsys.readouterr().err.strip() == (  # the scheduler found it; the file's line 3
+        f"pagedserve: error: {jobs_file}:3: prompt_token_ids must be integers in [0, 262); "
+        "got [99999]")
+    assert cli.main(["submit", "--prompt", "fine", "--prompt", ""]) == 2
     assert capsys.readouterr().err.strip() == (
         "pagedserve: error: job 1: prompt is empty (no job of its batch was accepted)")
     assert _accepted(client) == before

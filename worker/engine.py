@@ -11,6 +11,7 @@ import torch
 
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
+from scheduler.prompts import prompt_token_ids
 from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
@@ -127,7 +128,7 @@ class Engine:
         continues after them exactly as if it had never stopped, and they are not emitted again.
         """
         params = params or SamplingParams()
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size)
         resumed = list(resumed_token_ids or [])
         if resumed and params.n != 1:
             raise InvalidRequestError("resuming is per sample: n must be 1")
@@ -145,20 +146,6 @@ class Engine:
         if params.n > 1:
             self._pending_forks[samples[0].request_id] = samples[1:]
         return request_id
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise InvalidRequestError("prompt_token_ids is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt_token_ids has ids outside [0, {vocab}): {bad[:5]}")
-        return ids
 
     def abort(self, request_id: str) -> bool:
         """Abort every sample of a job; its blocks are freed at once. False if unknown."""

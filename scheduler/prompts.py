@@ -1,0 +1,31 @@
+"""A job's prompt, text or token ids, as validated token ids: the one rule the engine and the
+scheduler both apply."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from scheduler.sampling_params import InvalidRequestError
+
+
+class Encoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> list[int]:
+    """Token ids of a text prompt (encoded) or of a list of ids (checked against the
+    vocabulary); InvalidRequestError when it is empty, of another type, or holds other ids."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt is empty")
+        return tokenizer.encode(prompt)
+    if not isinstance(prompt, (list, tuple)):
+        raise InvalidRequestError("prompt must be a string or a list of token ids")
+    ids = list(prompt)
+    if not ids:
+        raise InvalidRequestError("prompt_token_ids is empty")
+    bad = [t for t in ids
+           if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt_token_ids must be integers in [0, {vocab_size}); "
+                                  f"got {bad[:5]}")
+    return ids
