@@ -118,7 +118,7 @@ class Client:
     def submit_many(self, prompts: Sequence[str | list[int]],
                     params: SamplingParams | dict | Sequence | None = None, *,
                     priorities: Sequence[int] | None = None, progress: bool = False,
-                    batch_size: int = SUBMIT_BATCH) -> list[str]:
+                    batch_size: int | None = None) -> list[str]:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
         on a bad job or a full queue the error says which job, and the ids of the batches
@@ -126,6 +126,7 @@ class Client:
         scheduler's ``max_queued_jobs`` is always refused: lower ``batch_size`` then."""
         from tqdm import tqdm
 
+        batch_size = SUBMIT_BATCH if batch_size is None else batch_size
         per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
         if batch_size < 1:

@@ -79,7 +79,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from cluster.client import Client
+    from cluster.client import USER_ERRORS, Client
     from cluster.generate_cmd import TerminalPrinter, job_record, load_jobs
     from cluster.jobs_file import located
     from scheduler.sampling_params import InvalidRequestError
@@ -90,8 +90,13 @@ def run_submit(args: argparse.Namespace) -> int:
         ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
                                  priorities=[j.priority for j in jobs],
                                  progress=args.json and sys.stderr.isatty())
-    except InvalidRequestError as exc:
-        raise located(exc, jobs, args.prompts) from None
+    except USER_ERRORS as exc:
+        # all or nothing: the batches accepted before the failing one are withdrawn
+        for job_id in getattr(exc, "submitted", []):
+            client.abort(job_id)
+        if isinstance(exc, InvalidRequestError):
+            raise located(exc, jobs, args.prompts) from None
+        raise
     if args.json:
         for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
             print(json.dumps(job_record(i, job)), flush=True)

@@ -198,6 +198,21 @@ def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, 
     assert _accepted(client) == before
 
 
+def test_submit_cli_withdraws_the_batches_accepted_before_a_bad_one(daemon, tmp_path, capsys,
+                                                                    monkeypatch):
+    _, _, client = daemon
+    monkeypatch.setattr("cluster.client.SUBMIT_BATCH", 2)
+    before = client.status()
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"prompt": "a", "max_tokens": 500}\n{"prompt": "b", "max_tokens": 500}\n'
+                         '{"prompt": ""}\n')
+    assert cli.main(["submit", "--prompts", str(jobs_file)]) == 2
+    assert capsys.readouterr().err.strip() == f"pagedserve: error: {jobs_file}:3: prompt is empty"
+    after = client.status()  # the first batch's 2 jobs were accepted, then aborted
+    assert after["jobs_unfinished"] == before["jobs_unfinished"]
+    assert after["jobs_finished_kept"] == before["jobs_finished_kept"] + 2
+
+
 def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     _, _, client = daemon
     selected = [0, 5, 9]
