@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import prompt_token_ids
-from scheduler.in_order import InOrder
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.output import unpack_outputs
