@@ -101,7 +101,7 @@ def run_submit(args: argparse.Namespace) -> int:
         for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
             print(json.dumps(job_record(i, job)), flush=True)
         return 0
-    printer = TerminalPrinter(len(ids))
+    printer = TerminalPrinter([j.params.n for j in jobs])
     for i, job_id in enumerate(ids):
         for delta in client.stream(job_id):
             printer.on_output(i, delta)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.llm import LLM
 
     llm = LLM(args.model, **engine_options(args))
-    printer = None if args.json else TerminalPrinter(len(jobs))
+    printer = None if args.json else TerminalPrinter([j.params.n for j in jobs])
     try:
         results = llm.generate([j.prompt for j in jobs], [j.params for j in jobs],
                                priorities=[j.priority for j in jobs],
@@ -91,23 +91,27 @@ def _sample_record(out: CompletionOutput) -> dict:
 
 
 class TerminalPrinter:
-    """Streams sample 0 of each job in input order: the head job live, later ones as they catch up."""
+    """Streams every sample of every job, in input order: the head one live, later ones as
+    they catch up. Headers name the job, and the sample where a job has several: [2] or [2.1]."""
 
-    def __init__(self, num_jobs: int) -> None:
-        self.pending: list[list[str]] = [[] for _ in range(num_jobs)]
-        self.done = [False] * num_jobs
+    def __init__(self, samples_per_job: list[int]) -> None:
+        slots = [(job, i) for job, n in enumerate(samples_per_job) for i in range(n)]
+        self.slot_of = {slot: k for k, slot in enumerate(slots)}
+        self.labels = [f"[{job}]" if samples_per_job[job] == 1 else f"[{job}.{i}]"
+                       for job, i in slots]
+        self.pending: list[list[str]] = [[] for _ in slots]
+        self.done = [False] * len(slots)
         self.head = 0
-        self.multi = num_jobs > 1
+        self.multi = len(slots) > 1
         self._header_shown = False
 
     def on_output(self, index: int, delta: RequestOutput) -> None:
-        if delta.index != 0:
-            return
-        self.pending[index].append(delta.text)
-        self.done[index] = delta.finished
+        slot = self.slot_of[(index, delta.index)]
+        self.pending[slot].append(delta.text)
+        self.done[slot] = delta.finished
         while self.head < len(self.done):
             if self.multi and not self._header_shown:
-                sys.stdout.write(f"--- [{self.head}] ")
+                sys.stdout.write(f"--- {self.labels[self.head]} ")
                 self._header_shown = True
             sys.stdout.write("".join(self.pending[self.head]))
             self.pending[self.head].clear()

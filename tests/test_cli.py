@@ -40,6 +40,12 @@ def test_generate_streams_text_to_the_terminal(capsys):
                        "--temperature", "0")
     assert code == 0
     assert out.startswith("--- [0] ") and "--- [1] " in out
+    code, out, _ = run(capsys, "generate", "--prompt", "a", "--n", "2", "--max-tokens", "3",
+                       "--seed", "1", "--json")
+    samples = [s["text"] for s in json.loads(out)["samples"]]
+    code, out, _ = run(capsys, "generate", "--prompt", "a", "--n", "2", "--max-tokens", "3",
+                       "--seed", "1")
+    assert code == 0 and out == f"--- [0.0] {samples[0]}\n--- [0.1] {samples[1]}\n"
 
 
 @pytest.mark.parametrize("argv, message", [
