@@ -219,8 +219,7 @@ async def completions(request: Request) -> Response:
     # Tokenized here, not in the scheduler: its one event loop relays every job's tokens,
     # and a long prompt's encode would stall them all (~1 s for 1 MiB of text).
     ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt)
-    if body.requested_max_tokens is not None:  # else there is nothing to check
-        server.check_room(len(ids), body)
+    server.check_room(len(ids), body)
     return await _generate(request, body, ids, body.sampling_params(), started)
 
 
