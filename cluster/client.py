@@ -148,6 +148,22 @@ class Client:
                 bar.update(len(chunk))
         return ids
 
+    async def asubmit_many(self, prompts: Sequence[str | list[int]],
+                           params: SamplingParams | dict | None = None, *,
+                           priority: int = 0) -> list[str]:
+        """Queue every prompt with the same params in one scheduler call, for asyncio code:
+        all are accepted or none (a bad one raises, naming its index as ``job_index``)."""
+        same = [params] * len(prompts)
+        specs = [_batch_args(prompts, same, [priority] * len(prompts), i)
+                 for i in range(len(prompts))]
+        try:
+            return await self._acall("submit_many", specs, 0)
+        except InvalidRequestError as exc:
+            if not _id_in_use(exc):
+                raise
+        return [await self.asubmit(prompt, params, priority=priority, job_id=job_id)
+                for prompt, params, priority, job_id in specs]  # as in _submit_batch
+
     def _submit_batch(self, specs: list[tuple], first_index: int) -> list[str]:
         try:
             return self._call("submit_many", specs, first_index)

@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import anyio
 import msgpack
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -28,6 +27,7 @@ from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, Gener
                                  role_chunk, stream_chunk, usage_chunk, validation_error)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
+from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import OverloadedError
 from worker.output import JobOutput, RequestOutput
@@ -40,7 +40,6 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 HEALTH_TIMEOUT_S = 5.0
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def api_keys_from(cfg: PagedServeConfig, environ=os.environ) -> tuple[str, ...]:
@@ -73,14 +72,15 @@ class Server:
                                 f"{self.model_id!r} (see GET /v1/models)",
                            param="model", code="model_not_found")
 
-    def check_room(self, prompt_len: int, request: GenerationRequest) -> None:
+    def check_room(self, prompt_len: int, request: GenerationRequest,
+                   prompt: str = "the prompt") -> None:
         """An explicit max_tokens that cannot fit beside the prompt is the client's error (as
         with OpenAI's API), not a silently shorter output."""
         wanted = request.requested_max_tokens
         if wanted is not None and prompt_len + wanted > self.context_len:
             param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
             raise bad_request(
-                f"this server's context holds {self.context_len} tokens: the prompt has "
+                f"this server's context holds {self.context_len} tokens: {prompt} has "
                 f"{prompt_len} and {param}={wanted} asks for {prompt_len + wanted}", param)
 
     def chat_prompt(self, request: ChatRequest) -> list[int]:
@@ -215,12 +215,13 @@ async def completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, CompletionRequest, server.max_body_bytes)
     server.check_model(body.model)
-    prompt = body.prompt_input()
     # Tokenized here, not in the scheduler: its one event loop relays every job's tokens,
     # and a long prompt's encode would stall them all (~1 s for 1 MiB of text).
-    ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt)
-    server.check_room(len(ids), body)
-    return await _generate(request, body, ids, body.sampling_params(), started)
+    prompts = [p if isinstance(p, list) else server.tokenizer.encode(p)
+               for p in body.prompt_inputs()]
+    for i, ids in enumerate(prompts):
+        server.check_room(len(ids), body, f"prompt {i}" if len(prompts) > 1 else "the prompt")
+    return await _generate(request, body, prompts, body.sampling_params(), started)
 
 
 @router.post("/v1/chat/completions", dependencies=authorized)
@@ -234,52 +235,62 @@ async def chat_completions(request: Request) -> Response:
     # OpenAI's chat default is "until the model stops": the room left in the context
     room = {} if body.requested_max_tokens is not None else \
         {"max_tokens": max(1, server.context_len - len(prompt_ids))}
-    return await _generate(request, body, prompt_ids, body.sampling_params(**room), started)
+    return await _generate(request, body, [prompt_ids], body.sampling_params(**room), started)
 
 
 # -- generation -------------------------------------------------------------------------------
 
 
-async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int],
+async def _generate(request: Request, body: GenerationRequest, prompts: list[list[int]],
                     params: SamplingParams, started: float) -> Response:
+    """One job per prompt, submitted together (all accepted or none), answered as one
+    response."""
     server = _server(request)
     chat = isinstance(body, ChatRequest)
     with _daemon_errors(body):
-        job_id = await server.client.asubmit(prompt_ids, params, priority=body.priority)
-    ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", int(time.time()),
+        job_ids = await server.client.asubmit_many(prompts, params, priority=body.priority)
+    ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_ids[0]}", int(time.time()),
                           server.model_id, chat, server.tokenizer)
     endpoint = "chat" if chat else "completions"
     if body.stream:
         meter = StreamMeter(started)
-        events = _events(server, ctx, job_id, params.n, body.include_usage, meter, endpoint)
+        events = _events(server, ctx, job_ids, params.n, body.include_usage, meter, endpoint)
         return EventStream(events, on_close=functools.partial(_abort_unfinished, server,
-                                                               meter, job_id))
+                                                               meter, job_ids))
     with _daemon_errors(body):
-        job = await _result_unless_gone(request, server, job_id)
+        jobs = await _results_unless_gone(request, server, job_ids)
     server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-    server.metrics.count_tokens(job.num_prompt_tokens, sum(len(o.token_ids) for o in job.outputs))
-    return _encode(request, full_response(ctx, job))
+    server.metrics.count_tokens(sum(job.num_prompt_tokens for job in jobs),
+                                sum(len(o.token_ids) for job in jobs for o in job.outputs))
+    return _encode(request, full_response(ctx, jobs, params.n))
 
 
-def _abort_unfinished(server: Server, meter: StreamMeter, job_id: str) -> None:
-    if not meter.finished:  # the client left mid-stream
-        server.abort_soon(job_id)
+def _abort_unfinished(server: Server, meter: StreamMeter, job_ids: list[str]) -> None:
+    if not meter.finished:  # the client left mid-stream, or one of the jobs failed
+        for job_id in job_ids:
+            server.abort_soon(job_id)
 
 
-async def _result_unless_gone(request: Request, server: Server, job_id: str) -> JobOutput:
-    """Wait for the job, aborting it if the client disconnects meanwhile."""
-    waiter = asyncio.ensure_future(server.client.aresult(job_id))
+async def _results_unless_gone(request: Request, server: Server,
+                               job_ids: list[str]) -> list[JobOutput]:
+    """Wait for the jobs; if the client disconnects meanwhile, or one of them fails, the
+    others are aborted."""
+    waiter = asyncio.ensure_future(asyncio.gather(*map(server.client.aresult, job_ids)))
+    answered = False
     try:
         while True:
             done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
             if done:
-                return waiter.result()
+                jobs = waiter.result()
+                answered = True
+                return jobs
             if await request.is_disconnected():
                 raise _client_gone()
     finally:
-        if not waiter.done():
+        if not answered:
             waiter.cancel()
-            server.abort_soon(job_id)
+            for job_id in job_ids:
+                server.abort_soon(job_id)
 
 
 @dataclass(slots=True)
@@ -290,12 +301,12 @@ class StreamMeter:
     first_token_at: float | None = None
     last_token_at: float | None = None
     first_chunk_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens_of: dict[int, int] = field(default_factory=dict)  # per prompt of the request
     completion_tokens: int = 0
     finished: bool = False
 
-    def add(self, delta: RequestOutput, now: float) -> None:
-        self.prompt_tokens = delta.num_prompt_tokens
+    def add(self, prompt: int, delta: RequestOutput, now: float) -> None:
+        self.prompt_tokens_of[prompt] = delta.num_prompt_tokens
         if not delta.new_token_ids:
             return
         if self.first_token_at is None:
@@ -303,6 +314,10 @@ class StreamMeter:
             self.first_chunk_tokens = len(delta.new_token_ids)
         self.last_token_at = now
         self.completion_tokens += len(delta.new_token_ids)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompt_tokens_of.values())
 
     @property
     def ttft(self) -> float | None:
@@ -321,28 +336,30 @@ class StreamMeter:
         metrics.count_tokens(self.prompt_tokens, self.completion_tokens)
 
 
-async def _events(server: Server, ctx: ResponseContext, job_id: str, n: int,
+async def _events(server: Server, ctx: ResponseContext, job_ids: list[str], n: int,
                   include_usage: bool, meter: StreamMeter, endpoint: str
                   ) -> AsyncIterator[bytes]:
-    """The job's output as OpenAI server-sent events, ending with [DONE]. Errors after the
-    first byte can no longer change the status: they become an error event."""
+    """The jobs' output as OpenAI server-sent events, as it arrives, ending with [DONE]; job
+    i's samples are choices i * n onwards. Errors after the first byte can no longer change
+    the status: they become an error event, and the other jobs are aborted."""
     try:
         if ctx.chat:
             for index in range(n):
-                yield _sse(role_chunk(ctx, index))
-        async for delta in server.client.astream(job_id):
+                yield sse_event(role_chunk(ctx, index))
+        async for place, delta in merged([server.client.astream(j) for j in job_ids]):
             if delta.finish_reason == "error":
-                yield _sse(await _job_error(server, job_id))
+                yield sse_event(await _job_error(server, job_ids[place]))
                 break
-            meter.add(delta, time.monotonic())
-            yield _sse(stream_chunk(ctx, delta))
-        meter.finished = True
-        if include_usage:
-            yield _sse(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
-        meter.record(server.metrics, endpoint)
+            meter.add(place, delta, time.monotonic())
+            yield sse_event(stream_chunk(ctx, delta, place * n + delta.index))
+        else:
+            meter.finished = True
+            if include_usage:
+                yield sse_event(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
+            meter.record(server.metrics, endpoint)
     except Exception as exc:  # the daemon went away mid-stream
-        log.warning("stream of job %s failed: %s", job_id, exc)
-        yield _sse(_daemon_error(exc).body())
+        log.warning("stream of jobs %s failed: %s", ", ".join(job_ids), exc)
+        yield sse_event(_daemon_error(exc).body())
     yield DONE_EVENT
 
 
@@ -354,37 +371,6 @@ async def _job_error(server: Server, job_id: str) -> dict:
     return ApiError(500, f"job {job_id} failed", type="server_error").body()
 
 
-def _sse(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that watch for the client leaving whatever the ASGI server's
-    version, and call ``on_close`` however the response ends (so a job whose client left
-    can be aborted: nothing else would stop it)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], object]) -> None:
-        super().__init__(events, headers={"Cache-Control": "no-cache"})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-                async def stream_then_stop() -> None:
-                    with contextlib.suppress(OSError):  # ASGI 2.4 servers raise on a gone client
-                        await self.stream_response(send)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream_then_stop)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
-        finally:
-            self.on_close()
-            await self.body_iterator.aclose()
-
-
 # -- errors -----------------------------------------------------------------------------------
 
 
@@ -394,6 +380,8 @@ def _daemon_errors(body: GenerationRequest):
     try:
         yield
     except InvalidRequestError as exc:
+        if exc.job_index is not None:  # about one prompt of several
+            raise bad_request(f"prompt {exc.job_index}: {exc.reason}", "prompt") from None
         raise bad_request(str(exc), param_of(str(exc), body.field_names())) from None
     except (OverloadedError, JobFailedError, DaemonNotUpError, *SCHEDULER_GONE) as exc:
         raise _daemon_error(exc) from None

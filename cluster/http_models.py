@@ -131,17 +131,17 @@ class CompletionRequest(GenerationRequest):
         return {**super().no_op_values(), "echo": (False,), "best_of": (None, self.n or 1),
                 "suffix": (None, "")}
 
-    def prompt_input(self) -> str | list[int]:
-        """The one prompt, as text or token ids; several prompts in one call are refused."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts, as text or token ids: a string or a list of ids is one prompt; a list
+        of strings or of id lists is several, whose choices follow in that order."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise bad_request("one prompt per request is supported; send one request per "
-                                  "prompt (they are batched together on the server)", "prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise bad_request("prompt is empty", "prompt")
-        return prompt
+        several = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = prompt if several else [prompt]
+        for i, one in enumerate(prompts):
+            if not one:
+                raise bad_request(f"prompt {i} is empty" if several else "prompt is empty",
+                                  "prompt")
+        return prompts
 
     def sampling_params(self, **overrides) -> SamplingParams:
         return super().sampling_params(logprobs=self.logprobs, **overrides)
@@ -266,16 +266,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def full_response(ctx: ResponseContext, job: JobOutput) -> dict:
-    choices = [_choice(ctx, o.index, o.text, o.logprobs, o.finish_reason, streaming=False)
-               for o in job.outputs]
-    completion_tokens = sum(len(o.token_ids) for o in job.outputs)
+def full_response(ctx: ResponseContext, jobs: list[JobOutput], n: int) -> dict:
+    """The whole response to the jobs of one request, one per prompt: prompt i's samples are
+    choices i * n to i * n + n - 1."""
+    choices = [_choice(ctx, i * n + o.index, o.text, o.logprobs, o.finish_reason,
+                       streaming=False) for i, job in enumerate(jobs) for o in job.outputs]
+    completion_tokens = sum(len(o.token_ids) for job in jobs for o in job.outputs)
     return {**ctx.header(False), "choices": choices,
-            "usage": usage(job.num_prompt_tokens, completion_tokens)}
+            "usage": usage(sum(job.num_prompt_tokens for job in jobs), completion_tokens)}
 
 
-def stream_chunk(ctx: ResponseContext, delta: RequestOutput) -> dict:
-    choice = _choice(ctx, delta.index, delta.text, delta.logprobs, delta.finish_reason,
+def stream_chunk(ctx: ResponseContext, delta: RequestOutput, index: int) -> dict:
+    """A chunk of choice ``index`` (see full_response)."""
+    choice = _choice(ctx, index, delta.text, delta.logprobs, delta.finish_reason,
                      streaming=True)
     return {**ctx.header(True), "choices": [choice]}
 

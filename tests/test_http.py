@@ -89,8 +89,11 @@ def error_of(response):
 # -- generation -------------------------------------------------------------------------------
 
 
-def clear_greedy_prompt(client, candidates=("The cluster has", "A worker", "Tokens flow",
-                                              "Blocks are paged", "Scale out")):
+CANDIDATE_PROMPTS = ("The cluster has", "A worker", "Tokens flow", "Blocks are paged",
+                     "Scale out")
+
+
+def clear_greedy_prompt(client, candidates=CANDIDATE_PROMPTS):
     """A prompt whose greedy path has no near-tie: batch composition changes float rounding
     (GEMM shapes differ), which may flip a tie between equally likely tokens on the random
     tiny model; the comparison below is about the HTTP layer, not about ties."""
@@ -147,6 +150,54 @@ def test_chat_uses_the_chat_template(api, daemon, tokenizer):
                                         extra_body={"ignore_eos": True})
     assert newer.usage.completion_tokens == 5 and own.text.startswith(
         newer.choices[0].message.content)
+
+
+def test_several_prompts_are_one_response_in_prompt_order(api, daemon):
+    _, client = daemon
+    first = clear_greedy_prompt(client)
+    second = clear_greedy_prompt(client, [c for c in CANDIDATE_PROMPTS if c != first])
+    out = api.completions.create(prompt=[first, second], n=2, **greedy())
+    singles = [api.completions.create(prompt=p, **greedy()) for p in (first, second)]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]  # prompt i's samples: 2i, 2i + 1
+    assert [c.text for c in out.choices] == [s.choices[0].text for s in singles for _ in "ab"]
+    assert out.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert out.usage.completion_tokens == 4 * 12
+    ids = api.completions.create(prompt=[[5, 17, 42], [99, 3]], **greedy())
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
+
+
+def test_several_prompts_stream_as_their_whole_response(api):
+    kwargs = dict(model="tiny", prompt=["Stream one", "Stream two", "Stream three"], max_tokens=10,
+                  temperature=0.9, seed=11, extra_body={"ignore_eos": True, "top_k": 20})
+    whole = api.completions.create(**kwargs)
+    chunks = list(api.completions.create(stream=True, stream_options={"include_usage": True},
+                                         **kwargs))
+    texts, finished = ["", "", ""], []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert texts == [c.text for c in whole.choices]
+    assert sorted(finished) == [0, 1, 2]
+    assert chunks[-1].usage == whole.usage and whole.usage.completion_tokens == 30
+
+
+def test_a_bad_prompt_among_several_queues_none(api, daemon):
+    _, client = daemon
+
+    def jobs_known():
+        status = client.status()
+        return status["jobs_unfinished"] + status["jobs_finished_kept"]
+
+    before = jobs_known()
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.completions.create(prompt=[[5, 6], [10 ** 6]], **greedy())
+    error = caught.value.body
+    assert error["message"].startswith("prompt 1: prompt_token_ids must be integers in [0, ")
+    assert error["param"] == "prompt"
+    assert jobs_known() == before
+    assert_still_serves(api)
 
 
 def test_completion_stream_equals_the_whole_response(api):
@@ -233,7 +284,8 @@ def test_models_lists_the_served_model_and_others_are_404(api):
     ("completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
     ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
-    ("completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("completions", {"prompt": ["one", ""]}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [10 ** 6]}, "prompt"),
     ("chat", {"messages": []}, "messages"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,

@@ -1,0 +1,79 @@
+"""Server-sent events for the HTTP API: the event encoding, a response that notices its client
+leaving, and one stream merged from several jobs' streams."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from fastapi.responses import StreamingResponse
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_END = object()
+
+
+def sse_event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that watch for the client leaving whatever the ASGI server's
+    version, and call ``on_close`` however the response ends (so a job whose client left
+    can be aborted: nothing else would stop it)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], object]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def stream_then_stop() -> None:
+                    with contextlib.suppress(OSError):  # ASGI 2.4 servers raise on a gone client
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self.on_close()
+            await self.body_iterator.aclose()
+
+
+async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """``(place, item)`` for the items of ``streams[place]``, in the order they arrive, until
+    every stream ends; the first error of any stream is raised, and closing this generator
+    stops reading them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def pump(place: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await arrived.put((place, item, None))
+            await arrived.put((place, _END, None))
+        except Exception as exc:  # handed to the reader, which raises it
+            await arrived.put((place, None, exc))
+
+    pumps = [asyncio.create_task(pump(place, s)) for place, s in enumerate(streams)]
+    try:
+        running = len(pumps)
+        while running:
+            place, item, error = await arrived.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                running -= 1
+            else:
+                yield place, item
+    finally:
+        for task in pumps:
+            task.cancel()
