@@ -29,7 +29,7 @@ from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import OverloadedError
+from scheduler.service import BatchTooLargeError, OverloadedError
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import ChatTemplateError, Tokenizer
 
@@ -379,6 +379,8 @@ def _daemon_errors(body: GenerationRequest):
     """The daemon's exceptions as API errors (the message only, never a traceback)."""
     try:
         yield
+    except BatchTooLargeError as exc:  # too many prompts in one request: retrying cannot help
+        raise bad_request(str(exc), "prompt") from None
     except InvalidRequestError as exc:
         if exc.job_index is not None:  # about one prompt of several
             raise bad_request(f"prompt {exc.job_index}: {exc.reason}", "prompt") from None

@@ -41,6 +41,10 @@ class OverloadedError(RuntimeError):
     """Too many unfinished jobs; the client should retry later."""
 
 
+class BatchTooLargeError(OverloadedError):
+    """A batch of more jobs than the queue holds: no retry can succeed, only smaller batches."""
+
+
 class UnknownJobError(KeyError):
     """No job with that id (never submitted, or forgotten long after it finished)."""
 
@@ -113,7 +117,7 @@ class SchedulerService:
         pass ``max_queued_jobs`` is refused whole."""
         unfinished = self.unfinished_jobs
         if len(specs) > self.options.max_queued_jobs:
-            raise OverloadedError(
+            raise BatchTooLargeError(
                 f"a batch of {len(specs)} jobs can never fit max_queued_jobs="
                 f"{self.options.max_queued_jobs}; send smaller batches")
         if unfinished + len(specs) > self.options.max_queued_jobs:

@@ -200,6 +200,13 @@ def test_a_bad_prompt_among_several_queues_none(api, daemon):
     assert_still_serves(api)
 
 
+def test_more_prompts_than_the_queue_holds_is_400_not_429(api):
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.completions.create(prompt=["x"] * (MAX_QUEUED + 1), **greedy())
+    assert caught.value.body["param"] == "prompt"
+    assert f"can never fit max_queued_jobs={MAX_QUEUED}" in caught.value.body["message"]
+
+
 def test_completion_stream_equals_the_whole_response(api):
     whole = api.completions.create(prompt="Stream this", **greedy())
     chunks = list(api.completions.create(prompt="Stream this", stream=True,
