@@ -1,6 +1,7 @@
 """SamplingParams: how one job's tokens are chosen and when it stops, validated at construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -54,13 +55,13 @@ class SamplingParams:
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-               "a number >= 0 (0 = greedy)")
+               "a finite number >= 0 (0 = greedy)")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                "an integer >= 1, or 0 / -1 for all tokens")
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
+               "repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_num(value) and -2 <= value <= 2, name, value, "in [-2, 2]")
@@ -104,7 +105,8 @@ def _is_int(value: object) -> bool:
 
 
 def _is_num(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: an infinite temperature or penalty would turn logits into NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -148,6 +148,8 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
 
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("n", 0),
+    ("temperature", float("inf")), ("repetition_penalty", float("inf")),
+    ("presence_penalty", float("nan")),
 ])
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(InvalidRequestError, match=field):
