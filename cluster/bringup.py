@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import socket
 
 import ray
@@ -12,7 +11,7 @@ import ray
 from cluster.config import PagedServeConfig, engine_config_kwargs
 from cluster.journal import Journal
 from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, ServiceOptions,
-                               head_node_strategy)
+                               head_node_strategy, last_line)
 
 
 # Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
@@ -138,7 +137,7 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -
     try:
         return ray.get(scheduler.wait_ready.remote(min_workers, timeout))
     except ray.exceptions.ActorDiedError as exc:  # its constructor raised: config or model
-        raise DaemonStartError(f"the scheduler could not start: {_last_line(exc.error_msg)}"
+        raise DaemonStartError(f"the scheduler could not start: {last_line(exc.error_msg)}"
                                ) from None
     except ray.exceptions.RayTaskError as exc:  # workers failed to load, or too few in time
         if isinstance(exc.cause, TimeoutError):
@@ -149,13 +148,6 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -
             raise DaemonStartError(f"{exc.cause}; the daemon was taken down") from None
         raise DaemonStartError(f"{exc.cause}; this daemon was already up: `pagedserve down`, "
                                "then `up` again to change its config") from None
-
-
-def _last_line(remote_traceback: str) -> str:
-    """The message of the exception a remote traceback ends with, without its type's name."""
-    lines = [line for line in remote_traceback.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else "unknown error"
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
 def down() -> int | None:

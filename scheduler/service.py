@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -481,9 +482,14 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
+def last_line(remote_traceback: str) -> str:
+    """The message of the exception a (remote) traceback ends with, without its type's name."""
+    lines = [line for line in remote_traceback.strip().splitlines() if line.strip()]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else "unknown error"
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    return last_line(str(exc))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
