@@ -27,9 +27,10 @@ class EmbeddedDaemon:
         self.status = bringup.up(self.config, min_workers=self.config.cluster.simulated_npus)
         self.client = Client()
 
-    def generate(self, prompts, params_list, priorities) -> list[JobOutput]:
+    def generate(self, prompts, params_list, priorities, progress: bool = False
+                 ) -> list[JobOutput]:
         ids = self.client.submit_many(prompts, params_list, priorities=priorities)
-        return [self.client.result(job_id) for job_id in ids]
+        return self.client.results(ids, progress=progress)
 
     def close(self) -> None:
         bringup.down()

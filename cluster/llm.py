@@ -1,8 +1,11 @@
 """LLM: the in-process Python API — generate a batch of prompts on one engine."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
@@ -21,6 +24,7 @@ class LLM:
     def __init__(self, model: str = "tiny", *, workers: int | None = None,
                  **engine_options) -> None:
         self._daemon = None
+        self._model = model
         if workers is not None:
             from cluster.config import load_config, with_overrides
             from cluster.embedded import EmbeddedDaemon
@@ -42,9 +46,14 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
+    @functools.cached_property
     def tokenizer(self):
-        return self.engine.tokenizer
+        if self._daemon is None:
+            return self.engine.tokenizer
+        from worker.loader import resolve_model_path
+        from worker.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(resolve_model_path(self._model))
 
     def generate(
         self,
@@ -53,9 +62,11 @@ class LLM:
         *,
         priorities: Sequence[int] | None = None,
         on_output: Callable[[int, RequestOutput], None] | None = None,
+        progress: bool = False,
     ) -> list[JobOutput]:
         """Run every prompt to completion. Bad input raises before any work is queued.
-        ``on_output(index, delta)`` sees each incremental output (for streaming, progress)."""
+        ``on_output(index, delta)`` sees each incremental output (for streaming, progress);
+        ``progress`` shows a bar of finished jobs on stderr."""
         prompts = [prompts] if _is_single(prompts) else list(prompts)
         params_list = _per_prompt(params or SamplingParams(), len(prompts))
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
@@ -64,15 +75,19 @@ class LLM:
         if self._daemon is not None:
             if on_output is not None:
                 raise ValueError("on_output is not supported with workers=; use Client.stream")
-            return self._daemon.generate(prompts, params_list, priorities)
+            return self._daemon.generate(prompts, params_list, priorities, progress)
         jobs = self._submit_all(prompts, params_list, priorities)
         index = {job.request_id: i for i, job in enumerate(jobs)}
-        while self.engine.has_unfinished():
-            for delta in self.engine.step():
-                now = time.monotonic()
-                jobs[index[delta.request_id]].add(delta, now)
-                if on_output is not None:
-                    on_output(index[delta.request_id], delta)
+        with tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress) as bar:
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    now = time.monotonic()
+                    job = jobs[index[delta.request_id]]
+                    job.add(delta, now)
+                    if on_output is not None:
+                        on_output(index[delta.request_id], delta)
+                    if delta.finish_reason is not None and job.finished:
+                        bar.update()
         return jobs
 
     def _submit_all(self, prompts, params_list, priorities) -> list[JobOutput]:

@@ -9,13 +9,17 @@ from scheduler.sampling_params import SamplingParams
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
-def test_workers_give_the_same_output_as_the_in_process_engine():
+def test_workers_give_the_same_output_as_the_in_process_engine(capsys):
     prompts = [f"prompt {i} " * (i + 1) for i in range(6)]
     params = [SamplingParams(max_tokens=24, temperature=0.7, seed=i, ignore_eos=True)
               for i in range(6)]
     torch.set_num_threads(1)  # the workers' setting, so float reductions run the same way
-    local = LLM("tiny", kv_cache_gib=0.05).generate(prompts, params)
+    local = LLM("tiny", kv_cache_gib=0.05).generate(prompts, params, progress=True)
+    assert "6/6" in capsys.readouterr().err  # the progress bar counted every job
     with LLM("tiny", workers=2, kv_cache_gib=0.05) as llm:
-        remote = llm.generate(prompts, params)
+        remote = llm.generate(prompts, params, progress=True)
+        assert "6/6" in capsys.readouterr().err
+        # the tokenizer is there without an in-process engine
+        assert llm.tokenizer.decode(remote[0].outputs[0].token_ids) == remote[0].outputs[0].text
     assert [o.outputs[0].token_ids for o in remote] == [o.outputs[0].token_ids for o in local]
     assert [o.outputs[0].text for o in remote] == [o.outputs[0].text for o in local]
