@@ -18,6 +18,7 @@ USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutErr
 SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
+ROOM_POLL_S = 0.5  # how often submit_many(wait_for_room=True) checks a full queue
 
 
 class JobFailedError(RuntimeError):
@@ -118,12 +119,15 @@ class Client:
     def submit_many(self, prompts: Sequence[str | list[int]],
                     params: SamplingParams | dict | Sequence | None = None, *,
                     priorities: Sequence[int] | None = None, progress: bool = False,
-                    batch_size: int | None = None) -> list[str]:
+                    batch_size: int | None = None, wait_for_room: bool = False) -> list[str]:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
         on a bad job or a full queue the error says which job, and the ids of the batches
         already accepted are on the exception as ``submitted``. A batch larger than the
-        scheduler's ``max_queued_jobs`` is always refused: lower ``batch_size`` then."""
+        scheduler's ``max_queued_jobs`` is refused (BatchTooLargeError). ``wait_for_room``:
+        when the queue is full, wait until jobs finish and go on in batches that fit, so any
+        number of jobs can be sent (still an OverloadedError if no worker is serving, as the
+        queue would never drain)."""
         from tqdm import tqdm
 
         batch_size = SUBMIT_BATCH if batch_size is None else batch_size
@@ -136,17 +140,39 @@ class Client:
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
         ids: list[str] = []
+        fits = batch_size
         with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
-            for start in range(0, len(prompts), batch_size):
-                chunk = range(start, min(len(prompts), start + batch_size))
+            while len(ids) < len(prompts):
+                chunk = range(len(ids), min(len(prompts), len(ids) + min(batch_size, fits)))
                 try:
                     ids += self._submit_batch([_batch_args(prompts, per_job, priorities, i)
-                                               for i in chunk], start)
+                                               for i in chunk], chunk.start)
+                except OverloadedError as exc:
+                    if not wait_for_room:
+                        exc.submitted = ids
+                        raise
+                    fits, limit = self._room_when_free(exc, ids)
+                    batch_size = min(batch_size, limit)  # a bigger batch could never fit
+                    continue
                 except USER_ERRORS as exc:
                     exc.submitted = ids
                     raise
+                fits = batch_size
                 bar.update(len(chunk))
         return ids
+
+    def _room_when_free(self, full: OverloadedError, submitted: list[str]) -> tuple[int, int]:
+        """Wait until the scheduler's queue has room; returns how many jobs fit now, and in
+        all (``max_queued_jobs``). Raises ``full`` if no worker is ready to drain the queue."""
+        while True:
+            time.sleep(ROOM_POLL_S)
+            status = self.status()
+            if not any(w.get("ready") for w in status["workers"]):
+                full.submitted = submitted
+                raise full
+            room = status["max_queued_jobs"] - status["jobs_unfinished"]
+            if room > 0:
+                return room, status["max_queued_jobs"]
 
     async def asubmit_many(self, prompts: Sequence[str | list[int]],
                            params: SamplingParams | dict | None = None, *,

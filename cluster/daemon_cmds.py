@@ -89,7 +89,8 @@ def run_submit(args: argparse.Namespace) -> int:
     try:
         ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
                                  priorities=[j.priority for j in jobs],
-                                 progress=args.json and sys.stderr.isatty())
+                                 progress=args.json and sys.stderr.isatty(),
+                                 wait_for_room=True)
     except USER_ERRORS as exc:
         # all or nothing: the batches accepted before the failing one are withdrawn
         for job_id in getattr(exc, "submitted", []):

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_jobs(client, jobs):
     """Submit everything, then wait with a progress bar while watching KV usage."""
     start = time.monotonic()
-    ids = client.submit_many([prompt for prompt, _ in jobs], [params for _, params in jobs])
+    ids = client.submit_many([prompt for prompt, _ in jobs], [params for _, params in jobs],
+                             wait_for_room=True)
     results: list = [None] * len(ids)
     waiter = threading.Thread(target=_collect, args=(client, ids, results), daemon=True)
     waiter.start()

@@ -29,7 +29,8 @@ class EmbeddedDaemon:
 
     def generate(self, prompts, params_list, priorities, progress: bool = False
                  ) -> list[JobOutput]:
-        ids = self.client.submit_many(prompts, params_list, priorities=priorities)
+        ids = self.client.submit_many(prompts, params_list, priorities=priorities,
+                                      wait_for_room=True)
         return self.client.results(ids, progress=progress)
 
     def close(self) -> None:

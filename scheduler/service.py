@@ -444,6 +444,7 @@ class SchedulerService:
         unfinished = self.unfinished_jobs
         return {
             "workers": workers, "jobs_unfinished": unfinished,
+            "max_queued_jobs": self.options.max_queued_jobs,
             "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "uptime_s": time.time() - self.started_at,

@@ -183,6 +183,25 @@ def test_submit_cli_prints_results_in_input_order(daemon, tmp_path, capsys):
     assert records[1]["num_prompt_tokens"] == 3
 
 
+def test_submit_many_can_wait_for_room_in_a_full_queue(daemon):
+    _, _, client = daemon
+    ids = client.submit_many([f"wave {i}" for i in range(100)],  # the queue holds 48
+                             SamplingParams(max_tokens=4, ignore_eos=True), batch_size=20,
+                             wait_for_room=True)
+    assert len(set(ids)) == 100
+    assert [len(client.result(j, timeout=300).outputs[0].token_ids) for j in ids] == [4] * 100
+
+
+def test_submit_cli_sends_more_jobs_than_the_queue_holds(daemon, tmp_path, capsys):
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(json.dumps({"prompt": f"line {i}", "max_tokens": 2,
+                                               "ignore_eos": True}) for i in range(300)))
+    assert cli.main(["submit", "--prompts", str(jobs_file), "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in records] == list(range(300))
+    assert {len(r["token_ids"]) for r in records} == {2}
+
+
 def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, capsys):
     _, _, client = daemon
     before = _accepted(client)
