@@ -87,8 +87,11 @@ def start_embedded(cfg: PagedServeConfig) -> None:
     # absent, which is the normal case in CPU simulation mode.
     logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
     npus = cfg.cluster.simulated_npus
-    ray.init(num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)), namespace=NAMESPACE,
-             resources={"NPU": npus}, include_dashboard=False, log_to_driver=False)
+    # "local": a new cluster of our own even where `ray start` runs one (LLM(workers=N) wants
+    # its own; without it ray.init joins that cluster and refuses the num_cpus given here)
+    ray.init(address="local", num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)),
+             namespace=NAMESPACE, resources={"NPU": npus}, include_dashboard=False,
+             log_to_driver=False)
 
 
 def shutdown_ray() -> None:

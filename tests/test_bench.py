@@ -415,8 +415,8 @@ def live_server(tmp_path_factory):
     from scheduler.service import NAMESPACE
 
     cfg = daemon_config(tmp_path_factory.mktemp("bench"))
-    ray.init(num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE,
+             include_dashboard=False, log_to_driver=False)
     try:
         bringup.up(cfg, min_workers=1)
         with serving(create_app(Client(), cfg, api_keys=(LIVE_KEY,))) as url:

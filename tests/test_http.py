@@ -30,8 +30,8 @@ LONG = 2000  # tokens: a job that runs for seconds on the tiny model (max_model_
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     cfg = daemon_config(tmp_path_factory.mktemp("http"), max_queued_jobs=MAX_QUEUED)
-    ray.init(num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE,
+             include_dashboard=False, log_to_driver=False)
     try:
         bringup.up(cfg, min_workers=1)
         yield cfg, Client()
