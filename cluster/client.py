@@ -122,8 +122,8 @@ class Client:
                     batch_size: int | None = None, wait_for_room: bool = False) -> list[str]:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
-        on a bad job or a full queue the error says which job, and the ids of the batches
-        already accepted are on the exception as ``submitted``. A batch larger than the
+        on a bad job or a full queue the error says which job. Any exception (an interrupt too)
+        carries the ids of the batches already accepted as ``submitted``. A batch larger than the
         scheduler's ``max_queued_jobs`` is refused (BatchTooLargeError). ``wait_for_room``:
         when the queue is full, wait until jobs finish and go on in batches that fit, so any
         number of jobs can be sent (still an OverloadedError if no worker is serving, as the
@@ -141,34 +141,33 @@ class Client:
                 f"{len(per_job)} and {len(priorities)}")
         ids: list[str] = []
         fits = batch_size
-        with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
-            while len(ids) < len(prompts):
-                chunk = range(len(ids), min(len(prompts), len(ids) + min(batch_size, fits)))
-                try:
-                    ids += self._submit_batch([_batch_args(prompts, per_job, priorities, i)
-                                               for i in chunk], chunk.start)
-                except OverloadedError as exc:
-                    if not wait_for_room:
-                        exc.submitted = ids
-                        raise
-                    fits, limit = self._room_when_free(exc, ids)
-                    batch_size = min(batch_size, limit)  # a bigger batch could never fit
-                    continue
-                except USER_ERRORS as exc:
-                    exc.submitted = ids
-                    raise
-                fits = batch_size
-                bar.update(len(chunk))
+        try:
+            with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
+                while len(ids) < len(prompts):
+                    chunk = range(len(ids), min(len(prompts), len(ids) + min(batch_size, fits)))
+                    try:
+                        ids += self._submit_batch([_batch_args(prompts, per_job, priorities, i)
+                                                   for i in chunk], chunk.start)
+                    except OverloadedError as exc:
+                        if not wait_for_room:
+                            raise
+                        fits, limit = self._room_when_free(exc)
+                        batch_size = min(batch_size, limit)  # a bigger batch could never fit
+                        continue
+                    fits = batch_size
+                    bar.update(len(chunk))
+        except BaseException as exc:  # also an interrupt: the caller may withdraw these
+            exc.submitted = ids
+            raise
         return ids
 
-    def _room_when_free(self, full: OverloadedError, submitted: list[str]) -> tuple[int, int]:
+    def _room_when_free(self, full: OverloadedError) -> tuple[int, int]:
         """Wait until the scheduler's queue has room; returns how many jobs fit now, and in
         all (``max_queued_jobs``). Raises ``full`` if no worker is ready to drain the queue."""
         while True:
             time.sleep(ROOM_POLL_S)
             status = self.status()
             if not any(w.get("ready") for w in status["workers"]):
-                full.submitted = submitted
                 raise full
             room = status["max_queued_jobs"] - status["jobs_unfinished"]
             if room > 0:

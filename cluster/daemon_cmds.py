@@ -80,7 +80,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     from cluster.client import USER_ERRORS, Client
-    from cluster.generate_cmd import TerminalPrinter, job_record, load_jobs
+    from cluster.generate_cmd import load_jobs
     from cluster.jobs_file import located
     from scheduler.sampling_params import InvalidRequestError
 
@@ -91,22 +91,39 @@ def run_submit(args: argparse.Namespace) -> int:
                                  priorities=[j.priority for j in jobs],
                                  progress=args.json and sys.stderr.isatty(),
                                  wait_for_room=True)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, KeyboardInterrupt) as exc:
         # all or nothing: the batches accepted before the failing one are withdrawn
-        for job_id in getattr(exc, "submitted", []):
-            client.abort(job_id)
+        _withdraw(client, getattr(exc, "submitted", []), isinstance(exc, KeyboardInterrupt))
         if isinstance(exc, InvalidRequestError):
             raise located(exc, jobs, args.prompts) from None
         raise
+    try:
+        _print_results(args, client, jobs, ids)
+    except KeyboardInterrupt:
+        _withdraw(client, ids, interrupted=True)
+        raise
+    return 0
+
+
+def _print_results(args, client, jobs, ids: list[str]) -> None:
+    from cluster.generate_cmd import TerminalPrinter, job_record
+
     if args.json:
         for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
             print(json.dumps(job_record(i, job)), flush=True)
-        return 0
+        return
     printer = TerminalPrinter([j.params.n for j in jobs])
     for i, job_id in enumerate(ids):
         for delta in client.stream(job_id):
             printer.on_output(i, delta)
-    return 0
+
+
+def _withdraw(client, job_ids: list[str], interrupted: bool) -> None:
+    """Abort the jobs this submit queued: nobody would read their results."""
+    aborted = sum(bool(client.abort(job_id)) for job_id in job_ids)
+    if interrupted:
+        print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
+              file=sys.stderr)
 
 
 def format_status(status: dict) -> str:

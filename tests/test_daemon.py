@@ -3,6 +3,8 @@ failover of killed workers, scheduler restart from the journal, overload, up/dow
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -21,8 +23,8 @@ NUM_JOBS = 32
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     cfg = daemon_config(tmp_path_factory.mktemp("daemon"), max_queued_jobs=48)
-    ray.init(num_cpus=4, resources={"NPU": 2}, namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=4, resources={"NPU": 2}, namespace=NAMESPACE,
+             include_dashboard=False, log_to_driver=False)
     try:
         status = bringup.up(cfg, min_workers=1)  # also waits for the other worker, still loading
         yield cfg, status, Client()
@@ -200,6 +202,31 @@ def test_submit_cli_sends_more_jobs_than_the_queue_holds(daemon, tmp_path, capsy
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["index"] for r in records] == list(range(300))
     assert {len(r["token_ids"]) for r in records} == {2}
+
+
+def test_an_interrupted_submit_aborts_the_jobs_it_queued(daemon, tmp_path):
+    _, _, client = daemon
+    jobs_file = tmp_path / "long.jsonl"
+    jobs_file.write_text("\n".join(json.dumps({"prompt": f"long {i}", "max_tokens": 2000,
+                                               "ignore_eos": True}) for i in range(4)))
+    before = client.status()["jobs_unfinished"]
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "submit", "--prompts", str(jobs_file), "--json",
+         "--address", ray.get_runtime_context().gcs_address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        wait_for(lambda: client.status()["jobs_unfinished"] == before + 4, timeout=60,
+                 interval=0.1, what="the submitted jobs")
+        submit.send_signal(signal.SIGINT)  # Ctrl-C while it waits for the results
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 130 and out == ""
+    assert "pagedserve: aborted the 4 unfinished jobs of this submit" in err
+    assert "Traceback" not in err
+    wait_for(lambda: client.status()["jobs_unfinished"] == before, timeout=30,
+             what="the aborted jobs to finish")
 
 
 def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, capsys):
