@@ -85,6 +85,15 @@ def test_stream_delivers_every_token_once(daemon, undisturbed):
     assert text == result.text
 
 
+def test_idle_workers_report_their_rate_falling_to_zero(daemon, undisturbed):
+    _, _, client = daemon
+    client.result(client.submit("warm", SamplingParams(max_tokens=30, ignore_eos=True)))
+    assert any(w["tokens_per_s"] > 0 for w in ready_workers(client))
+    # with nothing to run, the rate window (10 s) empties; status must not keep the last rate
+    wait_for(lambda: all(w["tokens_per_s"] == 0 for w in ready_workers(client)), timeout=30,
+             what="idle workers' tokens/s to reach 0")
+
+
 def test_abort_stops_the_job_and_frees_its_blocks(daemon):
     _, _, client = daemon
     job_id = client.submit("abort me", SamplingParams(max_tokens=1500, ignore_eos=True))

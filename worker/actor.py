@@ -80,13 +80,18 @@ class WorkerActor:
     # -- the engine thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        reported_load = None
         while not self._stopping.is_set():
             rejected = self._drain_inbox(block=not self.engine.has_unfinished())
             outputs = self.engine.step() if self.engine.has_unfinished() else []
-            if outputs or rejected:
+            load = self.load()
+            # An idle worker still reports while its load changes (its tokens/s falls to 0
+            # as its last steps leave the rate window), so `status` is never stale.
+            if outputs or rejected or load != reported_load:
                 self.scheduler.report.remote(self.worker_id, self._reports_sent,
-                                             pack_outputs(outputs), rejected, self.load())
+                                             pack_outputs(outputs), rejected, load)
                 self._reports_sent += 1
+                reported_load = load
 
     def _drain_inbox(self, block: bool) -> list[tuple[str, str]]:
         """Apply queued commands; returns (request_id, error) for adds the engine refused."""
