@@ -86,10 +86,9 @@ class Server:
     def chat_prompt(self, request: ChatRequest) -> list[int]:
         messages = [m.as_template_input() for m in request.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages)
+            return self.tokenizer.encode_chat(messages)
         except ChatTemplateError as exc:
             raise bad_request(str(exc), "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
 
     def abort_soon(self, job_id: str) -> None:
         """Abort without waiting: called while the request's own task is being torn down."""

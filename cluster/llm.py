@@ -90,6 +90,22 @@ class LLM:
                         bar.update()
         return jobs
 
+    def chat(self, conversations: Sequence[dict] | Sequence[Sequence[dict]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             **options) -> list[JobOutput]:
+        """``generate`` for one conversation (a list of ``{"role", "content"}`` messages) or a
+        list of them, each rendered with the model's chat template; one output per
+        conversation, holding the assistant's reply."""
+        single = bool(conversations) and isinstance(conversations[0], dict)
+        conversations = [conversations] if single else list(conversations)
+        for i, messages in enumerate(conversations):
+            if not messages or not all(isinstance(m, dict) for m in messages):
+                raise InvalidRequestError(
+                    f"conversation {i} must be a non-empty list of message dicts "
+                    f"({{'role': ..., 'content': ...}})")
+        prompts = [self.tokenizer.encode_chat(list(messages)) for messages in conversations]
+        return self.generate(prompts, params, **options)
+
     def _submit_all(self, prompts, params_list, priorities) -> list[JobOutput]:
         jobs: list[JobOutput] = []
         try:

@@ -146,6 +146,21 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
     assert [o.request_id for o in finished] == [good]
 
 
+def test_chat_replies_to_the_conversation_rendered_with_the_chat_template(llm):
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    second = [{"role": "user", "content": "Which worker?"}]
+    replies = llm.chat([first, second], greedy)
+    rendered = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c),
+                                     add_special_tokens=False) for c in (first, second)]
+    assert [r.outputs[0].token_ids for r in replies] == \
+        [o.outputs[0].token_ids for o in llm.generate(rendered, greedy)]
+    assert replies[0].num_prompt_tokens == len(rendered[0])
+    assert [r.outputs[0].text for r in llm.chat(first, greedy)] == [replies[0].outputs[0].text]
+    with pytest.raises(InvalidRequestError, match="conversation 1 must be a non-empty list"):
+        llm.chat([first, []], greedy)
+
+
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("n", 0),
     ("temperature", float("inf")), ("repetition_penalty", float("inf")),

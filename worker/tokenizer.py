@@ -99,6 +99,11 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The token ids of ``messages`` rendered with the chat template, ending where the
+        assistant's reply begins."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:
             if not self.chat_template:
