@@ -67,6 +67,9 @@ class LLM:
         """Run every prompt to completion. Bad input raises before any work is queued.
         ``on_output(index, delta)`` sees each incremental output (for streaming, progress);
         ``progress`` shows a bar of finished jobs on stderr."""
+        if not isinstance(prompts, (str, Sequence)):
+            raise TypeError(f"prompts must be a string, a list of token ids, or a sequence of "
+                            f"those, got {type(prompts).__name__}")
         prompts = [prompts] if _is_single(prompts) else list(prompts)
         params_list = _per_prompt(params or SamplingParams(), len(prompts))
         priorities = [0] * len(prompts) if priorities is None else list(priorities)

@@ -176,10 +176,11 @@ def test_bad_sampling_params_name_the_field(field, value):
     (dict(params="greedy"), TypeError, "got str"),
     (dict(params=[SamplingParams(), {"max_tokens": 2}]), TypeError, "sequence of them"),
     (dict(priorities=[1]), ValueError, "1 priorities for 2 prompts"),
+    (dict(prompts=5), TypeError, "prompts must be a string, a list of token ids, or a seq"),
 ])
 def test_generate_refuses_arguments_that_do_not_match_the_prompts(llm, kwargs, error, message):
     with pytest.raises(error, match=message):
-        llm.generate(["one", "two"], **kwargs)
+        llm.generate(**{"prompts": ["one", "two"], **kwargs})
     assert not llm.engine.has_unfinished()  # nothing was queued
 
 
