@@ -26,6 +26,9 @@ class LLM:
         self._daemon = None
         self._model = model
         if workers is not None:
+            if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+                raise ValueError(f"workers must be an integer >= 1 (or None for one in-process "
+                                 f"engine), got {workers!r}")
             from cluster.config import load_config, with_overrides
             from cluster.embedded import EmbeddedDaemon
 

@@ -146,6 +146,13 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
     assert [o.request_id for o in finished] == [good]
 
 
+@pytest.mark.parametrize("workers", [0, -1, "2", True])
+def test_llm_refuses_a_worker_count_that_is_not_a_positive_integer(workers):
+    # 0 used to bring up a daemon with no workers, whose jobs would wait forever
+    with pytest.raises(ValueError, match=f"workers must be an integer >= 1.*got {workers!r}"):
+        LLM("tiny", workers=workers)
+
+
 def test_chat_replies_to_the_conversation_rendered_with_the_chat_template(llm):
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
