@@ -343,7 +343,12 @@ class SchedulerService:
         self.placeable_workers = sum(min(int(r.get("NPU", 0)), int(r.get("CPU", 0) // cpus))
                                      for r in nodes)
         self.placement_problem = None
-        if self.placeable_workers < wanted:
+        if wanted == 0:  # `up` would otherwise wait out its whole timeout
+            self.placement_problem = (
+                "the Ray cluster has no NPU resources: start its nodes with "
+                "`ray start --resources='{\"NPU\": N}'` (logical NPUs on CPU hosts) or add "
+                "nodes with NPUs")
+        elif self.placeable_workers < wanted:
             self.placement_problem = (
                 f"only {self.placeable_workers} of {wanted} workers can be placed: each needs "
                 f"1 NPU and {cpus:g} CPUs (cluster.worker_num_cpus), more than the nodes with "

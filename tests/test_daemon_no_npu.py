@@ -1,0 +1,26 @@
+"""`up` on a Ray cluster that has no NPU resources at all fails at once, saying so."""
+import time
+
+import pytest
+import ray
+
+from daemon_helpers import daemon_config
+
+from cluster import bringup
+from scheduler.service import NAMESPACE
+
+
+def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path):
+    ray.init(address="local", num_cpus=1, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        started = time.monotonic()
+        with pytest.raises(bringup.DaemonStartError,
+                           match=r"^the Ray cluster has no NPU resources: start its nodes with "
+                                 r"`ray start --resources=.*; the daemon was taken down$"):
+            bringup.up(daemon_config(tmp_path), min_workers=1, timeout=120)
+        assert time.monotonic() - started < 60  # not the whole timeout
+        assert bringup.find_scheduler() is None
+    finally:
+        bringup.down()
+        ray.shutdown()
