@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 import ray
 
@@ -17,6 +18,7 @@ from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, Servic
 # Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
 # not accept a TCP connection in this time is reported at once instead.
 GCS_PROBE_TIMEOUT_S = 5.0
+WAIT_REPORT_S = 10.0  # how often `up` reports on workers that are still loading
 
 
 class ClusterNotFoundError(ConnectionError):
@@ -124,11 +126,13 @@ def find_scheduler():
         return None
 
 
-def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -> dict:
+def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
+       on_wait: Callable[[dict], None] | None = None) -> dict:
     """Create the scheduler if it is not running (a second `up` is harmless), wait until
     ``min_workers`` workers have loaded the model, and return the daemon's status. A daemon
     this call started whose workers cannot load is taken down again, so that the next `up`
-    starts afresh from the corrected config; one still waiting for NPUs is left up."""
+    starts afresh from the corrected config; one still waiting for NPUs is left up.
+    ``on_wait(status)`` is called every WAIT_REPORT_S while the workers load."""
     scheduler = find_scheduler()
     created = scheduler is None
     if created:
@@ -138,7 +142,10 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0) -
             get_if_exists=True, scheduling_strategy=head_node_strategy(),
         ).remote(options, journal)
     try:
-        return ray.get(scheduler.wait_ready.remote(min_workers, timeout))
+        ready = scheduler.wait_ready.remote(min_workers, timeout)
+        while on_wait is not None and not ray.wait([ready], timeout=WAIT_REPORT_S)[0]:
+            on_wait(ray.get(scheduler.status.remote()))
+        return ray.get(ready)
     except ray.exceptions.ActorDiedError as exc:  # its constructor raised: config or model
         raise DaemonStartError(f"the scheduler could not start: {last_line(exc.error_msg)}"
                                ) from None

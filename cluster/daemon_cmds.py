@@ -50,9 +50,19 @@ def run_up(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     bringup.connect(args.address)
-    status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout)
+    status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout,
+                        on_wait=print_loading)
     print(format_status(status))
     return 0
+
+
+def print_loading(status: dict) -> None:
+    """A line on stderr while `up` waits for workers to load the model."""
+    ready = sum(1 for w in status["workers"] if w.get("ready"))
+    loading = len(status["workers"]) - ready
+    problem = f"; {status['placement_problem']}" if status.get("placement_problem") else ""
+    print(f"pagedserve: waiting for workers: {ready} ready, {loading} loading the model "
+          f"(up {status['uptime_s']:.0f} s){problem}", file=sys.stderr, flush=True)
 
 
 def run_down(args: argparse.Namespace) -> int:

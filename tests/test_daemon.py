@@ -62,6 +62,16 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     assert len(ready_workers(client)) == 2
 
 
+def test_up_reports_while_it_waits_for_workers(daemon, monkeypatch, capsys):
+    monkeypatch.setattr(bringup, "WAIT_REPORT_S", 0.3)
+    assert cli.main(["up", "--min-workers", "3", "--timeout", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    waiting = [line for line in err if line.startswith("pagedserve: waiting for workers: ")]
+    assert len(waiting) >= 3 and waiting[0].startswith(
+        "pagedserve: waiting for workers: 2 ready, 0 loading the model (up ")
+    assert err[-1].startswith("pagedserve: error: fewer than 3 workers ready after 2")
+
+
 def test_jobs_are_routed_over_both_workers(daemon, undisturbed):
     _, _, client = daemon
     assert all(len(t) == 40 for t in undisturbed)
