@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 
 T = TypeVar("T")
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 
 @dataclass(slots=True)
@@ -71,6 +72,12 @@ def _parse_line(line: str, number: int, defaults: dict) -> Job:
     if has_ids and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
         raise InvalidRequestError('"prompt_token_ids" must be a list of integers')
     priority = record.pop("priority", 0)
-    if not isinstance(priority, int):
+    if not isinstance(priority, int) or isinstance(priority, bool):
         raise InvalidRequestError('"priority" must be an integer')
+    unknown = sorted(set(record) - SAMPLING_FIELDS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown field(s) {', '.join(unknown)}; a line holds \"prompt\" or "
+            f"\"prompt_token_ids\", optionally \"priority\", and sampling fields: "
+            f"{', '.join(sorted(SAMPLING_FIELDS))}")
     return Job(prompt, SamplingParams.from_dict({**defaults, **record}), priority, number)

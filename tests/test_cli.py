@@ -74,6 +74,19 @@ def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
     assert code == 2 and f"{jobs}:2: not valid JSON" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "temprature": 0.5}',
+     'unknown field(s) temprature; a line holds "prompt" or "prompt_token_ids", optionally '
+     '"priority", and sampling fields: frequency_penalty, '),
+    ('{"prompt": "a", "priority": true}', '"priority" must be an integer'),
+])
+def test_a_line_with_a_bad_field_names_it(capsys, tmp_path, line, message):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(line + "\n")
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))
+    assert code == 2 and err.startswith(f"pagedserve: error: {jobs}:1: {message}")
+
+
 def test_a_job_the_engine_refuses_names_its_file_line(capsys, tmp_path):
     """Token ids are checked against the model's vocabulary only once it is loaded; the error
     still names the line (blank lines counted), and no job runs."""
