@@ -23,8 +23,9 @@ from starlette.requests import ClientDisconnect
 from cluster.client import SCHEDULER_GONE, Client, DaemonNotUpError, JobFailedError
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, GenerationRequest,
-                                 ResponseContext, bad_request, full_response, param_of,
-                                 role_chunk, stream_chunk, usage_chunk, validation_error)
+                                 ResponseContext, bad_request, echo_chunks, full_response,
+                                 param_of, role_chunk, stream_chunk, usage_chunk,
+                                 validation_error)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
@@ -216,11 +217,13 @@ async def completions(request: Request) -> Response:
     server.check_model(body.model)
     # Tokenized here, not in the scheduler: its one event loop relays every job's tokens,
     # and a long prompt's encode would stall them all (~1 s for 1 MiB of text).
-    prompts = [p if isinstance(p, list) else server.tokenizer.encode(p)
-               for p in body.prompt_inputs()]
+    given = body.prompt_inputs()
+    prompts = [p if isinstance(p, list) else server.tokenizer.encode(p) for p in given]
     for i, ids in enumerate(prompts):
         server.check_room(len(ids), body, f"prompt {i}" if len(prompts) > 1 else "the prompt")
-    return await _generate(request, body, prompts, body.sampling_params(), started)
+    echoed = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in given] \
+        if body.echo else []
+    return await _generate(request, body, prompts, body.sampling_params(), started, echoed)
 
 
 @router.post("/v1/chat/completions", dependencies=authorized)
@@ -241,15 +244,15 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _generate(request: Request, body: GenerationRequest, prompts: list[list[int]],
-                    params: SamplingParams, started: float) -> Response:
+                    params: SamplingParams, started: float, echoed: list[str] = ()) -> Response:
     """One job per prompt, submitted together (all accepted or none), answered as one
-    response."""
+    response; ``echoed``: the prompts' texts, to put before each choice's (echo=true)."""
     server = _server(request)
     chat = isinstance(body, ChatRequest)
     with _daemon_errors(body):
         job_ids = await server.client.asubmit_many(prompts, params, priority=body.priority)
     ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_ids[0]}", int(time.time()),
-                          server.model_id, chat, server.tokenizer)
+                          server.model_id, chat, server.tokenizer, echoed=list(echoed))
     endpoint = "chat" if chat else "completions"
     if body.stream:
         meter = StreamMeter(started)
@@ -345,6 +348,8 @@ async def _events(server: Server, ctx: ResponseContext, job_ids: list[str], n: i
         if ctx.chat:
             for index in range(n):
                 yield sse_event(role_chunk(ctx, index))
+        for chunk in echo_chunks(ctx, n):
+            yield sse_event(chunk)
         async for place, delta in merged([server.client.astream(j) for j in job_ids]):
             if delta.finish_reason == "error":
                 yield sse_event(await _job_error(server, job_ids[place]))

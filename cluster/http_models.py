@@ -128,7 +128,7 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = None
 
     def no_op_values(self) -> dict[str, tuple]:
-        return {**super().no_op_values(), "echo": (False,), "best_of": (None, self.n or 1),
+        return {**super().no_op_values(), "best_of": (None, self.n or 1),
                 "suffix": (None, "")}
 
     def prompt_inputs(self) -> list[str | list[int]]:
@@ -144,6 +144,9 @@ class CompletionRequest(GenerationRequest):
         return prompts
 
     def sampling_params(self, **overrides) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo=true with logprobs is not supported: pagedserve does not "
+                              "compute the prompt's logprobs", "echo")
         return super().sampling_params(logprobs=self.logprobs, **overrides)
 
 
@@ -247,6 +250,7 @@ class ResponseContext:
     chat: bool
     tokenizer: Tokenizer
     text_offsets: dict[int, int] = field(default_factory=dict)  # per sample, completions only
+    echoed: list[str] = field(default_factory=list)  # per prompt, with echo=true: its text
 
     @property
     def object_name(self) -> str:
@@ -269,7 +273,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def full_response(ctx: ResponseContext, jobs: list[JobOutput], n: int) -> dict:
     """The whole response to the jobs of one request, one per prompt: prompt i's samples are
     choices i * n to i * n + n - 1."""
-    choices = [_choice(ctx, i * n + o.index, o.text, o.logprobs, o.finish_reason,
+    echoed = ctx.echoed or [""] * len(jobs)
+    choices = [_choice(ctx, i * n + o.index, echoed[i] + o.text, o.logprobs, o.finish_reason,
                        streaming=False) for i, job in enumerate(jobs) for o in job.outputs]
     completion_tokens = sum(len(o.token_ids) for job in jobs for o in job.outputs)
     return {**ctx.header(False), "choices": choices,
@@ -281,6 +286,13 @@ def stream_chunk(ctx: ResponseContext, delta: RequestOutput, index: int) -> dict
     choice = _choice(ctx, index, delta.text, delta.logprobs, delta.finish_reason,
                      streaming=True)
     return {**ctx.header(True), "choices": [choice]}
+
+
+def echo_chunks(ctx: ResponseContext, n: int) -> list[dict]:
+    """With echo=true, each choice's stream opens with its prompt's text."""
+    return [{**ctx.header(True), "choices": [_choice(ctx, i * n + sample, text, None, None,
+                                                     streaming=True)]}
+            for i, text in enumerate(ctx.echoed) for sample in range(n)]
 
 
 def role_chunk(ctx: ResponseContext, index: int) -> dict:

@@ -207,6 +207,25 @@ def test_more_prompts_than_the_queue_holds_is_400_not_429(api):
     assert f"can never fit max_queued_jobs={MAX_QUEUED}" in caught.value.body["message"]
 
 
+def test_echo_puts_each_prompt_before_its_completions(api):
+    kwargs = dict(model="tiny", prompt=["Echo me", "and me"], n=2, max_tokens=6,
+                  temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    plain = api.completions.create(**kwargs)
+    echoed = api.completions.create(echo=True, **kwargs)
+    assert [c.text for c in echoed.choices] == \
+        [kwargs["prompt"][c.index // 2] + c.text for c in plain.choices]
+    assert echoed.usage == plain.usage
+    texts = [""] * 4
+    for chunk in api.completions.create(echo=True, stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in echoed.choices]
+    # token ids are echoed as their text: 72, 105 are "H", "i" to the byte-level tokenizer
+    ids = api.completions.create(prompt=[72, 105], echo=True, **greedy())
+    assert ids.choices[0].text == "Hi" + api.completions.create(prompt=[72, 105],
+                                                                **greedy()).choices[0].text
+
+
 def test_completion_stream_equals_the_whole_response(api):
     whole = api.completions.create(prompt="Stream this", **greedy())
     chunks = list(api.completions.create(prompt="Stream this", stream=True,
@@ -315,7 +334,8 @@ USER = [{"role": "user", "content": "x"}]
 @pytest.mark.parametrize("endpoint, body, param, message", [
     ("completions", {"logit_bias": {"5": 10}}, "logit_bias",
      'logit_bias={"5": 10.0} is not supported by pagedserve'),
-    ("completions", {"echo": True}, "echo", "echo=true is not supported"),
+    ("completions", {"echo": True, "logprobs": 2}, "echo",
+     "echo=true with logprobs is not supported"),
     ("completions", {"suffix": "end"}, "suffix", 'suffix="end" is not supported'),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format",
      'response_format={"type": "json_object"} is not supported'),
