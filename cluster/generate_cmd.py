@@ -76,6 +76,8 @@ def job_record(index: int, job: JobOutput) -> dict:
     """The --json form of one job's result."""
     record = {"index": index, **_sample_record(job.outputs[0]),
               "num_prompt_tokens": job.num_prompt_tokens}
+    if job.prompt_logprobs is not None:  # of prompt tokens 1.., as "logprobs" are
+        record["prompt_logprobs"] = _logprobs_record(job.prompt_logprobs)
     if len(job.outputs) > 1:
         record["samples"] = [_sample_record(o) for o in job.outputs]
     return record
@@ -84,10 +86,13 @@ def job_record(index: int, job: JobOutput) -> dict:
 def _sample_record(out: CompletionOutput) -> dict:
     record = {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}
     if out.logprobs is not None:
-        record["logprobs"] = [
-            {"token_id": lp.token_id, "logprob": lp.logprob,
-             "top": [[t, v] for t, v in lp.top]} for lp in out.logprobs]
+        record["logprobs"] = _logprobs_record(out.logprobs)
     return record
+
+
+def _logprobs_record(logprobs: list) -> list[dict]:
+    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, v] for t, v in lp.top]}
+            for lp in logprobs]
 
 
 class TerminalPrinter:

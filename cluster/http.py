@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from cluster.client import SCHEDULER_GONE, Client, DaemonNotUpError, JobFailedError
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, GenerationRequest,
-                                 ResponseContext, bad_request, echo_chunks, full_response,
+                                 Echo, ResponseContext, bad_request, echo_chunk, full_response,
                                  param_of, role_chunk, stream_chunk, usage_chunk,
                                  validation_error)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -221,8 +221,8 @@ async def completions(request: Request) -> Response:
     prompts = [p if isinstance(p, list) else server.tokenizer.encode(p) for p in given]
     for i, ids in enumerate(prompts):
         server.check_room(len(ids), body, f"prompt {i}" if len(prompts) > 1 else "the prompt")
-    echoed = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in given] \
-        if body.echo else []
+    echoed = [Echo(p if isinstance(p, str) else server.tokenizer.decode(p), ids)
+              for p, ids in zip(given, prompts)] if body.echo else []
     return await _generate(request, body, prompts, body.sampling_params(), started, echoed)
 
 
@@ -244,9 +244,9 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _generate(request: Request, body: GenerationRequest, prompts: list[list[int]],
-                    params: SamplingParams, started: float, echoed: list[str] = ()) -> Response:
+                    params: SamplingParams, started: float, echoed: list[Echo] = ()) -> Response:
     """One job per prompt, submitted together (all accepted or none), answered as one
-    response; ``echoed``: the prompts' texts, to put before each choice's (echo=true)."""
+    response; ``echoed``: what to put before each prompt's choices (echo=true)."""
     server = _server(request)
     chat = isinstance(body, ChatRequest)
     with _daemon_errors(body):
@@ -348,14 +348,17 @@ async def _events(server: Server, ctx: ResponseContext, job_ids: list[str], n: i
         if ctx.chat:
             for index in range(n):
                 yield sse_event(role_chunk(ctx, index))
-        for chunk in echo_chunks(ctx, n):
-            yield sse_event(chunk)
+        opened: set[int] = set()
         async for place, delta in merged([server.client.astream(j) for j in job_ids]):
             if delta.finish_reason == "error":
                 yield sse_event(await _job_error(server, job_ids[place]))
                 break
             meter.add(place, delta, time.monotonic())
-            yield sse_event(stream_chunk(ctx, delta, place * n + delta.index))
+            index = place * n + delta.index
+            if ctx.echoed and index not in opened:
+                opened.add(index)
+                yield sse_event(echo_chunk(ctx, place, delta, index))
+            yield sse_event(stream_chunk(ctx, delta, index))
         else:
             meter.finished = True
             if include_usage:

@@ -144,10 +144,10 @@ class CompletionRequest(GenerationRequest):
         return prompts
 
     def sampling_params(self, **overrides) -> SamplingParams:
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo=true with logprobs is not supported: pagedserve does not "
-                              "compute the prompt's logprobs", "echo")
-        return super().sampling_params(logprobs=self.logprobs, **overrides)
+        # echo=true with logprobs also scores the echoed prompt (what evaluation harnesses ask)
+        prompt_logprobs = self.logprobs if self.echo else None
+        return super().sampling_params(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
+                                       **overrides)
 
 
 class TextPart(_Strict):
@@ -241,6 +241,19 @@ def _is_union_member(part) -> bool:
 
 
 @dataclass(slots=True)
+class Echo:
+    """With echo=true, what each choice of one prompt begins with."""
+
+    text: str
+    token_ids: list[int]
+
+    def logprobs(self, scored: list[TokenLogprobs] | None) -> list[TokenLogprobs]:
+        """The prompt's logprob entries, from the worker's scores of tokens 1.. (the first token
+        has none)."""
+        return [TokenLogprobs(self.token_ids[0], None, None), *(scored or [])]
+
+
+@dataclass(slots=True)
 class ResponseContext:
     """What every object of one response repeats, and how it renders tokens."""
 
@@ -250,7 +263,7 @@ class ResponseContext:
     chat: bool
     tokenizer: Tokenizer
     text_offsets: dict[int, int] = field(default_factory=dict)  # per sample, completions only
-    echoed: list[str] = field(default_factory=list)  # per prompt, with echo=true: its text
+    echoed: list[Echo] = field(default_factory=list)  # per prompt, with echo=true
 
     @property
     def object_name(self) -> str:
@@ -273,9 +286,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def full_response(ctx: ResponseContext, jobs: list[JobOutput], n: int) -> dict:
     """The whole response to the jobs of one request, one per prompt: prompt i's samples are
     choices i * n to i * n + n - 1."""
-    echoed = ctx.echoed or [""] * len(jobs)
-    choices = [_choice(ctx, i * n + o.index, echoed[i] + o.text, o.logprobs, o.finish_reason,
-                       streaming=False) for i, job in enumerate(jobs) for o in job.outputs]
+    choices = []
+    for i, job in enumerate(jobs):
+        for o in job.outputs:
+            text, logprobs = o.text, o.logprobs
+            if ctx.echoed:
+                text = ctx.echoed[i].text + text
+                if logprobs is not None:
+                    logprobs = ctx.echoed[i].logprobs(job.prompt_logprobs) + logprobs
+            choices.append(_choice(ctx, i * n + o.index, text, logprobs, o.finish_reason,
+                                   streaming=False))
     completion_tokens = sum(len(o.token_ids) for job in jobs for o in job.outputs)
     return {**ctx.header(False), "choices": choices,
             "usage": usage(sum(job.num_prompt_tokens for job in jobs), completion_tokens)}
@@ -288,11 +308,13 @@ def stream_chunk(ctx: ResponseContext, delta: RequestOutput, index: int) -> dict
     return {**ctx.header(True), "choices": [choice]}
 
 
-def echo_chunks(ctx: ResponseContext, n: int) -> list[dict]:
-    """With echo=true, each choice's stream opens with its prompt's text."""
-    return [{**ctx.header(True), "choices": [_choice(ctx, i * n + sample, text, None, None,
-                                                     streaming=True)]}
-            for i, text in enumerate(ctx.echoed) for sample in range(n)]
+def echo_chunk(ctx: ResponseContext, prompt: int, first: RequestOutput, index: int) -> dict:
+    """With echo=true, choice ``index``'s stream opens with its prompt's text (and, with
+    logprobs, the prompt's scores, which come with the choice's ``first`` delta)."""
+    echo = ctx.echoed[prompt]
+    logprobs = None if first.logprobs is None else echo.logprobs(first.prompt_logprobs)
+    return {**ctx.header(True), "choices": [_choice(ctx, index, echo.text, logprobs, None,
+                                                    streaming=True)]}
 
 
 def role_chunk(ctx: ResponseContext, index: int) -> dict:
@@ -336,8 +358,12 @@ def _completion_logprobs(ctx: ResponseContext, index: int,
         offsets.append(at)
         at += len(token)
     ctx.text_offsets[index] = at  # a stream's next chunk continues from here
-    return {"tokens": tokens, "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
-            "top_logprobs": [{ctx.token_text(t): _finite(v) for t, v in lp.top}
+    # an echoed prompt's first token has no logprob: None, as OpenAI's API gives it
+    return {"tokens": tokens,
+            "token_logprobs": [None if lp.logprob is None else _finite(lp.logprob)
+                               for lp in logprobs],
+            "top_logprobs": [None if lp.top is None else
+                             {ctx.token_text(t): _finite(v) for t, v in lp.top}
                              for lp in logprobs],
             "text_offset": offsets}
 

@@ -190,7 +190,8 @@ class ContinuousBatcher:
         return min(num_new, budget)
 
     def _match_prefix(self, req: Request) -> list:
-        if not self.config.enable_prefix_caching:
+        # prompt logprobs need the logits of every prompt position: no cached blocks then
+        if not self.config.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return []
         return self.kv.match_prefix(req.token_ids, req.cache_salt)
 

@@ -17,6 +17,7 @@ class SampleState:
     text: str = ""
     text_offsets: list[int] = field(default_factory=lambda: [0])  # len(text) after k tokens
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None  # as the worker scored the prompt, if asked for
     finish_reason: str | None = None
     attempt: int = 0  # bumped at each re-route; reports of older attempts are stale
     worker_id: str | None = None
@@ -85,6 +86,8 @@ class JobState:
             sample.text_offsets[-1] = len(sample.text)
         if out.logprobs:
             sample.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None and sample.prompt_logprobs is None:
+            sample.prompt_logprobs = out.prompt_logprobs
         sample.emitted_at = out.emitted_at
         if out.finish_reason is not None:
             self.finish_sample(sample, out.finish_reason)
@@ -115,5 +118,6 @@ class JobState:
                 num_prompt_tokens=len(self.prompt_token_ids),
                 finish_reason=sample.finish_reason,
                 logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None,
-                emitted_at=sample.emitted_at))
+                emitted_at=sample.emitted_at,
+                prompt_logprobs=sample.prompt_logprobs if seen == 0 else None))
         return out

@@ -474,6 +474,7 @@ def job_summary(job: JobState) -> dict:
         "job_id": job.job_id, "num_prompt_tokens": len(job.prompt_token_ids), "error": job.error,
         "arrival_time": job.arrival_time, "first_token_time": job.first_token_time,
         "finish_time": job.finish_time,
+        "prompt_logprobs": job.samples[0].prompt_logprobs,
         "outputs": [{"index": s.index, "token_ids": s.token_ids, "text": s.text,
                      "finish_reason": s.finish_reason,
                      "logprobs": s.logprobs if job.params.logprobs is not None else None}

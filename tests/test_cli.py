@@ -74,6 +74,17 @@ def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
     assert code == 2 and f"{jobs}:2: not valid JSON" in err and err.count("\n") == 1
 
 
+def test_generate_json_carries_prompt_logprobs_when_a_line_asks(capsys, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 2, "prompt_logprobs": 2}\n'
+                    '{"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 2}\n')
+    code, out, _ = run(capsys, "generate", "--prompts", str(jobs), "--json")
+    scored, plain = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and "prompt_logprobs" not in plain
+    assert [lp["token_id"] for lp in scored["prompt_logprobs"]] == [6, 7, 8]
+    assert all(len(lp["top"]) == 2 and lp["logprob"] <= 0 for lp in scored["prompt_logprobs"])
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a", "temprature": 0.5}',
      'unknown field(s) temprature; a line holds "prompt" or "prompt_token_ids", optionally '

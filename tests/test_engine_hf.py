@@ -97,3 +97,25 @@ def test_greedy_matches_transformers(checkpoint, expected, regime):
     if regime == "prefix-caching":
         assert stats.prefix_hit_rate > 0
     assert stats.kv_blocks_used == 0  # every block came back
+
+
+@pytest.mark.parametrize("regime", ["prefix-caching", "chunked-16", "preempting"])
+def test_prompt_logprobs_match_transformers(checkpoint, regime):
+    """Each prompt token's logprob (and top-2) equals HF's log-softmax of the teacher-forced
+    logits, although the prompts share a cached prefix, are cut in 16-token chunks, or are
+    preempted and recomputed."""
+    path, model = checkpoint
+    llm = LLM(str(path), **REGIMES[regime])
+    outs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_NEW, temperature=0,
+                                                  prompt_logprobs=2))
+    for ids, out in zip(prompts(), outs):
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        got = out.prompt_logprobs
+        assert [lp.token_id for lp in got] == ids[1:]
+        assert torch.allclose(torch.tensor([lp.logprob for lp in got]),
+                              ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], atol=1e-4)
+        top_ref = ref.topk(2, dim=-1)
+        assert [[t for t, _ in lp.top] for lp in got] == top_ref.indices.tolist()
+    if regime == "preempting":
+        assert llm.engine.stats().num_preemptions > 0

@@ -226,6 +226,27 @@ def test_echo_puts_each_prompt_before_its_completions(api):
                                                                 **greedy()).choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
+    """What evaluation harnesses send for log-likelihoods: token ids, echo, logprobs."""
+    _, client = daemon
+    ids = [5, 17, 42, 99, 7, 64]
+    own = client.result(client.submit(ids, SamplingParams(
+        max_tokens=3, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1)))
+    assert [lp.token_id for lp in own.prompt_logprobs] == ids[1:]
+    kwargs = dict(model="tiny", prompt=[ids], max_tokens=3, temperature=0, logprobs=1,
+                  echo=True, extra_body={"ignore_eos": True})
+    whole = api.completions.create(**kwargs).choices[0].logprobs
+    assert len(whole.tokens) == len(ids) + 3
+    assert whole.token_logprobs[0] is None and whole.top_logprobs[0] is None
+    assert whole.token_logprobs[1:6] == pytest.approx([lp.logprob for lp in own.prompt_logprobs])
+    assert whole.token_logprobs[6:] == pytest.approx([lp.logprob
+                                                      for lp in own.outputs[0].logprobs])
+    streamed = [c.choices[0].logprobs for c in api.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs]
+    assert sum((lp.token_logprobs for lp in streamed), []) == whole.token_logprobs
+    assert sum((lp.tokens for lp in streamed), []) == whole.tokens
+
+
 def test_completion_stream_equals_the_whole_response(api):
     whole = api.completions.create(prompt="Stream this", **greedy())
     chunks = list(api.completions.create(prompt="Stream this", stream=True,
@@ -334,8 +355,6 @@ USER = [{"role": "user", "content": "x"}]
 @pytest.mark.parametrize("endpoint, body, param, message", [
     ("completions", {"logit_bias": {"5": 10}}, "logit_bias",
      'logit_bias={"5": 10.0} is not supported by pagedserve'),
-    ("completions", {"echo": True, "logprobs": 2}, "echo",
-     "echo=true with logprobs is not supported"),
     ("completions", {"suffix": "end"}, "suffix", 'suffix="end" is not supported'),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format",
      'response_format={"type": "json_object"} is not supported'),

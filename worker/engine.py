@@ -21,7 +21,7 @@ from worker.loader import load_config, load_model, resolve_model_path
 from worker.models.fused_ops import PARALLEL_MIN_ROWS
 from worker.output import EngineStats, RequestOutput
 from worker.runner import ModelRunner, prepare_inputs
-from worker.sampler import Sampler, SamplingRow
+from worker.sampler import Sampler, SamplingRow, token_logprobs
 from worker.streams import SampleStream
 from worker.tokenizer import Tokenizer
 
@@ -171,6 +171,8 @@ class Engine:
             return outputs
         inputs = prepare_inputs(batch, self.kv, self.runner.device)
         logits = self.runner.execute(inputs)
+        if inputs.prompt_rows:
+            logits = self._take_prompt_logprobs(batch, inputs.prompt_rows, logits)
         sampled_reqs = [batch.requests[i] for i in inputs.sampling_rows]
         sampled, forks = self._sample(logits, sampled_reqs)
         self._count_tokens(batch, len(sampled_reqs))
@@ -207,6 +209,26 @@ class Engine:
             child.append_token(token)
         sampled = {req.request_id: t for req, t in zip(reqs, result.token_ids)}
         return sampled, forks
+
+    def _take_prompt_logprobs(self, batch: ScheduledBatch, prompt_rows, logits: torch.Tensor
+                              ) -> torch.Tensor:
+        """Record the prompt logprobs of the positions in ``prompt_rows`` (whose logits come
+        first); returns the rest. A position already recorded (a prompt recomputed after a
+        preemption) is skipped."""
+        count = sum(n for _, _, n in prompt_rows)
+        scores, rest = logits[:count], logits[count:]
+        at = 0
+        for i, first, n in prompt_rows:
+            req = batch.requests[i]
+            stream = self._streams[req.request_id]
+            skip = len(stream.prompt_logprobs) - first  # positions recorded before
+            if 0 <= skip < n:
+                targets = req.prompt_token_ids[first + 1 + skip:first + 1 + n]
+                stream.prompt_logprobs += token_logprobs(
+                    scores[at + skip:at + n], targets,
+                    [req.params.prompt_logprobs] * len(targets))
+            at += n
+        return rest
 
     def _start_fork(self, parent: Request, child: Request) -> None:
         """A sample of an n > 1 job joins its parent's blocks (or recomputes if it cannot)."""

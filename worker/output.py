@@ -28,6 +28,8 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
     emitted_at: float | None = None  # time.time() when the engine produced the newest token
+    # of prompt tokens 1.. (token 0 has none), once, with the sample's first output
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -40,21 +42,26 @@ def pack_outputs(outputs: list[RequestOutput]) -> bytes:
     floor for a call is ~0.55 ms)."""
     return msgpack.packb([
         (o.request_id, o.index, o.new_token_ids, o.text, o.num_prompt_tokens, o.finish_reason,
-         None if o.logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs],
-         o.emitted_at)
+         _pack_logprobs(o.logprobs), o.emitted_at, _pack_logprobs(o.prompt_logprobs))
         for o in outputs], use_bin_type=True)
+
+
+def _pack_logprobs(logprobs: list[TokenLogprobs] | None) -> list | None:
+    return None if logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in logprobs]
+
+
+def _unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
+    return None if packed is None else [
+        TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top])
+        for token_id, logprob, top in packed]
 
 
 def unpack_outputs(blob: bytes) -> list[RequestOutput]:
     """The inverse of :func:`pack_outputs`."""
-    outputs = []
-    for rid, index, ids, text, prompt_tokens, reason, logprobs, emitted_at in msgpack.unpackb(blob):
-        if logprobs is not None:
-            logprobs = [TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top])
-                        for token_id, logprob, top in logprobs]
-        outputs.append(RequestOutput(rid, index, ids, text, prompt_tokens, reason, logprobs,
-                                     emitted_at))
-    return outputs
+    return [RequestOutput(rid, index, ids, text, prompt_tokens, reason, _unpack_logprobs(logprobs),
+                          emitted_at, _unpack_logprobs(prompt_logprobs))
+            for rid, index, ids, text, prompt_tokens, reason, logprobs, emitted_at, prompt_logprobs
+            in msgpack.unpackb(blob)]
 
 
 @dataclass(slots=True)
@@ -96,6 +103,7 @@ class JobOutput:
     num_prompt_tokens: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., if asked for
 
     @classmethod
     def start(cls, request_id: str, n: int, now: float) -> "JobOutput":
@@ -108,6 +116,8 @@ class JobOutput:
             self.first_token_time = now
         sample.token_ids.extend(delta.new_token_ids)
         sample.text += delta.text
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.logprobs is not None:
             sample.logprobs = (sample.logprobs or []) + delta.logprobs
         if delta.finish_reason is not None:

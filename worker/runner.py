@@ -2,7 +2,7 @@
 logits of the tokens that are sampled."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -19,13 +19,16 @@ class StepInputs:
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]
     meta: AttentionMetadata
-    logits_indices: list[int]  # rows of the hidden states to sample from
-    sampling_rows: list[int]  # which batch entries those rows belong to
+    logits_indices: list[int]  # rows whose logits are computed: prompt_rows' first, in order
+    sampling_rows: list[int]  # which batch entries the rows after the prompt rows sample for
+    # (batch entry, first position, count): prompt positions whose logits give prompt logprobs
+    prompt_rows: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> StepInputs:
     """Pack the step's tokens of every scheduled request, with their slots and block tables."""
-    if all(n == 1 for n in batch.num_new_tokens):
+    if all(n == 1 for n in batch.num_new_tokens) and not any(
+            r.params.prompt_logprobs is not None for r in batch.requests):
         return _decode_inputs(batch, kv, device)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -35,6 +38,8 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
     query_start_loc = [0]
     logits_indices: list[int] = []
     sampling_rows: list[int] = []
+    prompt_rows: list[tuple[int, int, int]] = []
+    prompt_indices: list[int] = []
     for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
         start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
         input_ids.extend(req.token_ids[start:end])
@@ -46,6 +51,13 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
         if end == req.num_tokens:
             logits_indices.append(query_start_loc[-1] - 1)
             sampling_rows.append(i)
+        if req.params.prompt_logprobs is not None:
+            # position p's logits score prompt token p + 1
+            last = min(end, req.num_prompt_tokens - 1)
+            if last > start:
+                prompt_rows.append((i, start, last - start))
+                first_row = query_start_loc[-2]
+                prompt_indices.extend(range(first_row, first_row + last - start))
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int32, device=device),
         block_tables=_padded_tables(tables, device),
@@ -56,8 +68,9 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         meta=meta,
-        logits_indices=logits_indices,
+        logits_indices=prompt_indices + logits_indices,
         sampling_rows=sampling_rows,
+        prompt_rows=prompt_rows,
     )
 
 
@@ -118,8 +131,9 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits ``[len(inputs.logits_indices), vocab]``."""
         meta = self.backend.prepare(inputs.meta)
-        rows = None  # every token is sampled (a decode step): no gather
-        if len(inputs.logits_indices) < inputs.input_ids.shape[0]:
+        rows = None  # every token's logits, in order (a decode step): no gather
+        num_tokens = inputs.input_ids.shape[0]
+        if len(inputs.logits_indices) < num_tokens or inputs.prompt_rows:
             rows = torch.tensor(inputs.logits_indices, dtype=torch.long, device=self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta, rows)
         if not inputs.logits_indices:

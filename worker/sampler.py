@@ -256,18 +256,26 @@ def _logprobs(raw: torch.Tensor, token_ids: list[int],
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
         return result
-    device = raw.device
-    logprobs = _take_rows(raw, wanted).log_softmax(dim=-1)
-    chosen = torch.tensor([token_ids[i] for i in wanted], device=device)
+    found = token_logprobs(_take_rows(raw, wanted), [token_ids[i] for i in wanted],
+                           [rows[i].params.logprobs for i in wanted])
+    for i, lp in zip(wanted, found):
+        result[i] = lp
+    return result
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int],
+                   top_counts: list[int]) -> list[TokenLogprobs]:
+    """Per row of raw ``logits``: the logprob of ``token_ids[row]`` and the row's
+    ``top_counts[row]`` most likely tokens (for generated tokens, and for prompt tokens)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
     chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-    width = min(max(rows[i].params.logprobs for i in wanted), raw.shape[-1])
+    width = min(max(top_counts, default=0), logits.shape[-1])
     top_values, top_ids = logprobs.topk(width, dim=-1) if width else (logprobs[:, :0], logprobs[:, :0])
     top_values, top_ids = top_values.tolist(), top_ids.long().tolist()
-    for j, i in enumerate(wanted):
-        count = rows[i].params.logprobs
-        top = list(zip(top_ids[j][:count], top_values[j][:count]))
-        result[i] = TokenLogprobs(token_ids[i], chosen_logprobs[j], top)
-    return result
+    return [TokenLogprobs(token, chosen_logprobs[j],
+                          list(zip(top_ids[j][:count], top_values[j][:count])))
+            for j, (token, count) in enumerate(zip(token_ids, top_counts))]
 
 
 def _take_rows(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:

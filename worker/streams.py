@@ -21,6 +21,8 @@ class SampleStream:
         self.detokenizer = IncrementalDetokenizer(tokenizer, list(request.token_ids))
         self.text = ""
         self.logprobs: list[TokenLogprobs] = []
+        self.prompt_logprobs: list[TokenLogprobs] = []  # of prompt tokens 1.. (the first has none)
+        self._prompt_logprobs_sent = False
         self.stopped_by_text = False
         self.done = False
         self._tokens_read = self._resumed
@@ -57,8 +59,17 @@ class SampleStream:
             finish_reason=req.finish_reason.value if finished else None,
             logprobs=self.logprobs[self._tokens_sent - self._resumed:self._tokens_read - self._resumed]
             if req.params.logprobs is not None else None,
+            prompt_logprobs=self._prompt_logprobs_once(),
             emitted_at=time.time())
         self._tokens_sent = self._tokens_read
         self._text_sent = end
         self.done = finished
         return out
+
+    def _prompt_logprobs_once(self) -> list[TokenLogprobs] | None:
+        """With the first output, once the whole prompt is scored (if they were asked for)."""
+        if self._prompt_logprobs_sent or self.request.params.prompt_logprobs is None or \
+                len(self.prompt_logprobs) < self.request.num_prompt_tokens - 1:
+            return None
+        self._prompt_logprobs_sent = True
+        return self.prompt_logprobs
