@@ -146,6 +146,19 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
     assert [o.request_id for o in finished] == [good]
 
 
+def test_prompt_logprobs_survive_one_token_chunks_beside_decodes(llm):
+    """With a 2-token step budget a prompt advances one token per step beside a decoding job:
+    steps of single tokens, which must still score the prompt positions."""
+    prompt = list(range(40, 60))
+    scored = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1)
+    reference = llm.generate([prompt], scored)[0].prompt_logprobs
+    tight = LLM("tiny", block_size=16, max_num_batched_tokens=2, enable_chunked_prefill=True)
+    outs = tight.generate([[3], prompt], [SamplingParams(max_tokens=30, ignore_eos=True), scored])
+    got = outs[1].prompt_logprobs
+    assert [lp.token_id for lp in got] == prompt[1:]
+    assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in reference], abs=1e-4)
+
+
 @pytest.mark.parametrize("workers", [0, -1, "2", True])
 def test_llm_refuses_a_worker_count_that_is_not_a_positive_integer(workers):
     # 0 used to bring up a daemon with no workers, whose jobs would wait forever

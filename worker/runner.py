@@ -27,8 +27,7 @@ class StepInputs:
 
 def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> StepInputs:
     """Pack the step's tokens of every scheduled request, with their slots and block tables."""
-    if all(n == 1 for n in batch.num_new_tokens) and not any(
-            r.params.prompt_logprobs is not None for r in batch.requests):
+    if all(n == 1 for n in batch.num_new_tokens) and not any(map(_scores_prompt, batch.requests)):
         return _decode_inputs(batch, kv, device)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -72,6 +71,12 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
         sampling_rows=sampling_rows,
         prompt_rows=prompt_rows,
     )
+
+
+def _scores_prompt(req) -> bool:
+    """Whether req's next token is a prompt position whose logits give a prompt logprob."""
+    return req.params.prompt_logprobs is not None and \
+        req.num_computed_tokens < req.num_prompt_tokens - 1
 
 
 def _decode_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> StepInputs:
