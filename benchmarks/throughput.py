@@ -114,11 +114,11 @@ class StepRecorder:
         self._execute = runner.execute
         runner.execute = self
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, *args):
         self.steps.append(StepShape(int(inputs.input_ids.shape[0]), len(inputs.logits_indices),
                                     sum(inputs.meta.seq_lens)))
         with stopwatch() as elapsed:
-            logits = self._execute(inputs)
+            logits = self._execute(inputs, *args)
         self.execute_seconds.append(elapsed[0])
         return logits
 

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cluster.llm import LLM  # noqa: E402
+from worker import runner  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 from worker.models.tiny import tiny_model_dir  # noqa: E402
 
@@ -99,13 +100,15 @@ def test_greedy_matches_transformers(checkpoint, expected, regime):
     assert stats.kv_blocks_used == 0  # every block came back
 
 
-@pytest.mark.parametrize("regime", ["prefix-caching", "chunked-16", "preempting"])
-def test_prompt_logprobs_match_transformers(checkpoint, regime):
+@pytest.mark.parametrize("regime", ["prefix-caching", "chunked-16", "preempting", "sliced"])
+def test_prompt_logprobs_match_transformers(checkpoint, regime, monkeypatch):
     """Each prompt token's logprob (and top-2) equals HF's log-softmax of the teacher-forced
-    logits, although the prompts share a cached prefix, are cut in 16-token chunks, or are
-    preempted and recomputed."""
+    logits, although the prompts share a cached prefix, are cut in 16-token chunks, are
+    preempted and recomputed, or have their logits computed 7 rows at a time."""
     path, model = checkpoint
-    llm = LLM(str(path), **REGIMES[regime])
+    if regime == "sliced":
+        monkeypatch.setattr(runner, "PROMPT_LOGITS_ROWS", 7)
+    llm = LLM(str(path), **REGIMES.get(regime, {}))
     outs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_NEW, temperature=0,
                                                   prompt_logprobs=2))
     for ids, out in zip(prompts(), outs):

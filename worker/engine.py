@@ -170,9 +170,7 @@ class Engine:
         if not batch.requests:
             return outputs
         inputs = prepare_inputs(batch, self.kv, self.runner.device)
-        logits = self.runner.execute(inputs)
-        if inputs.prompt_rows:
-            logits = self._take_prompt_logprobs(batch, inputs.prompt_rows, logits)
+        logits = self.runner.execute(inputs, self._prompt_scorer(batch, inputs.prompt_rows))
         sampled_reqs = [batch.requests[i] for i in inputs.sampling_rows]
         sampled, forks = self._sample(logits, sampled_reqs)
         self._count_tokens(batch, len(sampled_reqs))
@@ -210,25 +208,27 @@ class Engine:
         sampled = {req.request_id: t for req, t in zip(reqs, result.token_ids)}
         return sampled, forks
 
-    def _take_prompt_logprobs(self, batch: ScheduledBatch, prompt_rows, logits: torch.Tensor
-                              ) -> torch.Tensor:
-        """Record the prompt logprobs of the positions in ``prompt_rows`` (whose logits come
-        first); returns the rest. A position already recorded (a prompt recomputed after a
+    def _prompt_scorer(self, batch: ScheduledBatch, prompt_rows):
+        """The runner's callback for the logits of scored prompt positions (rows in
+        ``prompt_rows`` order, a slice at a time): records each position's prompt logprob on
+        its sample's stream. A position recorded before (a prompt recomputed after a
         preemption) is skipped."""
-        count = sum(n for _, _, n in prompt_rows)
-        scores, rest = logits[:count], logits[count:]
-        at = 0
-        for i, first, n in prompt_rows:
-            req = batch.requests[i]
-            stream = self._streams[req.request_id]
-            skip = len(stream.prompt_logprobs) - first  # positions recorded before
-            if 0 <= skip < n:
-                targets = req.prompt_token_ids[first + 1 + skip:first + 1 + n]
-                stream.prompt_logprobs += token_logprobs(
-                    scores[at + skip:at + n], targets,
-                    [req.params.prompt_logprobs] * len(targets))
-            at += n
-        return rest
+        owners = [(batch.requests[i], pos) for i, first, n in prompt_rows
+                  for pos in range(first, first + n)]
+
+        def score(start: int, logits: torch.Tensor) -> None:
+            rows = owners[start:start + logits.shape[0]]
+            new = [j for j, (req, pos) in enumerate(rows)
+                   if pos >= len(self._streams[req.request_id].prompt_logprobs)]
+            if not new:
+                return
+            found = token_logprobs(logits[new], [rows[j][0].prompt_token_ids[rows[j][1] + 1]
+                                                 for j in new],
+                                   [rows[j][0].params.prompt_logprobs for j in new])
+            for j, lp in zip(new, found):  # each sample's positions ascend: appended in order
+                self._streams[rows[j][0].request_id].prompt_logprobs.append(lp)
+
+        return score
 
     def _start_fork(self, parent: Request, child: Request) -> None:
         """A sample of an n > 1 job joins its parent's blocks (or recomputes if it cannot)."""

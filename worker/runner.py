@@ -2,6 +2,7 @@
 logits of the tokens that are sampled."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -12,6 +13,8 @@ from kvcache.layout import kv_cache_shape
 from kvcache.manager import KVCacheManager
 from scheduler.batching import ScheduledBatch
 from worker.attention import AttentionBackend, AttentionMetadata
+
+PROMPT_LOGITS_ROWS = 256  # scored prompt positions whose logits are held at once
 
 
 @dataclass(slots=True)
@@ -133,17 +136,25 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """Run one step; returns float32 logits ``[len(inputs.logits_indices), vocab]``."""
+    def execute(self, inputs: StepInputs,
+                score_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Run one step; returns the float32 logits of the sampled rows ``[len(sampling_rows),
+        vocab]``. The logits of scored prompt positions (``prompt_rows``) go to
+        ``score_prompt(first row, logits)`` instead, PROMPT_LOGITS_ROWS rows at a time: all at
+        once they could take GiBs (2048 rows x a 128K vocabulary x 4 bytes)."""
         meta = self.backend.prepare(inputs.meta)
         rows = None  # every token's logits, in order (a decode step): no gather
         num_tokens = inputs.input_ids.shape[0]
         if len(inputs.logits_indices) < num_tokens or inputs.prompt_rows:
             rows = torch.tensor(inputs.logits_indices, dtype=torch.long, device=self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta, rows)
-        if not inputs.logits_indices:
+        scored = len(inputs.logits_indices) - len(inputs.sampling_rows)
+        for start in range(0, scored, PROMPT_LOGITS_ROWS):
+            end = min(scored, start + PROMPT_LOGITS_ROWS)
+            score_prompt(start, self.model.compute_logits(hidden[start:end]).float())
+        if not inputs.sampling_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden[scored:]).float()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks src -> dst in every layer (for forked samples)."""
