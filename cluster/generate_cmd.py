@@ -39,12 +39,15 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
     g.add_argument("--logprobs", type=int, default=None,
                    help="top-k logprobs per token, 0-20 (default: none)")
+    g.add_argument("--prompt-logprobs", type=int, default=None,
+                   help="the same for every prompt token after the first, 0-20 (default: none)")
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n, stop=args.stop,
-                ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+                ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                prompt_logprobs=args.prompt_logprobs)
 
 
 def load_jobs(args: argparse.Namespace) -> list[Job]:

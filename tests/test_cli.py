@@ -83,6 +83,10 @@ def test_generate_json_carries_prompt_logprobs_when_a_line_asks(capsys, tmp_path
     assert code == 0 and "prompt_logprobs" not in plain
     assert [lp["token_id"] for lp in scored["prompt_logprobs"]] == [6, 7, 8]
     assert all(len(lp["top"]) == 2 and lp["logprob"] <= 0 for lp in scored["prompt_logprobs"])
+    code, out, _ = run(capsys, "generate", "--prompt", "abc", "--prompt-logprobs", "0",
+                       "--max-tokens", "1", "--json")
+    flag = json.loads(out)  # "abc" is BOS + 3 bytes: 3 tokens scored, no alternatives
+    assert code == 0 and [len(lp["top"]) for lp in flag["prompt_logprobs"]] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("line, message", [
