@@ -170,7 +170,8 @@ class Engine:
         if not batch.requests:
             return outputs
         inputs = prepare_inputs(batch, self.kv, self.runner.device)
-        logits = self.runner.execute(inputs, self._prompt_scorer(batch, inputs.prompt_rows))
+        scorer = self._prompt_scorer(batch, inputs.prompt_rows) if inputs.prompt_rows else None
+        logits = self.runner.execute(inputs, scorer)
         sampled_reqs = [batch.requests[i] for i in inputs.sampling_rows]
         sampled, forks = self._sample(logits, sampled_reqs)
         self._count_tokens(batch, len(sampled_reqs))
