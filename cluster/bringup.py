@@ -33,6 +33,7 @@ def connect(address: str = "auto", alternative: str | None = None) -> None:
     """Join a running Ray cluster as a driver in the pagedserve namespace. ``alternative``:
     what else the user can do when there is none, for the error message."""
     if ray.is_initialized():
+        _check_same_cluster(address)
         return
     unreachable = _gcs_unreachable(address)
     if unreachable is None:
@@ -46,6 +47,26 @@ def connect(address: str = "auto", alternative: str | None = None) -> None:
     raise ClusterNotFoundError(
         f"no Ray cluster at {address!r}{reason}; start one with "
         f"`ray start --head --resources='{{\"NPU\": 2}}'` first{other}")
+
+
+def _check_same_cluster(address: str) -> None:
+    """A process holds one Ray connection: asking for another cluster's address while joined
+    to one must fail, not silently talk to the first. "auto" and ray:// addresses are taken
+    as meaning the cluster already joined."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        wanted = canonicalize_bootstrap_address(address)
+    except Exception:
+        wanted = address
+    current = ray.get_runtime_context().gcs_address
+    if wanted is not None and wanted != current:
+        raise ClusterNotFoundError(
+            f"this process is already connected to the Ray cluster at {current}, not {address!r}; "
+            "a process can use one cluster at a time: connect to the other one from another "
+            "process, or call ray.shutdown() first")
 
 
 def _gcs_unreachable(address: str) -> str | None:

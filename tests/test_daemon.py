@@ -72,6 +72,16 @@ def test_up_reports_while_it_waits_for_workers(daemon, monkeypatch, capsys):
     assert err[-1].startswith("pagedserve: error: fewer than 3 workers ready after 2")
 
 
+def test_a_client_for_another_cluster_is_refused_not_silently_given_this_one(daemon):
+    _, _, client = daemon
+    here = ray.get_runtime_context().gcs_address
+    assert Client(address=here).status()["jobs_unfinished"] == client.status()["jobs_unfinished"]
+    with pytest.raises(bringup.ClusterNotFoundError, match=(
+            rf"^this process is already connected to the Ray cluster at {here}, not "
+            r"'127.0.0.1:1'; a process can use one cluster at a time")):
+        Client(address="127.0.0.1:1")
+
+
 def test_jobs_are_routed_over_both_workers(daemon, undisturbed):
     _, _, client = daemon
     assert all(len(t) == 40 for t in undisturbed)
