@@ -123,7 +123,9 @@ class Client:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
         on a bad job or a full queue the error says which job. Any exception (an interrupt too)
-        carries the ids of the batches already accepted as ``submitted``. A batch larger than the
+        carries the ids of the batches already accepted as ``submitted``, and as ``in_flight``
+        those of a batch sent but not answered (an interrupt while the scheduler accepts it),
+        which the scheduler may or may not have accepted. A batch larger than the
         scheduler's ``max_queued_jobs`` is refused (BatchTooLargeError). ``wait_for_room``:
         when the queue is full, wait until jobs finish and go on in batches that fit, so any
         number of jobs can be sent (still an OverloadedError if no worker is serving, as the
@@ -140,24 +142,29 @@ class Client:
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
         ids: list[str] = []
+        in_flight: list[str] = []  # the ids of a batch sent whose answer has not come back
         fits = batch_size
         try:
             with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
                 while len(ids) < len(prompts):
                     chunk = range(len(ids), min(len(prompts), len(ids) + min(batch_size, fits)))
+                    specs = [_batch_args(prompts, per_job, priorities, i) for i in chunk]
+                    in_flight = [spec[-1] for spec in specs]
                     try:
-                        ids += self._submit_batch([_batch_args(prompts, per_job, priorities, i)
-                                                   for i in chunk], chunk.start)
+                        ids += self._submit_batch(specs, chunk.start)
                     except OverloadedError as exc:
+                        in_flight = []  # refused whole
                         if not wait_for_room:
                             raise
                         fits, limit = self._room_when_free(exc)
                         batch_size = min(batch_size, limit)  # a bigger batch could never fit
                         continue
+                    in_flight = []
                     fits = batch_size
                     bar.update(len(chunk))
         except BaseException as exc:  # also an interrupt: the caller may withdraw these
             exc.submitted = ids
+            exc.in_flight = [] if isinstance(exc, InvalidRequestError) else in_flight
             raise
         return ids
 
@@ -265,6 +272,11 @@ class Client:
 
     async def astatus_of(self, job_id: str) -> dict:
         return await self._acall("job_status", job_id)
+
+    def jobs(self, finished_limit: int = 20) -> list[dict]:
+        """``status_of`` of every unfinished job, oldest first, then of up to ``finished_limit``
+        finished ones, newest first."""
+        return self._call("list_jobs", finished_limit)
 
     async def alive_workers(self, status: dict, timeout: float = 5.0) -> list[str]:
         """Ids of the ready workers in ``status`` that answer a stats call within ``timeout``."""

@@ -1,4 +1,5 @@
-"""`pagedserve up | down | status | submit`: the daemon's verbs, as a driver on the cluster."""
+"""`pagedserve up | down | status`: bringing the daemon up and down and reporting on it, as a
+driver on the cluster (its jobs' verbs are in job_cmds)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from cluster.config import load_config
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("up", help="bring the daemon up on the running Ray cluster")
-    _add_common(p)
+    add_address_flag(p)
     p.add_argument("--config", default=None,
                    help="a preset (cpu-sim, ascend-910b) or a YAML file; default cpu-sim")
     p.add_argument("--min-workers", type=int, default=1,
@@ -20,28 +21,16 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_up)
 
     p = sub.add_parser("down", help="stop the daemon (scheduler and workers)")
-    _add_common(p)
+    add_address_flag(p)
     p.set_defaults(func=run_down)
 
     p = sub.add_parser("status", help="workers, KV usage and jobs of the running daemon")
-    _add_common(p)
+    add_address_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_status)
 
-    from cluster.generate_cmd import add_sampling_flags
 
-    p = sub.add_parser("submit", help="submit jobs to the running daemon and wait for them")
-    _add_common(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts", metavar="FILE.jsonl", help="jobs, one JSON object per line")
-    add_sampling_flags(p)
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per job, in input order")
-    p.set_defaults(func=run_submit)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_address_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
 
 
@@ -86,54 +75,6 @@ def run_status(args: argparse.Namespace) -> int:
     status = Client(args.address, timeout_s=5).status()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
-
-
-def run_submit(args: argparse.Namespace) -> int:
-    from cluster.client import USER_ERRORS, Client
-    from cluster.generate_cmd import load_jobs
-    from cluster.jobs_file import located
-    from scheduler.sampling_params import InvalidRequestError
-
-    jobs = load_jobs(args)
-    client = Client(args.address)
-    try:
-        ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
-                                 priorities=[j.priority for j in jobs],
-                                 progress=args.json and sys.stderr.isatty(),
-                                 wait_for_room=True)
-    except (*USER_ERRORS, KeyboardInterrupt) as exc:
-        # all or nothing: the batches accepted before the failing one are withdrawn
-        _withdraw(client, getattr(exc, "submitted", []), isinstance(exc, KeyboardInterrupt))
-        if isinstance(exc, InvalidRequestError):
-            raise located(exc, jobs, args.prompts) from None
-        raise
-    try:
-        _print_results(args, client, jobs, ids)
-    except KeyboardInterrupt:
-        _withdraw(client, ids, interrupted=True)
-        raise
-    return 0
-
-
-def _print_results(args, client, jobs, ids: list[str]) -> None:
-    from cluster.generate_cmd import TerminalPrinter, job_record
-
-    if args.json:
-        for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
-            print(json.dumps(job_record(i, job)), flush=True)
-        return
-    printer = TerminalPrinter([j.params.n for j in jobs])
-    for i, job_id in enumerate(ids):
-        for delta in client.stream(job_id):
-            printer.on_output(i, delta)
-
-
-def _withdraw(client, job_ids: list[str], interrupted: bool) -> None:
-    """Abort the jobs this submit queued: nobody would read their results."""
-    aborted = sum(bool(client.abort(job_id)) for job_id in job_ids)
-    if interrupted:
-        print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
-              file=sys.stderr)
 
 
 def format_status(status: dict) -> str:

@@ -51,6 +51,16 @@ class JobState:
     def finished(self) -> bool:
         return all(s.finished for s in self.samples)
 
+    def progress(self) -> dict:
+        """Where the job stands, for `status_of` and the job list (no tokens, no text)."""
+        return {"job_id": self.job_id, "finished": self.finished, "error": self.error,
+                "num_tokens": [len(s.token_ids) for s in self.samples],
+                "workers": [s.worker_id for s in self.samples],
+                "finish_reasons": [s.finish_reason for s in self.samples],
+                "max_tokens": self.params.max_tokens,
+                "num_prompt_tokens": len(self.prompt_token_ids),
+                "arrival_time": self.arrival_time, "finish_time": self.finish_time}
+
     def engine_request_id(self, sample: SampleState) -> str:
         return f"{self.job_id}/{sample.index}/{sample.attempt}"
 

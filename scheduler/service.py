@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import random
 import re
@@ -274,15 +275,22 @@ class SchedulerService:
         return True
 
     def job_status(self, job_id: str) -> dict:
-        job = self._job(job_id)
-        return {"job_id": job_id, "finished": job.finished, "error": job.error,
-                "num_tokens": [len(s.token_ids) for s in job.samples],
-                "workers": [s.worker_id for s in job.samples]}
+        return self._job(job_id).progress()
+
+    def list_jobs(self, finished_limit: int) -> list[dict]:
+        """Every unfinished job in arrival order, then up to ``finished_limit`` of the finished
+        ones kept, newest first."""
+        unfinished = [job for job in self.jobs.values() if not job.finished]
+        newest = itertools.islice(reversed(self.finished_order), max(0, finished_limit))
+        return [job.progress() for job in unfinished + [self.jobs[j] for j in newest]]
 
     def _job(self, job_id: str) -> JobState:
         job = self.jobs.get(job_id)
         if job is None:
-            raise UnknownJobError(f"unknown job id {job_id!r}")
+            raise UnknownJobError(
+                f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
+                f"scheduler keeps the last {MAX_FINISHED_JOBS_KEPT} finished jobs, and none "
+                "across a restart)")
         return job
 
     async def stream(self, job_id: str, cursor: list[int] | None = None):
@@ -535,6 +543,9 @@ class SchedulerActor:
 
     async def job_status(self, job_id) -> dict:
         return self.service.job_status(job_id)
+
+    async def list_jobs(self, finished_limit=20) -> list[dict]:
+        return self.service.list_jobs(finished_limit)
 
     async def wait_ready(self, min_workers=1, timeout=120.0) -> dict:
         return await self.service.wait_ready(min_workers, timeout)

@@ -11,7 +11,7 @@ import ray
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
-from cluster import bringup, cli, daemon_cmds
+from cluster import bringup, cli, daemon_cmds, job_cmds
 from cluster.config import config_from_dict, config_to_dict
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
@@ -202,6 +202,7 @@ def test_submit_many_past_the_queue_limit_is_refused_whole(daemon):
 
 
 def test_submit_cli_prints_results_in_input_order(daemon, tmp_path, capsys):
+    _, _, client = daemon
     lines = [{"prompt": "first", "max_tokens": 3, "ignore_eos": True},
              {"prompt_token_ids": [5, 6, 7], "max_tokens": 5, "ignore_eos": True},
              {"prompt": "third", "max_tokens": 1, "ignore_eos": True}]
@@ -211,7 +212,54 @@ def test_submit_cli_prints_results_in_input_order(daemon, tmp_path, capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2]
     assert [len(r["token_ids"]) for r in records] == [3, 5, 1]
+    assert records[2]["token_ids"] == client.result(records[2]["job_id"]).outputs[0].token_ids
     assert records[1]["num_prompt_tokens"] == 3
+
+
+def test_submit_no_wait_then_result_abort_and_jobs_by_id(daemon, capsys):
+    _, _, client = daemon
+    seeded = ["--temperature", "0.8", "--seed", "7", "--max-tokens", "6", "--ignore-eos"]
+    assert cli.main(["submit", "--prompt", "one", "--prompt", "two", "--no-wait", "--json",
+                     *seeded]) == 0
+    out, err = capsys.readouterr()
+    queued = [json.loads(line) for line in out.splitlines()]
+    assert [q["index"] for q in queued] == [0, 1]
+    assert "pagedserve: queued 2 jobs; `pagedserve result JOB_ID...`" in err
+    ids = [q["job_id"] for q in queued]
+    assert cli.main(["result", ids[1], ids[0], "--json"]) == 0  # in the order asked for
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["index"], r["job_id"]) for r in records] == [(0, ids[1]), (1, ids[0])]
+    assert [r["token_ids"] for r in records] == [
+        client.result(j).outputs[0].token_ids for j in (ids[1], ids[0])]
+    assert all(len(r["token_ids"]) == 6 for r in records)
+    assert cli.main(["result", ids[0]]) == 0  # on a terminal: the text
+    assert capsys.readouterr().out == client.result(ids[0]).outputs[0].text + "\n"
+
+    assert cli.main(["result", ids[0], "no-such-job"]) == 2  # checked before printing any
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(
+        "pagedserve: error: unknown job id 'no-such-job': never submitted, or finished and "
+        "forgotten")
+
+    assert cli.main(["submit", "--prompt", "long", "--max-tokens", "1500", "--ignore-eos",
+                     "--no-wait"]) == 0
+    long_id = capsys.readouterr().out.strip()
+    assert cli.main(["jobs", "--json", "--finished", "2"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    unfinished = [job for job in listed if not job["finished"]]
+    assert long_id in [job["job_id"] for job in unfinished] and listed[:len(unfinished)] == unfinished
+    assert len(listed) - len(unfinished) == 2
+    assert cli.main(["jobs"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(long_id))
+    assert row.split()[1] in ("queued", "running") and row.split()[2].endswith("/1500")
+
+    assert cli.main(["abort", long_id, ids[0]]) == 0
+    assert capsys.readouterr().out == f"aborted {long_id}\n{ids[0]} had already finished\n"
+    assert client.result(long_id, timeout=30).outputs[0].finish_reason == "abort"
+    newest = client.jobs(finished_limit=1)[-1]  # the abort is the latest finish
+    assert (newest["job_id"], newest["finish_reasons"]) == (long_id, ["abort"])
+    assert cli.main(["jobs", "--finished", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[:2] == [long_id, "abort"]
 
 
 def test_submit_many_can_wait_for_room_in_a_full_queue(daemon):
@@ -258,6 +306,36 @@ def test_an_interrupted_submit_aborts_the_jobs_it_queued(daemon, tmp_path):
              what="the aborted jobs to finish")
 
 
+def test_an_interrupt_while_the_scheduler_takes_a_batch_leaves_no_job_running(
+        daemon, monkeypatch, capsys):
+    """Ctrl-C can land after the scheduler accepted a batch but before its answer arrives (it
+    fsyncs the journal first): the submit knows those ids only as in flight, and still aborts
+    them."""
+    _, _, client = daemon
+    real_call = Client._call
+
+    def answer_lost(self, method, *args, **kwargs):
+        result = real_call(self, method, *args, **kwargs)
+        if method == "submit_many":
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Client, "_call", answer_lost)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        client.submit_many(["a", "b", "c"], SamplingParams(max_tokens=1500, ignore_eos=True))
+    monkeypatch.undo()
+    assert caught.value.submitted == [] and len(caught.value.in_flight) == 3
+    assert all(not client.status_of(j)["finished"] for j in caught.value.in_flight)
+    job_cmds._withdraw(client, [], caught.value.in_flight, interrupted=True)
+    assert capsys.readouterr().err == "pagedserve: aborted the 3 unfinished jobs of this submit\n"
+    assert all(client.result(j, timeout=30).outputs[0].finish_reason == "abort"
+               for j in caught.value.in_flight)
+    # a batch the interrupt stopped before it reached the scheduler: nothing to abort
+    monkeypatch.setattr(job_cmds, "IN_FLIGHT_WAIT_S", 0.3)
+    job_cmds._withdraw(client, [], ["never-sent"], interrupted=True)
+    assert capsys.readouterr().err == "pagedserve: aborted the 0 unfinished jobs of this submit\n"
+
+
 def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, capsys):
     _, _, client = daemon
     before = _accepted(client)
@@ -292,8 +370,9 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     _, _, client = daemon
     selected = [0, 5, 9]
     all_jobs = jobs(max_tokens=40)
-    ids = [client.submit(*all_jobs[i]) for i in selected]
     scheduler = bringup.find_scheduler()
+    # one call (one journal fsync) and the kill right after: the jobs' 40 steps cannot be done
+    ids = client.submit_many([all_jobs[i][0] for i in selected], [all_jobs[i][1] for i in selected])
     ray.kill(scheduler, no_restart=False)  # Ray restarts it; __init__ replays the journal
     got = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
     assert got == [undisturbed[i] for i in selected]

@@ -1,0 +1,186 @@
+"""`pagedserve submit | result | abort | jobs`: jobs of the running daemon, waited for or picked
+up again later by id, and listed."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+IN_FLIGHT_WAIT_S = 2.0
+
+
+def add_parsers(sub) -> None:
+    from cluster.daemon_cmds import add_address_flag
+    from cluster.generate_cmd import add_sampling_flags
+
+    p = sub.add_parser("submit", help="submit jobs to the running daemon and wait for them")
+    add_address_flag(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help="jobs, one JSON object per line")
+    add_sampling_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per job, in input order")
+    p.add_argument("--no-wait", action="store_true",
+                   help="print the job ids and return; `pagedserve result` picks them up")
+    p.set_defaults(func=run_submit)
+
+    p = sub.add_parser("result", help="wait for jobs by id and print their output")
+    add_address_flag(p)
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per job, in the order given")
+    p.set_defaults(func=run_result)
+
+    p = sub.add_parser("abort", help="abort jobs by id")
+    add_address_flag(p)
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.set_defaults(func=run_abort)
+
+    p = sub.add_parser("jobs", help="list the daemon's unfinished jobs, then the latest finished")
+    add_address_flag(p)
+    p.add_argument("--finished", type=int, default=20, metavar="N",
+                   help="how many of the latest finished jobs to list (default: 20)")
+    p.add_argument("--json", action="store_true", help="one JSON object per job")
+    p.set_defaults(func=run_jobs)
+
+
+def run_submit(args) -> int:
+    from cluster.client import USER_ERRORS, Client
+    from cluster.generate_cmd import load_jobs
+    from cluster.jobs_file import located
+    from scheduler.sampling_params import InvalidRequestError
+
+    jobs = load_jobs(args)
+    client = Client(args.address)
+    try:
+        ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
+                                 priorities=[j.priority for j in jobs],
+                                 progress=args.json and sys.stderr.isatty(),
+                                 wait_for_room=True)
+    except (*USER_ERRORS, KeyboardInterrupt) as exc:
+        # all or nothing: the batches accepted before the failing one are withdrawn
+        _withdraw(client, getattr(exc, "submitted", []), getattr(exc, "in_flight", []),
+                  interrupted=isinstance(exc, KeyboardInterrupt))
+        if isinstance(exc, InvalidRequestError):
+            raise located(exc, jobs, args.prompts) from None
+        raise
+    if args.no_wait:
+        _print_ids(ids, args.json)
+        return 0
+    try:
+        _print_results(args.json, client, ids, [j.params.n for j in jobs])
+    except KeyboardInterrupt:
+        _withdraw(client, ids, [], interrupted=True)
+        raise
+    return 0
+
+
+def run_result(args) -> int:
+    from cluster.client import Client
+
+    client = Client(args.address)
+    # every id is checked before anything is printed, so a typo does not cut the output short
+    samples = [len(client.status_of(job_id)["num_tokens"]) for job_id in args.job_ids]
+    _print_results(args.json, client, args.job_ids, samples)
+    return 0
+
+
+def run_abort(args) -> int:
+    from cluster.client import Client
+
+    client = Client(args.address)
+    for job_id in args.job_ids:
+        client.status_of(job_id)  # an unknown id fails before any job is aborted
+    for job_id in args.job_ids:
+        print(f"aborted {job_id}" if client.abort(job_id) else f"{job_id} had already finished")
+    return 0
+
+
+def run_jobs(args) -> int:
+    from cluster.client import Client
+
+    listed = Client(args.address).jobs(args.finished)
+    if args.json:
+        for job in listed:
+            print(json.dumps(job))
+    elif not listed:
+        print("no jobs")
+    else:
+        print(format_jobs(listed, time.time()))
+    return 0
+
+
+def format_jobs(jobs: list[dict], now: float) -> str:
+    """One line per job: id, state, tokens so far of the most allowed, prompt tokens, age,
+    workers."""
+    lines = [f"{'job id':<32}  {'state':<9} {'tokens':>11} {'prompt':>6} {'age':>8}  workers"]
+    for job in jobs:
+        allowed = job["max_tokens"] * len(job["num_tokens"])
+        tokens = f"{sum(job['num_tokens'])}/{allowed}"
+        workers = ",".join(sorted({w for w in job["workers"] if w})) or "-"
+        lines.append(f"{job['job_id']:<32}  {_state(job):<9} {tokens:>11} "
+                     f"{job['num_prompt_tokens']:>6} {_age(now - job['arrival_time']):>8}  "
+                     f"{workers}")
+    return "\n".join(lines)
+
+
+def _state(job: dict) -> str:
+    if job["error"]:
+        return "failed"
+    if job["finished"]:
+        return "/".join(sorted(set(job["finish_reasons"])))  # stop, length, abort
+    return "running" if any(job["num_tokens"]) else "queued"  # queued: no token out yet
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
+
+
+def _print_ids(ids: list[str], as_json: bool) -> None:
+    for i, job_id in enumerate(ids):
+        print(json.dumps({"index": i, "job_id": job_id}) if as_json else job_id)
+    print(f"pagedserve: queued {len(ids)} jobs; `pagedserve result JOB_ID...` waits for them "
+          "and prints their output", file=sys.stderr)
+
+
+def _print_results(as_json: bool, client, ids: list[str], samples_per_job: list[int]) -> None:
+    from cluster.generate_cmd import TerminalPrinter, job_record
+
+    if as_json:
+        for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
+            print(json.dumps({"index": i, "job_id": job.request_id, **job_record(i, job)}),
+                  flush=True)
+        return
+    printer = TerminalPrinter(samples_per_job)
+    for i, job_id in enumerate(ids):
+        for delta in client.stream(job_id):
+            printer.on_output(i, delta)
+
+
+def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: bool) -> None:
+    """Abort the jobs this submit queued: nobody would read their results. ``in_flight``: a
+    batch sent whose answer the interrupt cut off; the scheduler may still be taking it in, so
+    its ids are tried until known, for IN_FLIGHT_WAIT_S at most."""
+    aborted = sum(bool(client.abort(job_id)) for job_id in job_ids)
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+    aborted += sum(_abort_once_known(client, job_id, deadline) for job_id in in_flight)
+    if interrupted:
+        print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
+              file=sys.stderr)
+
+
+def _abort_once_known(client, job_id: str, deadline: float) -> bool:
+    from scheduler.service import UnknownJobError
+
+    while True:
+        try:
+            return bool(client.abort(job_id))
+        except UnknownJobError:
+            if time.monotonic() > deadline:
+                return False  # never arrived: nothing to abort
+            time.sleep(0.1)
