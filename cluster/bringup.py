@@ -38,7 +38,8 @@ def connect(address: str = "auto", alternative: str | None = None) -> None:
     unreachable = _gcs_unreachable(address)
     if unreachable is None:
         try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+                     logging_level=ray_logging_level())
             return
         except ConnectionError:  # e.g. "auto" with no cluster recorded anywhere
             pass
@@ -114,7 +115,13 @@ def start_embedded(cfg: PagedServeConfig) -> None:
     # its own; without it ray.init joins that cluster and refuses the num_cpus given here)
     ray.init(address="local", num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)),
              namespace=NAMESPACE, resources={"NPU": npus}, include_dashboard=False,
-             log_to_driver=False)
+             log_to_driver=False, logging_level=ray_logging_level())
+
+
+def ray_logging_level() -> int:
+    """Ray's "connecting to ... / started a local instance" lines only where our own INFO logs
+    show (`pagedserve -v`): otherwise they are noise around a command's output."""
+    return logging.INFO if logging.getLogger().isEnabledFor(logging.INFO) else logging.WARNING
 
 
 def shutdown_ray() -> None:
