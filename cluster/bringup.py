@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import ray
 
-from cluster.config import PagedServeConfig, engine_config_kwargs
+from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
 from cluster.journal import Journal
 from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, ServiceOptions,
                                head_node_strategy, last_line)
@@ -140,7 +140,7 @@ def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.pa
         worker_num_cpus=cfg.cluster.worker_num_cpus,
         resource_poll_interval_s=cfg.cluster.resource_poll_interval_s,
         max_queued_jobs=cfg.scheduler.max_queued_jobs, router=cfg.scheduler.router,
-        worker_env=env)
+        worker_env=env, config=config_to_dict(cfg))
     journal = functools.partial(Journal, cfg.scheduler.journal_path,
                                 cfg.scheduler.journal_fsync_interval_s)
     return options, journal
@@ -160,7 +160,8 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
     ``min_workers`` workers have loaded the model, and return the daemon's status. A daemon
     this call started whose workers cannot load is taken down again, so that the next `up`
     starts afresh from the corrected config; one still waiting for NPUs is left up.
-    ``on_wait(status)`` is called every WAIT_REPORT_S while the workers load."""
+    ``on_wait(status)`` is called every WAIT_REPORT_S while the workers load. A daemon already
+    up keeps its config: the status lists what differs from ``cfg`` as "config_not_applied"."""
     scheduler = find_scheduler()
     created = scheduler is None
     if created:
@@ -173,7 +174,10 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
         ready = scheduler.wait_ready.remote(min_workers, timeout)
         while on_wait is not None and not ray.wait([ready], timeout=WAIT_REPORT_S)[0]:
             on_wait(ray.get(scheduler.status.remote()))
-        return ray.get(ready)
+        status = ray.get(ready)
+        if not created:
+            status["config_not_applied"] = config_differences(status.get("config", {}), cfg)
+        return status
     except ray.exceptions.ActorDiedError as exc:  # its constructor raised: config or model
         raise DaemonStartError(f"the scheduler could not start: {last_line(exc.error_msg)}"
                                ) from None
@@ -186,6 +190,15 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
             raise DaemonStartError(f"{exc.cause}; the daemon was taken down") from None
         raise DaemonStartError(f"{exc.cause}; this daemon was already up: `pagedserve down`, "
                                "then `up` again to change its config") from None
+
+
+def config_differences(running: dict, asked: PagedServeConfig) -> list[str]:
+    """``section.key: running X, asked Y`` for every setting of ``asked`` that the running
+    daemon does not have (a second `up` does not restart it)."""
+    wanted = config_to_dict(asked)
+    return [f"{section}.{key}: running {running.get(section, {}).get(key)!r}, asked {value!r}"
+            for section, values in wanted.items() for key, value in values.items()
+            if running.get(section, {}).get(key) != value]
 
 
 def down() -> int | None:

@@ -42,6 +42,10 @@ def run_up(args: argparse.Namespace) -> int:
     status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout,
                         on_wait=print_loading)
     print(format_status(status))
+    if status.get("config_not_applied"):
+        print("pagedserve: already up with another config, which it keeps (`pagedserve down`, "
+              "then `up`, to apply this one; unfinished jobs resume): "
+              + "; ".join(status["config_not_applied"]), file=sys.stderr)
     return 0
 
 

@@ -65,6 +65,7 @@ class ServiceOptions:
     max_queued_jobs: int = 1024
     router: str = "least_loaded"
     worker_env: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the whole config it was built from, as loaded
 
 
 @dataclass(slots=True, eq=False)
@@ -463,6 +464,7 @@ class SchedulerService:
             "uptime_s": time.time() - self.started_at,
             "last_spawn_error": self.last_spawn_error,
             "placement_problem": self.placement_problem,
+            "config": self.options.config,
         }
 
     async def shutdown(self) -> int:

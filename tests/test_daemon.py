@@ -12,7 +12,7 @@ import ray
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
 from cluster import bringup, cli, daemon_cmds, job_cmds
-from cluster.config import config_from_dict, config_to_dict
+from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import NAMESPACE, OverloadedError, worker_actor_name
@@ -56,6 +56,11 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     assert "sim npu0" in table and "sim npu1" in table  # which logical NPU each one holds
     again = bringup.up(cfg, min_workers=2)
     assert {w["pid"] for w in again["workers"]} == {w["pid"] for w in workers}
+    assert again["config_not_applied"] == []
+    other = with_overrides(cfg, engine={"max_num_seqs": 7}, scheduler={"router": "round_robin"})
+    assert bringup.up(other)["config_not_applied"] == [  # kept running as it was
+        f"engine.max_num_seqs: running {cfg.engine.max_num_seqs}, asked 7",
+        f"scheduler.router: running {cfg.scheduler.router!r}, asked 'round_robin'"]
     with pytest.raises(bringup.DaemonStartError, match=r"^fewer than 3 workers ready after 1(\.0)? "
                        r"s; NPU resources in the cluster: 2; the daemon stays up"):
         bringup.up(cfg, min_workers=3, timeout=1)
