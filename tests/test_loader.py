@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -233,3 +234,18 @@ def test_losing_tiny_writer_keeps_the_winners_copy(tmp_path):
     assert digest(target) == before
     assert (target / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [tiny.TINY_VERSION]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_loading_shows_a_bar_on_a_terminal_only(monkeypatch, capsys):
+    backend = get_backend("cpu")
+    load_model("tiny", backend=backend)  # stderr is not a terminal here: silent
+    assert capsys.readouterr().err == ""
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    load_model("tiny", backend=backend)
+    assert "loading weights: " in terminal.getvalue()
