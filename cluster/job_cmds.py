@@ -25,16 +25,18 @@ def add_parsers(sub) -> None:
                    help="print the job ids and return; `pagedserve result` picks them up")
     p.set_defaults(func=run_submit)
 
+    ids_help = ("job ids; '-' reads them from stdin, one per line, bare or as the JSON objects "
+                "`submit --no-wait --json` prints")
     p = sub.add_parser("result", help="wait for jobs by id and print their output")
     add_address_flag(p)
-    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID", help=ids_help)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per job, in the order given")
     p.set_defaults(func=run_result)
 
     p = sub.add_parser("abort", help="abort jobs by id")
     add_address_flag(p)
-    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID", help=ids_help)
     p.set_defaults(func=run_abort)
 
     p = sub.add_parser("jobs", help="list the daemon's unfinished jobs, then the latest finished")
@@ -79,22 +81,49 @@ def run_submit(args) -> int:
 def run_result(args) -> int:
     from cluster.client import Client
 
+    job_ids = given_ids(args.job_ids)
     client = Client(args.address)
     # every id is checked before anything is printed, so a typo does not cut the output short
-    samples = [len(client.status_of(job_id)["num_tokens"]) for job_id in args.job_ids]
-    _print_results(args.json, client, args.job_ids, samples)
+    samples = [len(client.status_of(job_id)["num_tokens"]) for job_id in job_ids]
+    _print_results(args.json, client, job_ids, samples)
     return 0
 
 
 def run_abort(args) -> int:
     from cluster.client import Client
 
+    job_ids = given_ids(args.job_ids)
     client = Client(args.address)
-    for job_id in args.job_ids:
+    for job_id in job_ids:
         client.status_of(job_id)  # an unknown id fails before any job is aborted
-    for job_id in args.job_ids:
+    for job_id in job_ids:
         print(f"aborted {job_id}" if client.abort(job_id) else f"{job_id} had already finished")
     return 0
+
+
+def given_ids(args: list[str]) -> list[str]:
+    """The ids on the command line, with '-' replaced by those read from stdin."""
+    ids = []
+    for arg in args:
+        ids += _ids_from(sys.stdin) if arg == "-" else [arg]
+    if not ids:
+        raise ValueError("no job ids on stdin")
+    return ids
+
+
+def _ids_from(lines) -> list[str]:
+    ids = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line.startswith("{"):
+            ids += [line] if line else []
+            continue
+        try:
+            ids.append(str(json.loads(line)["job_id"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"stdin:{number}: a JSON line must be an object with a "
+                             "\"job_id\"") from None
+    return ids
 
 
 def run_jobs(args) -> int:

@@ -1,5 +1,6 @@
 """The daemon on a real local Ray cluster with two simulated NPUs: routing, streaming, abort,
 failover of killed workers, scheduler restart from the journal, overload, up/down."""
+import io
 import json
 import os
 import signal
@@ -221,7 +222,7 @@ def test_submit_cli_prints_results_in_input_order(daemon, tmp_path, capsys):
     assert records[1]["num_prompt_tokens"] == 3
 
 
-def test_submit_no_wait_then_result_abort_and_jobs_by_id(daemon, capsys):
+def test_submit_no_wait_then_result_abort_and_jobs_by_id(daemon, capsys, monkeypatch):
     _, _, client = daemon
     seeded = ["--temperature", "0.8", "--seed", "7", "--max-tokens", "6", "--ignore-eos"]
     assert cli.main(["submit", "--prompt", "one", "--prompt", "two", "--no-wait", "--json",
@@ -239,6 +240,14 @@ def test_submit_no_wait_then_result_abort_and_jobs_by_id(daemon, capsys):
     assert all(len(r["token_ids"]) == 6 for r in records)
     assert cli.main(["result", ids[0]]) == 0  # on a terminal: the text
     assert capsys.readouterr().out == client.result(ids[0]).outputs[0].text + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(out))  # `submit --no-wait --json | result -`
+    assert cli.main(["result", "-", "--json"]) == 0
+    assert [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()] == [
+        client.result(j).outputs[0].token_ids for j in ids]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{ids[0]}\n{{\"id\": 1}}\n"))
+    assert cli.main(["result", "-"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        'pagedserve: error: stdin:2: a JSON line must be an object with a "job_id"')
 
     assert cli.main(["result", ids[0], "no-such-job"]) == 2  # checked before printing any
     out, err = capsys.readouterr()
