@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
-from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, is_int64
 
 T = TypeVar("T")
 SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
@@ -72,8 +72,8 @@ def _parse_line(line: str, number: int, defaults: dict) -> Job:
     if has_ids and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
         raise InvalidRequestError('"prompt_token_ids" must be a list of integers')
     priority = record.pop("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise InvalidRequestError('"priority" must be an integer')
+    if not is_int64(priority):
+        raise InvalidRequestError('"priority" must be an integer in [-2**63, 2**63)')
     unknown = sorted(set(record) - SAMPLING_FIELDS)
     if unknown:
         raise InvalidRequestError(

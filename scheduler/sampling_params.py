@@ -52,13 +52,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def _validate(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
+        _check(is_int64(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(is_int64(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                "a finite number >= 0 (0 = greedy)")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
+        _check(is_int64(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                "an integer >= 1, or 0 / -1 for all tokens")
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
@@ -66,15 +66,16 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_num(value) and -2 <= value <= 2, name, value, "in [-2, 2]")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or null")
+        _check(self.seed is None or is_int64(self.seed), "seed", self.seed,
+               "an integer in [-2**63, 2**63) or null")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(is_int64(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (_is_int(value) and 0 <= value <= 20), name, value,
+            _check(value is None or (is_int64(value) and 0 <= value <= 20), name, value,
                    "an integer in [0, 20] or null")
 
     def to_dict(self) -> dict:
@@ -103,8 +104,12 @@ def sample_seed(seed: int | None, index: int) -> int | None:
     return (seed * 0x9E3779B1 + index) % (1 << 63)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+INT64 = (-(1 << 63), 1 << 63)  # the journal and the wire (msgpack) carry 64-bit integers
+
+
+def is_int64(value: object) -> bool:
+    """An int (not a bool) that a 64-bit msgpack integer holds."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value < INT64[1]
 
 
 def _is_num(value: object) -> bool:

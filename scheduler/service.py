@@ -19,7 +19,7 @@ from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import prompt_token_ids
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
-from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch, is_int64
 from worker.output import unpack_outputs
 
 log = logging.getLogger("pagedserve.scheduler")
@@ -149,8 +149,9 @@ class SchedulerService:
                  batch: dict[str, JobState]) -> JobState:
         """A validated job, not yet accepted; its id must be new here and in ``batch``."""
         params = SamplingParams.from_dict(params or {})
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidRequestError(f"invalid priority={priority!r}: must be an integer")
+        if not is_int64(priority):
+            raise InvalidRequestError(
+                f"invalid priority={priority!r}: must be an integer in [-2**63, 2**63)")
         prompt_ids = self._validate_prompt(prompt, params)
         if params.seed is None:  # fixed now, so a replay after a restart repeats the output
             params.seed = random.getrandbits(63)

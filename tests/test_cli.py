@@ -93,7 +93,7 @@ def test_generate_json_carries_prompt_logprobs_when_a_line_asks(capsys, tmp_path
     ('{"prompt": "a", "temprature": 0.5}',
      'unknown field(s) temprature; a line holds "prompt" or "prompt_token_ids", optionally '
      '"priority", and sampling fields: frequency_penalty, '),
-    ('{"prompt": "a", "priority": true}', '"priority" must be an integer'),
+    ('{"prompt": "a", "priority": true}', '"priority" must be an integer in [-2**63, 2**63)'),
 ])
 def test_a_line_with_a_bad_field_names_it(capsys, tmp_path, line, message):
     jobs = tmp_path / "jobs.jsonl"

@@ -184,7 +184,7 @@ def test_chat_replies_to_the_conversation_rendered_with_the_chat_template(llm):
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("n", 0),
     ("temperature", float("inf")), ("repetition_penalty", float("inf")),
-    ("presence_penalty", float("nan")),
+    ("presence_penalty", float("nan")), ("seed", 2 ** 63), ("top_k", 2 ** 64),
 ])
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(InvalidRequestError, match=field):
