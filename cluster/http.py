@@ -216,9 +216,11 @@ async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest, server.max_body_bytes)
     server.check_model(body.model)
     # Tokenized here, not in the scheduler: its one event loop relays every job's tokens,
-    # and a long prompt's encode would stall them all (~1 s for 1 MiB of text).
+    # and a long prompt's encode would stall them all (~1 s for 1 MiB of text). Off this
+    # server's event loop too, for the same reason.
     given = body.prompt_inputs()
-    prompts = [p if isinstance(p, list) else server.tokenizer.encode(p) for p in given]
+    prompts = await asyncio.to_thread(
+        lambda: [p if isinstance(p, list) else server.tokenizer.encode(p) for p in given])
     for i, ids in enumerate(prompts):
         server.check_room(len(ids), body, f"prompt {i}" if len(prompts) > 1 else "the prompt")
     echoed = [Echo(p if isinstance(p, str) else server.tokenizer.decode(p), ids)
@@ -232,7 +234,7 @@ async def chat_completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, ChatRequest, server.max_body_bytes)
     server.check_model(body.model)
-    prompt_ids = server.chat_prompt(body)
+    prompt_ids = await asyncio.to_thread(server.chat_prompt, body)
     server.check_room(len(prompt_ids), body)
     # OpenAI's chat default is "until the model stops": the room left in the context
     room = {} if body.requested_max_tokens is not None else \

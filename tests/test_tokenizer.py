@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +280,19 @@ def test_tiny_chat_template_renders_roles(tiny_tok):
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     with pytest.raises(ChatTemplateError, match="unknown role"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_a_long_encode_lets_other_threads_run():
+    """A server thread encoding a 1 MiB prompt must not stop the event loop's thread: tokenizers'
+    plain encode() holds the GIL throughout (this loop then gets 1-2 turns), encode_batch not."""
+    tokenizer = Tokenizer.from_dir(tiny.tiny_model_dir())
+    text = " ".join(f"w{i % 9973}x{i % 7}" for i in range(120_000))  # ~1 MiB, ~1 s to encode
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (tokenizer.encode(text), done.set()))
+    turns = 0
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.005)
+        turns += 1
+    worker.join()
+    assert turns >= 20
