@@ -249,3 +249,32 @@ def test_loading_shows_a_bar_on_a_terminal_only(monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr", terminal)
     load_model("tiny", backend=backend)
     assert "loading weights: " in terminal.getvalue()
+
+
+def _hub_cache_with(cache: Path, repo_id: str, files_from: Path) -> None:
+    """The Hugging Face hub cache layout of one downloaded revision of ``repo_id``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for file in files_from.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+def test_a_hub_repo_id_loads_from_the_cache_without_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any download attempt fails
+    _hub_cache_with(tmp_path, "example/tiny-llama", tiny.tiny_model_dir())
+    path = resolve_model_path("example/tiny-llama")
+    assert path.parent.parent.name == "models--example--tiny-llama"
+    cached, _ = load_model("example/tiny-llama", backend=get_backend("cpu"))
+    builtin, _ = load_model("tiny", backend=get_backend("cpu"))
+    for (name, a), (_, b) in zip(cached.named_parameters(), builtin.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ModelLoadError, match=r"^model 'example/absent' is not a local directory, "
+                       r"nor in the Hugging Face cache \(.*\), and downloading it failed: "):
+        resolve_model_path("example/absent")

@@ -21,15 +21,46 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """The checkpoint directory: "tiny" is the built-in model (written on first use)."""
+    """The checkpoint directory: "tiny" is the built-in model (written on first use); a
+    Hugging Face repo id ("org/name") that is not a local directory is taken from the hub's
+    cache, or downloaded into it."""
     if str(name_or_path) == TINY_MODEL_NAME:
         from worker.models.tiny import tiny_model_dir
 
         return tiny_model_dir()
     path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist (or pass {TINY_MODEL_NAME!r})")
-    return path
+    if path.is_dir():
+        return path
+    if _is_repo_id(str(name_or_path)):
+        return hub_snapshot(str(name_or_path))
+    raise ModelLoadError(f"model directory {path} does not exist (or pass {TINY_MODEL_NAME!r}, "
+                         "or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct)")
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]  # config, weights, tokenizer, chat template
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub repo's checkpoint files: the cached one if there is one
+    (no network), else a download (HF_HUB_OFFLINE=1 forbids it)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not cached (or only partly): fetch it
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"model {repo_id!r} is not a local directory, nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and downloading it failed: {reason}") from None
+
+
+def _is_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
 def load_config(path: str | Path) -> ModelConfig:
