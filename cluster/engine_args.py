@@ -7,7 +7,8 @@ import argparse
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default="tiny",
-                   help="a local Hugging Face checkpoint directory, or 'tiny' (built in; default)")
+                   help="a Hugging Face checkpoint directory or repo id, or 'tiny' (built in; "
+                        "default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "npu", "cuda"],
                    help="default: cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
