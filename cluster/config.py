@@ -149,6 +149,7 @@ class SchedulerSection(_Section):
     router: str = setting("least_loaded", one_of(ROUTER_NAMES))
     journal_path: str = setting("~/.cache/pagedserve/journal.msgpack", PATH)
     journal_fsync_interval_s: float = setting(0.05, number_at_least(0))
+    worker_stall_timeout_s: float = setting(60.0, number_at_least(0))
 
 
 @dataclass(frozen=True, slots=True)

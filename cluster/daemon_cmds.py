@@ -105,6 +105,9 @@ def format_status(status: dict) -> str:
     lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
                  f"{waiting} waiting, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
+    if status.get("stalled_workers_killed"):
+        lines.append(f"hung workers killed: {status['stalled_workers_killed']} (work to do but "
+                     "no step for scheduler.worker_stall_timeout_s; their jobs failed over)")
     if status.get("jobs_resumed"):
         lines.append(f"resumed at start: {status['jobs_resumed']} unfinished jobs from the "
                      "journal of the previous scheduler")

@@ -64,6 +64,7 @@ class ServiceOptions:
     resource_poll_interval_s: float = 2.0
     max_queued_jobs: int = 1024
     router: str = "least_loaded"
+    worker_stall_timeout_s: float = 60.0  # 0: never
     worker_env: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the whole config it was built from, as loaded
 
@@ -77,6 +78,8 @@ class WorkerSlot:
     samples: set = field(default_factory=set)  # (job_id, sample index) running here
     stats: dict = field(default_factory=dict)
     reports: InOrder = field(default_factory=InOrder)  # the worker's reports, in step order
+    # when it last reported, or was given work while it had none (time.monotonic())
+    last_heard: float = field(default_factory=time.monotonic)
 
 
 class SchedulerService:
@@ -103,6 +106,7 @@ class SchedulerService:
         self.finished_events: dict[str, asyncio.Event] = {}
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
         self.failovers = 0
+        self.stalled_workers_killed = 0
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
         self.placeable_workers = 0
@@ -198,6 +202,8 @@ class SchedulerService:
                 self.pending.append((job.job_id, sample.index))
                 continue
             sample.worker_id = worker.worker_id
+            if not worker.samples:  # an idle worker's silence so far is not a stall
+                worker.last_heard = time.monotonic()
             worker.samples.add((job.job_id, sample.index))
             worker.load.pending_tokens += job.pending_tokens(sample.index)
             worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
@@ -220,6 +226,7 @@ class SchedulerService:
         if worker is None:  # gone: its outputs are stale attempts, dropped by JobState.apply
             self._apply_report(None, outputs, rejected)
             return
+        worker.last_heard = time.monotonic()
         for outputs, rejected, load in worker.reports.push(number, (outputs, rejected, load)):
             self._update_load(worker, load)
             self._apply_report(worker, outputs, rejected)
@@ -338,12 +345,28 @@ class SchedulerService:
     def _reconcile(self) -> None:
         """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead
         workers' freed NPUs)."""
+        self._kill_stalled()
         if self.spawn_failures >= MAX_SPAWN_FAILURES:
             return
         wanted = int(ray.cluster_resources().get("NPU", 0))
         self._check_placement(wanted)
         for _ in range(wanted - len(self.workers)):
             self._spawn()
+
+    def _kill_stalled(self) -> None:
+        """A worker with samples to run that has not reported a step for
+        worker_stall_timeout_s is hung (a stuck device or collective, a stopped process). Ray
+        still counts it alive, so it is killed here; its samples then fail over as a dead
+        worker's do, and its NPU gets a new worker."""
+        timeout = self.options.worker_stall_timeout_s
+        now = time.monotonic()
+        for slot in list(self.workers.values()):
+            if timeout and slot.info and slot.samples and now - slot.last_heard > timeout:
+                log.error("worker %s has not stepped for %.0f s with %d samples to run: "
+                          "killing it", slot.worker_id, now - slot.last_heard, len(slot.samples))
+                self.stalled_workers_killed += 1
+                slot.last_heard = now  # once: its death is on its way to _watch
+                ray.kill(slot.actor, no_restart=True)
 
     def _check_placement(self, wanted: int) -> None:
         """Counts the workers the live nodes can hold at once (each takes 1 NPU and
@@ -462,6 +485,7 @@ class SchedulerService:
             "max_queued_jobs": self.options.max_queued_jobs,
             "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
+            "stalled_workers_killed": self.stalled_workers_killed,
             "uptime_s": time.time() - self.started_at,
             "last_spawn_error": self.last_spawn_error,
             "placement_problem": self.placement_problem,
