@@ -28,6 +28,7 @@ NAMESPACE = "pagedserve"
 SCHEDULER_NAME = "pagedserve-scheduler"
 MAX_FINISHED_JOBS_KEPT = 10_000
 MAX_SPAWN_FAILURES = 3
+PING_TIMEOUT_S = 10.0  # how long a quiet worker has to answer before it is taken as hung
 # Once enough workers are ready, how long wait_ready still waits for workers already loading, so
 # that `up` reports the capacity being brought up; bounded, because a worker whose actor cannot
 # be placed (its CPUs are missing) stays "starting" until resources appear.
@@ -337,6 +338,7 @@ class SchedulerService:
     async def _reconcile_forever(self) -> None:
         while True:
             try:
+                await self._kill_hung_workers()
                 self._reconcile()
             except Exception:  # never let the watcher die: log and try again next round
                 log.exception("reconcile failed")
@@ -345,7 +347,6 @@ class SchedulerService:
     def _reconcile(self) -> None:
         """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead
         workers' freed NPUs)."""
-        self._kill_stalled()
         if self.spawn_failures >= MAX_SPAWN_FAILURES:
             return
         wanted = int(ray.cluster_resources().get("NPU", 0))
@@ -353,20 +354,30 @@ class SchedulerService:
         for _ in range(wanted - len(self.workers)):
             self._spawn()
 
-    def _kill_stalled(self) -> None:
-        """A worker with samples to run that has not reported a step for
-        worker_stall_timeout_s is hung (a stuck device or collective, a stopped process). Ray
-        still counts it alive, so it is killed here; its samples then fail over as a dead
-        worker's do, and its NPU gets a new worker."""
+    async def _kill_hung_workers(self) -> None:
+        """A worker that has samples to run but has not reported a step for
+        worker_stall_timeout_s is asked for its stats, which it answers while it steps. One
+        that does not answer in time is hung (a deadlock, a frozen or stopped process), though
+        Ray still counts it alive: it is killed, its samples fail over as a dead worker's do,
+        and its NPU gets a new worker. One that answers is only slow (a long step, or a device
+        call that does not return): it is logged and looked at again a timeout later."""
         timeout = self.options.worker_stall_timeout_s
         now = time.monotonic()
-        for slot in list(self.workers.values()):
-            if timeout and slot.info and slot.samples and now - slot.last_heard > timeout:
-                log.error("worker %s has not stepped for %.0f s with %d samples to run: "
-                          "killing it", slot.worker_id, now - slot.last_heard, len(slot.samples))
-                self.stalled_workers_killed += 1
-                slot.last_heard = now  # once: its death is on its way to _watch
-                ray.kill(slot.actor, no_restart=True)
+        quiet = [slot for slot in self.workers.values()
+                 if timeout and slot.info and slot.samples and now - slot.last_heard > timeout]
+        answers = await asyncio.gather(*(_answers(slot.actor, min(timeout, PING_TIMEOUT_S))
+                                         for slot in quiet))
+        for slot, answered in zip(quiet, answers):
+            silent_s = time.monotonic() - slot.last_heard
+            slot.last_heard = time.monotonic()
+            if answered:
+                log.warning("worker %s has not finished a step for %.0f s, but answers",
+                            slot.worker_id, silent_s)
+                continue
+            log.error("worker %s has not stepped for %.0f s with %d samples to run and does "
+                      "not answer: killing it", slot.worker_id, silent_s, len(slot.samples))
+            self.stalled_workers_killed += 1
+            ray.kill(slot.actor, no_restart=True)  # _watch then sees it gone
 
     def _check_placement(self, wanted: int) -> None:
         """Counts the workers the live nodes can hold at once (each takes 1 NPU and
@@ -579,6 +590,14 @@ class SchedulerActor:
 
     async def shutdown(self) -> int:
         return await self.service.shutdown()
+
+
+async def _answers(actor, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(actor.stats.remote().future()), timeout)
+        return True
+    except Exception:  # timed out, or already dead (its _watch sees to that)
+        return False
 
 
 def head_node_strategy() -> NodeAffinitySchedulingStrategy:
