@@ -12,7 +12,8 @@ shares one fsync. With ``fsync_interval_s == 0`` every record is written and fsy
 ``record_*`` returns. ``flush()`` forces it at any time.
 
 Recovery: at open the file is replayed up to the last good record; a bad tail (a partial write,
-random bytes) is dropped with a logged warning, never an error. The file is then rewritten
+random bytes) is dropped with a logged warning, never an error. A corrupt stretch followed by
+good records (a damaged sector) is skipped, with a warning, and the records after it are kept. The file is then rewritten
 (compacted) to hold only the unfinished jobs whenever there is a bad tail or a finished job to
 drop, and again while running once finished jobs outnumber ``compact_min_finished`` and twice
 the unfinished ones. A rewrite goes to a temporary file that is fsynced and renamed over the
@@ -40,6 +41,7 @@ log = logging.getLogger("pagedserve.journal")
 MAGIC = b"PSJ1"
 FRAME_HEADER = struct.Struct("<II")  # payload length, CRC-32 of the payload
 ACCEPTED, FINISHED = "accepted", "finished"
+RECORD_KEY = msgpack.packb("kind")  # every record's first key: where a good frame may start
 
 
 class JournalError(OSError):
@@ -233,41 +235,46 @@ class Journal:
         """Replay the file into the jobs table, rewrite it if it has anything to drop, and
         open it for appending."""
         data = self.path.read_bytes() if self.path.exists() else b""
-        good_end, problem = self._replay(data)
+        good_end, problem, skipped = self._replay(data)
+        for start, size, reason in skipped:
+            log.warning("journal %s: %s at byte %d; skipped %d bytes to the next good record",
+                        self.path, reason, start, size)
         if problem:
             log.warning("journal %s: %s at byte %d; dropped the last %d bytes (a write cut "
                         "short by a crash?) and kept %d unfinished jobs", self.path, problem,
                         good_end, len(data) - good_end, len(self._jobs))
-        if problem or not data or self._finished_on_disk:
+        if problem or skipped or not data or self._finished_on_disk:
             self._rewrite()
         else:
             self._file = open(self.path, "ab")
 
-    def _replay(self, data: bytes) -> tuple[int, str | None]:
-        """Apply every good record; return the offset after the last one and what stopped it."""
+    def _replay(self, data: bytes) -> tuple[int, str | None, list[tuple[int, int, str]]]:
+        """Apply every good record. Returns the offset after the last one, what stopped the
+        replay there (None: the end of the file), and the (offset, size, reason) of corrupt
+        stretches skipped because a good record followed them."""
         if not data.startswith(MAGIC):
             if MAGIC.startswith(data):
-                return 0, ("truncated file header" if data else None)
+                return 0, ("truncated file header" if data else None), []
             raise JournalError(
                 f"{self.path} is not a pagedserve journal (it does not start with {MAGIC!r}); "
                 f"move it away or set scheduler.journal_path to another file")
-        pos = len(MAGIC)
+        pos, skipped = len(MAGIC), []
         while pos < len(data):
-            if len(data) - pos < FRAME_HEADER.size:
-                return pos, "truncated record header"
-            length, crc = FRAME_HEADER.unpack_from(data, pos)
-            end = pos + FRAME_HEADER.size + length
-            if end > len(data):
-                return pos, "truncated record"
-            payload = data[pos + FRAME_HEADER.size:end]
-            if zlib.crc32(payload) != crc:
-                return pos, "record checksum mismatch"
-            try:
-                self._apply(msgpack.unpackb(payload, raw=False, strict_map_key=False))
-            except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
-                return pos, f"unreadable record ({exc})"
-            pos = end
-        return pos, None
+            record, end, problem = _read_frame(data, pos)
+            if problem is None:
+                try:
+                    self._apply(record)
+                except (ValueError, TypeError, KeyError) as exc:
+                    end, problem = pos, f"unreadable record ({exc})"
+            if problem is None:
+                pos = end
+                continue
+            resume = _next_good_frame(data, pos + 1)
+            if resume is None:
+                return pos, problem, skipped
+            skipped.append((pos, resume - pos, problem))
+            pos = resume
+        return pos, None, skipped
 
     def _apply(self, record: dict) -> None:
         if record["kind"] == ACCEPTED:
@@ -282,6 +289,40 @@ class Journal:
             self._finished_on_disk += 1
         else:
             raise ValueError(f"unknown record kind {record['kind']!r}")
+
+
+def _read_frame(data: bytes, pos: int) -> tuple[dict | None, int, str | None]:
+    """(record, offset after it, None) for the good frame at ``pos``, else (None, pos, what
+    is wrong with it)."""
+    if len(data) - pos < FRAME_HEADER.size:
+        return None, pos, "truncated record header"
+    length, crc = FRAME_HEADER.unpack_from(data, pos)
+    end = pos + FRAME_HEADER.size + length
+    if end > len(data):
+        return None, pos, "truncated record"
+    payload = data[pos + FRAME_HEADER.size:end]
+    if zlib.crc32(payload) != crc:
+        return None, pos, "record checksum mismatch"
+    try:
+        record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        return None, pos, f"unreadable record ({exc})"
+    if not isinstance(record, dict):
+        return None, pos, "unreadable record (not a map)"
+    return record, end, None
+
+
+def _next_good_frame(data: bytes, start: int) -> int | None:
+    """The offset of the first good frame at or after ``start``. Every record is a msgpack
+    map whose first key is "kind", so only the places where that key is found are tried."""
+    key_at = FRAME_HEADER.size + 1  # after the frame header and the map's type byte
+    found = data.find(RECORD_KEY, start + key_at)
+    while found != -1:
+        candidate = found - key_at
+        if _read_frame(data, candidate)[2] is None:
+            return candidate
+        found = data.find(RECORD_KEY, found + 1)
+    return None
 
 
 def _new_job(job_id: object, prompt_token_ids: object, params: object, priority: object,

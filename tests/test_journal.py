@@ -170,6 +170,28 @@ def test_a_random_garbage_tail_is_skipped(path, caplog, seed):
         assert ids(journal) == ["j0", "j2", "j3", "after"]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_corrupt_stretch_mid_file_loses_only_the_records_it_hits(path, caplog, seed):
+    """A damaged sector, not a torn tail: the good records after it must survive (before,
+    everything from the first bad byte on was dropped, and the rewrite made that final)."""
+    with Journal(path, fsync_interval_s=0) as journal:
+        for i in range(6):
+            journal.record_accepted(f"j{i}", [i] * 40, {"n": 1})
+    data = bytearray(path.read_bytes())
+    frame = (len(data) - len(MAGIC)) // 6
+    rng = random.Random(seed)
+    start = len(MAGIC) + 2 * frame + rng.randrange(frame)  # somewhere inside j2's record
+    data[start:start + rng.randrange(1, 40)] = rng.randbytes(rng.randrange(1, 40))
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
+        with Journal(path, fsync_interval_s=0) as journal:
+            kept = ids(journal)
+    assert "skipped" in caplog.text and "dropped" not in caplog.text
+    assert kept[:2] == ["j0", "j1"] and kept[-3:] == ["j3", "j4", "j5"]
+    with Journal(path) as journal:  # rewritten without the damage
+        assert ids(journal) == kept
+
+
 def test_a_file_cut_inside_the_header_is_treated_as_empty(path, caplog):
     path.write_bytes(MAGIC[:2])
     with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
