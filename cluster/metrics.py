@@ -50,14 +50,21 @@ class DaemonCollector:
         yield _per_worker(CounterMetricFamily, "preemptions", "Sequences preempted for KV "
                           "blocks (recomputed later), over the worker's life", workers,
                           lambda w: w.get("preemptions", 0))
-        failovers = CounterMetricFamily(f"{PREFIX}_failovers", "Samples re-routed after their "
-                                        "worker died, since the scheduler started")
-        failovers.add_metric([], status.get("failovers", 0))
-        yield failovers
+        yield _total_counter("failovers", "Samples re-routed after their worker died, since "
+                             "the scheduler started", status.get("failovers", 0))
+        yield _total_counter("hung_workers_killed", "Workers killed for not stepping nor "
+                             "answering while they had work, since the scheduler started",
+                             status.get("stalled_workers_killed", 0))
 
 
 def _total_gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+def _total_counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
+    counter.add_metric([], value)
+    return counter
 
 
 def _per_worker(family, name: str, documentation: str, workers: list[dict], value):

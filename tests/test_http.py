@@ -480,6 +480,7 @@ def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
                  "pagedserve_prefix_cache_hit_rate", "pagedserve_preemptions_total",
                  "pagedserve_failovers_total", "pagedserve_http_requests_total"):
         assert f"\n{name}" in text, name
+    assert "\npagedserve_hung_workers_killed_total 0.0\n" in text
     worker = ready_workers(client)[0]["worker_id"]
     assert f'pagedserve_kv_cache_usage_ratio{{worker="{worker}"}}' in text
     streams = _sample(text, "pagedserve_time_to_first_token_seconds_count")
