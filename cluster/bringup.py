@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import ray
@@ -18,7 +19,8 @@ from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, Servic
 # Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
 # not accept a TCP connection in this time is reported at once instead.
 GCS_PROBE_TIMEOUT_S = 5.0
-WAIT_REPORT_S = 10.0  # how often `up` reports on workers that are still loading
+WAIT_REPORT_S = 10.0  # how often `up` (and `down --drain`) report on what they wait for
+DRAIN_POLL_S = 0.2
 
 
 class ClusterNotFoundError(ConnectionError):
@@ -193,6 +195,21 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
                                "then `up` again to change its config") from None
 
 
+def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
+    ray.get(scheduler.drain.remote())
+    started = time.monotonic()
+    reported = started
+    while True:
+        status = ray.get(scheduler.status.remote())
+        now = time.monotonic()
+        if not status["jobs_unfinished"] or now - started >= timeout:
+            return
+        if on_wait is not None and now - reported >= WAIT_REPORT_S:
+            on_wait(status)
+            reported = now
+        time.sleep(DRAIN_POLL_S)
+
+
 def config_differences(running: dict, asked: PagedServeConfig) -> list[str]:
     """``section.key: running X, asked Y`` for every setting of ``asked`` that the running
     daemon does not have (a second `up` does not restart it)."""
@@ -202,12 +219,17 @@ def config_differences(running: dict, asked: PagedServeConfig) -> list[str]:
             if running.get(section, {}).get(key) != value]
 
 
-def down() -> int | None:
+def down(drain_timeout: float | None = None,
+         on_wait: Callable[[dict], None] | None = None) -> int | None:
     """Stop the workers and the scheduler. Returns how many unfinished jobs the journal keeps
-    for the next `up` to resume, or None if nothing was running."""
+    for the next `up` to resume, or None if nothing was running. With ``drain_timeout``, first
+    refuse new jobs and wait up to that long for the unfinished ones to finish, calling
+    ``on_wait(status)`` every WAIT_REPORT_S meanwhile."""
     scheduler = find_scheduler()
     if scheduler is None:
         return None
+    if drain_timeout is not None:
+        _drain(scheduler, drain_timeout, on_wait)
     try:
         return ray.get(scheduler.shutdown.remote(), timeout=60)
     finally:

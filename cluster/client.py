@@ -11,7 +11,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.bringup import connect, find_scheduler
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
-from scheduler.service import NAMESPACE, OverloadedError, UnknownJobError, worker_actor_name
+from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
+                               worker_actor_name)
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
@@ -154,8 +155,8 @@ class Client:
                         ids += self._submit_batch(specs, chunk.start)
                     except OverloadedError as exc:
                         in_flight = []  # refused whole
-                        if not wait_for_room:
-                            raise
+                        if not wait_for_room or isinstance(exc, DrainingError):
+                            raise  # a draining daemon has room but will never take them
                         fits, limit = self._room_when_free(exc)
                         batch_size = min(batch_size, limit)  # a bigger batch could never fit
                         continue

@@ -22,6 +22,11 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("down", help="stop the daemon (scheduler and workers)")
     add_address_flag(p)
+    p.add_argument("--drain", action="store_true",
+                   help="first refuse new jobs and let the unfinished ones finish")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="with --drain: seconds to wait for them (default: 600); the journal "
+                        "keeps those still unfinished for the next `up`")
     p.set_defaults(func=run_down)
 
     p = sub.add_parser("status", help="workers, KV usage and jobs of the running daemon")
@@ -58,11 +63,17 @@ def print_loading(status: dict) -> None:
           f"(up {status['uptime_s']:.0f} s){problem}", file=sys.stderr, flush=True)
 
 
+def print_draining(status: dict) -> None:
+    """A line on stderr while `down --drain` waits for the jobs to finish."""
+    print(f"pagedserve: draining: {status['jobs_unfinished']} jobs unfinished", file=sys.stderr,
+          flush=True)
+
+
 def run_down(args: argparse.Namespace) -> int:
     from cluster import bringup
 
     bringup.connect(args.address)
-    kept = bringup.down()
+    kept = bringup.down(args.timeout if args.drain else None, on_wait=print_draining)
     if kept is None:
         print("pagedserve was not running")
     elif kept:
@@ -105,6 +116,8 @@ def format_status(status: dict) -> str:
     lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
                  f"{waiting} waiting, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
+    if status.get("draining"):
+        lines.append("draining (`pagedserve down --drain`): new jobs are refused")
     if status.get("stalled_workers_killed"):
         lines.append(f"hung workers killed: {status['stalled_workers_killed']} (work to do but "
                      "no step for scheduler.worker_stall_timeout_s; their jobs failed over)")

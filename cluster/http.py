@@ -30,7 +30,7 @@ from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import BatchTooLargeError, OverloadedError
+from scheduler.service import BatchTooLargeError, DrainingError, OverloadedError
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import ChatTemplateError, Tokenizer
 
@@ -399,6 +399,8 @@ def _daemon_errors(body: GenerationRequest):
 
 
 def _daemon_error(exc: Exception) -> ApiError:
+    if isinstance(exc, DrainingError):
+        return ApiError(503, str(exc), type="service_unavailable", code="draining")
     if isinstance(exc, OverloadedError):
         return ApiError(429, str(exc), type="rate_limit_error", code="overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})

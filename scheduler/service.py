@@ -48,6 +48,10 @@ class BatchTooLargeError(OverloadedError):
     """A batch of more jobs than the queue holds: no retry can succeed, only smaller batches."""
 
 
+class DrainingError(OverloadedError):
+    """The daemon is finishing its jobs to go down (`pagedserve down --drain`): no new ones."""
+
+
 class UnknownJobError(KeyError):
     """No job with that id (never submitted, or forgotten long after it finished)."""
 
@@ -108,6 +112,7 @@ class SchedulerService:
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
         self.failovers = 0
         self.stalled_workers_killed = 0
+        self.draining = False
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
         self.placeable_workers = 0
@@ -123,6 +128,9 @@ class SchedulerService:
         """Accept every job of ``specs`` (``(prompt, params, priority, job_id)`` each) or none:
         a bad job raises, naming it as job ``first_index + its place``, and a batch that would
         pass ``max_queued_jobs`` is refused whole."""
+        if self.draining:
+            raise DrainingError("pagedserve is draining to go down: it finishes its jobs and "
+                                "takes no new ones")
         unfinished = self.unfinished_jobs
         if len(specs) > self.options.max_queued_jobs:
             raise BatchTooLargeError(
@@ -496,12 +504,17 @@ class SchedulerService:
             "max_queued_jobs": self.options.max_queued_jobs,
             "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
-            "stalled_workers_killed": self.stalled_workers_killed,
+            "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "uptime_s": time.time() - self.started_at,
             "last_spawn_error": self.last_spawn_error,
             "placement_problem": self.placement_problem,
             "config": self.options.config,
         }
+
+    def drain(self) -> int:
+        """Refuse new jobs from now on (the unfinished ones go on); returns how many remain."""
+        self.draining = True
+        return self.unfinished_jobs
 
     async def shutdown(self) -> int:
         """Stops the workers; returns how many unfinished jobs the journal keeps."""
@@ -587,6 +600,9 @@ class SchedulerActor:
 
     async def wait_ready(self, min_workers=1, timeout=120.0) -> dict:
         return await self.service.wait_ready(min_workers, timeout)
+
+    async def drain(self) -> int:
+        return self.service.drain()
 
     async def shutdown(self) -> int:
         return await self.service.shutdown()

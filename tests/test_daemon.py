@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import ray
@@ -16,7 +17,7 @@ from cluster import bringup, cli, daemon_cmds, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import NAMESPACE, OverloadedError, worker_actor_name
+from scheduler.service import NAMESPACE, DrainingError, OverloadedError, worker_actor_name
 
 NUM_JOBS = 32
 
@@ -393,6 +394,31 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     status = client.status()
     assert 1 <= status["jobs_resumed"] <= len(selected)
     assert "from the journal" in daemon_cmds.format_status(status)
+
+
+def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon, capsys,
+                                                                          monkeypatch):
+    cfg, _, client = daemon
+    monkeypatch.setattr(bringup, "WAIT_REPORT_S", 0.2)
+    for job_id in client.jobs(finished_limit=0):  # earlier tests' leftovers would hold it up
+        client.abort(job_id["job_id"])
+    ids = client.submit_many(["drain a", "drain b"], SamplingParams(max_tokens=400,
+                                                                   ignore_eos=True))
+    down = threading.Thread(target=cli.main, args=(["down", "--drain"],))
+    down.start()
+    try:
+        wait_for(lambda: client.status()["draining"], timeout=30, what="draining")
+        assert "new jobs are refused" in daemon_cmds.format_status(client.status())
+        with pytest.raises(DrainingError, match="^pagedserve is draining to go down"):
+            client.submit_many(["late"], SamplingParams(max_tokens=2), wait_for_room=True)
+        assert not client.status_of(ids[0])["finished"]
+    finally:
+        down.join(timeout=120)
+    out, err = capsys.readouterr()
+    assert out == "pagedserve is down\n"  # nothing left for the journal: both jobs finished
+    assert "pagedserve: draining: 2 jobs unfinished" in err
+    assert bringup.find_scheduler() is None
+    bringup.up(cfg, min_workers=2)  # for the tests that follow
 
 
 def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, capsys):

@@ -531,3 +531,13 @@ def test_a_client_leaving_a_whole_response_aborts_its_job(base_url, daemon):
 
 def _generated_tokens(client):
     return sum(w.get("generated_tokens", 0) for w in ready_workers(client))
+
+
+def test_a_draining_daemon_is_503_not_429():
+    """`down --drain` refuses new jobs for good: a 429 would tell clients to retry here."""
+    from cluster.http import _daemon_error
+    from scheduler.service import DrainingError
+
+    error = _daemon_error(DrainingError("pagedserve is draining to go down"))
+    assert (error.status, error.body()["error"]["code"]) == (503, "draining")
+    assert "Retry-After" not in error.headers
