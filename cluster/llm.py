@@ -84,16 +84,21 @@ class LLM:
             return self._daemon.generate(prompts, params_list, priorities, progress)
         jobs = self._submit_all(prompts, params_list, priorities)
         index = {job.request_id: i for i, job in enumerate(jobs)}
-        with tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress) as bar:
-            while self.engine.has_unfinished():
-                for delta in self.engine.step():
-                    now = time.monotonic()
-                    job = jobs[index[delta.request_id]]
-                    job.add(delta, now)
-                    if on_output is not None:
-                        on_output(index[delta.request_id], delta)
-                    if delta.finish_reason is not None and job.finished:
-                        bar.update()
+        try:
+            with tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress) as bar:
+                while self.engine.has_unfinished():
+                    for delta in self.engine.step():
+                        i = index.get(delta.request_id)
+                        if i is None:  # an earlier, interrupted call's abort
+                            continue
+                        jobs[i].add(delta, time.monotonic())
+                        if on_output is not None:
+                            on_output(i, delta)
+                        if delta.finish_reason is not None and jobs[i].finished:
+                            bar.update()
+        except BaseException:  # Ctrl-C in a notebook too: the next call must start clean
+            self._abort_all(jobs)
+            raise
         return jobs
 
     def chat(self, conversations: Sequence[dict] | Sequence[Sequence[dict]],
@@ -120,14 +125,18 @@ class LLM:
                 rid = self.engine.add_request(prompt, params, priority=priority)
                 jobs.append(JobOutput.start(rid, params.n, now))
         except Exception as exc:
-            for job in jobs:
-                self.engine.abort(job.request_id)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self._abort_all(jobs)
             if isinstance(exc, InvalidRequestError) and len(prompts) > 1:
                 raise in_batch(exc, len(jobs), " (no job of the batch was queued)") from None
             raise
         return jobs
+
+    def _abort_all(self, jobs: list[JobOutput]) -> None:
+        """Abort these jobs and step until the engine has emitted their aborts."""
+        for job in jobs:
+            self.engine.abort(job.request_id)
+        while self.engine.has_unfinished():
+            self.engine.step()
 
 
 def _is_single(prompts) -> bool:

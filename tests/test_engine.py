@@ -240,3 +240,22 @@ def test_a_new_engine_loads_its_cpu_kernels_before_the_first_request():
                             text=True, cwd=REPO_ROOT, timeout=120, check=True)
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded and all(count >= 1 for count in loaded.values()), loaded
+
+
+def test_an_interrupted_generate_leaves_the_engine_clean_for_the_next_call(llm):
+    """Ctrl-C in a notebook: the next generate used to fail with a KeyError on the first
+    output of a request the interrupted call had left running."""
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = llm.generate(["after"], greedy)[0].outputs[0].token_ids
+    seen = []
+
+    def interrupt(index, delta):
+        seen.append(index)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["a", "b", "c"], SamplingParams(max_tokens=50, ignore_eos=True),
+                     on_output=interrupt)
+    assert not llm.engine.has_unfinished() and llm.engine.kv.stats().used == 0
+    assert llm.generate(["after"], greedy)[0].outputs[0].token_ids == expected
