@@ -259,6 +259,25 @@ class Client:
     def abort(self, job_id: str) -> bool:
         return self._call("abort", job_id)
 
+    def withdraw(self, job_ids: Sequence[str], in_flight: Sequence[str] = (),
+                 in_flight_wait_s: float = 2.0) -> int:
+        """Abort the jobs of an interrupted ``submit_many`` (its exception's ``submitted`` and
+        ``in_flight``); returns how many were still unfinished. The in-flight batch may still
+        be on its way into the scheduler: its ids are tried until known, for
+        ``in_flight_wait_s`` at most."""
+        aborted = sum(bool(self.abort(job_id)) for job_id in job_ids)
+        deadline = time.monotonic() + in_flight_wait_s
+        for job_id in in_flight:
+            while True:
+                try:
+                    aborted += bool(self.abort(job_id))
+                    break
+                except UnknownJobError:
+                    if time.monotonic() > deadline:
+                        break  # never arrived: nothing to abort
+                    time.sleep(0.1)
+        return aborted
+
     async def aabort(self, job_id: str) -> bool:
         return await self._acall("abort", job_id)
 

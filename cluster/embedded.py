@@ -29,9 +29,17 @@ class EmbeddedDaemon:
 
     def generate(self, prompts, params_list, priorities, progress: bool = False
                  ) -> list[JobOutput]:
-        ids = self.client.submit_many(prompts, params_list, priorities=priorities,
-                                      wait_for_room=True)
-        return self.client.results(ids, progress=progress)
+        """Submit and wait; an interrupt (Ctrl-C in a notebook) aborts the jobs, so they do
+        not hold the workers while the next call's jobs wait."""
+        ids: list[str] = []
+        try:
+            ids = self.client.submit_many(prompts, params_list, priorities=priorities,
+                                          wait_for_room=True)
+            return self.client.results(ids, progress=progress)
+        except BaseException as exc:
+            self.client.withdraw(ids or getattr(exc, "submitted", []),
+                                 getattr(exc, "in_flight", []))
+            raise
 
     def close(self) -> None:
         bringup.down()

@@ -192,24 +192,8 @@ def _print_results(as_json: bool, client, ids: list[str], samples_per_job: list[
 
 
 def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: bool) -> None:
-    """Abort the jobs this submit queued: nobody would read their results. ``in_flight``: a
-    batch sent whose answer the interrupt cut off; the scheduler may still be taking it in, so
-    its ids are tried until known, for IN_FLIGHT_WAIT_S at most."""
-    aborted = sum(bool(client.abort(job_id)) for job_id in job_ids)
-    deadline = time.monotonic() + IN_FLIGHT_WAIT_S
-    aborted += sum(_abort_once_known(client, job_id, deadline) for job_id in in_flight)
+    """Abort the jobs this submit queued: nobody would read their results."""
+    aborted = client.withdraw(job_ids, in_flight, IN_FLIGHT_WAIT_S)
     if interrupted:
         print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
               file=sys.stderr)
-
-
-def _abort_once_known(client, job_id: str, deadline: float) -> bool:
-    from scheduler.service import UnknownJobError
-
-    while True:
-        try:
-            return bool(client.abort(job_id))
-        except UnknownJobError:
-            if time.monotonic() > deadline:
-                return False  # never arrived: nothing to abort
-            time.sleep(0.1)

@@ -21,5 +21,28 @@ def test_workers_give_the_same_output_as_the_in_process_engine(capsys):
         assert "6/6" in capsys.readouterr().err
         # the tokenizer is there without an in-process engine
         assert llm.tokenizer.decode(remote[0].outputs[0].token_ids) == remote[0].outputs[0].text
+        _interrupted_generate_aborts_its_jobs(llm)
     assert [o.outputs[0].token_ids for o in remote] == [o.outputs[0].token_ids for o in local]
     assert [o.outputs[0].text for o in remote] == [o.outputs[0].text for o in local]
+
+
+def _interrupted_generate_aborts_its_jobs(llm):
+    """Ctrl-C while generate waits (here: raised where it waits) must not leave the jobs
+    running on the workers, ahead of the next call's."""
+    client = llm._daemon.client
+    real_results = client.results
+
+    def interrupted(ids, **kwargs):
+        submitted.extend(ids)
+        raise KeyboardInterrupt
+
+    submitted = []
+    client.results = interrupted
+    try:
+        llm.generate(["long"] * 3, SamplingParams(max_tokens=1500, ignore_eos=True))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.results = real_results
+    assert len(submitted) == 3
+    assert [client.result(j).outputs[0].finish_reason for j in submitted] == ["abort"] * 3
