@@ -262,7 +262,8 @@ def test_submit_no_wait_then_result_abort_and_jobs_by_id(daemon, capsys, monkeyp
     assert cli.main(["jobs", "--json", "--finished", "2"]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     unfinished = [job for job in listed if not job["finished"]]
-    assert long_id in [job["job_id"] for job in unfinished] and listed[:len(unfinished)] == unfinished
+    assert long_id in [job["job_id"] for job in unfinished]
+    assert listed[:len(unfinished)] == unfinished
     assert len(listed) - len(unfinished) == 2
     assert cli.main(["jobs"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(long_id))
