@@ -32,15 +32,18 @@ class DaemonNotUpError(ConnectionError):
 
 class Client:
     """Talks to the scheduler actor. Owns nothing but job ids: any driver can pick a job up
-    again by its id, and calls ride out a scheduler restart (up to ``timeout_s``)."""
+    again by its id, and calls ride out a scheduler restart (up to ``timeout_s``).
+    ``find_timeout_s``: how long the constructor waits for a scheduler that is not there
+    (default ``timeout_s``; a command line wants to hear at once that the daemon is not up)."""
 
-    def __init__(self, address: str = "auto", *, timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str = "auto", *, timeout_s: float = 60.0,
+                 find_timeout_s: float | None = None) -> None:
         connect(address)
         self.timeout_s = timeout_s
-        self._scheduler = self._lookup()
+        self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
 
-    def _lookup(self):
-        deadline = time.monotonic() + self.timeout_s
+    def _lookup(self, timeout: float | None = None):
+        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         while True:
             scheduler = find_scheduler()
             if scheduler is not None:

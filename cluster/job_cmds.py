@@ -7,6 +7,7 @@ import sys
 import time
 
 IN_FLIGHT_WAIT_S = 2.0
+FIND_TIMEOUT_S = 5.0  # to say that the daemon is not up
 
 
 def add_parsers(sub) -> None:
@@ -54,7 +55,7 @@ def run_submit(args) -> int:
     from scheduler.sampling_params import InvalidRequestError
 
     jobs = load_jobs(args)
-    client = Client(args.address)
+    client = Client(args.address, find_timeout_s=FIND_TIMEOUT_S)
     try:
         ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
                                  priorities=[j.priority for j in jobs],
@@ -82,7 +83,7 @@ def run_result(args) -> int:
     from cluster.client import Client
 
     job_ids = given_ids(args.job_ids)
-    client = Client(args.address)
+    client = Client(args.address, find_timeout_s=FIND_TIMEOUT_S)
     # every id is checked before anything is printed, so a typo does not cut the output short
     samples = [len(client.status_of(job_id)["num_tokens"]) for job_id in job_ids]
     _print_results(args.json, client, job_ids, samples)
@@ -93,7 +94,7 @@ def run_abort(args) -> int:
     from cluster.client import Client
 
     job_ids = given_ids(args.job_ids)
-    client = Client(args.address)
+    client = Client(args.address, find_timeout_s=FIND_TIMEOUT_S)
     for job_id in job_ids:
         client.status_of(job_id)  # an unknown id fails before any job is aborted
     for job_id in job_ids:
@@ -129,7 +130,7 @@ def _ids_from(lines) -> list[str]:
 def run_jobs(args) -> int:
     from cluster.client import Client
 
-    listed = Client(args.address).jobs(args.finished)
+    listed = Client(args.address, find_timeout_s=FIND_TIMEOUT_S).jobs(args.finished)
     if args.json:
         for job in listed:
             print(json.dumps(job))

@@ -1,4 +1,5 @@
-"""`up` on a Ray cluster that has no NPU resources at all fails at once, saying so."""
+"""`up` on a Ray cluster that has no NPU resources at all fails at once, saying so; then
+the job verbs say at once that the daemon is not up."""
 import time
 
 import pytest
@@ -6,11 +7,11 @@ import ray
 
 from daemon_helpers import daemon_config
 
-from cluster import bringup
+from cluster import bringup, cli
 from scheduler.service import NAMESPACE
 
 
-def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path):
+def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path, capsys):
     ray.init(address="local", num_cpus=1, namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False)
     try:
@@ -21,6 +22,11 @@ def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path):
             bringup.up(daemon_config(tmp_path), min_workers=1, timeout=120)
         assert time.monotonic() - started < 60  # not the whole timeout
         assert bringup.find_scheduler() is None
+        started = time.monotonic()
+        assert cli.main(["jobs"]) == 2  # the job verbs say so at once, too
+        assert capsys.readouterr().err == (
+            "pagedserve: error: pagedserve is not up on this cluster; run `pagedserve up`\n")
+        assert time.monotonic() - started < 30  # not the minute a Client rides out restarts
     finally:
         bringup.down()
         ray.shutdown()
