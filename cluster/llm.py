@@ -124,7 +124,7 @@ class LLM:
                 now = time.monotonic()
                 rid = self.engine.add_request(prompt, params, priority=priority)
                 jobs.append(JobOutput.start(rid, params.n, now))
-        except Exception as exc:
+        except BaseException as exc:  # an interrupt too: leave nothing queued
             self._abort_all(jobs)
             if isinstance(exc, InvalidRequestError) and len(prompts) > 1:
                 raise in_batch(exc, len(jobs), " (no job of the batch was queued)") from None
