@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults for every job)")
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="tokens before an end-of-sequence or stop may end a job (default: 0)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off (default)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
@@ -44,7 +46,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+    return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n, stop=args.stop,
                 ignore_eos=args.ignore_eos, logprobs=args.logprobs,
                 prompt_logprobs=args.prompt_logprobs)

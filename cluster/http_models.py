@@ -74,6 +74,7 @@ class GenerationRequest(_Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
     priority: int = 0
     # OpenAI parameters pagedserve does not implement: accepted at their no-op values (clients
     # that always send them work); any other value is refused by name, not silently ignored
@@ -98,7 +99,7 @@ class GenerationRequest(_Strict):
     def sampling_fields(self) -> dict:
         names = ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-                 "stop_token_ids")
+                 "stop_token_ids", "min_tokens")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def sampling_params(self, **overrides) -> SamplingParams:

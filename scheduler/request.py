@@ -71,6 +71,11 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    def stop_ids(self) -> tuple[int, ...]:
+        """The token ids that end this request when sampled."""
+        eos = () if self.params.ignore_eos else tuple(self.eos_token_ids)
+        return eos + tuple(self.params.stop_token_ids)
+
     def check_token_stop(self, max_model_len: int) -> FinishReason | None:
         """Stop conditions that the last sampled token alone decides (stop strings are the
         engine's, since they need text)."""

@@ -26,6 +26,7 @@ class SamplingParams:
 
     n: int = 1
     max_tokens: int = 16
+    min_tokens: int = 0  # no EOS, stop token or stop string ends a sample before this many
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -55,6 +56,8 @@ class SamplingParams:
         _check(is_int64(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(is_int64(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
+        _check(is_int64(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               "min_tokens", self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                "a finite number >= 0 (0 = greedy)")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")

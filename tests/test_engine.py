@@ -259,3 +259,18 @@ def test_an_interrupted_generate_leaves_the_engine_clean_for_the_next_call(llm):
                      on_output=interrupt)
     assert not llm.engine.has_unfinished() and llm.engine.kv.stats().used == 0
     assert llm.generate(["after"], greedy)[0].outputs[0].token_ids == expected
+
+
+def test_min_tokens_holds_stop_strings_off_until_reached(llm):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    full = llm.generate(["min tokens"], greedy)[0].outputs[0]
+    stop = full.text[1]  # the byte tokenizer: one character per token here
+    params = dict(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
+    early = llm.generate(["min tokens"], SamplingParams(**params))[0].outputs[0]
+    assert early.text == full.text[:full.text.index(stop)] and early.finish_reason == "stop"
+    held = llm.generate(["min tokens"], SamplingParams(**params, min_tokens=6))[0].outputs[0]
+    assert len(held.token_ids) >= 6 and held.token_ids == full.token_ids[:len(held.token_ids)]
+    assert held.text.startswith(full.text[:2])  # the stop string before token 6 did not stop it
+    with pytest.raises(InvalidRequestError, match=r"min_tokens=5: must be an integer in \[0, "
+                                                   r"max_tokens=4\]"):
+        SamplingParams(max_tokens=4, min_tokens=5)

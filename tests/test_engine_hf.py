@@ -122,3 +122,25 @@ def test_prompt_logprobs_match_transformers(checkpoint, regime, monkeypatch):
         assert [[t for t, _ in lp.top] for lp in got] == top_ref.indices.tolist()
     if regime == "preempting":
         assert llm.engine.stats().num_preemptions > 0
+
+
+def test_min_tokens_matches_transformers_min_new_tokens(checkpoint, expected):
+    """Each prompt's 3rd greedy token is made a stop token: without min_tokens the output ends
+    there; with min_tokens=8 the stop (and EOS) are masked for 8 tokens, as HF's
+    min_new_tokens masks its eos ids, and the outputs agree token for token."""
+    path, model = checkpoint
+    llm = LLM(str(path), block_size=8)
+    for ids, greedy in zip(prompts(), expected):
+        stop = greedy[2]
+        short = llm.generate([ids], SamplingParams(max_tokens=MAX_NEW, temperature=0,
+                                                   stop_token_ids=[stop]))
+        assert short[0].outputs[0].token_ids == greedy[:greedy.index(stop) + 1]
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
+                                 min_new_tokens=8, eos_token_id=[stop, 257], pad_token_id=0,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        out = llm.generate([ids], SamplingParams(max_tokens=MAX_NEW, temperature=0,
+                                                 stop_token_ids=[stop], min_tokens=8))
+        got = out[0].outputs[0].token_ids
+        assert got == ref[0, len(ids):].tolist()
+        assert len(got) >= 8 and stop not in got[:8] and 257 not in got[:8]

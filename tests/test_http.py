@@ -338,7 +338,8 @@ def test_models_lists_the_served_model_and_others_are_404(api):
     ("chat", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
               "top_logprobs": 99}, "top_logprobs"),
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
-    ("completions", {"prompt": "x", "seed": 2 ** 70}, "seed"),  # the journal's msgpack: 64 bits
+    ("completions", {"prompt": "x", "seed": 2 ** 70}, "seed"),
+    ("completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
 ])
 def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):

@@ -287,5 +287,6 @@ def _sampling_row(req: Request) -> SamplingRow:
         params=p,
         prompt_token_ids=req.prompt_token_ids if needs_history else (),
         output_token_ids=req.output_token_ids if needs_history else (),
-        seed=req.seed, position=req.num_tokens)
+        seed=req.seed, position=req.num_tokens,
+        banned=req.stop_ids() if req.num_output_tokens < p.min_tokens else ())
 

@@ -23,6 +23,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # presence/frequency penalties (OpenAI: output only) and repetition
     seed: int | None  # already specific to this sample (the engine derives it for n > 1)
     position: int  # index of the token being generated = len(prompt) + len(output)
+    banned: Sequence[int] = ()  # ids it may not pick now (its stop tokens, before min_tokens)
 
 
 @dataclass(slots=True)
@@ -74,7 +75,7 @@ class Sampler:
         if not rows:
             return SamplerOutput([], [])
         raw = logits.float()
-        scores = apply_penalties(raw, rows)
+        scores = _ban(apply_penalties(raw, rows), rows)
         tokens = self._choose(scores, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(raw, token_ids, rows))
@@ -133,6 +134,18 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     if counted:
         _apply_frequency_presence_(logits, rows, counted)
     return logits
+
+
+def _ban(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's banned ids at -inf (a copy when ``scores`` is still the raw logits, which
+    logprobs are taken from)."""
+    banned = [(i, list(row.banned)) for i, row in enumerate(rows) if row.banned]
+    if not banned:
+        return scores
+    scores = scores.clone()
+    for i, ids in banned:
+        scores[i, ids] = float("-inf")
+    return scores
 
 
 def _apply_repetition_penalty_(logits: torch.Tensor, rows: list[SamplingRow], chosen: list[int]) -> None:

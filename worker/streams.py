@@ -40,6 +40,8 @@ class SampleStream:
         self.text += self.detokenizer.add(new_tokens)
         if self.request.is_finished:  # release a character held back as incomplete
             self.text += self.detokenizer.flush()
+        if self._tokens_read < self.request.params.min_tokens:
+            return  # as vLLM: stop strings count from min_tokens on
         hits = [at for at in (self.text.find(s, start) for s in self.request.params.stop) if at >= 0]
         if hits:
             self.text = self.text[: min(hits)]
