@@ -76,13 +76,13 @@ class GenerationRequest(_Strict):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
     priority: int = 0
-    # OpenAI parameters pagedserve does not implement: accepted at their no-op values (clients
-    # that always send them work); any other value is refused by name, not silently ignored
     logit_bias: dict[str, float] | None = None
 
     def no_op_values(self) -> dict[str, tuple]:
-        """Unimplemented field -> the values that ask for nothing."""
-        return {"logit_bias": (None, {})}
+        """OpenAI fields pagedserve does not implement -> the values that ask for nothing:
+        accepted (clients that always send them work); any other value is refused by name,
+        not silently ignored."""
+        return {}
 
     def check_supported(self) -> None:
         for name, no_ops in self.no_op_values().items():
@@ -99,7 +99,7 @@ class GenerationRequest(_Strict):
     def sampling_fields(self) -> dict:
         names = ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-                 "stop_token_ids", "min_tokens")
+                 "stop_token_ids", "min_tokens", "logit_bias")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def sampling_params(self, **overrides) -> SamplingParams:

@@ -29,3 +29,12 @@ def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> lis
         raise InvalidRequestError(f"prompt_token_ids must be integers in [0, {vocab_size}); "
                                   f"got {bad[:5]}")
     return ids
+
+
+def check_token_ids_in_vocab(params, vocab_size: int) -> None:
+    """The token ids a job's params name must exist: a logit bias on id 10**6 would index past
+    the logits."""
+    outside = sorted(t for t in (params.logit_bias or {}) if t >= vocab_size)
+    if outside:
+        raise InvalidRequestError(f"invalid logit_bias={params.logit_bias}: its token ids must "
+                                  f"be in [0, {vocab_size}); {outside[:5]} are not")

@@ -40,12 +40,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # per prompt token; its prompt takes no prefix-cache hits
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = _token_keyed(self.logit_bias)
         self._validate()
 
     @property
@@ -76,6 +78,11 @@ class SamplingParams:
         _check(all(is_int64(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _check(self.logit_bias is None or (
+            isinstance(self.logit_bias, dict) and all(
+                is_int64(t) and t >= 0 and _is_num(b) and -100 <= b <= 100
+                for t, b in self.logit_bias.items())),
+            "logit_bias", self.logit_bias, "a map of token ids to biases in [-100, 100]")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or (is_int64(value) and 0 <= value <= 20), name, value,
@@ -108,6 +115,14 @@ def sample_seed(seed: int | None, index: int) -> int | None:
 
 
 INT64 = (-(1 << 63), 1 << 63)  # the journal and the wire (msgpack) carry 64-bit integers
+
+
+def _token_keyed(bias: object) -> object:
+    """JSON maps have string keys ("42"): those that spell a token id become ints; anything
+    else is left as it is for validation to refuse."""
+    if not isinstance(bias, dict):
+        return bias
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()}
 
 
 def is_int64(value: object) -> bool:

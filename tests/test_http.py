@@ -339,7 +339,11 @@ def test_models_lists_the_served_model_and_others_are_404(api):
               "top_logprobs": 99}, "top_logprobs"),
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ("completions", {"prompt": "x", "seed": 2 ** 70}, "seed"),
-    ("completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),  # the journal's msgpack: 64 bits
+    ("completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ("completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 5}},
+     "logit_bias"),  # past the vocabulary: found by the scheduler  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
 ])
 def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
@@ -356,8 +360,6 @@ USER = [{"role": "user", "content": "x"}]
 
 
 @pytest.mark.parametrize("endpoint, body, param, message", [
-    ("completions", {"logit_bias": {"5": 10}}, "logit_bias",
-     'logit_bias={"5": 10.0} is not supported by pagedserve'),
     ("completions", {"suffix": "end"}, "suffix", 'suffix="end" is not supported'),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format",
      'response_format={"type": "json_object"} is not supported'),
@@ -542,3 +544,17 @@ def test_a_draining_daemon_is_503_not_429():
     error = _daemon_error(DrainingError("pagedserve is draining to go down"))
     assert (error.status, error.body()["error"]["code"]) == (503, "draining")
     assert "Retry-After" not in error.headers
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_logit_bias_steers_the_tokens(api, endpoint):
+    favoured = 65
+    if endpoint == "completions":
+        reply = api.completions.create(prompt="x", max_tokens=4, temperature=0, model="tiny",
+                                       logit_bias={str(favoured): 100})
+        text = reply.choices[0].text
+    else:
+        reply = api.chat.completions.create(messages=USER, max_tokens=4, temperature=0,
+                                            model="tiny", logit_bias={str(favoured): 100})
+        text = reply.choices[0].message.content
+    assert text == chr(favoured) * 4  # the byte tokenizer: id 65 is "A"

@@ -329,3 +329,24 @@ def test_cpu_value_sort_matches_torch_sort():
     values[2, 5] = float("-inf")
     values[3, :10] = 1.0  # ties
     assert torch.equal(_sorted_descending(values), values.sort(dim=-1, descending=True).values)
+
+
+def test_logit_bias_and_banned_ids_steer_the_choice_but_not_the_logprobs():
+    logits = random_logits(3, 50, seed=7)
+    best = logits.argmax(dim=-1).tolist()
+    second = logits.topk(2, dim=-1).indices[:, 1].tolist()
+    favoured = (best[1] + 1) % 50
+    rows = [make_row(temperature=0.0, logit_bias={best[0]: -100}, logprobs=1),
+            make_row(temperature=0.0, logit_bias={favoured: 100}),
+            make_row(temperature=0.0)]
+    rows[2].banned = (best[2],)
+    out = Sampler(seed=0)(logits, rows)
+    assert out.token_ids == [second[0], favoured, second[2]]
+    raw = logits[0].log_softmax(-1)  # the choice is steered, the reported logprob is not
+    assert out.logprobs[0].logprob == pytest.approx(raw[second[0]].item(), abs=1e-5)
+    assert out.logprobs[0].top[0][0] == best[0]
+    # sampled rows: a banned id or a -100 bias never comes out
+    hot = make_row(temperature=1.0, logit_bias={best[0]: -100})
+    hot.banned = (second[0],)
+    drawn = Sampler(seed=1)(logits[:1].expand(200, -1), [hot] * 200).token_ids
+    assert best[0] not in drawn and second[0] not in drawn

@@ -75,7 +75,7 @@ class Sampler:
         if not rows:
             return SamplerOutput([], [])
         raw = logits.float()
-        scores = _ban(apply_penalties(raw, rows), rows)
+        scores = _steer(apply_penalties(raw, rows), rows)
         tokens = self._choose(scores, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(raw, token_ids, rows))
@@ -136,15 +136,20 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits
 
 
-def _ban(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Each row's banned ids at -inf (a copy when ``scores`` is still the raw logits, which
-    logprobs are taken from)."""
-    banned = [(i, list(row.banned)) for i, row in enumerate(rows) if row.banned]
-    if not banned:
+def _steer(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's logit bias added, then its banned ids at -inf (on a copy: ``scores`` may
+    still be the raw logits, which logprobs are taken from)."""
+    steered = [i for i, row in enumerate(rows) if row.banned or row.params.logit_bias]
+    if not steered:
         return scores
     scores = scores.clone()
-    for i, ids in banned:
-        scores[i, ids] = float("-inf")
+    for i in steered:
+        bias = rows[i].params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), device=scores.device)
+            scores[i, ids] += torch.tensor(list(bias.values()), device=scores.device)
+        if rows[i].banned:
+            scores[i, list(rows[i].banned)] = float("-inf")
     return scores
 
 
