@@ -75,6 +75,7 @@ class GenerationRequest(_Strict):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = None
     priority: int = 0
     logit_bias: dict[str, float] | None = None
 
@@ -99,7 +100,7 @@ class GenerationRequest(_Strict):
     def sampling_fields(self) -> dict:
         names = ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-                 "stop_token_ids", "min_tokens", "logit_bias")
+                 "stop_token_ids", "min_tokens", "logit_bias", "include_stop_str_in_output")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def sampling_params(self, **overrides) -> SamplingParams:

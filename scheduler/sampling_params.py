@@ -37,6 +37,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # per prompt token; its prompt takes no prefix-cache hits
@@ -77,7 +78,9 @@ class SamplingParams:
                "a list of non-empty strings")
         _check(all(is_int64(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
-        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                   "true or false")
         _check(self.logit_bias is None or (
             isinstance(self.logit_bias, dict) and all(
                 is_int64(t) and t >= 0 and _is_num(b) and -100 <= b <= 100

@@ -274,3 +274,17 @@ def test_min_tokens_holds_stop_strings_off_until_reached(llm):
     with pytest.raises(InvalidRequestError, match=r"min_tokens=5: must be an integer in \[0, "
                                                    r"max_tokens=4\]"):
         SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_streamed_too(llm):
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    full = llm.generate(["stop strings"], SamplingParams(**greedy))[0].outputs[0].text
+    stop = full[3:5]
+    cut = full[:full.index(stop)]
+    pieces = []
+    kept = llm.generate(["stop strings"],
+                        SamplingParams(**greedy, stop=[stop], include_stop_str_in_output=True),
+                        on_output=lambda i, delta: pieces.append(delta.text))[0].outputs[0]
+    assert kept.text == "".join(pieces) == cut + stop and kept.finish_reason == "stop"
+    dropped = llm.generate(["stop strings"], SamplingParams(**greedy, stop=[stop]))
+    assert dropped[0].outputs[0].text == cut

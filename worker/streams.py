@@ -42,9 +42,11 @@ class SampleStream:
             self.text += self.detokenizer.flush()
         if self._tokens_read < self.request.params.min_tokens:
             return  # as vLLM: stop strings count from min_tokens on
-        hits = [at for at in (self.text.find(s, start) for s in self.request.params.stop) if at >= 0]
+        params = self.request.params
+        hits = [(at, len(s)) for s in params.stop if (at := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            at, length = min(hits)
+            self.text = self.text[: at + length if params.include_stop_str_in_output else at]
             self.stopped_by_text = True
 
     def emit(self) -> RequestOutput | None:
