@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 import msgpack
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cluster.client import SCHEDULER_GONE, Client, DaemonNotUpError, JobFailedError
 from cluster.config import PagedServeConfig
-from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, GenerationRequest,
-                                 Echo, ResponseContext, bad_request, echo_chunk, full_response,
-                                 param_of, role_chunk, stream_chunk, usage_chunk,
-                                 validation_error)
+from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                 GenerationRequest, Echo, ResponseContext, TokenizeRequest,
+                                 bad_request, echo_chunk, full_response, param_of, role_chunk,
+                                 stream_chunk, usage_chunk, validation_error)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
@@ -190,6 +190,34 @@ async def metrics(request: Request) -> Response:
         log.warning("metrics: the scheduler does not answer: %s", exc)
         status = None
     return Response(server.metrics.render(status), media_type=METRICS_CONTENT_TYPE)
+
+
+@router.post("/tokenize", dependencies=authorized)
+async def tokenize(request: Request) -> Response:
+    """The token ids a prompt (or chat messages) would be given, to count them against
+    ``max_model_len`` before sending."""
+    server = _server(request)
+    body = await _parse(request, TokenizeRequest, server.max_body_bytes)
+    server.check_model(body.model)
+    body.check_one_input()
+    if body.messages is not None:
+        ids = await asyncio.to_thread(server.chat_prompt, body)
+    else:
+        ids = await asyncio.to_thread(server.tokenizer.encode, body.prompt,
+                                      body.add_special_tokens)
+    return _encode(request, {"tokens": ids, "count": len(ids),
+                             "max_model_len": server.context_len})
+
+
+@router.post("/detokenize", dependencies=authorized)
+async def detokenize(request: Request) -> Response:
+    server = _server(request)
+    body = await _parse(request, DetokenizeRequest, server.max_body_bytes)
+    server.check_model(body.model)
+    vocab = server.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise bad_request(f"tokens must be integers in [0, {vocab})", "tokens")
+    return _encode(request, {"prompt": server.tokenizer.decode(body.tokens)})
 
 
 @router.get("/v1/models", dependencies=authorized)
@@ -463,7 +491,7 @@ def _too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
-async def _parse(request: Request, model: type[GenerationRequest], limit: int):
+async def _parse(request: Request, model: type[BaseModel], limit: int):
     data = _decode(await read_body(request, limit), request.headers.get("content-type"))
     if not isinstance(data, dict):
         raise bad_request("the request body must be an object", code="invalid_body")

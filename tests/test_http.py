@@ -558,3 +558,22 @@ def test_logit_bias_steers_the_tokens(api, endpoint):
                                             model="tiny", logit_bias={str(favoured): 100})
         text = reply.choices[0].message.content
     assert text == chr(favoured) * 4  # the byte tokenizer: id 65 is "A"
+
+
+def test_tokenize_counts_what_a_request_would_send_and_detokenize_reverses_it(api, http):
+    prompt = "count me"
+    tokens = http.post("/tokenize", json={"prompt": prompt}).json()
+    reply = api.completions.create(prompt=prompt, max_tokens=1, model="tiny")
+    assert tokens["count"] == len(tokens["tokens"]) == reply.usage.prompt_tokens
+    assert tokens["max_model_len"] == 2048
+    chat = http.post("/tokenize", json={"messages": USER}).json()
+    answer = api.chat.completions.create(messages=USER, max_tokens=1, model="tiny")
+    assert chat["count"] == answer.usage.prompt_tokens
+    bare = http.post("/tokenize", json={"prompt": prompt, "add_special_tokens": False}).json()
+    assert http.post("/detokenize", json={"tokens": bare["tokens"]}).json() == {"prompt": prompt}
+    for path, body, param in [("/tokenize", {}, "prompt"),
+                              ("/tokenize", {"prompt": "x", "messages": USER}, "prompt"),
+                              ("/detokenize", {"tokens": [10 ** 6]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens")]:
+        error = http.post(path, json=body)
+        assert error.status_code == 400 and error.json()["error"]["param"] == param, body
