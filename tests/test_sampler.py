@@ -339,7 +339,7 @@ def test_logit_bias_and_banned_ids_steer_the_choice_but_not_the_logprobs():
     rows = [make_row(temperature=0.0, logit_bias={best[0]: -100}, logprobs=1),
             make_row(temperature=0.0, logit_bias={favoured: 100}),
             make_row(temperature=0.0)]
-    rows[2].banned = (best[2],)
+    rows[2].banned = (best[2], 10 ** 6)  # a stop id past the vocabulary: nothing to mask
     out = Sampler(seed=0)(logits, rows)
     assert out.token_ids == [second[0], favoured, second[2]]
     raw = logits[0].log_softmax(-1)  # the choice is steered, the reported logprob is not

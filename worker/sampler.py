@@ -143,13 +143,16 @@ def _steer(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if not steered:
         return scores
     scores = scores.clone()
+    vocab = scores.shape[1]
     for i in steered:
         bias = rows[i].params.logit_bias
-        if bias:
+        if bias:  # its ids were checked against the vocabulary at admission
             ids = torch.tensor(list(bias), device=scores.device)
-            scores[i, ids] += torch.tensor(list(bias.values()), device=scores.device)
-        if rows[i].banned:
-            scores[i, list(rows[i].banned)] = float("-inf")
+            scores[i, ids] += torch.tensor(list(bias.values()), dtype=scores.dtype,
+                                           device=scores.device)
+        banned = [t for t in rows[i].banned if t < vocab]  # a stop id past it is never drawn
+        if banned:
+            scores[i, banned] = float("-inf")
     return scores
 
 
