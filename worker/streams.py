@@ -40,9 +40,9 @@ class SampleStream:
         self.text += self.detokenizer.add(new_tokens)
         if self.request.is_finished:  # release a character held back as incomplete
             self.text += self.detokenizer.flush()
-        if self._tokens_read < self.request.params.min_tokens:
-            return  # as vLLM: stop strings count from min_tokens on
         params = self.request.params
+        if self._tokens_read < params.min_tokens:
+            return  # as vLLM: stop strings count from min_tokens on
         hits = [(at, len(s)) for s in params.stop if (at := self.text.find(s, start)) >= 0]
         if hits:
             at, length = min(hits)
