@@ -249,8 +249,12 @@ async def completions(request: Request) -> Response:
     given = body.prompt_inputs()
     prompts = await asyncio.to_thread(
         lambda: [p if isinstance(p, list) else server.tokenizer.encode(p) for p in given])
+    if body.echo and body.truncate_prompt_tokens is not None:
+        raise bad_request("echo cannot be combined with truncate_prompt_tokens",
+                          "truncate_prompt_tokens")
     for i, ids in enumerate(prompts):
-        server.check_room(len(ids), body, f"prompt {i}" if len(prompts) > 1 else "the prompt")
+        server.check_room(body.kept_length(ids), body,
+                          f"prompt {i}" if len(prompts) > 1 else "the prompt")
     echoed = [Echo(p if isinstance(p, str) else server.tokenizer.decode(p), ids)
               for p, ids in zip(given, prompts)] if body.echo else []
     return await _generate(request, body, prompts, body.sampling_params(), started, echoed)
@@ -263,10 +267,10 @@ async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatRequest, server.max_body_bytes)
     server.check_model(body.model)
     prompt_ids = await asyncio.to_thread(server.chat_prompt, body)
-    server.check_room(len(prompt_ids), body)
+    server.check_room(body.kept_length(prompt_ids), body)
     # OpenAI's chat default is "until the model stops": the room left in the context
     room = {} if body.requested_max_tokens is not None else \
-        {"max_tokens": max(1, server.context_len - len(prompt_ids))}
+        {"max_tokens": max(1, server.context_len - body.kept_length(prompt_ids))}
     return await _generate(request, body, [prompt_ids], body.sampling_params(**room), started)
 
 

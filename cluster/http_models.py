@@ -76,6 +76,8 @@ class GenerationRequest(_Strict):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
     include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None
     priority: int = 0
     logit_bias: dict[str, float] | None = None
 
@@ -100,7 +102,8 @@ class GenerationRequest(_Strict):
     def sampling_fields(self) -> dict:
         names = ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-                 "stop_token_ids", "min_tokens", "logit_bias", "include_stop_str_in_output")
+                 "stop_token_ids", "min_tokens", "logit_bias", "include_stop_str_in_output",
+                 "skip_special_tokens", "truncate_prompt_tokens")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -111,6 +114,11 @@ class GenerationRequest(_Strict):
             return SamplingParams(**{**self.sampling_fields(), **overrides})
         except InvalidRequestError as exc:
             raise bad_request(str(exc), param_of(str(exc), self.field_names())) from None
+
+    def kept_length(self, prompt_ids: list[int]) -> int:
+        """The prompt's length once the scheduler has applied truncate_prompt_tokens."""
+        keep = self.truncate_prompt_tokens
+        return min(len(prompt_ids), keep) if keep is not None and keep > 0 else len(prompt_ids)
 
     @property
     def include_usage(self) -> bool:

@@ -38,3 +38,12 @@ def check_token_ids_in_vocab(params, vocab_size: int) -> None:
     if outside:
         raise InvalidRequestError(f"invalid logit_bias={params.logit_bias}: its token ids must "
                                   f"be in [0, {vocab_size}); {outside[:5]} are not")
+
+
+def job_prompt_ids(prompt: object, params, tokenizer: Encoder, vocab_size: int) -> list[int]:
+    """A job's validated prompt ids, cut to its last ``params.truncate_prompt_tokens`` tokens
+    when that is set, with the token ids its params name checked against the vocabulary."""
+    ids = prompt_token_ids(prompt, tokenizer, vocab_size)
+    check_token_ids_in_vocab(params, vocab_size)
+    keep = params.truncate_prompt_tokens
+    return ids[-keep:] if keep else ids

@@ -42,6 +42,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # per prompt token; its prompt takes no prefix-cache hits
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's)
+    skip_special_tokens: bool = True  # leave special tokens (EOS, ...) out of the text
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -78,7 +80,7 @@ class SamplingParams:
                "a list of non-empty strings")
         _check(all(is_int64(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "true or false")
         _check(self.logit_bias is None or (
@@ -86,6 +88,9 @@ class SamplingParams:
                 is_int64(t) and t >= 0 and _is_num(b) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())),
             "logit_bias", self.logit_bias, "a map of token ids to biases in [-100, 100]")
+        _check(self.truncate_prompt_tokens is None or (
+            is_int64(self.truncate_prompt_tokens) and self.truncate_prompt_tokens >= 1),
+            "truncate_prompt_tokens", self.truncate_prompt_tokens, "an integer >= 1 or null")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or (is_int64(value) and 0 <= value <= 20), name, value,

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
-from scheduler.prompts import check_token_ids_in_vocab, prompt_token_ids
+from scheduler.prompts import job_prompt_ids
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch, is_int64
 from worker.output import unpack_outputs
@@ -174,8 +174,7 @@ class SchedulerService:
         return JobState(job_id, prompt_ids, params, priority)
 
     def _validate_prompt(self, prompt, params: SamplingParams) -> list[int]:
-        ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size)
-        check_token_ids_in_vocab(params, self.vocab_size)
+        ids = job_prompt_ids(prompt, params, self.tokenizer, self.vocab_size)
         if len(ids) > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")

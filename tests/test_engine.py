@@ -288,3 +288,23 @@ def test_include_stop_str_in_output_keeps_the_stop_string_streamed_too(llm):
     assert kept.text == "".join(pieces) == cut + stop and kept.finish_reason == "stop"
     dropped = llm.generate(["stop strings"], SamplingParams(**greedy, stop=[stop]))
     assert dropped[0].outputs[0].text == cut
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(llm):
+    greedy = dict(max_tokens=5, temperature=0.0, ignore_eos=True)
+    long = [10 + i % 240 for i in range(3000)]  # longer than the 2048-token context
+    cut = llm.generate([long], SamplingParams(**greedy, truncate_prompt_tokens=7))[0]
+    tail = llm.generate([long[-7:]], SamplingParams(**greedy))[0]
+    assert cut.num_prompt_tokens == 7
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="truncate_prompt_tokens=0"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(llm):
+    eos = dict(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={257: 100})
+    skipped = llm.generate(["x"], SamplingParams(**eos))[0].outputs[0]
+    kept = llm.generate(["x"], SamplingParams(**eos, skip_special_tokens=False))[0].outputs[0]
+    assert skipped.token_ids == kept.token_ids == [257] * 3
+    assert skipped.text == "" and kept.text == llm.tokenizer.decode(
+        [257] * 3, skip_special_tokens=False) == "</s>" * 3

@@ -577,3 +577,18 @@ def test_tokenize_counts_what_a_request_would_send_and_detokenize_reverses_it(ap
                               ("/detokenize", {"tokens": "abc"}, "tokens")]:
         error = http.post(path, json=body)
         assert error.status_code == 400 and error.json()["error"]["param"] == param, body
+
+
+def test_truncate_prompt_tokens_and_special_tokens_through_the_api(api):
+    long = api.completions.create(prompt=[5] * 3000, max_tokens=2, model="tiny",
+                                  extra_body={"truncate_prompt_tokens": 100})
+    assert long.usage.prompt_tokens == 100  # the context holds 2048: the tail was kept
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.completions.create(prompt="x", max_tokens=2, model="tiny", echo=True,
+                               extra_body={"truncate_prompt_tokens": 1})
+    assert caught.value.body["param"] == "truncate_prompt_tokens"
+    special = api.completions.create(prompt="x", max_tokens=2, temperature=0, model="tiny",
+                                     logit_bias={"257": 100},
+                                     extra_body={"ignore_eos": True,
+                                                 "skip_special_tokens": False})
+    assert special.choices[0].text == "</s>" * 2

@@ -11,7 +11,7 @@ import torch
 
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
-from scheduler.prompts import check_token_ids_in_vocab, prompt_token_ids
+from scheduler.prompts import job_prompt_ids
 from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
@@ -128,8 +128,7 @@ class Engine:
         continues after them exactly as if it had never stopped, and they are not emitted again.
         """
         params = params or SamplingParams()
-        prompt_ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size)
-        check_token_ids_in_vocab(params, self.model_config.vocab_size)
+        prompt_ids = job_prompt_ids(prompt, params, self.tokenizer, self.model_config.vocab_size)
         resumed = list(resumed_token_ids or [])
         if resumed and params.n != 1:
             raise InvalidRequestError("resuming is per sample: n must be 1")

@@ -18,7 +18,8 @@ class SampleStream:
         self.index = index
         # Output resumed from an earlier run is context for the text, not news to emit.
         self._resumed = request.num_output_tokens
-        self.detokenizer = IncrementalDetokenizer(tokenizer, list(request.token_ids))
+        self.detokenizer = IncrementalDetokenizer(tokenizer, list(request.token_ids),
+                                                  request.params.skip_special_tokens)
         self.text = ""
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs] = []  # of prompt tokens 1.. (the first has none)
