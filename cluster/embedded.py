@@ -2,6 +2,7 @@
 LLM(workers=N))."""
 from __future__ import annotations
 
+import logging
 import tempfile
 
 import ray
@@ -10,6 +11,8 @@ from cluster import bringup
 from cluster.client import Client
 from cluster.config import PagedServeConfig, with_overrides
 from worker.output import JobOutput
+
+log = logging.getLogger("pagedserve.embedded")
 
 
 class EmbeddedDaemon:
@@ -37,8 +40,12 @@ class EmbeddedDaemon:
                                           wait_for_room=True)
             return self.client.results(ids, progress=progress)
         except BaseException as exc:
-            self.client.withdraw(ids or getattr(exc, "submitted", []),
-                                 getattr(exc, "in_flight", []))
+            try:
+                self.client.withdraw(ids or getattr(exc, "submitted", []),
+                                     getattr(exc, "in_flight", []))
+            except Exception as unreachable:  # the cause the caller must see is ``exc``
+                log.warning("could not abort the jobs of an interrupted generate: %s",
+                            unreachable)
             raise
 
     def close(self) -> None:
