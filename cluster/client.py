@@ -12,7 +12,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from cluster.bringup import connect, find_scheduler
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
-                               worker_actor_name)
+                               answers_stats, worker_actor_name)
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
@@ -312,11 +312,9 @@ class Client:
         try:
             actor = await asyncio.to_thread(ray.get_actor, worker_actor_name(worker_id),
                                             NAMESPACE)
-            await asyncio.wait_for(asyncio.wrap_future(actor.stats.remote().future()), timeout)
-            return True
-        except (ValueError, asyncio.TimeoutError, RayActorError, ActorUnavailableError,
-                RayTaskError):
+        except ValueError:  # no such actor (any more)
             return False
+        return await answers_stats(actor, timeout)
 
 
 def _submit_args(prompt, params, priority: int, job_id: str | None) -> tuple:

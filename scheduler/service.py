@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.in_order import InOrder
@@ -373,7 +374,7 @@ class SchedulerService:
         now = time.monotonic()
         quiet = [slot for slot in self.workers.values()
                  if timeout and slot.info and slot.samples and now - slot.last_heard > timeout]
-        answers = await asyncio.gather(*(_answers(slot.actor, min(timeout, PING_TIMEOUT_S))
+        answers = await asyncio.gather(*(answers_stats(slot.actor, min(timeout, PING_TIMEOUT_S))
                                          for slot in quiet))
         for slot, answered in zip(quiet, answers):
             silent_s = time.monotonic() - slot.last_heard
@@ -608,11 +609,13 @@ class SchedulerActor:
         return await self.service.shutdown()
 
 
-async def _answers(actor, timeout: float) -> bool:
+async def answers_stats(worker, timeout: float) -> bool:
+    """Whether a worker actor answers a stats call within ``timeout`` (which it does while it
+    steps); False if it does not or is dead."""
     try:
-        await asyncio.wait_for(asyncio.wrap_future(actor.stats.remote().future()), timeout)
+        await asyncio.wait_for(asyncio.wrap_future(worker.stats.remote().future()), timeout)
         return True
-    except Exception:  # timed out, or already dead (its _watch sees to that)
+    except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, RayTaskError):
         return False
 
 
