@@ -20,6 +20,7 @@ SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
 ROOM_POLL_S = 0.5  # how often submit_many(wait_for_room=True) checks a full queue
+IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
 
 
 class JobFailedError(RuntimeError):
@@ -262,14 +263,13 @@ class Client:
     def abort(self, job_id: str) -> bool:
         return self._call("abort", job_id)
 
-    def withdraw(self, job_ids: Sequence[str], in_flight: Sequence[str] = (),
-                 in_flight_wait_s: float = 2.0) -> int:
+    def withdraw(self, job_ids: Sequence[str], in_flight: Sequence[str] = ()) -> int:
         """Abort the jobs of an interrupted ``submit_many`` (its exception's ``submitted`` and
         ``in_flight``); returns how many were still unfinished. The in-flight batch may still
         be on its way into the scheduler: its ids are tried until known, for
-        ``in_flight_wait_s`` at most."""
+        IN_FLIGHT_WAIT_S at most."""
         aborted = sum(bool(self.abort(job_id)) for job_id in job_ids)
-        deadline = time.monotonic() + in_flight_wait_s
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
         for job_id in in_flight:
             while True:
                 try:

@@ -6,7 +6,6 @@ import json
 import sys
 import time
 
-IN_FLIGHT_WAIT_S = 2.0
 FIND_TIMEOUT_S = 5.0  # to say that the daemon is not up
 
 
@@ -194,7 +193,7 @@ def _print_results(as_json: bool, client, ids: list[str], samples_per_job: list[
 
 def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: bool) -> None:
     """Abort the jobs this submit queued: nobody would read their results."""
-    aborted = client.withdraw(job_ids, in_flight, IN_FLIGHT_WAIT_S)
+    aborted = client.withdraw(job_ids, in_flight)
     if interrupted:
         print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
               file=sys.stderr)

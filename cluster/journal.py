@@ -16,8 +16,9 @@ random bytes) is dropped with a logged warning, never an error. A corrupt stretc
 good records (a damaged sector) is skipped, with a warning, and the records after it are kept.
 The file is then rewritten (compacted) to hold only the unfinished jobs whenever there is a bad
 tail, a skipped stretch or a finished job to drop, and again while running once finished jobs
-outnumber ``compact_min_finished`` and twice the unfinished ones. A rewrite goes to a temporary file that is fsynced and renamed over the
-journal, then the directory is fsynced, so a crash leaves either the old or the new file.
+outnumber ``compact_min_finished`` and twice the unfinished ones. A rewrite goes to a temporary
+file that is fsynced and renamed over the journal, then the directory is fsynced, so a crash
+leaves either the old or the new file.
 
 A lock file next to the journal keeps a second process from writing to it at the same time.
 """

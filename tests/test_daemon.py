@@ -347,7 +347,7 @@ def test_an_interrupt_while_the_scheduler_takes_a_batch_leaves_no_job_running(
     assert all(client.result(j, timeout=30).outputs[0].finish_reason == "abort"
                for j in caught.value.in_flight)
     # a batch the interrupt stopped before it reached the scheduler: nothing to abort
-    monkeypatch.setattr(job_cmds, "IN_FLIGHT_WAIT_S", 0.3)
+    monkeypatch.setattr("cluster.client.IN_FLIGHT_WAIT_S", 0.3)
     job_cmds._withdraw(client, [], ["never-sent"], interrupted=True)
     assert capsys.readouterr().err == "pagedserve: aborted the 0 unfinished jobs of this submit\n"
 
