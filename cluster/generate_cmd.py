@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts", metavar="FILE.jsonl",
                      help='one JSON object per line: "prompt" or "prompt_token_ids", plus optional '
-                          "sampling fields")
+                          "sampling fields; '-' reads stdin")
     add_sampling_flags(p)
     add_engine_flags(p)
     p.add_argument("--json", action="store_true",

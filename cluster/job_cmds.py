@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
     add_address_flag(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts", metavar="FILE.jsonl", help="jobs, one JSON object per line")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help="jobs, one JSON object per line; '-' reads stdin")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per job, in input order")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ def located(exc: InvalidRequestError, jobs: list[Job], path: str | None) -> Inva
     """``exc`` (about job N of a batch) as ``path:line: reason`` when the job came from a file."""
     if exc.job_index is None or path is None or jobs[exc.job_index].line is None:
         return exc
-    return InvalidRequestError(f"{path}:{jobs[exc.job_index].line}: {exc.reason}")
+    return InvalidRequestError(f"{source_name(path)}:{jobs[exc.job_index].line}: {exc.reason}")
 
 
 def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:
@@ -34,26 +35,33 @@ def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:
     jobs = read_jsonl(path, lambda line, number: _parse_line(line, number, defaults),
                       "prompts file")
     if not jobs:
-        raise InvalidRequestError(f"{path} holds no jobs")
+        raise InvalidRequestError(f"{source_name(path)} holds no jobs")
     return jobs
 
 
 def read_jsonl(path: str | Path, parse: Callable[[str, int], T], what: str) -> list[T]:
-    """``parse(line, line_number)`` applied to every non-blank line; its ValueError comes back
-    prefixed with ``path:line``, as the same error class."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
+    """``parse(line, line_number)`` applied to every non-blank line of the file, or of stdin when
+    path is ``-``; its ValueError comes back prefixed with ``path:line``, as the same error class."""
+    if str(path) == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 records.append(parse(line, number))
             except ValueError as exc:
-                raise type(exc)(f"{path}:{number}: {exc}") from None
+                raise type(exc)(f"{source_name(path)}:{number}: {exc}") from None
     return records
+
+
+def source_name(path: str | Path) -> str:
+    """How errors name a jobs source: its path, or "stdin" for ``-``."""
+    return "stdin" if str(path) == "-" else str(path)
 
 
 def _parse_line(line: str, number: int, defaults: dict) -> Job:

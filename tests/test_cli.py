@@ -1,4 +1,5 @@
 """The pagedserve CLI: generate's JSON output, and one-line errors (exit 2) for bad input."""
+import io
 import json
 import os
 import socket
@@ -33,6 +34,23 @@ def test_generate_json_is_in_input_order(capsys, tmp_path):
     assert records[1]["num_prompt_tokens"] == 2
     assert len(records[1]["logprobs"]) == 3 and "logprobs" not in records[0]
     assert all(r["finish_reason"] == "length" and isinstance(r["text"], str) for r in records)
+
+
+def test_prompts_dash_reads_the_jobs_from_stdin(capsys, monkeypatch, tmp_path):
+    lines = ('{"prompt": "Hello", "max_tokens": 4, "temperature": 0}\n\n'
+             '{"prompt_token_ids": [72, 105], "max_tokens": 3, "temperature": 0}\n')
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(lines)
+    code, from_file, _ = run(capsys, "generate", "--prompts", str(jobs), "--json")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code, from_stdin, _ = run(capsys, "generate", "--prompts", "-", "--json")
+    assert code == 0 and from_stdin == from_file and len(from_stdin.splitlines()) == 2
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines + '{"prompt": ""}\n'))
+    code, out, err = run(capsys, "generate", "--prompts", "-")
+    assert code == 2 and out == "" and err == "pagedserve: error: stdin:4: prompt is empty\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    code, _, err = run(capsys, "generate", "--prompts", "-")
+    assert code == 2 and err == "pagedserve: error: stdin holds no jobs\n"
 
 
 def test_generate_streams_text_to_the_terminal(capsys):
