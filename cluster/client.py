@@ -4,22 +4,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from cluster.batch_submit import BatchSubmitter, PacedSubmit
 from cluster.bringup import connect, find_scheduler
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
-from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
-                               answers_stats, worker_actor_name)
+from scheduler.service import (NAMESPACE, OverloadedError, UnknownJobError, answers_stats,
+                               worker_actor_name)
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
 SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
-ROOM_POLL_S = 0.5  # how often submit_many(wait_for_room=True) checks a full queue
 IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
 
 
@@ -126,64 +126,52 @@ class Client:
                     priorities: Sequence[int] | None = None, progress: bool = False,
                     batch_size: int | None = None, wait_for_room: bool = False) -> list[str]:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
-        ``params`` is one for all or one per prompt. Each batch is accepted whole or not at all:
-        on a bad job or a full queue the error says which job. Any exception (an interrupt too)
-        carries the ids of the batches already accepted as ``submitted``, and as ``in_flight``
-        those of a batch sent but not answered (an interrupt while the scheduler accepts it),
-        which the scheduler may or may not have accepted. A batch larger than the
-        scheduler's ``max_queued_jobs`` is refused (BatchTooLargeError). ``wait_for_room``:
-        when the queue is full, wait until jobs finish and go on in batches that fit, so any
-        number of jobs can be sent (still an OverloadedError if no worker is serving, as the
-        queue would never drain)."""
+        ``params`` is one for all or one per prompt; every job's params are checked before any
+        is sent. Each batch is accepted whole or not at all: on a bad job or a full queue the
+        error says which job. Any exception (an interrupt too) carries the ids of the batches
+        already accepted as ``submitted``, and as ``in_flight`` those of a batch sent but not
+        answered (an interrupt while the scheduler accepts it), which the scheduler may or may
+        not have accepted. A batch larger than the scheduler's ``max_queued_jobs`` is refused
+        (BatchTooLargeError). ``wait_for_room``: when the queue is full, wait until jobs finish
+        and go on in batches that fit, so any number of jobs can be sent (still an
+        OverloadedError if no worker is serving, as the queue would never drain). To read the
+        results of more jobs than the scheduler keeps finished, use ``submit_paced``."""
         from tqdm import tqdm
 
-        batch_size = SUBMIT_BATCH if batch_size is None else batch_size
+        submitter = self._submitter(prompts, params, priorities, batch_size)
+        try:
+            with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
+                while not submitter.done:
+                    submitter.send_batch(wait_for_room)
+                    bar.update(len(submitter.submitted) - bar.n)
+        except BaseException as exc:  # also an interrupt: the caller may withdraw these
+            exc.submitted = submitter.submitted
+            exc.in_flight = submitter.in_flight
+            raise
+        return submitter.submitted
+
+    def submit_paced(self, prompts: Sequence[str | list[int]],
+                     params: SamplingParams | dict | Sequence | None = None, *,
+                     priorities: Sequence[int] | None = None) -> PacedSubmit:
+        """Queue a batch of any size as it is read: iterating the returned PacedSubmit yields
+        the job ids in input order, submitting (waiting for room) a bounded number of jobs
+        ahead of the one handed out, so that none finishes and is forgotten before the caller
+        reads it. Its ``submitted`` and ``in_flight`` are what to withdraw if the caller stops.
+        Params are checked as in ``submit_many``."""
+        status = self.status()
+        batch_size = min(SUBMIT_BATCH, status["max_queued_jobs"])  # a bigger one never fits
+        submitter = self._submitter(prompts, params, priorities, batch_size)
+        return PacedSubmit(submitter, status["max_finished_jobs"])
+
+    def _submitter(self, prompts, params, priorities, batch_size) -> BatchSubmitter:
         per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not len(per_job) == len(priorities) == len(prompts):
             raise InvalidRequestError(
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
-        ids: list[str] = []
-        in_flight: list[str] = []  # the ids of a batch sent whose answer has not come back
-        fits = batch_size
-        try:
-            with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
-                while len(ids) < len(prompts):
-                    chunk = range(len(ids), min(len(prompts), len(ids) + min(batch_size, fits)))
-                    specs = [_batch_args(prompts, per_job, priorities, i) for i in chunk]
-                    in_flight = [spec[-1] for spec in specs]
-                    try:
-                        ids += self._submit_batch(specs, chunk.start)
-                    except OverloadedError as exc:
-                        in_flight = []  # refused whole
-                        if not wait_for_room or isinstance(exc, DrainingError):
-                            raise  # a draining daemon has room but will never take them
-                        fits, limit = self._room_when_free(exc)
-                        batch_size = min(batch_size, limit)  # a bigger batch could never fit
-                        continue
-                    in_flight = []
-                    fits = batch_size
-                    bar.update(len(chunk))
-        except BaseException as exc:  # also an interrupt: the caller may withdraw these
-            exc.submitted = ids
-            exc.in_flight = [] if isinstance(exc, InvalidRequestError) else in_flight
-            raise
-        return ids
-
-    def _room_when_free(self, full: OverloadedError) -> tuple[int, int]:
-        """Wait until the scheduler's queue has room; returns how many jobs fit now, and in
-        all (``max_queued_jobs``). Raises ``full`` if no worker is ready to drain the queue."""
-        while True:
-            time.sleep(ROOM_POLL_S)
-            status = self.status()
-            if not any(w.get("ready") for w in status["workers"]):
-                raise full
-            room = status["max_queued_jobs"] - status["jobs_unfinished"]
-            if room > 0:
-                return room, status["max_queued_jobs"]
+        specs = [_batch_args(prompts, per_job, priorities, i) for i in range(len(prompts))]
+        return BatchSubmitter(self, specs, SUBMIT_BATCH if batch_size is None else batch_size)
 
     async def asubmit_many(self, prompts: Sequence[str | list[int]],
                            params: SamplingParams | dict | None = None, *,
@@ -253,8 +241,9 @@ class Client:
         """``result`` for asyncio code."""
         return _checked_output(await self._acall("result", job_id, timeout))
 
-    def results(self, job_ids: Sequence[str], *, progress: bool = False,
+    def results(self, job_ids: Iterable[str], *, progress: bool = False,
                 timeout: float | None = None) -> list[JobOutput]:
+        """``result`` of each job, in order; ``job_ids`` may be a PacedSubmit."""
         from tqdm import tqdm
 
         return [self.result(j, timeout) for j in tqdm(job_ids, desc="jobs", unit="job",

@@ -34,15 +34,14 @@ class EmbeddedDaemon:
                  ) -> list[JobOutput]:
         """Submit and wait; an interrupt (Ctrl-C in a notebook) aborts the jobs, so they do
         not hold the workers while the next call's jobs wait."""
-        ids: list[str] = []
+        paced = None
         try:
-            ids = self.client.submit_many(prompts, params_list, priorities=priorities,
-                                          wait_for_room=True)
-            return self.client.results(ids, progress=progress)
+            paced = self.client.submit_paced(prompts, params_list, priorities=priorities)
+            return self.client.results(paced, progress=progress)
         except BaseException as exc:
+            sent = exc if paced is None else paced
             try:
-                self.client.withdraw(ids or getattr(exc, "submitted", []),
-                                     getattr(exc, "in_flight", []))
+                self.client.withdraw(getattr(sent, "submitted", []), getattr(sent, "in_flight", []))
             except Exception as unreachable:  # the cause the caller must see is ``exc``
                 log.warning("could not abort the jobs of an interrupted generate: %s",
                             unreachable)

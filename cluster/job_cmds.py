@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 
 FIND_TIMEOUT_S = 5.0  # to say that the daemon is not up
 
@@ -17,7 +18,8 @@ def add_parsers(sub) -> None:
     add_address_flag(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts", metavar="FILE.jsonl", help="jobs, one JSON object per line; '-' reads stdin")
+    src.add_argument("--prompts", metavar="FILE.jsonl",
+                     help="jobs, one JSON object per line; '-' reads stdin")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per job, in input order")
@@ -55,25 +57,24 @@ def run_submit(args) -> int:
 
     jobs = load_jobs(args)
     client = Client(args.address, find_timeout_s=FIND_TIMEOUT_S)
+    batch = ([j.prompt for j in jobs], [j.params for j in jobs])
+    priorities = [j.priority for j in jobs]
+    paced = None
     try:
-        ids = client.submit_many([j.prompt for j in jobs], [j.params for j in jobs],
-                                 priorities=[j.priority for j in jobs],
-                                 progress=args.json and sys.stderr.isatty(),
-                                 wait_for_room=True)
+        if args.no_wait:
+            _warn_if_results_may_be_forgotten(len(jobs), client.status()["max_finished_jobs"])
+            ids = client.submit_many(*batch, priorities=priorities, wait_for_room=True)
+            _print_ids(ids, args.json)
+            return 0
+        paced = client.submit_paced(*batch, priorities=priorities)
+        _print_results(args.json, client, paced, [j.params.n for j in jobs])
     except (*USER_ERRORS, KeyboardInterrupt) as exc:
-        # all or nothing: the batches accepted before the failing one are withdrawn
-        _withdraw(client, getattr(exc, "submitted", []), getattr(exc, "in_flight", []),
+        # all or nothing: the jobs this submit queued are withdrawn, nobody would read them
+        sent = exc if paced is None else paced
+        _withdraw(client, getattr(sent, "submitted", []), getattr(sent, "in_flight", []),
                   interrupted=isinstance(exc, KeyboardInterrupt))
         if isinstance(exc, InvalidRequestError):
             raise located(exc, jobs, args.prompts) from None
-        raise
-    if args.no_wait:
-        _print_ids(ids, args.json)
-        return 0
-    try:
-        _print_results(args.json, client, ids, [j.params.n for j in jobs])
-    except KeyboardInterrupt:
-        _withdraw(client, ids, [], interrupted=True)
         raise
     return 0
 
@@ -170,6 +171,14 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.0f} h"
 
 
+def _warn_if_results_may_be_forgotten(num_jobs: int, kept: int) -> None:
+    if num_jobs > kept:
+        print(f"pagedserve: warning: the scheduler keeps the last {kept} finished jobs "
+              f"(scheduler.max_finished_jobs), and some of these {num_jobs} may be forgotten "
+              "before `pagedserve result` reads them; a submit that waits reads each job as it "
+              "finishes", file=sys.stderr)
+
+
 def _print_ids(ids: list[str], as_json: bool) -> None:
     for i, job_id in enumerate(ids):
         print(json.dumps({"index": i, "job_id": job_id}) if as_json else job_id)
@@ -177,13 +186,20 @@ def _print_ids(ids: list[str], as_json: bool) -> None:
           "and prints their output", file=sys.stderr)
 
 
-def _print_results(as_json: bool, client, ids: list[str], samples_per_job: list[int]) -> None:
+def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: list[int]
+                   ) -> None:
+    """Each job's output in order, as ``ids`` yields them: JSON lines (with a progress bar on
+    a terminal), or the text streamed."""
+    from tqdm import tqdm
+
     from cluster.generate_cmd import TerminalPrinter, job_record
 
     if as_json:
-        for i, job in enumerate(client.results(ids, progress=sys.stderr.isatty())):
-            print(json.dumps({"index": i, "job_id": job.request_id, **job_record(i, job)}),
-                  flush=True)
+        bar = tqdm(ids, total=len(samples_per_job), desc="jobs", unit="job",
+                   disable=not sys.stderr.isatty())
+        for i, job_id in enumerate(bar):
+            job = client.result(job_id)
+            print(json.dumps({"index": i, "job_id": job_id, **job_record(i, job)}), flush=True)
         return
     printer = TerminalPrinter(samples_per_job)
     for i, job_id in enumerate(ids):

@@ -27,7 +27,6 @@ log = logging.getLogger("pagedserve.scheduler")
 
 NAMESPACE = "pagedserve"
 SCHEDULER_NAME = "pagedserve-scheduler"
-MAX_FINISHED_JOBS_KEPT = 10_000
 MAX_SPAWN_FAILURES = 3
 PING_TIMEOUT_S = 10.0  # how long a quiet worker has to answer before it is taken as hung
 # Once enough workers are ready, how long wait_ready still waits for workers already loading, so
@@ -69,6 +68,7 @@ class ServiceOptions:
     worker_num_cpus: float = 1.0
     resource_poll_interval_s: float = 2.0
     max_queued_jobs: int = 1024
+    max_finished_jobs: int = 10_000  # finished jobs kept for their results, the latest
     router: str = "least_loaded"
     worker_stall_timeout_s: float = 60.0  # 0: never
     worker_env: dict = field(default_factory=dict)
@@ -272,7 +272,7 @@ class SchedulerService:
         self.journal.record_finished(job.job_id, reason)
         self.finished_order.append(job.job_id)
         self.finished_events[job.job_id].set()
-        while len(self.finished_order) > MAX_FINISHED_JOBS_KEPT:
+        while len(self.finished_order) > self.options.max_finished_jobs:
             old = self.finished_order.popleft()
             self.jobs.pop(old, None)
             self.changed.pop(old, None)
@@ -308,7 +308,7 @@ class SchedulerService:
         if job is None:
             raise UnknownJobError(
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
-                f"scheduler keeps the last {MAX_FINISHED_JOBS_KEPT} finished jobs, and none "
+                f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, and none "
                 "across a restart)")
         return job
 
@@ -503,7 +503,9 @@ class SchedulerService:
         return {
             "workers": workers, "jobs_unfinished": unfinished,
             "max_queued_jobs": self.options.max_queued_jobs,
-            "jobs_finished_kept": len(self.finished_order), "pending_samples": len(self.pending),
+            "jobs_finished_kept": len(self.finished_order),
+            "max_finished_jobs": self.options.max_finished_jobs,
+            "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "uptime_s": time.time() - self.started_at,

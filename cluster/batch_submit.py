@@ -1,0 +1,124 @@
+"""Sending many jobs to the scheduler in batches: waiting for room in its queue, and pacing a
+batch of any size to its reader so that no job finishes and is forgotten before it is read."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from scheduler.sampling_params import InvalidRequestError
+from scheduler.service import DrainingError, OverloadedError
+
+if TYPE_CHECKING:
+    from cluster.client import Client
+
+ROOM_POLL_S = 0.5  # how often a submit that waits for room checks a full queue
+# How far a paced submit runs ahead of its reader at most: enough queued work to keep the
+# workers busy while the reader catches up. It also stays under half the finished jobs the
+# scheduler keeps (its max_finished_jobs).
+PACED_AHEAD = 2048
+
+
+class BatchSubmitter:
+    """Sends prepared job specs (``Client`` submit arguments, the job id last) in order,
+    ``batch_size`` per scheduler call, each batch accepted whole or not at all.
+    ``submitted``: the ids accepted so far; ``in_flight``: those of a batch sent whose answer
+    has not come back (after an interrupt the scheduler may or may not have accepted it)."""
+
+    def __init__(self, client: Client, specs: Sequence[tuple], batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.submitted: list[str] = []
+        self.in_flight: list[str] = []
+        self._client = client
+        self._specs = specs
+        self._batch_size = batch_size
+        self._fits = batch_size
+
+    @property
+    def done(self) -> bool:
+        return len(self.submitted) == len(self._specs)
+
+    def send_batch(self, wait_for_room: bool) -> None:
+        """Send the next batch. A full queue raises OverloadedError unless ``wait_for_room``:
+        then wait until jobs finish and send what fits (still an OverloadedError if no worker
+        is serving, as the queue would never drain)."""
+        while True:
+            first = len(self.submitted)
+            specs = self._specs[first:first + min(self._batch_size, self._fits)]
+            self.in_flight = [spec[-1] for spec in specs]
+            try:
+                accepted = self._client._submit_batch(list(specs), first)
+            except OverloadedError as exc:
+                self.in_flight = []  # refused whole
+                if not wait_for_room or isinstance(exc, DrainingError):
+                    raise  # a draining daemon has room but will never take them
+                self._fits, limit = self._room_when_free(exc)
+                self._batch_size = min(self._batch_size, limit)  # a bigger one never fits
+                continue
+            except InvalidRequestError:
+                self.in_flight = []  # refused whole
+                raise
+            self.submitted += accepted
+            self.in_flight = []
+            self._fits = self._batch_size
+            return
+
+    def _room_when_free(self, full: OverloadedError) -> tuple[int, int]:
+        """Wait until the scheduler's queue has room; returns how many jobs fit now, and in
+        all (``max_queued_jobs``). Raises ``full`` if no worker is ready to drain the queue."""
+        while True:
+            time.sleep(ROOM_POLL_S)
+            status = self._client.status()
+            if not any(w.get("ready") for w in status["workers"]):
+                raise full
+            room = status["max_queued_jobs"] - status["jobs_unfinished"]
+            if room > 0:
+                return room, status["max_queued_jobs"]
+
+
+class PacedSubmit:
+    """Iterating yields the job ids in input order, submitting a bounded number of jobs past
+    the one handed out: the scheduler keeps only its ``max_finished_jobs`` latest finished
+    jobs, so a batch larger than that, sent whole before its results are read, would lose its
+    first ones. Job i is waited
+    for room if need be; the jobs after it are sent while the queue has room, so the workers
+    stay busy while the reader waits for job i. ``submitted`` and ``in_flight`` as
+    BatchSubmitter's, for withdrawing the jobs after an error or an interrupt."""
+
+    def __init__(self, submitter: BatchSubmitter, max_finished_jobs: int) -> None:
+        self._submitter = submitter
+        self._ahead = max(1, min(PACED_AHEAD, max_finished_jobs // 2))
+        self._full_at = float("-inf")  # when a send ahead last found the queue full
+
+    @property
+    def submitted(self) -> list[str]:
+        return self._submitter.submitted
+
+    @property
+    def in_flight(self) -> list[str]:
+        return self._submitter.in_flight
+
+    def __len__(self) -> int:
+        return len(self._submitter._specs)
+
+    def __iter__(self) -> Iterator[str]:
+        for i in range(len(self)):
+            while len(self.submitted) <= i:
+                self._submitter.send_batch(wait_for_room=True)
+            self._send_ahead(i + self._ahead)
+            yield self.submitted[i]
+
+    def _send_ahead(self, target: int) -> None:
+        """Send batches without waiting while fewer than ``target`` jobs are submitted; after
+        the queue is found full, try again only ROOM_POLL_S later."""
+        if time.monotonic() - self._full_at < ROOM_POLL_S:
+            return
+        while not self._submitter.done and len(self.submitted) < target:
+            try:
+                self._submitter.send_batch(wait_for_room=False)
+            except DrainingError:
+                raise
+            except OverloadedError:
+                self._full_at = time.monotonic()
+                return

@@ -1,0 +1,111 @@
+"""The daemon with tight scheduler settings, on its own local Ray cluster: a hung worker, its
+process stopped with SIGSTOP (Ray still counts it alive, as it would a worker stuck on its
+device), is found by the stall watch and killed, and its jobs finish elsewhere with the tokens
+an undisturbed run gives; a batch of many more jobs than the scheduler keeps finished runs
+whole, with no result forgotten before it is read."""
+import io
+import json
+import os
+import signal
+import sys
+
+import pytest
+import ray
+
+from daemon_helpers import daemon_config, ready_workers, wait_for
+
+from cluster import bringup, cli, daemon_cmds
+from cluster.client import Client
+from scheduler.sampling_params import SamplingParams
+from scheduler.service import NAMESPACE, UnknownJobError
+
+STALL_TIMEOUT_S = 3.0
+FINISHED_KEPT = 40
+QUEUED = 16
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    cfg = daemon_config(tmp_path_factory.mktemp("tight"), worker_stall_timeout_s=STALL_TIMEOUT_S,
+                        max_finished_jobs=FINISHED_KEPT, max_queued_jobs=QUEUED)
+    ray.init(address="local", num_cpus=3, resources={"NPU": 2}, namespace=NAMESPACE,
+             include_dashboard=False, log_to_driver=False)
+    try:
+        bringup.up(cfg, min_workers=2)
+        yield Client()
+    finally:
+        bringup.down()
+        ray.shutdown()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_hung_worker_is_killed_and_its_jobs_finish_elsewhere(client):
+    prompts = [f"job {i}: the cluster" for i in range(4)]
+    params = [SamplingParams(max_tokens=300, temperature=0.8, seed=i, ignore_eos=True)
+              for i in range(4)]
+    undisturbed = [client.result(j, timeout=300).outputs[0].token_ids
+                   for j in client.submit_many(prompts, params)]
+    stopped = None
+    try:
+        ids = client.submit_many(prompts, params)
+        started = wait_for(lambda: next((s for s in map(client.status_of, ids)
+                                         if 0 < s["num_tokens"][0] < 200), None),
+                           interval=0.01, what="a job halfway through")
+        victim = next(w for w in ready_workers(client) if w["worker_id"] == started["workers"][0])
+        os.kill(victim["pid"], signal.SIGSTOP)
+        stopped = victim["pid"]
+
+        assert [client.result(j, timeout=300).outputs[0].token_ids for j in ids] == undisturbed
+        status = client.status()
+        assert status["stalled_workers_killed"] == 1 and status["failovers"] >= 1
+        assert "hung workers killed: 1 " in daemon_cmds.format_status(status)
+        wait_for(lambda: _gone(stopped), timeout=60, what="the hung process killed")
+        wait_for(lambda: len(ready_workers(client)) == 2, what="a new worker on the freed NPU")
+    finally:
+        if stopped is not None and not _gone(stopped):
+            os.kill(stopped, signal.SIGKILL)
+
+
+def _numbered_jobs(count: int) -> list[list[int]]:
+    """Prompts whose length tells them apart, so output order can be checked."""
+    return [[65 + i % 26] * (1 + i % 9) for i in range(count)]
+
+
+def test_a_batch_larger_than_the_finished_jobs_kept_loses_no_result(client, tmp_path,
+                                                                     monkeypatch, capsys):
+    count = 4 * FINISHED_KEPT
+    prompts = _numbered_jobs(count)
+    one_token = SamplingParams(max_tokens=1, temperature=0)
+    # sent whole and read afterwards, the first results are forgotten: what this test is about
+    ids = client.submit_many(prompts, one_token, wait_for_room=True)
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="the batch to finish")
+    with pytest.raises(UnknownJobError, match=f"keeps the last {FINISHED_KEPT} finished"):
+        client.result(ids[0])
+
+    outputs = client.results(client.submit_paced(prompts, one_token))
+    assert [o.num_prompt_tokens for o in outputs] == [len(p) for p in prompts]
+    assert all(len(o.outputs[0].token_ids) == 1 for o in outputs)
+
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": 2}) + "\n"
+                                 for p in prompts))
+    assert cli.main(["submit", "--prompts", str(jobs_file), "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in records] == list(range(count))
+    assert [r["num_prompt_tokens"] for r in records] == [len(p) for p in prompts]
+    assert len({r["job_id"] for r in records}) == count
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(jobs_file.read_text()))
+    assert cli.main(["submit", "--prompts", "-", "--no-wait"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.split()) == count
+    assert captured.err.startswith(
+        f"pagedserve: warning: the scheduler keeps the last {FINISHED_KEPT} finished jobs "
+        f"(scheduler.max_finished_jobs), and some of these {count} may be forgotten")
