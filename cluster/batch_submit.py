@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from scheduler.sampling_params import InvalidRequestError
-from scheduler.service import DrainingError, OverloadedError
+from scheduler.service import OverloadedError, UnavailableError
 
 if TYPE_CHECKING:
     from cluster.client import Client
@@ -51,8 +51,8 @@ class BatchSubmitter:
                 accepted = self._client._submit_batch(list(specs), first)
             except OverloadedError as exc:
                 self.in_flight = []  # refused whole
-                if not wait_for_room or isinstance(exc, DrainingError):
-                    raise  # a draining daemon has room but will never take them
+                if not wait_for_room or isinstance(exc, UnavailableError):
+                    raise  # e.g. a draining daemon: it has room but will not take them
                 self._fits, limit = self._room_when_free(exc)
                 self._batch_size = min(self._batch_size, limit)  # a bigger one never fits
                 continue
@@ -117,7 +117,7 @@ class PacedSubmit:
         while not self._submitter.done and len(self.submitted) < target:
             try:
                 self._submitter.send_batch(wait_for_room=False)
-            except DrainingError:
+            except UnavailableError:
                 raise
             except OverloadedError:
                 self._full_at = time.monotonic()

@@ -118,6 +118,9 @@ def format_status(status: dict) -> str:
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
     if status.get("draining"):
         lines.append("draining (`pagedserve down --drain`): new jobs are refused")
+    if status.get("journal_error"):
+        lines.append(f"journal: {status['journal_error']}; new jobs are refused until it can "
+                     "be written")
     if status.get("stalled_workers_killed"):
         lines.append(f"hung workers killed: {status['stalled_workers_killed']} (work to do but "
                      "no step for scheduler.worker_stall_timeout_s; their jobs failed over)")

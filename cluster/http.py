@@ -30,7 +30,7 @@ from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import BatchTooLargeError, DrainingError, OverloadedError
+from scheduler.service import BatchTooLargeError, OverloadedError, UnavailableError
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import ChatTemplateError, Tokenizer
 
@@ -165,7 +165,8 @@ authorized = [Depends(require_api_key)]
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """Open without a key: 200 when the scheduler and at least one worker answer."""
+    """Open without a key: 200 when the scheduler and at least one worker answer and new jobs
+    are taken (not draining, the journal writable)."""
     client = _server(request).client
     try:
         status = await asyncio.wait_for(client.astatus(), HEALTH_TIMEOUT_S)
@@ -174,11 +175,15 @@ async def health(request: Request) -> Response:
         return JSONResponse({"status": "unavailable", "reason": "the scheduler does not "
                              "answer"}, 503)
     alive = await client.alive_workers(status, timeout=HEALTH_TIMEOUT_S)
-    body = {"status": "ok" if alive else "unavailable", "workers_alive": len(alive),
+    reason = ("no worker answers" if not alive
+              else "draining (`pagedserve down --drain`)" if status.get("draining")
+              else f"the job journal: {status['journal_error']}" if status.get("journal_error")
+              else None)
+    body = {"status": "unavailable" if reason else "ok", "workers_alive": len(alive),
             "workers_known": len(status["workers"])}
-    if not alive:
-        body["reason"] = "no worker answers"
-    return JSONResponse(body, 200 if alive else 503)
+    if reason:
+        body["reason"] = reason
+    return JSONResponse(body, 503 if reason else 200)
 
 
 @router.get("/metrics", dependencies=authorized)
@@ -431,8 +436,8 @@ def _daemon_errors(body: GenerationRequest):
 
 
 def _daemon_error(exc: Exception) -> ApiError:
-    if isinstance(exc, DrainingError):
-        return ApiError(503, str(exc), type="service_unavailable", code="draining")
+    if isinstance(exc, UnavailableError):  # draining, or the journal cannot be written
+        return ApiError(503, str(exc), type="service_unavailable", code=exc.code)
     if isinstance(exc, OverloadedError):
         return ApiError(429, str(exc), type="rate_limit_error", code="overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -40,8 +40,9 @@ def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:
 
 
 def read_jsonl(path: str | Path, parse: Callable[[str, int], T], what: str) -> list[T]:
-    """``parse(line, line_number)`` applied to every non-blank line of the file, or of stdin when
-    path is ``-``; its ValueError comes back prefixed with ``path:line``, as the same error class."""
+    """``parse(line, line_number)`` applied to every non-blank line of the file, or of stdin
+    when path is ``-``; its ValueError comes back prefixed with ``path:line``, as the same
+    error class."""
     if str(path) == "-":
         lines = sys.stdin.read().splitlines()
     else:

@@ -11,6 +11,10 @@ so every record is on disk at most that long (plus the fsync) after it was recor
 shares one fsync. With ``fsync_interval_s == 0`` every record is written and fsynced before
 ``record_*`` returns. ``flush()`` forces it at any time.
 
+A write that fails (a full disk) is undone: the file is cut back to its last whole record and
+the records stay buffered for the next flush (the flusher retries). ``flush()`` raises a
+JournalError, and ``write_error`` says why until a write succeeds.
+
 Recovery: at open the file is replayed up to the last good record; a bad tail (a partial write,
 random bytes) is dropped with a logged warning, never an error. A corrupt stretch followed by
 good records (a damaged sector) is skipped, with a warning, and the records after it are kept.
@@ -43,6 +47,8 @@ MAGIC = b"PSJ1"
 FRAME_HEADER = struct.Struct("<II")  # payload length, CRC-32 of the payload
 ACCEPTED, FINISHED = "accepted", "finished"
 RECORD_KEY = msgpack.packb("kind")  # every record's first key: where a good frame may start
+WRITE_RETRY_S = 1.0  # how often the flusher retries after a failed write (a full disk)
+COMPACT_RETRY_S = 60.0  # how long after a failed compaction the next one is tried
 
 
 class JournalError(OSError):
@@ -78,6 +84,9 @@ class Journal:
         self._pending = bytearray()  # frames recorded but not yet written
         self._pending_since: float | None = None  # time.monotonic() of the oldest pending frame
         self._closed = False
+        self._size = 0  # bytes of whole records in the file
+        self.write_error: str | None = None  # why the last write failed, until one succeeds
+        self._compact_retry_at = 0.0  # time.monotonic() before which no compaction is tried
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_exclusively(self.path)
         self._file = None
@@ -172,7 +181,10 @@ class Journal:
 
     def _flush_now_if_unbuffered(self) -> None:
         if self.fsync_interval_s == 0:
-            self.flush()
+            try:
+                self.flush()
+            except JournalError:  # kept buffered; write_error says why, the next flush retries
+                log.warning("journal %s: %s", self.path, self.write_error)
 
     def _write_pending(self) -> None:
         with self._io_lock:
@@ -181,18 +193,45 @@ class Journal:
                     return
                 data = bytes(self._pending)
                 self._pending.clear()
-                self._pending_since = None
-            if data:
-                self._file.write(data)
-                self._file.flush()
+                since, self._pending_since = self._pending_since, None
+            if not data:
+                return
+            try:
+                _write_all(self._file, data)
                 os.fsync(self._file.fileno())
+            except OSError as exc:
+                self._undo_write(data, since)
+                raise self._failed(exc) from None
+            self._size += len(data)
+            self.write_error = None
+
+    def _undo_write(self, data: bytes, since: float | None) -> None:
+        """Cut a partial write off the file and put its records back in front of the buffer."""
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+        except OSError:
+            pass  # a torn frame left behind is skipped at replay (its CRC fails)
+        with self._lock:
+            self._pending[:0] = data
+            self._pending_since = since  # the oldest record is again the first one
+            self._lock.notify_all()
+
+    def _failed(self, exc: OSError) -> JournalError:
+        self.write_error = f"cannot write {self.path}: {exc.strerror or exc}"
+        return JournalError(self.write_error)
 
     def _compact_if_due(self) -> None:
         with self._io_lock, self._lock:
             finished = self._finished_on_disk
             if (not self._closed and finished > self.compact_min_finished
-                    and finished > 2 * len(self._jobs)):
-                self._rewrite()
+                    and finished > 2 * len(self._jobs)
+                    and time.monotonic() >= self._compact_retry_at):
+                try:
+                    self._rewrite()
+                except JournalError as exc:  # the appended log is still whole: go on with it
+                    log.warning("journal %s: compaction failed, tried again in %s s: %s",
+                                self.path, COMPACT_RETRY_S, exc)
+                    self._compact_retry_at = time.monotonic() + COMPACT_RETRY_S
 
     def _run_flusher(self) -> None:
         while True:
@@ -205,30 +244,40 @@ class Journal:
                 if delay > 0:
                     self._lock.wait(delay)
                     continue
+            failing = self.write_error is not None
             try:
                 self.flush()
-            except OSError:
-                log.exception("journal %s: flush failed; retrying", self.path)
-                time.sleep(self.fsync_interval_s)
+            except OSError as exc:
+                if not failing:
+                    log.warning("journal %s: %s; retrying every %s s", self.path, exc,
+                                WRITE_RETRY_S)
+                time.sleep(WRITE_RETRY_S)
+                continue
+            if failing:
+                log.warning("journal %s: written again", self.path)
 
     def _rewrite(self) -> None:
         """Replace the file by MAGIC + one accept frame per unfinished job (caller holds both
-        locks). Buffered frames are dropped: the jobs table already reflects them."""
+        locks). Buffered frames are dropped: the jobs table already reflects them. If that
+        fails the old file stays as it was."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out:
-            out.write(MAGIC)
-            for job in self._jobs.values():
-                out.write(_frame(_accepted_record(job)))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
+        content = MAGIC + b"".join(_frame(_accepted_record(job)) for job in self._jobs.values())
+        try:
+            with open(tmp, "wb", buffering=0) as out:
+                _write_all(out, content)
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise JournalError(f"cannot rewrite {self.path}: {exc.strerror or exc}") from None
         _fsync_dir(self.path.parent)
         self._pending.clear()
         self._pending_since = None
         self._finished_on_disk = 0
+        self._size = len(content)
         if self._file is not None:
             self._file.close()
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab", buffering=0)
 
     # -- replay ---------------------------------------------------------------------------------
 
@@ -247,7 +296,8 @@ class Journal:
         if problem or skipped or not data or self._finished_on_disk:
             self._rewrite()
         else:
-            self._file = open(self.path, "ab")
+            self._file = open(self.path, "ab", buffering=0)
+            self._size = len(data)
 
     def _replay(self, data: bytes) -> tuple[int, str | None, list[tuple[int, int, str]]]:
         """Apply every good record. Returns the offset after the last one, what stopped the
@@ -367,6 +417,13 @@ def _lock_exclusively(path: Path) -> int:
         raise JournalError(f"journal {path} is in use by another process (a second scheduler?); "
                            f"stop it, or set scheduler.journal_path to another file") from None
     return fd
+
+
+def _write_all(file, data: bytes) -> None:
+    """Write every byte to an unbuffered file (a raw write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view):]
 
 
 def _fsync_dir(directory: Path) -> None:

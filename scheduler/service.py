@@ -6,6 +6,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import random
 import re
 import time
@@ -48,8 +49,23 @@ class BatchTooLargeError(OverloadedError):
     """A batch of more jobs than the queue holds: no retry can succeed, only smaller batches."""
 
 
-class DrainingError(OverloadedError):
+class UnavailableError(OverloadedError):
+    """The daemon takes no new jobs for now, for a reason that room in the queue does not fix;
+    ``code`` names it for the HTTP API."""
+
+    code = "unavailable"
+
+
+class DrainingError(UnavailableError):
     """The daemon is finishing its jobs to go down (`pagedserve down --drain`): no new ones."""
+
+    code = "draining"
+
+
+class JournalUnwritableError(UnavailableError):
+    """The job journal cannot be written (a full disk): no job is accepted until it can."""
+
+    code = "journal_unwritable"
 
 
 class UnknownJobError(KeyError):
@@ -308,8 +324,8 @@ class SchedulerService:
         if job is None:
             raise UnknownJobError(
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
-                f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, and none "
-                "across a restart)")
+                f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, and "
+                "none across a restart)")
         return job
 
     async def stream(self, job_id: str, cursor: list[int] | None = None):
@@ -508,7 +524,8 @@ class SchedulerService:
             "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
-            "uptime_s": time.time() - self.started_at,
+            "journal_error": self.journal.write_error,
+            "uptime_s": time.time() - self.started_at, "scheduler_pid": os.getpid(),
             "last_spawn_error": self.last_spawn_error,
             "placement_problem": self.placement_problem,
             "config": self.options.config,
@@ -573,11 +590,27 @@ class SchedulerActor:
         return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
 
     async def submit_many(self, specs, first_index=0) -> list[str]:
+        journal = self.service.journal
+        if journal.write_error is not None:  # refused whole, before any job runs, until
+            await self._flush_journal([])     # a write goes through again
         job_ids = self.service.submit_many(specs, first_index)
         # Acknowledge only what is on disk: a scheduler killed right after this reply must still
         # find the jobs in the journal. Concurrent submits share one fsync (group commit).
-        await asyncio.to_thread(self.service.journal.flush)
+        await self._flush_journal(job_ids)
         return job_ids
+
+    async def _flush_journal(self, job_ids: list[str]) -> None:
+        """Write the journal; if that fails, abort ``job_ids`` (accepted, not yet on disk) and
+        refuse their submit."""
+        try:
+            await asyncio.to_thread(self.service.journal.flush)
+        except OSError as exc:
+            for job_id in job_ids:
+                self.service.abort(job_id)
+            raise JournalUnwritableError(
+                f"pagedserve cannot write its job journal ({exc}), so it takes no jobs until it "
+                "can: free space there, or set scheduler.journal_path elsewhere and run "
+                "`pagedserve down` then `up`") from None
 
     async def report(self, worker_id, number, packed_outputs, rejected, load) -> None:
         self.service.report(worker_id, number, unpack_outputs(packed_outputs), rejected, load)

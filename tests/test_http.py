@@ -2,7 +2,9 @@
 official openai client and raw httpx: results equal the daemon's own, streams equal whole
 responses, bad input gets the right status and error body, and the server keeps serving."""
 import json
+import resource
 import threading
+from pathlib import Path
 
 import httpx
 import msgpack
@@ -13,7 +15,7 @@ import uvicorn
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
-from cluster import bringup
+from cluster import bringup, daemon_cmds
 from cluster.client import Client
 from cluster.http import create_app
 from cluster.serve_cmd import bind_socket
@@ -534,6 +536,37 @@ def test_a_client_leaving_a_whole_response_aborts_its_job(base_url, daemon):
 
 def _generated_tokens(client):
     return sum(w.get("generated_tokens", 0) for w in ready_workers(client))
+
+
+def test_a_journal_that_cannot_be_written_refuses_jobs_until_it_can(api, base_url, daemon):
+    """The scheduler's process may not grow any file past the journal's size (the kernel's
+    file size limit: a real write failure, as a full disk gives): no job is accepted, since
+    none could be made durable, and one is again once the journal can be written."""
+    cfg, client = daemon
+    pid = client.status()["scheduler_pid"]
+    journal = Path(cfg.scheduler.journal_path)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (journal.stat().st_size, hard))
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            api.completions.create(prompt="to the journal", **greedy())
+        assert caught.value.status_code == 503
+        error = caught.value.response.json()["error"]
+        assert error["code"] == "journal_unwritable"
+        assert error["message"].startswith(f"pagedserve cannot write its job journal (cannot "
+                                           f"write {journal}: File too large)")
+        health = httpx.get(f"{base_url}/health")
+        assert health.status_code == 503
+        assert health.json()["reason"] == (f"the job journal: cannot write {journal}: File too "
+                                           "large")
+        assert "journal: cannot write" in daemon_cmds.format_status(client.status())
+        assert client.status()["jobs_unfinished"] == 0  # the refused job does not run
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+    wait_for(lambda: client.status()["journal_error"] is None, timeout=30,
+             what="the journal written again")
+    assert httpx.get(f"{base_url}/health").status_code == 200
+    assert_still_serves(api)
 
 
 def test_a_draining_daemon_is_503_not_429():

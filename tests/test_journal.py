@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import random
+import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -327,3 +329,50 @@ def test_the_journal_imports_neither_torch_nor_ray():
     code = ("import sys, cluster.journal; "
             "assert not {'torch', 'ray'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """A real write failure: the kernel refuses to grow any file of this process past
+    ``limit`` bytes (EFBIG; Python ignores SIGXFSZ), as a full disk refuses with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_failed_write_is_undone_and_retried_until_it_goes_through(path, tmp_path):
+    journal = Journal(path, fsync_interval_s=0)
+    journal.record_accepted("before", [1, 2], {})
+    size = path.stat().st_size
+    with file_size_limit(size + 20):  # room for part of a record: the write is cut short
+        with pytest.raises(JournalError, match=f"cannot write {path}: File too large"):
+            journal.record_accepted("during", list(range(100)), {})
+            journal.flush()
+        assert journal.write_error == f"cannot write {path}: File too large"
+        assert path.stat().st_size == size  # the partial record was cut off again
+        journal.record_finished("before", "stop")  # fsync interval 0: kept, not raised
+        assert reopened_copy(path, tmp_path) == ["before"]
+    journal.flush()
+    assert journal.write_error is None
+    assert reopened_copy(path, tmp_path) == ["during"] and count_frames(path) == 3
+    journal.close()
+
+
+def test_the_flusher_retries_a_failed_write(path, tmp_path, caplog):
+    journal = Journal(path, fsync_interval_s=0.01)
+    size = path.stat().st_size
+    with file_size_limit(size):
+        journal.record_accepted("waits", [1], {})
+        deadline = time.monotonic() + 10
+        while journal.write_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert journal.write_error is not None and path.stat().st_size == size
+    deadline = time.monotonic() + 10
+    while journal.write_error is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.write_error is None and reopened_copy(path, tmp_path) == ["waits"]
+    assert "retrying every" in caplog.text and "written again" in caplog.text
+    journal.close()
