@@ -543,7 +543,11 @@ class SchedulerService:
         for slot in list(self.workers.values()):
             ray.kill(slot.actor, no_restart=True)
         self.workers.clear()
-        self.journal.close()
+        try:
+            self.journal.close()
+        except OSError as exc:  # only "finished" records can be lost: submits wait for the disk
+            log.warning("journal: %s; jobs that finished since the last write may run again "
+                        "after `up`", exc)
         return self.unfinished_jobs
 
 
