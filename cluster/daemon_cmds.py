@@ -118,6 +118,9 @@ def format_status(status: dict) -> str:
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
     if status.get("draining"):
         lines.append("draining (`pagedserve down --drain`): new jobs are refused")
+    if status.get("engine_failures"):
+        lines.append(f"engine failures: {status['engine_failures']} (workers replaced; "
+                     f"{status['quarantined_samples']} samples waiting to run alone)")
     if status.get("journal_error"):
         lines.append(f"journal: {status['journal_error']}; new jobs are refused until it can "
                      "be written")

@@ -20,9 +20,15 @@ def in_batch(exc: InvalidRequestError, index: int, note: str = "") -> InvalidReq
     return err
 
 
+# Temperatures this small sample as greedy, as vLLM's do: dividing logits by them would
+# overflow float32 (1e-45 turns every logit into inf, the probabilities into NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(slots=True)
 class SamplingParams:
-    """Sampling controls. ``temperature == 0`` means greedy; ``top_k <= 0`` disables top-k."""
+    """Sampling controls. ``temperature == 0`` (or below GREEDY_BELOW_TEMPERATURE) means greedy;
+    ``top_k <= 0`` disables top-k."""
 
     n: int = 1
     max_tokens: int = 16
@@ -55,7 +61,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def _validate(self) -> None:
         _check(is_int64(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")

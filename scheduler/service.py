@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import job_prompt_ids
+from scheduler.quarantine import Quarantine
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch, is_int64
 from worker.output import unpack_outputs
@@ -29,6 +30,10 @@ log = logging.getLogger("pagedserve.scheduler")
 NAMESPACE = "pagedserve"
 SCHEDULER_NAME = "pagedserve-scheduler"
 MAX_SPAWN_FAILURES = 3
+# A job whose sample was on this many workers that died fails: a job that crashes worker
+# processes (rather than raising in the engine, see Quarantine) must not take down every worker
+# in turn; a job that merely shared a batch with it rarely meets it 3 times.
+MAX_WORKER_DEATHS_PER_SAMPLE = 3
 PING_TIMEOUT_S = 10.0  # how long a quiet worker has to answer before it is taken as hung
 # Once enough workers are ready, how long wait_ready still waits for workers already loading, so
 # that `up` reports the capacity being brought up; bounded, because a worker whose actor cannot
@@ -127,7 +132,9 @@ class SchedulerService:
         # set once, when the job finishes: result() waiters are not woken by every token
         self.finished_events: dict[str, asyncio.Event] = {}
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.quarantine = Quarantine()  # samples held when an engine failed
         self.failovers = 0
+        self.engine_failures = 0
         self.stalled_workers_killed = 0
         self.draining = False
         self.spawn_failures = 0
@@ -276,6 +283,8 @@ class SchedulerService:
         worker.load.free_blocks = load["free_blocks"]
 
     def _changed(self, job: JobState) -> None:
+        if self.quarantine.cleared(job):
+            self._release_suspect()
         event = self.changed.get(job.job_id)
         if event is not None:
             event.set()
@@ -452,16 +461,24 @@ class SchedulerService:
                                slot.info["block_size"])
         log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
         self._drain_pending()
+        engine_error = None
         try:
             await slot.actor.run.remote()
+        except RayTaskError as exc:  # its step loop raised (a device error, a bad request)
+            engine_error = _one_line(exc)
+            self.engine_failures += 1
+            log.error("worker %s: its engine failed: %s", slot.worker_id, engine_error)
         except Exception as exc:
             log.warning("worker %s died: %s", slot.worker_id, _one_line(exc))
-        self._on_worker_gone(slot)
+        self._on_worker_gone(slot, engine_error)
 
-    def _on_worker_gone(self, slot: WorkerSlot) -> None:
+    def _on_worker_gone(self, slot: WorkerSlot, engine_error: str | None = None) -> None:
+        """Re-route the unfinished samples of a worker that is gone. If its engine raised,
+        they are suspects (see Quarantine) and run again one at a time."""
         if self.workers.pop(slot.worker_id, None) is None:
             return
         self.router.forget(slot.worker_id)
+        ray.kill(slot.actor, no_restart=True)  # a failed step loop leaves a process on the NPU
         orphans = []
         for job_id, index in slot.samples:
             job = self.jobs.get(job_id)
@@ -470,10 +487,31 @@ class SchedulerService:
             sample = job.samples[index]
             sample.attempt += 1  # anything the dead worker still sends is stale
             sample.worker_id = None
+            if sample.attempt >= MAX_WORKER_DEATHS_PER_SAMPLE:  # a job that kills its workers
+                self._fail(job, f"{sample.attempt} workers died while running it")
+                continue
             self.failovers += 1
             orphans.append((job, sample))
-        self._dispatch(orphans)
-        ray.kill(slot.actor, no_restart=True)
+        if engine_error is None:
+            self._dispatch(orphans)
+            return
+        culprit = self.quarantine.take_culprit(orphans)
+        if culprit is not None:
+            self._fail(culprit[0], f"it made the engine fail twice ({engine_error}); not "
+                                   "retried")
+            orphans.remove(culprit)
+        self.quarantine.hold(orphans)
+        self._release_suspect()
+
+    def _release_suspect(self) -> None:
+        suspect = self.quarantine.release()
+        if suspect is not None:
+            self._dispatch([suspect])
+
+    def _fail(self, job: JobState, message: str) -> None:
+        log.error("job %s failed: %s", job.job_id, message)
+        job.fail(message)
+        self._changed(job)
 
     def _resume_from_journal(self) -> int:
         """Queues the jobs a previous scheduler left unfinished; returns how many."""
@@ -525,6 +563,8 @@ class SchedulerService:
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "journal_error": self.journal.write_error,
+            "engine_failures": self.engine_failures,
+            "quarantined_samples": len(self.quarantine),
             "uptime_s": time.time() - self.started_at, "scheduler_pid": os.getpid(),
             "last_spawn_error": self.last_spawn_error,
             "placement_problem": self.placement_problem,

@@ -1,13 +1,16 @@
-"""The daemon with tight scheduler settings, on its own local Ray cluster: a hung worker, its
-process stopped with SIGSTOP (Ray still counts it alive, as it would a worker stuck on its
-device), is found by the stall watch and killed, and its jobs finish elsewhere with the tokens
-an undisturbed run gives; a batch of many more jobs than the scheduler keeps finished runs
-whole, with no result forgotten before it is read."""
+"""The daemon with tight scheduler settings and workers that can fail, on its own local Ray
+cluster: a hung worker, its process stopped with SIGSTOP (Ray still counts it alive, as it would
+a worker stuck on its device), is found by the stall watch and killed, and its jobs finish
+elsewhere with the tokens an undisturbed run gives; a job that makes engines raise (an injected
+device fault, tests/engine_faults) is failed alone; a job whose worker processes keep dying
+fails after three; a batch of many more jobs than the scheduler keeps finished runs whole, with
+no result forgotten before it is read."""
 import io
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -15,21 +18,33 @@ import ray
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
 from cluster import bringup, cli, daemon_cmds
-from cluster.client import Client
+from cluster.client import Client, JobFailedError
 from scheduler.sampling_params import SamplingParams
-from scheduler.service import NAMESPACE, UnknownJobError
+from scheduler.service import MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, UnknownJobError
 
 STALL_TIMEOUT_S = 3.0
 FINISHED_KEPT = 40
 QUEUED = 16
 
 
+FAULTS = Path(__file__).parent / "engine_faults"  # its sitecustomize poisons [7, 7, 7]
+POISON = [7, 7, 7, 65]
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     cfg = daemon_config(tmp_path_factory.mktemp("tight"), worker_stall_timeout_s=STALL_TIMEOUT_S,
                         max_finished_jobs=FINISHED_KEPT, max_queued_jobs=QUEUED)
-    ray.init(address="local", num_cpus=3, resources={"NPU": 2}, namespace=NAMESPACE,
-             include_dashboard=False, log_to_driver=False)
+    path = os.environ.get("PYTHONPATH")  # Ray's processes inherit it from this one
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), path]))
+    try:
+        ray.init(address="local", num_cpus=3, resources={"NPU": 2}, namespace=NAMESPACE,
+                 include_dashboard=False, log_to_driver=False)
+    finally:
+        if path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = path
     try:
         bringup.up(cfg, min_workers=2)
         yield Client()
@@ -71,6 +86,50 @@ def test_a_hung_worker_is_killed_and_its_jobs_finish_elsewhere(client):
     finally:
         if stopped is not None and not _gone(stopped):
             os.kill(stopped, signal.SIGKILL)
+
+
+def test_a_job_that_makes_engines_fail_is_failed_alone(client):
+    """Its first failure takes down the batch it shared; the samples of that batch then run
+    again one at a time, so the second failure names it, and the others end as they would
+    have."""
+    prompts = [f"shares a batch {i}" for i in range(6)]
+    params = [SamplingParams(max_tokens=120, temperature=0.8, seed=50 + i, ignore_eos=True)
+              for i in range(6)]
+    undisturbed = [client.result(j, timeout=300).outputs[0].token_ids
+                   for j in client.submit_many(prompts, params)]
+    pids = {w["pid"] for w in ready_workers(client)}
+    ids = client.submit_many([*prompts[:3], POISON, *prompts[3:]],
+                             [*params[:3], SamplingParams(max_tokens=5), *params[3:]])
+    poisoned = ids.pop(3)
+    with pytest.raises(JobFailedError, match=r"it made the engine fail twice \(.*injected device "
+                                             r"fault: the step held the poison tokens\); not "
+                                             r"retried"):
+        client.result(poisoned, timeout=300)
+    assert [client.result(j, timeout=300).outputs[0].token_ids for j in ids] == undisturbed
+    status = client.status()
+    assert status["engine_failures"] == 2 and status["quarantined_samples"] == 0
+    assert "engine failures: 2 (workers replaced" in daemon_cmds.format_status(status)
+    # the failed engines' processes were ended, and new workers took their NPUs
+    workers = wait_for(lambda: w if len(w := ready_workers(client)) == 2 else None,
+                       what="two workers again")
+    failed = pids - {w["pid"] for w in workers}
+    assert failed and all(wait_for(lambda: _gone(pid), timeout=30, what="an ended worker")
+                          for pid in failed)
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_three(client):
+    job = client.submit("dies with its workers", SamplingParams(max_tokens=1500, ignore_eos=True))
+    for _ in range(MAX_WORKER_DEATHS_PER_SAMPLE):
+        seen = client.status_of(job)["num_tokens"][0]
+        state = wait_for(lambda: (s := client.status_of(job))["num_tokens"][0] > seen and s,
+                         interval=0.02, what="the job running")
+        host = next(w for w in ready_workers(client) if w["worker_id"] == state["workers"][0])
+        os.kill(host["pid"], signal.SIGKILL)
+        wait_for(lambda: _gone(host["pid"]), timeout=30, what="the killed worker gone")
+    with pytest.raises(JobFailedError, match=f"{MAX_WORKER_DEATHS_PER_SAMPLE} workers died "
+                                             "while running it"):
+        client.result(job, timeout=120)
+    wait_for(lambda: len(ready_workers(client)) == 2, what="two workers again")
 
 
 def _numbered_jobs(count: int) -> list[list[int]]:

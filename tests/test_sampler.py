@@ -83,6 +83,23 @@ def test_greedy_rows_in_a_mixed_batch_are_argmax():
     assert tokens[1::2] == logits[1::2].argmax(dim=-1).tolist()
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """1e-45 would turn every logit into inf and the probabilities into NaN (the token drawn
+    then fell outside the vocabulary and failed the engine's next step)."""
+    logits = random_logits(8, 300, seed=3)
+    tokens = Sampler()(logits, [make_row(temperature=t, seed=i)
+                                for i, t in enumerate([1e-45, 1e-30, 1e-6, 0.0] * 2)]).token_ids
+    assert tokens == logits.argmax(dim=-1).tolist()
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
+def test_nan_logits_still_give_a_token_inside_the_vocabulary():
+    logits = random_logits(3, 50, seed=4)
+    logits[1] = float("nan")
+    tokens = Sampler()(logits, [make_row(seed=i) for i in range(3)]).token_ids
+    assert all(0 <= t < 50 for t in tokens)
+
+
 def test_top_k_one_is_argmax_for_any_seed():
     logits = random_logits(1, 200, seed=2)
     tokens = {Sampler()(logits, [make_row(top_k=1, seed=seed)]).token_ids[0] for seed in range(30)}

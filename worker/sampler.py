@@ -268,7 +268,9 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # For u <= 1 - 2**-24, float32 rounding keeps u * total strictly below total, so the search
     # cannot step past the last token with probability > 0.
     target = uniforms.clamp(max=1.0 - 2**-24)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # NaN probabilities (a model whose float16 activations overflowed) find no interval: a
+    # token id past the vocabulary would fail the next step, so clamp it to one that exists.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def _logprobs(raw: torch.Tensor, token_ids: list[int],
