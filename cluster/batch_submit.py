@@ -19,6 +19,12 @@ ROOM_POLL_S = 0.5  # how often a submit that waits for room checks a full queue
 PACED_AHEAD = 2048
 
 
+def sent_by(source) -> tuple[list[str], list[str]]:
+    """The (submitted, in_flight) ids to withdraw that a PacedSubmit, or an exception of
+    ``Client.submit_many``, carries; none if it carries none."""
+    return getattr(source, "submitted", []), getattr(source, "in_flight", [])
+
+
 class BatchSubmitter:
     """Sends prepared job specs (``Client`` submit arguments, the job id last) in order,
     ``batch_size`` per scheduler call, each batch accepted whole or not at all.
@@ -36,8 +42,12 @@ class BatchSubmitter:
         self._fits = batch_size
 
     @property
+    def total(self) -> int:
+        return len(self._specs)
+
+    @property
     def done(self) -> bool:
-        return len(self.submitted) == len(self._specs)
+        return len(self.submitted) == self.total
 
     def send_batch(self, wait_for_room: bool) -> None:
         """Send the next batch. A full queue raises OverloadedError unless ``wait_for_room``:
@@ -81,10 +91,10 @@ class PacedSubmit:
     """Iterating yields the job ids in input order, submitting a bounded number of jobs past
     the one handed out: the scheduler keeps only its ``max_finished_jobs`` latest finished
     jobs, so a batch larger than that, sent whole before its results are read, would lose its
-    first ones. Job i is waited
-    for room if need be; the jobs after it are sent while the queue has room, so the workers
-    stay busy while the reader waits for job i. ``submitted`` and ``in_flight`` as
-    BatchSubmitter's, for withdrawing the jobs after an error or an interrupt."""
+    first ones. Job i waits for room in the queue if need be; the jobs after it are sent while
+    the queue has room, so the workers stay busy while the reader waits for job i.
+    ``submitted`` and ``in_flight`` as BatchSubmitter's, for withdrawing the jobs after an
+    error or an interrupt."""
 
     def __init__(self, submitter: BatchSubmitter, max_finished_jobs: int) -> None:
         self._submitter = submitter
@@ -100,7 +110,7 @@ class PacedSubmit:
         return self._submitter.in_flight
 
     def __len__(self) -> int:
-        return len(self._submitter._specs)
+        return self._submitter.total
 
     def __iter__(self) -> Iterator[str]:
         for i in range(len(self)):

@@ -8,6 +8,7 @@ import tempfile
 import ray
 
 from cluster import bringup
+from cluster.batch_submit import sent_by
 from cluster.client import Client
 from cluster.config import PagedServeConfig, with_overrides
 from worker.output import JobOutput
@@ -39,9 +40,8 @@ class EmbeddedDaemon:
             paced = self.client.submit_paced(prompts, params_list, priorities=priorities)
             return self.client.results(paced, progress=progress)
         except BaseException as exc:
-            sent = exc if paced is None else paced
             try:
-                self.client.withdraw(getattr(sent, "submitted", []), getattr(sent, "in_flight", []))
+                self.client.withdraw(*sent_by(exc if paced is None else paced))
             except Exception as unreachable:  # the cause the caller must see is ``exc``
                 log.warning("could not abort the jobs of an interrupted generate: %s",
                             unreachable)

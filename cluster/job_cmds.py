@@ -50,6 +50,7 @@ def add_parsers(sub) -> None:
 
 
 def run_submit(args) -> int:
+    from cluster.batch_submit import sent_by
     from cluster.client import USER_ERRORS, Client
     from cluster.generate_cmd import load_jobs
     from cluster.jobs_file import located
@@ -70,8 +71,7 @@ def run_submit(args) -> int:
         _print_results(args.json, client, paced, [j.params.n for j in jobs])
     except (*USER_ERRORS, KeyboardInterrupt) as exc:
         # all or nothing: the jobs this submit queued are withdrawn, nobody would read them
-        sent = exc if paced is None else paced
-        _withdraw(client, getattr(sent, "submitted", []), getattr(sent, "in_flight", []),
+        _withdraw(client, *sent_by(exc if paced is None else paced),
                   interrupted=isinstance(exc, KeyboardInterrupt))
         if isinstance(exc, InvalidRequestError):
             raise located(exc, jobs, args.prompts) from None
