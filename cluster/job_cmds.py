@@ -68,7 +68,7 @@ def run_submit(args) -> int:
             _print_ids(ids, args.json)
             return 0
         paced = client.submit_paced(*batch, priorities=priorities)
-        _print_results(args.json, client, paced, [j.params.n for j in jobs])
+        failed = _print_results(args.json, client, paced, [j.params.n for j in jobs])
     except (*USER_ERRORS, KeyboardInterrupt) as exc:
         # all or nothing: the jobs this submit queued are withdrawn, nobody would read them
         _withdraw(client, *sent_by(exc if paced is None else paced),
@@ -76,7 +76,7 @@ def run_submit(args) -> int:
         if isinstance(exc, InvalidRequestError):
             raise located(exc, jobs, args.prompts) from None
         raise
-    return 0
+    return _exit_code(failed, len(jobs))
 
 
 def run_result(args) -> int:
@@ -86,8 +86,7 @@ def run_result(args) -> int:
     client = Client(args.address, find_timeout_s=FIND_TIMEOUT_S)
     # every id is checked before anything is printed, so a typo does not cut the output short
     samples = [len(client.status_of(job_id)["num_tokens"]) for job_id in job_ids]
-    _print_results(args.json, client, job_ids, samples)
-    return 0
+    return _exit_code(_print_results(args.json, client, job_ids, samples), len(job_ids))
 
 
 def run_abort(args) -> int:
@@ -187,24 +186,45 @@ def _print_ids(ids: list[str], as_json: bool) -> None:
 
 
 def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: list[int]
-                   ) -> None:
+                   ) -> int:
     """Each job's output in order, as ``ids`` yields them: JSON lines (with a progress bar on
-    a terminal), or the text streamed."""
+    a terminal), or the text streamed. A failed job gets its error (an "error" field, or a
+    line on stderr) and the others go on; returns how many failed."""
     from tqdm import tqdm
 
+    from cluster.client import JobFailedError
     from cluster.generate_cmd import TerminalPrinter, job_record
 
+    failed = 0
     if as_json:
         bar = tqdm(ids, total=len(samples_per_job), desc="jobs", unit="job",
                    disable=not sys.stderr.isatty())
         for i, job_id in enumerate(bar):
-            job = client.result(job_id)
-            print(json.dumps({"index": i, "job_id": job_id, **job_record(i, job)}), flush=True)
-        return
+            try:
+                record = job_record(i, client.result(job_id))
+            except JobFailedError as exc:
+                record, failed = {"error": str(exc)}, failed + 1
+            print(json.dumps({"index": i, "job_id": job_id, **record}), flush=True)
+        return failed
     printer = TerminalPrinter(samples_per_job)
     for i, job_id in enumerate(ids):
+        reasons = set()
         for delta in client.stream(job_id):
             printer.on_output(i, delta)
+            reasons.add(delta.finish_reason)
+        if "error" in reasons:
+            failed += 1
+            try:
+                client.result(job_id)
+            except JobFailedError as exc:
+                print(f"pagedserve: {exc}", file=sys.stderr, flush=True)
+    return failed
+
+
+def _exit_code(failed: int, total: int) -> int:
+    if failed:
+        print(f"pagedserve: {failed} of {total} jobs failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: bool) -> None:

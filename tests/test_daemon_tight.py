@@ -117,6 +117,30 @@ def test_a_job_that_makes_engines_fail_is_failed_alone(client):
                           for pid in failed)
 
 
+def test_the_cli_prints_the_other_jobs_past_a_failed_one(client, capsys):
+    """One failed job of a batch gets its error; the others are printed all the same, and the
+    exit status says that not all went well."""
+    good = client.submit("fine", SamplingParams(max_tokens=4, temperature=0))
+    bad = client.submit(POISON, SamplingParams(max_tokens=4))
+    with pytest.raises(JobFailedError):
+        client.result(bad, timeout=300)
+    expected = client.result(good).outputs[0].text
+
+    assert cli.main(["result", bad, good, "--json"]) == 1
+    out, err = capsys.readouterr()
+    failed, fine = map(json.loads, out.splitlines())
+    assert (failed["index"], failed["job_id"]) == (0, bad)
+    assert "it made the engine fail twice" in failed["error"] and "text" not in failed
+    assert (fine["index"], fine["text"]) == (1, expected)
+    assert err == "pagedserve: 1 of 2 jobs failed\n"
+
+    assert cli.main(["result", bad, good]) == 1
+    out, err = capsys.readouterr()
+    assert out.endswith(f"--- [1] {expected}\n")
+    assert err.startswith(f"pagedserve: job {bad} failed: it made the engine fail twice")
+    assert err.endswith("pagedserve: 1 of 2 jobs failed\n")
+
+
 def test_a_job_whose_workers_keep_dying_fails_after_three(client):
     job = client.submit("dies with its workers", SamplingParams(max_tokens=1500, ignore_eos=True))
     for _ in range(MAX_WORKER_DEATHS_PER_SAMPLE):
