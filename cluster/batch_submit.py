@@ -113,11 +113,20 @@ class PacedSubmit:
         return self._submitter.total
 
     def __iter__(self) -> Iterator[str]:
-        for i in range(len(self)):
-            while len(self.submitted) <= i:
+        for chunk in self.chunks(1):
+            yield chunk[0]
+
+    def chunks(self, size: int) -> Iterator[list[str]]:
+        """The ids in order, several at a time: the next one (sent when room is found) and
+        those after it that are already sent, ``size`` at most."""
+        first = 0
+        while first < len(self):
+            while len(self.submitted) <= first:
                 self._submitter.send_batch(wait_for_room=True)
-            self._send_ahead(i + self._ahead)
-            yield self.submitted[i]
+            self._send_ahead(first + self._ahead)
+            chunk = self.submitted[first:first + size]
+            first += len(chunk)
+            yield chunk
 
     def _send_ahead(self, target: int) -> None:
         """Send batches without waiting while fewer than ``target`` jobs are submitted; after

@@ -21,6 +21,7 @@ SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
 IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
+RESULTS_BATCH = 256  # job ids per scheduler call in iter_results
 
 
 class JobFailedError(RuntimeError):
@@ -246,8 +247,22 @@ class Client:
         """``result`` of each job, in order; ``job_ids`` may be a PacedSubmit."""
         from tqdm import tqdm
 
-        return [self.result(j, timeout) for j in tqdm(job_ids, desc="jobs", unit="job",
-                                                       disable=not progress)]
+        total = len(job_ids) if hasattr(job_ids, "__len__") else None
+        outcomes = tqdm(self.iter_results(job_ids, timeout), total=total, desc="jobs",
+                        unit="job", disable=not progress)
+        return [_raise_if_failed(outcome) for _, outcome in outcomes]
+
+    def iter_results(self, job_ids: Iterable[str], timeout: float | None = None
+                     ) -> Iterator[tuple[str, JobOutput | JobFailedError]]:
+        """(job id, its output or the JobFailedError saying why it failed) of each job, in
+        order, as each is done; the jobs already done come many to a call (``job_ids`` may be
+        a PacedSubmit)."""
+        for chunk in _id_chunks(job_ids, RESULTS_BATCH):
+            while chunk:
+                summaries = self._call("results", chunk, timeout)
+                for summary in summaries:
+                    yield summary["job_id"], _output_or_error(summary)
+                chunk = chunk[len(summaries):]
 
     def abort(self, job_id: str) -> bool:
         return self._call("abort", job_id)
@@ -323,9 +338,28 @@ def _id_in_use(exc: InvalidRequestError) -> bool:
 
 
 def _checked_output(summary: dict) -> JobOutput:
+    return _raise_if_failed(_output_or_error(summary))
+
+
+def _output_or_error(summary: dict) -> JobOutput | JobFailedError:
     if summary["error"]:
-        raise JobFailedError(f"job {summary['job_id']} failed: {summary['error']}")
+        return JobFailedError(f"job {summary['job_id']} failed: {summary['error']}")
     return _job_output(summary)
+
+
+def _raise_if_failed(outcome: JobOutput | JobFailedError) -> JobOutput:
+    if isinstance(outcome, JobFailedError):
+        raise outcome
+    return outcome
+
+
+def _id_chunks(job_ids: Iterable[str], size: int) -> Iterator[list[str]]:
+    if isinstance(job_ids, PacedSubmit):
+        yield from job_ids.chunks(size)
+        return
+    job_ids = list(job_ids)
+    for start in range(0, len(job_ids), size):
+        yield job_ids[start:start + size]
 
 
 def _params_dict(params) -> dict:

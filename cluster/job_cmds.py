@@ -197,13 +197,13 @@ def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: l
 
     failed = 0
     if as_json:
-        bar = tqdm(ids, total=len(samples_per_job), desc="jobs", unit="job",
-                   disable=not sys.stderr.isatty())
-        for i, job_id in enumerate(bar):
-            try:
-                record = job_record(i, client.result(job_id))
-            except JobFailedError as exc:
-                record, failed = {"error": str(exc)}, failed + 1
+        outcomes = tqdm(client.iter_results(ids), total=len(samples_per_job), desc="jobs",
+                        unit="job", disable=not sys.stderr.isatty())
+        for i, (job_id, outcome) in enumerate(outcomes):
+            if isinstance(outcome, JobFailedError):
+                record, failed = {"error": str(outcome)}, failed + 1
+            else:
+                record = job_record(i, outcome)
             print(json.dumps({"index": i, "job_id": job_id, **record}), flush=True)
         return failed
     printer = TerminalPrinter(samples_per_job)

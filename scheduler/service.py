@@ -367,6 +367,17 @@ class SchedulerService:
             await _wait(self.finished_events[job_id], min(left or 5.0, 5.0))
         return job_summary(job)
 
+    async def results(self, job_ids: list[str], timeout: float | None = None) -> list[dict]:
+        """``result`` of the first job, then of those after it while they are finished: at
+        least one summary, in order, so a client reads many finished jobs in one call."""
+        summaries = [await self.result(job_ids[0], timeout)]
+        for job_id in job_ids[1:]:
+            job = self.jobs.get(job_id)
+            if job is None or not job.finished:  # an unknown id fails as the next call's first
+                break
+            summaries.append(job_summary(job))
+        return summaries
+
     # -- workers ---------------------------------------------------------------------------
 
     async def _reconcile_forever(self) -> None:
@@ -668,6 +679,9 @@ class SchedulerActor:
 
     async def result(self, job_id, timeout=None) -> dict:
         return await self.service.result(job_id, timeout)
+
+    async def results(self, job_ids, timeout=None) -> list[dict]:
+        return await self.service.results(job_ids, timeout)
 
     async def status(self) -> dict:
         return self.service.status()

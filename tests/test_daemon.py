@@ -17,7 +17,8 @@ from cluster import bringup, cli, daemon_cmds, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import NAMESPACE, DrainingError, OverloadedError, worker_actor_name
+from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
+                               worker_actor_name)
 
 NUM_JOBS = 32
 
@@ -171,6 +172,26 @@ def test_submit_many_keeps_input_order_and_outputs(daemon, undisturbed):
     ids = client.submit_many(list(prompts), list(params))
     assert len(set(ids)) == 8
     assert [client.result(j, timeout=300).outputs[0].token_ids for j in ids] == undisturbed[:8]
+
+
+def test_finished_results_come_many_to_a_call(daemon, monkeypatch):
+    _, _, client = daemon
+    ids = client.submit_many(["a", "b", "c"], SamplingParams(max_tokens=2, temperature=0))
+    expected = [client.result(j, timeout=60).outputs[0].token_ids for j in ids]
+    calls = []
+    real_call = Client._call
+
+    def counted(self, method, *args, **kwargs):
+        calls.append(method)
+        return real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "_call", counted)
+    assert [o.outputs[0].token_ids for o in client.results(ids)] == expected
+    assert calls == ["results"]  # one round trip for the three finished jobs
+    outcomes = client.iter_results([ids[0], "no-such-job", ids[1]])
+    assert next(outcomes)[0] == ids[0]  # what comes before an unknown id still comes
+    with pytest.raises(UnknownJobError, match="no-such-job"):
+        next(outcomes)
 
 
 def _accepted(client) -> int:
