@@ -20,6 +20,9 @@ def in_batch(exc: InvalidRequestError, index: int, note: str = "") -> InvalidReq
     return err
 
 
+# Samples per job: each is routed and run as a request of its own, so one job of n = 200,000
+# held the scheduler for minutes (every other client waited). OpenAI's API allows 128.
+MAX_N = 256
 # Temperatures this small sample as greedy, as vLLM's do: dividing logits by them would
 # overflow float32 (1e-45 turns every logit into inf, the probabilities into NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -64,7 +67,8 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def _validate(self) -> None:
-        _check(is_int64(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(is_int64(self.n) and 1 <= self.n <= MAX_N, "n", self.n,
+               f"an integer in [1, {MAX_N}]")
         _check(is_int64(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
         _check(is_int64(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,

@@ -191,6 +191,14 @@ def test_bad_sampling_params_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_n_is_capped_where_one_job_would_hold_the_scheduler():
+    """A job of n = 200,000 samples held the daemon's scheduler for minutes."""
+    assert SamplingParams(n=256).n == 256
+    with pytest.raises(InvalidRequestError, match=r"invalid n=200000: must be an integer in "
+                                                  r"\[1, 256\]"):
+        SamplingParams(n=200_000)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(params=[SamplingParams()] * 3), ValueError, "3 SamplingParams for 2 prompts"),
     (dict(params="greedy"), TypeError, "got str"),
