@@ -142,7 +142,8 @@ def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.pa
         worker_num_cpus=cfg.cluster.worker_num_cpus,
         resource_poll_interval_s=cfg.cluster.resource_poll_interval_s,
         max_queued_jobs=cfg.scheduler.max_queued_jobs,
-        max_finished_jobs=cfg.scheduler.max_finished_jobs, router=cfg.scheduler.router,
+        max_finished_jobs=cfg.scheduler.max_finished_jobs,
+        max_finished_gib=cfg.scheduler.max_finished_gib, router=cfg.scheduler.router,
         worker_stall_timeout_s=cfg.scheduler.worker_stall_timeout_s,
         worker_env=env, config=config_to_dict(cfg))
     journal = functools.partial(Journal, cfg.scheduler.journal_path,

@@ -61,6 +61,15 @@ class JobState:
                 "num_prompt_tokens": len(self.prompt_token_ids),
                 "arrival_time": self.arrival_time, "finish_time": self.finish_time}
 
+    def kept_bytes(self) -> int:
+        """Roughly what the job's state takes in the scheduler's memory (CPython objects:
+        ~40 bytes a token, ~110 a logprob alternative), to bound the finished jobs kept."""
+        logprobs = [lp for s in self.samples for lp in s.logprobs if lp is not None]
+        logprobs += [lp for s in self.samples for lp in s.prompt_logprobs or [] if lp is not None]
+        tokens = len(self.prompt_token_ids) + sum(len(s.token_ids) for s in self.samples)
+        return (1000 + 40 * tokens + sum(2 * len(s.text) for s in self.samples)
+                + sum(120 + 110 * len(lp.top) for lp in logprobs))
+
     def engine_request_id(self, sample: SampleState) -> str:
         return f"{self.job_id}/{sample.index}/{sample.attempt}"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import os
 import random
@@ -21,6 +20,7 @@ from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import job_prompt_ids
 from scheduler.quarantine import Quarantine
+from scheduler.retention import FinishedJobs
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch, is_int64
 from worker.output import unpack_outputs
@@ -90,6 +90,7 @@ class ServiceOptions:
     resource_poll_interval_s: float = 2.0
     max_queued_jobs: int = 1024
     max_finished_jobs: int = 10_000  # finished jobs kept for their results, the latest
+    max_finished_gib: float = 2.0  # past this, forget the finished jobs already read first
     router: str = "least_loaded"
     worker_stall_timeout_s: float = 60.0  # 0: never
     worker_env: dict = field(default_factory=dict)
@@ -127,7 +128,8 @@ class SchedulerService:
         self.journal = journal_factory()
         self.workers: dict[str, WorkerSlot] = {}
         self.jobs: dict[str, JobState] = {}
-        self.finished_order: collections.deque[str] = collections.deque()
+        self.finished = FinishedJobs(options.max_finished_jobs,
+                                     int(options.max_finished_gib * 2**30))
         self.changed: dict[str, asyncio.Event] = {}  # replaced by a fresh one at every change
         # set once, when the job finishes: result() waiters are not woken by every token
         self.finished_events: dict[str, asyncio.Event] = {}
@@ -212,7 +214,7 @@ class SchedulerService:
 
     @property
     def unfinished_jobs(self) -> int:
-        return len(self.jobs) - len(self.finished_order)
+        return len(self.jobs) - len(self.finished)
 
     def _track(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
@@ -289,19 +291,26 @@ class SchedulerService:
         if event is not None:
             event.set()
             self.changed[job.job_id] = asyncio.Event()
-        if job.finished and job.job_id not in self.finished_order:
+        if job.finished and job.job_id not in self.finished:
             self._retire(job)
 
     def _retire(self, job: JobState) -> None:
         reason = "error" if job.error else job.samples[0].finish_reason
         self.journal.record_finished(job.job_id, reason)
-        self.finished_order.append(job.job_id)
         self.finished_events[job.job_id].set()
-        while len(self.finished_order) > self.options.max_finished_jobs:
-            old = self.finished_order.popleft()
-            self.jobs.pop(old, None)
-            self.changed.pop(old, None)
-            self.finished_events.pop(old, None)
+        self._forget(self.finished.add(job.job_id, job.kept_bytes()))
+
+    def _read(self, job: JobState) -> dict:
+        """The finished job's summary, for a client that reads its result."""
+        summary = job_summary(job)
+        self._forget(self.finished.mark_read(job.job_id))
+        return summary
+
+    def _forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.jobs.pop(job_id, None)
+            self.changed.pop(job_id, None)
+            self.finished_events.pop(job_id, None)
 
     def abort(self, job_id: str) -> bool:
         job = self._job(job_id)
@@ -325,16 +334,17 @@ class SchedulerService:
         """Every unfinished job in arrival order, then up to ``finished_limit`` of the finished
         ones kept, newest first."""
         unfinished = [job for job in self.jobs.values() if not job.finished]
-        newest = itertools.islice(reversed(self.finished_order), max(0, finished_limit))
-        return [job.progress() for job in unfinished + [self.jobs[j] for j in newest]]
+        newest = [self.jobs[j] for j in self.finished.newest(finished_limit)]
+        return [job.progress() for job in unfinished + newest]
 
     def _job(self, job_id: str) -> JobState:
         job = self.jobs.get(job_id)
         if job is None:
             raise UnknownJobError(
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
-                f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, and "
-                "none across a restart)")
+                f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, "
+                f"fewer once their results pass {self.options.max_finished_gib:g} GiB and have "
+                "been read, and none across a restart)")
         return job
 
     async def stream(self, job_id: str, cursor: list[int] | None = None):
@@ -353,6 +363,7 @@ class SchedulerService:
             if deltas:
                 yield deltas
             elif job.finished:
+                self._read(job)
                 return
             else:
                 await _wait(event, 5.0)
@@ -365,7 +376,7 @@ class SchedulerService:
             if left is not None and left <= 0:
                 raise TimeoutError(f"job {job_id} has not finished after {timeout} s")
             await _wait(self.finished_events[job_id], min(left or 5.0, 5.0))
-        return job_summary(job)
+        return self._read(job)
 
     async def results(self, job_ids: list[str], timeout: float | None = None) -> list[dict]:
         """``result`` of the first job, then of those after it while they are finished: at
@@ -375,7 +386,7 @@ class SchedulerService:
             job = self.jobs.get(job_id)
             if job is None or not job.finished:  # an unknown id fails as the next call's first
                 break
-            summaries.append(job_summary(job))
+            summaries.append(self._read(job))
         return summaries
 
     # -- workers ---------------------------------------------------------------------------
@@ -568,7 +579,8 @@ class SchedulerService:
         return {
             "workers": workers, "jobs_unfinished": unfinished,
             "max_queued_jobs": self.options.max_queued_jobs,
-            "jobs_finished_kept": len(self.finished_order),
+            "jobs_finished_kept": len(self.finished),
+            "finished_kept_bytes": self.finished.total_bytes,
             "max_finished_jobs": self.options.max_finished_jobs,
             "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,

@@ -1,0 +1,37 @@
+"""Which finished jobs the scheduler keeps: the latest by count, and past the byte budget the
+ones read longest ago first, never one nobody has read."""
+from scheduler.jobs import JobState
+from scheduler.retention import FinishedJobs
+from scheduler.sampling_params import SamplingParams
+from worker.output import TokenLogprobs
+
+
+def test_the_oldest_go_past_the_count():
+    kept = FinishedJobs(max_jobs=2, max_bytes=10**9)
+    assert kept.add("a", 10) == [] and kept.add("b", 10) == []
+    assert kept.add("c", 10) == ["a"]
+    assert "a" not in kept and kept.newest(5) == ["c", "b"] and kept.total_bytes == 20
+
+
+def test_past_the_bytes_only_jobs_already_read_go_oldest_read_first():
+    kept = FinishedJobs(max_jobs=100, max_bytes=250)
+    for job_id in "abc":
+        assert kept.add(job_id, 100) == []  # 300 bytes, but nobody has read any: all kept
+    assert kept.mark_read("b") == ["b"]  # read and over the budget: the read one goes
+    assert kept.mark_read("b") == []  # already gone
+    assert kept.add("d", 100) == []  # 300 again, still unread
+    assert kept.mark_read("c") == ["c"] and kept.newest(5) == ["d", "a"]
+    kept.max_bytes = 1000
+    assert kept.mark_read("a") == [] and "a" in kept  # under the budget: read ones stay
+    assert kept.add("e", 900) == ["a"]  # the read one goes before any unread one
+
+
+def test_a_job_with_logprobs_weighs_what_its_objects_take():
+    job = JobState("j", list(range(1000)), SamplingParams(logprobs=5))
+    sample = job.samples[0]
+    sample.token_ids = list(range(1000))
+    sample.logprobs = [TokenLogprobs(i, -0.5, [(k, -1.0) for k in range(5)]) for i in range(1000)]
+    bare = JobState("k", list(range(1000)), SamplingParams())
+    bare.samples[0].token_ids = list(range(1000))
+    assert 80_000 < bare.kept_bytes() < 100_000  # ~40 bytes a token id in Python lists
+    assert 650_000 < job.kept_bytes() < 800_000  # ~690 KB measured with sys.getsizeof
