@@ -137,6 +137,7 @@ class SchedulerService:
         self.quarantine = Quarantine()  # samples held when an engine failed
         self.failovers = 0
         self.engine_failures = 0
+        self.jobs_not_resumed = 0  # journal jobs dropped at start as no longer valid
         self.stalled_workers_killed = 0
         self.draining = False
         self.spawn_failures = 0
@@ -536,10 +537,20 @@ class SchedulerService:
         self._changed(job)
 
     def _resume_from_journal(self) -> int:
-        """Queues the jobs a previous scheduler left unfinished; returns how many."""
+        """Queues the jobs a previous scheduler left unfinished; returns how many. One that is
+        no longer valid (this version checks more, or the model changed) is dropped with a
+        warning: it must not keep the scheduler from starting."""
         for entry in self.journal.unfinished():
-            job = JobState(entry.job_id, list(entry.prompt_token_ids),
-                           SamplingParams.from_dict(entry.params), entry.priority)
+            try:
+                params = SamplingParams.from_dict(entry.params)
+                prompt_ids = self._validate_prompt(list(entry.prompt_token_ids), params)
+            except (InvalidRequestError, TypeError) as exc:
+                log.warning("journal job %s cannot be resumed and is dropped: %s",
+                            entry.job_id, exc)
+                self.journal.record_finished(entry.job_id, "error")
+                self.jobs_not_resumed += 1
+                continue
+            job = JobState(entry.job_id, prompt_ids, params, entry.priority)
             self._track(job)
             self.pending.extend((job.job_id, s.index) for s in job.samples)
         if self.pending:
@@ -584,6 +595,7 @@ class SchedulerService:
             "max_finished_jobs": self.options.max_finished_jobs,
             "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
+            "jobs_not_resumed": self.jobs_not_resumed,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "journal_error": self.journal.write_error,
             "engine_failures": self.engine_failures,

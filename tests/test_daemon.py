@@ -15,6 +15,7 @@ from daemon_helpers import daemon_config, ready_workers, wait_for
 
 from cluster import bringup, cli, daemon_cmds, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
+from cluster.journal import Journal
 from cluster.client import Client
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
@@ -461,8 +462,11 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
              what="every NPU free again")
     assert bringup.down() is None  # nothing left to stop
     _up_that_fails_leaves_nothing_up(cfg)
+    with Journal(cfg.scheduler.journal_path) as journal:  # a job this version no longer takes
+        journal.record_accepted("stale", [65, 66], {"n": 100_000})
     status = bringup.up(cfg, min_workers=2)  # also leaves it up for the fixture's teardown
-    assert status["jobs_resumed"] == 2
+    assert status["jobs_resumed"] == 2 and status["jobs_not_resumed"] == 1
+    assert "not resumed: 1 journal jobs no longer valid" in daemon_cmds.format_status(status)
     for job_id in long_jobs:
         assert len(Client().result(job_id, timeout=300).outputs[0].token_ids) == 1500
 
