@@ -55,6 +55,11 @@ class DaemonCollector:
         yield _total_counter("hung_workers_killed", "Workers killed for not stepping nor "
                              "answering while they had work, since the scheduler started",
                              status.get("stalled_workers_killed", 0))
+        yield _total_counter("engine_failures", "Workers whose engine raised in a step (then "
+                             "replaced), since the scheduler started",
+                             status.get("engine_failures", 0))
+        yield _total_gauge("journal_unwritable", "1 while the job journal cannot be written "
+                           "(no job is accepted), else 0", int(bool(status.get("journal_error"))))
 
 
 def _total_gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

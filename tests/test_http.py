@@ -486,6 +486,8 @@ def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
                  "pagedserve_failovers_total", "pagedserve_http_requests_total"):
         assert f"\n{name}" in text, name
     assert "\npagedserve_hung_workers_killed_total 0.0\n" in text
+    assert "\npagedserve_engine_failures_total 0.0\n" in text
+    assert "\npagedserve_journal_unwritable 0.0\n" in text
     worker = ready_workers(client)[0]["worker_id"]
     assert f'pagedserve_kv_cache_usage_ratio{{worker="{worker}"}}' in text
     streams = _sample(text, "pagedserve_time_to_first_token_seconds_count")
@@ -538,7 +540,7 @@ def _generated_tokens(client):
     return sum(w.get("generated_tokens", 0) for w in ready_workers(client))
 
 
-def test_a_journal_that_cannot_be_written_refuses_jobs_until_it_can(api, base_url, daemon):
+def test_a_journal_that_cannot_be_written_refuses_jobs_until_it_can(api, http, base_url, daemon):
     """The scheduler's process may not grow any file past the journal's size (the kernel's
     file size limit: a real write failure, as a full disk gives): no job is accepted, since
     none could be made durable, and one is again once the journal can be written."""
@@ -560,6 +562,7 @@ def test_a_journal_that_cannot_be_written_refuses_jobs_until_it_can(api, base_ur
         assert health.json()["reason"] == (f"the job journal: cannot write {journal}: File too "
                                            "large")
         assert "journal: cannot write" in daemon_cmds.format_status(client.status())
+        assert "\npagedserve_journal_unwritable 1.0\n" in http.get("/metrics").text
         assert client.status()["jobs_unfinished"] == 0  # the refused job does not run
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
