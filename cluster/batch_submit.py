@@ -13,10 +13,6 @@ if TYPE_CHECKING:
     from cluster.client import Client
 
 ROOM_POLL_S = 0.5  # how often a submit that waits for room checks a full queue
-# How far a paced submit runs ahead of its reader at most: enough queued work to keep the
-# workers busy while the reader catches up. It also stays under half the finished jobs the
-# scheduler keeps (its max_finished_jobs).
-PACED_AHEAD = 2048
 
 
 def sent_by(source) -> tuple[list[str], list[str]]:
@@ -88,8 +84,8 @@ class BatchSubmitter:
 
 
 class PacedSubmit:
-    """Iterating yields the job ids in input order, submitting a bounded number of jobs past
-    the one handed out: the scheduler keeps only its ``max_finished_jobs`` latest finished
+    """Iterating yields the job ids in input order, submitting at most half
+    ``max_finished_jobs`` past the one handed out: the scheduler keeps only that many finished
     jobs, so a batch larger than that, sent whole before its results are read, would lose its
     first ones. Job i waits for room in the queue if need be; the jobs after it are sent while
     the queue has room, so the workers stay busy while the reader waits for job i.
@@ -98,7 +94,9 @@ class PacedSubmit:
 
     def __init__(self, submitter: BatchSubmitter, max_finished_jobs: int) -> None:
         self._submitter = submitter
-        self._ahead = max(1, min(PACED_AHEAD, max_finished_jobs // 2))
+        # half the finished jobs kept: a reader up to that far behind loses none
+        self._ahead = max(1, max_finished_jobs // 2)
+        self._reading = 0  # the first job of the chunk handed out last
         self._full_at = float("-inf")  # when a send ahead last found the queue full
 
     @property
@@ -123,17 +121,19 @@ class PacedSubmit:
         while first < len(self):
             while len(self.submitted) <= first:
                 self._submitter.send_batch(wait_for_room=True)
-            self._send_ahead(first + self._ahead)
+            self._reading = first
+            self.send_ahead()
             chunk = self.submitted[first:first + size]
             first += len(chunk)
             yield chunk
 
-    def _send_ahead(self, target: int) -> None:
-        """Send batches without waiting while fewer than ``target`` jobs are submitted; after
-        the queue is found full, try again only ROOM_POLL_S later."""
+    def send_ahead(self) -> None:
+        """Send batches, without waiting for room, up to the window past the jobs being read;
+        a reader that waits long on one job calls it now and then, so that the workers are not
+        left idle behind it. After the queue is found full, tries again only ROOM_POLL_S later."""
         if time.monotonic() - self._full_at < ROOM_POLL_S:
             return
-        while not self._submitter.done and len(self.submitted) < target:
+        while not self._submitter.done and len(self.submitted) < self._reading + self._ahead:
             try:
                 self._submitter.send_batch(wait_for_room=False)
             except UnavailableError:

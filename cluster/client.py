@@ -22,6 +22,7 @@ RETRY_DELAY_S = 0.5
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
 IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
 RESULTS_BATCH = 256  # job ids per scheduler call in iter_results
+FEED_INTERVAL_S = 0.5  # how often a reader waiting on a paced submit's job sends more jobs
 
 
 class JobFailedError(RuntimeError):
@@ -257,12 +258,30 @@ class Client:
         """(job id, its output or the JobFailedError saying why it failed) of each job, in
         order, as each is done; the jobs already done come many to a call (``job_ids`` may be
         a PacedSubmit)."""
+        paced = job_ids if isinstance(job_ids, PacedSubmit) else None
         for chunk in _id_chunks(job_ids, RESULTS_BATCH):
             while chunk:
-                summaries = self._call("results", chunk, timeout)
+                summaries = self._results_feeding(chunk, timeout, paced)
                 for summary in summaries:
                     yield summary["job_id"], _output_or_error(summary)
                 chunk = chunk[len(summaries):]
+
+    def _results_feeding(self, job_ids: list[str], timeout: float | None,
+                         paced: PacedSubmit | None) -> list[dict]:
+        """The scheduler's ``results``; while it waits on a paced submit's job, the submit
+        goes on sending the jobs after it (a long job must not leave the workers idle)."""
+        if paced is None:
+            return self._call("results", job_ids, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return self._call("results", job_ids, FEED_INTERVAL_S if left is None
+                                  else min(left, FEED_INTERVAL_S))
+            except TimeoutError:
+                if left is not None and left <= FEED_INTERVAL_S:
+                    raise
+            paced.send_ahead()
 
     def abort(self, job_id: str) -> bool:
         return self._call("abort", job_id)
