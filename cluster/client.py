@@ -280,7 +280,8 @@ class Client:
                                   else min(left, FEED_INTERVAL_S))
             except TimeoutError:
                 if left is not None and left <= FEED_INTERVAL_S:
-                    raise
+                    raise TimeoutError(f"job {job_ids[0]} has not finished after {timeout} s"
+                                       ) from None
             paced.send_ahead()
 
     def abort(self, job_id: str) -> bool:
