@@ -259,7 +259,9 @@ class Client:
         order, as each is done; the jobs already done come many to a call (``job_ids`` may be
         a PacedSubmit)."""
         paced = job_ids if isinstance(job_ids, PacedSubmit) else None
-        for chunk in _id_chunks(job_ids, RESULTS_BATCH):
+        chunks = (paced.chunks(RESULTS_BATCH) if paced is not None
+                  else _slices(list(job_ids), RESULTS_BATCH))
+        for chunk in chunks:
             while chunk:
                 summaries = self._results_feeding(chunk, timeout, paced)
                 for summary in summaries:
@@ -373,13 +375,9 @@ def _raise_if_failed(outcome: JobOutput | JobFailedError) -> JobOutput:
     return outcome
 
 
-def _id_chunks(job_ids: Iterable[str], size: int) -> Iterator[list[str]]:
-    if isinstance(job_ids, PacedSubmit):
-        yield from job_ids.chunks(size)
-        return
-    job_ids = list(job_ids)
-    for start in range(0, len(job_ids), size):
-        yield job_ids[start:start + size]
+def _slices(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def _params_dict(params) -> dict:
