@@ -130,6 +130,9 @@ def format_status(status: dict) -> str:
     if status.get("jobs_resumed"):
         lines.append(f"resumed at start: {status['jobs_resumed']} unfinished jobs from the "
                      "journal of the previous scheduler")
+    if status.get("results_restored"):
+        lines.append(f"kept at start: the results of {status['results_restored']} finished jobs "
+                     "from the journal of the previous scheduler")
     if status.get("jobs_not_resumed"):
         lines.append(f"not resumed: {status['jobs_not_resumed']} journal jobs no longer valid "
                      "(the scheduler's log says why)")

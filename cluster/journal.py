@@ -1,5 +1,5 @@
 """The job journal: an append-only log of accepted and finished jobs, so a restarted scheduler
-resumes every job that had not finished.
+resumes every job that had not finished and still answers for the results it kept.
 
 File format: the 4-byte magic ``PSJ1``, then one frame per record: a little-endian header of
 payload length and CRC-32 (4 bytes each), then the record as a msgpack map. The CRC tells a
@@ -18,9 +18,12 @@ JournalError, and ``write_error`` says why until a write succeeds.
 Recovery: at open the file is replayed up to the last good record; a bad tail (a partial write,
 random bytes) is dropped with a logged warning, never an error. A corrupt stretch followed by
 good records (a damaged sector) is skipped, with a warning, and the records after it are kept.
-The file is then rewritten (compacted) to hold only the unfinished jobs whenever there is a bad
-tail, a skipped stretch or a finished job to drop, and again while running once finished jobs
-outnumber ``compact_min_finished`` and twice the unfinished ones. A rewrite goes to a temporary
+A finished record may carry the job's result; the journal keeps it until ``forget_results``
+(the scheduler forgets the jobs it no longer keeps), holding only its place in the file, not
+the result, in memory. The file is rewritten (compacted) to hold only the unfinished jobs and
+the kept results whenever there is a bad tail, a skipped stretch or a dead record to drop, and
+again while running once the finished jobs and forgotten results since the last rewrite outnumber
+``compact_min_finished`` and twice the live records. A rewrite goes to a temporary
 file that is fsynced and renamed over the journal, then the directory is fsynced, so a crash
 leaves either the old or the new file.
 
@@ -45,7 +48,7 @@ log = logging.getLogger("pagedserve.journal")
 
 MAGIC = b"PSJ1"
 FRAME_HEADER = struct.Struct("<II")  # payload length, CRC-32 of the payload
-ACCEPTED, FINISHED = "accepted", "finished"
+ACCEPTED, FINISHED, FORGOTTEN = "accepted", "finished", "forgotten"
 RECORD_KEY = msgpack.packb("kind")  # every record's first key: where a good frame may start
 WRITE_RETRY_S = 1.0  # how often the flusher retries after a failed write (a full disk)
 COMPACT_RETRY_S = 60.0  # how long after a failed compaction the next one is tried
@@ -80,11 +83,16 @@ class Journal:
         self._lock = threading.Condition()  # guards the fields below; the flusher waits on it
         self._io_lock = threading.Lock()  # orders file writes; always taken before _lock
         self._jobs: dict[str, JournalJob] = {}  # unfinished, in acceptance order
-        self._finished_on_disk = 0  # finished jobs whose records the file still holds
+        self._dead_on_disk = 0  # finished jobs and forgotten results the file still holds
+        # job id -> (offset, length) of its finished record with a result, kept; an offset at or
+        # past _size is in _pending, at offset - _size
+        self._results: dict[str, tuple[int, int]] = {}
+        self._replayed_results: dict[str, dict] | None = {}  # until take_replayed_results()
         self._pending = bytearray()  # frames recorded but not yet written
         self._pending_since: float | None = None  # time.monotonic() of the oldest pending frame
         self._closed = False
         self._size = 0  # bytes of whole records in the file
+        self._in_flight = 0  # bytes taken from _pending and being written after _size
         self.write_error: str | None = None  # why the last write failed, until one succeeds
         self._compact_retry_at = 0.0  # time.monotonic() before which no compaction is tried
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +101,8 @@ class Journal:
         try:
             self._open()
         except BaseException:
+            if self._file is not None:
+                self._file.close()
             os.close(self._lock_fd)
             raise
         self._flusher: threading.Thread | None = None
@@ -116,17 +126,46 @@ class Journal:
             self._append(frame)
         self._flush_now_if_unbuffered()
 
-    def record_finished(self, job_id: str, finish_reason: str) -> None:
-        """Log that a job ended; a job not unfinished in the journal is ignored."""
-        frame = _frame({"kind": FINISHED, "job_id": job_id, "finish_reason": str(finish_reason),
-                        "finished_at": time.time()})
+    def record_finished(self, job_id: str, finish_reason: str, result: dict | None = None
+                        ) -> None:
+        """Log that a job ended, with its ``result`` (msgpack-able) if it is to be kept; a job
+        not unfinished in the journal is ignored."""
+        record = {"kind": FINISHED, "job_id": job_id, "finish_reason": str(finish_reason),
+                  "finished_at": time.time()}
+        if result is not None:
+            record["result"] = result
+        frame = _frame(record)
         with self._lock:
             self._check_open()
             if self._jobs.pop(job_id, None) is None:
                 return
-            self._finished_on_disk += 1
+            self._dead_on_disk += 1  # its accept record
+            if result is not None:
+                end = self._size + self._in_flight + len(self._pending)
+                self._results[job_id] = (end, len(frame))
             self._append(frame)
         self._flush_now_if_unbuffered()
+
+    def forget_results(self, job_ids: list[str]) -> None:
+        """Drop these jobs' kept results: a reopen no longer hands them over, and the next
+        compaction leaves them out."""
+        if not job_ids:
+            return
+        with self._lock:
+            self._check_open()
+            forgotten = [j for j in job_ids if self._results.pop(j, None) is not None]
+            if not forgotten:
+                return
+            self._dead_on_disk += len(forgotten) + 1  # and the record saying so
+            self._append(_frame({"kind": FORGOTTEN, "job_ids": forgotten}))
+        self._flush_now_if_unbuffered()
+
+    def take_replayed_results(self) -> dict[str, dict]:
+        """The results kept in the file when it was opened, by job id in the order the jobs
+        finished; once (the journal then keeps only where they are in the file)."""
+        with self._lock:
+            replayed, self._replayed_results = self._replayed_results or {}, None
+            return replayed
 
     def unfinished(self) -> list[JournalJob]:
         """The jobs accepted and not finished (replayed at open plus recorded since), oldest
@@ -140,7 +179,8 @@ class Journal:
         self._compact_if_due()
 
     def compact(self) -> None:
-        """Rewrite the file to hold only the unfinished jobs' accept records, atomically."""
+        """Rewrite the file to hold only the unfinished jobs' accept records and the kept
+        results, atomically."""
         with self._io_lock, self._lock:
             self._check_open()
             self._rewrite()
@@ -194,6 +234,7 @@ class Journal:
                 data = bytes(self._pending)
                 self._pending.clear()
                 since, self._pending_since = self._pending_since, None
+                self._in_flight = len(data)
             if not data:
                 return
             try:
@@ -202,7 +243,9 @@ class Journal:
             except OSError as exc:
                 self._undo_write(data, since)
                 raise self._failed(exc) from None
-            self._size += len(data)
+            with self._lock:
+                self._size += len(data)
+                self._in_flight = 0
             self.write_error = None
 
     def _undo_write(self, data: bytes, since: float | None) -> None:
@@ -213,6 +256,7 @@ class Journal:
             pass  # a torn frame left behind is skipped at replay (its CRC fails)
         with self._lock:
             self._pending[:0] = data
+            self._in_flight = 0
             self._pending_since = since  # the oldest record is again the first one
             self._lock.notify_all()
 
@@ -222,9 +266,9 @@ class Journal:
 
     def _compact_if_due(self) -> None:
         with self._io_lock, self._lock:
-            finished = self._finished_on_disk
-            if (not self._closed and finished > self.compact_min_finished
-                    and finished > 2 * len(self._jobs)
+            dead = self._dead_on_disk
+            if (not self._closed and dead > self.compact_min_finished
+                    and dead > 2 * (len(self._jobs) + len(self._results))
                     and time.monotonic() >= self._compact_retry_at):
                 try:
                     self._rewrite()
@@ -257,12 +301,18 @@ class Journal:
                 log.warning("journal %s: written again", self.path)
 
     def _rewrite(self) -> None:
-        """Replace the file by MAGIC + one accept frame per unfinished job (caller holds both
-        locks). Buffered frames are dropped: the jobs table already reflects them. If that
-        fails the old file stays as it was."""
+        """Replace the file by MAGIC + one accept frame per unfinished job + the kept results'
+        finished frames, copied (caller holds both locks). Other buffered frames are dropped:
+        the jobs table already reflects them. If that fails the old file stays as it was."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        content = MAGIC + b"".join(_frame(_accepted_record(job)) for job in self._jobs.values())
+        content = bytearray(MAGIC)
+        for job in self._jobs.values():
+            content += _frame(_accepted_record(job))
+        results = {}
         try:
+            for job_id, (offset, length) in self._results.items():
+                results[job_id] = (len(content), length)
+                content += self._frame_at(offset, length)
             with open(tmp, "wb", buffering=0) as out:
                 _write_all(out, content)
                 os.fsync(out.fileno())
@@ -273,11 +323,20 @@ class Journal:
         _fsync_dir(self.path.parent)
         self._pending.clear()
         self._pending_since = None
-        self._finished_on_disk = 0
+        self._dead_on_disk = 0
+        self._results = results
         self._size = len(content)
-        if self._file is not None:
-            self._file.close()
-        self._file = open(self.path, "ab", buffering=0)
+        self._file.close()
+        self._file = _open_for_append(self.path)
+
+    def _frame_at(self, offset: int, length: int) -> bytes:
+        """A frame recorded earlier: read back from the file, or still in the buffer."""
+        if offset >= self._size:
+            return bytes(self._pending[offset - self._size:offset - self._size + length])
+        frame = os.pread(self._file.fileno(), length, offset)
+        if len(frame) != length:
+            raise OSError(f"short read at byte {offset}")
+        return frame
 
     # -- replay ---------------------------------------------------------------------------------
 
@@ -285,6 +344,7 @@ class Journal:
         """Replay the file into the jobs table, rewrite it if it has anything to drop, and
         open it for appending."""
         data = self.path.read_bytes() if self.path.exists() else b""
+        self._file = _open_for_append(self.path)
         good_end, problem, skipped = self._replay(data)
         for start, size, reason in skipped:
             log.warning("journal %s: %s at byte %d; skipped %d bytes to the next good record",
@@ -293,11 +353,9 @@ class Journal:
             log.warning("journal %s: %s at byte %d; dropped the last %d bytes (a write cut "
                         "short by a crash?) and kept %d unfinished jobs", self.path, problem,
                         good_end, len(data) - good_end, len(self._jobs))
-        if problem or skipped or not data or self._finished_on_disk:
+        self._size = good_end
+        if problem or skipped or not data or self._dead_on_disk:
             self._rewrite()
-        else:
-            self._file = open(self.path, "ab", buffering=0)
-            self._size = len(data)
 
     def _replay(self, data: bytes) -> tuple[int, str | None, list[tuple[int, int, str]]]:
         """Apply every good record. Returns the offset after the last one, what stopped the
@@ -314,7 +372,7 @@ class Journal:
             record, end, problem = _read_frame(data, pos)
             if problem is None:
                 try:
-                    self._apply(record)
+                    self._apply(record, pos, end - pos)
                 except (ValueError, TypeError, KeyError) as exc:
                     end, problem = pos, f"unreadable record ({exc})"
             if problem is None:
@@ -327,19 +385,38 @@ class Journal:
             pos = resume
         return pos, None, skipped
 
-    def _apply(self, record: dict) -> None:
+    def _apply(self, record: dict, offset: int, length: int) -> None:
         if record["kind"] == ACCEPTED:
             job = _new_job(record["job_id"], record["prompt_token_ids"], record["params"],
                            record["priority"], record["extra"])
             job.accepted_at = float(record["accepted_at"])
             if self._jobs.pop(job.job_id, None) is not None:
-                self._finished_on_disk += 1  # a superseded accept is as dead as a finished one
+                self._dead_on_disk += 1  # a superseded accept is as dead as a finished one
+            self._forget_replayed_result(job.job_id)
             self._jobs[job.job_id] = job
         elif record["kind"] == FINISHED:
-            self._jobs.pop(record["job_id"], None)
-            self._finished_on_disk += 1
+            job_id, result = record["job_id"], record.get("result")
+            if not isinstance(result, (dict, type(None))):
+                raise ValueError(f"result of job {job_id!r} is not a map")
+            if self._jobs.pop(job_id, None) is not None or result is None:
+                self._dead_on_disk += 1  # its accept record, or this record (a stray one)
+            self._forget_replayed_result(job_id)
+            if result is not None:
+                self._results[job_id] = (offset, length)
+                self._replayed_results[job_id] = result
+        elif record["kind"] == FORGOTTEN:
+            for job_id in record["job_ids"]:
+                self._forget_replayed_result(job_id)
+            self._dead_on_disk += 1
         else:
             raise ValueError(f"unknown record kind {record['kind']!r}")
+
+
+    def _forget_replayed_result(self, job_id: str) -> None:
+        """A job id seen again in the file: its earlier result is dead."""
+        if self._results.pop(job_id, None) is not None:
+            del self._replayed_results[job_id]
+            self._dead_on_disk += 1
 
 
 def _read_frame(data: bytes, pos: int) -> tuple[dict | None, int, str | None]:
@@ -406,6 +483,11 @@ def _frame(record: dict) -> bytes:
                          f"(params and extra may hold only dicts, lists, str, bytes, numbers, "
                          f"bools and None): {exc}") from None
     return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _open_for_append(path: Path):
+    """Unbuffered appends, and reads (of kept results, when compacting)."""
+    return open(path, "a+b", buffering=0)
 
 
 def _lock_exclusively(path: Path) -> int:

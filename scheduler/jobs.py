@@ -1,5 +1,6 @@
 """Job state owned by the scheduler: every sample's tokens and text so far, cursors for streams,
-and attempt numbers so that a re-routed sample never takes output twice."""
+attempt numbers so that a re-routed sample never takes output twice, and a finished job's
+record for the journal."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from scheduler.sampling_params import SamplingParams, sample_seed
-from worker.output import RequestOutput
+from worker.output import RequestOutput, pack_logprobs, unpack_logprobs
 
 
 @dataclass(slots=True)
@@ -69,6 +70,30 @@ class JobState:
         tokens = len(self.prompt_token_ids) + sum(len(s.token_ids) for s in self.samples)
         return (1000 + 40 * tokens + sum(2 * len(s.text) for s in self.samples)
                 + sum(120 + 110 * len(lp.top) for lp in logprobs))
+
+    def to_record(self) -> dict:
+        """The finished job as msgpack-able values, for the journal to keep its result across a
+        scheduler restart (:meth:`from_record` is the inverse)."""
+        return {"prompt_token_ids": self.prompt_token_ids, "params": self.params.to_dict(),
+                "priority": self.priority, "error": self.error,
+                "times": [self.arrival_time, self.first_token_time, self.finish_time],
+                "samples": [[s.index, s.token_ids, s.text, s.text_offsets,
+                             pack_logprobs(s.logprobs), pack_logprobs(s.prompt_logprobs),
+                             s.finish_reason] for s in self.samples]}
+
+    @classmethod
+    def from_record(cls, job_id: str, record: dict) -> "JobState":
+        """Raises ValueError, TypeError or KeyError for a record it cannot read."""
+        samples = [SampleState(index, token_ids, text, text_offsets, unpack_logprobs(logprobs),
+                               unpack_logprobs(prompt_logprobs), finish_reason)
+                   for index, token_ids, text, text_offsets, logprobs, prompt_logprobs,
+                   finish_reason in record["samples"]]
+        job = cls(job_id, record["prompt_token_ids"], SamplingParams.from_dict(record["params"]),
+                  record["priority"], samples, record["error"])
+        job.arrival_time, job.first_token_time, job.finish_time = record["times"]
+        if not job.finished or len(samples) != job.params.n:
+            raise ValueError("not a finished job's record")
+        return job
 
     def engine_request_id(self, sample: SampleState) -> str:
         return f"{self.job_id}/{sample.index}/{sample.attempt}"

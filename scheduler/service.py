@@ -138,6 +138,7 @@ class SchedulerService:
         self.failovers = 0
         self.engine_failures = 0
         self.jobs_not_resumed = 0  # journal jobs dropped at start as no longer valid
+        self.results_restored = 0  # finished jobs whose results the journal kept
         self.stalled_workers_killed = 0
         self.draining = False
         self.spawn_failures = 0
@@ -297,7 +298,7 @@ class SchedulerService:
 
     def _retire(self, job: JobState) -> None:
         reason = "error" if job.error else job.samples[0].finish_reason
-        self.journal.record_finished(job.job_id, reason)
+        self.journal.record_finished(job.job_id, reason, job.to_record())
         self.finished_events[job.job_id].set()
         self._forget(self.finished.add(job.job_id, job.kept_bytes()))
 
@@ -308,6 +309,7 @@ class SchedulerService:
         return summary
 
     def _forget(self, job_ids: list[str]) -> None:
+        self.journal.forget_results(job_ids)
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
             self.changed.pop(job_id, None)
@@ -345,7 +347,7 @@ class SchedulerService:
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
                 f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, "
                 f"fewer once their results pass {self.options.max_finished_gib:g} GiB and have "
-                "been read, and none across a restart)")
+                "been read)")
         return job
 
     async def stream(self, job_id: str, cursor: list[int] | None = None):
@@ -537,9 +539,11 @@ class SchedulerService:
         self._changed(job)
 
     def _resume_from_journal(self) -> int:
-        """Queues the jobs a previous scheduler left unfinished; returns how many. One that is
-        no longer valid (this version checks more, or the model changed) is dropped with a
-        warning: it must not keep the scheduler from starting."""
+        """Takes back the finished jobs whose results the journal kept, and queues the jobs a
+        previous scheduler left unfinished; returns how many of those. One that is no longer
+        valid (this version checks more, or the model changed) is dropped with a warning: it
+        must not keep the scheduler from starting."""
+        self._restore_finished(self.journal.take_replayed_results())
         for entry in self.journal.unfinished():
             try:
                 params = SamplingParams.from_dict(entry.params)
@@ -554,8 +558,26 @@ class SchedulerService:
             self._track(job)
             self.pending.extend((job.job_id, s.index) for s in job.samples)
         if self.pending:
-            log.info("resuming %d unfinished jobs from the journal", len(self.jobs))
-        return len(self.jobs)
+            log.info("resuming %d unfinished jobs from the journal", self.unfinished_jobs)
+        return self.unfinished_jobs
+
+    def _restore_finished(self, records: dict[str, dict]) -> None:
+        """Finished jobs, oldest first, as they were before the restart (none read yet)."""
+        unreadable = []
+        for job_id, record in records.items():
+            try:
+                job = JobState.from_record(job_id, record)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("journal result of job %s is unreadable and dropped: %s", job_id, exc)
+                unreadable.append(job_id)
+                continue
+            self._track(job)
+            self.finished_events[job_id].set()
+            self._forget(self.finished.add(job_id, job.kept_bytes()))
+        self.journal.forget_results(unreadable)
+        self.results_restored = len(self.finished)
+        if records:
+            log.info("kept the results of %d finished jobs from the journal", len(self.finished))
 
     # -- status ----------------------------------------------------------------------------
 
@@ -596,6 +618,7 @@ class SchedulerService:
             "pending_samples": len(self.pending),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "jobs_not_resumed": self.jobs_not_resumed,
+            "results_restored": self.results_restored,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "journal_error": self.journal.write_error,
             "engine_failures": self.engine_failures,

@@ -419,6 +419,24 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     assert "from the journal" in daemon_cmds.format_status(status)
 
 
+def test_results_finished_before_a_scheduler_restart_are_still_there_after_it(daemon,
+                                                                              undisturbed):
+    _, _, client = daemon
+    selected = [1, 6]
+    all_jobs = jobs(max_tokens=40)
+    ids = client.submit_many([all_jobs[i][0] for i in selected], [all_jobs[i][1] for i in selected])
+    wait_for(lambda: all(client.status_of(j)["finished"] for j in ids), timeout=120,
+             what="both jobs finished")
+    ray.kill(bringup.find_scheduler(), no_restart=False)  # before anyone read the results
+    got = client.results(ids)
+    assert [out.outputs[0].token_ids for out in got] == [undisturbed[i] for i in selected]
+    streamed = [t for delta in client.stream(ids[0]) for t in delta.new_token_ids]
+    assert streamed == undisturbed[selected[0]]
+    status = client.status()
+    assert status["results_restored"] >= len(selected)
+    assert "the results of" in daemon_cmds.format_status(status)
+
+
 def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon, capsys,
                                                                           monkeypatch):
     cfg, _, client = daemon

@@ -376,3 +376,70 @@ def test_the_flusher_retries_a_failed_write(path, tmp_path, caplog):
     assert journal.write_error is None and reopened_copy(path, tmp_path) == ["waits"]
     assert "retrying every" in caplog.text and "written again" in caplog.text
     journal.close()
+
+
+def result_of(i: int) -> dict:
+    return {"outputs": [{"token_ids": list(range(i)), "text": f"out {i}"}], "error": None}
+
+
+def test_kept_results_come_back_after_reopen_in_finish_order_until_forgotten(path, tmp_path):
+    with Journal(path, fsync_interval_s=0) as journal:
+        for i in range(6):
+            journal.record_accepted(f"j{i}", [i + 1], {})
+        for i in (3, 0, 5, 1):
+            journal.record_finished(f"j{i}", "stop", result=result_of(i))
+        journal.record_finished("j2", "abort")  # no result: nothing kept
+        journal.forget_results(["j0", "never-finished", "j2"])
+    with Journal(path, fsync_interval_s=0) as journal:  # rewritten at open: accepts are dead
+        assert ids(journal) == ["j4"]
+        assert journal.take_replayed_results() == {f"j{i}": result_of(i) for i in (3, 5, 1)}
+        assert journal.take_replayed_results() == {}  # handed over once
+        assert count_frames(path) == 1 + 3
+        journal.forget_results(["j5"])
+        journal.compact()
+        assert count_frames(path) == 1 + 2
+        journal.record_finished("j4", "length", result=result_of(4))
+    with Journal(path) as journal:  # j4's accept is dead, the kept results' records are not
+        assert ids(journal) == []
+        assert list(journal.take_replayed_results()) == ["j3", "j1", "j4"]
+        assert count_frames(path) == 3
+
+
+def test_compaction_copies_kept_results_from_the_file_and_from_the_buffer(path, tmp_path):
+    with Journal(path, fsync_interval_s=60) as journal:
+        for i in range(4):
+            journal.record_accepted(f"j{i}", [i + 1] * 50, {})
+        journal.record_finished("j0", "stop", result=result_of(10))
+        journal.flush()  # j0's result in the file, j1's still buffered
+        journal.record_finished("j1", "stop", result=result_of(11))
+        journal.compact()
+        journal.record_finished("j2", "stop", result=result_of(12))
+        journal.compact()
+        assert count_frames(path) == 4  # j3's accept and three results
+    with Journal(path) as journal:
+        assert ids(journal) == ["j3"]
+        assert journal.take_replayed_results() == {
+            "j0": result_of(10), "j1": result_of(11), "j2": result_of(12)}
+
+
+def test_a_result_recorded_while_a_write_is_in_flight_or_after_a_failed_one_is_found(
+        path, tmp_path):
+    journal = Journal(path, fsync_interval_s=0.001, compact_min_finished=4)
+    try:
+        for i in range(200):  # the flusher writes while results are recorded and compacted
+            journal.record_accepted(f"j{i}", [i + 1] * (i % 7 + 1), {})
+            journal.record_finished(f"j{i}", "stop", result=result_of(i % 9))
+            journal.forget_results([f"j{i - 5}"])
+        size = path.stat().st_size
+        with file_size_limit(size + 30):
+            journal.record_accepted("late", [1, 2], {})
+            journal.record_finished("late", "stop", result=result_of(3))
+            with pytest.raises(JournalError):
+                journal.flush()
+        journal.flush()
+        journal.compact()
+    finally:
+        journal.close()
+    with Journal(path) as journal:
+        kept = {f"j{i}": result_of(i % 9) for i in range(195, 200)}
+        assert journal.take_replayed_results() == {**kept, "late": result_of(3)}

@@ -1,6 +1,11 @@
-"""The msgpack wire form of engine outputs, as workers report them to the scheduler."""
+"""The msgpack forms: engine outputs as workers report them to the scheduler, and a finished
+job as the journal keeps it."""
+import msgpack
+
 from cluster.llm import LLM
+from scheduler.jobs import JobState
 from scheduler.sampling_params import SamplingParams
+from scheduler.service import job_summary
 from worker.output import pack_outputs, unpack_outputs
 
 
@@ -19,3 +24,27 @@ def test_step_outputs_survive_the_wire_form():
     for step in steps:
         assert unpack_outputs(pack_outputs(step)) == step
     assert unpack_outputs(pack_outputs([])) == []
+
+
+def test_a_finished_job_survives_the_journal_form():
+    """What the journal keeps of a finished job (msgpack, as written) gives back an equal job:
+    tokens, text and its offsets, logprobs, prompt logprobs, finish reasons and times."""
+    engine = LLM("tiny").engine
+    params = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=1, temperature=0.7,
+                            seed=5, n=2)
+    prompt = engine.tokenizer.encode("The cluster")
+    job = JobState("job", prompt, params)
+    for index in range(2):
+        engine.add_request(prompt, job.sample_params(index), request_id=f"job/{index}/0")
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert job.apply(int(out.request_id.split("/")[1]), 0, out)
+    assert job.finished and job.samples[0].prompt_logprobs and job.samples[1].logprobs
+    record = msgpack.unpackb(msgpack.packb(job.to_record()), strict_map_key=False)
+    restored = JobState.from_record("job", record)
+    assert job_summary(restored) == job_summary(job)
+    kept = ("token_ids", "text", "text_offsets", "logprobs", "prompt_logprobs", "finish_reason")
+    for got, sample in zip(restored.samples, job.samples, strict=True):
+        assert [getattr(got, f) for f in kept] == [getattr(sample, f) for f in kept]
+    assert [(d.new_token_ids, d.text) for d in restored.deltas_since([2, 0])] == [
+        (d.new_token_ids, d.text) for d in job.deltas_since([2, 0])]

@@ -42,15 +42,15 @@ def pack_outputs(outputs: list[RequestOutput]) -> bytes:
     floor for a call is ~0.55 ms)."""
     return msgpack.packb([
         (o.request_id, o.index, o.new_token_ids, o.text, o.num_prompt_tokens, o.finish_reason,
-         _pack_logprobs(o.logprobs), o.emitted_at, _pack_logprobs(o.prompt_logprobs))
+         pack_logprobs(o.logprobs), o.emitted_at, pack_logprobs(o.prompt_logprobs))
         for o in outputs], use_bin_type=True)
 
 
-def _pack_logprobs(logprobs: list[TokenLogprobs] | None) -> list | None:
+def pack_logprobs(logprobs: list[TokenLogprobs] | None) -> list | None:
     return None if logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in logprobs]
 
 
-def _unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
+def unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
     return None if packed is None else [
         TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top])
         for token_id, logprob, top in packed]
@@ -58,8 +58,8 @@ def _unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
 
 def unpack_outputs(blob: bytes) -> list[RequestOutput]:
     """The inverse of :func:`pack_outputs`."""
-    return [RequestOutput(rid, index, ids, text, prompt_tokens, reason, _unpack_logprobs(logprobs),
-                          emitted_at, _unpack_logprobs(prompt_logprobs))
+    return [RequestOutput(rid, index, ids, text, prompt_tokens, reason, unpack_logprobs(logprobs),
+                          emitted_at, unpack_logprobs(prompt_logprobs))
             for rid, index, ids, text, prompt_tokens, reason, logprobs, emitted_at, prompt_logprobs
             in msgpack.unpackb(blob)]
 
