@@ -57,7 +57,7 @@ class ContinuousBatcher:
     def __init__(self, config: BatchingConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap on _order_key
+        self.waiting: list[tuple[tuple, Request]] = []  # heap on _order_key
         self.running: list[Request] = []  # sorted by _order_key: victims come from the end
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -216,9 +216,9 @@ class ContinuousBatcher:
 
     # -- ordering --------------------------------------------------------------------------
 
-    def _order_key(self, req: Request) -> tuple[int, int]:
+    def _order_key(self, req: Request) -> tuple[int, float, int]:
         priority = req.priority if self.config.policy == "priority" else 0
-        return (priority, req.arrival_order)
+        return (priority, req.queued_at, req.arrival_order)
 
     def _push_waiting(self, req: Request) -> None:
         req.status = RequestStatus.WAITING

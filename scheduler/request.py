@@ -37,6 +37,9 @@ class Request:
     cache_salt: object = None  # extra prefix-cache key, e.g. a tenant
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
+    # when its job was first queued anywhere (the scheduler's time.time()); orders requests
+    # before arrival_order, so a sample re-routed from a dead worker keeps its place
+    queued_at: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prefix-cache hit at the latest admission

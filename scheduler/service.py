@@ -245,7 +245,7 @@ class SchedulerService:
             worker.load.pending_tokens += job.pending_tokens(sample.index)
             worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
                                     job.sample_params(sample.index).to_dict(), job.priority,
-                                    list(sample.token_ids))
+                                    list(sample.token_ids), job.arrival_time)
 
     def _drain_pending(self) -> None:
         waiting, self.pending = self.pending, collections.deque()
@@ -554,7 +554,8 @@ class SchedulerService:
                 self.journal.record_finished(entry.job_id, "error")
                 self.jobs_not_resumed += 1
                 continue
-            job = JobState(entry.job_id, prompt_ids, params, entry.priority)
+            job = JobState(entry.job_id, prompt_ids, params, entry.priority,
+                           arrival_time=entry.accepted_at)
             self._track(job)
             self.pending.extend((job.job_id, s.index) for s in job.samples)
         if self.pending:

@@ -139,6 +139,31 @@ def test_fcfs_ignores_priority():
     assert b.schedule().requests[0].request_id == "first"
 
 
+def test_a_request_queued_earlier_elsewhere_keeps_its_place():
+    """A sample re-routed from a dead worker arrives after this worker's own requests but was
+    queued before them: it is admitted first and preempted last."""
+    b, _ = make(num_blocks=6, block_size=4, max_num_seqs=1)
+    for i, rid in enumerate(("later", "latest")):
+        b.add(Request(rid, [i + 1] * 8, SamplingParams(max_tokens=12, ignore_eos=True),
+                      queued_at=200.0 + i))
+    rerouted = Request("rerouted", [7] * 8, SamplingParams(max_tokens=12, ignore_eos=True),
+                       queued_at=100.0)
+    b.add(rerouted)
+    assert [r.request_id for r in b.schedule().requests] == ["rerouted"]
+    b, _ = make(num_blocks=6, block_size=4)
+    b.add(Request("later", [1] * 8, SamplingParams(max_tokens=12, ignore_eos=True),
+                  queued_at=200.0))
+    step(b)
+    b.add(Request("rerouted", [7] * 8, SamplingParams(max_tokens=12, ignore_eos=True),
+                  queued_at=100.0))
+    for _ in range(20):
+        batch = step(b)
+        if batch.preempted:
+            assert [r.request_id for r in batch.preempted] == ["later"]
+            return
+    pytest.fail("expected a preemption")
+
+
 def test_abort_frees_blocks_at_once():
     b, kv = make()
     b.add(req("run", 10, max_tokens=50))

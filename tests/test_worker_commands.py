@@ -14,7 +14,7 @@ def engine():
 
 
 def add(request_id: str, prompt="hello") -> tuple:
-    return ("add", request_id, prompt, PARAMS, 0, [])
+    return ("add", request_id, prompt, PARAMS, 0, [], 0.0)
 
 
 def finish_all(engine) -> None:

@@ -54,8 +54,9 @@ class WorkerActor:
         await asyncio.get_running_loop().run_in_executor(None, self._loop)
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: dict,
-                  priority: int, resumed_token_ids: list[int]) -> None:
-        self._inbox.put(("add", request_id, prompt_token_ids, params, priority, resumed_token_ids))
+                  priority: int, resumed_token_ids: list[int], queued_at: float) -> None:
+        self._inbox.put(("add", request_id, prompt_token_ids, params, priority, resumed_token_ids,
+                         queued_at))
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -27,14 +27,15 @@ class EngineCommands:
             self._abort(command[1])
         return None
 
-    def _add(self, request_id, prompt, params, priority, resumed) -> tuple[str, str] | None:
+    def _add(self, request_id, prompt, params, priority, resumed, queued_at
+             ) -> tuple[str, str] | None:
         if request_id in self._unmatched_aborts:  # its abort arrived first
             del self._unmatched_aborts[request_id]
             return None
         try:
             self.engine.add_request(prompt, SamplingParams.from_dict(params),
                                     request_id=request_id, priority=priority,
-                                    resumed_token_ids=resumed)
+                                    resumed_token_ids=resumed, queued_at=queued_at)
         except ValueError as exc:
             return request_id, str(exc)
         return None

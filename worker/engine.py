@@ -121,11 +121,14 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, priority: int = 0,
-                    cache_salt: object = None, resumed_token_ids: list[int] | None = None) -> str:
+                    cache_salt: object = None, resumed_token_ids: list[int] | None = None,
+                    queued_at: float = 0.0) -> str:
         """Queue a job; raises InvalidRequestError (nothing queued) for bad input.
 
         ``resumed_token_ids``: output a previous run already produced (failover); generation
         continues after them exactly as if it had never stopped, and they are not emitted again.
+        ``queued_at``: when the job was first queued anywhere; among requests of one priority
+        the earliest runs first (then the order of ``add_request`` calls), and is preempted last.
         """
         params = params or SamplingParams()
         prompt_ids = job_prompt_ids(prompt, params, self.tokenizer, self.model_config.vocab_size)
@@ -137,7 +140,7 @@ class Engine:
             Request(f"{request_id}/{i}" if params.n > 1 else request_id, prompt_ids, params,
                     eos_token_ids=self.eos_token_ids, priority=priority,
                     seed=sample_seed(params.seed, i), cache_salt=cache_salt,
-                    token_ids=prompt_ids + resumed)
+                    token_ids=prompt_ids + resumed, queued_at=queued_at)
             for i in range(params.n)
         ]
         self.batcher.add(samples[0])
