@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -26,6 +27,11 @@ MAX_N = 256
 # Temperatures this small sample as greedy, as vLLM's do: dividing logits by them would
 # overflow float32 (1e-45 turns every logit into inf, the probabilities into NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# Every new token of a sample is searched for each stop string, and text that may begin one is
+# held back from the stream: one job with 10,000 stop strings of 1,000 characters cost the 15
+# jobs beside it 15% of their speed (tiny model). OpenAI's API allows 4.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1000
 
 
 @dataclass(slots=True)
@@ -86,8 +92,10 @@ class SamplingParams:
             _check(_is_num(value) and -2 <= value <= 2, name, value, "in [-2, 2]")
         _check(self.seed is None or is_int64(self.seed), "seed", self.seed,
                "an integer in [-2**63, 2**63) or null")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "a list of non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS
+               and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+               "stop", self.stop, f"a list of at most {MAX_STOP_STRINGS} non-empty strings of up "
+               f"to {MAX_STOP_CHARS} characters")
         _check(all(is_int64(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of token ids >= 0")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -153,6 +161,10 @@ def _is_num(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+
+
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise InvalidRequestError(f"invalid {name}={value!r}: must be {allowed}")
+    if not ok:  # a short repr: the value may be 10,000 stop strings
+        raise InvalidRequestError(f"invalid {name}={_SHORT.repr(value)}: must be {allowed}")

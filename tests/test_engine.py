@@ -199,6 +199,16 @@ def test_n_is_capped_where_one_job_would_hold_the_scheduler():
         SamplingParams(n=200_000)
 
 
+def test_stop_strings_are_capped_and_a_refusal_does_not_print_them_all():
+    """Every token is searched for each stop string: 10,000 of them slowed the jobs beside."""
+    assert len(SamplingParams(stop=["s" * 1000] * 64).stop) == 64
+    for stop in (["a"] * 65, ["a" * 1001]):
+        with pytest.raises(InvalidRequestError, match="must be a list of at most 64 non-empty "
+                                                      "strings of up to 1000 characters") as err:
+            SamplingParams(stop=stop * 150)
+        assert len(str(err.value)) < 1000
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(params=[SamplingParams()] * 3), ValueError, "3 SamplingParams for 2 prompts"),
     (dict(params="greedy"), TypeError, "got str"),
