@@ -18,7 +18,7 @@ class SampleState:
     text: str = ""
     text_offsets: list[int] = field(default_factory=lambda: [0])  # len(text) after k tokens
     logprobs: list = field(default_factory=list)
-    prompt_logprobs: list | None = None  # as the worker scored the prompt, if asked for
+    prompt_logprobs: list | None = None  # sample 0's: as its worker scored the prompt, if asked
     finish_reason: str | None = None
     attempt: int = 0  # bumped at each re-route; reports of older attempts are stale
     worker_id: str | None = None
@@ -99,8 +99,19 @@ class JobState:
         return f"{self.job_id}/{sample.index}/{sample.attempt}"
 
     def sample_params(self, index: int) -> SamplingParams:
-        """Sample ``index`` as its own n = 1 request (same tokens as an in-engine fork)."""
-        return dataclasses.replace(self.params, n=1, seed=sample_seed(self.params.seed, index))
+        """Sample ``index`` as its own n = 1 request (same tokens as an in-engine fork). Only
+        sample 0 scores the prompt: the others would repeat that work on a [prompt, vocab]
+        logits matrix each, and could not use the prefix cache."""
+        prompt_logprobs = self.params.prompt_logprobs if index == 0 else None
+        return dataclasses.replace(self.params, n=1, seed=sample_seed(self.params.seed, index),
+                                   prompt_logprobs=prompt_logprobs)
+
+    @property
+    def awaits_prompt_logprobs(self) -> bool:
+        """The prompt's logprobs are asked for and will still come, with sample 0."""
+        first = self.samples[0]
+        return (self.params.prompt_logprobs is not None and first.prompt_logprobs is None
+                and not first.finished)
 
     def pending_tokens(self, sample_index: int) -> int:
         """Tokens a worker still has to compute for a sample: its prompt until the first output
@@ -152,9 +163,12 @@ class JobState:
         """What a stream that has seen ``cursor[i]`` tokens of sample i has not seen yet;
         ``cursor[i] > len(tokens)`` means that stream has also seen the sample finish."""
         out = []
+        prompt_logprobs = self.samples[0].prompt_logprobs
         for sample, seen in zip(self.samples, cursor):
             new = sample.token_ids[seen:]
             if not new and not (sample.finished and seen <= len(sample.token_ids)):
+                continue
+            if seen == 0 and self.awaits_prompt_logprobs:  # a stream opens with them
                 continue
             out.append(RequestOutput(
                 request_id=self.job_id, index=sample.index, new_token_ids=new,
@@ -163,5 +177,5 @@ class JobState:
                 finish_reason=sample.finish_reason,
                 logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None,
                 emitted_at=sample.emitted_at,
-                prompt_logprobs=sample.prompt_logprobs if seen == 0 else None))
+                prompt_logprobs=prompt_logprobs if seen == 0 else None))
         return out

@@ -247,6 +247,12 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
                 if c.choices and c.choices[0].logprobs]
     assert sum((lp.token_logprobs for lp in streamed), []) == whole.token_logprobs
     assert sum((lp.tokens for lp in streamed), []) == whole.tokens
+    # three samples: only one scores the prompt, yet every choice opens with its scores
+    per_choice = [[], [], []]
+    for chunk in api.completions.create(stream=True, n=3, **kwargs):
+        for choice in chunk.choices:
+            per_choice[choice.index] += choice.logprobs.token_logprobs if choice.logprobs else []
+    assert per_choice == [whole.token_logprobs] * 3
 
 
 def test_completion_stream_equals_the_whole_response(api):
