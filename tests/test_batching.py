@@ -27,6 +27,15 @@ def step(b):
     return batch
 
 
+def first_preempted(b, limit=20) -> list[str]:
+    """Steps until one preempts; the ids it preempted."""
+    for _ in range(limit):
+        batch = step(b)
+        if batch.preempted:
+            return [r.request_id for r in batch.preempted]
+    pytest.fail("expected a preemption")
+
+
 def run_all(b, limit=1000):
     for _ in range(limit):
         if not b.has_unfinished():
@@ -124,12 +133,7 @@ def test_priority_policy_admits_and_preempts_by_priority():
     batch = b.schedule()
     assert batch.requests[0].request_id == "high"
     b.update(batch, {r.request_id: 9 for i, r in enumerate(batch.requests) if batch.samples(i)})
-    for _ in range(10):
-        batch = step(b)
-        if batch.preempted:
-            assert [r.request_id for r in batch.preempted] == ["low"]
-            return
-    pytest.fail("expected a preemption")
+    assert first_preempted(b) == ["low"]
 
 
 def test_fcfs_ignores_priority():
@@ -156,12 +160,7 @@ def test_a_request_queued_earlier_elsewhere_keeps_its_place():
     step(b)
     b.add(Request("rerouted", [7] * 8, SamplingParams(max_tokens=12, ignore_eos=True),
                   queued_at=100.0))
-    for _ in range(20):
-        batch = step(b)
-        if batch.preempted:
-            assert [r.request_id for r in batch.preempted] == ["later"]
-            return
-    pytest.fail("expected a preemption")
+    assert first_preempted(b) == ["later"]
 
 
 def test_abort_frees_blocks_at_once():
