@@ -181,8 +181,9 @@ class Journal:
     def compact(self) -> None:
         """Rewrite the file to hold only the unfinished jobs' accept records and the kept
         results, atomically."""
-        with self._io_lock, self._lock:
-            self._check_open()
+        with self._io_lock:
+            with self._lock:
+                self._check_open()
             self._rewrite()
 
     def close(self) -> None:
@@ -265,17 +266,20 @@ class Journal:
         return JournalError(self.write_error)
 
     def _compact_if_due(self) -> None:
-        with self._io_lock, self._lock:
-            dead = self._dead_on_disk
-            if (not self._closed and dead > self.compact_min_finished
-                    and dead > 2 * (len(self._jobs) + len(self._results))
-                    and time.monotonic() >= self._compact_retry_at):
-                try:
-                    self._rewrite()
-                except JournalError as exc:  # the appended log is still whole: go on with it
-                    log.warning("journal %s: compaction failed, tried again in %s s: %s",
-                                self.path, COMPACT_RETRY_S, exc)
-                    self._compact_retry_at = time.monotonic() + COMPACT_RETRY_S
+        with self._io_lock:
+            with self._lock:
+                dead = self._dead_on_disk
+                due = (not self._closed and dead > self.compact_min_finished
+                       and dead > 2 * (len(self._jobs) + len(self._results))
+                       and time.monotonic() >= self._compact_retry_at)
+            if not due:
+                return
+            try:
+                self._rewrite()
+            except JournalError as exc:  # the appended log is still whole: go on with it
+                log.warning("journal %s: compaction failed, tried again in %s s: %s",
+                            self.path, COMPACT_RETRY_S, exc)
+                self._compact_retry_at = time.monotonic() + COMPACT_RETRY_S
 
     def _run_flusher(self) -> None:
         while True:
@@ -302,17 +306,21 @@ class Journal:
 
     def _rewrite(self) -> None:
         """Replace the file by MAGIC + one accept frame per unfinished job + the kept results'
-        finished frames, copied (caller holds both locks). Other buffered frames are dropped:
-        the jobs table already reflects them. If that fails the old file stays as it was."""
+        finished frames, copied; the frames buffered until then are dropped (the tables already
+        reflect them). The caller holds _io_lock but not _lock: records go on being buffered
+        while the copy is written and fsynced (the scheduler's calls do not wait for it). If
+        that fails the old file stays as it was."""
+        with self._lock:
+            jobs, results = list(self._jobs.values()), list(self._results.items())
+            buffered, dead = bytes(self._pending), self._dead_on_disk
         tmp = self.path.with_name(self.path.name + ".tmp")
-        content = bytearray(MAGIC)
-        for job in self._jobs.values():
+        content, moved = bytearray(MAGIC), {}
+        for job in jobs:
             content += _frame(_accepted_record(job))
-        results = {}
         try:
-            for job_id, (offset, length) in self._results.items():
-                results[job_id] = (len(content), length)
-                content += self._frame_at(offset, length)
+            for job_id, (offset, length) in results:
+                moved[job_id, offset] = len(content)
+                content += self._frame_at(offset, length, buffered)
             with open(tmp, "wb", buffering=0) as out:
                 _write_all(out, content)
                 os.fsync(out.fileno())
@@ -321,18 +329,23 @@ class Journal:
             tmp.unlink(missing_ok=True)
             raise JournalError(f"cannot rewrite {self.path}: {exc.strerror or exc}") from None
         _fsync_dir(self.path.parent)
-        self._pending.clear()
-        self._pending_since = None
-        self._dead_on_disk = 0
-        self._results = results
-        self._size = len(content)
-        self._file.close()
-        self._file = _open_for_append(self.path)
+        with self._lock:
+            shift = len(content) - self._size - len(buffered)  # for results recorded since
+            self._results = {job_id: (moved.get((job_id, offset), offset + shift), length)
+                             for job_id, (offset, length) in self._results.items()}
+            del self._pending[:len(buffered)]
+            if not self._pending:
+                self._pending_since = None
+            self._dead_on_disk -= dead
+            self._size = len(content)
+            self._file.close()
+            self._file = _open_for_append(self.path)
 
-    def _frame_at(self, offset: int, length: int) -> bytes:
-        """A frame recorded earlier: read back from the file, or still in the buffer."""
+    def _frame_at(self, offset: int, length: int, buffered: bytes) -> bytes:
+        """A frame recorded earlier: read back from the file, or from ``buffered``, the
+        frames after the file's end."""
         if offset >= self._size:
-            return bytes(self._pending[offset - self._size:offset - self._size + length])
+            return buffered[offset - self._size:offset - self._size + length]
         frame = os.pread(self._file.fileno(), length, offset)
         if len(frame) != length:
             raise OSError(f"short read at byte {offset}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import shutil
@@ -261,16 +262,25 @@ def test_compaction_runs_by_itself_once_finished_records_pile_up(path):
 
 def test_one_writer_thread_with_the_flusher_and_compaction(path):
     model: dict[str, list[int]] = {}
+    kept: dict[str, dict] = {}  # results
     errors: list[BaseException] = []
 
     def writer(journal: Journal) -> None:
         rng = random.Random(3)
         try:
             for i in range(1500):
-                if model and rng.random() < 0.45:
+                if kept and rng.random() < 0.1:
+                    forgotten = rng.sample(list(kept), min(len(kept), rng.randrange(1, 3)))
+                    journal.forget_results(forgotten)
+                    for job_id in forgotten:
+                        del kept[job_id]
+                elif model and rng.random() < 0.45:
                     job_id = rng.choice(list(model))
-                    journal.record_finished(job_id, "stop")
+                    result = result_of(i % 13) if rng.random() < 0.5 else None
+                    journal.record_finished(job_id, "stop", result=result)
                     del model[job_id]
+                    if result is not None:
+                        kept[job_id] = result
                 else:
                     model[f"j{i}"] = [i % 97] * rng.randrange(1, 20)
                     journal.record_accepted(f"j{i}", model[f"j{i}"], {"i": i})
@@ -291,6 +301,7 @@ def test_one_writer_thread_with_the_flusher_and_compaction(path):
     with Journal(path) as journal:
         assert {j.job_id: j.prompt_token_ids for j in journal.unfinished()} == model
         assert ids(journal) == list(model)
+        assert journal.take_replayed_results() == kept and len(kept) > 50
 
 
 def test_a_second_journal_on_the_same_file_is_refused_until_the_first_closes(path):
@@ -430,6 +441,8 @@ def test_a_result_recorded_while_a_write_is_in_flight_or_after_a_failed_one_is_f
             journal.record_accepted(f"j{i}", [i + 1] * (i % 7 + 1), {})
             journal.record_finished(f"j{i}", "stop", result=result_of(i % 9))
             journal.forget_results([f"j{i - 5}"])
+        journal.compact_min_finished = 10**9  # no compaction from here: it could fold "late"
+        journal.flush()
         size = path.stat().st_size
         with file_size_limit(size + 30):
             journal.record_accepted("late", [1, 2], {})
@@ -443,3 +456,38 @@ def test_a_result_recorded_while_a_write_is_in_flight_or_after_a_failed_one_is_f
     with Journal(path) as journal:
         kept = {f"j{i}": result_of(i % 9) for i in range(195, 200)}
         assert journal.take_replayed_results() == {**kept, "late": result_of(3)}
+
+
+def test_records_are_taken_while_a_compaction_is_written(path, monkeypatch):
+    """The scheduler's calls only buffer: they must not wait for a compaction's copy and
+    fsync (with kept results, tens of MB). What they record meanwhile is kept after it."""
+    journal = Journal(path, fsync_interval_s=60)
+    for i in range(6):
+        journal.record_accepted(f"j{i}", [i + 1] * 20, {})
+    for i in range(3):
+        journal.record_finished(f"j{i}", "stop", result=result_of(i))
+    journal.flush()
+    journal.record_finished("j3", "stop", result=result_of(3))  # still buffered
+    copying, real_fsync = threading.Event(), os.fsync
+
+    def slow_fsync(fd):
+        if threading.current_thread().name == "compaction":
+            copying.set()
+            time.sleep(0.5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    compaction = threading.Thread(target=journal.compact, name="compaction")
+    compaction.start()
+    assert copying.wait(10)
+    started = time.monotonic()
+    journal.record_finished("j4", "stop", result=result_of(4))
+    journal.forget_results(["j1"])
+    journal.record_accepted("new", [7], {})
+    assert time.monotonic() - started < 0.25
+    compaction.join()
+    journal.compact()  # copies j4's frame from where the first compaction says it now is
+    journal.close()
+    with Journal(path) as reopened:
+        assert ids(reopened) == ["j5", "new"]
+        assert reopened.take_replayed_results() == {f"j{i}": result_of(i) for i in (0, 2, 3, 4)}
