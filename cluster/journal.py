@@ -167,6 +167,11 @@ class Journal:
             replayed, self._replayed_results = self._replayed_results or {}, None
             return replayed
 
+    @property
+    def buffered(self) -> bool:
+        """Records are waiting to be written."""
+        return bool(self._pending)
+
     def unfinished(self) -> list[JournalJob]:
         """The jobs accepted and not finished (replayed at open plus recorded since), oldest
         first. The objects are the journal's own: read them, do not change them."""

@@ -718,18 +718,37 @@ class SchedulerActor:
     async def report(self, worker_id, number, packed_outputs, rejected, load) -> None:
         self.service.report(worker_id, number, unpack_outputs(packed_outputs), rejected, load)
 
+    async def _write_journal(self) -> None:
+        """Before telling a caller that a job ended (its result, its abort), write what the
+        journal buffers: a scheduler killed right after must neither run an aborted job again
+        nor a job whose result was read. A journal that cannot be written does not hold the
+        answer back (its flusher retries, and status says so)."""
+        if self.service.journal.buffered:
+            try:
+                await asyncio.to_thread(self.service.journal.flush)
+            except OSError:
+                pass
+
     async def abort(self, job_id) -> bool:
-        return self.service.abort(job_id)
+        aborted = self.service.abort(job_id)
+        await self._write_journal()
+        return aborted
 
     async def stream(self, job_id, cursor=None):
         async for deltas in self.service.stream(job_id, cursor):
+            if any(d.finish_reason is not None for d in deltas):
+                await self._write_journal()
             yield deltas
 
     async def result(self, job_id, timeout=None) -> dict:
-        return await self.service.result(job_id, timeout)
+        summary = await self.service.result(job_id, timeout)
+        await self._write_journal()
+        return summary
 
     async def results(self, job_ids, timeout=None) -> list[dict]:
-        return await self.service.results(job_ids, timeout)
+        summaries = await self.service.results(job_ids, timeout)
+        await self._write_journal()
+        return summaries
 
     async def status(self) -> dict:
         return self.service.status()

@@ -4,7 +4,8 @@ a worker stuck on its device), is found by the stall watch and killed, and its j
 elsewhere with the tokens an undisturbed run gives; a job that makes engines raise (an injected
 device fault, tests/engine_faults) is failed alone; a job whose worker processes keep dying
 fails after three; a batch of many more jobs than the scheduler keeps finished runs whole, with
-no result forgotten before it is read."""
+no result forgotten before it is read; an abort or a result read is in the journal (which
+buffers for 5 s here) before the answer."""
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from scheduler.service import MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, UnknownJo
 STALL_TIMEOUT_S = 3.0
 FINISHED_KEPT = 40
 QUEUED = 16
+JOURNAL_BUFFERS_S = 5.0
 
 
 FAULTS = Path(__file__).parent / "engine_faults"  # its sitecustomize poisons [7, 7, 7]
@@ -34,7 +36,8 @@ POISON = [7, 7, 7, 65]
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     cfg = daemon_config(tmp_path_factory.mktemp("tight"), worker_stall_timeout_s=STALL_TIMEOUT_S,
-                        max_finished_jobs=FINISHED_KEPT, max_queued_jobs=QUEUED)
+                        max_finished_jobs=FINISHED_KEPT, max_queued_jobs=QUEUED,
+                        journal_fsync_interval_s=JOURNAL_BUFFERS_S)
     path = os.environ.get("PYTHONPATH")  # Ray's processes inherit it from this one
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), path]))
     try:
@@ -192,3 +195,21 @@ def test_a_batch_larger_than_the_finished_jobs_kept_loses_no_result(client, tmp_
     assert captured.err.startswith(
         f"pagedserve: warning: the scheduler keeps the last {FINISHED_KEPT} finished jobs "
         f"(scheduler.max_finished_jobs), and some of these {count} may be forgotten")
+
+
+def test_an_abort_or_a_read_result_is_in_the_journal_before_the_answer(client):
+    """A scheduler killed right after answering must neither run an aborted job again nor
+    run again a job whose result was read (here its record would wait 5 s in the buffer)."""
+    for job in client.jobs(finished_limit=0):  # an earlier test's --no-wait batch
+        client.abort(job["job_id"])
+    aborted = client.submit("abort me", SamplingParams(max_tokens=1500, ignore_eos=True))
+    read = client.submit("read me", SamplingParams(max_tokens=8, ignore_eos=True, seed=1))
+    first = client.result(read, timeout=120)
+    wait_for(lambda: client.status_of(aborted)["num_tokens"][0] > 0, timeout=60,
+             what="the long job generating")
+    assert client.abort(aborted)
+    ray.kill(bringup.find_scheduler(), no_restart=False)  # Ray restarts it from the journal
+    again = client.result(read, timeout=120)
+    assert (again.finish_time, again.outputs) == (first.finish_time, first.outputs)
+    assert client.result(aborted, timeout=120).outputs[0].finish_reason == "abort"
+    assert client.status()["jobs_resumed"] == 0
