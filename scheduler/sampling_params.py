@@ -63,8 +63,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop = _as_list(self.stop, "stop", "a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids",
+                                       "a list of token ids >= 0")
         self.logit_bias = _token_keyed(self.logit_bias)
         self._validate()
 
@@ -141,6 +142,14 @@ def sample_seed(seed: int | None, index: int) -> int | None:
 
 
 INT64 = (-(1 << 63), 1 << 63)  # the journal and the wire (msgpack) carry 64-bit integers
+
+
+def _as_list(value: object, name: str, allowed: str) -> list:
+    """A list or tuple as a new list; null as an empty one (as OpenAI's API reads it)."""
+    if value is None:
+        return []
+    _check(isinstance(value, (list, tuple)), name, value, allowed)
+    return list(value)
 
 
 def _token_keyed(bias: object) -> object:

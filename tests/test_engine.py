@@ -209,6 +209,15 @@ def test_stop_strings_are_capped_and_a_refusal_does_not_print_them_all():
         assert len(str(err.value)) < 1000
 
 
+def test_null_stop_lists_are_empty_and_other_non_lists_are_refused_by_name():
+    """JSON null, as OpenAI's API reads it; a number or a map was a raw TypeError, or taken."""
+    params = SamplingParams.from_dict({"stop": None, "stop_token_ids": None})
+    assert params.stop == [] and params.stop_token_ids == []
+    for field, value in (("stop", 5), ("stop", {"ab": 1}), ("stop_token_ids", 3)):
+        with pytest.raises(InvalidRequestError, match=f"^invalid {field}="):
+            SamplingParams(**{field: value})
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(params=[SamplingParams()] * 3), ValueError, "3 SamplingParams for 2 prompts"),
     (dict(params="greedy"), TypeError, "got str"),
