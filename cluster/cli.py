@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pagedserve: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pagedserve jobs --json | head`: the reader left, as SIGPIPE says
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except Exception as exc:
         if args.verbose or not isinstance(exc, user_errors()):
             raise

@@ -181,8 +181,9 @@ def _warn_if_results_may_be_forgotten(num_jobs: int, kept: int) -> None:
 def _print_ids(ids: list[str], as_json: bool) -> None:
     for i, job_id in enumerate(ids):
         print(json.dumps({"index": i, "job_id": job_id}) if as_json else job_id)
-    print(f"pagedserve: queued {len(ids)} jobs; `pagedserve result JOB_ID...` waits for them "
-          "and prints their output", file=sys.stderr)
+    jobs = "1 job" if len(ids) == 1 else f"{len(ids)} jobs"
+    print(f"pagedserve: queued {jobs}; `pagedserve result JOB_ID...` waits for the output",
+          file=sys.stderr)
 
 
 def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: list[int]

@@ -79,15 +79,17 @@ class JobState:
                 "times": [self.arrival_time, self.first_token_time, self.finish_time],
                 "samples": [[s.index, s.token_ids, s.text, s.text_offsets,
                              pack_logprobs(s.logprobs), pack_logprobs(s.prompt_logprobs),
-                             s.finish_reason] for s in self.samples]}
+                             s.finish_reason, s.worker_id, s.emitted_at]
+                            for s in self.samples]}
 
     @classmethod
     def from_record(cls, job_id: str, record: dict) -> "JobState":
         """Raises ValueError, TypeError or KeyError for a record it cannot read."""
         samples = [SampleState(index, token_ids, text, text_offsets, unpack_logprobs(logprobs),
-                               unpack_logprobs(prompt_logprobs), finish_reason)
+                               unpack_logprobs(prompt_logprobs), finish_reason,
+                               worker_id=worker_id, emitted_at=emitted_at)
                    for index, token_ids, text, text_offsets, logprobs, prompt_logprobs,
-                   finish_reason in record["samples"]]
+                   finish_reason, worker_id, emitted_at in record["samples"]]
         job = cls(job_id, record["prompt_token_ids"], SamplingParams.from_dict(record["params"]),
                   record["priority"], samples, record["error"])
         job.arrival_time, job.first_token_time, job.finish_time = record["times"]

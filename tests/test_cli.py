@@ -152,6 +152,20 @@ def test_installed_entry_point_reports_errors_without_a_traceback():
     assert help_proc.returncode == 0 and "generate" in help_proc.stdout
 
 
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`pagedserve jobs --json | head`: the closed pipe printed "error: [Errno 32] Broken
+    pipe" with exit 2."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--prompt", "hi",
+                               "--max-tokens", "2", "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
 @pytest.mark.parametrize("command", ["status", "serve"])
 def test_an_address_where_nothing_listens_fails_at_once(command):
     # ray.init alone would retry such an address for minutes

@@ -43,7 +43,8 @@ def test_a_finished_job_survives_the_journal_form():
     record = msgpack.unpackb(msgpack.packb(job.to_record()), strict_map_key=False)
     restored = JobState.from_record("job", record)
     assert job_summary(restored) == job_summary(job)
-    kept = ("token_ids", "text", "text_offsets", "logprobs", "prompt_logprobs", "finish_reason")
+    kept = ("token_ids", "text", "text_offsets", "logprobs", "prompt_logprobs", "finish_reason",
+            "worker_id", "emitted_at")
     for got, sample in zip(restored.samples, job.samples, strict=True):
         assert [getattr(got, f) for f in kept] == [getattr(sample, f) for f in kept]
     assert [(d.new_token_ids, d.text) for d in restored.deltas_since([2, 0])] == [
