@@ -24,8 +24,8 @@ from cluster.client import SCHEDULER_GONE, Client, DaemonNotUpError, JobFailedEr
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                  GenerationRequest, Echo, ResponseContext, TokenizeRequest,
-                                 bad_request, echo_chunk, full_response, param_of, role_chunk,
-                                 stream_chunk, usage_chunk, validation_error)
+                                 bad_request, echo_chunk, full_response, in_request_terms,
+                                 role_chunk, stream_chunk, usage_chunk, validation_error)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
@@ -78,6 +78,9 @@ class Server:
         """An explicit max_tokens that cannot fit beside the prompt is the client's error (as
         with OpenAI's API), not a silently shorter output."""
         wanted = request.requested_max_tokens
+        if prompt_len >= self.context_len:  # no max_tokens could fit: the prompt is at fault
+            raise bad_request(f"this server's context holds {self.context_len} tokens: {prompt} "
+                              f"has {prompt_len}, leaving no room for output", "prompt")
         if wanted is not None and prompt_len + wanted > self.context_len:
             param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
             raise bad_request(
@@ -430,7 +433,7 @@ def _daemon_errors(body: GenerationRequest):
     except InvalidRequestError as exc:
         if exc.job_index is not None:  # about one prompt of several
             raise bad_request(f"prompt {exc.job_index}: {exc.reason}", "prompt") from None
-        raise bad_request(str(exc), param_of(str(exc), body.field_names())) from None
+        raise bad_request(*in_request_terms(str(exc), body.field_names())) from None
     except (OverloadedError, JobFailedError, DaemonNotUpError, *SCHEDULER_GONE) as exc:
         raise _daemon_error(exc) from None
 

@@ -113,7 +113,7 @@ class GenerationRequest(_Strict):
         try:
             return SamplingParams(**{**self.sampling_fields(), **overrides})
         except InvalidRequestError as exc:
-            raise bad_request(str(exc), param_of(str(exc), self.field_names())) from None
+            raise bad_request(*in_request_terms(str(exc), self.field_names())) from None
 
     def kept_length(self, prompt_ids: list[int]) -> int:
         """The prompt's length once the scheduler has applied truncate_prompt_tokens."""
@@ -174,7 +174,9 @@ class ChatMessage(_Strict):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        message = {"role": self.role, "content": content or ""}
+        # OpenAI's newer name for the system role; chat templates know only "system"
+        role = "system" if self.role == "developer" else self.role
+        message = {"role": role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
         return message
@@ -235,6 +237,16 @@ class ChatRequest(GenerationRequest):
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^invalid (\w+)=")
+
+
+def in_request_terms(message: str, aliases: dict) -> tuple[str, str | None]:
+    """The message, naming the request's own field where it has another name (chat's
+    top_logprobs is SamplingParams' logprobs), and that field."""
+    param = param_of(message, aliases)
+    match = _FIELD_IN_MESSAGE.match(message)
+    if match and param and param != match[1]:
+        message = f"invalid {param}={message[match.end():]}"
+    return message, param
 
 
 def param_of(message: str, aliases: dict) -> str | None:

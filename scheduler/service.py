@@ -341,7 +341,7 @@ class SchedulerService:
         return [job.progress() for job in unfinished + newest]
 
     def _job(self, job_id: str) -> JobState:
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id) or self.jobs.get(_without_http_prefix(job_id))
         if job is None:
             raise UnknownJobError(
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
@@ -648,6 +648,11 @@ class SchedulerService:
             log.warning("journal: %s; jobs that finished since the last write may run again "
                         "after `up`", exc)
         return self.unfinished_jobs
+
+
+def _without_http_prefix(job_id: str) -> str:
+    """The job id in an HTTP response id (``cmpl-<job id>``, ``chatcmpl-<job id>``)."""
+    return re.sub(r"^(chat)?cmpl-", "", job_id)
 
 
 def job_summary(job: JobState) -> dict:

@@ -152,6 +152,9 @@ def test_chat_uses_the_chat_template(api, daemon, tokenizer):
                                         extra_body={"ignore_eos": True})
     assert newer.usage.completion_tokens == 5 and own.text.startswith(
         newer.choices[0].message.content)
+    # "developer" is OpenAI's newer name for the system role
+    developer = [{**messages[0], "role": "developer"}, messages[1]]
+    assert api.chat.completions.create(messages=developer, **greedy()).choices[0] == out.choices[0]
 
 
 def test_several_prompts_are_one_response_in_prompt_order(api, daemon):
@@ -255,6 +258,16 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
     assert per_choice == [whole.token_logprobs] * 3
 
 
+def test_the_response_id_finds_the_job(api, daemon):
+    _, client = daemon
+    completion = api.completions.create(prompt="Find me", **greedy())
+    chat = api.chat.completions.create(messages=[{"role": "user", "content": "Me too"}],
+                                       **greedy())
+    assert completion.id.startswith("cmpl-") and chat.id.startswith("chatcmpl-")
+    assert client.result(completion.id).outputs[0].text == completion.choices[0].text
+    assert client.result(chat.id).outputs[0].text == chat.choices[0].message.content
+
+
 def test_completion_stream_equals_the_whole_response(api):
     whole = api.completions.create(prompt="Stream this", **greedy())
     chunks = list(api.completions.create(prompt="Stream this", stream=True,
@@ -353,6 +366,7 @@ def test_models_lists_the_served_model_and_others_are_404(api):
     ("chat", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 5}},
      "logit_bias"),  # past the vocabulary: found by the scheduler  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
+    ("completions", {"prompt": "a" * 3000, "max_tokens": 2}, "prompt"),  # not max_tokens
 ])
 def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
     path = "/completions" if endpoint == "completions" else "/chat/completions"
@@ -361,6 +375,8 @@ def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
     error = caught.value.body
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert "Traceback" not in error["message"]
+    if error["message"].startswith("invalid "):  # by the request's name (chat: top_logprobs)
+        assert error["message"].startswith((f"invalid {param}=", f"invalid {param}:"))
     assert_still_serves(api)
 
 
