@@ -23,10 +23,14 @@ class Job:
 
 
 def located(exc: InvalidRequestError, jobs: list[Job], path: str | None) -> InvalidRequestError:
-    """``exc`` (about job N of a batch) as ``path:line: reason`` when the job came from a file."""
-    if exc.job_index is None or path is None or jobs[exc.job_index].line is None:
+    """``exc`` (about job N of a batch, or the only job) as ``path:line: reason`` when the job
+    came from a file."""
+    index, reason = exc.job_index, exc.reason
+    if index is None and len(jobs) == 1:
+        index, reason = 0, str(exc)
+    if index is None or path is None or jobs[index].line is None:
         return exc
-    return InvalidRequestError(f"{source_name(path)}:{jobs[exc.job_index].line}: {exc.reason}")
+    return InvalidRequestError(f"{source_name(path)}:{jobs[index].line}: {reason}")
 
 
 def read_jobs_file(path: str | Path, defaults: dict) -> list[Job]:

@@ -129,6 +129,9 @@ def test_a_job_the_engine_refuses_names_its_file_line(capsys, tmp_path):
     assert code == 2 and out == ""
     assert err == (f"pagedserve: error: {jobs}:3: prompt_token_ids must be integers in "
                    "[0, 262); got [99999]\n")
+    jobs.write_text('{"prompt_token_ids": [1, 999]}\n')  # the file's only job
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))
+    assert code == 2 and err.startswith(f"pagedserve: error: {jobs}:1: prompt_token_ids must")
     code, _, err = run(capsys, "generate", "--prompt", "ok", "--prompt", "")
     assert code == 2 and err == ("pagedserve: error: job 1: prompt is empty (no job of the "
                                  "batch was queued)\n")
