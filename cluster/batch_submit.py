@@ -3,7 +3,7 @@ batch of any size to its reader so that no job finishes and is forgotten before 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from scheduler.sampling_params import InvalidRequestError
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from cluster.client import Client
 
 ROOM_POLL_S = 0.5  # how often a submit that waits for room checks a full queue
+WAIT_REPORT_S = 10.0  # how long a wait for room lasts before on_wait hears of it
 
 
 def sent_by(source) -> tuple[list[str], list[str]]:
@@ -25,9 +26,12 @@ class BatchSubmitter:
     """Sends prepared job specs (``Client`` submit arguments, the job id last) in order,
     ``batch_size`` per scheduler call, each batch accepted whole or not at all.
     ``submitted``: the ids accepted so far; ``in_flight``: those of a batch sent whose answer
-    has not come back (after an interrupt the scheduler may or may not have accepted it)."""
+    has not come back (after an interrupt the scheduler may or may not have accepted it).
+    ``on_wait(status)`` is called once a wait for room in a full queue has lasted
+    WAIT_REPORT_S, so a long wait is not silent; then again at the next such wait."""
 
-    def __init__(self, client: Client, specs: Sequence[tuple], batch_size: int) -> None:
+    def __init__(self, client: Client, specs: Sequence[tuple], batch_size: int,
+                 on_wait: Callable[[dict], None] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.submitted: list[str] = []
@@ -36,6 +40,7 @@ class BatchSubmitter:
         self._specs = specs
         self._batch_size = batch_size
         self._fits = batch_size
+        self._on_wait = on_wait
 
     @property
     def total(self) -> int:
@@ -73,6 +78,7 @@ class BatchSubmitter:
     def _room_when_free(self, full: OverloadedError) -> tuple[int, int]:
         """Wait until the scheduler's queue has room; returns how many jobs fit now, and in
         all (``max_queued_jobs``). Raises ``full`` if no worker is ready to drain the queue."""
+        report_at = time.monotonic() + WAIT_REPORT_S
         while True:
             time.sleep(ROOM_POLL_S)
             status = self._client.status()
@@ -81,6 +87,9 @@ class BatchSubmitter:
             room = status["max_queued_jobs"] - status["jobs_unfinished"]
             if room > 0:
                 return room, status["max_queued_jobs"]
+            if self._on_wait is not None and time.monotonic() >= report_at:
+                self._on_wait(status)
+                report_at = float("inf")
 
 
 class PacedSubmit:

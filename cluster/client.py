@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -126,7 +126,8 @@ class Client:
     def submit_many(self, prompts: Sequence[str | list[int]],
                     params: SamplingParams | dict | Sequence | None = None, *,
                     priorities: Sequence[int] | None = None, progress: bool = False,
-                    batch_size: int | None = None, wait_for_room: bool = False) -> list[str]:
+                    batch_size: int | None = None, wait_for_room: bool = False,
+                    on_wait: Callable[[dict], None] | None = None) -> list[str]:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt; every job's params are checked before any
         is sent. Each batch is accepted whole or not at all: on a bad job or a full queue the
@@ -136,11 +137,12 @@ class Client:
         not have accepted. A batch larger than the scheduler's ``max_queued_jobs`` is refused
         (BatchTooLargeError). ``wait_for_room``: when the queue is full, wait until jobs finish
         and go on in batches that fit, so any number of jobs can be sent (still an
-        OverloadedError if no worker is serving, as the queue would never drain). To read the
-        results of more jobs than the scheduler keeps finished, use ``submit_paced``."""
+        OverloadedError if no worker is serving, as the queue would never drain; ``on_wait``
+        hears of a long wait, see BatchSubmitter). To read the results of more jobs than the
+        scheduler keeps finished, use ``submit_paced``."""
         from tqdm import tqdm
 
-        submitter = self._submitter(prompts, params, priorities, batch_size)
+        submitter = self._submitter(prompts, params, priorities, batch_size, on_wait)
         try:
             with tqdm(total=len(prompts), desc="submit", unit="job", disable=not progress) as bar:
                 while not submitter.done:
@@ -154,18 +156,20 @@ class Client:
 
     def submit_paced(self, prompts: Sequence[str | list[int]],
                      params: SamplingParams | dict | Sequence | None = None, *,
-                     priorities: Sequence[int] | None = None) -> PacedSubmit:
+                     priorities: Sequence[int] | None = None,
+                     on_wait: Callable[[dict], None] | None = None) -> PacedSubmit:
         """Queue a batch of any size as it is read: iterating the returned PacedSubmit yields
         the job ids in input order, submitting (waiting for room) a bounded number of jobs
         ahead of the one handed out, so that none finishes and is forgotten before the caller
         reads it. Its ``submitted`` and ``in_flight`` are what to withdraw if the caller stops.
-        Params are checked as in ``submit_many``."""
+        Params are checked, and ``on_wait`` called, as in ``submit_many``."""
         status = self.status()
         batch_size = min(SUBMIT_BATCH, status["max_queued_jobs"])  # a bigger one never fits
-        submitter = self._submitter(prompts, params, priorities, batch_size)
+        submitter = self._submitter(prompts, params, priorities, batch_size, on_wait)
         return PacedSubmit(submitter, status["max_finished_jobs"])
 
-    def _submitter(self, prompts, params, priorities, batch_size) -> BatchSubmitter:
+    def _submitter(self, prompts, params, priorities, batch_size, on_wait=None
+                   ) -> BatchSubmitter:
         per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
         if not len(per_job) == len(priorities) == len(prompts):
@@ -173,7 +177,8 @@ class Client:
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
         specs = [_batch_args(prompts, per_job, priorities, i) for i in range(len(prompts))]
-        return BatchSubmitter(self, specs, SUBMIT_BATCH if batch_size is None else batch_size)
+        return BatchSubmitter(self, specs, SUBMIT_BATCH if batch_size is None else batch_size,
+                              on_wait)
 
     async def asubmit_many(self, prompts: Sequence[str | list[int]],
                            params: SamplingParams | dict | None = None, *,

@@ -64,10 +64,11 @@ def run_submit(args) -> int:
     try:
         if args.no_wait:
             _warn_if_results_may_be_forgotten(len(jobs), client.status()["max_finished_jobs"])
-            ids = client.submit_many(*batch, priorities=priorities, wait_for_room=True)
+            ids = client.submit_many(*batch, priorities=priorities, wait_for_room=True,
+                                     on_wait=_say_queue_full)
             _print_ids(ids, args.json)
             return 0
-        paced = client.submit_paced(*batch, priorities=priorities)
+        paced = client.submit_paced(*batch, priorities=priorities, on_wait=_say_queue_full)
         failed = _print_results(args.json, client, paced, [j.params.n for j in jobs])
     except (*USER_ERRORS, KeyboardInterrupt) as exc:
         # all or nothing: the jobs this submit queued are withdrawn, nobody would read them
@@ -176,6 +177,12 @@ def _warn_if_results_may_be_forgotten(num_jobs: int, kept: int) -> None:
               f"(scheduler.max_finished_jobs), and some of these {num_jobs} may be forgotten "
               "before `pagedserve result` reads them; a submit that waits reads each job as it "
               "finishes", file=sys.stderr)
+
+
+def _say_queue_full(status: dict) -> None:
+    print(f"pagedserve: the daemon's queue is full ({status['jobs_unfinished']} unfinished "
+          f"jobs, scheduler.max_queued_jobs={status['max_queued_jobs']}): waiting for room",
+          file=sys.stderr, flush=True)
 
 
 def _print_ids(ids: list[str], as_json: bool) -> None:

@@ -13,7 +13,7 @@ import ray
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
-from cluster import bringup, cli, daemon_cmds, job_cmds
+from cluster import batch_submit, bringup, cli, daemon_cmds, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.journal import Journal
 from cluster.client import Client
@@ -307,6 +307,21 @@ def test_submit_many_can_wait_for_room_in_a_full_queue(daemon):
                              wait_for_room=True)
     assert len(set(ids)) == 100
     assert [len(client.result(j, timeout=300).outputs[0].token_ids) for j in ids] == [4] * 100
+
+
+def test_a_submit_that_waits_long_for_room_says_so(daemon, monkeypatch, capsys):
+    _, _, client = daemon
+    monkeypatch.setattr(batch_submit, "WAIT_REPORT_S", 0.0)  # else said after 10 s of waiting
+    for job in client.jobs(finished_limit=0):  # earlier tests' leftovers
+        client.abort(job["job_id"])
+    full = client.submit_many([f"long {i}" for i in range(48)],  # the queue holds 48
+                              SamplingParams(max_tokens=100, ignore_eos=True))
+    assert cli.main(["submit", "--prompt", "one more", "--max-tokens", "2", "--json"]) == 0
+    assert ("pagedserve: the daemon's queue is full (48 unfinished jobs, "
+            "scheduler.max_queued_jobs=48): waiting for room") in capsys.readouterr().err
+    assert any(client.status_of(j)["finished"] for j in full)  # it ran once there was room
+    for job_id in full:
+        client.abort(job_id)
 
 
 def test_submit_cli_sends_more_jobs_than_the_queue_holds(daemon, tmp_path, capsys):
