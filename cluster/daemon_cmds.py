@@ -77,8 +77,9 @@ def run_down(args: argparse.Namespace) -> int:
     if kept is None:
         print("pagedserve was not running")
     elif kept:
-        print(f"pagedserve is down; the journal keeps {kept} unfinished jobs, which the next "
-              "`pagedserve up` resumes")
+        timed_out = f"the drain timed out after {args.timeout:g} s; " if args.drain else ""
+        print(f"pagedserve is down; {timed_out}the journal keeps {kept} unfinished jobs, which "
+              "the next `pagedserve up` resumes")
     else:
         print("pagedserve is down")
     return 0

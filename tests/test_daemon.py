@@ -485,9 +485,10 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
                  for i in range(2)]
     wait_for(lambda: all(client.status_of(j)["num_tokens"][0] > 0 for j in long_jobs),
              timeout=60, what="both long jobs generating")
-    assert cli.main(["down"]) == 0
-    assert capsys.readouterr().out == ("pagedserve is down; the journal keeps 2 unfinished jobs, "
-                                       "which the next `pagedserve up` resumes\n")
+    assert cli.main(["down", "--drain", "--timeout", "1"]) == 0  # too short for them
+    assert capsys.readouterr().out == ("pagedserve is down; the drain timed out after 1 s; the "
+                                       "journal keeps 2 unfinished jobs, which the next "
+                                       "`pagedserve up` resumes\n")
     assert bringup.find_scheduler() is None
     for name in names:
         wait_for(lambda: not _actor_exists(name), timeout=60, what=f"{name} gone")
