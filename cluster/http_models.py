@@ -317,6 +317,12 @@ class ResponseContext:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def length_in_text(self, token_id: int, token_text: str) -> int:
+        """How many characters of the choice's text a token takes: none for a special token,
+        which the text leaves out (the BOS before an echoed prompt; generated ones, unless
+        skip_special_tokens=false)."""
+        return len(token_text) if self.tokenizer.decode([token_id]) else 0
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -394,9 +400,9 @@ def _completion_logprobs(ctx: ResponseContext, index: int,
                          logprobs: list[TokenLogprobs]) -> dict:
     tokens = [ctx.token_text(lp.token_id) for lp in logprobs]
     offsets, at = [], ctx.text_offsets.get(index, 0)
-    for token in tokens:
+    for lp, token in zip(logprobs, tokens):
         offsets.append(at)
-        at += len(token)
+        at += ctx.length_in_text(lp.token_id, token)
     ctx.text_offsets[index] = at  # a stream's next chunk continues from here
     # an echoed prompt's first token has no logprob: None, as OpenAI's API gives it
     return {"tokens": tokens,

@@ -258,6 +258,15 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
     assert per_choice == [whole.token_logprobs] * 3
 
 
+def test_echoed_logprobs_offsets_index_the_text(api):
+    choice = api.completions.create(prompt="Hi", echo=True, logprobs=1,
+                                    **greedy()).choices[0]
+    lp = choice.logprobs
+    assert lp.tokens[0] == "<s>" and lp.text_offset[:2] == [0, 0]  # the BOS is not in the text
+    for token, offset in zip(lp.tokens[1:], lp.text_offset[1:]):
+        assert choice.text[offset:offset + len(token)] == token
+
+
 def test_the_response_id_finds_the_job(api, daemon):
     _, client = daemon
     completion = api.completions.create(prompt="Find me", **greedy())
