@@ -36,6 +36,14 @@ def test_cpu_sim_preset_is_the_embedded_default():
     assert (c.simulated_npus, c.torch_threads) == (2, 1)
 
 
+def test_cpu_sim_preset_differs_from_the_built_in_defaults_only_where_it_says():
+    """Its header says so: a config file that omits a key gets these values."""
+    preset, built_in = config_to_dict(load_config("cpu-sim")), config_to_dict(PagedServeConfig())
+    differ = [(s, k) for s in preset for k in preset[s] if preset[s][k] != built_in[s][k]]
+    assert differ == [("engine", "kv_cache_gib")]
+    assert "but engine.kv_cache_gib (built in: 1.0" in (PRESETS_DIR / "cpu-sim.yaml").read_text()
+
+
 def test_ascend_preset_uses_real_npus():
     cfg = load_config("ascend-910b")
     e = cfg.engine
