@@ -80,7 +80,8 @@ class Server:
         wanted = request.requested_max_tokens
         if prompt_len >= self.context_len:  # no max_tokens could fit: the prompt is at fault
             raise bad_request(f"this server's context holds {self.context_len} tokens: {prompt} "
-                              f"has {prompt_len}, leaving no room for output", "prompt")
+                              f"has {prompt_len}, leaving no room for output",
+                              request.field_names().get("prompt", "prompt"))
         if wanted is not None and prompt_len + wanted > self.context_len:
             param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
             raise bad_request(

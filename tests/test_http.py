@@ -376,6 +376,8 @@ def test_models_lists_the_served_model_and_others_are_404(api):
      "logit_bias"),  # past the vocabulary: found by the scheduler  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
     ("completions", {"prompt": "a" * 3000, "max_tokens": 2}, "prompt"),  # not max_tokens
+    ("chat", {"messages": [{"role": "user", "content": "a" * 3000}], "max_tokens": 2},
+     "messages"),
 ])
 def test_bad_input_is_400_naming_the_field(api, endpoint, body, param):
     path = "/completions" if endpoint == "completions" else "/chat/completions"
