@@ -9,6 +9,26 @@ import sys
 from cluster.config import load_config
 
 
+# Lines under the status table, each shown when its key of the status is set (not 0, not empty).
+STATUS_NOTES = (
+    ("draining", "draining (`pagedserve down --drain`): new jobs are refused"),
+    ("engine_failures", "engine failures: {engine_failures} (workers replaced; "
+                        "{quarantined_samples} samples waiting to run alone)"),
+    ("journal_error", "journal: {journal_error}; new jobs are refused until it can be written"),
+    ("stalled_workers_killed", "hung workers killed: {stalled_workers_killed} (work to do but "
+                               "no step for scheduler.worker_stall_timeout_s; their jobs failed "
+                               "over)"),
+    ("jobs_resumed", "resumed at start: {jobs_resumed} unfinished jobs from the journal of the "
+                     "previous scheduler"),
+    ("results_restored", "kept at start: the results of {results_restored} finished jobs from "
+                         "the journal of the previous scheduler"),
+    ("jobs_not_resumed", "not resumed: {jobs_not_resumed} journal jobs no longer valid (the "
+                         "scheduler's log says why)"),
+    ("placement_problem", "{placement_problem}"),
+    ("last_spawn_error", "last worker start error: {last_spawn_error}"),
+)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("up", help="bring the daemon up on the running Ray cluster")
     add_address_flag(p)
@@ -117,30 +137,7 @@ def format_status(status: dict) -> str:
     lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
                  f"{waiting} waiting, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
-    if status.get("draining"):
-        lines.append("draining (`pagedserve down --drain`): new jobs are refused")
-    if status.get("engine_failures"):
-        lines.append(f"engine failures: {status['engine_failures']} (workers replaced; "
-                     f"{status['quarantined_samples']} samples waiting to run alone)")
-    if status.get("journal_error"):
-        lines.append(f"journal: {status['journal_error']}; new jobs are refused until it can "
-                     "be written")
-    if status.get("stalled_workers_killed"):
-        lines.append(f"hung workers killed: {status['stalled_workers_killed']} (work to do but "
-                     "no step for scheduler.worker_stall_timeout_s; their jobs failed over)")
-    if status.get("jobs_resumed"):
-        lines.append(f"resumed at start: {status['jobs_resumed']} unfinished jobs from the "
-                     "journal of the previous scheduler")
-    if status.get("results_restored"):
-        lines.append(f"kept at start: the results of {status['results_restored']} finished jobs "
-                     "from the journal of the previous scheduler")
-    if status.get("jobs_not_resumed"):
-        lines.append(f"not resumed: {status['jobs_not_resumed']} journal jobs no longer valid "
-                     "(the scheduler's log says why)")
-    if status.get("placement_problem"):
-        lines.append(status["placement_problem"])
-    if status.get("last_spawn_error"):
-        lines.append(f"last worker start error: {status['last_spawn_error']}")
+    lines += [note.format(**status) for key, note in STATUS_NOTES if status.get(key)]
     return "\n".join(lines)
 
 
