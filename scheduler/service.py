@@ -317,6 +317,7 @@ class SchedulerService:
 
     def abort(self, job_id: str) -> bool:
         job = self._job(job_id)
+        job_id = job.job_id
         if job.finished:
             return False
         for sample in job.samples:
@@ -340,8 +341,12 @@ class SchedulerService:
         newest = [self.jobs[j] for j in self.finished.newest(finished_limit)]
         return [job.progress() for job in unfinished + newest]
 
+    def _find(self, job_id: str) -> JobState | None:
+        """The job of ``job_id``, also given as an HTTP response id."""
+        return self.jobs.get(job_id) or self.jobs.get(_without_http_prefix(job_id))
+
     def _job(self, job_id: str) -> JobState:
-        job = self.jobs.get(job_id) or self.jobs.get(_without_http_prefix(job_id))
+        job = self._find(job_id)
         if job is None:
             raise UnknownJobError(
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
@@ -354,6 +359,7 @@ class SchedulerService:
         """Yields lists of new outputs until the job finishes; resume with the cursor of
         tokens already seen per sample (see JobState.deltas_since)."""
         job = self._job(job_id)
+        job_id = job.job_id
         cursor = list(cursor or [])
         cursor += [0] * (len(job.samples) - len(cursor))
         while True:
@@ -373,6 +379,7 @@ class SchedulerService:
 
     async def result(self, job_id: str, timeout: float | None = None) -> dict:
         job = self._job(job_id)
+        job_id = job.job_id
         deadline = None if timeout is None else time.monotonic() + timeout
         while not job.finished:
             left = None if deadline is None else deadline - time.monotonic()
@@ -386,7 +393,7 @@ class SchedulerService:
         least one summary, in order, so a client reads many finished jobs in one call."""
         summaries = [await self.result(job_ids[0], timeout)]
         for job_id in job_ids[1:]:
-            job = self.jobs.get(job_id)
+            job = self._find(job_id)
             if job is None or not job.finished:  # an unknown id fails as the next call's first
                 break
             summaries.append(self._read(job))

@@ -277,6 +277,18 @@ def test_the_response_id_finds_the_job(api, daemon):
     assert client.result(chat.id).outputs[0].text == chat.choices[0].message.content
 
 
+def test_the_response_id_follows_an_unfinished_job(daemon):
+    _, client = daemon
+    job_id = client.submit("Still going", SamplingParams(max_tokens=LONG, ignore_eos=True))
+    stream = client.stream(f"cmpl-{job_id}")
+    assert next(stream).new_token_ids  # the stream waits on the job's own events
+    assert client.status_of(f"chatcmpl-{job_id}")["finished"] is False
+    assert client.abort(f"cmpl-{job_id}") is True
+    assert client.result(f"chatcmpl-{job_id}", timeout=60).outputs[0].finish_reason == "abort"
+    wait_for(lambda: all(w.get("kv_used", 0) == 0 for w in ready_workers(client)),
+             timeout=30, what="the job's blocks back in the pool")
+
+
 def test_completion_stream_equals_the_whole_response(api):
     whole = api.completions.create(prompt="Stream this", **greedy())
     chunks = list(api.completions.create(prompt="Stream this", stream=True,
