@@ -27,6 +27,13 @@ class BatchingConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # an unchunked sequence (a prompt, or one recomputed after preemption) longer than
+            # the step budget could never be scheduled, and would block the queue behind it
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
+                f"{self.max_model_len} with chunked prefill off: raise max_num_batched_tokens, "
+                "lower max_model_len, or turn chunked prefill on")
 
 
 @dataclass(slots=True)

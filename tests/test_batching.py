@@ -59,11 +59,18 @@ def test_budget_is_shared_and_running_requests_go_first():
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
-    b, _ = make(max_num_batched_tokens=32, enable_chunked_prefill=False)
+    b, _ = make(max_num_batched_tokens=32, max_model_len=32, enable_chunked_prefill=False)
     b.add(req("a", 20))
     b.add(req("b", 20))
     batch = b.schedule()
     assert [r.request_id for r in batch.requests] == ["a"]
+
+
+def test_without_chunked_prefill_the_budget_must_hold_the_longest_sequence():
+    # a longer sequence could never be scheduled whole: refused up front, not left waiting
+    with pytest.raises(ValueError, match="max_num_batched_tokens=32 is below max_model_len=33"):
+        BatchingConfig(max_num_batched_tokens=32, max_model_len=33, enable_chunked_prefill=False)
+    BatchingConfig(max_num_batched_tokens=32, max_model_len=1024)  # chunked: any budget
 
 
 def test_max_num_seqs_caps_the_running_batch():

@@ -74,13 +74,14 @@ class Engine:
         model_config = load_config(path)
         check_backend_limits(self.backend, model_config, config.block_size, DTYPES[config.dtype])
         self.max_model_len = model_config.context_length(config.max_model_len)
+        batching = self._batching_config()  # its settings are checked before the slow load
         self.model, self.model_config = load_model(
             path, dtype=DTYPES[config.dtype], backend=self.backend)
         self.tokenizer = Tokenizer.from_dir(path)
         num_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
-        self.batcher = ContinuousBatcher(self._batching_config(), self.kv)
+        self.batcher = ContinuousBatcher(batching, self.kv)
         self.runner = ModelRunner(self.model, self.model_config, self.backend, num_blocks,
                                   config.block_size, DTYPES[config.dtype])
         if config.device == "cpu":  # npu/cuda ran a profiling forward while sizing the cache
