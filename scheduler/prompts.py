@@ -17,18 +17,28 @@ def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> lis
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt is empty")
-        return tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt encodes to no tokens")
+        if bad := _outside_vocab(ids, vocab_size):
+            raise InvalidRequestError(
+                f"prompt encodes to token ids outside the model's vocabulary [0, {vocab_size}): "
+                f"{bad[:5]}; the model's tokenizer does not match its weights")
+        return ids
     if not isinstance(prompt, (list, tuple)):
         raise InvalidRequestError("prompt must be a string or a list of token ids")
     ids = list(prompt)
     if not ids:
         raise InvalidRequestError("prompt_token_ids is empty")
-    bad = [t for t in ids
-           if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-    if bad:
+    if bad := _outside_vocab(ids, vocab_size):
         raise InvalidRequestError(f"prompt_token_ids must be integers in [0, {vocab_size}); "
                                   f"got {bad[:5]}")
     return ids
+
+
+def _outside_vocab(ids: list, vocab_size: int) -> list:
+    return [t for t in ids
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
 
 
 def check_token_ids_in_vocab(params, vocab_size: int) -> None:

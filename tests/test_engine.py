@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.llm import LLM
+from scheduler.prompts import prompt_token_ids
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,15 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
     while engine.has_unfinished():
         finished += [o for o in engine.step() if o.finished]
     assert [o.request_id for o in finished] == [good]
+
+
+def test_a_text_prompt_must_encode_into_the_models_vocabulary(llm):
+    # a tokenizer with more tokens than the model's embedding used to crash the model step
+    ids = llm.tokenizer.encode("hello")
+    assert prompt_token_ids("hello", llm.tokenizer, vocab_size=max(ids) + 1) == ids
+    with pytest.raises(InvalidRequestError,
+                       match=rf"outside the model's vocabulary \[0, {max(ids)}\): \[{max(ids)}"):
+        prompt_token_ids("hello", llm.tokenizer, vocab_size=max(ids))
 
 
 def test_prompt_logprobs_survive_one_token_chunks_beside_decodes(llm):
