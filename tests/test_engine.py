@@ -74,6 +74,16 @@ def test_stop_string_truncates_text_and_stops(llm):
     assert len(out.token_ids) < 40
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_still_ends_with_stop(llm):
+    greedy = dict(temperature=0, ignore_eos=True)
+    full = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, **greedy))[0].outputs[0].text
+    stop = next(full[-n:] for n in range(1, len(full)) if full.find(full[-n:]) == len(full) - n)
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, stop=[stop], **greedy)
+                       )[0].outputs[0]
+    assert out.text == full[: -len(stop)] and len(out.token_ids) == 8
+    assert out.finish_reason == "stop"  # was "length": the budget ran out on the same token
+
+
 def test_stop_token_ends_the_output(llm):
     full = tokens(llm.generate(PROMPTS[2], SamplingParams(max_tokens=30, temperature=0,
                                                           ignore_eos=True)))[0]

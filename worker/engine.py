@@ -260,8 +260,11 @@ class Engine:
 
     def _emit(self, stream: SampleStream) -> RequestOutput | None:
         stream.absorb()
-        if stream.stopped_by_text and not stream.request.is_finished:
-            self.batcher.finish(stream.request, FinishReason.STOP)
+        req = stream.request
+        if stream.stopped_by_text and not req.is_finished:
+            self.batcher.finish(req, FinishReason.STOP)
+        elif stream.stopped_by_text and req.finish_reason is FinishReason.LENGTH:
+            req.finish_reason = FinishReason.STOP  # the stop text came with the last token
         out = stream.emit()
         if stream.done:
             del self._streams[stream.request.request_id]
