@@ -5,6 +5,7 @@ import bisect
 import heapq
 from dataclasses import dataclass, field
 
+from kvcache.errors import RequestTooLargeError
 from kvcache.manager import KVCacheManager
 from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.sampling_params import InvalidRequestError
@@ -80,7 +81,10 @@ class ContinuousBatcher:
                 f"prompt has {req.num_tokens} tokens; max_model_len is {self.config.max_model_len}"
             )
         longest = min(req.num_prompt_tokens + req.params.max_tokens, self.config.max_model_len)
-        self.kv.check_fits(longest)
+        try:
+            self.kv.check_fits(longest)
+        except RequestTooLargeError as exc:  # the user's to fix, like any invalid request
+            raise InvalidRequestError(str(exc)) from exc
         self.requests[req.request_id] = req
         self._push_waiting(req)
 
