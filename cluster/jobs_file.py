@@ -47,21 +47,34 @@ def read_jsonl(path: str | Path, parse: Callable[[str, int], T], what: str) -> l
     """``parse(line, line_number)`` applied to every non-blank line of the file, or of stdin
     when path is ``-``; its ValueError comes back prefixed with ``path:line``, as the same
     error class."""
-    if str(path) == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
     records = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(_raw_lines(path, what), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(
+                f"{source_name(path)}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                f"column {exc.start + 1})") from None
         if line.strip():
             try:
                 records.append(parse(line, number))
             except ValueError as exc:
                 raise type(exc)(f"{source_name(path)}:{number}: {exc}") from None
     return records
+
+
+def _raw_lines(path: str | Path, what: str) -> list[bytes]:
+    """The source's lines as bytes: split on newlines only (str.splitlines would also split a
+    JSON string at a raw U+2028), without a leading byte order mark."""
+    if str(path) == "-":
+        stdin = getattr(sys.stdin, "buffer", None)  # absent when stdin is replaced by text
+        data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return data.removeprefix(b"\xef\xbb\xbf").splitlines()
 
 
 def source_name(path: str | Path) -> str:

@@ -137,6 +137,27 @@ def test_a_job_the_engine_refuses_names_its_file_line(capsys, tmp_path):
                                  "batch was queued)\n")
 
 
+def test_a_job_too_large_for_the_kv_cache_names_its_file_line(capsys, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a", "max_tokens": 2}\n{"prompt": "b", "max_tokens": 1000}\n')
+    code, out, err = run(capsys, "generate", "--prompts", str(jobs), "--kv-cache-gib", "0.001")
+    assert code == 2 and out == ""
+    assert err.startswith(f"pagedserve: error: {jobs}:2: request of 1002 tokens needs 63 KV "
+                          "blocks") and err.count("\n") == 1
+
+
+def test_a_line_that_is_not_utf8_is_named_and_a_json_string_may_hold_u2028(capsys, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))
+    assert code == 2 and err == (f"pagedserve: error: {jobs}:2: not UTF-8 text (byte 0xff at "
+                                 "column 13)\n")
+    # a raw line separator inside a string is JSON, not a line break; a BOM is no field
+    jobs.write_text('\ufeff{"prompt": "a\u2028b", "max_tokens": 1}\n', encoding="utf-8")
+    code, out, _ = run(capsys, "generate", "--prompts", str(jobs), "--json")
+    assert code == 0 and json.loads(out)["num_prompt_tokens"] == 6  # BOS + a + 3 bytes + b
+
+
 def test_unknown_sampling_field_in_a_line_is_named(capsys, tmp_path):
     jobs = tmp_path / "bad.jsonl"
     jobs.write_text('{"prompt": "ok", "temprature": 0}\n')
