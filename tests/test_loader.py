@@ -190,6 +190,28 @@ def test_unsupported_architecture(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0: must be an integer >= 1"),
+    ({"vocab_size": "50"}, "vocab_size='50': must be an integer >= 1"),
+    ({"rope_parameters": "default"}, "rope_parameters='default': must be an object"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": None}}, "rope factor=None"),
+    ({"eos_token_id": [2, "x"]}, r"eos_token_id=\[2, 'x'\]: must be a token id"),
+    ({"bos_token_id": 1.5}, "bos_token_id=1.5"),
+    ({"rms_norm_eps": "small"}, "malformed value"),
+])
+def test_a_malformed_config_value_is_named_not_a_traceback(tmp_path, change, message):
+    # these used to escape as ZeroDivisionError / TypeError from deep in the parse
+    write_checkpoint(tmp_path, config={**CONFIG, **change})
+    with pytest.raises(UnsupportedModelError, match=message):
+        load_config(tmp_path)
+
+
+def test_an_unset_head_count_or_head_dim_takes_its_default(tmp_path):
+    write_checkpoint(tmp_path, config={**CONFIG, "num_key_value_heads": None, "head_dim": None})
+    config = load_config(tmp_path)
+    assert (config.num_key_value_heads, config.head_dim) == (HEADS, HEAD_DIM)
+
+
 def test_unsupported_dtype_request(tmp_path):
     with pytest.raises(UnsupportedModelError, match="float64"):
         load(write_checkpoint(tmp_path), dtype=torch.float64)

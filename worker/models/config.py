@@ -77,36 +77,45 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Parse a config.json dict (transformers 4 or 5 key names)."""
+        try:
+            config = cls._parse(raw)
+        except UnsupportedModelError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of another type
+            raise UnsupportedModelError(f"config.json holds a malformed value: {exc}") from None
+        config._validate()
+        return config
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architecture = _architecture(raw)
         _check_activation_and_mlp(raw)
-        heads = _required(raw, "num_attention_heads")
-        hidden = _required(raw, "hidden_size")
+        heads = _positive_int(raw, "num_attention_heads")
+        hidden = _positive_int(raw, "hidden_size")
         rope_theta, rope_scaling = _rope(raw)
         is_qwen2 = architecture == "Qwen2ForCausalLM"
         llama_bias = bool(raw.get("attention_bias", False))
-        config = cls(
+        return cls(
             architecture=architecture,
-            vocab_size=_required(raw, "vocab_size"),
+            vocab_size=_positive_int(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=_required(raw, "intermediate_size"),
-            num_hidden_layers=_required(raw, "num_hidden_layers"),
+            intermediate_size=_positive_int(raw, "intermediate_size"),
+            num_hidden_layers=_positive_int(raw, "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or hidden // heads,
+            num_key_value_heads=_positive_int(raw, "num_key_value_heads", heads),
+            head_dim=_positive_int(raw, "head_dim", hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=_positive_int(raw, "max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=True if is_qwen2 else llama_bias,
             o_proj_bias=False if is_qwen2 else llama_bias,
-            bos_token_id=raw.get("bos_token_id"),
+            bos_token_id=_token_id_or_none(raw, "bos_token_id"),
             eos_token_ids=_token_ids(raw.get("eos_token_id")),
             dtype=_dtype(raw),
             sliding_window=_sliding_window(raw, architecture),
         )
-        config._validate()
-        return config
 
     def _validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -128,10 +137,24 @@ class ModelConfig:
         return requested
 
 
-def _required(raw: dict[str, Any], key: str) -> Any:
-    if raw.get(key) is None:
+def _positive_int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``raw[key]``, which must be an integer >= 1; ``default`` when absent, null or 0 (as
+    transformers reads an unset head_dim), required when there is no default."""
+    value = raw.get(key)
+    if value in (None, 0) and default is not None:
+        return default
+    if value is None:
         raise UnsupportedModelError(f"config.json has no {key!r}")
-    return raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedModelError(f"config.json {key}={value!r}: must be an integer >= 1")
+    return value
+
+
+def _token_id_or_none(raw: dict[str, Any], key: str) -> int | None:
+    value = raw.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UnsupportedModelError(f"config.json {key}={value!r}: must be a token id")
+    return value
 
 
 def _architecture(raw: dict[str, Any]) -> str:
@@ -157,8 +180,12 @@ def _check_activation_and_mlp(raw: dict[str, Any]) -> None:
 
 def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """rope_theta and scaling from transformers 5 `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
-    params = dict(raw.get("rope_scaling") or {})
-    params.update(raw.get("rope_parameters") or {})
+    params: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise UnsupportedModelError(f"config.json {key}={value!r}: must be an object")
+        params.update(value)
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -169,29 +196,37 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, None
     if "factor" not in params:
         raise UnsupportedModelError(f"rope scaling {rope_type!r} needs a 'factor'")
-    scaling = RopeScaling(rope_type=rope_type, factor=float(params["factor"]))
+    scaling = RopeScaling(rope_type=rope_type, factor=_number(params, "factor"))
     if rope_type == "llama3":
         missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k not in params]
         if missing:
             raise UnsupportedModelError(f"llama3 rope scaling is missing {', '.join(missing)}")
         scaling = RopeScaling(
             rope_type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            factor=_number(params, "factor"),
+            low_freq_factor=_number(params, "low_freq_factor"),
+            high_freq_factor=_number(params, "high_freq_factor"),
+            original_max_position_embeddings=_positive_int(params,
+                                                           "original_max_position_embeddings"),
         )
         if scaling.high_freq_factor <= scaling.low_freq_factor:
             raise UnsupportedModelError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
     return theta, scaling
 
 
+def _number(params: dict[str, Any], key: str) -> float:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UnsupportedModelError(f"config.json rope {key}={value!r}: must be a number > 0")
+    return float(value)
+
+
 def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = () if value is None else (value,) if not isinstance(value, list) else tuple(value)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+        raise UnsupportedModelError(f"config.json eos_token_id={value!r}: must be a token id "
+                                    "or a list of them")
+    return ids
 
 
 def _dtype(raw: dict[str, Any]) -> torch.dtype | None:
