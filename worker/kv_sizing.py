@@ -9,7 +9,7 @@ import torch
 
 from kvcache.layout import bytes_per_block, describe_cache, kv_cache_shape, num_blocks_for_budget
 from worker.attention import AttentionBackend, AttentionMetadata
-from worker.device import Device, kv_budget_bytes
+from worker.device import Device, host_memory_info, kv_budget_bytes
 
 if TYPE_CHECKING:
     from worker.engine import EngineConfig
@@ -54,6 +54,7 @@ def size_kv_cache(config: EngineConfig, model: torch.nn.Module, model_config: Mo
                                 mc.head_dim, model.dtype)
     if config.device == "cpu":
         budget, peak = int(config.kv_cache_gib * 2**30), None
+        _check_host_memory(budget)
     else:
         device = Device.create(config.device, config.device_index)
         lens = profile_seq_lens(config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
@@ -64,6 +65,15 @@ def size_kv_cache(config: EngineConfig, model: torch.nn.Module, model_config: Mo
                        budget, peak)
     log.info("%s", size.describe())
     return size
+
+
+def _check_host_memory(budget: int) -> None:
+    """A cpu KV budget must fit the memory the host has left after the weights: past it, the
+    zero-filled cache would fail to allocate or push the host into swap or the OOM killer."""
+    available, _ = host_memory_info()
+    if budget > available:
+        raise ValueError(f"kv_cache_gib={budget / 2**30:g} is more than the {available / 2**30:.1f} "
+                         "GiB of memory this host has available: lower kv_cache_gib")
 
 
 def profile_seq_lens(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
