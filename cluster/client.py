@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.batch_submit import BatchSubmitter, PacedSubmit
 from cluster.bringup import connect, find_scheduler
@@ -19,6 +19,7 @@ from worker.output import CompletionOutput, JobOutput, RequestOutput
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
 SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
+WAITING_METHODS = frozenset({"result", "results"})  # they wait for jobs, as long as asked
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
 IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
 RESULTS_BATCH = 256  # job ids per scheduler call in iter_results
@@ -29,7 +30,11 @@ class JobFailedError(RuntimeError):
     """The job was accepted but a worker could not run it (the message says why)."""
 
 
-class DaemonNotUpError(ConnectionError):
+class DaemonUnavailableError(ConnectionError):
+    """pagedserve's scheduler cannot be reached: not up, gone too long, or not answering."""
+
+
+class DaemonNotUpError(DaemonUnavailableError):
     """The cluster runs, but pagedserve's scheduler is not up on it."""
 
 
@@ -55,34 +60,57 @@ class Client:
                 raise DaemonNotUpError("pagedserve is not up on this cluster; run `pagedserve up`")
             time.sleep(0.5)
 
-    def _call(self, method: str, *args, timeout: float | None = None):
-        deadline = time.monotonic() + self.timeout_s
+    def _call(self, method: str, *args):
+        lost_at = None
         while True:
             try:
-                return ray.get(getattr(self._scheduler, method).remote(*args), timeout=timeout)
-            except (RayTaskError, *SCHEDULER_GONE) as exc:
-                self._raise_unless_restarting(exc, deadline)
+                ref = getattr(self._scheduler, method).remote(*args)
+                return ray.get(ref, timeout=self._answer_timeout(method))
+            except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
+                lost_at = self._lost_since(exc, lost_at)    # TimeoutError comes as both
+            except GetTimeoutError:
+                raise self._not_answering(method) from None
             time.sleep(RETRY_DELAY_S)  # the scheduler is restarting: same name, new actor
             self._scheduler = self._lookup()
 
     async def _acall(self, method: str, *args):
-        deadline = time.monotonic() + self.timeout_s
+        lost_at = None
         while True:
             try:
-                return await getattr(self._scheduler, method).remote(*args)
-            except (RayTaskError, *SCHEDULER_GONE) as exc:
-                self._raise_unless_restarting(exc, deadline)
+                ref = getattr(self._scheduler, method).remote(*args)
+                return await asyncio.wait_for(ref, self._answer_timeout(method))
+            except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
+                lost_at = self._lost_since(exc, lost_at)
+            except asyncio.TimeoutError:
+                raise self._not_answering(method) from None
             await asyncio.sleep(RETRY_DELAY_S)
             self._scheduler = await asyncio.to_thread(self._lookup)
 
-    @staticmethod
-    def _raise_unless_restarting(exc: BaseException, deadline: float) -> None:
-        """Raise the user's error for a failed call; return (so the caller retries) only when
-        the scheduler is gone and ``deadline`` has not passed."""
+    def _answer_timeout(self, method: str) -> float | None:
+        """How long a call may go unanswered: calls that wait for jobs have their own timeout;
+        the others answer at once, unless the scheduler is stuck (or stopped)."""
+        return None if method in WAITING_METHODS else self.timeout_s
+
+    def _not_answering(self, method: str) -> DaemonUnavailableError:
+        return DaemonUnavailableError(
+            f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} s: it "
+            "is stuck or stopped (`pagedserve status` and `ray status` show more)")
+
+    def _lost_since(self, exc: BaseException, lost_at: float | None) -> float:
+        """Raise the user's error for a failed call (marked ``after_retry`` when an earlier try
+        was lost to a restart); else the scheduler is gone: return since when, so the caller
+        retries, until it has been gone for ``timeout_s``."""
         if isinstance(exc, RayTaskError):
-            raise _unwrap(exc) from None
-        if time.monotonic() > deadline:
-            raise exc
+            error = _unwrap(exc)
+            error.after_retry = lost_at is not None
+            raise error from None
+        now = time.monotonic()
+        if lost_at is not None and now - lost_at > self.timeout_s:
+            raise DaemonUnavailableError(
+                f"the pagedserve scheduler has been gone for {self.timeout_s:g} s and did not "
+                f"come back ({type(exc).__name__}); `pagedserve status` shows the daemon's state"
+            ) from exc
+        return now if lost_at is None else lost_at
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -90,22 +118,26 @@ class Client:
                priority: int = 0, job_id: str | None = None) -> str:
         """Queue a job and return its id. Bad input raises InvalidRequestError; a full queue
         raises OverloadedError."""
-        args = _submit_args(prompt, params, priority, job_id)
+        return self._submit(_submit_args(prompt, params, priority, job_id), job_id is None)
+
+    def _submit(self, args: tuple, fresh_id: bool) -> str:
         try:
             return self._call("submit", *args)
         except InvalidRequestError as exc:
-            if _id_in_use(exc) and self._known(args[-1]):
-                return args[-1]  # an earlier try went through before the scheduler restarted
+            if _our_earlier_try(exc, fresh_id) and self._known(args[-1]):
+                return args[-1]
             raise
 
     async def asubmit(self, prompt: str | list[int], params: SamplingParams | dict | None = None,
                       *, priority: int = 0, job_id: str | None = None) -> str:
         """``submit`` for asyncio code."""
-        args = _submit_args(prompt, params, priority, job_id)
+        return await self._asubmit(_submit_args(prompt, params, priority, job_id), job_id is None)
+
+    async def _asubmit(self, args: tuple, fresh_id: bool) -> str:
         try:
             return await self._acall("submit", *args)
         except InvalidRequestError as exc:
-            if _id_in_use(exc) and await self._aknown(args[-1]):
+            if _our_earlier_try(exc, fresh_id) and await self._aknown(args[-1]):
                 return args[-1]
             raise
 
@@ -193,8 +225,7 @@ class Client:
         except InvalidRequestError as exc:
             if not _id_in_use(exc):
                 raise
-        return [await self.asubmit(prompt, params, priority=priority, job_id=job_id)
-                for prompt, params, priority, job_id in specs]  # as in _submit_batch
+        return [await self._asubmit(spec, fresh_id=True) for spec in specs]  # as in _submit_batch
 
     def _submit_batch(self, specs: list[tuple], first_index: int) -> list[str]:
         try:
@@ -204,39 +235,38 @@ class Client:
                 raise
         # An earlier try went through before the scheduler restarted (our ids are fresh uuids):
         # submit one by one, which tells apart the jobs already accepted.
-        return [self.submit(prompt, params, priority=priority, job_id=job_id)
-                for prompt, params, priority, job_id in specs]
+        return [self._submit(spec, fresh_id=True) for spec in specs]
 
     def stream(self, job_id: str) -> Iterator[RequestOutput]:
         """New output of every sample as it is produced, until the job finishes. Resumes
         where it stopped if the scheduler restarts: no token twice, none missing."""
         cursor: list[int] | None = None
-        deadline = time.monotonic() + self.timeout_s
+        lost_at = None
         while True:
             try:
                 for ref in self._scheduler.stream.remote(job_id, cursor):
                     for delta in ray.get(ref):
-                        cursor = _advance(cursor, delta)
+                        cursor, lost_at = _advance(cursor, delta), None
                         yield delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
-                self._raise_unless_restarting(exc, deadline)
+                lost_at = self._lost_since(exc, lost_at)
             time.sleep(RETRY_DELAY_S)
             self._scheduler = self._lookup()
 
     async def astream(self, job_id: str) -> AsyncIterator[RequestOutput]:
         """``stream`` for asyncio code."""
         cursor: list[int] | None = None
-        deadline = time.monotonic() + self.timeout_s
+        lost_at = None
         while True:
             try:
                 async for ref in self._scheduler.stream.remote(job_id, cursor):
                     for delta in await ref:
-                        cursor = _advance(cursor, delta)
+                        cursor, lost_at = _advance(cursor, delta), None
                         yield delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
-                self._raise_unless_restarting(exc, deadline)
+                lost_at = self._lost_since(exc, lost_at)
             await asyncio.sleep(RETRY_DELAY_S)
             self._scheduler = await asyncio.to_thread(self._lookup)
 
@@ -362,6 +392,13 @@ def _batch_args(prompts, params, priorities, index: int) -> tuple:
 
 def _id_in_use(exc: InvalidRequestError) -> bool:
     return "already in use" in str(exc)
+
+
+def _our_earlier_try(exc: InvalidRequestError, fresh_id: bool) -> bool:
+    """Whether a submit refused for its id in use was refused because an earlier try of it
+    went through before the scheduler restarted: always so for an id this client made (a fresh
+    uuid), only after a lost try for an id the caller chose (it may be another job's)."""
+    return _id_in_use(exc) and (fresh_id or getattr(exc, "after_retry", False))
 
 
 def _checked_output(summary: dict) -> JobOutput:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cluster.client import SCHEDULER_GONE, Client, DaemonNotUpError, JobFailedError
+from cluster.client import SCHEDULER_GONE, Client, DaemonUnavailableError, JobFailedError
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                  GenerationRequest, Echo, ResponseContext, TokenizeRequest,
@@ -435,7 +435,7 @@ def _daemon_errors(body: GenerationRequest):
         if exc.job_index is not None:  # about one prompt of several
             raise bad_request(f"prompt {exc.job_index}: {exc.reason}", "prompt") from None
         raise bad_request(*in_request_terms(str(exc), body.field_names())) from None
-    except (OverloadedError, JobFailedError, DaemonNotUpError, *SCHEDULER_GONE) as exc:
+    except (OverloadedError, JobFailedError, DaemonUnavailableError, *SCHEDULER_GONE) as exc:
         raise _daemon_error(exc) from None
 
 
@@ -447,7 +447,7 @@ def _daemon_error(exc: Exception) -> ApiError:
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, JobFailedError):
         return ApiError(500, str(exc), type="server_error", code="job_failed")
-    if isinstance(exc, (DaemonNotUpError, *SCHEDULER_GONE)):
+    if isinstance(exc, (DaemonUnavailableError, *SCHEDULER_GONE)):
         return ApiError(503, "the pagedserve daemon does not answer; retry later",
                         type="service_unavailable", code="daemon_unavailable",
                         headers={"Retry-After": str(RETRY_AFTER_S)})

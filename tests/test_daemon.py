@@ -16,7 +16,7 @@ from daemon_helpers import daemon_config, ready_workers, wait_for
 from cluster import batch_submit, bringup, cli, daemon_cmds, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.journal import Journal
-from cluster.client import Client
+from cluster.client import Client, DaemonUnavailableError
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
                                worker_actor_name)
@@ -165,6 +165,28 @@ def test_overload_fails_fast_with_a_clear_error(daemon):
     assert len(ids) == 48
     for j in ids:
         client.abort(j)
+
+
+def test_a_job_id_already_in_use_is_refused_not_answered_with_the_other_job(daemon):
+    _, _, client = daemon
+    greedy = SamplingParams(max_tokens=2, temperature=0)
+    job = client.submit("mine", greedy, job_id="chosen-id")
+    with pytest.raises(InvalidRequestError, match="'chosen-id' is already in use"):
+        client.submit("someone else's", greedy, job_id="chosen-id")  # was: returned "chosen-id"
+    assert client.result(job).outputs[0].token_ids == client.result(
+        client.submit("mine", greedy)).outputs[0].token_ids
+
+
+def test_a_stopped_scheduler_is_reported_in_one_error_not_waited_on_forever(daemon):
+    _, _, client = daemon
+    pid = client.status()["scheduler_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DaemonUnavailableError, match="did not answer status within 1 s"):
+            Client(timeout_s=1).status()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert client.status()["scheduler_pid"] == pid
 
 
 def test_submit_many_keeps_input_order_and_outputs(daemon, undisturbed):
@@ -450,6 +472,29 @@ def test_results_finished_before_a_scheduler_restart_are_still_there_after_it(da
     status = client.status()
     assert status["results_restored"] >= len(selected)
     assert "the results of" in daemon_cmds.format_status(status)
+
+
+def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemon):
+    """The client's timeout_s bounds how long the scheduler may be gone, not the call: a result
+    awaited for longer than it still survives a restart (it used to fail at once)."""
+    _, _, client = daemon
+    job = client.submit("a long wait", SamplingParams(n=4, max_tokens=2000, ignore_eos=True))
+    waiter, outcome = Client(timeout_s=8), {}  # more than a restart takes, less than the wait
+
+    def wait_for_the_result():
+        try:
+            outcome["out"] = waiter.result(job)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["out"] = exc
+
+    thread = threading.Thread(target=wait_for_the_result)
+    thread.start()
+    wait_for(lambda: sum(client.status_of(job)["num_tokens"]) > 0, what="the job running")
+    threading.Event().wait(9)  # past the waiter's timeout_s
+    ray.kill(bringup.find_scheduler(), no_restart=False)
+    assert client.abort(job)  # answered by the restarted scheduler
+    thread.join(timeout=60)
+    assert outcome["out"].outputs[0].finish_reason == "abort", outcome["out"]
 
 
 def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon, capsys,
