@@ -182,6 +182,9 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
         status = ray.get(ready)
         if not created:
             status["config_not_applied"] = config_differences(status.get("config", {}), cfg)
+            if status["draining"]:  # a `down --drain` that never went down: serve again
+                ray.get(scheduler.set_draining.remote(False))
+                status["draining"], status["drain_cancelled"] = False, True
         return status
     except ray.exceptions.ActorDiedError as exc:  # its constructor raised: config or model
         raise DaemonStartError(f"the scheduler could not start: {last_line(exc.error_msg)}"
@@ -198,7 +201,15 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
 
 
 def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
-    ray.get(scheduler.drain.remote())
+    ray.get(scheduler.set_draining.remote(True))
+    try:
+        _wait_for_jobs(scheduler, timeout, on_wait)
+    except BaseException:  # an interrupted drain is given up: the daemon takes jobs again
+        ray.get(scheduler.set_draining.remote(False), timeout=10)
+        raise
+
+
+def _wait_for_jobs(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
     started = time.monotonic()
     reported = started
     while True:

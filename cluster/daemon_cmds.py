@@ -71,6 +71,9 @@ def run_up(args: argparse.Namespace) -> int:
         print("pagedserve: already up with another config, which it keeps (`pagedserve down`, "
               "then `up`, to apply this one; unfinished jobs resume): "
               + "; ".join(status["config_not_applied"]), file=sys.stderr)
+    if status.get("drain_cancelled"):
+        print("pagedserve: it was draining to go down; it takes new jobs again",
+              file=sys.stderr)
     return 0
 
 
@@ -93,7 +96,14 @@ def run_down(args: argparse.Namespace) -> int:
     from cluster import bringup
 
     bringup.connect(args.address)
-    kept = bringup.down(args.timeout if args.drain else None, on_wait=print_draining)
+    try:
+        kept = bringup.down(args.timeout if args.drain else None, on_wait=print_draining)
+    except KeyboardInterrupt:
+        if not args.drain:
+            raise
+        print("pagedserve: the drain was interrupted; the daemon stays up and takes new jobs "
+              "again", file=sys.stderr)
+        return 130
     if kept is None:
         print("pagedserve was not running")
     elif kept:

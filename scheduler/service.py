@@ -637,9 +637,10 @@ class SchedulerService:
             "config": self.options.config,
         }
 
-    def drain(self) -> int:
-        """Refuse new jobs from now on (the unfinished ones go on); returns how many remain."""
-        self.draining = True
+    def set_draining(self, draining: bool) -> int:
+        """Refuse new jobs from now on (the unfinished ones go on), or take them again (a drain
+        given up); returns how many jobs are unfinished."""
+        self.draining = draining
         return self.unfinished_jobs
 
     async def shutdown(self) -> int:
@@ -774,8 +775,8 @@ class SchedulerActor:
     async def wait_ready(self, min_workers=1, timeout=120.0) -> dict:
         return await self.service.wait_ready(min_workers, timeout)
 
-    async def drain(self) -> int:
-        return self.service.drain()
+    async def set_draining(self, draining: bool) -> int:
+        return self.service.set_draining(draining)
 
     async def shutdown(self) -> int:
         return await self.service.shutdown()

@@ -497,6 +497,27 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     assert outcome["out"].outputs[0].finish_reason == "abort", outcome["out"]
 
 
+def test_an_interrupted_drain_is_given_up_and_up_ends_a_drain_too(daemon, capsys, monkeypatch):
+    cfg, _, client = daemon
+    monkeypatch.setattr(bringup, "WAIT_REPORT_S", 0.2)
+    job = client.submit("hold the drain", SamplingParams(max_tokens=400, ignore_eos=True))
+
+    def interrupt(status):  # Ctrl-C while `down --drain` waits
+        assert status["draining"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(daemon_cmds, "print_draining", interrupt)
+    assert cli.main(["down", "--drain"]) == 130
+    assert "the daemon stays up and takes new jobs again" in capsys.readouterr().err
+    assert not client.status()["draining"]  # was: refused every job until down and up
+    client.abort(client.submit("taken", SamplingParams(max_tokens=2)))
+    ray.get(bringup.find_scheduler().set_draining.remote(True))  # a drain whose caller died
+    assert cli.main(["up"]) == 0
+    assert "it takes new jobs again" in capsys.readouterr().err
+    assert not client.status()["draining"]
+    client.abort(job)
+
+
 def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon, capsys,
                                                                           monkeypatch):
     cfg, _, client = daemon
