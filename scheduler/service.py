@@ -39,6 +39,9 @@ PING_TIMEOUT_S = 10.0  # how long a quiet worker has to answer before it is take
 # that `up` reports the capacity being brought up; bounded, because a worker whose actor cannot
 # be placed (its CPUs are missing) stays "starting" until resources appear.
 STARTING_GRACE_S = 30.0
+# How long held samples (a backlog resumed from the journal, jobs taken with no worker ready)
+# wait for workers still loading before they go to those ready: bounded for the same reason.
+PENDING_HOLD_S = 30.0
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -134,6 +137,7 @@ class SchedulerService:
         # set once, when the job finishes: result() waiters are not woken by every token
         self.finished_events: dict[str, asyncio.Event] = {}
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.pending_held_since: float | None = None  # see _drain_pending
         self.quarantine = Quarantine()  # samples held when an engine failed
         self.failovers = 0
         self.engine_failures = 0
@@ -248,6 +252,17 @@ class SchedulerService:
                                     list(sample.token_ids), job.arrival_time)
 
     def _drain_pending(self) -> None:
+        """Route the held samples. While other workers are still loading (a scheduler just
+        restarted with a backlog from the journal) this waits for them, up to
+        PENDING_HOLD_S, so that the first worker ready does not get the whole backlog."""
+        if not self.pending:
+            return
+        now = time.monotonic()
+        if any(w.info is None for w in self.workers.values()):
+            self.pending_held_since = self.pending_held_since or now
+            if now - self.pending_held_since < PENDING_HOLD_S:
+                return
+        self.pending_held_since = None
         waiting, self.pending = self.pending, collections.deque()
         jobs = ((self.jobs.get(job_id), index) for job_id, index in waiting)
         self._dispatch([(job, job.samples[index]) for job, index in jobs
@@ -406,6 +421,7 @@ class SchedulerService:
             try:
                 await self._kill_hung_workers()
                 self._reconcile()
+                self._drain_pending()  # held past PENDING_HOLD_S for workers still loading
             except Exception:  # never let the watcher die: log and try again next round
                 log.exception("reconcile failed")
             await asyncio.sleep(self.options.resource_poll_interval_s)
@@ -487,6 +503,7 @@ class SchedulerService:
             self.last_spawn_error = _one_line(exc)
             log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
             self.workers.pop(slot.worker_id, None)
+            self._drain_pending()  # held for this one, perhaps
             return
         self.spawn_failures = 0
         slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],

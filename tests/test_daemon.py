@@ -566,6 +566,8 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
         journal.record_accepted("stale", [65, 66], {"n": 100_000})
     status = bringup.up(cfg, min_workers=2)  # also leaves it up for the fixture's teardown
     assert status["jobs_resumed"] == 2 and status["jobs_not_resumed"] == 1
+    workers = [Client().status_of(j)["workers"][0] for j in long_jobs]
+    assert None not in workers and len(set(workers)) == 2  # not both to the first one ready
     assert "not resumed: 1 journal jobs no longer valid" in daemon_cmds.format_status(status)
     for job_id in long_jobs:
         assert len(Client().result(job_id, timeout=300).outputs[0].token_ids) == 1500
