@@ -41,6 +41,7 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 HEALTH_TIMEOUT_S = 5.0
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
+CONTEXT_REFRESH_S = 5.0  # how long the workers' capacity read from the daemon is trusted
 
 
 def api_keys_from(cfg: PagedServeConfig, environ=os.environ) -> tuple[str, ...]:
@@ -62,16 +63,34 @@ class Server:
     model_id: str
     api_keys: tuple[str, ...]
     max_body_bytes: int
-    context_len: int  # longest prompt + output a request can count on
+    model_context_len: int  # the model's, as configured: before any worker is ready
+    context_len: int = 0  # longest prompt + output a request can count on; see refresh_context
+    context_checked: float = float("-inf")
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     started: int = field(default_factory=lambda: int(time.time()))
     _background: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.context_len = self.model_context_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_id!r} (see GET /v1/models)",
                            param="model", code="model_not_found")
+
+    async def refresh_context(self) -> int:
+        """``context_len`` from the daemon's workers, re-read every CONTEXT_REFRESH_S: a daemon
+        brought down and up again under this server may have another KV capacity."""
+        if time.monotonic() - self.context_checked >= CONTEXT_REFRESH_S:
+            try:
+                status = await self.client.astatus()
+            except Exception as exc:  # the request itself will meet (and report) the trouble
+                log.debug("could not read the daemon's capacity: %s", exc)
+            else:
+                self.context_len = _context_len(status, self.model_context_len)
+                self.context_checked = time.monotonic()
+        return self.context_len
 
     def check_room(self, prompt_len: int, request: GenerationRequest,
                    prompt: str = "the prompt") -> None:
@@ -122,7 +141,7 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     path = resolve_model_path(cfg.engine.model)
     server = Server(client, tokenizer or Tokenizer.from_dir(path), cfg.engine.model,
                     api_keys_from(cfg) if api_keys is None else tuple(api_keys),
-                    cfg.http.max_body_bytes, _context_len(client.status(), cfg, path))
+                    cfg.http.max_body_bytes, _model_context_len(cfg, path))
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.include_router(router)
@@ -133,13 +152,15 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     return app
 
 
-def _context_len(status: dict, cfg: PagedServeConfig, model_path) -> int:
+def _context_len(status: dict, model_context_len: int) -> int:
     """The smallest room any ready worker has (model length and KV capacity); the model's
     length if no worker is ready yet."""
     fits = [min(w["max_model_len"], w["max_tokens_fit"]) for w in status["workers"]
             if w.get("ready")]
-    if fits:
-        return min(fits)
+    return min(fits) if fits else model_context_len
+
+
+def _model_context_len(cfg: PagedServeConfig, model_path) -> int:
     from worker.loader import load_config
 
     return min(cfg.engine.max_model_len or 1 << 62, load_config(model_path).max_model_len)
@@ -215,7 +236,7 @@ async def tokenize(request: Request) -> Response:
         ids = await asyncio.to_thread(server.tokenizer.encode, body.prompt,
                                       body.add_special_tokens)
     return _encode(request, {"tokens": ids, "count": len(ids),
-                             "max_model_len": server.context_len})
+                             "max_model_len": await server.refresh_context()})
 
 
 @router.post("/detokenize", dependencies=authorized)
@@ -261,6 +282,7 @@ async def completions(request: Request) -> Response:
     if body.echo and body.truncate_prompt_tokens is not None:
         raise bad_request("echo cannot be combined with truncate_prompt_tokens",
                           "truncate_prompt_tokens")
+    await server.refresh_context()
     for i, ids in enumerate(prompts):
         server.check_room(body.kept_length(ids), body,
                           f"prompt {i}" if len(prompts) > 1 else "the prompt")
@@ -276,10 +298,11 @@ async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatRequest, server.max_body_bytes)
     server.check_model(body.model)
     prompt_ids = await asyncio.to_thread(server.chat_prompt, body)
+    context_len = await server.refresh_context()
     server.check_room(body.kept_length(prompt_ids), body)
     # OpenAI's chat default is "until the model stops": the room left in the context
     room = {} if body.requested_max_tokens is not None else \
-        {"max_tokens": max(1, server.context_len - body.kept_length(prompt_ids))}
+        {"max_tokens": max(1, context_len - body.kept_length(prompt_ids))}
     return await _generate(request, body, [prompt_ids], body.sampling_params(**room), started)
 
 

@@ -17,6 +17,7 @@ from daemon_helpers import daemon_config, ready_workers, wait_for
 
 from cluster import bringup, daemon_cmds
 from cluster.client import Client
+from cluster.config import with_overrides
 from cluster.http import create_app
 from cluster.serve_cmd import bind_socket
 from scheduler.sampling_params import SamplingParams
@@ -673,3 +674,22 @@ def test_truncate_prompt_tokens_and_special_tokens_through_the_api(api):
                                      extra_body={"ignore_eos": True,
                                                  "skip_special_tokens": False})
     assert special.choices[0].text == "</s>" * 2
+
+
+# -- last: it brings the daemon down and up again under the server ---------------------------
+
+
+def test_the_server_follows_a_daemon_brought_up_again_with_less_room(http, daemon, monkeypatch):
+    from cluster import http as http_module
+
+    monkeypatch.setattr(http_module, "CONTEXT_REFRESH_S", 0.0)
+    assert http.post("/tokenize", json={"prompt": "x"}).json()["max_model_len"] == 2048
+    cfg, client = daemon
+    bringup.down()
+    bringup.up(with_overrides(cfg, engine={"kv_cache_gib": 0.0002}), min_workers=1)
+    fit = ready_workers(client)[0]["max_tokens_fit"]
+    assert fit < 2048
+    assert http.post("/tokenize", json={"prompt": "x"}).json()["max_model_len"] == fit
+    chat = http.post("/v1/chat/completions",
+                     json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200  # its default max_tokens is the room left: was a 400
