@@ -478,8 +478,8 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     """The client's timeout_s bounds how long the scheduler may be gone, not the call: a result
     awaited for longer than it still survives a restart (it used to fail at once)."""
     _, _, client = daemon
-    job = client.submit("a long wait", SamplingParams(n=4, max_tokens=2000, ignore_eos=True))
-    waiter, outcome = Client(timeout_s=8), {}  # more than a restart takes, less than the wait
+    job = client.submit("a long wait", SamplingParams(n=8, max_tokens=2000, ignore_eos=True))
+    waiter, outcome = Client(timeout_s=12), {}  # more than a restart takes, less than the wait
 
     def wait_for_the_result():
         try:
@@ -490,7 +490,7 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     thread = threading.Thread(target=wait_for_the_result)
     thread.start()
     wait_for(lambda: sum(client.status_of(job)["num_tokens"]) > 0, what="the job running")
-    threading.Event().wait(9)  # past the waiter's timeout_s
+    threading.Event().wait(13)  # past the waiter's timeout_s
     ray.kill(bringup.find_scheduler(), no_restart=False)
     assert client.abort(job)  # answered by the restarted scheduler
     thread.join(timeout=60)
