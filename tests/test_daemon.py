@@ -475,26 +475,44 @@ def test_results_finished_before_a_scheduler_restart_are_still_there_after_it(da
 
 
 def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemon):
-    """The client's timeout_s bounds how long the scheduler may be gone, not the call: a result
-    awaited for longer than it still survives a restart (it used to fail at once)."""
+    """The client's timeout_s bounds how long the scheduler may be gone, not the call: a stream
+    open for longer than it still survives a restart (it used to fail at once)."""
     _, _, client = daemon
-    job = client.submit("a long wait", SamplingParams(n=8, max_tokens=2000, ignore_eos=True))
-    waiter, outcome = Client(timeout_s=12), {}  # more than a restart takes, less than the wait
+    job = client.submit("a long wait", SamplingParams(max_tokens=2000, ignore_eos=True))
+    wait_for(lambda: sum(client.status_of(job)["num_tokens"]) > 0, what="the job running")
+    # its workers stopped, so that it cannot finish first (the restart replaces them)
+    pids = [w["pid"] for w in ready_workers(client)]
+    waiter, outcome = Client(timeout_s=12), {}  # more than a restart takes (~2 s here)
 
     def wait_for_the_result():
         try:
+            outcome["streamed"] = [t for d in waiter.stream(job) for t in d.new_token_ids]
             outcome["out"] = waiter.result(job)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["out"] = exc
 
     thread = threading.Thread(target=wait_for_the_result)
-    thread.start()
-    wait_for(lambda: sum(client.status_of(job)["num_tokens"]) > 0, what="the job running")
-    threading.Event().wait(13)  # past the waiter's timeout_s
-    ray.kill(bringup.find_scheduler(), no_restart=False)
-    assert client.abort(job)  # answered by the restarted scheduler
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        thread.start()
+        threading.Event().wait(13)  # past the waiter's timeout_s
+        ray.kill(bringup.find_scheduler(), no_restart=False)
+        assert client.abort(job)  # answered by the restarted scheduler
+    finally:
+        for pid in pids:
+            _continue(pid)
     thread.join(timeout=60)
     assert outcome["out"].outputs[0].finish_reason == "abort", outcome["out"]
+    assert outcome["streamed"] == outcome["out"].outputs[0].token_ids
+    wait_for(lambda: len(ready_workers(client)) == 2, timeout=120, what="both workers back")
+
+
+def _continue(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:  # killed with its scheduler
+        pass
 
 
 def test_an_interrupted_drain_is_given_up_and_up_ends_a_drain_too(daemon, capsys, monkeypatch):
