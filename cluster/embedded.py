@@ -22,14 +22,26 @@ class EmbeddedDaemon:
     dies with the process, so its journal lives in a temporary directory."""
 
     def __init__(self, cfg: PagedServeConfig) -> None:
+        self._owns_ray = not ray.is_initialized()
+        if not self._owns_ray and bringup.find_scheduler() is not None:
+            # its config would not apply, and close() would take down a daemon not ours
+            raise ValueError("pagedserve is already up in the Ray cluster this process joined "
+                             "(another LLM(workers=N) not yet closed?): close() that one first, "
+                             "or use it (or cluster.Client) instead")
         self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
         self.config = with_overrides(
             cfg, scheduler={"journal_path": f"{self._scratch.name}/journal.msgpack"})
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            bringup.start_embedded(self.config)
-        self.status = bringup.up(self.config, min_workers=self.config.cluster.simulated_npus)
-        self.client = Client()
+        try:
+            if self._owns_ray:
+                bringup.start_embedded(self.config)
+            self.status = bringup.up(self.config, min_workers=self.config.cluster.simulated_npus)
+            self.client = Client()
+        except BaseException:  # a failed or interrupted start leaves nothing running
+            try:
+                self._take_down()
+            except Exception as cleanup:  # the cause the caller must see is the first one
+                log.warning("could not take the embedded daemon down: %s", cleanup)
+            raise
 
     def generate(self, prompts, params_list, priorities, progress: bool = False
                  ) -> list[JobOutput]:
@@ -48,7 +60,13 @@ class EmbeddedDaemon:
             raise
 
     def close(self) -> None:
-        bringup.down()
-        if self._owns_ray:
-            bringup.shutdown_ray()
-        self._scratch.cleanup()
+        self._take_down()
+
+    def _take_down(self) -> None:
+        try:
+            if ray.is_initialized():
+                bringup.down()
+        finally:
+            if self._owns_ray:
+                bringup.shutdown_ray()
+            self._scratch.cleanup()

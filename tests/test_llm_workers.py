@@ -1,7 +1,11 @@
 """LLM(workers=N): the same Python API through the daemon on an embedded local Ray cluster."""
 import os
 
+import pytest
+import ray
 import torch
+
+from cluster import bringup
 
 from cluster.llm import LLM
 from scheduler.sampling_params import SamplingParams
@@ -22,6 +26,10 @@ def test_workers_give_the_same_output_as_the_in_process_engine(capsys):
         # the tokenizer is there without an in-process engine
         assert llm.tokenizer.decode(remote[0].outputs[0].token_ids) == remote[0].outputs[0].text
         _interrupted_generate_aborts_its_jobs(llm)
+        with pytest.raises(ValueError, match="already up .* close\\(\\) that one first"):
+            LLM("tiny", workers=1)  # would have shared this daemon, and closed it
+        assert llm.generate(prompts[:1], params[:1])[0].outputs[0].token_ids == \
+            remote[0].outputs[0].token_ids
     assert [o.outputs[0].token_ids for o in remote] == [o.outputs[0].token_ids for o in local]
     assert [o.outputs[0].text for o in remote] == [o.outputs[0].text for o in local]
 
@@ -46,3 +54,13 @@ def _interrupted_generate_aborts_its_jobs(llm):
         client.results = real_results
     assert len(submitted) == 3
     assert [client.result(j).outputs[0].finish_reason for j in submitted] == ["abort"] * 3
+
+
+def test_an_interrupted_start_leaves_no_ray_running(monkeypatch):
+    def interrupted(*args, **kwargs):  # Ctrl-C while the workers load
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bringup, "up", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        LLM("tiny", workers=1)
+    assert not ray.is_initialized()  # was: the embedded Ray left running, and its agents
