@@ -61,30 +61,39 @@ class Client:
             time.sleep(0.5)
 
     def _call(self, method: str, *args):
-        lost_at = None
+        lost_at, retried = None, False
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
                 return ray.get(ref, timeout=self._answer_timeout(method))
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
-                lost_at = self._lost_since(exc, lost_at)    # TimeoutError comes as both
+                lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
             except GetTimeoutError:
                 raise self._not_answering(method) from None
-            time.sleep(RETRY_DELAY_S)  # the scheduler is restarting: same name, new actor
-            self._scheduler = self._lookup()
+            lost_at, retried = self._reconnect(lost_at), True
 
     async def _acall(self, method: str, *args):
-        lost_at = None
+        lost_at, retried = None, False
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
                 return await asyncio.wait_for(ref, self._answer_timeout(method))
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
-                lost_at = self._lost_since(exc, lost_at)
+                lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
                 raise self._not_answering(method) from None
-            await asyncio.sleep(RETRY_DELAY_S)
-            self._scheduler = await asyncio.to_thread(self._lookup)
+            lost_at, retried = await asyncio.to_thread(self._reconnect, lost_at), True
+
+    def _reconnect(self, lost_at: float) -> float | None:
+        """After a failed call: find the scheduler again; None (the outage is over) once it
+        answers, so that a long wait outlives more than one restart, each given timeout_s."""
+        time.sleep(RETRY_DELAY_S)  # the scheduler is restarting: same name, new actor
+        self._scheduler = self._lookup()
+        try:
+            ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
+            return None
+        except (*SCHEDULER_GONE, GetTimeoutError):
+            return lost_at
 
     def _answer_timeout(self, method: str) -> float | None:
         """How long a call may go unanswered: calls that wait for jobs have their own timeout;
@@ -96,13 +105,14 @@ class Client:
             f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} s: it "
             "is stuck or stopped (`pagedserve status` and `ray status` show more)")
 
-    def _lost_since(self, exc: BaseException, lost_at: float | None) -> float:
+    def _lost_since(self, exc: BaseException, lost_at: float | None,
+                    retried: bool = False) -> float:
         """Raise the user's error for a failed call (marked ``after_retry`` when an earlier try
         was lost to a restart); else the scheduler is gone: return since when, so the caller
         retries, until it has been gone for ``timeout_s``."""
         if isinstance(exc, RayTaskError):
             error = _unwrap(exc)
-            error.after_retry = lost_at is not None
+            error.after_retry = retried
             raise error from None
         now = time.monotonic()
         if lost_at is not None and now - lost_at > self.timeout_s:
@@ -246,13 +256,12 @@ class Client:
             try:
                 for ref in self._scheduler.stream.remote(job_id, cursor):
                     for delta in ray.get(ref):
-                        cursor, lost_at = _advance(cursor, delta), None
+                        cursor = _advance(cursor, delta)
                         yield delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
-            time.sleep(RETRY_DELAY_S)
-            self._scheduler = self._lookup()
+            lost_at = self._reconnect(lost_at)
 
     async def astream(self, job_id: str) -> AsyncIterator[RequestOutput]:
         """``stream`` for asyncio code."""
@@ -262,13 +271,12 @@ class Client:
             try:
                 async for ref in self._scheduler.stream.remote(job_id, cursor):
                     for delta in await ref:
-                        cursor, lost_at = _advance(cursor, delta), None
+                        cursor = _advance(cursor, delta)
                         yield delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
-            await asyncio.sleep(RETRY_DELAY_S)
-            self._scheduler = await asyncio.to_thread(self._lookup)
+            lost_at = await asyncio.to_thread(self._reconnect, lost_at)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobOutput:
         """Wait for the job and return its whole output; JobFailedError if it failed."""

@@ -231,6 +231,9 @@ class SchedulerService:
         """Route each sample to a worker, or hold it in ``pending`` while none is ready. Loads
         are counted once per call, then grow by each routed sample's tokens, so a batch
         spreads out without recounting every sample each time."""
+        if self.pending_held_since is not None:  # behind the held backlog, in order
+            self.pending.extend((job.job_id, sample.index) for job, sample in samples)
+            return
         ready = [w for w in self.workers.values() if w.info and w.load]
         for w in ready:
             w.load.pending_tokens = sum(self.jobs[j].pending_tokens(i) for j, i in w.samples
@@ -255,11 +258,14 @@ class SchedulerService:
         """Route the held samples. While other workers are still loading (a scheduler just
         restarted with a backlog from the journal) this waits for them, up to
         PENDING_HOLD_S, so that the first worker ready does not get the whole backlog."""
-        if not self.pending:
+        ready = any(w.info is not None for w in self.workers.values())
+        if not self.pending or not ready:
             return
         now = time.monotonic()
-        if any(w.info is None for w in self.workers.values()):
-            self.pending_held_since = self.pending_held_since or now
+        loading = any(w.info is None for w in self.workers.values())
+        if loading and not self.placement_problem:  # a slot never placed is not waited for
+            if self.pending_held_since is None:
+                self.pending_held_since = now  # from the first worker ready
             if now - self.pending_held_since < PENDING_HOLD_S:
                 return
         self.pending_held_since = None
@@ -779,6 +785,9 @@ class SchedulerActor:
         summaries = await self.service.results(job_ids, timeout)
         await self._write_journal()
         return summaries
+
+    async def ping(self) -> bool:
+        return True
 
     async def status(self) -> dict:
         return self.service.status()
