@@ -80,16 +80,17 @@ class Server:
                            param="model", code="model_not_found")
 
     async def refresh_context(self) -> int:
-        """``context_len`` from the daemon's workers, re-read every CONTEXT_REFRESH_S: a daemon
-        brought down and up again under this server may have another KV capacity."""
+        """``context_len`` from the daemon's ready workers, re-read every CONTEXT_REFRESH_S: a
+        daemon brought down and up again under this server may have another KV capacity. The
+        last value stands while no worker is ready or the daemon does not answer at once."""
         if time.monotonic() - self.context_checked >= CONTEXT_REFRESH_S:
+            self.context_checked = time.monotonic()
             try:
-                status = await self.client.astatus()
+                status = await asyncio.wait_for(self.client.astatus(), HEALTH_TIMEOUT_S)
             except Exception as exc:  # the request itself will meet (and report) the trouble
                 log.debug("could not read the daemon's capacity: %s", exc)
             else:
-                self.context_len = _context_len(status, self.model_context_len)
-                self.context_checked = time.monotonic()
+                self.context_len = _context_len(status) or self.context_len
         return self.context_len
 
     def check_room(self, prompt_len: int, request: GenerationRequest,
@@ -152,12 +153,12 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     return app
 
 
-def _context_len(status: dict, model_context_len: int) -> int:
-    """The smallest room any ready worker has (model length and KV capacity); the model's
-    length if no worker is ready yet."""
+def _context_len(status: dict) -> int | None:
+    """The smallest room any ready worker has (model length and KV capacity); None if no
+    worker is ready."""
     fits = [min(w["max_model_len"], w["max_tokens_fit"]) for w in status["workers"]
             if w.get("ready")]
-    return min(fits) if fits else model_context_len
+    return min(fits) if fits else None
 
 
 def _model_context_len(cfg: PagedServeConfig, model_path) -> int:
