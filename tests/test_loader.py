@@ -206,10 +206,13 @@ def test_a_malformed_config_value_is_named_not_a_traceback(tmp_path, change, mes
         load_config(tmp_path)
 
 
-def test_an_unset_head_count_or_head_dim_takes_its_default(tmp_path):
-    write_checkpoint(tmp_path, config={**CONFIG, "num_key_value_heads": None, "head_dim": None})
+def test_an_unset_head_count_or_head_dim_takes_its_default_and_integral_floats_pass(tmp_path):
+    write_checkpoint(tmp_path, config={**CONFIG, "num_key_value_heads": None, "head_dim": None,
+                                       "max_position_embeddings": 4096.0})
     config = load_config(tmp_path)
     assert (config.num_key_value_heads, config.head_dim) == (HEADS, HEAD_DIM)
+    assert config.max_position_embeddings == 4096 and isinstance(config.max_position_embeddings,
+                                                                  int)
 
 
 def test_unsupported_dtype_request(tmp_path):

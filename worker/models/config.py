@@ -145,6 +145,8 @@ def _positive_int(raw: dict[str, Any], key: str, default: int | None = None) -> 
         return default
     if value is None:
         raise UnsupportedModelError(f"config.json has no {key!r}")
+    if isinstance(value, float) and value.is_integer():  # 8192.0: written so by some configs
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UnsupportedModelError(f"config.json {key}={value!r}: must be an integer >= 1")
     return value
