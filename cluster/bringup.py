@@ -19,6 +19,7 @@ from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, Servic
 # Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
 # not accept a TCP connection in this time is reported at once instead.
 GCS_PROBE_TIMEOUT_S = 5.0
+log = logging.getLogger("pagedserve.bringup")
 WAIT_REPORT_S = 10.0  # how often `up` (and `down --drain`) report on what they wait for
 DRAIN_POLL_S = 0.2
 
@@ -176,10 +177,7 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
             get_if_exists=True, scheduling_strategy=head_node_strategy(),
         ).remote(options, journal)
     try:
-        ready = scheduler.wait_ready.remote(min_workers, timeout)
-        while on_wait is not None and not ray.wait([ready], timeout=WAIT_REPORT_S)[0]:
-            on_wait(ray.get(scheduler.status.remote()))
-        status = ray.get(ready)
+        status = _wait_ready(scheduler, min_workers, timeout, on_wait)
         if not created:
             status["config_not_applied"] = config_differences(status.get("config", {}), cfg)
             if status["draining"]:  # a `down --drain` that never went down: serve again
@@ -200,12 +198,41 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
                                "then `up` again to change its config") from None
 
 
+class DrainCancelled(KeyboardInterrupt):
+    """`down --drain` was interrupted while it waited: the daemon stays up and takes jobs."""
+
+
+def _wait_ready(scheduler, min_workers: int, timeout: float,
+                on_wait: Callable[[dict], None] | None) -> dict:
+    """The scheduler's wait_ready, waited on again if the scheduler restarts meanwhile (Ray
+    brings it back; its journal keeps the jobs), for up to ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ready = scheduler.wait_ready.remote(min_workers, max(0.0, deadline - time.monotonic()))
+            while on_wait is not None and not ray.wait([ready], timeout=WAIT_REPORT_S)[0]:
+                on_wait(ray.get(scheduler.status.remote()))
+            return ray.get(ready)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise DaemonStartError(f"the scheduler restarted and was not back within "
+                                       f"{timeout:g} s; see `pagedserve status`") from None
+            log.warning("the scheduler restarted while `up` waited for it; waiting again")
+            time.sleep(1.0)
+
+
 def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
     ray.get(scheduler.set_draining.remote(True))
     try:
         _wait_for_jobs(scheduler, timeout, on_wait)
-    except BaseException:  # an interrupted drain is given up: the daemon takes jobs again
-        ray.get(scheduler.set_draining.remote(False), timeout=10)
+    except BaseException as exc:  # an interrupted drain is given up: the daemon takes jobs again
+        try:
+            ray.get(scheduler.set_draining.remote(False), timeout=10)
+        except Exception as undo:
+            log.warning("could not give the drain up: %s", undo)
+            raise exc from None
+        if isinstance(exc, KeyboardInterrupt):
+            raise DrainCancelled() from None
         raise
 
 

@@ -98,9 +98,7 @@ def run_down(args: argparse.Namespace) -> int:
     bringup.connect(args.address)
     try:
         kept = bringup.down(args.timeout if args.drain else None, on_wait=print_draining)
-    except KeyboardInterrupt:
-        if not args.drain:
-            raise
+    except bringup.DrainCancelled:
         print("pagedserve: the drain was interrupted; the daemon stays up and takes new jobs "
               "again", file=sys.stderr)
         return 130

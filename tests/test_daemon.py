@@ -481,7 +481,7 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     job = client.submit("a long wait", SamplingParams(max_tokens=2000, ignore_eos=True))
     wait_for(lambda: sum(client.status_of(job)["num_tokens"]) > 0, what="the job running")
     # its workers stopped, so that it cannot finish first (the restart replaces them)
-    pids = [w["pid"] for w in ready_workers(client)]
+    pids = [w["pid"] for w in client.status()["workers"] if w.get("pid")]
     waiter, outcome = Client(timeout_s=12), {}  # more than a restart takes (~2 s here)
 
     def wait_for_the_result():
@@ -497,6 +497,7 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
             os.kill(pid, signal.SIGSTOP)
         thread.start()
         threading.Event().wait(13)  # past the waiter's timeout_s
+        assert not client.status_of(job)["finished"], (pids, client.status()["workers"])
         ray.kill(bringup.find_scheduler(), no_restart=False)
         assert client.abort(job)  # answered by the restarted scheduler
     finally:
