@@ -206,10 +206,10 @@ def _wait_ready(scheduler, min_workers: int, timeout: float,
                 on_wait: Callable[[dict], None] | None) -> dict:
     """The scheduler's wait_ready, waited on again if the scheduler restarts meanwhile (Ray
     brings it back; its journal keeps the jobs), for up to ``timeout`` in all."""
-    deadline = time.monotonic() + timeout
+    deadline, left = time.monotonic() + timeout, timeout
     while True:
         try:
-            ready = scheduler.wait_ready.remote(min_workers, max(0.0, deadline - time.monotonic()))
+            ready = scheduler.wait_ready.remote(min_workers, left)
             while on_wait is not None and not ray.wait([ready], timeout=WAIT_REPORT_S)[0]:
                 on_wait(ray.get(scheduler.status.remote()))
             return ray.get(ready)
@@ -219,6 +219,7 @@ def _wait_ready(scheduler, min_workers: int, timeout: float,
                                        f"{timeout:g} s; see `pagedserve status`") from None
             log.warning("the scheduler restarted while `up` waited for it; waiting again")
             time.sleep(1.0)
+            left = max(0.0, deadline - time.monotonic())
 
 
 def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
