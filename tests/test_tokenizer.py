@@ -186,6 +186,15 @@ def test_load_errors_name_the_file(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("eos", ["x", [2, None], 2.5])
+def test_a_malformed_generation_config_eos_names_the_file(tmp_path, eos):
+    # these escaped as a bare ValueError / TypeError
+    write_dir(tmp_path, byte_level_bpe(), BPE_CONFIG, {"eos_token_id": eos})
+    with pytest.raises(TokenizerLoadError,
+                       match=r"generation_config.json: eos_token_id=.* must be a token id"):
+        Tokenizer.from_dir(tmp_path)
+
+
 # ---- incremental detokenization ------------------------------------------------------------------
 
 

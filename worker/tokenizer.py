@@ -63,7 +63,8 @@ class Tokenizer:
             backend,
             bos_token=bos,
             eos_tokens=(eos,) if eos else (),
-            extra_eos_ids=_ids(generation.get("eos_token_id")),
+            extra_eos_ids=_eos_ids(generation.get("eos_token_id"),
+                                   directory / "generation_config.json"),
             chat_template=_chat_template(directory, config),
         )
 
@@ -183,10 +184,12 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+def _eos_ids(value: Any, file: Path) -> tuple[int, ...]:
+    ids = () if value is None else (value,) if not isinstance(value, list) else tuple(value)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+        raise TokenizerLoadError(f"{file}: eos_token_id={value!r} must be a token id or a list "
+                                 "of them")
+    return ids
 
 
 def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
