@@ -104,9 +104,11 @@ def run_abort(args) -> int:
 
 def given_ids(args: list[str]) -> list[str]:
     """The ids on the command line, with '-' replaced by those read from stdin."""
+    from cluster.jobs_file import read_lines
+
     ids = []
     for arg in args:
-        ids += _ids_from(sys.stdin) if arg == "-" else [arg]
+        ids += _ids_from(read_lines("-", "job ids")) if arg == "-" else [arg]
     if not ids:
         raise ValueError("no job ids on stdin")
     return ids

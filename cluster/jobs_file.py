@@ -48,19 +48,27 @@ def read_jsonl(path: str | Path, parse: Callable[[str, int], T], what: str) -> l
     when path is ``-``; its ValueError comes back prefixed with ``path:line``, as the same
     error class."""
     records = []
-    for number, raw in enumerate(_raw_lines(path, what), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequestError(
-                f"{source_name(path)}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
-                f"column {exc.start + 1})") from None
+    for number, line in enumerate(read_lines(path, what), start=1):
         if line.strip():
             try:
                 records.append(parse(line, number))
             except ValueError as exc:
                 raise type(exc)(f"{source_name(path)}:{number}: {exc}") from None
     return records
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a file, or of stdin for ``-``, as text; a line that is not UTF-8 is an
+    InvalidRequestError naming it."""
+    lines = []
+    for number, raw in enumerate(_raw_lines(path, what), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(
+                f"{source_name(path)}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                f"column {exc.start + 1})") from None
+    return lines
 
 
 def _raw_lines(path: str | Path, what: str) -> list[bytes]:

@@ -159,6 +159,17 @@ def test_a_line_that_is_not_utf8_is_named_and_a_json_string_may_hold_u2028(capsy
     assert code == 0 and json.loads(out)["num_prompt_tokens"] == 6  # BOS + a + 3 bytes + b
 
 
+def test_job_ids_on_stdin_may_start_with_a_bom_and_a_bad_byte_is_named(monkeypatch):
+    from cluster.job_cmds import given_ids
+
+    stdin = io.TextIOWrapper(io.BytesIO(b'\xef\xbb\xbf{"job_id": "abc"}\ndef\n'))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert given_ids(["-", "ghi"]) == ["abc", "def", "ghi"]  # the BOM made line 1 an id
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\n\xffdef\n")))
+    with pytest.raises(ValueError, match="stdin:2: not UTF-8 text"):
+        given_ids(["-"])
+
+
 def test_unknown_sampling_field_in_a_line_is_named(capsys, tmp_path):
     jobs = tmp_path / "bad.jsonl"
     jobs.write_text('{"prompt": "ok", "temprature": 0}\n')
