@@ -184,9 +184,18 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _eos_ids(value: Any, file: Path) -> tuple[int, ...]:
+def token_ids_of(value: Any) -> tuple[int, ...] | None:
+    """A Hugging Face config's ``eos_token_id`` (absent, one id or a list of them) as a tuple;
+    None when it is something else."""
     ids = () if value is None else (value,) if not isinstance(value, list) else tuple(value)
     if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+        return None
+    return ids
+
+
+def _eos_ids(value: Any, file: Path) -> tuple[int, ...]:
+    ids = token_ids_of(value)
+    if ids is None:
         raise TokenizerLoadError(f"{file}: eos_token_id={value!r} must be a token id or a list "
                                  "of them")
     return ids

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from worker.tokenizer import token_ids_of
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -224,8 +226,8 @@ def _number(params: dict[str, Any], key: str) -> float:
 
 
 def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
-    ids = () if value is None else (value,) if not isinstance(value, list) else tuple(value)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+    ids = token_ids_of(value)
+    if ids is None:
         raise UnsupportedModelError(f"config.json eos_token_id={value!r}: must be a token id "
                                     "or a list of them")
     return ids
