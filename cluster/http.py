@@ -63,15 +63,13 @@ class Server:
     model_id: str
     api_keys: tuple[str, ...]
     max_body_bytes: int
-    model_context_len: int  # the model's, as configured: before any worker is ready
-    context_len: int = 0  # longest prompt + output a request can count on; see refresh_context
+    # longest prompt + output a request can count on: the model's as configured until
+    # refresh_context reads the workers'
+    context_len: int
     context_checked: float = float("-inf")
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     started: int = field(default_factory=lambda: int(time.time()))
     _background: set = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.context_len = self.model_context_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
