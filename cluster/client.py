@@ -61,11 +61,16 @@ class Client:
             time.sleep(0.5)
 
     def _call(self, method: str, *args):
+        return self._call_noting_retry(method, *args)[0]
+
+    def _call_noting_retry(self, method: str, *args) -> tuple:
+        """The call's answer, and whether an earlier try was lost to a scheduler restart (that
+        try may have done its work before the scheduler went)."""
         lost_at, retried = None, False
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
-                return ray.get(ref, timeout=self._answer_timeout(method))
+                return ray.get(ref, timeout=self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
                 lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
             except GetTimeoutError:
@@ -73,11 +78,14 @@ class Client:
             lost_at, retried = self._reconnect(lost_at), True
 
     async def _acall(self, method: str, *args):
+        return (await self._acall_noting_retry(method, *args))[0]
+
+    async def _acall_noting_retry(self, method: str, *args) -> tuple:
         lost_at, retried = None, False
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
-                return await asyncio.wait_for(ref, self._answer_timeout(method))
+                return await asyncio.wait_for(ref, self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
@@ -330,7 +338,9 @@ class Client:
             paced.send_ahead()
 
     def abort(self, job_id: str) -> bool:
-        return self._call("abort", job_id)
+        """True if the job was unfinished and is aborted now."""
+        aborted, retried = self._call_noting_retry("abort", job_id)
+        return aborted or (retried and _aborted(self.status_of(job_id)))
 
     def withdraw(self, job_ids: Sequence[str], in_flight: Sequence[str] = ()) -> int:
         """Abort the jobs of an interrupted ``submit_many`` (its exception's ``submitted`` and
@@ -351,7 +361,8 @@ class Client:
         return aborted
 
     async def aabort(self, job_id: str) -> bool:
-        return await self._acall("abort", job_id)
+        aborted, retried = await self._acall_noting_retry("abort", job_id)
+        return aborted or (retried and _aborted(await self.astatus_of(job_id)))
 
     def status(self) -> dict:
         return self._call("status")
@@ -450,6 +461,12 @@ def _advance(cursor: list[int] | None, delta: RequestOutput) -> list[int]:
     if delta.finish_reason is not None:
         cursor[delta.index] += 1
     return cursor
+
+
+def _aborted(progress: dict) -> bool:
+    """Whether a job's progress shows it aborted: asked after an abort whose first try was lost
+    to a scheduler restart, as that try may have aborted it before the scheduler went."""
+    return "abort" in progress["finish_reasons"]
 
 
 def _unwrap(exc: RayTaskError) -> BaseException:

@@ -509,6 +509,26 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     wait_for(lambda: len(ready_workers(client)) == 2, timeout=120, what="both workers back")
 
 
+@ray.remote(num_cpus=0)
+class _Gone:
+    def abort(self, job_id):
+        pass
+
+
+def test_an_abort_whose_answer_was_lost_to_a_restart_still_says_it_aborted(daemon):
+    """The scheduler may abort the job and go before it answers: the retry finds the job
+    finished, yet this abort is what ended it."""
+    _, _, client = daemon
+    job = client.submit("aborted twice", SamplingParams(max_tokens=400, ignore_eos=True))
+    assert ray.get(bringup.find_scheduler().abort.remote(job))  # the try that did the work
+    gone = _Gone.remote()
+    ray.kill(gone)
+    lossy = Client()
+    lossy._scheduler = gone  # the scheduler that went before answering
+    assert lossy.abort(job)
+    assert not client.abort(job)  # an abort of a finished job, with no restart, still says no
+
+
 def _continue(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGCONT)
