@@ -197,7 +197,11 @@ def test_unsupported_architecture(tmp_path):
     ({"rope_parameters": {"rope_type": "linear", "factor": None}}, "rope factor=None"),
     ({"eos_token_id": [2, "x"]}, r"eos_token_id=\[2, 'x'\]: must be a token id"),
     ({"bos_token_id": 1.5}, "bos_token_id=1.5"),
-    ({"rms_norm_eps": "small"}, "malformed value"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps='small': must be a number > 0"),
+    ({"rope_theta": -1}, "rope_theta=-1: must be a number > 0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, "rope_theta='1e4'"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 0},
+     "sliding_window=0: must be an integer >= 1"),
 ])
 def test_a_malformed_config_value_is_named_not_a_traceback(tmp_path, change, message):
     # these used to escape as ZeroDivisionError / TypeError from deep in the parse

@@ -106,7 +106,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=_positive_int(raw, "num_key_value_heads", heads),
             head_dim=_positive_int(raw, "head_dim", hidden // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_number(raw, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=_positive_int(raw, "max_position_embeddings", 2048),
@@ -190,7 +190,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         if not isinstance(value, dict):
             raise UnsupportedModelError(f"config.json {key}={value!r}: must be an object")
         params.update(value)
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = _number(params, "rope_theta", None) if "rope_theta" in params else \
+        _number(raw, "rope_theta", 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
@@ -200,16 +201,16 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, None
     if "factor" not in params:
         raise UnsupportedModelError(f"rope scaling {rope_type!r} needs a 'factor'")
-    scaling = RopeScaling(rope_type=rope_type, factor=_number(params, "factor"))
+    scaling = RopeScaling(rope_type=rope_type, factor=_number(params, "factor", rope=True))
     if rope_type == "llama3":
         missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k not in params]
         if missing:
             raise UnsupportedModelError(f"llama3 rope scaling is missing {', '.join(missing)}")
         scaling = RopeScaling(
             rope_type="llama3",
-            factor=_number(params, "factor"),
-            low_freq_factor=_number(params, "low_freq_factor"),
-            high_freq_factor=_number(params, "high_freq_factor"),
+            factor=_number(params, "factor", rope=True),
+            low_freq_factor=_number(params, "low_freq_factor", rope=True),
+            high_freq_factor=_number(params, "high_freq_factor", rope=True),
             original_max_position_embeddings=_positive_int(params,
                                                            "original_max_position_embeddings"),
         )
@@ -218,10 +219,15 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return theta, scaling
 
 
-def _number(params: dict[str, Any], key: str) -> float:
-    value = params[key]
+def _number(params: dict[str, Any], key: str, default: float | None = None, *,
+            rope: bool = False) -> float:
+    """``params[key]``, a number > 0 (``default`` when absent or null)."""
+    value = params.get(key)
+    if value is None and default is not None:
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise UnsupportedModelError(f"config.json rope {key}={value!r}: must be a number > 0")
+        where = "rope " if rope else ""
+        raise UnsupportedModelError(f"config.json {where}{key}={value!r}: must be a number > 0")
     return float(value)
 
 
@@ -253,9 +259,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _sliding_window(raw: dict[str, Any], architecture: str) -> int | None:
-    window = raw.get("sliding_window")
     if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
         return None
-    if window is None or window >= raw.get("max_position_embeddings", window):
+    if raw.get("sliding_window") is None:
         return None
-    return int(window)
+    window = _positive_int(raw, "sliding_window")
+    return None if window >= _positive_int(raw, "max_position_embeddings", window) else window
