@@ -121,9 +121,10 @@ def parse_rates(args: argparse.Namespace) -> list[float]:
 
     if args.sweep_rates is None:
         return [parse_rate(args.request_rate)]
-    items = [item.strip() for item in args.sweep_rates.split(",") if item.strip()]
-    if not items:
-        raise ValueError("--sweep-rates needs at least one rate, e.g. 1,4,inf")
+    items = [item.strip() for item in args.sweep_rates.split(",")]
+    if not all(items):
+        raise ValueError(f"--sweep-rates {args.sweep_rates!r} has an empty rate; give rates "
+                         "separated by commas, e.g. 1,4,inf")
     return [parse_rate(item) for item in items]
 
 

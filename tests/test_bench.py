@@ -370,6 +370,7 @@ def closed_port_url():
 @pytest.mark.parametrize("argv, message", [
     (["--request-rate", "0"], "rate"),
     (["--sweep-rates", "1,-4"], "rate"),
+    (["--sweep-rates", "1,,4"], "'1,,4' has an empty rate"),
     (["--num-prompts", "0"], "--num-prompts"),
     (["--goodput", "ttft=5"], "NAME:MS"),
     (["--random-range-ratio", "1.5"], "range-ratio"),
