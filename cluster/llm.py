@@ -24,6 +24,7 @@ class LLM:
     def __init__(self, model: str = "tiny", *, workers: int | None = None,
                  **engine_options) -> None:
         self._daemon = None
+        self._closed = False
         self._model = model
         if workers is not None:
             if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -39,9 +40,12 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **engine_options))
 
     def close(self) -> None:
+        """Stop the embedded daemon, or free the in-process engine's model and KV cache."""
+        self._closed = True
         if self._daemon is not None:
             self._daemon.close()
             self._daemon = None
+        self.__dict__.pop("engine", None)
 
     def __enter__(self) -> "LLM":
         return self
@@ -51,7 +55,7 @@ class LLM:
 
     @functools.cached_property
     def tokenizer(self):
-        if self._daemon is None:
+        if "engine" in self.__dict__:
             return self.engine.tokenizer
         from worker.loader import resolve_model_path
         from worker.tokenizer import Tokenizer
@@ -70,6 +74,8 @@ class LLM:
         """Run every prompt to completion. Bad input raises before any work is queued.
         ``on_output(index, delta)`` sees each incremental output (for streaming, progress);
         ``progress`` shows a bar of finished jobs on stderr."""
+        if self._closed:
+            raise RuntimeError("this LLM is closed; create a new one to generate again")
         if not isinstance(prompts, (str, Sequence)):
             raise TypeError(f"prompts must be a string, a list of token ids, or a sequence of "
                             f"those, got {type(prompts).__name__}")

@@ -355,3 +355,12 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(llm):
     assert skipped.token_ids == kept.token_ids == [257] * 3
     assert skipped.text == "" and kept.text == llm.tokenizer.decode(
         [257] * 3, skip_special_tokens=False) == "</s>" * 3
+
+
+def test_a_closed_llm_refuses_to_generate_and_keeps_its_tokenizer():
+    llm = LLM("tiny", block_size=16, kv_cache_gib=0.01)
+    llm.close()
+    assert "engine" not in vars(llm)  # its model and KV cache are freed
+    with pytest.raises(RuntimeError, match="this LLM is closed"):
+        llm.generate("after close")
+    assert llm.tokenizer.decode(llm.tokenizer.encode("still here")) == "still here"

@@ -30,6 +30,8 @@ def test_workers_give_the_same_output_as_the_in_process_engine(capsys):
             LLM("tiny", workers=1)  # would have shared this daemon, and closed it
         assert llm.generate(prompts[:1], params[:1])[0].outputs[0].token_ids == \
             remote[0].outputs[0].token_ids
+    with pytest.raises(RuntimeError, match="this LLM is closed"):
+        llm.generate(prompts[:1])  # was an AttributeError about `engine`
     assert [o.outputs[0].token_ids for o in remote] == [o.outputs[0].token_ids for o in local]
     assert [o.outputs[0].text for o in remote] == [o.outputs[0].text for o in local]
 
