@@ -22,6 +22,8 @@ STATUS_NOTES = (
                      "previous scheduler"),
     ("results_restored", "kept at start: the results of {results_restored} finished jobs from "
                          "the journal of the previous scheduler"),
+    ("journal_damage", "journal damaged at start: {journal_damage}; the jobs recorded there "
+                       "were lost, or run again if they had finished"),
     ("jobs_not_resumed", "not resumed: {jobs_not_resumed} journal jobs no longer valid (the "
                          "scheduler's log says why)"),
     ("placement_problem", "{placement_problem}"),

@@ -94,6 +94,7 @@ class Journal:
         self._size = 0  # bytes of whole records in the file
         self._in_flight = 0  # bytes taken from _pending and being written after _size
         self.write_error: str | None = None  # why the last write failed, until one succeeds
+        self.replay_problems: list[str] = []  # what the replay at start skipped or dropped
         self._compact_retry_at = 0.0  # time.monotonic() before which no compaction is tried
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_exclusively(self.path)
@@ -365,15 +366,18 @@ class Journal:
         self._file = _open_for_append(self.path)
         good_end, problem, skipped = self._replay(data)
         for start, size, reason in skipped:
-            log.warning("journal %s: %s at byte %d; skipped %d bytes to the next good record",
-                        self.path, reason, start, size)
+            self._replay_problem(f"{reason} at byte {start}; skipped {size} bytes to the next "
+                                 "good record")
         if problem:
-            log.warning("journal %s: %s at byte %d; dropped the last %d bytes (a write cut "
-                        "short by a crash?) and kept %d unfinished jobs", self.path, problem,
-                        good_end, len(data) - good_end, len(self._jobs))
+            self._replay_problem(f"{problem} at byte {good_end}; dropped the last "
+                                 f"{len(data) - good_end} bytes (a write cut short by a crash?)")
         self._size = good_end
         if problem or skipped or not data or self._dead_on_disk:
             self._rewrite()
+
+    def _replay_problem(self, what: str) -> None:
+        log.warning("journal %s: %s", self.path, what)
+        self.replay_problems.append(what)
 
     def _replay(self, data: bytes) -> tuple[int, str | None, list[tuple[int, int, str]]]:
         """Apply every good record. Returns the offset after the last one, what stopped the

@@ -652,6 +652,7 @@ class SchedulerService:
             "results_restored": self.results_restored,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "journal_error": self.journal.write_error,
+            "journal_damage": "; ".join(self.journal.replay_problems) or None,
             "engine_failures": self.engine_failures,
             "quarantined_samples": len(self.quarantine),
             "uptime_s": time.time() - self.started_at, "scheduler_pid": os.getpid(),

@@ -603,8 +603,12 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
     _up_that_fails_leaves_nothing_up(cfg)
     with Journal(cfg.scheduler.journal_path) as journal:  # a job this version no longer takes
         journal.record_accepted("stale", [65, 66], {"n": 100_000})
+    with open(cfg.scheduler.journal_path, "ab") as f:  # and a torn last write
+        f.write(b"\x07torn")
     status = bringup.up(cfg, min_workers=2)  # also leaves it up for the fixture's teardown
     assert status["jobs_resumed"] == 2 and status["jobs_not_resumed"] == 1
+    assert "dropped the last 5 bytes" in status["journal_damage"]
+    assert "journal damaged at start: " in daemon_cmds.format_status(status)
     workers = [Client().status_of(j)["workers"][0] for j in long_jobs]
     assert None not in workers and len(set(workers)) == 2  # not both to the first one ready
     assert "not resumed: 1 journal jobs no longer valid" in daemon_cmds.format_status(status)

@@ -189,6 +189,9 @@ def test_a_corrupt_stretch_mid_file_loses_only_the_records_it_hits(path, caplog,
     with caplog.at_level(logging.WARNING, logger="pagedserve.journal"):
         with Journal(path, fsync_interval_s=0) as journal:
             kept = ids(journal)
+            problems = journal.replay_problems  # for `pagedserve status`
+    assert len(problems) == 1 and "skipped" in problems[0] and "to the next good record" in \
+        problems[0]
     assert "skipped" in caplog.text and "dropped" not in caplog.text
     assert kept[:2] == ["j0", "j1"] and kept[-3:] == ["j3", "j4", "j5"]
     with Journal(path) as journal:  # rewritten without the damage
