@@ -321,9 +321,9 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     endpoint = "chat" if chat else "completions"
     if body.stream:
         meter = StreamMeter(started)
-        events = _events(server, ctx, job_ids, params.n, body.include_usage, meter, endpoint)
-        return EventStream(events, on_close=functools.partial(_abort_unfinished, server,
-                                                               meter, job_ids))
+        events = _events(server, ctx, job_ids, params.n, body.include_usage, meter)
+        return EventStream(events, on_close=functools.partial(_close_stream, server, meter,
+                                                               job_ids, endpoint))
     with _daemon_errors(body):
         jobs = await _results_unless_gone(request, server, job_ids)
     server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
@@ -332,7 +332,9 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     return _encode(request, full_response(ctx, jobs, params.n))
 
 
-def _abort_unfinished(server: Server, meter: StreamMeter, job_ids: list[str]) -> None:
+def _close_stream(server: Server, meter: StreamMeter, job_ids: list[str], endpoint: str) -> None:
+    """However a stream ended, its latencies and the tokens it sent count in the metrics."""
+    meter.record(server.metrics, endpoint)
     if not meter.finished:  # the client left mid-stream, or one of the jobs failed
         for job_id in job_ids:
             server.abort_soon(job_id)
@@ -404,8 +406,7 @@ class StreamMeter:
 
 
 async def _events(server: Server, ctx: ResponseContext, job_ids: list[str], n: int,
-                  include_usage: bool, meter: StreamMeter, endpoint: str
-                  ) -> AsyncIterator[bytes]:
+                  include_usage: bool, meter: StreamMeter) -> AsyncIterator[bytes]:
     """The jobs' output as OpenAI server-sent events, as it arrives, ending with [DONE]; job
     i's samples are choices i * n onwards. Errors after the first byte can no longer change
     the status: they become an error event, and the other jobs are aborted."""
@@ -428,7 +429,6 @@ async def _events(server: Server, ctx: ResponseContext, job_ids: list[str], n: i
             meter.finished = True
             if include_usage:
                 yield sse_event(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
-            meter.record(server.metrics, endpoint)
     except Exception as exc:  # the daemon went away mid-stream
         log.warning("stream of jobs %s failed: %s", ", ".join(job_ids), exc)
         yield sse_event(_daemon_error(exc).body())

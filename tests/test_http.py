@@ -542,9 +542,10 @@ def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
 
 
 def _sample(text, name):
+    """A sample's value; 0 for a labelled one not counted yet."""
     lines = [line for line in text.splitlines() if line.startswith(name + " ")]
-    assert len(lines) == 1, name
-    return float(lines[0].split()[1])
+    assert len(lines) <= 1, name
+    return float(lines[0].split()[1]) if lines else 0.0
 
 
 # -- clients that leave -----------------------------------------------------------------------
@@ -554,6 +555,7 @@ def test_a_client_leaving_mid_stream_aborts_its_job(http, daemon):
     _, client = daemon
     body = {"model": "tiny", "prompt": "a long story", "max_tokens": LONG, "ignore_eos": True,
             "stream": True}
+    before = http.get("/metrics").text
     with http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         first = json.loads(next(line for line in lines if line).removeprefix("data: "))
@@ -563,6 +565,14 @@ def test_a_client_leaving_mid_stream_aborts_its_job(http, daemon):
     job = client.result(job_id, timeout=60)
     assert job.outputs[0].finish_reason == "abort"
     assert len(job.outputs[0].token_ids) < LONG
+    # what it streamed still counts in the metrics (it used to be left out)
+    after = http.get("/metrics").text
+    for name in ("pagedserve_time_to_first_token_seconds_count",
+                 'pagedserve_request_latency_seconds_count{endpoint="completions"}'):
+        assert _sample(after, name) == _sample(before, name) + 1, name
+    completion = 'pagedserve_http_tokens_total{kind="completion"}'
+    assert 1 <= _sample(after, completion) - _sample(before, completion) <= \
+        len(job.outputs[0].token_ids)
     wait_for(lambda: all(w.get("kv_used", 0) == 0 for w in ready_workers(client)),
              timeout=30, what="the job's blocks back in the pool")
 
