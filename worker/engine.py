@@ -16,7 +16,8 @@ from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
 from worker.host_memory import retain_freed_memory
-from worker.kv_sizing import KVCacheSize, check_backend_limits, run_profile_step, size_kv_cache
+from worker.kv_sizing import (KVCacheSize, check_backend_limits, host_kv_claim, run_profile_step,
+                              size_kv_cache)
 from worker.loader import load_config, load_model, resolve_model_path
 from worker.models.fused_ops import PARALLEL_MIN_ROWS
 from worker.output import EngineStats, RequestOutput
@@ -78,12 +79,13 @@ class Engine:
         self.model, self.model_config = load_model(
             path, dtype=DTYPES[config.dtype], backend=self.backend)
         self.tokenizer = Tokenizer.from_dir(path)
-        num_blocks = self._num_kv_blocks()
+        with host_kv_claim(config.device):
+            num_blocks = self._num_kv_blocks()
+            self.runner = ModelRunner(self.model, self.model_config, self.backend, num_blocks,
+                                      config.block_size, DTYPES[config.dtype])
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.batcher = ContinuousBatcher(batching, self.kv)
-        self.runner = ModelRunner(self.model, self.model_config, self.backend, num_blocks,
-                                  config.block_size, DTYPES[config.dtype])
         if config.device == "cpu":  # npu/cuda ran a profiling forward while sizing the cache
             self._warm_up()
         self.sampler = Sampler(seed=config.seed)

@@ -1,7 +1,12 @@
 """How many KV blocks one engine gets: a GiB budget on cpu, device memory after a profiling forward on npu/cuda."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,6 +70,32 @@ def size_kv_cache(config: EngineConfig, model: torch.nn.Module, model_config: Mo
                        budget, peak)
     log.info("%s", size.describe())
     return size
+
+
+# One lock per host, for every pagedserve engine whatever its user.
+HOST_KV_LOCK = os.path.join(tempfile.gettempdir(), "pagedserve-kv-cache.lock")
+
+
+@contextlib.contextmanager
+def host_kv_claim(device: str) -> Iterator[None]:
+    """On cpu, hold this host's KV lock from the memory check to the cache's allocation, so
+    that engines starting together (the workers of one host) check one after another and each
+    sees the memory the ones before it took; without it, each would see the whole host free."""
+    if device != "cpu":
+        yield
+        return
+    try:
+        fd = os.open(HOST_KV_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # another user's file we may not open: check unlocked
+        log.warning("cannot open %s (%s); the KV memory check is not serialised", HOST_KV_LOCK,
+                    exc)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _check_host_memory(budget: int) -> None:
