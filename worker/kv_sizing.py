@@ -85,7 +85,7 @@ def host_kv_claim(device: str) -> Iterator[None]:
         yield
         return
     try:
-        fd = os.open(HOST_KV_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(HOST_KV_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
     except OSError as exc:  # another user's file we may not open: check unlocked
         log.warning("cannot open %s (%s); the KV memory check is not serialised", HOST_KV_LOCK,
                     exc)
