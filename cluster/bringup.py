@@ -202,6 +202,10 @@ class DrainCancelled(KeyboardInterrupt):
     """`down --drain` was interrupted while it waited: the daemon stays up and takes jobs."""
 
 
+class DrainEnded(RuntimeError):
+    """`down --drain` found the drain ended while it waited (`up` ends one): it stops nothing."""
+
+
 def _wait_ready(scheduler, min_workers: int, timeout: float,
                 on_wait: Callable[[dict], None] | None) -> dict:
     """The scheduler's wait_ready, waited on again if the scheduler restarts meanwhile (Ray
@@ -226,6 +230,8 @@ def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) ->
     ray.get(scheduler.set_draining.remote(True))
     try:
         _wait_for_jobs(scheduler, timeout, on_wait)
+    except DrainEnded:
+        raise
     except BaseException as exc:  # an interrupted drain is given up: the daemon takes jobs again
         try:
             ray.get(scheduler.set_draining.remote(False), timeout=10)
@@ -243,6 +249,9 @@ def _wait_for_jobs(scheduler, timeout: float, on_wait: Callable[[dict], None] | 
     while True:
         status = ray.get(scheduler.status.remote())
         now = time.monotonic()
+        if not status["draining"]:
+            raise DrainEnded("the drain was ended while `down --drain` waited (`pagedserve up` "
+                             "ends one); the daemon stays up and takes new jobs")
         if not status["jobs_unfinished"] or now - started >= timeout:
             return
         if on_wait is not None and now - reported >= WAIT_REPORT_S:

@@ -104,6 +104,9 @@ def run_down(args: argparse.Namespace) -> int:
         print("pagedserve: the drain was interrupted; the daemon stays up and takes new jobs "
               "again", file=sys.stderr)
         return 130
+    except bringup.DrainEnded as exc:
+        print(f"pagedserve: {exc}", file=sys.stderr)
+        return 1
     if kept is None:
         print("pagedserve was not running")
     elif kept:

@@ -556,6 +556,15 @@ def test_an_interrupted_drain_is_given_up_and_up_ends_a_drain_too(daemon, capsys
     assert not client.status()["draining"]
     client.abort(job)
 
+    def up_elsewhere(status):  # `pagedserve up` in another terminal while this one drains
+        assert cli.main(["up"]) == 0
+    monkeypatch.setattr(daemon_cmds, "print_draining", up_elsewhere)
+    job = client.submit("hold it again", SamplingParams(max_tokens=1500, ignore_eos=True))
+    assert cli.main(["down", "--drain"]) == 1  # it used to go on and take the daemon down
+    assert "the drain was ended while `down --drain` waited" in capsys.readouterr().err
+    assert bringup.find_scheduler() is not None and not client.status()["draining"]
+    client.abort(job)
+
 
 def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon, capsys,
                                                                           monkeypatch):
