@@ -547,10 +547,42 @@ def _decode(body: bytes, content_type: str | None) -> object:
             raise bad_request("the request body is not valid msgpack", code="invalid_body") \
                 from None
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") \
             from None
+    where = _lone_surrogate_at(data)
+    if where is not None:
+        # JSON may escape half of a UTF-16 pair ("\\ud83d", a string cut inside an emoji);
+        # it is no text: the tokenizer and the journal would fail on it
+        raise bad_request(f"{where or 'the body'} holds a lone UTF-16 surrogate (half of an "
+                          "escaped character pair), which is not text", param=where or None,
+                          code="invalid_json")
+    return data
+
+
+def _lone_surrogate_at(value: object, where: str = "") -> str | None:
+    """The path (``messages[0].content``) of the first string holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            return where
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, int):
+            path = f"{where}[{key}]"
+        else:  # named in the error escaped, as the error must be text
+            named = key.encode("utf-8", "backslashreplace").decode()
+            path = f"{where}.{named}" if where else named
+            if named != key:  # the key itself holds one
+                return path
+        found = _lone_surrogate_at(item, path)
+        if found is not None:
+            return found
+    return None
 
 
 def _reject_constant(name: str) -> None:

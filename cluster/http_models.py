@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.output import JobOutput, RequestOutput
@@ -48,6 +48,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 class _Strict(BaseModel):
     # strict: no "1" for 1; forbid: a misspelt field is an error, not silently ignored
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: object) -> object:
+        """OpenAI's fields are nullable, null meaning "unset": SDKs send ``"stream": null``."""
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Strict):

@@ -456,6 +456,31 @@ def test_max_tokens_beyond_the_context_is_400(api, endpoint, body, param):
         "completion_tokens"] == 4
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", rb'{"prompt": "cut \ud83d", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", rb'{"prompt": "x", "stop": ["\udc00"], "max_tokens": 2}', "stop[0]"),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "\ud83d"}]}',
+     "messages[0].content"),
+    ("/tokenize", rb'{"prompt": "\ud83d"}', "prompt"),
+])
+def test_a_lone_surrogate_in_a_string_is_400_not_500(api, http, path, body, param):
+    """Valid JSON syntax (a JavaScript client cutting a string inside an emoji sends it), but
+    no text: the tokenizer and the journal failed on it with a 500."""
+    response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param and "surrogate" in error_of(response)["message"]
+    assert_still_serves(api)
+
+
+def test_null_fields_are_unset_as_in_openai(http):
+    """SDKs send every unset field as null; these were refused as "not a valid boolean"."""
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": None, "echo": None,
+            "logprobs": None, "stream_options": {"include_usage": None}}
+    assert http.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"] >= 1
+    chat = {"messages": USER, "max_tokens": 2, "logprobs": None, "stream": None, "n": None}
+    assert len(http.post("/v1/chat/completions", json=chat).json()["choices"]) == 1
+
+
 def test_malformed_json_is_400(api, http):
     response = http.post("/v1/completions", content=b'{"prompt": "x", ',
                          headers={"Content-Type": "application/json"})
