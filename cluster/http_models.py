@@ -416,10 +416,17 @@ def _completion_logprobs(ctx: ResponseContext, index: int,
     return {"tokens": tokens,
             "token_logprobs": [None if lp.logprob is None else _finite(lp.logprob)
                                for lp in logprobs],
-            "top_logprobs": [None if lp.top is None else
-                             {ctx.token_text(t): _finite(v) for t, v in lp.top}
+            "top_logprobs": [None if lp.top is None else _top_with_chosen(ctx, lp)
                              for lp in logprobs],
             "text_offset": offsets}
+
+
+def _top_with_chosen(ctx: ResponseContext, lp: TokenLogprobs) -> dict[str, float]:
+    """The top alternatives and, as OpenAI's completions give it, the chosen token too (so
+    up to logprobs + 1 entries; ``logprobs: 0`` gives the chosen one alone)."""
+    top = {ctx.token_text(t): _finite(v) for t, v in lp.top}
+    top.setdefault(ctx.token_text(lp.token_id), _finite(lp.logprob))
+    return top
 
 
 def _finite(value: float) -> float:

@@ -344,6 +344,19 @@ def test_logprobs_cover_every_token(api, tokenizer):
     assert len(content) == 12 and all(len(t.top_logprobs) == 2 for t in content)
 
 
+def test_completion_top_logprobs_hold_the_sampled_token_as_openai_gives_them(api):
+    """Up to logprobs + 1 entries: a sampled token outside the top ones is there too, and
+    logprobs=0 gives it alone (it was an empty dict)."""
+    sampled = api.completions.create(model="tiny", prompt="Hello", max_tokens=8, logprobs=1,
+                                     temperature=2.0, seed=5, extra_body={"ignore_eos": True})
+    lp = sampled.choices[0].logprobs
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == pytest.approx(chosen) and 1 <= len(top) <= 2
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # temperature 2 strays from the top
+    none = api.completions.create(prompt="Hello", logprobs=0, **greedy()).choices[0].logprobs
+    assert [list(top) for top in none.top_logprobs] == [[t] for t in none.tokens]
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
