@@ -159,6 +159,20 @@ def test_post_processor_alone_decides_bos_as_in_hf(tmp_path, post_processor):
     assert ids[-1] not in ours.eos_token_ids
 
 
+def test_a_template_testing_tools_or_documents_renders_as_in_transformers(tmp_path):
+    """transformers defines them as none when not given: an undefined name is `not none`,
+    so the tools section was rendered, and `tools | tojson` raised a bare TypeError."""
+    template = ("{% if tools is not none %}[tools {{ tools | tojson }}]{% endif %}"
+                "{% if documents is not none %}[docs]{% endif %}"
+                "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    directory = write_dir(tmp_path, byte_level_bpe(), {**BPE_CONFIG, "chat_template": template})
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    expected = hf.apply_chat_template(MESSAGES, tokenize=False)
+    assert "[tools" not in expected and "[docs]" not in expected
+    assert Tokenizer.from_dir(directory).apply_chat_template(MESSAGES,
+                                                             add_generation_prompt=False) == expected
+
+
 # ---- chat template errors ------------------------------------------------------------------------
 
 
@@ -176,6 +190,9 @@ def test_template_raise_exception_and_sandbox(tmp_path):
     config = {**BPE_CONFIG, "chat_template": "{{ messages.__class__.__mro__ }}"}
     with pytest.raises(ChatTemplateError):
         Tokenizer.from_dir(write_dir(tmp_path / "b", byte_level_bpe(), config)).apply_chat_template(MESSAGES)
+    config = {**BPE_CONFIG, "chat_template": "{{ 1 + messages }}"}  # a TypeError of its own
+    with pytest.raises(ChatTemplateError, match="chat template failed: TypeError"):
+        Tokenizer.from_dir(write_dir(tmp_path / "c", byte_level_bpe(), config)).apply_chat_template(MESSAGES)
 
 
 def test_load_errors_name_the_file(tmp_path):

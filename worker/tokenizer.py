@@ -12,6 +12,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from scheduler.sampling_params import InvalidRequestError
+
 
 class TokenizerLoadError(ValueError):
     """A tokenizer directory is missing a file or holds a corrupt one; the message names it."""
@@ -74,6 +76,9 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; InvalidRequestError for a string that is not Unicode text (a
+        lone surrogate: bytes that were not UTF-8, or half of an escaped pair)."""
+        _check_is_text(text)
         # encode_batch, unlike encode, releases the GIL (1 MiB of text encodes for ~1 s), at
         # no cost for short texts; so a server's other threads run while a long prompt encodes
         return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
@@ -97,10 +102,13 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
-                **extra,
+                # unset but defined, as transformers renders them: `tools is not none` is false
+                **{"tools": None, "documents": None, **extra},
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the template's own code (a filter's TypeError)
+            raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The token ids of ``messages`` rendered with the chat template, ending where the
@@ -122,6 +130,15 @@ class Tokenizer:
 
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
+
+
+def _check_is_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"the text is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start} (bytes that are not UTF-8, or half of an escaped pair)") from None
 
 
 class IncrementalDetokenizer:
