@@ -364,3 +364,35 @@ def test_a_closed_llm_refuses_to_generate_and_keeps_its_tokenizer():
     with pytest.raises(RuntimeError, match="this LLM is closed"):
         llm.generate("after close")
     assert llm.tokenizer.decode(llm.tokenizer.encode("still here")) == "still here"
+
+
+def test_a_priority_that_is_not_an_integer_is_refused_and_the_engine_goes_on():
+    """It reached the priority queue, whose comparison failed mid-step, and every later call
+    then raised a KeyError."""
+    llm = LLM("tiny", policy="priority", kv_cache_gib=0.01)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    with pytest.raises(InvalidRequestError, match=r"job 0: priority=None: must be an integer"):
+        llm.generate(["a", "b"], params, priorities=[None, 1])
+    assert len(llm.generate("c", params)[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("prompt", ["caf\udce9", "\ud83d cut"])
+def test_a_prompt_that_is_not_unicode_text_is_refused(llm, prompt):
+    """A command line's non-UTF-8 bytes, or a JSON escape of half a pair: the tokenizer failed
+    with a TypeError traceback."""
+    with pytest.raises(InvalidRequestError, match="not valid Unicode: a lone surrogate"):
+        llm.generate(prompt)
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        llm.chat([{"role": "user", "content": prompt}])
+
+
+def test_chat_joins_openai_content_parts_instead_of_sending_their_repr(llm):
+    params = SamplingParams(max_tokens=4, temperature=0)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "h"},
+                                          {"type": "text", "text": "i"}]}]
+    plain = [{"role": "user", "content": "hi"}]
+    assert tokens(llm.chat(parts, params)) == tokens(llm.chat(plain, params))
+    assert llm.chat(parts, params)[0].num_prompt_tokens == llm.chat(plain, params)[0] \
+        .num_prompt_tokens
+    with pytest.raises(InvalidRequestError, match="content parts must be text parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
 from scheduler.prompts import job_prompt_ids
 from scheduler.request import FinishReason, Request
-from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, is_int64, sample_seed
 from worker.backends import get_backend
 from worker.host_memory import retain_freed_memory
 from worker.kv_sizing import (KVCacheSize, check_backend_limits, host_kv_claim, run_profile_step,
@@ -56,8 +57,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size}: must be >= 1")
-        if not self.kv_cache_gib > 0:
-            raise ValueError(f"kv_cache_gib={self.kv_cache_gib}: must be > 0")
+        if not 0 < self.kv_cache_gib < math.inf:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib}: must be a finite number > 0")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len}: must be >= 1 (or unset for "
                              "the model's own limit)")
@@ -134,6 +135,8 @@ class Engine:
         the earliest runs first (then the order of ``add_request`` calls), and is preempted last.
         """
         params = params or SamplingParams()
+        if not is_int64(priority):  # the waiting queue would fail comparing it, mid-step
+            raise InvalidRequestError(f"priority={priority!r}: must be an integer")
         prompt_ids = job_prompt_ids(prompt, params, self.tokenizer, self.model_config.vocab_size)
         resumed = list(resumed_token_ids or [])
         if resumed and params.n != 1:
