@@ -307,3 +307,23 @@ def test_a_hub_repo_id_loads_from_the_cache_without_network(tmp_path, monkeypatc
     with pytest.raises(ModelLoadError, match=r"^model 'example/absent' is not a local directory, "
                        r"nor in the Hugging Face cache \(.*\), and downloading it failed: "):
         resolve_model_path("example/absent")
+
+
+def test_a_hub_repo_cached_without_its_weights_is_not_taken_for_the_checkpoint(tmp_path, monkeypatch):
+    """AutoTokenizer.from_pretrained caches config and tokenizer alone; that snapshot was
+    taken as the checkpoint ("no weights in ...") and the weights were never fetched; now a
+    download is tried (refused here: offline), and the error says what the cache lacks."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # so the download is seen failing
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for file in tiny.tiny_model_dir().iterdir():
+        if not file.name.endswith(".safetensors"):
+            (partial / file.name).write_bytes(file.read_bytes())
+    _hub_cache_with(tmp_path / "hub", "example/no-weights", partial)
+    with pytest.raises(ModelLoadError, match=r"^model 'example/no-weights': the cached snapshot "
+                       r".* lacks its config.json or safetensors weights, and they could not be "
+                       r"fetched \(HF_HUB_OFFLINE is set\)$"):
+        resolve_model_path("example/no-weights")

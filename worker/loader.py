@@ -45,17 +45,38 @@ def hub_snapshot(repo_id: str) -> Path:
     (no network), else a download (HF_HUB_OFFLINE=1 forbids it)."""
     from huggingface_hub import constants, snapshot_download
 
+    cached = "nor in the Hugging Face cache"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
-    except Exception:  # not cached (or only partly): fetch it
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES,
+                                          local_files_only=True))
+        if _has_checkpoint(snapshot):
+            return snapshot
+        # a tokenizer or config fetched alone leaves a snapshot without the weights
+        cached = "and the Hugging Face cache holds only part of it"
+    except Exception:  # not cached: fetch it
         pass
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"model {repo_id!r} is not a local directory, nor in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and downloading it failed: {reason}") from None
+            f"model {repo_id!r} is not a local directory, {cached} ({constants.HF_HUB_CACHE}), "
+            f"and downloading it failed: {reason}") from None
+    if not _has_checkpoint(snapshot):  # offline, the download answers with the cached part
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise ModelLoadError(f"model {repo_id!r}: the cached snapshot {snapshot} lacks its "
+                             f"config.json or safetensors weights, and they could not be "
+                             f"fetched{offline}")
+    return snapshot
+
+
+def _has_checkpoint(snapshot: Path) -> bool:
+    """Whether a cached snapshot holds a config and every weight file (the snapshot lookup
+    answers for any files cached under the revision)."""
+    try:
+        return (snapshot / "config.json").is_file() and bool(weight_files(snapshot))
+    except ModelLoadError:
+        return False
 
 
 def _is_repo_id(name: str) -> bool:
