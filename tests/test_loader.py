@@ -309,7 +309,7 @@ def test_a_hub_repo_id_loads_from_the_cache_without_network(tmp_path, monkeypatc
         resolve_model_path("example/absent")
 
 
-def test_a_hub_repo_cached_without_its_weights_is_not_taken_for_the_checkpoint(tmp_path, monkeypatch):
+def test_a_hub_repo_cached_without_weights_is_not_taken_as_the_checkpoint(tmp_path, monkeypatch):
     """AutoTokenizer.from_pretrained caches config and tokenizer alone; that snapshot was
     taken as the checkpoint ("no weights in ...") and the weights were never fetched; now a
     download is tried (refused here: offline), and the error says what the cache lacks."""
