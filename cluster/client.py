@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ray
@@ -24,6 +25,9 @@ SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and
 IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
 RESULTS_BATCH = 256  # job ids per scheduler call in iter_results
 FEED_INTERVAL_S = 0.5  # how often a reader waiting on a paced submit's job sends more jobs
+# asyncio callers wait out an outage here, not in the loop's default executor, which an
+# HTTP server's other work (tokenizing) shares
+_RECONNECTS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pagedserve-reconnect")
 
 
 class JobFailedError(RuntimeError):
@@ -48,6 +52,9 @@ class Client:
                  find_timeout_s: float | None = None) -> None:
         connect(address)
         self.timeout_s = timeout_s
+        # when a call last found the scheduler gone, until one finds it again: later calls
+        # count the outage from then, so they do not each wait timeout_s through it
+        self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
 
     def _lookup(self, timeout: float | None = None):
@@ -70,7 +77,9 @@ class Client:
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
-                return ray.get(ref, timeout=self._answer_timeout(method)), retried
+                answer = ray.get(ref, timeout=self._answer_timeout(method))
+                self._gone_since = None  # it answers: no outage goes on
+                return answer, retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
                 lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
             except GetTimeoutError:
@@ -85,23 +94,31 @@ class Client:
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
-                return await asyncio.wait_for(ref, self._answer_timeout(method)), retried
+                answer = await asyncio.wait_for(ref, self._answer_timeout(method))
+                self._gone_since = None
+                return answer, retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
                 raise self._not_answering(method) from None
-            lost_at, retried = await asyncio.to_thread(self._reconnect, lost_at), True
+            lost_at, retried = await self._areconnect(lost_at), True
 
     def _reconnect(self, lost_at: float) -> float | None:
-        """After a failed call: find the scheduler again; None (the outage is over) once it
-        answers, so that a long wait outlives more than one restart, each given timeout_s."""
+        """After a failed call: find the scheduler again, for what is left of timeout_s since
+        ``lost_at``; None (the outage is over) once it answers, so that a long wait outlives
+        more than one restart, each given timeout_s."""
         time.sleep(RETRY_DELAY_S)  # the scheduler is restarting: same name, new actor
-        self._scheduler = self._lookup()
+        self._scheduler = self._lookup(max(0.0, lost_at + self.timeout_s - time.monotonic()))
         try:
             ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
-            return None
         except (*SCHEDULER_GONE, GetTimeoutError):
             return lost_at
+        self._gone_since = None
+        return None
+
+    async def _areconnect(self, lost_at: float) -> float | None:
+        return await asyncio.get_running_loop().run_in_executor(_RECONNECTS, self._reconnect,
+                                                                lost_at)
 
     def _answer_timeout(self, method: str) -> float | None:
         """How long a call may go unanswered: calls that wait for jobs have their own timeout;
@@ -128,7 +145,11 @@ class Client:
                 f"the pagedserve scheduler has been gone for {self.timeout_s:g} s and did not "
                 f"come back ({type(exc).__name__}); `pagedserve status` shows the daemon's state"
             ) from exc
-        return now if lost_at is None else lost_at
+        if lost_at is None:  # this call's first loss: an outage another call saw goes on
+            if self._gone_since is None:
+                self._gone_since = now
+            lost_at = self._gone_since
+        return lost_at
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -263,7 +284,9 @@ class Client:
         while True:
             try:
                 for ref in self._scheduler.stream.remote(job_id, cursor):
-                    for delta in ray.get(ref):
+                    deltas = ray.get(ref)
+                    self._gone_since = None
+                    for delta in deltas:
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
@@ -278,13 +301,15 @@ class Client:
         while True:
             try:
                 async for ref in self._scheduler.stream.remote(job_id, cursor):
-                    for delta in await ref:
+                    deltas = await ref
+                    self._gone_since = None
+                    for delta in deltas:
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
-            lost_at = await asyncio.to_thread(self._reconnect, lost_at)
+            lost_at = await self._areconnect(lost_at)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobOutput:
         """Wait for the job and return its whole output; JobFailedError if it failed."""

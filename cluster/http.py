@@ -42,6 +42,7 @@ HEALTH_TIMEOUT_S = 5.0
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
 CONTEXT_REFRESH_S = 5.0  # how long the workers' capacity read from the daemon is trusted
+ABORT_RETRY_S = 5.0  # how often an abort the unavailable daemon could not take is tried again
 
 
 def api_keys_from(cfg: PagedServeConfig, environ=os.environ) -> tuple[str, ...]:
@@ -120,10 +121,22 @@ class Server:
         task.add_done_callback(self._background.discard)
 
     async def _abort_quietly(self, job_id: str) -> None:
-        try:
-            await self.client.aabort(job_id)
-        except Exception as exc:  # best effort: the job may be gone with its scheduler
-            log.warning("could not abort job %s: %s", job_id, exc)
+        """Its client was answered (an error, or it left): the job must not run on. While the
+        daemon is unavailable the abort is tried again, as `up` would resume the job."""
+        warned = False
+        while True:
+            try:
+                await self.client.aabort(job_id)
+                return
+            except DaemonUnavailableError as exc:
+                if not warned:
+                    log.warning("could not abort job %s (%s); trying again every %g s",
+                                job_id, exc, ABORT_RETRY_S)
+                    warned = True
+            except Exception as exc:  # unknown: it never reached the journal, or is forgotten
+                log.warning("could not abort job %s: %s", job_id, exc)
+                return
+            await asyncio.sleep(ABORT_RETRY_S)
 
 
 def _server(request: Request) -> Server:

@@ -4,6 +4,7 @@ responses, bad input gets the right status and error body, and the server keeps 
 import json
 import resource
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -727,6 +728,32 @@ def test_truncate_prompt_tokens_and_special_tokens_through_the_api(api):
 # -- last: it brings the daemon down and up again under the server ---------------------------
 
 
+def test_in_an_outage_requests_fail_fast_and_their_jobs_are_aborted_once_it_is_back(
+        http, daemon, monkeypatch):
+    """A request answered 503 while the daemon was down used to have its job resumed by the
+    next `up` and run in full for nobody; and every request waited timeout_s anew."""
+    from cluster import http as http_module
+
+    cfg, client = daemon
+    monkeypatch.setattr(http_module, "ABORT_RETRY_S", 0.2)
+    monkeypatch.setattr(client, "timeout_s", 3.0)  # the server's client: how long it waits
+    body = {"model": "tiny", "prompt": "for nobody", "max_tokens": LONG, "ignore_eos": True,
+            "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        lines = (line for line in response.iter_lines() if line)
+        job_id = json.loads(next(lines).removeprefix("data: "))["id"].removeprefix("cmpl-")
+        assert bringup.down() == 1  # the journal keeps the job for the next `up`
+        events = list(lines)
+    assert "daemon_unavailable" in events[-2] and events[-1] == "data: [DONE]"
+    started = time.monotonic()
+    late = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert late.status_code == 503 and time.monotonic() - started < 2.5  # the outage goes on
+    status = bringup.up(cfg, min_workers=1)
+    assert status["jobs_resumed"] == 1
+    job = Client().result(job_id, timeout=60)
+    assert job.outputs[0].finish_reason == "abort" and len(job.outputs[0].token_ids) < LONG
+
+
 def test_the_server_follows_a_daemon_brought_up_again_with_less_room(http, daemon, monkeypatch):
     from cluster import http as http_module
 
@@ -741,3 +768,4 @@ def test_the_server_follows_a_daemon_brought_up_again_with_less_room(http, daemo
     chat = http.post("/v1/chat/completions",
                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 200  # its default max_tokens is the room left: was a 400
+
