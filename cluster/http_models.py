@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.output import JobOutput, RequestOutput
 from worker.sampler import TokenLogprobs
-from worker.tokenizer import Tokenizer
+from worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # A logprob JSON can carry (JSON has no -Infinity); far below any real one.
 LOGPROB_FLOOR = -9999.0
@@ -310,7 +310,8 @@ class ResponseContext:
     model: str
     chat: bool
     tokenizer: Tokenizer
-    text_offsets: dict[int, int] = field(default_factory=dict)  # per sample, completions only
+    # per choice, completions only: its tokens decoded so far, and the length of their text
+    text_offsets: dict[int, tuple[IncrementalDetokenizer, int]] = field(default_factory=dict)
     echoed: list[Echo] = field(default_factory=list)  # per prompt, with echo=true
 
     @property
@@ -325,11 +326,18 @@ class ResponseContext:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def length_in_text(self, token_id: int, token_text: str) -> int:
-        """How many characters of the choice's text a token takes: none for a special token,
-        which the text leaves out (the BOS before an echoed prompt; generated ones, unless
-        skip_special_tokens=false)."""
-        return len(token_text) if self.tokenizer.decode([token_id]) else 0
+    def text_offsets_of(self, index: int, token_ids: list[int]) -> list[int]:
+        """Where each token starts in choice ``index``'s text, continuing its earlier chunks.
+        A token holding part of a character starts where that character does; special
+        tokens take no room (the text leaves them out: the BOS before an echoed prompt)."""
+        decoded, at = self.text_offsets.get(index) or (IncrementalDetokenizer(self.tokenizer,
+                                                                              []), 0)
+        offsets = []
+        for token_id in token_ids:
+            offsets.append(at)
+            at += len(decoded.add(token_id))
+        self.text_offsets[index] = decoded, at
+        return offsets
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -400,18 +408,14 @@ def _chat_logprobs(ctx: ResponseContext, logprobs: list[TokenLogprobs]) -> list[
 
 
 def _chat_token(ctx: ResponseContext, token_id: int, logprob: float) -> dict:
-    text = ctx.token_text(token_id)
-    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+    return {"token": ctx.token_text(token_id), "logprob": _finite(logprob),
+            "bytes": list(ctx.tokenizer.token_bytes(token_id))}
 
 
 def _completion_logprobs(ctx: ResponseContext, index: int,
                          logprobs: list[TokenLogprobs]) -> dict:
     tokens = [ctx.token_text(lp.token_id) for lp in logprobs]
-    offsets, at = [], ctx.text_offsets.get(index, 0)
-    for lp, token in zip(logprobs, tokens):
-        offsets.append(at)
-        at += ctx.length_in_text(lp.token_id, token)
-    ctx.text_offsets[index] = at  # a stream's next chunk continues from here
+    offsets = ctx.text_offsets_of(index, [lp.token_id for lp in logprobs])
     # an echoed prompt's first token has no logprob: None, as OpenAI's API gives it
     return {"tokens": tokens,
             "token_logprobs": [None if lp.logprob is None else _finite(lp.logprob)

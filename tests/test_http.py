@@ -269,6 +269,25 @@ def test_echoed_logprobs_offsets_index_the_text(api):
         assert choice.text[offset:offset + len(token)] == token
 
 
+def test_split_characters_keep_offsets_in_the_text_and_their_own_bytes(api):
+    """é is two byte tokens, each U+FFFD alone: offsets counted one character each (past
+    the text's end), and chat's bytes were U+FFFD's own."""
+    choice = api.completions.create(prompt="é!", echo=True, logprobs=0, max_tokens=3,
+                                    model="tiny", temperature=0).choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith("é!") and lp.text_offset[:4] == [0, 0, 0, 1]  # <s> é é !
+    assert all(choice.text[offset:offset + len(token)] == token
+               for token, offset in zip(lp.tokens[3:], lp.text_offset[3:]))
+    streamed = [c.choices[0].logprobs.text_offset for c in api.completions.create(
+        prompt="é!", echo=True, logprobs=0, max_tokens=3, model="tiny", temperature=0,
+        stream=True) if c.choices and c.choices[0].logprobs]
+    assert sum(streamed, []) == lp.text_offset
+    chat = api.chat.completions.create(messages=[{"role": "user", "content": "x"}],
+                                       logprobs=True, **greedy(logit_bias={"195": 100}))
+    first = chat.choices[0].logprobs.content[0]  # 195 is byte 0xC3: half of a character
+    assert first.bytes == [0xC3] and first.token == "\ufffd"
+
+
 def test_the_response_id_finds_the_job(api, daemon):
     _, client = daemon
     completion = api.completions.create(prompt="Find me", **greedy())

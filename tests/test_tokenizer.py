@@ -173,6 +173,19 @@ def test_a_template_testing_tools_or_documents_renders_as_in_transformers(tmp_pa
                                                              add_generation_prompt=False) == expected
 
 
+def test_token_bytes_give_a_split_character_its_own_bytes(bpe_dir):
+    """Each byte-level piece maps back to its bytes, with the byte-level pre-tokenizer's own
+    alphabet, including a character split over tokens (which decode alone as U+FFFD)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    ours = Tokenizer.from_dir(bpe_dir)
+    pre = ByteLevel(add_prefix_space=False, use_regex=False)
+    for char in "a é\n\t€😀" + "".join(map(chr, range(0x80, 0x100))):
+        mapped = "".join(piece for piece, _ in pre.pre_tokenize_str(char))
+        ids = [ours.token_to_id(c) for c in mapped]  # one per byte: the vocabulary has each
+        assert b"".join(ours.token_bytes(i) for i in ids) == char.encode(), char
+
+
 # ---- chat template errors ------------------------------------------------------------------------
 
 
