@@ -482,11 +482,12 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     wait_for(lambda: sum(client.status_of(job)["num_tokens"]) > 0, what="the job running")
     # its workers stopped, so that it cannot finish first (the restart replaces them)
     pids = [w["pid"] for w in client.status()["workers"] if w.get("pid")]
-    waiter, outcome = Client(timeout_s=12), {}  # more than a restart takes (~2 s here)
+    waiter, outcome = Client(timeout_s=12), {"streamed": []}  # more than a restart takes
 
     def wait_for_the_result():
         try:
-            outcome["streamed"] = [t for d in waiter.stream(job) for t in d.new_token_ids]
+            for delta in waiter.stream(job):
+                outcome["streamed"] += delta.new_token_ids
             outcome["out"] = waiter.result(job)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["out"] = exc
@@ -498,8 +499,13 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
         thread.start()
         threading.Event().wait(13)  # past the waiter's timeout_s
         assert not client.status_of(job)["finished"], (pids, client.status()["workers"])
+        seen = len(outcome["streamed"])
         ray.kill(bringup.find_scheduler(), no_restart=False)
-        assert client.abort(job)  # answered by the restarted scheduler
+        # the restarted scheduler runs the job again from its first token, with its seed: once
+        # past what the stream had seen, the stream goes on where it was
+        wait_for(lambda: client.status_of(job)["num_tokens"][0] > seen + 2, timeout=120,
+                 what="the job run again past what was streamed")
+        assert client.abort(job)
     finally:
         for pid in pids:
             _continue(pid)
