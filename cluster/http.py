@@ -574,27 +574,26 @@ def _decode(body: bytes, content_type: str | None) -> object:
     return data
 
 
-def _lone_surrogate_at(value: object, where: str = "") -> str | None:
-    """The path (``messages[0].content``) of the first string holding a lone surrogate."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            return None
-        except UnicodeEncodeError:
-            return where
-    items = value.items() if isinstance(value, dict) else \
-        enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if isinstance(key, int):
-            path = f"{where}[{key}]"
-        else:  # named in the error escaped, as the error must be text
-            named = key.encode("utf-8", "backslashreplace").decode()
-            path = f"{where}.{named}" if where else named
-            if named != key:  # the key itself holds one
-                return path
-        found = _lone_surrogate_at(item, path)
-        if found is not None:
-            return found
+def _lone_surrogate_at(data: object) -> str | None:
+    """The path (``messages[0].content``) of a string, or key, holding a lone surrogate.
+    Walked without recursion: JSON nests as deep as its decoder allows."""
+    stack = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                named = key.encode("utf-8", "backslashreplace").decode()  # errors must be text
+                path = f"{where}.{named}" if where else named
+                if named != key:
+                    return path
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
     return None
 
 
