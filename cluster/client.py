@@ -52,8 +52,8 @@ class Client:
                  find_timeout_s: float | None = None) -> None:
         connect(address)
         self.timeout_s = timeout_s
-        # when a call last found the scheduler gone, until one finds it again: later calls
-        # count the outage from then, so they do not each wait timeout_s through it
+        # since when calls have not found the scheduler at all (the daemon is down), until one
+        # does: a call meeting that outage later waits only what is left of timeout_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
 
@@ -77,9 +77,7 @@ class Client:
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
-                answer = ray.get(ref, timeout=self._answer_timeout(method))
-                self._gone_since = None  # it answers: no outage goes on
-                return answer, retried
+                return ray.get(ref, timeout=self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
                 lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
             except GetTimeoutError:
@@ -94,9 +92,7 @@ class Client:
         while True:
             try:
                 ref = getattr(self._scheduler, method).remote(*args)
-                answer = await asyncio.wait_for(ref, self._answer_timeout(method))
-                self._gone_since = None
-                return answer, retried
+                return await asyncio.wait_for(ref, self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
@@ -104,21 +100,31 @@ class Client:
             lost_at, retried = await self._areconnect(lost_at), True
 
     def _reconnect(self, lost_at: float) -> float | None:
-        """After a failed call: find the scheduler again, for what is left of timeout_s since
-        ``lost_at``; None (the outage is over) once it answers, so that a long wait outlives
-        more than one restart, each given timeout_s."""
+        """After a failed call: find the scheduler again; None (the outage is over) once it
+        answers, so that a long wait outlives more than one restart, each given timeout_s."""
         time.sleep(RETRY_DELAY_S)  # the scheduler is restarting: same name, new actor
-        self._scheduler = self._lookup(max(0.0, lost_at + self.timeout_s - time.monotonic()))
-        try:
-            ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
-        except (*SCHEDULER_GONE, GetTimeoutError):
-            return lost_at
-        self._gone_since = None
-        return None
+        return self._find_again(lost_at)
 
     async def _areconnect(self, lost_at: float) -> float | None:
-        return await asyncio.get_running_loop().run_in_executor(_RECONNECTS, self._reconnect,
+        await asyncio.sleep(RETRY_DELAY_S)  # not in a pool thread: they are few
+        return await asyncio.get_running_loop().run_in_executor(_RECONNECTS, self._find_again,
                                                                 lost_at)
+
+    def _find_again(self, lost_at: float) -> float | None:
+        scheduler = find_scheduler()
+        if scheduler is None:  # not restarting but gone (`down`): no call waits it out twice
+            gone_since = self._gone_since
+            if gone_since is None:
+                gone_since = self._gone_since = lost_at
+            scheduler = self._lookup(
+                max(0.0, min(lost_at, gone_since) + self.timeout_s - time.monotonic()))
+        self._gone_since = None
+        self._scheduler = scheduler
+        try:
+            ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
+            return None
+        except (*SCHEDULER_GONE, GetTimeoutError):
+            return lost_at
 
     def _answer_timeout(self, method: str) -> float | None:
         """How long a call may go unanswered: calls that wait for jobs have their own timeout;
@@ -145,11 +151,7 @@ class Client:
                 f"the pagedserve scheduler has been gone for {self.timeout_s:g} s and did not "
                 f"come back ({type(exc).__name__}); `pagedserve status` shows the daemon's state"
             ) from exc
-        if lost_at is None:  # this call's first loss: an outage another call saw goes on
-            if self._gone_since is None:
-                self._gone_since = now
-            lost_at = self._gone_since
-        return lost_at
+        return now if lost_at is None else lost_at
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -284,9 +286,7 @@ class Client:
         while True:
             try:
                 for ref in self._scheduler.stream.remote(job_id, cursor):
-                    deltas = ray.get(ref)
-                    self._gone_since = None
-                    for delta in deltas:
+                    for delta in ray.get(ref):
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
@@ -301,9 +301,7 @@ class Client:
         while True:
             try:
                 async for ref in self._scheduler.stream.remote(job_id, cursor):
-                    deltas = await ref
-                    self._gone_since = None
-                    for delta in deltas:
+                    for delta in await ref:
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
@@ -363,7 +361,8 @@ class Client:
             paced.send_ahead()
 
     def abort(self, job_id: str) -> bool:
-        """True if the job was unfinished and is aborted now."""
+        """True if the job was unfinished and is aborted now. After a try lost to a scheduler
+        restart, which may have done the abort, True if the job ended aborted at all."""
         aborted, retried = self._call_noting_retry("abort", job_id)
         return aborted or (retried and _aborted(self.status_of(job_id)))
 

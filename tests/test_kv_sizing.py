@@ -8,11 +8,13 @@ from pathlib import Path
 
 from daemon_helpers import wait_for
 from worker.engine import Engine, EngineConfig
+from worker import kv_sizing
 from worker.kv_sizing import host_kv_claim
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HOLDER = ("import sys\nfrom worker.kv_sizing import host_kv_claim\n"
-          "with host_kv_claim('cpu'):\n    print('held', flush=True)\n    sys.stdin.readline()\n")
+HOLDER = ("import sys\nfrom worker import kv_sizing\nkv_sizing.HOST_KV_LOCK = sys.argv[1]\n"
+          "with kv_sizing.host_kv_claim('cpu'):\n"
+          "    print('held', flush=True)\n    sys.stdin.readline()\n")
 
 
 def _inside_the_claim(thread: threading.Thread) -> bool:
@@ -24,11 +26,15 @@ def _inside_the_claim(thread: threading.Thread) -> bool:
     return False
 
 
-def test_an_engine_waits_for_another_process_checking_and_allocating_its_cache():
+def test_an_engine_waits_for_another_process_checking_and_allocating_its_cache(tmp_path,
+                                                                              monkeypatch):
     """Each checked the host's memory before any allocated, so N workers of one host could
-    together take more than it has; now the second waits, then sees what the first took."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=REPO_ROOT, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    together take more than it has; now the second waits, then sees what the first took.
+    (A lock file of the test's own, so that no other engine on the host waits on it.)"""
+    lock = tmp_path / "kv.lock"
+    monkeypatch.setattr(kv_sizing, "HOST_KV_LOCK", str(lock))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], cwd=REPO_ROOT,
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == "held\n"
         built = []

@@ -5,7 +5,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -72,8 +71,8 @@ def size_kv_cache(config: EngineConfig, model: torch.nn.Module, model_config: Mo
     return size
 
 
-# One lock per host, for every pagedserve engine whatever its user.
-HOST_KV_LOCK = os.path.join(tempfile.gettempdir(), "pagedserve-kv-cache.lock")
+# One lock per host, for every pagedserve engine whatever its user (hence /tmp, not TMPDIR).
+HOST_KV_LOCK = "/tmp/pagedserve-kv-cache.lock"
 
 
 @contextlib.contextmanager
@@ -81,21 +80,40 @@ def host_kv_claim(device: str) -> Iterator[None]:
     """On cpu, hold this host's KV lock from the memory check to the cache's allocation, so
     that engines starting together (the workers of one host) check one after another and each
     sees the memory the ones before it took; without it, each would see the whole host free."""
-    if device != "cpu":
+    fd = _open_lock(HOST_KV_LOCK) if device == "cpu" else None
+    if fd is None:
         yield
         return
     try:
-        fd = os.open(HOST_KV_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
-    except OSError as exc:  # another user's file we may not open: check unlocked
-        log.warning("cannot open %s (%s); the KV memory check is not serialised", HOST_KV_LOCK,
-                    exc)
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another engine on this host to allocate its KV cache")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock(path: str) -> int | None:
+    """The lock file, created readable by every user (flock needs no write access; opening an
+    existing file without O_CREAT works in a sticky /tmp whoever made it); None, with a
+    warning, when it cannot be opened: the check then runs unserialised."""
+    try:
+        while True:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+            except FileExistsError:  # another engine made it meanwhile
+                continue
+            os.fchmod(fd, 0o444)  # whatever the umask
+            return fd
+    except OSError as exc:
+        log.warning("cannot open %s (%s); the KV memory check is not serialised", path, exc)
+        return None
 
 
 def _check_host_memory(budget: int) -> None:
