@@ -246,12 +246,24 @@ def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) ->
 def _wait_for_jobs(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
     started = time.monotonic()
     reported = started
+    draining_pid = None  # the scheduler process that was told to drain
     while True:
-        status = ray.get(scheduler.status.remote())
+        try:
+            status = ray.get(scheduler.status.remote())
+        except ray.exceptions.ActorUnavailableError:  # restarting: its handle finds it again
+            if time.monotonic() - started >= timeout:
+                return
+            time.sleep(DRAIN_POLL_S)
+            continue
         now = time.monotonic()
         if not status["draining"]:
+            if draining_pid not in (None, status["scheduler_pid"]):  # Ray restarted it
+                ray.get(scheduler.set_draining.remote(True))
+                draining_pid = status["scheduler_pid"]
+                continue
             raise DrainEnded("the drain was ended while `down --drain` waited (`pagedserve up` "
                              "ends one); the daemon stays up and takes new jobs")
+        draining_pid = status["scheduler_pid"]
         if not status["jobs_unfinished"] or now - started >= timeout:
             return
         if on_wait is not None and now - reported >= WAIT_REPORT_S:

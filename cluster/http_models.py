@@ -52,9 +52,11 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_unset(cls, data: object) -> object:
-        """OpenAI's fields are nullable, null meaning "unset": SDKs send ``"stream": null``."""
+        """OpenAI's fields are nullable, null meaning "unset": SDKs send ``"stream": null``.
+        A misspelt field stays an error, null or not."""
         if isinstance(data, dict):
-            return {name: value for name, value in data.items() if value is not None}
+            return {name: value for name, value in data.items()
+                    if value is not None or name not in cls.model_fields}
         return data
 
 
@@ -429,7 +431,7 @@ def _top_with_chosen(ctx: ResponseContext, lp: TokenLogprobs) -> dict[str, float
     """The top alternatives and, as OpenAI's completions give it, the chosen token too (so
     up to logprobs + 1 entries; ``logprobs: 0`` gives the chosen one alone)."""
     top = {ctx.token_text(t): _finite(v) for t, v in lp.top}
-    top.setdefault(ctx.token_text(lp.token_id), _finite(lp.logprob))
+    top[ctx.token_text(lp.token_id)] = _finite(lp.logprob)  # last: kept where texts collide
     return top
 
 

@@ -597,6 +597,26 @@ def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon
     bringup.up(cfg, min_workers=2)  # for the tests that follow
 
 
+def test_a_drain_goes_on_through_a_scheduler_restart(daemon, capsys, monkeypatch):
+    """The restarted scheduler starts undrained: `down --drain` took that for `up` ending the
+    drain, gave up, and left the daemon taking new jobs."""
+    cfg, _, client = daemon
+    monkeypatch.setattr(bringup, "WAIT_REPORT_S", 0.2)
+    job = client.submit("drain through it", SamplingParams(max_tokens=300, ignore_eos=True))
+    killed = []
+
+    def restart_once(status):
+        if not killed:
+            killed.append(status["scheduler_pid"])
+            ray.kill(bringup.find_scheduler(), no_restart=False)
+    monkeypatch.setattr(daemon_cmds, "print_draining", restart_once)
+    assert cli.main(["down", "--drain"]) == 0
+    assert capsys.readouterr().out == "pagedserve is down\n" and killed
+    assert bringup.find_scheduler() is None
+    bringup.up(cfg, min_workers=2)  # for the tests that follow
+    assert Client().result(job).outputs[0].finish_reason == "length"  # kept across both
+
+
 def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, capsys):
     cfg, _, client = daemon
     names = [worker_actor_name(w["worker_id"]) for w in client.status()["workers"]]

@@ -512,6 +512,8 @@ def test_null_fields_are_unset_as_in_openai(http):
     assert http.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"] >= 1
     chat = {"messages": USER, "max_tokens": 2, "logprobs": None, "stream": None, "n": None}
     assert len(http.post("/v1/chat/completions", json=chat).json()["choices"]) == 1
+    misspelt = http.post("/v1/completions", json={**body, "max_tokns": None})
+    assert misspelt.status_code == 400 and error_of(misspelt)["param"] == "max_tokns"
 
 
 def test_malformed_json_is_400(api, http):

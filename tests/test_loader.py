@@ -309,10 +309,15 @@ def test_a_hub_repo_id_loads_from_the_cache_without_network(tmp_path, monkeypatc
         resolve_model_path("example/absent")
 
 
-def test_a_hub_repo_cached_without_weights_is_not_taken_as_the_checkpoint(tmp_path, monkeypatch):
-    """AutoTokenizer.from_pretrained caches config and tokenizer alone; that snapshot was
-    taken as the checkpoint ("no weights in ...") and the weights were never fetched; now a
-    download is tried (refused here: offline), and the error says what the cache lacks."""
+@pytest.mark.parametrize("left_out, missing", [
+    (".safetensors", r"safetensors weights \(model.safetensors or model.safetensors.index.json"),
+    ("tokenizer.json", r"tokenizer.json"),
+])
+def test_a_hub_repo_cached_in_part_is_not_taken_as_the_checkpoint(tmp_path, monkeypatch,
+                                                                  left_out, missing):
+    """AutoTokenizer caches config and tokenizer alone, AutoModel no tokenizer; such a snapshot
+    was taken whole ("no weights in ...", or no tokenizer) and nothing was fetched. Now a
+    download is tried (refused here: offline), and the error names what is missing."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -320,10 +325,9 @@ def test_a_hub_repo_cached_without_weights_is_not_taken_as_the_checkpoint(tmp_pa
     partial = tmp_path / "partial"
     partial.mkdir()
     for file in tiny.tiny_model_dir().iterdir():
-        if not file.name.endswith(".safetensors"):
+        if not file.name.endswith(left_out):
             (partial / file.name).write_bytes(file.read_bytes())
-    _hub_cache_with(tmp_path / "hub", "example/no-weights", partial)
-    with pytest.raises(ModelLoadError, match=r"^model 'example/no-weights': the cached snapshot "
-                       r".* lacks its config.json or safetensors weights, and they could not be "
-                       r"fetched \(HF_HUB_OFFLINE is set\)$"):
-        resolve_model_path("example/no-weights")
+    _hub_cache_with(tmp_path / "hub", "example/in-part", partial)
+    with pytest.raises(ModelLoadError, match=rf"^model 'example/in-part': .* has no {missing}.*; "
+                       r"HF_HUB_OFFLINE is set, so nothing was fetched$"):
+        resolve_model_path("example/in-part")

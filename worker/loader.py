@@ -49,10 +49,10 @@ def hub_snapshot(repo_id: str) -> Path:
     try:
         snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES,
                                           local_files_only=True))
-        if _has_checkpoint(snapshot):
+        if _missing_from(snapshot) is None:
             return snapshot
-        # a tokenizer or config fetched alone leaves a snapshot without the weights
-        cached = "and the Hugging Face cache holds only part of it"
+        # a tokenizer fetched alone, or a model without its tokenizer, leaves a part cached
+        cached = "the Hugging Face cache holds only part of it"
     except Exception:  # not cached: fetch it
         pass
     try:
@@ -62,21 +62,25 @@ def hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(
             f"model {repo_id!r} is not a local directory, {cached} ({constants.HF_HUB_CACHE}), "
             f"and downloading it failed: {reason}") from None
-    if not _has_checkpoint(snapshot):  # offline, the download answers with the cached part
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ModelLoadError(f"model {repo_id!r}: the cached snapshot {snapshot} lacks its "
-                             f"config.json or safetensors weights, and they could not be "
-                             f"fetched{offline}")
+    missing = _missing_from(snapshot)
+    if missing is not None:  # the repo lacks it, or (offline) only the cached part came back
+        offline = "; HF_HUB_OFFLINE is set, so nothing was fetched" \
+            if constants.HF_HUB_OFFLINE else ""
+        raise ModelLoadError(f"model {repo_id!r}: {snapshot} has no {missing}{offline}")
     return snapshot
 
 
-def _has_checkpoint(snapshot: Path) -> bool:
-    """Whether a cached snapshot holds a config and every weight file (the snapshot lookup
-    answers for any files cached under the revision)."""
+def _missing_from(snapshot: Path) -> str | None:
+    """What a hub snapshot lacks for pagedserve to serve it (the cache lookup answers for any
+    files cached under the revision), or None."""
+    for name in ("config.json", "tokenizer.json"):
+        if not (snapshot / name).is_file():
+            return name
     try:
-        return (snapshot / "config.json").is_file() and bool(weight_files(snapshot))
+        weight_files(snapshot)
     except ModelLoadError:
-        return False
+        return f"safetensors weights ({SINGLE_FILE} or {INDEX_FILE} and its shards)"
+    return None
 
 
 def _is_repo_id(name: str) -> bool:
