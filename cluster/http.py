@@ -331,7 +331,9 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     with _daemon_errors(body):
         job_ids = await server.client.asubmit_many(prompts, params, priority=body.priority)
     ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_ids[0]}", int(time.time()),
-                          server.model_id, chat, server.tokenizer, echoed=list(echoed))
+                          server.model_id, chat, server.tokenizer, echoed=list(echoed),
+                          prompts=prompts, n=params.n,
+                          skip_special_tokens=params.skip_special_tokens)
     endpoint = "chat" if chat else "completions"
     if body.stream:
         meter = StreamMeter(started)

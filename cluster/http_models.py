@@ -312,9 +312,14 @@ class ResponseContext:
     model: str
     chat: bool
     tokenizer: Tokenizer
+    echoed: list[Echo] = field(default_factory=list)  # per prompt, with echo=true
+    # for text offsets: each prompt's ids (the context its choices' text was decoded in), the
+    # choices per prompt, and whether their text leaves special tokens out
+    prompts: list[list[int]] = field(default_factory=list)
+    n: int = 1
+    skip_special_tokens: bool = True
     # per choice, completions only: its tokens decoded so far, and the length of their text
     text_offsets: dict[int, tuple[IncrementalDetokenizer, int]] = field(default_factory=dict)
-    echoed: list[Echo] = field(default_factory=list)  # per prompt, with echo=true
 
     @property
     def object_name(self) -> str:
@@ -332,14 +337,21 @@ class ResponseContext:
         """Where each token starts in choice ``index``'s text, continuing its earlier chunks.
         A token holding part of a character starts where that character does; special
         tokens take no room (the text leaves them out: the BOS before an echoed prompt)."""
-        decoded, at = self.text_offsets.get(index) or (IncrementalDetokenizer(self.tokenizer,
-                                                                              []), 0)
+        decoded, at = self.text_offsets.get(index) or (self._decoder_of(index), 0)
         offsets = []
         for token_id in token_ids:
             offsets.append(at)
             at += len(decoded.add(token_id))
         self.text_offsets[index] = decoded, at
         return offsets
+
+    def _decoder_of(self, index: int) -> IncrementalDetokenizer:
+        """Decodes a choice's tokens as its text was: after its prompt, or (echo) from the
+        prompt's first token, whose specials (the BOS) the echoed text leaves out."""
+        if self.echoed:
+            return IncrementalDetokenizer(self.tokenizer, [])
+        return IncrementalDetokenizer(self.tokenizer, self.prompts[index // self.n],
+                                      self.skip_special_tokens)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -93,21 +93,26 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for, also when it holds part of a UTF-8 character (which
-        decodes alone as U+FFFD): a byte-fallback piece (``<0xE9>``) or a byte-level BPE piece;
-        other tokens, their decoded text."""
+        decodes alone as U+FFFD): a byte-fallback piece (``<0xE9>``), a byte-level BPE piece,
+        a SentencePiece piece (its U+2581 a space); else its decoded text."""
         piece = self._backend.id_to_token(token_id) or ""
-        if _BYTE_PIECE.fullmatch(piece):
+        kinds = self._decoder_kinds
+        if "ByteFallback" in kinds and _BYTE_PIECE.fullmatch(piece):
             return bytes([int(piece[3:5], 16)])
-        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+        if "ByteLevel" in kinds and all(c in _BYTE_OF_CHAR for c in piece):
             return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if "Replace" in kinds and "\u2581" in piece:
+            return piece.replace("\u2581", " ").encode()
         return self.decode([token_id], skip_special_tokens=False).encode()
 
     @functools.cached_property
-    def _byte_level(self) -> bool:
-        """Whether the decoder maps pieces to bytes with byte-level BPE's alphabet."""
-        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
-        parts = decoder.get("decoders") or [decoder]
-        return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in parts)
+    def _decoder_kinds(self) -> frozenset[str]:
+        """The types of the decoder's steps (ByteLevel, ByteFallback, Replace, ...)."""
+        decoder = self._backend.decoder
+        if decoder is None:
+            return frozenset()
+        state = json.loads(decoder.__getstate__())
+        return frozenset(step.get("type") for step in state.get("decoders") or [state])
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         """Render ``messages`` with the checkpoint's template.
@@ -152,17 +157,16 @@ class Tokenizer:
         return None if token is None else self._backend.token_to_id(token)
 
 
-def _byte_level_alphabet() -> dict[str, int]:
+def byte_level_chars() -> dict[int, str]:
     """Byte-level BPE's printable stand-in for each byte: printable Latin-1 bytes stand for
     themselves, the others (controls, space, ...) take the characters from U+0100 on, in
     byte order."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable},
-            **{chr(0x100 + i): b for i, b in enumerate(others)}}
+    return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
 
 
-_BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_OF_CHAR = {char: byte for byte, char in byte_level_chars().items()}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from worker.tokenizer import byte_level_chars
+
 TINY_VERSION = "tiny-v1"
 CACHE_ENV = "PAGEDSERVE_CACHE"
 SEED = 20240611
@@ -115,7 +117,7 @@ def _write_json(file: Path, data: dict) -> None:
 
 def byte_level_tokenizer() -> Tokenizer:
     """BPE over the 256 byte symbols with no merges, plus the special tokens after them."""
-    byte_chars = bytes_to_unicode()
+    byte_chars = byte_level_chars()
     vocab = {byte_chars[b]: b for b in range(NUM_BYTES)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -125,19 +127,6 @@ def byte_level_tokenizer() -> Tokenizer:
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, NUM_BYTES)]
     )
     return tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The byte-level alphabet: printable Latin-1 bytes map to themselves, the rest to U+0100 onward."""
-    visible = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    mapping, shifted = {}, 0
-    for b in range(NUM_BYTES):
-        if b in visible:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(NUM_BYTES + shifted)
-            shifted += 1
-    return mapping
 
 
 def tiny_weights() -> dict[str, torch.Tensor]:

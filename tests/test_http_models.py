@@ -1,0 +1,42 @@
+"""How HTTP responses render tokens, without a daemon: text offsets and token bytes on tokenizers
+whose decoding depends on context (SentencePiece's leading space) or keeps special tokens."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.http_models import ResponseContext
+from test_tokenizer import BPE_CONFIG, byte_level_bpe, metaspace_bpe, write_dir
+from worker.tokenizer import Tokenizer
+
+
+def _offsets_as_decoded(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool):
+    """Where each token starts in the text decoded after the prompt, whole sequences at a time."""
+    before = len(tok.decode(prompt, skip_special_tokens=skip))
+    return [len(tok.decode(prompt + ids[:i], skip_special_tokens=skip)) - before
+            for i in range(len(ids))]
+
+
+@pytest.mark.parametrize("raw, skip", [(metaspace_bpe, True), (byte_level_bpe, False)])
+def test_text_offsets_follow_the_text_decoded_after_the_prompt(tmp_path, raw, skip):
+    """The offsets were counted with no prompt before the tokens (SentencePiece then drops the
+    first word's space, so every offset after it was one short) and always without special
+    tokens (a kept </s> took no room)."""
+    tok = Tokenizer.from_dir(write_dir(tmp_path, raw(), BPE_CONFIG))
+    prompt = tok.encode("the cat sat on")
+    ids = tok.encode(" the mat and the dog", add_special_tokens=False)
+    ids = ids[:2] + [tok.token_to_id("</s>")] + ids[2:]
+    ctx = ResponseContext("cmpl-x", 0, "m", False, tok, prompts=[prompt], n=2,
+                          skip_special_tokens=skip)
+    expected = _offsets_as_decoded(tok, prompt, ids, skip)
+    assert expected[1] > 0 and len(set(expected)) > 3  # the case is not degenerate
+    # choice 1 is the second sample of prompt 0; a stream renders it in two chunks
+    assert ctx.text_offsets_of(1, ids[:3]) + ctx.text_offsets_of(1, ids[3:]) == expected
+
+
+def test_token_bytes_of_sentencepiece_pieces_keep_their_spaces_and_fallback_bytes(tmp_path):
+    """Chat logprobs' bytes: a piece's U+2581 is a space (decoding one piece alone strips it),
+    and a character the vocabulary lacks comes as <0x..> pieces, one byte each."""
+    tok = Tokenizer.from_dir(write_dir(tmp_path, metaspace_bpe(), BPE_CONFIG))
+    ids = tok.encode("the cat \u2603", add_special_tokens=False)
+    assert any(tok._backend.id_to_token(i).startswith("<0x") for i in ids)  # ☃ falls back
+    assert b"".join(tok.token_bytes(i) for i in ids) == " the cat \u2603".encode()
