@@ -286,7 +286,8 @@ def down(drain_timeout: float | None = None,
     """Stop the workers and the scheduler. Returns how many unfinished jobs the journal keeps
     for the next `up` to resume, or None if nothing was running. With ``drain_timeout``, first
     refuse new jobs and wait up to that long for the unfinished ones to finish, calling
-    ``on_wait(status)`` every WAIT_REPORT_S meanwhile."""
+    ``on_wait(status)`` every WAIT_REPORT_S meanwhile; an interrupted wait raises
+    DrainCancelled, a drain ended elsewhere (`up`) DrainEnded, and neither stops anything."""
     scheduler = find_scheduler()
     if scheduler is None:
         return None

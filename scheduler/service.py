@@ -652,7 +652,7 @@ class SchedulerService:
             "results_restored": self.results_restored,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
             "journal_error": self.journal.write_error,
-            "journal_damage": "; ".join(self.journal.replay_problems) or None,
+            "journal_damage": _first_few(self.journal.replay_problems),
             "engine_failures": self.engine_failures,
             "quarantined_samples": len(self.quarantine),
             "uptime_s": time.time() - self.started_at, "scheduler_pid": os.getpid(),
@@ -680,6 +680,11 @@ class SchedulerService:
             log.warning("journal: %s; jobs that finished since the last write may run again "
                         "after `up`", exc)
         return self.unfinished_jobs
+
+
+def _first_few(problems: list[str], shown: int = 3) -> str | None:
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more if problems else None
 
 
 def _without_http_prefix(job_id: str) -> str:

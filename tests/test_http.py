@@ -757,7 +757,7 @@ def test_in_an_outage_requests_fail_fast_and_their_jobs_are_aborted_once_it_is_b
 
     cfg, client = daemon
     monkeypatch.setattr(http_module, "ABORT_RETRY_S", 0.2)
-    monkeypatch.setattr(client, "timeout_s", 3.0)  # the server's client: how long it waits
+    monkeypatch.setattr(client, "timeout_s", 8.0)  # the server's client: how long it waits
     body = {"model": "tiny", "prompt": "for nobody", "max_tokens": LONG, "ignore_eos": True,
             "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
@@ -768,7 +768,7 @@ def test_in_an_outage_requests_fail_fast_and_their_jobs_are_aborted_once_it_is_b
     assert "daemon_unavailable" in events[-2] and events[-1] == "data: [DONE]"
     started = time.monotonic()
     late = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
-    assert late.status_code == 503 and time.monotonic() - started < 2.5  # the outage goes on
+    assert late.status_code == 503 and time.monotonic() - started < 4  # the outage goes on
     status = bringup.up(cfg, min_workers=1)
     assert status["jobs_resumed"] == 1
     job = Client().result(job_id, timeout=60)
@@ -789,4 +789,3 @@ def test_the_server_follows_a_daemon_brought_up_again_with_less_room(http, daemo
     chat = http.post("/v1/chat/completions",
                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 200  # its default max_tokens is the room left: was a 400
-

@@ -201,16 +201,16 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, None
     if "factor" not in params:
         raise UnsupportedModelError(f"rope scaling {rope_type!r} needs a 'factor'")
-    scaling = RopeScaling(rope_type=rope_type, factor=_number(params, "factor", rope=True))
+    scaling = RopeScaling(rope_type=rope_type, factor=_number(params, "factor", where="rope "))
     if rope_type == "llama3":
         missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k not in params]
         if missing:
             raise UnsupportedModelError(f"llama3 rope scaling is missing {', '.join(missing)}")
         scaling = RopeScaling(
             rope_type="llama3",
-            factor=_number(params, "factor", rope=True),
-            low_freq_factor=_number(params, "low_freq_factor", rope=True),
-            high_freq_factor=_number(params, "high_freq_factor", rope=True),
+            factor=_number(params, "factor", where="rope "),
+            low_freq_factor=_number(params, "low_freq_factor", where="rope "),
+            high_freq_factor=_number(params, "high_freq_factor", where="rope "),
             original_max_position_embeddings=_positive_int(params,
                                                            "original_max_position_embeddings"),
         )
@@ -220,13 +220,13 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def _number(params: dict[str, Any], key: str, default: float | None = None, *,
-            rope: bool = False) -> float:
-    """``params[key]``, a number > 0 (``default`` when absent or null)."""
+            where: str = "") -> float:
+    """``params[key]``, a number > 0 (``default`` when absent or null); ``where`` names its
+    section in the error ("rope ")."""
     value = params.get(key)
     if value is None and default is not None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        where = "rope " if rope else ""
         raise UnsupportedModelError(f"config.json {where}{key}={value!r}: must be a number > 0")
     return float(value)
 
