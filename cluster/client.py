@@ -257,16 +257,22 @@ class Client:
                            params: SamplingParams | dict | None = None, *,
                            priority: int = 0) -> list[str]:
         """Queue every prompt with the same params in one scheduler call, for asyncio code:
-        all are accepted or none (a bad one raises, naming its index as ``job_index``)."""
+        all are accepted or none (a bad one raises, naming its index as ``job_index``). A
+        DaemonUnavailableError carries the ids sent as ``in_flight``: the scheduler may have
+        taken them (before it went, or once it answers again)."""
         same = [params] * len(prompts)
         specs = [_batch_args(prompts, same, [priority] * len(prompts), i)
                  for i in range(len(prompts))]
         try:
-            return await self._acall("submit_many", specs, 0)
-        except InvalidRequestError as exc:
-            if not _id_in_use(exc):
-                raise
-        return [await self._asubmit(spec, fresh_id=True) for spec in specs]  # as in _submit_batch
+            try:
+                return await self._acall("submit_many", specs, 0)
+            except InvalidRequestError as exc:
+                if not _id_in_use(exc):
+                    raise
+            return [await self._asubmit(spec, fresh_id=True) for spec in specs]  # see _submit_batch
+        except DaemonUnavailableError as exc:
+            exc.in_flight = [spec[-1] for spec in specs]
+            raise
 
     def _submit_batch(self, specs: list[tuple], first_index: int) -> list[str]:
         try:

@@ -31,7 +31,8 @@ from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from scheduler.service import BatchTooLargeError, OverloadedError, UnavailableError
+from scheduler.service import (BatchTooLargeError, OverloadedError, UnavailableError,
+                               UnknownJobError)
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import ChatTemplateError, Tokenizer
 
@@ -134,7 +135,9 @@ class Server:
                     log.warning("could not abort job %s (%s); trying again every %g s",
                                 job_id, exc, ABORT_RETRY_S)
                     warned = True
-            except Exception as exc:  # unknown: it never reached the journal, or is forgotten
+            except UnknownJobError:  # never accepted (a submit that did not go through)
+                return
+            except Exception as exc:  # noqa: BLE001 - best effort: it is logged
                 log.warning("could not abort job %s: %s", job_id, exc)
                 return
             await asyncio.sleep(ABORT_RETRY_S)
@@ -329,7 +332,7 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     server = _server(request)
     chat = isinstance(body, ChatRequest)
     with _daemon_errors(body):
-        job_ids = await server.client.asubmit_many(prompts, params, priority=body.priority)
+        job_ids = await _submit_or_withdraw(server, prompts, params, body.priority)
     ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_ids[0]}", int(time.time()),
                           server.model_id, chat, server.tokenizer, echoed=list(echoed),
                           prompts=prompts, n=params.n,
@@ -346,6 +349,18 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     server.metrics.count_tokens(sum(job.num_prompt_tokens for job in jobs),
                                 sum(len(o.token_ids) for job in jobs for o in job.outputs))
     return _encode(request, full_response(ctx, jobs, params.n))
+
+
+async def _submit_or_withdraw(server: Server, prompts: list[list[int]], params: SamplingParams,
+                              priority: int) -> list[str]:
+    """The jobs' ids; if the daemon did not answer, the jobs it may still take are aborted
+    (the client is answered 503 and will not read them)."""
+    try:
+        return await server.client.asubmit_many(prompts, params, priority=priority)
+    except DaemonUnavailableError as exc:
+        for job_id in getattr(exc, "in_flight", ()):
+            server.abort_soon(job_id)
+        raise
 
 
 def _close_stream(server: Server, meter: StreamMeter, job_ids: list[str], endpoint: str) -> None:

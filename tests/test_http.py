@@ -2,7 +2,9 @@
 official openai client and raw httpx: results equal the daemon's own, streams equal whole
 responses, bad input gets the right status and error body, and the server keeps serving."""
 import json
+import os
 import resource
+import signal
 import threading
 import time
 from pathlib import Path
@@ -748,6 +750,30 @@ def test_truncate_prompt_tokens_and_special_tokens_through_the_api(api):
 
 # -- last: it brings the daemon down and up again under the server ---------------------------
 
+
+def test_a_submit_the_stopped_scheduler_takes_late_is_aborted(http, daemon, monkeypatch):
+    """A scheduler that does not answer (stopped) takes the queued submit once it runs again;
+    the client had its 503 long before, so the job must not run for nobody."""
+    from cluster import http as http_module
+
+    cfg, client = daemon
+    monkeypatch.setattr(http_module, "ABORT_RETRY_S", 0.2)
+    monkeypatch.setattr(http_module, "HEALTH_TIMEOUT_S", 0.5)  # the context refresh's wait
+    monkeypatch.setattr(client, "timeout_s", 2.0)
+    pid = client.status()["scheduler_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        late = http.post("/v1/completions", json={"model": "tiny", "prompt": "too late",
+                                                  "max_tokens": 1234, "ignore_eos": True})
+        assert late.status_code == 503, late.text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    monkeypatch.setattr(client, "timeout_s", 60.0)
+    taken = wait_for(lambda: [j for j in client.jobs(finished_limit=20)
+                              if j["max_tokens"] == 1234], timeout=30, what="the late job")
+    wait_for(lambda: client.status_of(taken[0]["job_id"])["finished"], timeout=30,
+             what="the late job aborted")
+    assert client.status_of(taken[0]["job_id"])["finish_reasons"] == ["abort"]
 
 def test_in_an_outage_requests_fail_fast_and_their_jobs_are_aborted_once_it_is_back(
         http, daemon, monkeypatch):
