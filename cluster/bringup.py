@@ -203,7 +203,8 @@ class DrainCancelled(KeyboardInterrupt):
 
 
 class DrainEnded(RuntimeError):
-    """`down --drain` found the drain ended while it waited (`up` ends one): it stops nothing."""
+    """`down --drain` found the drain ended while it waited (`up` ends one, another `down`
+    too): it stops nothing more."""
 
 
 def _wait_ready(scheduler, min_workers: int, timeout: float,
@@ -230,7 +231,7 @@ def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) ->
     ray.get(scheduler.set_draining.remote(True))
     try:
         _wait_for_jobs(scheduler, timeout, on_wait)
-    except DrainEnded:
+    except (DrainEnded, ray.exceptions.ActorDiedError):
         raise
     except BaseException as exc:  # an interrupted drain is given up: the daemon takes jobs again
         try:
@@ -291,9 +292,14 @@ def down(drain_timeout: float | None = None,
     scheduler = find_scheduler()
     if scheduler is None:
         return None
-    if drain_timeout is not None:
-        _drain(scheduler, drain_timeout, on_wait)
     try:
+        if drain_timeout is not None:
+            _drain(scheduler, drain_timeout, on_wait)
         return ray.get(scheduler.shutdown.remote(), timeout=60)
+    except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile
+        if drain_timeout is None:
+            return None
+        raise DrainEnded("pagedserve was taken down while `down --drain` waited (another "
+                         "`pagedserve down`?)") from None
     finally:
         ray.kill(scheduler, no_restart=True)

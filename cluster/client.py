@@ -120,11 +120,14 @@ class Client:
                 max(0.0, min(lost_at, gone_since) + self.timeout_s - time.monotonic()))
         self._gone_since = None
         self._scheduler = scheduler
-        try:
-            ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
-            return None
-        except (*SCHEDULER_GONE, GetTimeoutError):
-            return lost_at
+        while True:  # until it answers, so that the call goes on with this outage over
+            try:
+                ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
+                return None
+            except (*SCHEDULER_GONE, GetTimeoutError):
+                if time.monotonic() - lost_at > self.timeout_s:
+                    return lost_at  # the call's next try tells whether it came back
+                time.sleep(RETRY_DELAY_S)
 
     def _answer_timeout(self, method: str) -> float | None:
         """How long a call may go unanswered: calls that wait for jobs have their own timeout;

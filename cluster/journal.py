@@ -383,13 +383,15 @@ class Journal:
         """Apply every good record. Returns the offset after the last one, what stopped the
         replay there (None: the end of the file), and the (offset, size, reason) of corrupt
         stretches skipped because a good record followed them."""
+        pos, skipped = len(MAGIC), []
         if not data.startswith(MAGIC):
             if MAGIC.startswith(data):
                 return 0, ("truncated file header" if data else None), []
-            raise JournalError(
-                f"{self.path} is not a pagedserve journal (it does not start with {MAGIC!r}); "
-                f"move it away or set scheduler.journal_path to another file")
-        pos, skipped = len(MAGIC), []
+            if _next_good_frame(data, 0) != len(MAGIC):  # not a damaged header: another file
+                raise JournalError(
+                    f"{self.path} is not a pagedserve journal (it does not start with "
+                    f"{MAGIC!r}); move it away or set scheduler.journal_path to another file")
+            skipped.append((0, len(MAGIC), "damaged file header"))
         while pos < len(data):
             record, end, problem = _read_frame(data, pos)
             if problem is None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import ray
@@ -512,6 +513,34 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
     thread.join(timeout=60)
     assert outcome["out"].outputs[0].finish_reason == "abort", outcome["out"]
     assert outcome["streamed"] == outcome["out"].outputs[0].token_ids
+    wait_for(lambda: len(ready_workers(client)) == 2, timeout=120, what="both workers back")
+
+
+def test_a_stream_rides_out_two_restarts_further_apart_than_the_client_timeout(daemon):
+    """The first restart's loss was kept after the stream resumed (its reconnect found the
+    scheduler still starting), so a second restart timeout_s later failed at once."""
+    _, _, client = daemon
+    job = client.submit("twice", SamplingParams(max_tokens=2000, ignore_eos=True))
+    waiter, outcome = Client(timeout_s=4), {"streamed": []}
+
+    def stream():
+        try:
+            for delta in waiter.stream(job):
+                outcome["streamed"] += delta.new_token_ids
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    for _ in range(2):
+        seen = len(outcome["streamed"])
+        ray.kill(bringup.find_scheduler(), no_restart=False)
+        wait_for(lambda: len(outcome["streamed"]) > seen + 5 or "error" in outcome,
+                 timeout=120, what="the stream going on after the restart")
+        time.sleep(5)  # past the waiter's timeout_s: the next restart is an outage of its own
+    client.abort(job)
+    thread.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
     wait_for(lambda: len(ready_workers(client)) == 2, timeout=120, what="both workers back")
 
 

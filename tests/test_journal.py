@@ -218,6 +218,22 @@ def test_a_file_that_is_not_a_journal_is_refused_and_left_alone(path):
     Journal(path.with_name("other.journal")).close()  # the refused one released its lock
 
 
+def test_a_damaged_header_before_good_records_loses_nothing(path):
+    """A flipped bit in the 4-byte header refused the whole journal (every unfinished job lost
+    once it was moved away, as the error said); the records after it are good."""
+    with Journal(path, fsync_interval_s=0) as journal:
+        for i in range(3):
+            journal.record_accepted(f"j{i}", [i] * 5, {"n": 1})
+    data = bytearray(path.read_bytes())
+    data[1] ^= 0x20
+    path.write_bytes(bytes(data))
+    with Journal(path) as journal:
+        assert ids(journal) == ["j0", "j1", "j2"]
+        assert journal.replay_problems == ["damaged file header at byte 0; skipped 4 bytes to "
+                                           "the next good record"]
+    assert path.read_bytes().startswith(MAGIC)  # rewritten whole
+
+
 def test_compact_keeps_exactly_the_unfinished(path):
     rng = random.Random(7)
     with Journal(path, fsync_interval_s=0) as journal:
