@@ -292,14 +292,15 @@ def down(drain_timeout: float | None = None,
     scheduler = find_scheduler()
     if scheduler is None:
         return None
-    try:
-        if drain_timeout is not None:
+    if drain_timeout is not None:
+        try:
             _drain(scheduler, drain_timeout, on_wait)
+        except ray.exceptions.ActorDiedError:
+            raise DrainEnded("pagedserve was taken down while `down --drain` waited (another "
+                             "`pagedserve down`?)") from None
+    try:
         return ray.get(scheduler.shutdown.remote(), timeout=60)
     except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile
-        if drain_timeout is None:
-            return None
-        raise DrainEnded("pagedserve was taken down while `down --drain` waited (another "
-                         "`pagedserve down`?)") from None
+        return None
     finally:
         ray.kill(scheduler, no_restart=True)

@@ -517,11 +517,12 @@ def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemo
 
 
 def test_a_stream_rides_out_two_restarts_further_apart_than_the_client_timeout(daemon):
-    """The first restart's loss was kept after the stream resumed (its reconnect found the
-    scheduler still starting), so a second restart timeout_s later failed at once."""
+    """A reconnect that found the scheduler not answering yet kept the loss after the stream
+    went on, so a second restart timeout_s later failed at once. The first outage here: a
+    dead handle (the scheduler gone), then the scheduler found but stopped for 3 s."""
     _, _, client = daemon
     job = client.submit("twice", SamplingParams(max_tokens=2000, ignore_eos=True))
-    waiter, outcome = Client(timeout_s=4), {"streamed": []}
+    waiter, outcome = Client(timeout_s=8), {"streamed": []}  # a restart takes ~2-5 s here
 
     def stream():
         try:
@@ -530,14 +531,23 @@ def test_a_stream_rides_out_two_restarts_further_apart_than_the_client_timeout(d
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
+    pid = client.status()["scheduler_pid"]
+    gone = _Gone.remote()
+    ray.kill(gone)
+    waiter._scheduler = gone
+    os.kill(pid, signal.SIGSTOP)
+    lost = time.monotonic()
     thread = threading.Thread(target=stream)
     thread.start()
-    for _ in range(2):
-        seen = len(outcome["streamed"])
-        ray.kill(bringup.find_scheduler(), no_restart=False)
-        wait_for(lambda: len(outcome["streamed"]) > seen + 5 or "error" in outcome,
-                 timeout=120, what="the stream going on after the restart")
-        time.sleep(5)  # past the waiter's timeout_s: the next restart is an outage of its own
+    time.sleep(3)
+    os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: len(outcome["streamed"]) > 5 or "error" in outcome, timeout=60,
+             what="the stream going on after the first outage")
+    time.sleep(max(0.0, lost + waiter.timeout_s + 1 - time.monotonic()))
+    seen = len(outcome["streamed"])
+    ray.kill(bringup.find_scheduler(), no_restart=False)  # an outage of its own
+    wait_for(lambda: len(outcome["streamed"]) > seen + 5 or "error" in outcome, timeout=120,
+             what="the stream going on after the restart")
     client.abort(job)
     thread.join(timeout=60)
     assert "error" not in outcome, outcome.get("error")
@@ -546,8 +556,13 @@ def test_a_stream_rides_out_two_restarts_further_apart_than_the_client_timeout(d
 
 @ray.remote(num_cpus=0)
 class _Gone:
+    """Killed at once: a handle to a scheduler that went."""
+
     def abort(self, job_id):
         pass
+
+    def stream(self, job_id, cursor):
+        yield
 
 
 def test_an_abort_whose_answer_was_lost_to_a_restart_still_says_it_aborted(daemon):
