@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.output import JobOutput, RequestOutput
 from worker.sampler import TokenLogprobs
-from worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
 
 # A logprob JSON can carry (JSON has no -Infinity); far below any real one.
 LOGPROB_FLOOR = -9999.0
@@ -181,15 +181,7 @@ class ChatMessage(_Strict):
     name: str | None = None
 
     def as_template_input(self) -> dict:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        # OpenAI's newer name for the system role; chat templates know only "system"
-        role = "system" if self.role == "developer" else self.role
-        message = {"role": role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
+        return template_message(self.model_dump(exclude_none=True))
 
 
 class TokenizeRequest(_Strict):

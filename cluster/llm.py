@@ -10,6 +10,7 @@ from tqdm import tqdm
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
 from worker.output import JobOutput, RequestOutput
+from worker.tokenizer import template_message
 
 Prompt = str | list[int]
 
@@ -120,7 +121,7 @@ class LLM:
                 raise InvalidRequestError(
                     f"conversation {i} must be a non-empty list of message dicts "
                     f"({{'role': ..., 'content': ...}})")
-        prompts = [self.tokenizer.encode_chat([_text_message(m) for m in messages])
+        prompts = [self.tokenizer.encode_chat([template_message(m) for m in messages])
                    for messages in conversations]
         return self.generate(prompts, params, **options)
 
@@ -162,16 +163,3 @@ def _per_prompt(params, count: int) -> list[SamplingParams]:
     if len(params) != count:
         raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
     return params
-
-
-def _text_message(message: dict) -> dict:
-    """``message`` with OpenAI-style content parts (``[{"type": "text", "text": ...}]``)
-    joined into one string, which is what chat templates expect; other parts are refused."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-               for p in content):
-        raise InvalidRequestError("a message's content parts must be text parts "
-                                  "({'type': 'text', 'text': ...}); pagedserve serves text only")
-    return {**message, "content": "".join(p["text"] for p in content)}

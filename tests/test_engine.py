@@ -396,3 +396,7 @@ def test_chat_joins_openai_content_parts_instead_of_sending_their_repr(llm):
         .num_prompt_tokens
     with pytest.raises(InvalidRequestError, match="content parts must be text parts"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    # OpenAI's "developer" is the templates' "system", as over HTTP
+    system = [{"role": "system", "content": "be brief"}, *plain]
+    developer = [{"role": "developer", "content": "be brief"}, *plain]
+    assert tokens(llm.chat(developer, params)) == tokens(llm.chat(system, params))

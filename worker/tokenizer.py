@@ -170,6 +170,22 @@ _BYTE_OF_CHAR = {char: byte for byte, char in byte_level_chars().items()}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message as templates take it: OpenAI-style content parts
+    (``[{"type": "text", "text": ...}]``) joined into one string, no content as "", and
+    OpenAI's "developer" role as "system" (templates know only that one); other parts are
+    refused (text only)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text"
+                   and isinstance(p.get("text"), str) for p in content):
+            raise InvalidRequestError("a message's content parts must be text parts "
+                                      "({'type': 'text', 'text': ...}); pagedserve serves text")
+        content = "".join(p["text"] for p in content)
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {**message, "role": role, "content": content or ""}
+
+
 def _check_is_text(text: str) -> None:
     try:
         text.encode("utf-8")
