@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
+from worker.loader import resolve_model_path
 from worker.output import JobOutput, RequestOutput
-from worker.tokenizer import template_message
+from worker.tokenizer import Tokenizer, template_message
 
 Prompt = str | list[int]
 
@@ -25,7 +26,6 @@ class LLM:
     def __init__(self, model: str = "tiny", *, workers: int | None = None,
                  **engine_options) -> None:
         self._daemon = None
-        self._closed = False
         self._model = model
         if workers is not None:
             if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -42,7 +42,6 @@ class LLM:
 
     def close(self) -> None:
         """Stop the embedded daemon, or free the in-process engine's model and KV cache."""
-        self._closed = True
         if self._daemon is not None:
             self._daemon.close()
             self._daemon = None
@@ -54,13 +53,15 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def _closed(self) -> bool:
+        """Neither a daemon nor an engine: close() took it."""
+        return self._daemon is None and "engine" not in self.__dict__
+
     @functools.cached_property
     def tokenizer(self):
         if "engine" in self.__dict__:
             return self.engine.tokenizer
-        from worker.loader import resolve_model_path
-        from worker.tokenizer import Tokenizer
-
         return Tokenizer.from_dir(resolve_model_path(self._model))
 
     def generate(
