@@ -531,7 +531,8 @@ def test_a_stream_rides_out_two_restarts_further_apart_than_the_client_timeout(d
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
-    pid = client.status()["scheduler_pid"]
+    status = client.status()
+    pid, workers = status["scheduler_pid"], [w["pid"] for w in status["workers"] if w.get("pid")]
     gone = _Gone.remote()
     ray.kill(gone)
     waiter._scheduler = gone
@@ -543,11 +544,17 @@ def test_a_stream_rides_out_two_restarts_further_apart_than_the_client_timeout(d
     os.kill(pid, signal.SIGCONT)
     wait_for(lambda: len(outcome["streamed"]) > 5 or "error" in outcome, timeout=60,
              what="the stream going on after the first outage")
-    time.sleep(max(0.0, lost + waiter.timeout_s + 1 - time.monotonic()))
-    seen = len(outcome["streamed"])
-    ray.kill(bringup.find_scheduler(), no_restart=False)  # an outage of its own
-    wait_for(lambda: len(outcome["streamed"]) > seen + 5 or "error" in outcome, timeout=120,
-             what="the stream going on after the restart")
+    try:
+        for worker in workers:  # so that the job cannot finish while the test waits
+            os.kill(worker, signal.SIGSTOP)
+        time.sleep(max(0.0, lost + waiter.timeout_s + 1 - time.monotonic()))
+        seen = len(outcome["streamed"])
+        ray.kill(bringup.find_scheduler(), no_restart=False)  # an outage of its own
+        wait_for(lambda: len(outcome["streamed"]) > seen + 5 or "error" in outcome,
+                 timeout=120, what="the stream going on after the restart")
+    finally:
+        for worker in workers:
+            _continue(worker)
     client.abort(job)
     thread.join(timeout=60)
     assert "error" not in outcome, outcome.get("error")
