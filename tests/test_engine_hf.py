@@ -1,5 +1,12 @@
 """Greedy output of the engine equals Hugging Face transformers' generate, token for token
-(float32, CPU), for random Llama and Qwen2 checkpoints, under every scheduling regime."""
+(float32), for random Llama and Qwen2 checkpoints, under every scheduling regime.
+
+On the CPU by default; ``PAGEDSERVE_TEST_DEVICE=cuda`` runs the same tests with both the engine
+and transformers on a GPU (the cuda backend, its device placement and KV sizing from device
+memory), which CI cannot do: it has no GPU.
+"""
+import gc
+import os
 import shutil
 
 import pytest
@@ -12,6 +19,7 @@ from worker import runner  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 from worker.models.tiny import tiny_model_dir  # noqa: E402
 
+DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
 VOCAB = 262  # the tiny model's byte-level tokenizer, reused so the engine can detokenize
 MAX_NEW = 24
 
@@ -50,7 +58,7 @@ def checkpoint(request, tmp_path_factory):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     model = _save(model.float().eval(), path)
-    return path, model
+    return path, model.to(DEVICE)
 
 
 def prompts():
@@ -69,9 +77,10 @@ def expected(checkpoint):
     result = []
     for ids in prompts():
         with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 pad_token_id=0)
+            gen = model.generate(torch.tensor([ids], device=DEVICE), max_new_tokens=MAX_NEW,
+                                 do_sample=False, pad_token_id=0,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                           device=DEVICE))
         result.append(gen[0, len(ids):].tolist())
     return result
 
@@ -83,12 +92,31 @@ REGIMES = {
     # 30 blocks of 4 KiB (2 layers x K,V x 8 tokens x 2 heads x 16 dims x fp32)
     "preempting": dict(block_size=8, kv_cache_gib=30 * 4096 / 2**30),
 }
+PREEMPTING_BLOCKS = 30
+
+
+def engine_options(path, regime, **options):
+    """The regime's options for DEVICE. A GPU sizes its KV cache from device memory, not
+    kv_cache_gib: a small share of it, or, to preempt, the share that leaves 30 blocks after
+    the profiled peak (measured by a first engine of the same shape)."""
+    options = dict(REGIMES.get(regime, {}), device=DEVICE, **options)
+    if DEVICE == "cpu":
+        return options
+    options.pop("kv_cache_gib", None)
+    options["memory_utilization"] = 0.05
+    if regime == "preempting":
+        probe = LLM(str(path), **options).engine.kv_size
+        gc.collect()
+        total = torch.cuda.mem_get_info()[1]
+        needed = probe.peak_bytes + (PREEMPTING_BLOCKS + 0.5) * probe.bytes_per_block
+        options["memory_utilization"] = needed / total
+    return options
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
 def test_greedy_matches_transformers(checkpoint, expected, regime):
     path, _ = checkpoint
-    llm = LLM(str(path), **REGIMES[regime])
+    llm = LLM(str(path), **engine_options(path, regime))
     outs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_NEW, temperature=0))
     got = [o.outputs[0].token_ids for o in outs]
     assert got == expected
@@ -108,12 +136,12 @@ def test_prompt_logprobs_match_transformers(checkpoint, regime, monkeypatch):
     path, model = checkpoint
     if regime == "sliced":
         monkeypatch.setattr(runner, "PROMPT_LOGITS_ROWS", 7)
-    llm = LLM(str(path), **REGIMES.get(regime, {}))
+    llm = LLM(str(path), **engine_options(path, regime))
     outs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_NEW, temperature=0,
                                                   prompt_logprobs=2))
     for ids, out in zip(prompts(), outs):
         with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+            ref = model(torch.tensor([ids], device=DEVICE)).logits[0, :-1].float().log_softmax(-1).cpu()
         got = out.prompt_logprobs
         assert [lp.token_id for lp in got] == ids[1:]
         assert torch.allclose(torch.tensor([lp.logprob for lp in got]),
@@ -129,18 +157,34 @@ def test_min_tokens_matches_transformers_min_new_tokens(checkpoint, expected):
     there; with min_tokens=8 the stop (and EOS) are masked for 8 tokens, as HF's
     min_new_tokens masks its eos ids, and the outputs agree token for token."""
     path, model = checkpoint
-    llm = LLM(str(path), block_size=8)
+    llm = LLM(str(path), **engine_options(path, None, block_size=8))
     for ids, greedy in zip(prompts(), expected):
         stop = greedy[2]
         short = llm.generate([ids], SamplingParams(max_tokens=MAX_NEW, temperature=0,
                                                    stop_token_ids=[stop]))
         assert short[0].outputs[0].token_ids == greedy[:greedy.index(stop) + 1]
         with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                                 min_new_tokens=8, eos_token_id=[stop, 257], pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            ref = model.generate(torch.tensor([ids], device=DEVICE), max_new_tokens=MAX_NEW,
+                                 do_sample=False, min_new_tokens=8, eos_token_id=[stop, 257],
+                                 pad_token_id=0, attention_mask=torch.ones(
+                                     1, len(ids), dtype=torch.long, device=DEVICE))
         out = llm.generate([ids], SamplingParams(max_tokens=MAX_NEW, temperature=0,
                                                  stop_token_ids=[stop], min_tokens=8))
         got = out[0].outputs[0].token_ids
         assert got == ref[0, len(ids):].tolist()
         assert len(got) >= 8 and stop not in got[:8] and 257 not in got[:8]
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="tests/test_engine.py checks this on the CPU")
+def test_seeded_sampling_is_identical_with_and_without_preemption(checkpoint):
+    """Sampling on DEVICE (temperature, top-k/p, penalties, logprobs) is repeatable across a
+    preemption: the uniforms come from the seed and position, not the device."""
+    path, _ = checkpoint
+    params = [SamplingParams(max_tokens=MAX_NEW, temperature=0.9, top_p=0.9, top_k=40,
+                             repetition_penalty=1.2, presence_penalty=0.5, seed=7 + i,
+                             ignore_eos=True, logprobs=3) for i in range(len(prompts()))]
+    calm = LLM(str(path), **engine_options(path, "no-prefix-caching")).generate(prompts(), params)
+    tight = LLM(str(path), **engine_options(path, "preempting"))
+    squeezed = tight.generate(prompts(), params)
+    assert tight.engine.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in squeezed] == [o.outputs[0].token_ids for o in calm]
