@@ -327,13 +327,15 @@ class ResponseContext:
 
     def text_offsets_of(self, index: int, token_ids: list[int]) -> list[int]:
         """Where each token starts in choice ``index``'s text, continuing its earlier chunks.
-        A token holding part of a character starts where that character does; special
-        tokens take no room (the text leaves them out: the BOS before an echoed prompt)."""
+        A token holding part of a character starts where that character does, one after bytes
+        that never made one (their U+FFFD); special tokens take no room (the text leaves them
+        out: the BOS before an echoed prompt)."""
         decoded, at = self.text_offsets.get(index) or (self._decoder_of(index), 0)
         offsets = []
         for token_id in token_ids:
-            offsets.append(at)
-            at += len(decoded.add(token_id))
+            text, start = decoded.add_one(token_id)
+            offsets.append(at + start)
+            at += len(text)
         self.text_offsets[index] = decoded, at
         return offsets
 

@@ -6,6 +6,7 @@ import pytest
 
 from cluster.http_models import ResponseContext
 from test_tokenizer import BPE_CONFIG, byte_level_bpe, metaspace_bpe, write_dir
+from worker.models.tiny import tiny_model_dir
 from worker.tokenizer import Tokenizer
 
 
@@ -31,6 +32,22 @@ def test_text_offsets_follow_the_text_decoded_after_the_prompt(tmp_path, raw, sk
     assert expected[1] > 0 and len(set(expected)) > 3  # the case is not degenerate
     # choice 1 is the second sample of prompt 0; a stream renders it in two chunks
     assert ctx.text_offsets_of(1, ids[:3]) + ctx.text_offsets_of(1, ids[3:]) == expected
+
+
+@pytest.mark.parametrize("ids, expected", [
+    ([226, 130, 172, 97], [0, 0, 0, 1]),  # "€a": the euro's three bytes start where it does
+    ([226, 97, 98], [0, 1, 2]),  # a lead byte never completed is a U+FFFD before the "a"
+    ([226, 130, 97], [0, 0, 1]),  # two bytes of one unfinished character: one U+FFFD
+    ([120, 226, 120, 226, 130, 172], [0, 1, 2, 3, 3, 3]),
+])
+def test_text_offsets_count_bytes_that_never_make_a_character_as_their_replacement(ids, expected):
+    """A byte-level model can emit invalid UTF-8; its text holds a U+FFFD there, and the token
+    after it starts one character later (it was given the U+FFFD's own offset)."""
+    tok = Tokenizer.from_dir(tiny_model_dir())
+    ctx = ResponseContext("cmpl-x", 0, "m", False, tok, prompts=[[256]], n=1)
+    text = tok.decode(ids)
+    assert [text[o] for i, o in zip(ids, expected) if i < 128] == [chr(i) for i in ids if i < 128]
+    assert ctx.text_offsets_of(0, ids[:2]) + ctx.text_offsets_of(0, ids[2:]) == expected
 
 
 def test_token_bytes_of_sentencepiece_pieces_keep_their_spaces_and_fallback_bytes(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -217,6 +218,20 @@ class IncrementalDetokenizer:
         """Append new token ids; return the text they complete (possibly "")."""
         self._ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
         return self._emit(final=False)
+
+    def add_one(self, token_id: int) -> tuple[str, int]:
+        """Append one token; return the text it completes and where in that text the token's
+        own characters begin: after the U+FFFD of bytes held back before it that it did not
+        complete (invalid UTF-8), at 0 when it completed their character or none was held."""
+        if len(self._ids) == self._read:  # nothing held back: the common case
+            return self.add(token_id), 0
+        before = self._decode(self._context, self._read)
+        held = self._decode(self._context, len(self._ids))
+        text = self.add(token_id)
+        # the held bytes' text up to where it changed: a completed character replaced their
+        # U+FFFD (the token starts with it), an invalid sequence kept it (the token follows)
+        kept = len(os.path.commonprefix([held, before + text])) - len(before)
+        return text, min(max(kept, 0), len(text))
 
     def flush(self) -> str:
         """Text still held back (an unfinished character decodes as U+FFFD)."""
