@@ -39,7 +39,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-workers", type=int, default=1,
                    help="wait for this many workers to load the model (then up to 30 s more "
                         "for the others still loading)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for workers")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for workers (default: 600)")
     p.set_defaults(func=run_up)
 
     p = sub.add_parser("down", help="stop the daemon (scheduler and workers)")
@@ -53,7 +54,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("status", help="workers, KV usage and jobs of the running daemon")
     add_address_flag(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole status as one JSON object (every figure the table "
+                        "leaves out too)")
     p.set_defaults(func=run_status)
 
 

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run a mixed batch of jobs through the daemon (embedded "
                                     "local Ray cluster if none is running)")
     p.add_argument("--jobs", type=int, default=48, help="number of jobs (default 48)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the jobs' lengths, prompts and sampling (default 0)")
     p.add_argument("--config", default=None, help="preset or YAML file (default cpu-sim)")
     p.set_defaults(func=run)
 
