@@ -184,6 +184,21 @@ def test_repetition_penalty_steers_greedy_away_from_a_repeated_token():
     assert plain == [1] and penalised == [2]
 
 
+@pytest.mark.parametrize("penalty, greedy", [(1e-39, 2), (1e39, 3)])
+def test_extreme_repetition_penalties_keep_logits_finite(penalty, greedy):
+    """Valid (finite, > 0) but beyond float32: 1e39 made the penalty inf and a repeated token's
+    zero logit NaN (0 x inf), 1e-39 made it 0 and positive logits inf; every token came out as
+    the last of the vocabulary. A tiny penalty favours the best repeated token, a huge one
+    bans the repeated tokens below 0 and sends the others to 0."""
+    logits = torch.tensor([[0.0, 3.0, 5.0, 0.5, -1.0]])
+    row = dict(output=[0, 1, 2, 4], repetition_penalty=penalty)
+    penalised = apply_penalties(logits.clone(), [make_row(**row)])
+    assert torch.isfinite(penalised).all()
+    assert Sampler()(logits.clone(), [make_row(**row, temperature=0.0)]).token_ids == [greedy]
+    sampled = Sampler()(logits.repeat(8, 1), [make_row(**row, temperature=1.0, seed=s) for s in range(8)])
+    assert set(sampled.token_ids) <= ({2} if penalty < 1 else {0, 1, 2, 3})
+
+
 def test_frequency_penalty_counts_output_tokens_only():
     logits = torch.tensor([[2.0, 1.9, 0.0]])
     # Token 0 is all over the prompt but was never generated: no frequency penalty applies.

@@ -156,16 +156,26 @@ def _steer(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return scores
 
 
+# 1e20: a logit of 1e10 scaled stays below PENALISED_LIMIT (order kept); 1e30 after the
+# smallest sampling temperature (1e-5) is still far from float32's 3.4e38.
+PENALTY_LIMIT = 1e20
+PENALISED_LIMIT = 1e30
+
+
 def _apply_repetition_penalty_(logits: torch.Tensor, rows: list[SamplingRow], chosen: list[int]) -> None:
     """In place: divides positive, multiplies negative logits of every token in prompt + output."""
     row_ids, token_ids = _occurrences(
         [itertools.chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in chosen],
         [len(rows[i].prompt_token_ids) + len(rows[i].output_token_ids) for i in chosen],
         chosen, logits)
-    penalty = _per_row([rows[i].params.repetition_penalty for i in chosen], row_ids, chosen, logits)
+    # Any finite penalty > 0 is valid, but float32 turns 1e39 into inf (0 x inf is NaN) and
+    # 1e-39 into 0: kept within a range where every product and quotient stays finite.
+    penalty = _per_row([min(max(rows[i].params.repetition_penalty, 1 / PENALTY_LIMIT),
+                            PENALTY_LIMIT) for i in chosen], row_ids, chosen, logits)
     values = logits[row_ids, token_ids]
     # A token seen twice is written twice with the same value, so duplicates are harmless.
-    logits[row_ids, token_ids] = torch.where(values > 0, values / penalty, values * penalty)
+    penalised = torch.where(values > 0, values / penalty, values * penalty)
+    logits[row_ids, token_ids] = penalised.clamp(-PENALISED_LIMIT, PENALISED_LIMIT)
 
 
 def _apply_frequency_presence_(logits: torch.Tensor, rows: list[SamplingRow], chosen: list[int]) -> None:
