@@ -318,6 +318,11 @@ def test_min_tokens_holds_stop_strings_off_until_reached(llm):
     held = llm.generate(["min tokens"], SamplingParams(**params, min_tokens=6))[0].outputs[0]
     assert len(held.token_ids) >= 6 and held.token_ids == full.token_ids[:len(held.token_ids)]
     assert held.text.startswith(full.text[:2])  # the stop string before token 6 did not stop it
+    # a longer stop string beside it, found nowhere, must not widen the search back into the
+    # text before min_tokens (it did: the early stop string then ended the output)
+    longer = llm.generate(["min tokens"], SamplingParams(**{**params, "stop": [stop, "\x00" * 9]},
+                                                         min_tokens=6))[0].outputs[0]
+    assert longer.text == held.text and longer.finish_reason == held.finish_reason
     with pytest.raises(InvalidRequestError, match=r"min_tokens=5: must be an integer in \[0, "
                                                    r"max_tokens=4\]"):
         SamplingParams(max_tokens=4, min_tokens=5)

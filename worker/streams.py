@@ -37,14 +37,17 @@ class SampleStream:
         self._tokens_read += len(new_tokens)
         if not new_tokens or self.stopped_by_text:
             return
-        start = max(0, len(self.text) - self._holdback)
+        seen = len(self.text)
         self.text += self.detokenizer.add(new_tokens)
         if self.request.is_finished:  # release a character held back as incomplete
             self.text += self.detokenizer.flush()
         params = self.request.params
         if self._tokens_read < params.min_tokens:
             return  # as vLLM: stop strings count from min_tokens on
-        hits = [(at, len(s)) for s in params.stop if (at := self.text.find(s, start)) >= 0]
+        # only a stop string that ends in the new text: one in the text before was looked for
+        # then, or came before min_tokens
+        hits = [(at, len(s)) for s in params.stop
+                if (at := self.text.find(s, max(0, seen - len(s) + 1))) >= 0]
         if hits:
             at, length = min(hits)
             self.text = self.text[: at + length if params.include_stop_str_in_output else at]
