@@ -77,11 +77,17 @@ class KVCacheManager:
                 break
             hits.append(block)
             parent = block.cache_key  # the indexed key object, so the next compare is by identity
-        self._query_blocks += max_blocks
-        self._query_tokens += len(token_ids)
-        self._hit_blocks += len(hits)
-        self._hit_tokens += len(hits) * bs
         return hits
+
+    def record_prefix_query(self, num_tokens: int, prefix: list[Block]) -> None:
+        """Count a lookup (its ``match_prefix`` result) for the hit rate, once its sequence is
+        allocated: a request that waits is looked up at every step, but queries once."""
+        if not self.enable_prefix_caching:
+            return
+        self._query_blocks += max(num_tokens - 1, 0) // self.block_size
+        self._query_tokens += num_tokens
+        self._hit_blocks += len(prefix)
+        self._hit_tokens += len(prefix) * self.block_size
 
     def cache_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int,
                      extra_key: Hashable = None) -> None:

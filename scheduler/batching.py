@@ -187,7 +187,9 @@ class ContinuousBatcher:
     def _admit(self, req: Request, budget: int) -> int:
         """Allocate the whole prompt's blocks (reusing cached ones) if they fit with the
         watermark to spare; returns this step's token count, 0 if not admitted."""
-        prefix = self._match_prefix(req)
+        # prompt logprobs need the logits of every prompt position: no cached blocks then
+        queried = self.config.enable_prefix_caching and req.params.prompt_logprobs is None
+        prefix = self.kv.match_prefix(req.token_ids, req.cache_salt) if queried else []
         num_cached = len(prefix) * self.kv.block_size
         num_new = req.num_tokens - num_cached
         if num_new > budget and not self.config.enable_chunked_prefill:
@@ -195,16 +197,12 @@ class ContinuousBatcher:
         if not self.kv.can_allocate(req.num_tokens, prefix):
             return 0
         self.kv.allocate(req.request_id, req.num_tokens, prefix)
+        if queried:
+            self.kv.record_prefix_query(req.num_tokens, prefix)
         req.num_computed_tokens = num_cached
         req.num_cached_prompt_tokens = num_cached
         req.status = RequestStatus.RUNNING
         return min(num_new, budget)
-
-    def _match_prefix(self, req: Request) -> list:
-        # prompt logprobs need the logits of every prompt position: no cached blocks then
-        if not self.config.enable_prefix_caching or req.params.prompt_logprobs is not None:
-            return []
-        return self.kv.match_prefix(req.token_ids, req.cache_salt)
 
     def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
         """Advance the step's requests; append sampled tokens; return those that finished."""

@@ -207,6 +207,21 @@ def test_prefix_hit_skips_cached_blocks_but_never_the_last_token():
     assert b.schedule().requests[-1].num_computed_tokens == 0
 
 
+def test_a_request_that_waits_for_blocks_counts_one_prefix_query():
+    """It is looked up at every step it waits, but the hit rate counts its tokens once (it
+    counted them at every step: the rate then depended on how long requests waited)."""
+    b, kv = make(num_blocks=8, block_size=4)
+    b.add(req("big", 24, max_tokens=8))  # 6 of the 8 blocks, 8 at its end
+    step(b)
+    b.add(req("waiter", 12, max_tokens=1, first=100))  # 3 blocks: waits for big to finish
+    waited = 0
+    while "waiter" not in [r.request_id for r in step(b).requests]:
+        waited += 1
+    run_all(b)
+    assert waited >= 5
+    assert kv.stats().prefix_query_tokens == 24 + 12
+
+
 def test_watermark_holds_back_admission():
     b, kv = make(num_blocks=10, block_size=4, watermark=0.2)  # 2 blocks held back
     b.add(req("a", 16, max_tokens=1))  # 4 blocks

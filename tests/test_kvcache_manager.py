@@ -16,6 +16,7 @@ def admit(manager: KVCacheManager, seq_id, tokens, extra=None, compute=True):
     """Match, allocate and (optionally) compute a whole prompt, as the scheduler would."""
     prefix = manager.match_prefix(tokens, extra)
     manager.allocate(seq_id, len(tokens), prefix)
+    manager.record_prefix_query(len(tokens), prefix)
     if compute:
         manager.cache_blocks(seq_id, tokens, len(tokens), extra)
     return prefix
