@@ -121,6 +121,31 @@ def test_abort_frees_blocks_at_once(llm):
     assert not engine.has_unfinished()
 
 
+def test_a_request_id_in_use_by_a_job_or_sample_is_refused_until_it_is_done(llm):
+    """An aborted id re-added before the next step, a job id that is another job's sample id,
+    or one job id twice were accepted: the next step raised (KeyError, 'already has blocks')
+    or two jobs' outputs were mixed, and blocks leaked."""
+    engine, params = llm.engine, SamplingParams(max_tokens=4, temperature=0)
+    engine.add_request([1, 2, 3], params, request_id="x")
+    engine.step()
+    engine.abort("x")
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, n=2),
+                       request_id="pair")
+    for taken, n in [("x", 1), ("pair/1", 1), ("pair", 1), ("pair", 2)]:
+        with pytest.raises(InvalidRequestError, match=f"'{taken}' is already in use"):
+            engine.add_request([4, 5], SamplingParams(max_tokens=4, n=n), request_id=taken)
+    with pytest.raises(InvalidRequestError, match="leave nothing to generate"):
+        engine.add_request([4, 5], params, request_id="done", resumed_token_ids=[7] * 4)
+    engine.step()  # the abort's output goes out: "x" is free again
+    engine.add_request([4, 5], params, request_id="x")
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    finished = sorted((o.request_id, o.index) for o in outputs if o.finish_reason)
+    assert finished == [("pair", 0), ("pair", 1), ("x", 0)]
+    assert engine.stats().kv_blocks_used == 0
+
+
 def test_tokens_per_s_counts_only_the_recent_window(llm, monkeypatch):
     monkeypatch.setattr("worker.engine.RATE_WINDOW_S", 0.5)
     llm.generate(["rate"], SamplingParams(max_tokens=8, ignore_eos=True))

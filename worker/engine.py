@@ -92,7 +92,8 @@ class Engine:
         self.sampler = Sampler(seed=config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
             self.tokenizer.eos_token_ids)
-        self._streams: dict[str, SampleStream] = {}
+        self._streams: dict[str, SampleStream] = {}  # by sample (request) id
+        self._jobs: dict[str, list[SampleStream]] = {}  # by job id: its samples not yet done
         self._pending_forks: dict[str, list[Request]] = {}
         self._aborted: list[SampleStream] = []
         self._generated_window: collections.deque[tuple[float, int]] = collections.deque()
@@ -141,24 +142,32 @@ class Engine:
         resumed = list(resumed_token_ids or [])
         if resumed and params.n != 1:
             raise InvalidRequestError("resuming is per sample: n must be 1")
+        if len(resumed) >= params.max_tokens:
+            raise InvalidRequestError(f"{len(resumed)} resumed tokens leave nothing to generate "
+                                      f"within max_tokens={params.max_tokens}")
         request_id = request_id or uuid.uuid4().hex
+        sample_ids = [f"{request_id}/{i}" if params.n > 1 else request_id for i in range(params.n)]
+        if request_id in self._jobs or any(s in self._streams for s in sample_ids):
+            # until its last output is out (an aborted job's: at the next step), an id is taken
+            raise InvalidRequestError(f"request id {request_id!r} is already in use (by a job "
+                                      "or a sample of one that is not done)")
         samples = [
-            Request(f"{request_id}/{i}" if params.n > 1 else request_id, prompt_ids, params,
-                    eos_token_ids=self.eos_token_ids, priority=priority,
-                    seed=sample_seed(params.seed, i), cache_salt=cache_salt,
+            Request(sample_id, prompt_ids, params, eos_token_ids=self.eos_token_ids,
+                    priority=priority, seed=sample_seed(params.seed, i), cache_salt=cache_salt,
                     token_ids=prompt_ids + resumed, queued_at=queued_at)
-            for i in range(params.n)
+            for i, sample_id in enumerate(sample_ids)
         ]
         self.batcher.add(samples[0])
-        for i, req in enumerate(samples):
-            self._streams[req.request_id] = SampleStream(req, request_id, i, self.tokenizer)
+        streams = [SampleStream(req, request_id, i, self.tokenizer) for i, req in enumerate(samples)]
+        self._streams.update((s.request.request_id, s) for s in streams)
+        self._jobs[request_id] = streams
         if params.n > 1:
             self._pending_forks[samples[0].request_id] = samples[1:]
         return request_id
 
     def abort(self, request_id: str) -> bool:
         """Abort every sample of a job; its blocks are freed at once. False if unknown."""
-        streams = [s for s in self._streams.values() if s.job_id == request_id]
+        streams = self._jobs.get(request_id, [])
         for stream in streams:
             req = stream.request
             self._pending_forks.pop(req.request_id, None)
@@ -273,6 +282,10 @@ class Engine:
         out = stream.emit()
         if stream.done:
             del self._streams[stream.request.request_id]
+            unfinished = self._jobs[stream.job_id]
+            unfinished.remove(stream)
+            if not unfinished:
+                del self._jobs[stream.job_id]
         return out
 
     # -- stats -----------------------------------------------------------------------------
