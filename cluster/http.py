@@ -598,8 +598,9 @@ _MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def _lone_surrogate_at(data: object) -> str | None:
-    """The path (``messages[0].content``) of a string, or key, holding a lone surrogate.
-    Walked without recursion: JSON nests as deep as its decoder allows."""
+    """The path (``messages.0.content``, as validation errors name a field) of a string, or
+    key, holding a lone surrogate. Walked without recursion: JSON nests as deep as its decoder
+    allows."""
     stack = [("", data)]
     while stack:
         where, value = stack.pop()
@@ -616,7 +617,8 @@ def _lone_surrogate_at(data: object) -> str | None:
                     return path
                 stack.append((path, item))
         elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+            stack.extend((f"{where}.{i}" if where else str(i), item)
+                         for i, item in enumerate(value))
     return None
 
 
