@@ -295,7 +295,8 @@ class Client:
         while True:
             try:
                 for ref in self._scheduler.stream.remote(job_id, cursor):
-                    for delta in ray.get(ref):
+                    deltas, lost_at = ray.get(ref), None  # it answers: any outage is over
+                    for delta in deltas:
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
@@ -310,7 +311,8 @@ class Client:
         while True:
             try:
                 async for ref in self._scheduler.stream.remote(job_id, cursor):
-                    for delta in await ref:
+                    deltas, lost_at = await ref, None  # see stream
+                    for delta in deltas:
                         cursor = _advance(cursor, delta)
                         yield delta
                 return
