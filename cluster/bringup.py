@@ -12,8 +12,8 @@ import ray
 
 from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
 from cluster.journal import Journal
-from scheduler.service import (NAMESPACE, SCHEDULER_NAME, SchedulerActor, ServiceOptions,
-                               head_node_strategy, last_line)
+from scheduler.service import (ANSWERING_CALLS, NAMESPACE, SCHEDULER_NAME, SchedulerActor,
+                               ServiceOptions, head_node_strategy, last_line)
 
 
 # Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
@@ -22,6 +22,7 @@ GCS_PROBE_TIMEOUT_S = 5.0
 log = logging.getLogger("pagedserve.bringup")
 WAIT_REPORT_S = 10.0  # how often `up` (and `down --drain`) report on what they wait for
 DRAIN_POLL_S = 0.2
+SHUTDOWN_TIMEOUT_S = 60.0  # how long `down` waits for the scheduler to stop its workers
 
 
 class ClusterNotFoundError(ConnectionError):
@@ -143,6 +144,7 @@ def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.pa
         worker_num_cpus=cfg.cluster.worker_num_cpus,
         resource_poll_interval_s=cfg.cluster.resource_poll_interval_s,
         max_queued_jobs=cfg.scheduler.max_queued_jobs,
+        max_waiting_calls=cfg.scheduler.max_waiting_calls,
         max_finished_jobs=cfg.scheduler.max_finished_jobs,
         max_finished_gib=cfg.scheduler.max_finished_gib, router=cfg.scheduler.router,
         worker_stall_timeout_s=cfg.scheduler.worker_stall_timeout_s,
@@ -175,6 +177,7 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
         scheduler = SchedulerActor.options(
             name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
             get_if_exists=True, scheduling_strategy=head_node_strategy(),
+            max_concurrency=options.max_waiting_calls + ANSWERING_CALLS,
         ).remote(options, journal)
     try:
         status = _wait_ready(scheduler, min_workers, timeout, on_wait)
@@ -205,6 +208,10 @@ class DrainCancelled(KeyboardInterrupt):
 class DrainEnded(RuntimeError):
     """`down --drain` found the drain ended while it waited (`up` ends one, another `down`
     too): it stops nothing more."""
+
+
+class SchedulerUnanswered(RuntimeError):
+    """`down` killed a scheduler that did not answer its shutdown (the daemon is down)."""
 
 
 def _wait_ready(scheduler, min_workers: int, timeout: float,
@@ -288,7 +295,8 @@ def down(drain_timeout: float | None = None,
     for the next `up` to resume, or None if nothing was running. With ``drain_timeout``, first
     refuse new jobs and wait up to that long for the unfinished ones to finish, calling
     ``on_wait(status)`` every WAIT_REPORT_S meanwhile; an interrupted wait raises
-    DrainCancelled, a drain ended elsewhere (`up`) DrainEnded, and neither stops anything."""
+    DrainCancelled, a drain ended elsewhere (`up`) DrainEnded, and neither stops anything.
+    A scheduler that does not answer is killed all the same, then SchedulerUnanswered says so."""
     scheduler = find_scheduler()
     if scheduler is None:
         return None
@@ -299,8 +307,12 @@ def down(drain_timeout: float | None = None,
             raise DrainEnded("pagedserve was taken down while `down --drain` waited (another "
                              "`pagedserve down`?)") from None
     try:
-        return ray.get(scheduler.shutdown.remote(), timeout=60)
+        return ray.get(scheduler.shutdown.remote(), timeout=SHUTDOWN_TIMEOUT_S)
     except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile
         return None
+    except ray.exceptions.GetTimeoutError:
+        raise SchedulerUnanswered(
+            f"the scheduler did not answer within {SHUTDOWN_TIMEOUT_S:g} s and was killed; the "
+            "journal keeps its unfinished jobs, which the next `pagedserve up` resumes") from None
     finally:
         ray.kill(scheduler, no_restart=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -42,6 +43,10 @@ STARTING_GRACE_S = 30.0
 # How long held samples (a backlog resumed from the journal, jobs taken with no worker ready)
 # wait for workers still loading before they go to those ready: bounded for the same reason.
 PENDING_HOLD_S = 30.0
+# Calls that answer at once (workers' reports, submit, abort, status) always find room beside
+# the max_waiting_calls result/stream calls: the actor runs this many more at a time. Without
+# that room, 1,000 waits (the actor's default) left no slot for the reports that end them.
+ANSWERING_CALLS = 1000
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -92,6 +97,7 @@ class ServiceOptions:
     worker_num_cpus: float = 1.0
     resource_poll_interval_s: float = 2.0
     max_queued_jobs: int = 1024
+    max_waiting_calls: int = 16384  # result/stream calls held open at once; more are refused
     max_finished_jobs: int = 10_000  # finished jobs kept for their results, the latest
     max_finished_gib: float = 2.0  # past this, forget the finished jobs already read first
     router: str = "least_loaded"
@@ -144,6 +150,7 @@ class SchedulerService:
         self.jobs_not_resumed = 0  # journal jobs dropped at start as no longer valid
         self.results_restored = 0  # finished jobs whose results the journal kept
         self.stalled_workers_killed = 0
+        self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
         self.draining = False
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
@@ -643,6 +650,8 @@ class SchedulerService:
         return {
             "workers": workers, "jobs_unfinished": unfinished,
             "max_queued_jobs": self.options.max_queued_jobs,
+            "waiting_calls": self.waiting_calls,
+            "max_waiting_calls": self.options.max_waiting_calls,
             "jobs_finished_kept": len(self.finished),
             "finished_kept_bytes": self.finished.total_bytes,
             "max_finished_jobs": self.options.max_finished_jobs,
@@ -723,13 +732,27 @@ def _one_line(exc: BaseException) -> str:
     return last_line(str(exc))
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
+# max_concurrency is set where it is created (cluster/bringup.py): see ANSWERING_CALLS
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class SchedulerActor:
     """The detached, named scheduler. Thin: every call goes to SchedulerService."""
 
     def __init__(self, options: ServiceOptions, journal_factory) -> None:
         logging.basicConfig(level=logging.INFO)
         self.service = SchedulerService(options, journal_factory)
+
+    @contextlib.contextmanager
+    def _waiting_call(self):
+        """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it."""
+        service, limit = self.service, self.service.options.max_waiting_calls
+        if service.waiting_calls >= limit:
+            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
+                                  "(scheduler.max_waiting_calls); retry later")
+        service.waiting_calls += 1
+        try:
+            yield
+        finally:
+            service.waiting_calls -= 1
 
     async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
         return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
@@ -777,18 +800,21 @@ class SchedulerActor:
         return aborted
 
     async def stream(self, job_id, cursor=None):
-        async for deltas in self.service.stream(job_id, cursor):
-            if any(d.finish_reason is not None for d in deltas):
-                await self._write_journal()
-            yield deltas
+        with self._waiting_call():
+            async for deltas in self.service.stream(job_id, cursor):
+                if any(d.finish_reason is not None for d in deltas):
+                    await self._write_journal()
+                yield deltas
 
     async def result(self, job_id, timeout=None) -> dict:
-        summary = await self.service.result(job_id, timeout)
+        with self._waiting_call():
+            summary = await self.service.result(job_id, timeout)
         await self._write_journal()
         return summary
 
     async def results(self, job_ids, timeout=None) -> list[dict]:
-        summaries = await self.service.results(job_ids, timeout)
+        with self._waiting_call():
+            summaries = await self.service.results(job_ids, timeout)
         await self._write_journal()
         return summaries
 

@@ -168,6 +168,18 @@ def test_overload_fails_fast_with_a_clear_error(daemon):
         client.abort(j)
 
 
+def test_more_waiting_calls_than_ray_runs_by_default_still_let_the_jobs_finish(daemon):
+    """1,100 result calls wait on one running job (an HTTP server makes one per request):
+    with Ray's default of 1,000 concurrent calls per actor, the workers' reports queued behind
+    them and the job never finished, a deadlock that only `down` ended."""
+    _, _, client = daemon
+    job = client.submit("many wait for me", SamplingParams(max_tokens=24, ignore_eos=True))
+    scheduler = bringup.find_scheduler()
+    summaries = ray.get([scheduler.result.remote(job, 90) for _ in range(1100)], timeout=120)
+    assert {len(s["outputs"][0]["token_ids"]) for s in summaries} == {24}
+    assert client.status()["waiting_calls"] == 0
+
+
 def test_a_job_id_already_in_use_is_refused_not_answered_with_the_other_job(daemon):
     _, _, client = daemon
     greedy = SamplingParams(max_tokens=2, temperature=0)

@@ -21,12 +21,14 @@ from daemon_helpers import daemon_config, ready_workers, wait_for
 from cluster import bringup, cli, daemon_cmds
 from cluster.client import Client, JobFailedError
 from scheduler.sampling_params import SamplingParams
-from scheduler.service import MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, UnknownJobError
+from scheduler.service import (MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, OverloadedError,
+                               UnknownJobError)
 
 STALL_TIMEOUT_S = 3.0
 FINISHED_KEPT = 40
 QUEUED = 16
 JOURNAL_BUFFERS_S = 5.0
+WAITING = 6
 
 
 FAULTS = Path(__file__).parent / "engine_faults"  # its sitecustomize poisons [7, 7, 7]
@@ -37,7 +39,7 @@ POISON = [7, 7, 7, 65]
 def client(tmp_path_factory):
     cfg = daemon_config(tmp_path_factory.mktemp("tight"), worker_stall_timeout_s=STALL_TIMEOUT_S,
                         max_finished_jobs=FINISHED_KEPT, max_queued_jobs=QUEUED,
-                        journal_fsync_interval_s=JOURNAL_BUFFERS_S)
+                        journal_fsync_interval_s=JOURNAL_BUFFERS_S, max_waiting_calls=WAITING)
     path = os.environ.get("PYTHONPATH")  # Ray's processes inherit it from this one
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), path]))
     try:
@@ -195,6 +197,24 @@ def test_a_batch_larger_than_the_finished_jobs_kept_loses_no_result(client, tmp_
     assert captured.err.startswith(
         f"pagedserve: warning: the scheduler keeps the last {FINISHED_KEPT} finished jobs "
         f"(scheduler.max_finished_jobs), and some of these {count} may be forgotten")
+
+
+def test_calls_waiting_past_max_waiting_calls_are_refused_as_overloaded(client):
+    """Past the cap a result or stream call fails at once; reports, status and abort still
+    get through, and the waits held end with the job."""
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    job = client.submit("a long wait", SamplingParams(max_tokens=1500, ignore_eos=True))
+    scheduler = bringup.find_scheduler()
+    waits = [scheduler.result.remote(job, 60) for _ in range(WAITING)]
+    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    with pytest.raises(OverloadedError, match=f"{WAITING} calls already wait on jobs"):
+        client.result(job)
+    with pytest.raises(OverloadedError, match="scheduler.max_waiting_calls"):
+        next(iter(client.stream(job)))
+    assert sum(client.status_of(job)["num_tokens"]) > 0  # reports still come in
+    assert client.abort(job)
+    assert {s["outputs"][0]["finish_reason"] for s in ray.get(waits, timeout=30)} == {"abort"}
+    assert client.result(job).outputs[0].finish_reason == "abort"  # room again
 
 
 def test_an_abort_or_a_read_result_is_in_the_journal_before_the_answer(client):
