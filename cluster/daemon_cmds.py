@@ -110,6 +110,9 @@ def run_down(args: argparse.Namespace) -> int:
     except bringup.DrainEnded as exc:
         print(f"pagedserve: {exc}", file=sys.stderr)
         return 1
+    except bringup.SchedulerUnanswered as exc:
+        print(f"pagedserve is down; {exc}")
+        return 0
     if kept is None:
         print("pagedserve was not running")
     elif kept:

@@ -66,6 +66,8 @@ class EmbeddedDaemon:
         try:
             if ray.is_initialized():
                 bringup.down()
+        except bringup.SchedulerUnanswered as exc:
+            log.warning("%s", exc)
         finally:
             if self._owns_ray:
                 bringup.shutdown_ray()
