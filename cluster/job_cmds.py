@@ -2,6 +2,7 @@
 up again later by id, and listed."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -43,11 +44,22 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("jobs", help="list the daemon's unfinished jobs, then the latest finished")
     add_address_flag(p)
-    p.add_argument("--finished", type=int, default=20, metavar="N",
+    p.add_argument("--finished", type=_count, default=20, metavar="N",
                    help="how many of the latest finished jobs to list (default: 20)")
     p.add_argument("--json", action="store_true", help="one JSON object per job")
     p.set_defaults(func=run_jobs)
 
+
+
+def _count(text: str) -> int:
+    """An integer >= 0, for argparse (which then names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
 
 def run_submit(args) -> int:
     from cluster.batch_submit import sent_by

@@ -220,10 +220,11 @@ def test_bad_goodput_slos(items, message):
 
 class StubServer:
     """A minimal OpenAI-style streaming endpoint: one chunk per token every ``gap`` seconds.
-    Prompt "slow" never finishes; prompt "reject" gets HTTP 400. Tracks peak concurrency."""
+    Prompt "slow" never finishes; prompt "reject", or more than ``max_tokens_limit`` tokens
+    asked (as a context overflow), gets HTTP 400. Tracks peak concurrency."""
 
-    def __init__(self, gap=0.01, api_key=None):
-        self.gap, self.api_key = gap, api_key
+    def __init__(self, gap=0.01, api_key=None, max_tokens_limit=None):
+        self.gap, self.api_key, self.max_tokens_limit = gap, api_key, max_tokens_limit
         self.active = self.peak = self.served = 0
         self.lock = threading.Lock()
 
@@ -236,7 +237,7 @@ class StubServer:
             if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
                 return JSONResponse({"error": {"message": "invalid API key"}}, status_code=401)
             body = await request.json()
-            if body["prompt"] == "reject":
+            if body["prompt"] == "reject" or body["max_tokens"] > (self.max_tokens_limit or 1e9):
                 return JSONResponse({"error": {"message": "prompt rejected"}}, status_code=400)
             return StreamingResponse(self.stream(body), media_type="text/event-stream")
 
@@ -356,6 +357,18 @@ def test_cli_reports_a_rejected_key_in_one_line(capsys):
         assert code == 2 and err.count("\n") == 1 and "invalid API key" in err
         code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "2",
                                "--api-key", "secret", "--random-output-len", "2")
+        assert code == 0, err
+
+
+def test_a_run_whose_every_request_failed_exits_1(capsys):
+    """The short test request fits and passes, every real one is refused: the table said
+    "failed 6" and the exit code was 0, which scripts miss."""
+    with serving(StubServer(max_tokens_limit=8).app()) as url:
+        code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "6",
+                               "--random-output-len", "16", "--random-range-ratio", "0")
+        assert code == 1 and "every request of a run failed" in err
+        code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "6",
+                               "--random-output-len", "8", "--random-range-ratio", "0")
         assert code == 0, err
 
 

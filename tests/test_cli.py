@@ -87,6 +87,14 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, argv, message):
     assert err.count("\n") == 1 and err.startswith("pagedserve: error:") and message in err
 
 
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_jobs_refuses_a_count_below_zero_before_it_connects(capsys, value):
+    with pytest.raises(SystemExit) as exited:  # -1 listed "no jobs" though 1,000 had finished
+        main(["jobs", "--finished", value])
+    assert exited.value.code == 2
+    assert f"--finished: must be an integer >= 0, got '{value}'" in capsys.readouterr().err
+
+
 def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
     jobs = tmp_path / "bad.jsonl"
     jobs.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
