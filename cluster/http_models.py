@@ -328,14 +328,19 @@ class ResponseContext:
     def text_offsets_of(self, index: int, token_ids: list[int]) -> list[int]:
         """Where each token starts in choice ``index``'s text, continuing its earlier chunks.
         A token holding part of a character starts where that character does, one after bytes
-        that never made one (their U+FFFD); special tokens take no room (the text leaves them
-        out: the BOS before an echoed prompt)."""
+        that never made one (their U+FFFD), as far as this chunk's tokens show: a stream
+        sends a token held back for its character before it knows; special tokens take no
+        room (the text leaves them out: the BOS before an echoed prompt)."""
         decoded, at = self.text_offsets.get(index) or (self._decoder_of(index), 0)
-        offsets = []
+        offsets, held = [], []
         for token_id in token_ids:
-            text, start = decoded.add_one(token_id)
-            offsets.append(at + start)
-            at += len(text)
+            held.append(len(offsets))
+            offsets.append(at)  # unless the text that completes it says otherwise
+            text, starts = decoded.add_one(token_id)
+            if starts is not None:  # held tokens of an earlier chunk went out as they were
+                for i, start in zip(held, starts[-len(held):]):
+                    offsets[i] = at + start
+                held, at = [], at + len(text)
         self.text_offsets[index] = decoded, at
         return offsets
 

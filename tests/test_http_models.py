@@ -39,6 +39,8 @@ def test_text_offsets_follow_the_text_decoded_after_the_prompt(tmp_path, raw, sk
     ([226, 97, 98], [0, 1, 2]),  # a lead byte never completed is a U+FFFD before the "a"
     ([226, 130, 97], [0, 0, 1]),  # two bytes of one unfinished character: one U+FFFD
     ([120, 226, 120, 226, 130, 172], [0, 1, 2, 3, 3, 3]),
+    ([255, 226, 130, 172, 97], [0, 1, 1, 1, 2]),  # "\ufffd\u20aca": held together, then apart
+    ([120, 255, 255, 97], [0, 1, 2, 3]),
 ])
 def test_text_offsets_count_bytes_that_never_make_a_character_as_their_replacement(ids, expected):
     """A byte-level model can emit invalid UTF-8; its text holds a U+FFFD there, and the token
@@ -47,7 +49,22 @@ def test_text_offsets_count_bytes_that_never_make_a_character_as_their_replaceme
     ctx = ResponseContext("cmpl-x", 0, "m", False, tok, prompts=[[256]], n=1)
     text = tok.decode(ids)
     assert [text[o] for i, o in zip(ids, expected) if i < 128] == [chr(i) for i in ids if i < 128]
-    assert ctx.text_offsets_of(0, ids[:2]) + ctx.text_offsets_of(0, ids[2:]) == expected
+    assert ctx.text_offsets_of(0, ids) == expected
+
+
+def test_text_offsets_of_sentencepiece_byte_fallback_count_a_replacement_per_byte(tmp_path):
+    """Byte fallback replaces every byte of an invalid run (even one holding a valid euro
+    sign) with its own U+FFFD, where byte-level BPE gives one per broken sequence."""
+    tok = Tokenizer.from_dir(write_dir(tmp_path, metaspace_bpe(), BPE_CONFIG))
+    ids = [tok.token_to_id(f"<0x{b:02X}>") for b in (0xFF, 0xE2, 0x82, 0xAC)]
+    ids += tok.encode(" the", add_special_tokens=False)
+    prompt = tok.encode("the cat")
+    ctx = ResponseContext("cmpl-x", 0, "m", False, tok, prompts=[prompt], n=1,
+                          skip_special_tokens=False)  # the byte pieces are special tokens here
+    text = tok.decode(prompt + ids, skip_special_tokens=False)[
+        len(tok.decode(prompt, skip_special_tokens=False)):]
+    assert text.startswith("\ufffd" * 4 + " the")
+    assert ctx.text_offsets_of(0, ids)[:5] == [0, 1, 2, 3, 4]
 
 
 def test_token_bytes_of_sentencepiece_pieces_keep_their_spaces_and_fallback_bytes(tmp_path):

@@ -219,19 +219,31 @@ class IncrementalDetokenizer:
         self._ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
         return self._emit(final=False)
 
-    def add_one(self, token_id: int) -> tuple[str, int]:
-        """Append one token; return the text it completes and where in that text the token's
-        own characters begin: after the U+FFFD of bytes held back before it that it did not
-        complete (invalid UTF-8), at 0 when it completed their character or none was held."""
-        if len(self._ids) == self._read:  # nothing held back: the common case
-            return self.add(token_id), 0
-        before = self._decode(self._context, self._read)
-        held = self._decode(self._context, len(self._ids))
+    def add_one(self, token_id: int) -> tuple[str, list[int] | None]:
+        """Append one token; return the text it completes and, with text, where in it each
+        token since the last text starts (those held back, then this one); None while held.
+
+        A held token that adds no character to the text before it (its bytes join that
+        text's unfinished last one) starts at that character; any other starts where the
+        text before it stops matching the final text: after the U+FFFD of bytes that never
+        made a character, however the decoder replaces them."""
+        context, first = self._context, self._read
         text = self.add(token_id)
-        # the held bytes' text up to where it changed: a completed character replaced their
-        # U+FFFD (the token starts with it), an invalid sequence kept it (the token follows)
-        kept = len(os.path.commonprefix([held, before + text])) - len(before)
-        return text, min(max(kept, 0), len(text))
+        if not text:
+            return "", None
+        if len(self._ids) - first == 1:  # nothing was held back: the common case
+            return text, [0]
+        before = self._decode(context, first)
+        full = before + text
+        decoded = [self._decode(context, end) for end in range(first, len(self._ids))] + [full]
+        starts = []
+        for upto, then in zip(decoded, decoded[1:]):
+            if upto.endswith("\ufffd") and len(then) == len(upto) and upto != before:
+                start = len(upto) - 1
+            else:
+                start = len(os.path.commonprefix([upto, full]))
+            starts.append(min(max(start - len(before), 0), len(text)))
+        return text, starts
 
     def flush(self) -> str:
         """Text still held back (an unfinished character decodes as U+FFFD)."""
