@@ -197,7 +197,7 @@ class ContinuousBatcher:
         if not self.kv.can_allocate(req.num_tokens, prefix):
             return 0
         self.kv.allocate(req.request_id, req.num_tokens, prefix)
-        if queried:
+        if queried and not req.num_preemptions:  # a recompute would count its own blocks
             self.kv.record_prefix_query(req.num_tokens, prefix)
         req.num_computed_tokens = num_cached
         req.num_cached_prompt_tokens = num_cached

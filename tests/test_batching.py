@@ -104,6 +104,8 @@ def test_preemption_frees_the_newest_requests_blocks():
     assert victim.finish_reason is FinishReason.LENGTH and victim.num_output_tokens == 12
     assert victim.num_preemptions == 1
     assert kv.stats().used == 0
+    # the recompute's lookup (which hit its own blocks) is not counted: 2 prompts, 0 hits
+    assert (kv.stats().prefix_query_tokens, kv.stats().prefix_hit_tokens) == (16, 0)
 
 
 def test_nothing_is_admitted_in_a_step_that_preempted():
