@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
         draw(outcomes, summaries, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
-    if any(s["completed"] == 0 and s["failed"] for s in summaries):  # scripts must see it, not only a table
+    if any(s["completed"] == 0 and s["failed"] for s in summaries):  # not only in the table:
+        # scripts read the exit code
         print("pagedserve: every request of a run failed (see the errors above)", file=sys.stderr)
         return 1
     return 0

@@ -414,6 +414,8 @@ class Client:
     def jobs(self, finished_limit: int = 20) -> list[dict]:
         """``status_of`` of every unfinished job, oldest first, then of up to ``finished_limit``
         finished ones, newest first."""
+        if not isinstance(finished_limit, int) or finished_limit < 0:
+            raise ValueError(f"finished_limit must be an integer >= 0, got {finished_limit!r}")
         return self._call("list_jobs", finished_limit)
 
     async def alive_workers(self, status: dict, timeout: float = 5.0) -> list[str]:

@@ -146,7 +146,7 @@ class SchedulerSection(_Section):
 
     NAME: ClassVar[str] = "scheduler"
     max_queued_jobs: int = setting(1024, int_at_least(1))
-    max_waiting_calls: int = setting(16384, int_at_least(1))
+    max_waiting_calls: int = setting(16384, int_between(1, 1_000_000))
     max_finished_jobs: int = setting(10_000, int_at_least(1))
     max_finished_gib: float = setting(2.0, number_above(0))
     router: str = setting("least_loaded", one_of(ROUTER_NAMES))

@@ -50,7 +50,6 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_jobs)
 
 
-
 def _count(text: str) -> int:
     """An integer >= 0, for argparse (which then names the flag in its one-line error)."""
     try:
@@ -60,6 +59,7 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
+
 
 def run_submit(args) -> int:
     from cluster.batch_submit import sent_by
