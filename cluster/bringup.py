@@ -213,6 +213,12 @@ class DrainEnded(RuntimeError):
 class SchedulerUnanswered(RuntimeError):
     """`down` killed a scheduler that did not answer its shutdown (the daemon is down)."""
 
+    @classmethod
+    def after(cls, seconds: float) -> SchedulerUnanswered:
+        return cls(f"the scheduler did not answer for {seconds:.0f} s (stopped or stuck) and "
+                   "was killed; the journal keeps its unfinished jobs, which the next "
+                   "`pagedserve up` resumes")
+
 
 def _wait_ready(scheduler, min_workers: int, timeout: float,
                 on_wait: Callable[[dict], None] | None) -> dict:
@@ -234,11 +240,26 @@ def _wait_ready(scheduler, min_workers: int, timeout: float,
             left = max(0.0, deadline - time.monotonic())
 
 
+def _answer(method, *args):
+    """``method.remote(*args)``'s answer within SHUTDOWN_TIMEOUT_S, also across a restart
+    (the scheduler is unavailable meanwhile); SchedulerUnanswered past it. A stopped process
+    times out, or, to a new driver that cannot connect to it, is unavailable."""
+    started = time.monotonic()
+    while True:
+        left = SHUTDOWN_TIMEOUT_S - (time.monotonic() - started)
+        try:
+            return ray.get(method.remote(*args), timeout=max(left, 0.1))
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            if time.monotonic() - started >= SHUTDOWN_TIMEOUT_S:
+                raise SchedulerUnanswered.after(time.monotonic() - started) from None
+            time.sleep(DRAIN_POLL_S)
+
+
 def _drain(scheduler, timeout: float, on_wait: Callable[[dict], None] | None) -> None:
-    ray.get(scheduler.set_draining.remote(True))
+    _answer(scheduler.set_draining, True)
     try:
         _wait_for_jobs(scheduler, timeout, on_wait)
-    except (DrainEnded, ray.exceptions.ActorDiedError):
+    except (DrainEnded, ray.exceptions.ActorDiedError, SchedulerUnanswered):
         raise
     except BaseException as exc:  # an interrupted drain is given up: the daemon takes jobs again
         try:
@@ -257,7 +278,9 @@ def _wait_for_jobs(scheduler, timeout: float, on_wait: Callable[[dict], None] | 
     draining_pid = None  # the scheduler process that was told to drain
     while True:
         try:
-            status = ray.get(scheduler.status.remote())
+            status = ray.get(scheduler.status.remote(), timeout=SHUTDOWN_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise SchedulerUnanswered.after(SHUTDOWN_TIMEOUT_S) from None
         except ray.exceptions.ActorUnavailableError:  # restarting: its handle finds it again
             if time.monotonic() - started >= timeout:
                 return
@@ -306,13 +329,12 @@ def down(drain_timeout: float | None = None,
         except ray.exceptions.ActorDiedError:
             raise DrainEnded("pagedserve was taken down while `down --drain` waited (another "
                              "`pagedserve down`?)") from None
+        except SchedulerUnanswered:
+            ray.kill(scheduler, no_restart=True)
+            raise
     try:
-        return ray.get(scheduler.shutdown.remote(), timeout=SHUTDOWN_TIMEOUT_S)
+        return _answer(scheduler.shutdown)
     except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile
         return None
-    except ray.exceptions.GetTimeoutError:
-        raise SchedulerUnanswered(
-            f"the scheduler did not answer within {SHUTDOWN_TIMEOUT_S:g} s and was killed; the "
-            "journal keeps its unfinished jobs, which the next `pagedserve up` resumes") from None
     finally:
         ray.kill(scheduler, no_restart=True)

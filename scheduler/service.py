@@ -197,6 +197,14 @@ class SchedulerService:
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
+    def check_room_to_wait(self) -> None:
+        """OverloadedError when max_waiting_calls result/stream calls are already open.
+        Submits are not refused for it: `pagedserve submit` waits for room by the queue."""
+        limit = self.options.max_waiting_calls
+        if self.waiting_calls >= limit:
+            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
+                                  "(scheduler.max_waiting_calls); retry later")
+
     def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None,
                  batch: dict[str, JobState]) -> JobState:
         """A validated job, not yet accepted; its id must be new here and in ``batch``."""
@@ -744,10 +752,8 @@ class SchedulerActor:
     @contextlib.contextmanager
     def _waiting_call(self):
         """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it."""
-        service, limit = self.service, self.service.options.max_waiting_calls
-        if service.waiting_calls >= limit:
-            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
-                                  "(scheduler.max_waiting_calls); retry later")
+        service = self.service
+        service.check_room_to_wait()
         service.waiting_calls += 1
         try:
             yield
@@ -807,15 +813,15 @@ class SchedulerActor:
                 yield deltas
 
     async def result(self, job_id, timeout=None) -> dict:
-        with self._waiting_call():
+        with self._waiting_call():  # until answered: the journal write holds the actor too
             summary = await self.service.result(job_id, timeout)
-        await self._write_journal()
+            await self._write_journal()
         return summary
 
     async def results(self, job_ids, timeout=None) -> list[dict]:
         with self._waiting_call():
             summaries = await self.service.results(job_ids, timeout)
-        await self._write_journal()
+            await self._write_journal()
         return summaries
 
     async def ping(self) -> bool:

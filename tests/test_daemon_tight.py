@@ -9,6 +9,7 @@ buffers for 5 s here) before the answer."""
 import io
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -233,3 +234,22 @@ def test_an_abort_or_a_read_result_is_in_the_journal_before_the_answer(client):
     assert (again.finish_time, again.outputs) == (first.finish_time, first.outputs)
     assert client.result(aborted, timeout=120).outputs[0].finish_reason == "abort"
     assert client.status()["jobs_resumed"] == 0
+
+
+def test_down_kills_a_scheduler_that_does_not_answer(client, monkeypatch, capsys):
+    """Last: it takes the daemon down. A stopped scheduler process (SIGSTOP: Ray still counts
+    it alive) answers neither the drain nor the shutdown: `down --drain` waited on it forever,
+    plain `down` printed Ray's "Get timed out" with exit 2. Both then kill it, in one line."""
+    pid = client.status()["scheduler_pid"]
+    monkeypatch.setattr(bringup, "SHUTDOWN_TIMEOUT_S", 3.0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code = cli.main(["down", "--drain", "--timeout", "60"])
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
+    assert re.search(r"did not answer for \d+ s \(stopped or stuck\) and was killed", out)
+    assert "journal keeps" in out
+    wait_for(lambda: _gone(pid), timeout=30, what="the scheduler process to end")
