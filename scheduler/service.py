@@ -197,14 +197,6 @@ class SchedulerService:
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
-    def check_room_to_wait(self) -> None:
-        """OverloadedError when max_waiting_calls result/stream calls are already open.
-        Submits are not refused for it: `pagedserve submit` waits for room by the queue."""
-        limit = self.options.max_waiting_calls
-        if self.waiting_calls >= limit:
-            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
-                                  "(scheduler.max_waiting_calls); retry later")
-
     def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None,
                  batch: dict[str, JobState]) -> JobState:
         """A validated job, not yet accepted; its id must be new here and in ``batch``."""
@@ -752,8 +744,10 @@ class SchedulerActor:
     @contextlib.contextmanager
     def _waiting_call(self):
         """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it."""
-        service = self.service
-        service.check_room_to_wait()
+        service, limit = self.service, self.service.options.max_waiting_calls
+        if service.waiting_calls >= limit:
+            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
+                                  "(scheduler.max_waiting_calls); retry later")
         service.waiting_calls += 1
         try:
             yield
