@@ -233,9 +233,10 @@ class IncrementalDetokenizer:
             return "", None
         if len(self._ids) - first == 1:  # nothing was held back: the common case
             return text, [0]
-        before = self._decode(context, first)
+        decoded = [self._decode(context, end) for end in range(first, len(self._ids))]
+        before = decoded[0]  # the text already emitted, before the held tokens
         full = before + text
-        decoded = [self._decode(context, end) for end in range(first, len(self._ids))] + [full]
+        decoded.append(full)
         starts = []
         for upto, then in zip(decoded, decoded[1:]):
             if upto.endswith("\ufffd") and len(then) == len(upto) and upto != before:
