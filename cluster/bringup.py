@@ -289,7 +289,7 @@ def _wait_for_jobs(scheduler, timeout: float, on_wait: Callable[[dict], None] | 
         now = time.monotonic()
         if not status["draining"]:
             if draining_pid not in (None, status["scheduler_pid"]):  # Ray restarted it
-                ray.get(scheduler.set_draining.remote(True))
+                _answer(scheduler.set_draining, True)
                 draining_pid = status["scheduler_pid"]
                 continue
             raise DrainEnded("the drain was ended while `down --drain` waited (`pagedserve up` "
