@@ -1,17 +1,17 @@
 """pagedserve bench: arrival statistics, length sampling, SSE accounting, percentiles and goodput
 (pure, fast); the load loop against a small local SSE server; one run against the real server."""
 import asyncio
-import contextlib
 import json
 import math
 import socket
 import statistics
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
+
+from serving import serving
 
 from cluster import bench
 from cluster.bench import (DONE, BenchRequest, LoadSpec, RequestResult, RunOutcome, Target,
@@ -263,28 +263,6 @@ class StubServer:
         finally:
             with self.lock:
                 self.active -= 1
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run ``app`` with uvicorn in a thread on a free localhost port; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ import json
 import os
 import resource
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -14,15 +13,14 @@ import msgpack
 import openai
 import pytest
 import ray
-import uvicorn
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
+from serving import serving
 
 from cluster import bringup, daemon_cmds
 from cluster.client import Client
 from cluster.config import with_overrides
 from cluster.http import create_app
-from cluster.serve_cmd import bind_socket
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import NAMESPACE
 from worker.loader import resolve_model_path
@@ -49,15 +47,8 @@ def daemon(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_url(daemon):
     cfg, client = daemon
-    app = create_app(client, cfg, api_keys=(KEY,))
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, interval=0.05, what="uvicorn start")
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(client, cfg, api_keys=(KEY,))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
