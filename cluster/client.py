@@ -290,14 +290,14 @@ class Client:
     def stream(self, job_id: str) -> Iterator[RequestOutput]:
         """New output of every sample as it is produced, until the job finishes. Resumes
         where it stopped if the scheduler restarts: no token twice, none missing."""
-        cursor: list[int] | None = None
+        cursors: list[list[int] | None] = [None]
         lost_at = None
         while True:
             try:
-                for ref in self._scheduler.stream.remote(job_id, cursor):
-                    deltas, lost_at = ray.get(ref), None  # it answers: any outage is over
-                    for delta in deltas:
-                        cursor = _advance(cursor, delta)
+                for ref in self._scheduler.stream.remote([job_id], cursors):
+                    outputs, lost_at = ray.get(ref), None  # it answers: any outage is over
+                    for _, delta in outputs:
+                        cursors[0] = _advance(cursors[0], delta)
                         yield delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
@@ -306,15 +306,35 @@ class Client:
 
     async def astream(self, job_id: str) -> AsyncIterator[RequestOutput]:
         """``stream`` for asyncio code."""
-        cursor: list[int] | None = None
-        lost_at = None
+        outputs = await self.aopen_stream([job_id])
+        async for _, delta in outputs:
+            yield delta
+
+    async def aopen_stream(self, job_ids: list[str]
+                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """One stream of several jobs' new outputs, as ``(place in job_ids, output)``, until
+        all have finished (resuming as ``stream`` does). It is one call to the scheduler,
+        one of its ``max_waiting_calls`` however many jobs; this returns once the scheduler
+        has taken it, so a refusal (overloaded, unknown job) raises here, before any output."""
+        outputs = self._astream_outputs(job_ids)
+        await anext(outputs)
+        return outputs
+
+    async def _astream_outputs(self, job_ids: list[str]
+                               ) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+        """``None`` once the scheduler has taken the first call, then the outputs."""
+        cursors: list[list[int] | None] = [None] * len(job_ids)
+        lost_at, opened = None, False
         while True:
             try:
-                async for ref in self._scheduler.stream.remote(job_id, cursor):
-                    deltas, lost_at = await ref, None  # see stream
-                    for delta in deltas:
-                        cursor = _advance(cursor, delta)
-                        yield delta
+                async for ref in self._scheduler.stream.remote(job_ids, cursors):
+                    outputs, lost_at = await ref, None  # see stream
+                    if not opened:
+                        opened = True
+                        yield None
+                    for place, delta in outputs:
+                        cursors[place] = _advance(cursors[place], delta)
+                        yield place, delta
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
@@ -337,6 +357,17 @@ class Client:
         outcomes = tqdm(self.iter_results(job_ids, timeout), total=total, desc="jobs",
                         unit="job", disable=not progress)
         return [_raise_if_failed(outcome) for _, outcome in outcomes]
+
+    async def aresults(self, job_ids: Sequence[str]) -> list[JobOutput]:
+        """``results`` for asyncio code: one scheduler call waits at a time, however many
+        jobs (JobFailedError for the first failed one, in order)."""
+        outputs = []
+        for chunk in _slices(list(job_ids), RESULTS_BATCH):
+            while chunk:
+                summaries = await self._acall("results", chunk)
+                outputs += [_checked_output(summary) for summary in summaries]
+                chunk = chunk[len(summaries):]
+        return outputs
 
     def iter_results(self, job_ids: Iterable[str], timeout: float | None = None
                      ) -> Iterator[tuple[str, JobOutput | JobFailedError]]:

@@ -29,7 +29,7 @@ from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, Detok
                                  role_chunk, stream_chunk, usage_chunk, validation_error)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
-from cluster.sse import DONE_EVENT, EventStream, merged, sse_event
+from cluster.sse import DONE_EVENT, EventStream, sse_event
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (BatchTooLargeError, OverloadedError, UnavailableError,
                                UnknownJobError)
@@ -340,7 +340,8 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     endpoint = "chat" if chat else "completions"
     if body.stream:
         meter = StreamMeter(started)
-        events = _events(server, ctx, job_ids, params.n, body.include_usage, meter)
+        outputs = await _open_stream(server, body, job_ids)
+        events = _events(server, ctx, outputs, job_ids, params.n, body.include_usage, meter)
         return EventStream(events, on_close=functools.partial(_close_stream, server, meter,
                                                                job_ids, endpoint))
     with _daemon_errors(body):
@@ -363,6 +364,19 @@ async def _submit_or_withdraw(server: Server, prompts: list[list[int]], params: 
         raise
 
 
+async def _open_stream(server: Server, body: GenerationRequest, job_ids: list[str]
+                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The jobs' outputs, once the scheduler has taken their stream: a refusal (overloaded)
+    is still answered with its status code, and the jobs are aborted."""
+    try:
+        with _daemon_errors(body):
+            return await server.client.aopen_stream(job_ids)
+    except BaseException:  # the refusal, or the client gone meanwhile: nobody reads the jobs
+        for job_id in job_ids:
+            server.abort_soon(job_id)
+        raise
+
+
 def _close_stream(server: Server, meter: StreamMeter, job_ids: list[str], endpoint: str) -> None:
     """However a stream ended, its latencies and the tokens it sent count in the metrics."""
     meter.record(server.metrics, endpoint)
@@ -375,7 +389,7 @@ async def _results_unless_gone(request: Request, server: Server,
                                job_ids: list[str]) -> list[JobOutput]:
     """Wait for the jobs; if the client disconnects meanwhile, or one of them fails, the
     others are aborted."""
-    waiter = asyncio.ensure_future(asyncio.gather(*map(server.client.aresult, job_ids)))
+    waiter = asyncio.ensure_future(server.client.aresults(job_ids))
     answered = False
     try:
         while True:
@@ -436,30 +450,32 @@ class StreamMeter:
         metrics.count_tokens(self.prompt_tokens, self.completion_tokens)
 
 
-async def _events(server: Server, ctx: ResponseContext, job_ids: list[str], n: int,
+async def _events(server: Server, ctx: ResponseContext,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]], job_ids: list[str], n: int,
                   include_usage: bool, meter: StreamMeter) -> AsyncIterator[bytes]:
     """The jobs' output as OpenAI server-sent events, as it arrives, ending with [DONE]; job
     i's samples are choices i * n onwards. Errors after the first byte can no longer change
     the status: they become an error event, and the other jobs are aborted."""
     try:
-        if ctx.chat:
-            for index in range(n):
-                yield sse_event(role_chunk(ctx, index))
-        opened: set[int] = set()
-        async for place, delta in merged([server.client.astream(j) for j in job_ids]):
-            if delta.finish_reason == "error":
-                yield sse_event(await _job_error(server, job_ids[place]))
-                break
-            meter.add(place, delta, time.monotonic())
-            index = place * n + delta.index
-            if ctx.echoed and index not in opened:
-                opened.add(index)
-                yield sse_event(echo_chunk(ctx, place, delta, index))
-            yield sse_event(stream_chunk(ctx, delta, index))
-        else:
-            meter.finished = True
-            if include_usage:
-                yield sse_event(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
+        async with contextlib.aclosing(outputs):  # ends the scheduler's call too
+            if ctx.chat:
+                for index in range(n):
+                    yield sse_event(role_chunk(ctx, index))
+            opened: set[int] = set()
+            async for place, delta in outputs:
+                if delta.finish_reason == "error":
+                    yield sse_event(await _job_error(server, job_ids[place]))
+                    break
+                meter.add(place, delta, time.monotonic())
+                index = place * n + delta.index
+                if ctx.echoed and index not in opened:
+                    opened.add(index)
+                    yield sse_event(echo_chunk(ctx, place, delta, index))
+                yield sse_event(stream_chunk(ctx, delta, index))
+            else:
+                meter.finished = True
+                if include_usage:
+                    yield sse_event(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
     except Exception as exc:  # the daemon went away mid-stream
         log.warning("stream of jobs %s failed: %s", ", ".join(job_ids), exc)
         yield sse_event(_daemon_error(exc).body())

@@ -1,8 +1,7 @@
-"""Server-sent events for the HTTP API: the event encoding, a response that notices its client
-leaving, and one stream merged from several jobs' streams."""
+"""Server-sent events for the HTTP API: the event encoding, and a response that notices its
+client leaving."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -11,7 +10,6 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 DONE_EVENT = b"data: [DONE]\n\n"
-_END = object()
 
 
 def sse_event(payload: dict) -> bytes:
@@ -43,37 +41,3 @@ class EventStream(StreamingResponse):
         finally:
             self.on_close()
             await self.body_iterator.aclose()
-
-
-async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-    """``(place, item)`` for the items of ``streams[place]``, in the order they arrive, until
-    every stream ends; the first error of any stream is raised, and closing this generator
-    stops reading them all."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    arrived: asyncio.Queue = asyncio.Queue()
-
-    async def pump(place: int, stream: AsyncIterator) -> None:
-        try:
-            async for item in stream:
-                await arrived.put((place, item, None))
-            await arrived.put((place, _END, None))
-        except Exception as exc:  # handed to the reader, which raises it
-            await arrived.put((place, None, exc))
-
-    pumps = [asyncio.create_task(pump(place, s)) for place, s in enumerate(streams)]
-    try:
-        running = len(pumps)
-        while running:
-            place, item, error = await arrived.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                running -= 1
-            else:
-                yield place, item
-    finally:
-        for task in pumps:
-            task.cancel()

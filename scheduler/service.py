@@ -24,7 +24,7 @@ from scheduler.quarantine import Quarantine
 from scheduler.retention import FinishedJobs
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch, is_int64
-from worker.output import unpack_outputs
+from worker.output import RequestOutput, unpack_outputs
 
 log = logging.getLogger("pagedserve.scheduler")
 
@@ -139,7 +139,8 @@ class SchedulerService:
         self.jobs: dict[str, JobState] = {}
         self.finished = FinishedJobs(options.max_finished_jobs,
                                      int(options.max_finished_gib * 2**30))
-        self.changed: dict[str, asyncio.Event] = {}  # replaced by a fresh one at every change
+        # per job, the events of the streams reading it: set at every change of the job
+        self.watchers: dict[str, set[asyncio.Event]] = {}
         # set once, when the job finishes: result() waiters are not woken by every token
         self.finished_events: dict[str, asyncio.Event] = {}
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
@@ -231,7 +232,6 @@ class SchedulerService:
 
     def _track(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
-        self.changed[job.job_id] = asyncio.Event()
         self.finished_events[job.job_id] = asyncio.Event()
 
     def _dispatch(self, samples: list[tuple[JobState, SampleState]]) -> None:
@@ -317,10 +317,8 @@ class SchedulerService:
     def _changed(self, job: JobState) -> None:
         if self.quarantine.cleared(job):
             self._release_suspect()
-        event = self.changed.get(job.job_id)
-        if event is not None:
+        for event in self.watchers.get(job.job_id, ()):
             event.set()
-            self.changed[job.job_id] = asyncio.Event()
         if job.finished and job.job_id not in self.finished:
             self._retire(job)
 
@@ -340,7 +338,6 @@ class SchedulerService:
         self.journal.forget_results(job_ids)
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
-            self.changed.pop(job_id, None)
             self.finished_events.pop(job_id, None)
 
     def abort(self, job_id: str) -> bool:
@@ -383,27 +380,40 @@ class SchedulerService:
                 "been read)")
         return job
 
-    async def stream(self, job_id: str, cursor: list[int] | None = None):
-        """Yields lists of new outputs until the job finishes; resume with the cursor of
-        tokens already seen per sample (see JobState.deltas_since)."""
-        job = self._job(job_id)
-        job_id = job.job_id
-        cursor = list(cursor or [])
-        cursor += [0] * (len(job.samples) - len(cursor))
-        while True:
-            event = self.changed[job_id]
-            deltas = job.deltas_since(cursor)
-            for d in deltas:
-                cursor[d.index] += len(d.new_token_ids)
-                if d.finish_reason is not None:
-                    cursor[d.index] = len(job.samples[d.index].token_ids) + 1
-            if deltas:
-                yield deltas
-            elif job.finished:
-                self._read(job)
-                return
-            else:
-                await _wait(event, 5.0)
+    async def stream(self, job_ids: list[str], cursors: list[list[int] | None] | None = None):
+        """Yields ``[]`` at once (the call is taken), then lists of ``(place, output)``: the
+        new outputs of ``job_ids[place]``, until every job has finished. Resume with the
+        cursors of tokens already seen per sample (see JobState.deltas_since)."""
+        jobs = [self._job(job_id) for job_id in job_ids]
+        cursors = [_full_cursor(job, cursor)
+                   for job, cursor in zip(jobs, list(cursors or []) + [None] * len(jobs))]
+        woken = asyncio.Event()
+        for job in jobs:
+            self.watchers.setdefault(job.job_id, set()).add(woken)
+        try:
+            yield []
+            reading = set(range(len(jobs)))
+            while reading:
+                woken.clear()
+                batch = []
+                for place in sorted(reading):
+                    deltas = _advance_cursor(jobs[place], cursors[place])
+                    if deltas:
+                        batch += [(place, delta) for delta in deltas]
+                    elif jobs[place].finished:
+                        self._read(jobs[place])
+                        reading.discard(place)
+                if batch:
+                    yield batch
+                elif reading:
+                    await _wait(woken, 5.0)
+        finally:
+            for job in jobs:
+                watching = self.watchers.get(job.job_id)
+                if watching is not None:
+                    watching.discard(woken)
+                    if not watching:
+                        del self.watchers[job.job_id]
 
     async def result(self, job_id: str, timeout: float | None = None) -> dict:
         job = self._job(job_id)
@@ -715,6 +725,21 @@ def job_summary(job: JobState) -> dict:
     }
 
 
+def _full_cursor(job: JobState, cursor: list[int] | None) -> list[int]:
+    cursor = list(cursor or [])
+    return cursor + [0] * (len(job.samples) - len(cursor))
+
+
+def _advance_cursor(job: JobState, cursor: list[int]) -> list[RequestOutput]:
+    """The job's outputs a stream at ``cursor`` has not seen; moves the cursor past them."""
+    deltas = job.deltas_since(cursor)
+    for d in deltas:
+        cursor[d.index] += len(d.new_token_ids)
+        if d.finish_reason is not None:
+            cursor[d.index] = len(job.samples[d.index].token_ids) + 1
+    return deltas
+
+
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     try:
         await asyncio.wait_for(event.wait(), timeout)
@@ -799,12 +824,12 @@ class SchedulerActor:
         await self._write_journal()
         return aborted
 
-    async def stream(self, job_id, cursor=None):
+    async def stream(self, job_ids, cursors=None):
         with self._waiting_call():
-            async for deltas in self.service.stream(job_id, cursor):
-                if any(d.finish_reason is not None for d in deltas):
+            async for outputs in self.service.stream(job_ids, cursors):
+                if any(delta.finish_reason is not None for _, delta in outputs):
                     await self._write_journal()
-                yield deltas
+                yield outputs
 
     async def result(self, job_id, timeout=None) -> dict:
         with self._waiting_call():  # until answered: the journal write holds the actor too

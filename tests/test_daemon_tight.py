@@ -5,7 +5,8 @@ elsewhere with the tokens an undisturbed run gives; a job that makes engines rai
 device fault, tests/engine_faults) is failed alone; a job whose worker processes keep dying
 fails after three; a batch of many more jobs than the scheduler keeps finished runs whole, with
 no result forgotten before it is read; an abort or a result read is in the journal (which
-buffers for 5 s here) before the answer."""
+buffers for 5 s here) before the answer; calls that wait on jobs past max_waiting_calls are
+refused, an HTTP request holding one of them however many prompts it has."""
 import io
 import json
 import os
@@ -14,13 +15,16 @@ import signal
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
+from serving import serving
 
 from cluster import bringup, cli, daemon_cmds
 from cluster.client import Client, JobFailedError
+from cluster.http import create_app
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import (MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, OverloadedError,
                                UnknownJobError)
@@ -37,7 +41,7 @@ POISON = [7, 7, 7, 65]
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def daemon(tmp_path_factory):
     cfg = daemon_config(tmp_path_factory.mktemp("tight"), worker_stall_timeout_s=STALL_TIMEOUT_S,
                         max_finished_jobs=FINISHED_KEPT, max_queued_jobs=QUEUED,
                         journal_fsync_interval_s=JOURNAL_BUFFERS_S, max_waiting_calls=WAITING)
@@ -53,10 +57,23 @@ def client(tmp_path_factory):
             os.environ["PYTHONPATH"] = path
     try:
         bringup.up(cfg, min_workers=2)
-        yield Client()
+        yield cfg, Client()
     finally:
         bringup.down()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    return daemon[1]
+
+
+@pytest.fixture(scope="module")
+def http(daemon):
+    cfg, client = daemon
+    with serving(create_app(client, cfg, api_keys=())) as url, \
+            httpx.Client(base_url=url, timeout=120) as session:
+        yield session
 
 
 def _gone(pid: int) -> bool:
@@ -216,6 +233,38 @@ def test_calls_waiting_past_max_waiting_calls_are_refused_as_overloaded(client):
     assert client.abort(job)
     assert {s["outputs"][0]["finish_reason"] for s in ray.get(waits, timeout=30)} == {"abort"}
     assert client.result(job).outputs[0].finish_reason == "abort"  # room again
+
+
+def test_an_http_request_waits_in_one_call_and_a_stream_past_the_cap_gets_a_429(client, http):
+    """However many prompts a request has, it holds one of max_waiting_calls while it waits
+    (one per prompt could never pass with more prompts than that); and a stream the scheduler
+    refuses is answered 429 before its headers, its jobs aborted, not 200 then an error."""
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    job = client.submit("a long wait", SamplingParams(max_tokens=1500, ignore_eos=True))
+    waits = [bringup.find_scheduler().result.remote(job, 60) for _ in range(WAITING)]
+    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    body = {"model": "tiny", "prompt": "refused", "max_tokens": 4, "stream": True}
+    refused = http.post("/v1/completions", json=body)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
+    client.abort(job)
+    ray.get(waits, timeout=30)
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="the refused stream's abort")
+
+    prompts = [f"prompt {i} of many" for i in range(WAITING + 3)]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    whole = http.post("/v1/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    texts = {c["index"]: c["text"] for c in whole.json()["choices"]}
+    streamed = dict.fromkeys(range(len(prompts)), "")
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in map(json.loads, events[:-1]):
+        for choice in event["choices"]:
+            streamed[choice["index"]] += choice["text"]
+    assert streamed == texts and len(texts) == len(prompts)
 
 
 def test_an_abort_or_a_read_result_is_in_the_journal_before_the_answer(client):
