@@ -660,6 +660,25 @@ def test_down_drain_refuses_new_jobs_and_goes_down_once_the_others_finish(daemon
     bringup.up(cfg, min_workers=2)  # for the tests that follow
 
 
+def test_two_drains_at_once_both_end_with_the_daemon_down(daemon, capsys):
+    """`down --drain` in two terminals: both wait for the job, both end saying the daemon is
+    down (exit 0), whichever stopped it."""
+    cfg, _, client = daemon
+    job = client.submit("drain me twice", SamplingParams(max_tokens=300, ignore_eos=True))
+    codes = []
+    downs = [threading.Thread(target=lambda: codes.append(cli.main(["down", "--drain"])))
+             for _ in range(2)]
+    for down in downs:
+        down.start()
+    for down in downs:
+        down.join(timeout=120)
+    assert codes == [0, 0]
+    assert capsys.readouterr().out.splitlines() == ["pagedserve is down"] * 2
+    assert bringup.find_scheduler() is None
+    bringup.up(cfg, min_workers=2)  # for the tests that follow
+    assert Client().result(job).outputs[0].finish_reason == "length"
+
+
 def test_a_drain_goes_on_through_a_scheduler_restart(daemon, capsys, monkeypatch):
     """The restarted scheduler starts undrained: `down --drain` took that for `up` ending the
     drain, gave up, and left the daemon taking new jobs."""
