@@ -334,7 +334,7 @@ def down(drain_timeout: float | None = None,
             raise
     try:
         return _answer(scheduler.shutdown)
-    except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile
-        return None
+    except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile (and says
+        return 0                           # what its journal keeps): it was running, it is down
     finally:
         ray.kill(scheduler, no_restart=True)
