@@ -12,8 +12,8 @@ import ray
 
 from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
 from cluster.journal import Journal
-from scheduler.service import (ANSWERING_CALLS, NAMESPACE, SCHEDULER_NAME, SchedulerActor,
-                               ServiceOptions, head_node_strategy, last_line)
+from scheduler.service import (ANSWERING_CALLS, NAMESPACE, RESUMED_CALLS_FACTOR, SCHEDULER_NAME,
+                               SchedulerActor, ServiceOptions, head_node_strategy, last_line)
 
 
 # Given an address whose GCS does not answer, ray.init retries for minutes; a port that does
@@ -177,7 +177,7 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
         scheduler = SchedulerActor.options(
             name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
             get_if_exists=True, scheduling_strategy=head_node_strategy(),
-            max_concurrency=options.max_waiting_calls + ANSWERING_CALLS,
+            max_concurrency=options.max_waiting_calls * RESUMED_CALLS_FACTOR + ANSWERING_CALLS,
         ).remote(options, journal)
     try:
         status = _wait_ready(scheduler, min_workers, timeout, on_wait)

@@ -76,7 +76,7 @@ class Client:
         lost_at, retried = None, False
         while True:
             try:
-                ref = getattr(self._scheduler, method).remote(*args)
+                ref = self._remote(method, args, retried)
                 return ray.get(ref, timeout=self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
                 lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
@@ -91,13 +91,22 @@ class Client:
         lost_at, retried = None, False
         while True:
             try:
-                ref = getattr(self._scheduler, method).remote(*args)
+                ref = self._remote(method, args, retried)
                 return await asyncio.wait_for(ref, self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
                 raise self._not_answering(method) from None
             lost_at, retried = await self._areconnect(lost_at), True
+
+    def _remote(self, method: str, args: tuple, retried: bool):
+        """Send the call. A wait on jobs sent again after a scheduler restart is marked
+        ``resumed``: the new scheduler lets it past max_waiting_calls, where new calls may
+        already have taken every slot (RESUMED_CALLS_FACTOR)."""
+        call = getattr(self._scheduler, method)
+        if retried and method in WAITING_METHODS:
+            return call.remote(*args, resumed=True)
+        return call.remote(*args)
 
     def _reconnect(self, lost_at: float) -> float | None:
         """After a failed call: find the scheduler again; None (the outage is over) once it
@@ -291,10 +300,10 @@ class Client:
         """New output of every sample as it is produced, until the job finishes. Resumes
         where it stopped if the scheduler restarts: no token twice, none missing."""
         cursors: list[list[int] | None] = [None]
-        lost_at = None
+        lost_at, resumed = None, False
         while True:
             try:
-                for ref in self._scheduler.stream.remote([job_id], cursors):
+                for ref in self._scheduler.stream.remote([job_id], cursors, resumed):
                     outputs, lost_at = ray.get(ref), None  # it answers: any outage is over
                     for _, delta in outputs:
                         cursors[0] = _advance(cursors[0], delta)
@@ -302,7 +311,7 @@ class Client:
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
-            lost_at = self._reconnect(lost_at)
+            lost_at, resumed = self._reconnect(lost_at), True
 
     async def astream(self, job_id: str) -> AsyncIterator[RequestOutput]:
         """``stream`` for asyncio code."""
@@ -324,10 +333,10 @@ class Client:
                                ) -> AsyncIterator[tuple[int, RequestOutput] | None]:
         """``None`` once the scheduler has taken the first call, then the outputs."""
         cursors: list[list[int] | None] = [None] * len(job_ids)
-        lost_at, opened = None, False
+        lost_at, opened, resumed = None, False, False
         while True:
             try:
-                async for ref in self._scheduler.stream.remote(job_ids, cursors):
+                async for ref in self._scheduler.stream.remote(job_ids, cursors, resumed):
                     outputs, lost_at = await ref, None  # see stream
                     if not opened:
                         opened = True
@@ -338,7 +347,7 @@ class Client:
                 return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
-            lost_at = await self._areconnect(lost_at)
+            lost_at, resumed = await self._areconnect(lost_at), True
 
     def result(self, job_id: str, timeout: float | None = None) -> JobOutput:
         """Wait for the job and return its whole output; JobFailedError if it failed."""

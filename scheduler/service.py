@@ -47,6 +47,10 @@ PENDING_HOLD_S = 30.0
 # the max_waiting_calls result/stream calls: the actor runs this many more at a time. Without
 # that room, 1,000 waits (the actor's default) left no slot for the reports that end them.
 ANSWERING_CALLS = 1000
+# A restarted scheduler counts no waits, and new calls can take every slot before the calls of
+# the clients it had (their waits lost with the old process) come back: those resumed calls
+# (marked so by the client) may go this many times over max_waiting_calls, and no further.
+RESUMED_CALLS_FACTOR = 2
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -767,10 +771,10 @@ class SchedulerActor:
         self.service = SchedulerService(options, journal_factory)
 
     @contextlib.contextmanager
-    def _waiting_call(self):
+    def _waiting_call(self, resumed: bool = False):
         """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it."""
         service, limit = self.service, self.service.options.max_waiting_calls
-        if service.waiting_calls >= limit:
+        if service.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
             raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
                                   "(scheduler.max_waiting_calls); retry later")
         service.waiting_calls += 1
@@ -824,21 +828,21 @@ class SchedulerActor:
         await self._write_journal()
         return aborted
 
-    async def stream(self, job_ids, cursors=None):
-        with self._waiting_call():
+    async def stream(self, job_ids, cursors=None, resumed=False):
+        with self._waiting_call(resumed):
             async for outputs in self.service.stream(job_ids, cursors):
                 if any(delta.finish_reason is not None for _, delta in outputs):
                     await self._write_journal()
                 yield outputs
 
-    async def result(self, job_id, timeout=None) -> dict:
-        with self._waiting_call():  # until answered: the journal write holds the actor too
+    async def result(self, job_id, timeout=None, resumed=False) -> dict:
+        with self._waiting_call(resumed):  # until answered: the journal write holds the actor too
             summary = await self.service.result(job_id, timeout)
             await self._write_journal()
         return summary
 
-    async def results(self, job_ids, timeout=None) -> list[dict]:
-        with self._waiting_call():
+    async def results(self, job_ids, timeout=None, resumed=False) -> list[dict]:
+        with self._waiting_call(resumed):
             summaries = await self.service.results(job_ids, timeout)
             await self._write_journal()
         return summaries

@@ -267,6 +267,26 @@ def test_an_http_request_waits_in_one_call_and_a_stream_past_the_cap_gets_a_429(
     assert streamed == texts and len(texts) == len(prompts)
 
 
+def test_a_stream_resumed_after_a_scheduler_restart_is_let_past_the_cap(client):
+    """A restarted scheduler counts no waits: new calls that take every slot before a stream
+    it had comes back must not make that stream fail as overloaded."""
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    job = client.submit("resume me", SamplingParams(max_tokens=1500, ignore_eos=True))
+    stream = client.stream(job)
+    streamed = list(next(stream).new_token_ids)
+    pid = client.status()["scheduler_pid"]
+    ray.kill(bringup.find_scheduler(), no_restart=False)  # Ray restarts it from the journal
+    wait_for(lambda: client.status()["scheduler_pid"] != pid, timeout=60, what="the restart")
+    waits = [bringup.find_scheduler().result.remote(job, 60) for _ in range(WAITING)]
+    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    streamed += next(stream).new_token_ids  # its call was lost with the old scheduler
+    assert client.status()["waiting_calls"] == WAITING + 1
+    client.abort(job)
+    streamed += [t for delta in stream for t in delta.new_token_ids]
+    assert streamed == client.result(job).outputs[0].token_ids
+    ray.get(waits, timeout=30)
+
+
 def test_an_abort_or_a_read_result_is_in_the_journal_before_the_answer(client):
     """A scheduler killed right after answering must neither run an aborted job again nor
     run again a job whose result was read (here its record would wait 5 s in the buffer)."""
