@@ -184,6 +184,15 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
     assert str((KV_HEADS * HEAD_DIM + 1, HIDDEN)) in message and str((KV_HEADS * HEAD_DIM, HIDDEN)) in message
 
 
+def test_integer_weight_names_tensor_and_dtype(tmp_path):
+    """An int32 tensor where a weight belongs was cast and loaded: garbage output, no error."""
+    tensors = hf_tensors()
+    tensors["model.embed_tokens.weight"] = torch.ones(VOCAB, HIDDEN, dtype=torch.int32)
+    with pytest.raises(ModelLoadError, match=r"model\.embed_tokens\.weight in model.*\.safetensors "
+                                             r"has dtype int32, expected a floating-point dtype"):
+        load(write_checkpoint(tmp_path, tensors))
+
+
 def test_unsupported_architecture(tmp_path):
     write_checkpoint(tmp_path, config={**CONFIG, "architectures": ["FalconForCausalLM"]})
     with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*LlamaForCausalLM"):
