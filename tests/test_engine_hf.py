@@ -32,9 +32,13 @@ def _common(**extra):
 
 def _save(model, path):
     # Random models have flat logits and greedy ties; scale the head so the argmax is sharp and
-    # a real bug cannot hide behind float noise.
+    # a real bug cannot hide behind float noise. Their attention is nearly uniform, too, so
+    # positions (rope and its llama3 scaling) hardly change the output: sharpen q and k.
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
     model.save_pretrained(path, max_shard_size="200KB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir() / name, path / name)
