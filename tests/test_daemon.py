@@ -580,7 +580,7 @@ class _Gone:
     def abort(self, job_id):
         pass
 
-    def stream(self, job_id, cursor):
+    def stream(self, job_ids, cursors=None, resumed=False):
         yield
 
 
