@@ -159,6 +159,7 @@ class SchedulerService:
         self.draining = False
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
+        self.npu_nodes: set[str] = set()  # the live nodes with NPUs, at the last reconcile
         self.placeable_workers = 0
         self.placement_problem: str | None = None
         self.started_at = time.time()
@@ -455,13 +456,37 @@ class SchedulerService:
 
     def _reconcile(self) -> None:
         """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead
-        workers' freed NPUs)."""
+        workers' freed NPUs), withdraw workers still starting for NPUs that are gone."""
+        wanted = int(ray.cluster_resources().get("NPU", 0))
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        self._note_npu_nodes({node["NodeID"] for node in nodes if node["Resources"].get("NPU")})
+        self._check_placement(wanted, [node["Resources"] for node in nodes])
+        self._withdraw_surplus(wanted)
         if self.spawn_failures >= MAX_SPAWN_FAILURES:
             return
-        wanted = int(ray.cluster_resources().get("NPU", 0))
-        self._check_placement(wanted)
         for _ in range(wanted - len(self.workers)):
             self._spawn()
+
+    def _note_npu_nodes(self, npu_nodes: set[str]) -> None:
+        """Workers that failed to start count against MAX_SPAWN_FAILURES only while the nodes
+        stay the same: one lost with its node while loading is no config or model error, and
+        a node joining is worth trying again."""
+        if npu_nodes != self.npu_nodes and self.spawn_failures:
+            log.info("the cluster's NPU nodes changed: %d failed worker starts forgotten",
+                     self.spawn_failures)
+            self.spawn_failures = 0
+        self.npu_nodes = npu_nodes
+
+    def _withdraw_surplus(self, wanted: int) -> None:
+        """A worker spawned for the NPU of a node that crashed, before Ray counted the node
+        dead, can never be placed: withdraw workers still starting, newest first, while there
+        are more workers than NPUs."""
+        starting = [slot for slot in self.workers.values() if slot.info is None]
+        for slot in starting[::-1][:max(0, len(self.workers) - wanted)]:
+            log.warning("worker %s withdrawn before it started: the cluster has %d NPUs for %d "
+                        "workers (a node is gone)", slot.worker_id, wanted, len(self.workers))
+            del self.workers[slot.worker_id]
+            ray.kill(slot.actor, no_restart=True)
 
     async def _kill_hung_workers(self) -> None:
         """A worker that has samples to run but has not reported a step for
@@ -488,11 +513,10 @@ class SchedulerService:
             self.stalled_workers_killed += 1
             ray.kill(slot.actor, no_restart=True)  # _watch then sees it gone
 
-    def _check_placement(self, wanted: int) -> None:
-        """Counts the workers the live nodes can hold at once (each takes 1 NPU and
-        worker_num_cpus CPUs); ones beyond that would wait for a bigger node forever."""
+    def _check_placement(self, wanted: int, nodes: list[dict]) -> None:
+        """Counts the workers the live nodes (their resources) can hold at once (each takes 1
+        NPU and worker_num_cpus CPUs); ones beyond that would wait for a bigger node forever."""
         cpus = self.options.worker_num_cpus
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         self.placeable_workers = sum(min(int(r.get("NPU", 0)), int(r.get("CPU", 0) // cpus))
                                      for r in nodes)
         self.placement_problem = None
@@ -526,6 +550,8 @@ class SchedulerService:
         try:
             slot.info = await slot.actor.info.remote()
         except Exception as exc:  # the constructor failed: a config or model error
+            if self.workers.get(slot.worker_id) is not slot:  # withdrawn (_withdraw_surplus)
+                return
             self.spawn_failures += 1
             self.last_spawn_error = _one_line(exc)
             log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)

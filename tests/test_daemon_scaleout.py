@@ -1,4 +1,7 @@
-"""A node that joins the cluster later gets a worker for its NPU without a restart."""
+"""A node that joins the cluster later gets a worker for its NPU without a restart; one that
+crashes leaves no worker waiting for its NPU."""
+import time
+
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -36,3 +39,33 @@ def test_added_node_gets_a_worker_and_serves_jobs(cluster, tmp_path):
            for i in range(8)]
     assert all(len(client.result(j, timeout=120).outputs[0].token_ids) == 8 for j in ids)
     assert {client.status_of(j)["workers"][0] for j in ids} == {w["worker_id"] for w in workers}
+
+
+def test_a_crashed_node_leaves_no_worker_waiting_for_its_npu(cluster, tmp_path):
+    """A node that dies without a clean shutdown: its jobs finish elsewhere with the tokens of
+    an undisturbed run, and a worker the scheduler started for its NPU before Ray counted the
+    node dead (it could never be placed) is withdrawn: status lists no worker "starting"
+    forever, and `up` answers at once instead of waiting for it."""
+    client = Client()
+    node = next(w["node_id"] for w in ready_workers(client)
+                if w["node_id"] != ray.get_runtime_context().get_node_id())
+    doomed = next(n for n in cluster.worker_nodes if n.node_id == node)
+    prompts = [f"crash {i} " * (i + 1) for i in range(8)]
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    ids = client.submit_many(prompts, params)
+    wait_for(lambda: all(client.status_of(j)["num_tokens"][0] > 0 for j in ids), timeout=120,
+             what="every job generating")
+    cluster.remove_node(doomed, allow_graceful=False)
+    crashed = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
+    again = [client.result(j, timeout=300).outputs[0].token_ids
+             for j in client.submit_many(prompts, params)]
+    assert crashed == again and client.status()["failovers"] > 0
+    wait_for(lambda: ray.cluster_resources().get("NPU") == 1, timeout=120,
+             what="Ray counting the node dead")
+    wait_for(lambda: len(client.status()["workers"]) == 1, timeout=60,
+             what="no worker but the head node's")
+    started = time.monotonic()
+    bringup.up(daemon_config(tmp_path), min_workers=1)
+    assert time.monotonic() - started < 10
+    cluster.add_node(num_cpus=2, resources={"NPU": 1})
+    wait_for(lambda: len(ready_workers(client)) == 2, timeout=180, what="a worker on a new node")
