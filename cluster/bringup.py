@@ -315,8 +315,9 @@ def config_differences(running: dict, asked: PagedServeConfig) -> list[str]:
 def down(drain_timeout: float | None = None,
          on_wait: Callable[[dict], None] | None = None) -> int | None:
     """Stop the workers and the scheduler. Returns how many unfinished jobs the journal keeps
-    for the next `up` to resume, or None if nothing was running. With ``drain_timeout``, first
-    refuse new jobs and wait up to that long for the unfinished ones to finish, calling
+    for the next `up` to resume (0 also when another `down` stopped the daemon meanwhile: that
+    one says what the journal keeps), or None if nothing was running. With ``drain_timeout``,
+    first refuse new jobs and wait up to that long for the unfinished ones to finish, calling
     ``on_wait(status)`` every WAIT_REPORT_S meanwhile; an interrupted wait raises
     DrainCancelled, a drain ended elsewhere (`up`) DrainEnded, and neither stops anything.
     A scheduler that does not answer is killed all the same, then SchedulerUnanswered says so."""
@@ -326,15 +327,14 @@ def down(drain_timeout: float | None = None,
     if drain_timeout is not None:
         try:
             _drain(scheduler, drain_timeout, on_wait)
-        except ray.exceptions.ActorDiedError:
-            raise DrainEnded("pagedserve was taken down while `down --drain` waited (another "
-                             "`pagedserve down`?)") from None
+        except ray.exceptions.ActorDiedError:  # another `down` stopped it meanwhile
+            return 0
         except SchedulerUnanswered:
             ray.kill(scheduler, no_restart=True)
             raise
     try:
         return _answer(scheduler.shutdown)
-    except ray.exceptions.ActorDiedError:  # another `down` took it down meanwhile (and says
-        return 0                           # what its journal keeps): it was running, it is down
+    except ray.exceptions.ActorDiedError:  # another `down` stopped it meanwhile
+        return 0
     finally:
         ray.kill(scheduler, no_restart=True)
