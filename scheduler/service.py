@@ -44,12 +44,14 @@ STARTING_GRACE_S = 30.0
 # wait for workers still loading before they go to those ready: bounded for the same reason.
 PENDING_HOLD_S = 30.0
 # Calls that answer at once (workers' reports, submit, abort, status) always find room beside
-# the max_waiting_calls result/stream calls: the actor runs this many more at a time. Without
-# that room, 1,000 waits (the actor's default) left no slot for the reports that end them.
+# the result/stream calls that wait on jobs (see RESUMED_CALLS_FACTOR): the actor runs this
+# many more at a time. Without that room, 1,000 waits (the actor's default) left no slot for
+# the reports that end them.
 ANSWERING_CALLS = 1000
 # A restarted scheduler counts no waits, and new calls can take every slot before the calls of
 # the clients it had (their waits lost with the old process) come back: those resumed calls
-# (marked so by the client) may go this many times over max_waiting_calls, and no further.
+# (marked so by the client) are refused only once the waits reach this many times
+# max_waiting_calls.
 RESUMED_CALLS_FACTOR = 2
 
 
@@ -159,7 +161,8 @@ class SchedulerService:
         self.draining = False
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
-        self.npu_nodes: set[str] = set()  # the live nodes with NPUs, at the last reconcile
+        self.npu_nodes_seen: set[str] = set()  # every node with NPUs that has been alive
+        self.surplus_rounds = 0  # reconciles in a row that found more workers than NPUs
         self.placeable_workers = 0
         self.placement_problem: str | None = None
         self.started_at = time.time()
@@ -461,30 +464,38 @@ class SchedulerService:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         self._note_npu_nodes({node["NodeID"] for node in nodes if node["Resources"].get("NPU")})
         self._check_placement(wanted, [node["Resources"] for node in nodes])
-        self._withdraw_surplus(wanted)
+        self._withdraw_surplus(wanted, {node["NodeID"] for node in nodes})
         if self.spawn_failures >= MAX_SPAWN_FAILURES:
             return
         for _ in range(wanted - len(self.workers)):
             self._spawn()
 
     def _note_npu_nodes(self, npu_nodes: set[str]) -> None:
-        """Workers that failed to start count against MAX_SPAWN_FAILURES only while the nodes
-        stay the same: one lost with its node while loading is no config or model error, and
-        a node joining is worth trying again."""
-        if npu_nodes != self.npu_nodes and self.spawn_failures:
-            log.info("the cluster's NPU nodes changed: %d failed worker starts forgotten",
+        """A node with NPUs that joins (one never seen before) forgets the failed worker starts
+        counted against MAX_SPAWN_FAILURES: workers lost with their nodes while loading are no
+        config or model error, and a new node is worth trying."""
+        if not npu_nodes <= self.npu_nodes_seen and self.spawn_failures:
+            log.info("a node with NPUs joined: %d failed worker starts forgotten",
                      self.spawn_failures)
             self.spawn_failures = 0
-        self.npu_nodes = npu_nodes
+        self.npu_nodes_seen |= npu_nodes
 
-    def _withdraw_surplus(self, wanted: int) -> None:
+    def _withdraw_surplus(self, wanted: int, live_nodes: set[str]) -> None:
         """A worker spawned for the NPU of a node that crashed, before Ray counted the node
-        dead, can never be placed: withdraw workers still starting, newest first, while there
-        are more workers than NPUs."""
+        dead, can never be placed: while the workers still starting and those ready on live
+        nodes outnumber the NPUs, two reconciles in a row (not for one odd count), withdraw
+        the newest starting ones."""
         starting = [slot for slot in self.workers.values() if slot.info is None]
-        for slot in starting[::-1][:max(0, len(self.workers) - wanted)]:
-            log.warning("worker %s withdrawn before it started: the cluster has %d NPUs for %d "
-                        "workers (a node is gone)", slot.worker_id, wanted, len(self.workers))
+        placed = sum(1 for slot in self.workers.values()
+                     if slot.info and slot.info["node_id"] in live_nodes)
+        surplus = min(len(starting), placed + len(starting) - wanted)
+        self.surplus_rounds = self.surplus_rounds + 1 if surplus > 0 else 0
+        if self.surplus_rounds < 2:
+            return
+        workers = placed + len(starting)
+        for slot in starting[::-1][:surplus]:
+            log.warning("worker %s withdrawn before it started: the cluster has %d NPUs for "
+                        "%d workers (a node is gone)", slot.worker_id, wanted, workers)
             del self.workers[slot.worker_id]
             ray.kill(slot.actor, no_restart=True)
 
@@ -548,7 +559,7 @@ class SchedulerService:
     async def _watch(self, slot: WorkerSlot) -> None:
         """Wait for the worker to load, then for its run() to end: then it is dead."""
         try:
-            slot.info = await slot.actor.info.remote()
+            info = await slot.actor.info.remote()
         except Exception as exc:  # the constructor failed: a config or model error
             if self.workers.get(slot.worker_id) is not slot:  # withdrawn (_withdraw_surplus)
                 return
@@ -558,7 +569,9 @@ class SchedulerService:
             self.workers.pop(slot.worker_id, None)
             self._drain_pending()  # held for this one, perhaps
             return
-        self.spawn_failures = 0
+        if self.workers.get(slot.worker_id) is not slot:  # withdrawn as its answer came
+            return
+        slot.info, self.spawn_failures = info, 0
         slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],
                                slot.info["block_size"])
         log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
@@ -856,10 +869,11 @@ class SchedulerActor:
 
     async def stream(self, job_ids, cursors=None, resumed=False):
         with self._waiting_call(resumed):
-            async for outputs in self.service.stream(job_ids, cursors):
-                if any(delta.finish_reason is not None for _, delta in outputs):
-                    await self._write_journal()
-                yield outputs
+            async with contextlib.aclosing(self.service.stream(job_ids, cursors)) as stream:
+                async for outputs in stream:
+                    if any(delta.finish_reason is not None for _, delta in outputs):
+                        await self._write_journal()
+                    yield outputs
 
     async def result(self, job_id, timeout=None, resumed=False) -> dict:
         with self._waiting_call(resumed):  # until answered: the journal write holds the actor too
