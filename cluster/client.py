@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -315,9 +316,9 @@ class Client:
 
     async def astream(self, job_id: str) -> AsyncIterator[RequestOutput]:
         """``stream`` for asyncio code."""
-        outputs = await self.aopen_stream([job_id])
-        async for _, delta in outputs:
-            yield delta
+        async with contextlib.aclosing(await self.aopen_stream([job_id])) as outputs:
+            async for _, delta in outputs:
+                yield delta
 
     async def aopen_stream(self, job_ids: list[str]
                            ) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -387,8 +387,8 @@ def _close_stream(server: Server, meter: StreamMeter, job_ids: list[str], endpoi
 
 async def _results_unless_gone(request: Request, server: Server,
                                job_ids: list[str]) -> list[JobOutput]:
-    """Wait for the jobs; if the client disconnects meanwhile, or one of them fails, the
-    others are aborted."""
+    """Wait for the jobs, read in order; if the client disconnects meanwhile, or one of them
+    fails (noticed once those before it have finished), the others are aborted."""
     waiter = asyncio.ensure_future(server.client.aresults(job_ids))
     answered = False
     try:
@@ -504,7 +504,8 @@ def _daemon_errors(body: GenerationRequest):
         if exc.job_index is not None:  # about one prompt of several
             raise bad_request(f"prompt {exc.job_index}: {exc.reason}", "prompt") from None
         raise bad_request(*in_request_terms(str(exc), body.field_names())) from None
-    except (OverloadedError, JobFailedError, DaemonUnavailableError, *SCHEDULER_GONE) as exc:
+    except (OverloadedError, JobFailedError, UnknownJobError, DaemonUnavailableError,
+            *SCHEDULER_GONE) as exc:
         raise _daemon_error(exc) from None
 
 
@@ -516,6 +517,8 @@ def _daemon_error(exc: Exception) -> ApiError:
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, JobFailedError):
         return ApiError(500, str(exc), type="server_error", code="job_failed")
+    if isinstance(exc, UnknownJobError):  # gone while the request waited (not resumed)
+        return ApiError(500, str(exc), type="server_error", code="job_lost")
     if isinstance(exc, (DaemonUnavailableError, *SCHEDULER_GONE)):
         return ApiError(503, "the pagedserve daemon does not answer; retry later",
                         type="service_unavailable", code="daemon_unavailable",
