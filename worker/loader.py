@@ -172,14 +172,14 @@ def _read_needed(file: Path, needed: set[str]):
 
 
 def _copy_checked(slot: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:
-    if tuple(tensor.shape) != tuple(slot.shape):
-        raise ModelLoadError(
-            f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}"
-        )
     if not tensor.is_floating_point():  # copy_ would cast it silently (quantized weights, say)
         raise ModelLoadError(f"tensor {name} in {file.name} has dtype "
                              f"{str(tensor.dtype).removeprefix('torch.')}, expected a "
                              "floating-point dtype (quantized checkpoints are not supported)")
+    if tuple(tensor.shape) != tuple(slot.shape):
+        raise ModelLoadError(
+            f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}"
+        )
     slot.copy_(tensor)
 
 
