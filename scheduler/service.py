@@ -296,20 +296,19 @@ class SchedulerService:
         Ray does not keep the order of calls to an async actor, and a report that overtook an
         earlier one would put a sample's tokens out of order: reports are applied by number."""
         worker = self.workers.get(worker_id)
-        if worker is None:  # gone: its outputs are stale attempts, dropped by JobState.apply
-            self._apply_report(None, outputs, rejected)
-            return
+        if worker is None:  # gone (its samples went elsewhere), or a previous scheduler's, whose
+            return          # attempt numbers a job resumed from the journal may share: stale
         worker.last_heard = time.monotonic()
         for outputs, rejected, load in worker.reports.push(number, (outputs, rejected, load)):
             self._update_load(worker, load)
             self._apply_report(worker, outputs, rejected)
 
-    def _apply_report(self, worker: WorkerSlot | None, outputs: list, rejected: list) -> None:
+    def _apply_report(self, worker: WorkerSlot, outputs: list, rejected: list) -> None:
         for out in outputs:
             job_id, index, attempt = out.request_id.rsplit("/", 2)
             job = self.jobs.get(job_id)
             if job is not None and job.apply(int(index), int(attempt), out):
-                if out.finish_reason is not None and worker is not None:
+                if out.finish_reason is not None:
                     worker.samples.discard((job_id, int(index)))
                 self._changed(job)
         for request_id, message in rejected:
