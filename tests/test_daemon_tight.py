@@ -28,6 +28,7 @@ from cluster.http import create_app
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import (MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, OverloadedError,
                                UnknownJobError)
+from worker.output import RequestOutput, pack_outputs
 
 STALL_TIMEOUT_S = 3.0
 FINISHED_KEPT = 40
@@ -265,6 +266,21 @@ def test_an_http_request_waits_in_one_call_and_a_stream_past_the_cap_gets_a_429(
         for choice in event["choices"]:
             streamed[choice["index"]] += choice["text"]
     assert streamed == texts and len(texts) == len(prompts)
+
+
+def test_a_report_from_a_worker_the_scheduler_does_not_know_is_dropped(client):
+    """After a restart, the previous scheduler's workers (until Ray kills them) report the same
+    attempt numbers as the jobs resumed from the journal: their tokens must not join them."""
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    job = client.submit("stale reports", SamplingParams(max_tokens=1500, ignore_eos=True))
+    wait_for(lambda: client.status_of(job)["num_tokens"][0] > 0, timeout=60, what="tokens")
+    stale = [RequestOutput(request_id=f"{job}/0/0", index=0, new_token_ids=[5] * 9, text="",
+                           num_prompt_tokens=13)]
+    ray.get(bringup.find_scheduler().report.remote("w-previous", 0, pack_outputs(stale), [],
+                                                   {"free_blocks": 0}))
+    client.abort(job)
+    tokens = client.result(job).outputs[0].token_ids
+    assert not any(tokens[i:i + 9] == [5] * 9 for i in range(len(tokens)))
 
 
 def test_a_stream_resumed_after_a_scheduler_restart_is_let_past_the_cap(client):
