@@ -300,9 +300,9 @@ def test_a_stream_resumed_after_a_scheduler_restart_is_let_past_the_cap(client):
     assert client.status()["waiting_calls"] == WAITING + 1
     client.abort(job)
     streamed += [t for delta in stream for t in delta.new_token_ids]
-    # no token twice, none missing; not their values: the first run's tokens the stream had
-    # seen may differ from the rerun's at a near-tie (the README's failover notes)
-    assert len(streamed) == len(client.result(job).outputs[0].token_ids)
+    # the first run's tokens the stream saw are the rerun's (one CI run got a token of the old
+    # scheduler's worker here: test_a_report_from_a_worker_the_scheduler_does_not_know...)
+    assert streamed == client.result(job).outputs[0].token_ids
     ray.get(waits, timeout=30)
 
 
