@@ -218,14 +218,24 @@ def test_a_batch_larger_than_the_finished_jobs_kept_loses_no_result(client, tmp_
         f"(scheduler.max_finished_jobs), and some of these {count} may be forgotten")
 
 
+def _long_job(client, prompt: str) -> str:
+    """A job of 1,500 tokens, submitted once no other is unfinished."""
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    return client.submit(prompt, SamplingParams(max_tokens=1500, ignore_eos=True))
+
+
+def _fill_waiting_calls(client, job: str) -> list:
+    """WAITING result calls on ``job``, open at the scheduler: every waiting slot is taken."""
+    waits = [bringup.find_scheduler().result.remote(job, 60) for _ in range(WAITING)]
+    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    return waits
+
+
 def test_calls_waiting_past_max_waiting_calls_are_refused_as_overloaded(client):
     """Past the cap a result or stream call fails at once; reports, status and abort still
     get through, and the waits held end with the job."""
-    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
-    job = client.submit("a long wait", SamplingParams(max_tokens=1500, ignore_eos=True))
-    scheduler = bringup.find_scheduler()
-    waits = [scheduler.result.remote(job, 60) for _ in range(WAITING)]
-    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    job = _long_job(client, "a long wait")
+    waits = _fill_waiting_calls(client, job)
     with pytest.raises(OverloadedError, match=f"{WAITING} calls already wait on jobs"):
         client.result(job)
     with pytest.raises(OverloadedError, match="scheduler.max_waiting_calls"):
@@ -240,10 +250,8 @@ def test_an_http_request_waits_in_one_call_and_a_stream_past_the_cap_gets_a_429(
     """However many prompts a request has, it holds one of max_waiting_calls while it waits
     (one per prompt could never pass with more prompts than that); and a stream the scheduler
     refuses is answered 429 before its headers, its jobs aborted, not 200 then an error."""
-    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
-    job = client.submit("a long wait", SamplingParams(max_tokens=1500, ignore_eos=True))
-    waits = [bringup.find_scheduler().result.remote(job, 60) for _ in range(WAITING)]
-    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    job = _long_job(client, "a long wait")
+    waits = _fill_waiting_calls(client, job)
     body = {"model": "tiny", "prompt": "refused", "max_tokens": 4, "stream": True}
     refused = http.post("/v1/completions", json=body)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
@@ -271,8 +279,7 @@ def test_an_http_request_waits_in_one_call_and_a_stream_past_the_cap_gets_a_429(
 def test_a_report_from_a_worker_the_scheduler_does_not_know_is_dropped(client):
     """After a restart, the previous scheduler's workers (until Ray kills them) report the same
     attempt numbers as the jobs resumed from the journal: their tokens must not join them."""
-    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
-    job = client.submit("stale reports", SamplingParams(max_tokens=1500, ignore_eos=True))
+    job = _long_job(client, "stale reports")
     wait_for(lambda: client.status_of(job)["num_tokens"][0] > 0, timeout=60, what="tokens")
     stale = [RequestOutput(request_id=f"{job}/0/0", index=0, new_token_ids=[5] * 9, text="",
                            num_prompt_tokens=13)]
@@ -286,15 +293,13 @@ def test_a_report_from_a_worker_the_scheduler_does_not_know_is_dropped(client):
 def test_a_stream_resumed_after_a_scheduler_restart_is_let_past_the_cap(client):
     """A restarted scheduler counts no waits: new calls that take every slot before a stream
     it had comes back must not make that stream fail as overloaded."""
-    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
-    job = client.submit("resume me", SamplingParams(max_tokens=1500, ignore_eos=True))
+    job = _long_job(client, "resume me")
     stream = client.stream(job)
     streamed = list(next(stream).new_token_ids)
     pid = client.status()["scheduler_pid"]
     ray.kill(bringup.find_scheduler(), no_restart=False)  # Ray restarts it from the journal
     wait_for(lambda: client.status()["scheduler_pid"] != pid, timeout=60, what="the restart")
-    waits = [bringup.find_scheduler().result.remote(job, 60) for _ in range(WAITING)]
-    wait_for(lambda: client.status()["waiting_calls"] == WAITING, timeout=30, what="the waits")
+    waits = _fill_waiting_calls(client, job)
     while client.status()["waiting_calls"] == WAITING:  # the old scheduler's last outputs
         streamed += next(stream).new_token_ids         # first, then its call sent again
     assert client.status()["waiting_calls"] == WAITING + 1
