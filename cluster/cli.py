@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from cluster.version import pagedserve_version
+
 # Errors the user can act on: bad input is a ValueError (InvalidRequestError, ModelLoadError,
 # ConfigError, ...) or OSError (files, no cluster); the rest are named here and looked up only
 # if their module was imported (so `pagedserve --help` imports neither torch nor Ray).
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed LLM inference on Ray: paged KV cache, continuous batching, "
                     "Ascend NPU workers, CPU simulation mode.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    parser.add_argument("--version", action="version", version=f"pagedserve {pagedserve_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     # Imported here, not at the top: some verb modules import torch, which must come after
     # main() has decided TORCH_DEVICE_BACKEND_AUTOLOAD.

@@ -26,10 +26,12 @@ from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                  GenerationRequest, Echo, ResponseContext, TokenizeRequest,
                                  bad_request, echo_chunk, full_response, in_request_terms,
-                                 role_chunk, stream_chunk, usage_chunk, validation_error)
+                                 job_without_output, role_chunk, stream_chunk, usage_chunk,
+                                 validation_error, without_output)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, sse_event
+from cluster.version import pagedserve_version
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (BatchTooLargeError, OverloadedError, UnavailableError,
                                UnknownJobError)
@@ -227,6 +229,12 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, 503 if reason else 200)
 
 
+@router.get("/version")
+async def server_version() -> dict:
+    """Open without a key, as /health is."""
+    return {"version": pagedserve_version()}
+
+
 @router.get("/metrics", dependencies=authorized)
 async def metrics(request: Request) -> Response:
     server = _server(request)
@@ -341,11 +349,15 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     if body.stream:
         meter = StreamMeter(started)
         outputs = await _open_stream(server, body, job_ids)
+        if body.prompt_only:
+            outputs = _without_outputs(outputs)
         events = _events(server, ctx, outputs, job_ids, params.n, body.include_usage, meter)
         return EventStream(events, on_close=functools.partial(_close_stream, server, meter,
                                                                job_ids, endpoint))
     with _daemon_errors(body):
         jobs = await _results_unless_gone(request, server, job_ids)
+    if body.prompt_only:
+        jobs = [job_without_output(job) for job in jobs]
     server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
     server.metrics.count_tokens(sum(job.num_prompt_tokens for job in jobs),
                                 sum(len(o.token_ids) for job in jobs for o in job.outputs))
@@ -375,6 +387,13 @@ async def _open_stream(server: Server, body: GenerationRequest, job_ids: list[st
         for job_id in job_ids:
             server.abort_soon(job_id)
         raise
+
+
+async def _without_outputs(outputs: AsyncIterator[tuple[int, RequestOutput]]
+                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async with contextlib.aclosing(outputs):
+        async for place, delta in outputs:
+            yield place, without_output(delta)
 
 
 def _close_stream(server: Server, meter: StreamMeter, job_ids: list[str], endpoint: str) -> None:

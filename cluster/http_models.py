@@ -2,6 +2,7 @@
 and the completion / chat response objects, whole and as stream chunks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -120,6 +121,9 @@ class GenerationRequest(_Strict):
         """The job's SamplingParams; a bad or unsupported value is a 400 naming the request's
         field."""
         self.check_supported()
+        if self.include_usage and not self.stream:  # a usage chunk, of no stream
+            raise bad_request("stream_options.include_usage needs stream=true",
+                              "stream_options")
         try:
             return SamplingParams(**{**self.sampling_fields(), **overrides})
         except InvalidRequestError as exc:
@@ -138,6 +142,11 @@ class GenerationRequest(_Strict):
     def requested_max_tokens(self) -> int | None:
         """The output length the client asked for, if it did."""
         return self.max_tokens
+
+    @property
+    def prompt_only(self) -> bool:
+        """Whether the answer leaves the generated tokens out (see CompletionRequest)."""
+        return False
 
 
 class CompletionRequest(GenerationRequest):
@@ -163,9 +172,17 @@ class CompletionRequest(GenerationRequest):
                                   "prompt")
         return prompts
 
+    @property
+    def prompt_only(self) -> bool:
+        """echo=true with max_tokens=0: the answer is the prompt (and, with logprobs, its
+        scores) alone, as evaluation harnesses ask to score a text's log-likelihood."""
+        return self.echo and self.max_tokens == 0
+
     def sampling_params(self, **overrides) -> SamplingParams:
         # echo=true with logprobs also scores the echoed prompt (what evaluation harnesses ask)
         prompt_logprobs = self.logprobs if self.echo else None
+        if self.prompt_only:  # the prompt's scores come with a sample's first token
+            overrides.setdefault("max_tokens", 1)
         return super().sampling_params(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
                                        **overrides)
 
@@ -179,6 +196,12 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and self.role in ("system", "developer", "user"):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def as_template_input(self) -> dict:
         return template_message(self.model_dump(exclude_none=True))
@@ -210,11 +233,16 @@ class ChatRequest(GenerationRequest):
     response_format: dict[str, object] | None = None
     tools: list[dict[str, object]] | None = None
     tool_choice: str | dict[str, object] | None = None
+    parallel_tool_calls: bool | None = None  # accepted and ignored: there are no tools to call
+    store: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None  # accepted and ignored, as user is
 
     def no_op_values(self) -> dict[str, tuple]:
         return {**super().no_op_values(), "response_format": (None, {"type": "text"}),
                 # with no tools, "auto" cannot call one either
-                "tools": (None, []), "tool_choice": (None, "none", "auto")}
+                "tools": (None, []), "tool_choice": (None, "none", "auto"),
+                "store": (None, False), "service_tier": (None, "auto", "default")}
 
     def field_names(self) -> dict[str, str]:
         names = {"logprobs": "top_logprobs", "prompt": "messages"}
@@ -351,6 +379,20 @@ class ResponseContext:
             return IncrementalDetokenizer(self.tokenizer, [])
         return IncrementalDetokenizer(self.tokenizer, self.prompts[index // self.n],
                                       self.skip_special_tokens)
+
+
+def without_output(delta: RequestOutput) -> RequestOutput:
+    """A delta of a prompt_only request, less the token generated to score its prompt."""
+    return dataclasses.replace(delta, new_token_ids=[], text="",
+                               logprobs=None if delta.logprobs is None else [])
+
+
+def job_without_output(job: JobOutput) -> JobOutput:
+    """A job of a prompt_only request, less the token generated to score its prompt."""
+    outputs = [dataclasses.replace(o, token_ids=[], text="",
+                                   logprobs=None if o.logprobs is None else [])
+               for o in job.outputs]
+    return dataclasses.replace(job, outputs=outputs)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

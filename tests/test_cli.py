@@ -1,4 +1,5 @@
 """The pagedserve CLI: generate's JSON output, and one-line errors (exit 2) for bad input."""
+import importlib.metadata
 import io
 import json
 import os
@@ -195,6 +196,10 @@ def test_installed_entry_point_reports_errors_without_a_traceback():
     help_proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
                                capture_output=True, text=True, timeout=60)
     assert help_proc.returncode == 0 and "generate" in help_proc.stdout
+    version_proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--version"],
+                                  capture_output=True, text=True, timeout=60)
+    assert (version_proc.returncode, version_proc.stdout) == (
+        0, f"pagedserve {importlib.metadata.version('pagedserve')}\n")
 
 
 def test_a_reader_that_leaves_early_is_not_an_error():

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API against a live daemon on a local Ray cluster, driven with the
 official openai client and raw httpx: results equal the daemon's own, streams equal whole
 responses, bad input gets the right status and error body, and the server keeps serving."""
+import importlib.metadata
 import json
 import os
 import resource
@@ -253,6 +254,26 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
     assert per_choice == [whole.token_logprobs] * 3
 
 
+def test_echo_with_max_tokens_0_answers_the_prompt_and_its_scores_alone(api):
+    """How harnesses score a text without generating (vLLM answers it so)."""
+    ids = [5, 17, 42, 99, 7, 64]
+    kwargs = dict(model="tiny", prompt=[ids], temperature=0, logprobs=2, echo=True)
+    scored = api.completions.create(max_tokens=0, **kwargs)
+    choice, generated = scored.choices[0], api.completions.create(max_tokens=1, **kwargs)
+    assert choice.text == generated.choices[0].text[:len(choice.text)]
+    assert choice.logprobs.tokens == generated.choices[0].logprobs.tokens[:len(ids)]
+    assert choice.logprobs.token_logprobs == \
+        pytest.approx(generated.choices[0].logprobs.token_logprobs[:len(ids)])
+    assert (choice.finish_reason, scored.usage.completion_tokens) == ("length", 0)
+    assert scored.usage.prompt_tokens == len(ids)
+    chunks = list(api.completions.create(max_tokens=0, stream=True,
+                                         stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert sum((c.choices[0].logprobs.tokens for c in chunks if c.choices), []) == \
+        choice.logprobs.tokens
+    assert chunks[-1].usage.completion_tokens == 0
+
+
 def test_echoed_logprobs_offsets_index_the_text(api):
     choice = api.completions.create(prompt="Hi", echo=True, logprobs=1,
                                     **greedy()).choices[0]
@@ -381,6 +402,8 @@ def test_a_wrong_key_is_401_and_health_stays_open(api, base_url):
     assert httpx.get(f"{base_url}/v1/models").status_code == 401
     assert httpx.get(f"{base_url}/metrics").status_code == 401
     assert httpx.get(f"{base_url}/health").status_code == 200
+    version = httpx.get(f"{base_url}/version")
+    assert version.json() == {"version": importlib.metadata.version("pagedserve")}
     assert_still_serves(api)
 
 
@@ -441,12 +464,17 @@ USER = [{"role": "user", "content": "x"}]
      "tools=[{"),
     ("chat", {"tool_choice": "required"}, "tool_choice", "is not supported"),
     ("completions", {"temprature": 0.5}, "temprature", "not a parameter of this endpoint"),
+    ("completions", {"stream_options": {"include_usage": True}}, "stream_options",
+     "stream_options.include_usage needs stream=true"),
+    ("chat", {"messages": [{"role": "user"}]}, "messages.0", "a user message needs content"),
+    ("chat", {"store": True}, "store", "store=true is not supported"),
 ])
 def test_unimplemented_openai_parameters_are_refused_by_name(api, endpoint, body, param, message):
     path = "/completions" if endpoint == "completions" else "/chat/completions"
     payload = {"prompt": "x"} if endpoint == "completions" else {"messages": USER}
     with pytest.raises(openai.BadRequestError) as caught:
-        api.post(path, body={"model": "tiny", "max_tokens": 2, **payload, **body}, cast_to=object)
+        api.post(path, body={"model": "tiny", "max_tokens": 2, **payload, **body},
+                 cast_to=object)
     error = caught.value.body
     assert error["param"] == param and message in error["message"]
     assert len(error["message"]) < 120  # a long value is cut short
@@ -455,7 +483,9 @@ def test_unimplemented_openai_parameters_are_refused_by_name(api, endpoint, body
 @pytest.mark.parametrize("endpoint, body", [
     ("completions", {"logit_bias": {}, "echo": False, "best_of": 2, "n": 2, "suffix": None}),
     ("chat", {"logit_bias": None, "response_format": {"type": "text"}, "tools": [],
-              "tool_choice": "auto"}),
+              "tool_choice": "auto", "parallel_tool_calls": True, "store": False,
+              "service_tier": "auto", "metadata": {"team": "a"}}),
+    ("chat", {"messages": [*USER, {"role": "assistant", "content": None}, *USER]}),
 ])
 def test_openai_parameters_at_their_no_op_values_are_accepted(api, endpoint, body):
     path = "/completions" if endpoint == "completions" else "/chat/completions"
