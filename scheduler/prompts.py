@@ -20,7 +20,7 @@ def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> lis
         ids = tokenizer.encode(prompt)
         if not ids:
             raise InvalidRequestError("prompt encodes to no tokens")
-        if bad := _outside_vocab(ids, vocab_size):
+        if bad := outside_vocab(ids, vocab_size):
             raise InvalidRequestError(
                 f"prompt encodes to token ids outside the model's vocabulary [0, {vocab_size}): "
                 f"{bad[:5]}; the model's tokenizer does not match its weights")
@@ -30,13 +30,14 @@ def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> lis
     ids = list(prompt)
     if not ids:
         raise InvalidRequestError("prompt_token_ids is empty")
-    if bad := _outside_vocab(ids, vocab_size):
+    if bad := outside_vocab(ids, vocab_size):
         raise InvalidRequestError(f"prompt_token_ids must be integers in [0, {vocab_size}); "
                                   f"got {bad[:5]}")
     return ids
 
 
-def _outside_vocab(ids: list, vocab_size: int) -> list:
+def outside_vocab(ids: list, vocab_size: int) -> list:
+    """The entries of ``ids`` that are not token ids of a vocabulary of ``vocab_size``."""
     return [t for t in ids
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
 

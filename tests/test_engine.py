@@ -182,6 +182,27 @@ def test_bad_requests_are_rejected_and_others_go_on(llm, prompt, params, message
     assert [o.request_id for o in finished] == [good]
 
 
+@pytest.mark.parametrize("argument, message", [
+    ({"resumed_token_ids": [10 ** 6]}, r"resumed_token_ids must be integers in \[0, 262\)"),
+    ({"resumed_token_ids": [1.5]}, "resumed_token_ids must be integers"),
+    ({"cache_salt": ["tenant"]}, "cache_salt=.* must be a string"),
+    ({"queued_at": None}, "queued_at=None: must be a finite number"),
+    ({"queued_at": float("nan")}, "queued_at=nan: must be a finite number"),
+])
+def test_bad_daemon_arguments_are_refused_and_others_go_on(llm, argument, message):
+    """The scheduler's own arguments of add_request were not checked: the next step raised
+    (an IndexError in the embedding, an unhashable prefix key, a failed queue comparison)
+    and took every request of the batch with it."""
+    engine = llm.engine
+    good = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=5), **argument)
+    finished = []
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == [good]
+
+
 def test_a_text_prompt_must_encode_into_the_models_vocabulary(llm):
     # a tokenizer with more tokens than the model's embedding used to crash the model step
     ids = llm.tokenizer.encode("hello")

@@ -12,7 +12,7 @@ import torch
 
 from kvcache.manager import KVCacheManager
 from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
-from scheduler.prompts import job_prompt_ids
+from scheduler.prompts import job_prompt_ids, outside_vocab
 from scheduler.request import FinishReason, Request
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, is_int64, sample_seed
 from worker.backends import get_backend
@@ -126,7 +126,7 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, priority: int = 0,
-                    cache_salt: object = None, resumed_token_ids: list[int] | None = None,
+                    cache_salt: str | None = None, resumed_token_ids: list[int] | None = None,
                     queued_at: float = 0.0) -> str:
         """Queue a job; raises InvalidRequestError (nothing queued) for bad input.
 
@@ -140,6 +140,7 @@ class Engine:
             raise InvalidRequestError(f"priority={priority!r}: must be an integer")
         prompt_ids = job_prompt_ids(prompt, params, self.tokenizer, self.model_config.vocab_size)
         resumed = list(resumed_token_ids or [])
+        _check_daemon_args(resumed, cache_salt, queued_at, self.model_config.vocab_size)
         if resumed and params.n != 1:
             raise InvalidRequestError("resuming is per sample: n must be 1")
         if len(resumed) >= params.max_tokens:
@@ -315,3 +316,16 @@ def _sampling_row(req: Request) -> SamplingRow:
         seed=req.seed, position=req.num_tokens,
         banned=req.stop_ids() if req.num_output_tokens < p.min_tokens else ())
 
+
+def _check_daemon_args(resumed: list, cache_salt: object, queued_at: object,
+                       vocab_size: int) -> None:
+    """The arguments the daemon's scheduler passes are checked too: a bad one would fail the
+    step, and with it every request of the batch."""
+    if bad := outside_vocab(resumed, vocab_size):
+        raise InvalidRequestError(f"resumed_token_ids must be integers in [0, {vocab_size}); "
+                                  f"got {bad[:5]}")
+    if cache_salt is not None and not isinstance(cache_salt, str):
+        raise InvalidRequestError(f"cache_salt={cache_salt!r}: must be a string")
+    if isinstance(queued_at, bool) or not isinstance(queued_at, (int, float)) \
+            or not math.isfinite(queued_at):
+        raise InvalidRequestError(f"queued_at={queued_at!r}: must be a finite number")
