@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from cluster.config import load_config
@@ -39,7 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-workers", type=int, default=1,
                    help="wait for this many workers to load the model (then up to 30 s more "
                         "for the others still loading)")
-    p.add_argument("--timeout", type=float, default=600.0,
+    p.add_argument("--timeout", type=seconds, default=600.0,
                    help="seconds to wait for workers (default: 600)")
     p.set_defaults(func=run_up)
 
@@ -47,7 +48,7 @@ def add_parsers(sub) -> None:
     add_address_flag(p)
     p.add_argument("--drain", action="store_true",
                    help="first refuse new jobs and let the unfinished ones finish")
-    p.add_argument("--timeout", type=float, default=600.0,
+    p.add_argument("--timeout", type=seconds, default=600.0,
                    help="with --drain: seconds to wait for them (default: 600); the journal "
                         "keeps those still unfinished for the next `up`")
     p.set_defaults(func=run_down)
@@ -58,6 +59,17 @@ def add_parsers(sub) -> None:
                    help="print the whole status as one JSON object (every figure the table "
                         "leaves out too)")
     p.set_defaults(func=run_status)
+
+
+def seconds(text: str) -> float:
+    """A finite number of seconds > 0, for argparse (which names the flag in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def add_address_flag(p: argparse.ArgumentParser) -> None:

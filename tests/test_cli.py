@@ -75,6 +75,7 @@ def test_generate_streams_text_to_the_terminal(capsys):
     (["--prompt", "hi", "--top-p", "0"], "top_p"),
     (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
     (["--prompt", "hi", "--model", "/no/such/model"], "/no/such/model"),
+    (["--prompt", "hi", "--model", __file__], "is not a directory"),
     (["--prompt", "hi", "--max-model-len", "0"], "max_model_len=0: must be >= 1"),
     (["--prompt", "hi", "--max-model-len", "100000"], "exceeds this model's limit of 2048"),
     (["--prompt", "hi", "--kv-cache-gib", "0"], "kv_cache_gib=0.0: must be a finite number > 0"),
@@ -94,6 +95,17 @@ def test_jobs_refuses_a_count_below_zero_before_it_connects(capsys, value):
         main(["jobs", "--finished", value])
     assert exited.value.code == 2
     assert f"--finished: must be an integer >= 0, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["up", "--timeout", "-1"], ["down", "--drain", "--timeout", "0"],
+                                  ["up", "--timeout", "nan"]])
+def test_daemon_timeouts_must_be_positive_before_anything_connects(capsys, argv):
+    """`down --drain --timeout -5` went down at once without a drain; `up --timeout -1` started
+    the daemon and then failed."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "--timeout: must be a number of seconds > 0" in capsys.readouterr().err
 
 
 def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):

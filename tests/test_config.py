@@ -195,6 +195,22 @@ def test_bad_yaml_is_named(tmp_path):
                                "']', but got '<stream end>'")
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"engine:\n  model: tiny\nengine:\n  model: other\n",
+     "not valid YAML at line 3, column 1: key 'engine' is given twice"),
+    (b"engine: {block_size: 16, block_size: 32}\n", "key 'block_size' is given twice"),
+    (b"\xff\xfeengine: {}\n", "not UTF-8 text (byte 0)"),
+])
+def test_a_key_given_twice_or_a_file_not_in_utf8_is_named(tmp_path, content, problem):
+    """PyYAML kept the last of two `engine:` sections silently; a UTF-16 file's error did not
+    name the file."""
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+
+
 def test_an_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError) as info:
         load_config("cpu-simm")

@@ -31,6 +31,9 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise ModelLoadError(f"model path {path} is not a directory: give the checkpoint's "
+                             "directory (config.json, *.safetensors, tokenizer files)")
     if _is_repo_id(str(name_or_path)):
         return hub_snapshot(str(name_or_path))
     raise ModelLoadError(f"model directory {path} does not exist (or pass {TINY_MODEL_NAME!r}, "
