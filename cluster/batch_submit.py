@@ -50,6 +50,13 @@ class BatchSubmitter:
     def done(self) -> bool:
         return len(self.submitted) == self.total
 
+    def check_all(self) -> None:
+        """Have the scheduler check every job, a batch at a time, before any is sent: a bad job
+        raises InvalidRequestError (naming it) with nothing submitted."""
+        for first in range(0, self.total, self._batch_size):
+            self._client._call("check_many", list(self._specs[first:first + self._batch_size]),
+                               first)
+
     def send_batch(self, wait_for_room: bool) -> None:
         """Send the next batch. A full queue raises OverloadedError unless ``wait_for_room``:
         then wait until jobs finish and send what fits (still an OverloadedError if no worker

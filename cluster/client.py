@@ -216,7 +216,8 @@ class Client:
                     on_wait: Callable[[dict], None] | None = None) -> list[str]:
         """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
         ``params`` is one for all or one per prompt; every job's params are checked before any
-        is sent. Each batch is accepted whole or not at all: on a bad job or a full queue the
+        is sent, and with more than one batch the scheduler checks every job before any is
+        sent too. Each batch is accepted whole or not at all: on a bad job or a full queue the
         error says which job. Any exception (an interrupt too) carries the ids of the batches
         already accepted as ``submitted``, and as ``in_flight`` those of a batch sent but not
         answered (an interrupt while the scheduler accepts it), which the scheduler may or may
@@ -263,8 +264,11 @@ class Client:
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
         specs = [_batch_args(prompts, per_job, priorities, i) for i in range(len(prompts))]
-        return BatchSubmitter(self, specs, SUBMIT_BATCH if batch_size is None else batch_size,
-                              on_wait)
+        submitter = BatchSubmitter(self, specs, SUBMIT_BATCH if batch_size is None else batch_size,
+                                   on_wait)
+        if len(specs) > (batch_size or SUBMIT_BATCH):  # one batch is refused whole anyway
+            submitter.check_all()
+        return submitter
 
     async def asubmit_many(self, prompts: Sequence[str | list[int]],
                            params: SamplingParams | dict | None = None, *,

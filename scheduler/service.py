@@ -206,6 +206,18 @@ class SchedulerService:
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
+    def check_many(self, specs: list[tuple], first_index: int = 0) -> None:
+        """Raise what submit_many would for a bad job of ``specs``, accepting none: a client
+        that sends many batches checks them all first, so that a bad job in a late batch
+        refuses the lot before any job has run."""
+        checked: dict[str, JobState] = {}
+        for i, spec in enumerate(specs):
+            try:
+                job = self._new_job(*spec, batch=checked)
+            except InvalidRequestError as exc:
+                raise in_batch(exc, first_index + i, " (no job was submitted)") from None
+            checked[job.job_id] = job
+
     def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None,
                  batch: dict[str, JobState]) -> JobState:
         """A validated job, not yet accepted; its id must be new here and in ``batch``."""
@@ -833,6 +845,9 @@ class SchedulerActor:
         # find the jobs in the journal. Concurrent submits share one fsync (group commit).
         await self._flush_journal(job_ids)
         return job_ids
+
+    async def check_many(self, specs, first_index=0) -> None:
+        self.service.check_many(specs, first_index)
 
     async def _flush_journal(self, job_ids: list[str]) -> None:
         """Write the journal; if that fails, abort ``job_ids`` (accepted, not yet on disk) and

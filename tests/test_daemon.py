@@ -3,6 +3,7 @@ failover of killed workers, scheduler restart from the journal, overload, up/dow
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -439,19 +440,22 @@ def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, 
     assert _accepted(client) == before
 
 
-def test_submit_cli_withdraws_the_batches_accepted_before_a_bad_one(daemon, tmp_path, capsys,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("no_wait", [False, True])
+def test_a_bad_job_in_a_later_batch_refuses_the_file_before_any_job_runs(
+        daemon, tmp_path, capsys, monkeypatch, no_wait):
+    """The first batches were accepted and ran (short jobs to the end) before the scheduler
+    refused a later one; the jobs were withdrawn only then."""
     _, _, client = daemon
     monkeypatch.setattr("cluster.client.SUBMIT_BATCH", 2)
-    before = client.status()
+    before = _accepted(client)
     jobs_file = tmp_path / "jobs.jsonl"
-    jobs_file.write_text('{"prompt": "a", "max_tokens": 500}\n{"prompt": "b", "max_tokens": 500}\n'
-                         '{"prompt": ""}\n')
-    assert cli.main(["submit", "--prompts", str(jobs_file)]) == 2
-    assert capsys.readouterr().err.strip() == f"pagedserve: error: {jobs_file}:3: prompt is empty"
-    after = client.status()  # the first batch's 2 jobs were accepted, then aborted
-    assert after["jobs_unfinished"] == before["jobs_unfinished"]
-    assert after["jobs_finished_kept"] == before["jobs_finished_kept"] + 2
+    jobs_file.write_text('{"prompt": "a", "max_tokens": 2}\n{"prompt": "b", "max_tokens": 2}\n'
+                         '{"prompt": "c"}\n{"prompt": "' + "x" * 3000 + '"}\n')
+    argv = ["submit", "--prompts", str(jobs_file)] + (["--no-wait"] if no_wait else [])
+    assert cli.main(argv) == 2
+    assert re.fullmatch(rf"pagedserve: error: {re.escape(str(jobs_file))}:4: prompt has 300\d "
+                        r"tokens; max_model_len is 2048", capsys.readouterr().err.strip())
+    assert _accepted(client) == before
 
 
 def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
