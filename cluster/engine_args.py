@@ -22,6 +22,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="longest prompt + output (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="recompute prompts that share a cached prefix")
+    g.add_argument("--policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="order of waiting jobs: first come first served (default), or by the "
+                        "JSONL lines' \"priority\", lowest first")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -30,4 +33,4 @@ def engine_options(args: argparse.Namespace) -> dict:
         device=args.device, dtype=args.dtype, block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching)
+        enable_prefix_caching=not args.no_prefix_caching, policy=args.policy)

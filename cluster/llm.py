@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from scheduler.batching import check_priority
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
 from worker.loader import resolve_model_path
@@ -131,6 +132,7 @@ class LLM:
         try:
             for prompt, params, priority in zip(prompts, params_list, priorities):
                 now = time.monotonic()
+                check_priority(priority, self.engine.config.policy)
                 rid = self.engine.add_request(prompt, params, priority=priority)
                 jobs.append(JobOutput.start(rid, params.n, now))
         except BaseException as exc:  # an interrupt too: leave nothing queued

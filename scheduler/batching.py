@@ -8,9 +8,22 @@ from dataclasses import dataclass, field
 from kvcache.errors import RequestTooLargeError
 from kvcache.manager import KVCacheManager
 from scheduler.request import FinishReason, Request, RequestStatus
-from scheduler.sampling_params import InvalidRequestError
+from scheduler.sampling_params import InvalidRequestError, is_int64
 
 POLICIES = ("fcfs", "priority")
+
+
+def check_priority(priority: object, policy: str) -> None:
+    """A job's priority must be a 64-bit integer, and other than 0 only under the priority
+    policy: fcfs would ignore it silently."""
+    if not is_int64(priority):
+        raise InvalidRequestError(
+            f"invalid priority={priority!r}: must be an integer in [-2**63, 2**63)")
+    if priority != 0 and policy != "priority":
+        raise InvalidRequestError(
+            f"invalid priority={priority}: the scheduling policy is {policy}, which ignores "
+            "priorities; use the priority policy (config engine.policy: priority, or "
+            "`generate --policy priority`)")
 
 
 @dataclass(slots=True)

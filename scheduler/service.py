@@ -18,12 +18,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.in_order import InOrder
+from scheduler.batching import check_priority
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import job_prompt_ids
 from scheduler.quarantine import Quarantine
 from scheduler.retention import FinishedJobs
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
-from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch, is_int64
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.output import RequestOutput, unpack_outputs
 
 log = logging.getLogger("pagedserve.scheduler")
@@ -222,9 +223,7 @@ class SchedulerService:
                  batch: dict[str, JobState]) -> JobState:
         """A validated job, not yet accepted; its id must be new here and in ``batch``."""
         params = SamplingParams.from_dict(params or {})
-        if not is_int64(priority):
-            raise InvalidRequestError(
-                f"invalid priority={priority!r}: must be an integer in [-2**63, 2**63)")
+        check_priority(priority, self.options.engine_options.get("policy", "fcfs"))
         prompt_ids = self._validate_prompt(prompt, params)
         if params.seed is None:  # fixed now, so a replay after a restart repeats the output
             params.seed = random.getrandbits(63)

@@ -115,6 +115,18 @@ def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
     assert code == 2 and f"{jobs}:2: not valid JSON" in err and err.count("\n") == 1
 
 
+def test_a_jobs_priority_needs_the_priority_policy(capsys, tmp_path):
+    """A line's "priority" was accepted and ignored: generate had no way to pick the policy."""
+    jobs = tmp_path / "ranked.jsonl"
+    jobs.write_text('{"prompt": "a", "max_tokens": 2}\n{"prompt": "b", "max_tokens": 2, '
+                    '"priority": -1}\n')
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))
+    assert code == 2 and f"{jobs}:2: invalid priority=-1: the scheduling policy is fcfs" in err
+    code, out, _ = run(capsys, "generate", "--prompts", str(jobs), "--policy", "priority",
+                       "--json")
+    assert code == 0 and [json.loads(line)["index"] for line in out.splitlines()] == [0, 1]
+
+
 def test_generate_json_carries_prompt_logprobs_when_a_line_asks(capsys, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 2, "prompt_logprobs": 2}\n'

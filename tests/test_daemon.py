@@ -249,6 +249,9 @@ def test_submit_many_refuses_a_batch_with_a_bad_job_whole(daemon):
         client.submit_many(["a", "b"], "greedy")
     with pytest.raises(InvalidRequestError, match="got str"):
         client.submit("a", "greedy")
+    with pytest.raises(InvalidRequestError, match="job 1: invalid priority=5: the scheduling "
+                                                  "policy is fcfs"):
+        client.submit_many(["a", "b"], SamplingParams(max_tokens=2), priorities=[0, 5])
     assert _accepted(client) == before
 
 

@@ -422,9 +422,18 @@ def test_a_priority_that_is_not_an_integer_is_refused_and_the_engine_goes_on():
     then raised a KeyError."""
     llm = LLM("tiny", policy="priority", kv_cache_gib=0.01)
     params = SamplingParams(max_tokens=3, temperature=0)
-    with pytest.raises(InvalidRequestError, match=r"job 0: priority=None: must be an integer"):
+    with pytest.raises(InvalidRequestError,
+                       match=r"job 0: invalid priority=None: must be an integer"):
         llm.generate(["a", "b"], params, priorities=[None, 1])
     assert len(llm.generate("c", params)[0].outputs[0].token_ids) == 3
+
+
+def test_a_priority_under_fcfs_is_refused_not_ignored(llm):
+    """fcfs ran such a job in arrival order as if it had none (vLLM refuses it too)."""
+    with pytest.raises(InvalidRequestError, match=r"job 1: invalid priority=3: the scheduling "
+                                                  r"policy is fcfs, which ignores priorities"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=2), priorities=[0, 3])
+    assert not llm.engine.has_unfinished()
 
 
 @pytest.mark.parametrize("prompt", ["caf\udce9", "\ud83d cut"])

@@ -437,6 +437,7 @@ def test_models_lists_the_served_model_and_others_are_404(api):
     ("chat", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 5}},
      "logit_bias"),  # past the vocabulary: found by the scheduler  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
+    ("completions", {"prompt": "x", "priority": 5}, "priority"),  # fcfs would ignore it
     ("completions", {"prompt": "a" * 3000, "max_tokens": 2}, "prompt"),  # not max_tokens
     ("chat", {"messages": [{"role": "user", "content": "a" * 3000}], "max_tokens": 2},
      "messages"),
