@@ -69,30 +69,31 @@ def run(args: argparse.Namespace) -> int:
         status, client = daemon.status, daemon.client
     try:
         print(format_status(status), file=sys.stderr)
+        before = client.status()
         results, elapsed, final, peak_kv = _run_jobs(client, demo_workload(args.jobs, args.seed))
     finally:
         if daemon is not None:
             daemon.close()
-    print(summary_table(results, elapsed, final, peak_kv))
+    print(summary_table(results, elapsed, before, final, peak_kv))
     return 0
 
 
 def _run_jobs(client, jobs):
-    """Submit everything, then wait with a progress bar while watching KV usage."""
+    """Submit everything, then wait with a progress bar (of these jobs only: the daemon may
+    run others) while watching KV usage."""
     start = time.monotonic()
     ids = client.submit_many([prompt for prompt, _ in jobs], [params for _, params in jobs],
                              wait_for_room=True)
     results: list = [None] * len(ids)
     waiter = threading.Thread(target=_collect, args=(client, ids, results), daemon=True)
     waiter.start()
-    peak_kv = 0.0
+    peak_kv, mine = 0.0, set(ids)
     with tqdm(total=len(ids), unit="job", desc="demo", mininterval=0.5) as bar:
         while waiter.is_alive():
-            status = client.status()
-            peak_kv = max(peak_kv, _kv_usage(status))
-            done = min(len(ids), max(0, len(ids) - status["jobs_unfinished"]))
-            if done > bar.n:
-                bar.update(done - bar.n)
+            peak_kv = max(peak_kv, _kv_usage(client.status()))
+            unfinished = sum(job["job_id"] in mine for job in client.jobs(finished_limit=0))
+            if len(ids) - unfinished > bar.n:
+                bar.update(len(ids) - unfinished - bar.n)
             waiter.join(0.3)
         bar.update(len(ids) - bar.n)
     elapsed = time.monotonic() - start
@@ -110,12 +111,15 @@ def _kv_usage(status: dict) -> float:
     return used / total if total else 0.0
 
 
-def summary_table(results, elapsed: float, status: dict, peak_kv: float) -> str:
+def summary_table(results, elapsed: float, before: dict, after: dict, peak_kv: float) -> str:
+    """The demo's figures; counters are the workers' growth from ``before`` to ``after``, so a
+    daemon that was up already adds only what ran meanwhile (other clients' jobs included)."""
     ttfts = sorted(r.ttft for r in results if r.ttft is not None)
     out_tokens = sum(len(o.token_ids) for r in results for o in r.outputs)
-    workers = [w for w in status["workers"] if w.get("ready")]
+    workers = [w for w in after["workers"] if w.get("ready")]
     kv_total = sum(w.get("kv_total", 0) for w in workers)
-    hit_rate = sum(w.get("prefix_hit_rate", 0.0) for w in workers) / max(len(workers), 1)
+    hits, queried, preempted = (_growth(before, after, key) for key in
+                                ("prefix_hit_tokens", "prefix_query_tokens", "preemptions"))
     rows = [
         ("jobs", f"{len(results)} on {len(workers)} workers"),
         ("output tokens", f"{out_tokens}"),
@@ -123,12 +127,19 @@ def summary_table(results, elapsed: float, status: dict, peak_kv: float) -> str:
         ("output tokens/s", f"{out_tokens / elapsed:.1f}"),
         ("TTFT p50 / p99", f"{_pct(ttfts, 50) * 1e3:.0f} ms / {_pct(ttfts, 99) * 1e3:.0f} ms"),
         ("KV utilisation (peak)", f"{peak_kv:.1%} of {kv_total} blocks"),
-        ("prefix-cache hit rate", f"{hit_rate:.1%} (mean over workers)"),
-        ("preemptions", f"{sum(w.get('preemptions', 0) for w in workers)}"),
-        ("failovers", f"{status['failovers']}"),
+        ("prefix-cache hit rate", f"{hits / queried if queried else 0.0:.1%} of "
+                                  f"{queried} prompt tokens looked up"),
+        ("preemptions", f"{preempted}"),
+        ("failovers", f"{after['failovers'] - before['failovers']}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _growth(before: dict, after: dict, key: str) -> int:
+    """How much a worker counter grew, summed over the workers (a new one from 0)."""
+    start = {w["worker_id"]: w.get(key, 0) for w in before["workers"]}
+    return sum(w.get(key, 0) - start.get(w["worker_id"], 0) for w in after["workers"])
 
 
 def _pct(values: list[float], q: float) -> float:

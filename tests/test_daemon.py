@@ -15,13 +15,15 @@ import ray
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
-from cluster import batch_submit, bringup, cli, daemon_cmds, job_cmds
+from cluster import batch_submit, bringup, cli, daemon_cmds, demo, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.journal import Journal
 from cluster.client import Client, DaemonUnavailableError
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
                                worker_actor_name)
+from worker.models.tiny import tiny_model_dir
+from worker.tokenizer import Tokenizer
 
 NUM_JOBS = 32
 
@@ -459,6 +461,24 @@ def test_a_bad_job_in_a_later_batch_refuses_the_file_before_any_job_runs(
     assert re.fullmatch(rf"pagedserve: error: {re.escape(str(jobs_file))}:4: prompt has 300\d "
                         r"tokens; max_model_len is 2048", capsys.readouterr().err.strip())
     assert _accepted(client) == before
+
+
+def test_demo_on_a_daemon_already_up_reports_its_own_jobs(daemon, capsys):
+    """On a daemon that was up, the table gave the workers' lifetime counters (a second run of
+    the same jobs showed another hit rate) and the bar counted every job of the daemon."""
+    _, _, client = daemon
+    tokenizer = Tokenizer.from_dir(tiny_model_dir())
+    jobs = demo.demo_workload(6, seed=0)
+    looked_up = []
+    for _ in range(2):
+        assert cli.main(["demo", "--jobs", "6"]) == 0
+        table = capsys.readouterr().out
+        assert re.search(rf"jobs +6 on 2 workers\n +output tokens +"
+                         rf"{sum(p.max_tokens for _, p in jobs)}\n", table)
+        assert re.search(r"preemptions +0\n +failovers +0$", table)
+        looked_up.append(int(re.search(r"of (\d+) prompt tokens looked up", table)[1]))
+    prompt_tokens = sum(len(tokenizer.encode(prompt)) for prompt, _ in jobs)
+    assert looked_up[0] == looked_up[1] and prompt_tokens - 6 <= looked_up[1] <= prompt_tokens
 
 
 def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):

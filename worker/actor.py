@@ -75,7 +75,8 @@ class WorkerActor:
             "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
             "free_blocks": s.kv_blocks_total - s.kv_blocks_used, "tokens_per_s": s.tokens_per_s,
             "generated_tokens": s.generated_tokens, "preemptions": s.num_preemptions,
-            "prefix_hit_rate": s.prefix_hit_rate, "pid": os.getpid(),
+            "prefix_hit_rate": s.prefix_hit_rate, "prefix_hit_tokens": s.prefix_hit_tokens,
+            "prefix_query_tokens": s.prefix_query_tokens, "pid": os.getpid(),
         }
 
     # -- the engine thread -----------------------------------------------------------------

@@ -300,7 +300,8 @@ class Engine:
         return EngineStats(
             num_running=len(self.batcher.running), num_waiting=self.batcher.num_waiting,
             kv_blocks_used=kv.used, kv_blocks_total=kv.num_blocks, kv_blocks_cached=kv.cached,
-            prefix_hit_rate=kv.prefix_hit_rate,
+            prefix_hit_rate=kv.prefix_hit_rate, prefix_hit_tokens=kv.prefix_hit_tokens,
+            prefix_query_tokens=kv.prefix_query_tokens,
             num_preemptions=self.batcher.num_preemptions, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated_tokens,
             tokens_per_s=window / span if span > 0 else 0.0)

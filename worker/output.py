@@ -72,6 +72,8 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_cached: int
     prefix_hit_rate: float  # hit tokens / queried tokens, over the engine's life
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
     num_preemptions: int
     prompt_tokens: int  # computed prompt tokens, excluding prefix-cache hits
     generated_tokens: int
