@@ -264,9 +264,9 @@ class Client:
                 f"{len(prompts)} prompts need as many params and priorities, got "
                 f"{len(per_job)} and {len(priorities)}")
         specs = [_batch_args(prompts, per_job, priorities, i) for i in range(len(prompts))]
-        submitter = BatchSubmitter(self, specs, SUBMIT_BATCH if batch_size is None else batch_size,
-                                   on_wait)
-        if len(specs) > (batch_size or SUBMIT_BATCH):  # one batch is refused whole anyway
+        batch_size = SUBMIT_BATCH if batch_size is None else batch_size
+        submitter = BatchSubmitter(self, specs, batch_size, on_wait)
+        if len(specs) > batch_size:  # one batch is refused whole anyway
             submitter.check_all()
         return submitter
 

@@ -209,16 +209,21 @@ def load_config(source: str | Path | None = None) -> PagedServeConfig:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last
-    silently, so a second `engine:` section would replace the first)."""
+    """safe_load's loader, refusing a key written twice in one mapping (PyYAML keeps the last
+    silently, so a second `engine:` section would replace the first). Checked as the file is
+    read, before merge keys (``<<: *defaults``) bring in the keys their own mapping overrides."""
 
-    def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        for i, key in enumerate(keys):
-            if key in keys[:i]:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", node.value[i][0].start_mark)
-        return super().construct_mapping(node, deep)
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        written = set()
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if (key.tag, key.value) in written:
+                raise yaml.composer.ComposerError(
+                    None, None, f"key {key.value!r} is given twice", key.start_mark)
+            written.add((key.tag, key.value))
+        return node
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

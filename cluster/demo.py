@@ -130,7 +130,8 @@ def summary_table(results, elapsed: float, before: dict, after: dict, peak_kv: f
         ("prefix-cache hit rate", f"{hits / queried if queried else 0.0:.1%} of "
                                   f"{queried} prompt tokens looked up"),
         ("preemptions", f"{preempted}"),
-        ("failovers", f"{after['failovers'] - before['failovers']}"),
+        # a scheduler restarted meanwhile counts from 0 again
+        ("failovers", f"{max(0, after['failovers'] - before['failovers'])}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

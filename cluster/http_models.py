@@ -99,6 +99,9 @@ class GenerationRequest(_Strict):
         return {}
 
     def check_supported(self) -> None:
+        if self.include_usage and not self.stream:  # a usage chunk, of no stream
+            raise bad_request("stream_options.include_usage needs stream=true",
+                              "stream_options")
         for name, no_ops in self.no_op_values().items():
             value = getattr(self, name)
             if value not in no_ops:
@@ -121,9 +124,6 @@ class GenerationRequest(_Strict):
         """The job's SamplingParams; a bad or unsupported value is a 400 naming the request's
         field."""
         self.check_supported()
-        if self.include_usage and not self.stream:  # a usage chunk, of no stream
-            raise bad_request("stream_options.include_usage needs stream=true",
-                              "stream_options")
         try:
             return SamplingParams(**{**self.sampling_fields(), **overrides})
         except InvalidRequestError as exc:
@@ -182,6 +182,9 @@ class CompletionRequest(GenerationRequest):
         # echo=true with logprobs also scores the echoed prompt (what evaluation harnesses ask)
         prompt_logprobs = self.logprobs if self.echo else None
         if self.prompt_only:  # the prompt's scores come with a sample's first token
+            if self.min_tokens:
+                raise bad_request(f"invalid min_tokens={self.min_tokens}: must be <= "
+                                  "max_tokens=0", "min_tokens")
             overrides.setdefault("max_tokens", 1)
         return super().sampling_params(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
                                        **overrides)
@@ -383,16 +386,19 @@ class ResponseContext:
 
 def without_output(delta: RequestOutput) -> RequestOutput:
     """A delta of a prompt_only request, less the token generated to score its prompt."""
-    return dataclasses.replace(delta, new_token_ids=[], text="",
-                               logprobs=None if delta.logprobs is None else [])
+    return _scored_only(delta, "new_token_ids")
 
 
 def job_without_output(job: JobOutput) -> JobOutput:
     """A job of a prompt_only request, less the token generated to score its prompt."""
-    outputs = [dataclasses.replace(o, token_ids=[], text="",
-                                   logprobs=None if o.logprobs is None else [])
-               for o in job.outputs]
-    return dataclasses.replace(job, outputs=outputs)
+    return dataclasses.replace(job, outputs=[_scored_only(o, "token_ids") for o in job.outputs])
+
+
+def _scored_only(output, token_ids_field: str):
+    # that token may have been a stop token: with it left out, the answer ended on its length
+    reason = "length" if output.finish_reason == "stop" else output.finish_reason
+    return dataclasses.replace(output, **{token_ids_field: []}, text="", finish_reason=reason,
+                               logprobs=None if output.logprobs is None else [])
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -190,16 +190,7 @@ class SchedulerService:
             raise OverloadedError(
                 f"overloaded: {unfinished} jobs are queued (max_queued_jobs="
                 f"{self.options.max_queued_jobs}){batch}; retry later")
-        jobs: dict[str, JobState] = {}
-        for i, spec in enumerate(specs):
-            try:
-                job = self._new_job(*spec, batch=jobs)
-            except InvalidRequestError as exc:
-                if len(specs) == 1 and first_index == 0:  # a plain submit: no place to name
-                    raise
-                raise in_batch(exc, first_index + i,
-                               " (no job of its batch was accepted)") from None
-            jobs[job.job_id] = job
+        jobs = self._new_jobs(specs, first_index, " (no job of its batch was accepted)")
         for job in jobs.values():
             self.journal.record_accepted(job.job_id, job.prompt_token_ids, job.params.to_dict(),
                                          job.priority)
@@ -211,13 +202,22 @@ class SchedulerService:
         """Raise what submit_many would for a bad job of ``specs``, accepting none: a client
         that sends many batches checks them all first, so that a bad job in a late batch
         refuses the lot before any job has run."""
-        checked: dict[str, JobState] = {}
+        self._new_jobs(specs, first_index, " (no job was submitted)")
+
+    def _new_jobs(self, specs: list[tuple], first_index: int, refused: str
+                  ) -> dict[str, JobState]:
+        """The validated jobs of ``specs`` by id, not yet accepted; a bad one raises, named as
+        job ``first_index + its place`` (with ``refused`` added) unless it is a lone job."""
+        jobs: dict[str, JobState] = {}
         for i, spec in enumerate(specs):
             try:
-                job = self._new_job(*spec, batch=checked)
+                job = self._new_job(*spec, batch=jobs)
             except InvalidRequestError as exc:
-                raise in_batch(exc, first_index + i, " (no job was submitted)") from None
-            checked[job.job_id] = job
+                if len(specs) == 1 and first_index == 0:  # a plain submit: no place to name
+                    raise
+                raise in_batch(exc, first_index + i, refused) from None
+            jobs[job.job_id] = job
+        return jobs
 
     def _new_job(self, prompt, params: dict | None, priority: int, job_id: str | None,
                  batch: dict[str, JobState]) -> JobState:

@@ -211,6 +211,15 @@ def test_a_key_given_twice_or_a_file_not_in_utf8_is_named(tmp_path, content, pro
     assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
 
 
+def test_a_merge_key_may_bring_in_keys_its_mapping_overrides(tmp_path):
+    """The first duplicate check refused every `<<:` merge (and keys a merged mapping
+    overrides are not written twice)."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("engine:\n  <<: {model: tiny, block_size: 16}\n  block_size: 32\n")
+    cfg = load_config(path)
+    assert (cfg.engine.model, cfg.engine.block_size) == ("tiny", 32)
+
+
 def test_an_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError) as info:
         load_config("cpu-simm")

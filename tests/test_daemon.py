@@ -467,6 +467,8 @@ def test_demo_on_a_daemon_already_up_reports_its_own_jobs(daemon, capsys):
     """On a daemon that was up, the table gave the workers' lifetime counters (a second run of
     the same jobs showed another hit rate) and the bar counted every job of the daemon."""
     _, _, client = daemon
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, timeout=60,
+             what="earlier tests' jobs done")  # they would count in the workers' growth
     tokenizer = Tokenizer.from_dir(tiny_model_dir())
     jobs = demo.demo_workload(6, seed=0)
     looked_up = []

@@ -266,6 +266,10 @@ def test_echo_with_max_tokens_0_answers_the_prompt_and_its_scores_alone(api):
         pytest.approx(generated.choices[0].logprobs.token_logprobs[:len(ids)])
     assert (choice.finish_reason, scored.usage.completion_tokens) == ("length", 0)
     assert scored.usage.prompt_tokens == len(ids)
+    # the token generated behind the scenes stops the sample: it is no part of the answer
+    stopped = api.completions.create(max_tokens=0, extra_body={"stop_token_ids": list(range(262))},
+                                     **kwargs).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (choice.text, "length")
     chunks = list(api.completions.create(max_tokens=0, stream=True,
                                          stream_options={"include_usage": True}, **kwargs))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
@@ -438,6 +442,8 @@ def test_models_lists_the_served_model_and_others_are_404(api):
      "logit_bias"),  # past the vocabulary: found by the scheduler  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
     ("completions", {"prompt": "x", "priority": 5}, "priority"),  # fcfs would ignore it
+    ("completions", {"prompt": "x", "echo": True, "max_tokens": 0, "min_tokens": 1},
+     "min_tokens"),
     ("completions", {"prompt": "a" * 3000, "max_tokens": 2}, "prompt"),  # not max_tokens
     ("chat", {"messages": [{"role": "user", "content": "a" * 3000}], "max_tokens": 2},
      "messages"),
