@@ -63,7 +63,7 @@ def _count(text: str) -> int:
 
 def run_submit(args) -> int:
     from cluster.batch_submit import sent_by
-    from cluster.client import USER_ERRORS, Client
+    from cluster.client import USER_ERRORS, Client, DaemonUnavailableError
     from cluster.generate_cmd import load_jobs
     from cluster.jobs_file import located
     from scheduler.sampling_params import InvalidRequestError
@@ -82,6 +82,13 @@ def run_submit(args) -> int:
             return 0
         paced = client.submit_paced(*batch, priorities=priorities, on_wait=_say_queue_full)
         failed = _print_results(args.json, client, paced, [j.params.n for j in jobs])
+    except DaemonUnavailableError as exc:  # nothing can be withdrawn now
+        if paced is None or not paced.submitted:
+            raise
+        raise DaemonUnavailableError(
+            f"{exc}; the jobs this submit queued and did not print could not be withdrawn: a "
+            "daemon brought down keeps the unfinished ones in its journal, and the next `up` "
+            "runs them (`pagedserve jobs` lists them, `pagedserve abort` stops them)") from None
     except (*USER_ERRORS, KeyboardInterrupt) as exc:
         # all or nothing: the jobs this submit queued are withdrawn, nobody would read them
         _withdraw(client, *sent_by(exc if paced is None else paced),

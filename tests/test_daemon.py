@@ -728,6 +728,28 @@ def test_a_drain_goes_on_through_a_scheduler_restart(daemon, capsys, monkeypatch
     assert Client().result(job).outputs[0].finish_reason == "length"  # kept across both
 
 
+def test_a_submit_the_daemon_goes_down_under_says_its_jobs_stay_for_the_next_up(
+        daemon, capsys, monkeypatch):
+    """It said only "not up; run `pagedserve up`", which then ran the jobs for nobody."""
+    cfg, _, client = daemon
+    monkeypatch.setitem(Client.__init__.__kwdefaults__, "timeout_s", 2.0)  # the CLI's client
+    codes = []
+    submit = threading.Thread(target=lambda: codes.append(cli.main(
+        ["submit", "--prompt", "left behind", "--max-tokens", "1500", "--ignore-eos"])))
+    submit.start()
+    wait_for(lambda: [j for j in client.jobs(0) if j["num_tokens"][0] > 0], timeout=60,
+             what="the submitted job generating")
+    assert bringup.down() == 1
+    submit.join(timeout=60)
+    assert codes == [2]
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("pagedserve: error: pagedserve is not up on this cluster")
+    assert "the next `up` runs them (`pagedserve jobs` lists them" in error
+    bringup.up(cfg, min_workers=2)
+    left = [j["job_id"] for j in client.jobs(0) if not j["finished"]]
+    assert len(left) == 1 and client.abort(left[0])  # resumed from the journal: stop it
+
+
 def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, capsys):
     cfg, _, client = daemon
     names = [worker_actor_name(w["worker_id"]) for w in client.status()["workers"]]
