@@ -13,12 +13,18 @@ from scheduler.sampling_params import InvalidRequestError, is_int64
 POLICIES = ("fcfs", "priority")
 
 
-def check_priority(priority: object, policy: str) -> None:
-    """A job's priority must be a 64-bit integer, and other than 0 only under the priority
-    policy: fcfs would ignore it silently."""
+def check_priority_type(priority: object) -> None:
+    """A priority must be a 64-bit integer: the waiting queue compares them, and the journal and
+    the wire (msgpack) carry them."""
     if not is_int64(priority):
         raise InvalidRequestError(
             f"invalid priority={priority!r}: must be an integer in [-2**63, 2**63)")
+
+
+def check_priority(priority: object, policy: str) -> None:
+    """A new job's priority: a 64-bit integer, and other than 0 only under the priority policy
+    (fcfs would ignore it silently)."""
+    check_priority_type(priority)
     if priority != 0 and policy != "priority":
         raise InvalidRequestError(
             f"invalid priority={priority}: the scheduling policy is {policy}, which ignores "

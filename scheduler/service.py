@@ -17,8 +17,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from scheduler.in_order import InOrder
 from scheduler.batching import check_priority
+from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import job_prompt_ids
 from scheduler.quarantine import Quarantine

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.manager import KVCacheManager
-from scheduler.batching import BatchingConfig, ContinuousBatcher, ScheduledBatch
+from scheduler.batching import (BatchingConfig, ContinuousBatcher, ScheduledBatch,
+                                check_priority_type)
 from scheduler.prompts import job_prompt_ids, outside_vocab
 from scheduler.request import FinishReason, Request
-from scheduler.sampling_params import InvalidRequestError, SamplingParams, is_int64, sample_seed
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
 from worker.backends import get_backend
 from worker.host_memory import retain_freed_memory
 from worker.kv_sizing import (KVCacheSize, check_backend_limits, host_kv_claim, run_profile_step,
@@ -136,8 +137,7 @@ class Engine:
         the earliest runs first (then the order of ``add_request`` calls), and is preempted last.
         """
         params = params or SamplingParams()
-        if not is_int64(priority):  # the waiting queue would fail comparing it, mid-step
-            raise InvalidRequestError(f"priority={priority!r}: must be an integer")
+        check_priority_type(priority)  # the waiting queue would fail comparing it, mid-step
         prompt_ids = job_prompt_ids(prompt, params, self.tokenizer, self.model_config.vocab_size)
         resumed = list(resumed_token_ids or [])
         _check_daemon_args(resumed, cache_salt, queued_at, self.model_config.vocab_size)
