@@ -1,5 +1,5 @@
-"""`pagedserve demo`: the main job on the embedded default — a mixed batch on the tiny model,
-with a progress bar and a summary of what the engine did."""
+"""`pagedserve demo`: the main job on the embedded default (or the running cluster) — a mixed
+batch on the tiny model, with a progress bar and a summary of what the engine did."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,5 @@
-"""The daemon on an embedded local Ray cluster, owned by one Python process (the demo,
-LLM(workers=N))."""
+"""The daemon on an embedded local Ray cluster, owned by one Python process (demo and serve
+with no cluster running, LLM(workers=N))."""
 from __future__ import annotations
 
 import logging

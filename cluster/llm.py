@@ -1,4 +1,5 @@
-"""LLM: the in-process Python API — generate a batch of prompts on one engine."""
+"""LLM: the Python API — generate a batch of prompts on one in-process engine, or through the
+daemon with workers=N."""
 from __future__ import annotations
 
 import functools

@@ -1,1 +1,2 @@
-"""Policy: request state, sampling parameters, continuous batching."""
+"""Policy: requests, sampling parameters, continuous batching, routing, job state and the
+scheduler actor."""

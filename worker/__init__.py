@@ -1,1 +1,2 @@
-"""Device side: attention backends, models, weight loading, model runner, sampler, engine."""
+"""Device side: attention backends, models, weight loading, model runner, sampler, engine and
+the worker actor."""
