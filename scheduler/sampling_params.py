@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import reprlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 class InvalidRequestError(ValueError):
@@ -114,6 +114,11 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (is_int64(value) and 0 <= value <= 20), name, value,
                    "an integer in [0, 20] or null")
+
+    def checked_copy(self) -> "SamplingParams":
+        """A validated copy: a field changed after construction is checked again, and later
+        changes to this object do not reach the job that took the copy."""
+        return replace(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -203,6 +203,30 @@ def test_bad_daemon_arguments_are_refused_and_others_go_on(llm, argument, messag
     assert [o.request_id for o in finished] == [good]
 
 
+def _changed(field, value):
+    params = SamplingParams(max_tokens=4, temperature=0)
+    setattr(params, field, value)
+    return params
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1.0), ("top_p", 2.0), ("max_tokens", 0), ("stop_token_ids", [-1]), ("n", 0)])
+def test_sampling_params_changed_after_construction_are_checked_again(llm, field, value):
+    """A SamplingParams checks itself when built; one changed afterwards reached the batch
+    unchecked (a negative temperature ran as greedy, max_tokens=0 was refused as "0 resumed
+    tokens leave nothing to generate"). The engine takes a validated copy, so later changes cannot reach the job."""
+    engine = llm.engine
+    with pytest.raises(InvalidRequestError, match=f"^invalid {field}="):
+        engine.add_request(PROMPTS[0], _changed(field, value))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    request_id = engine.add_request(PROMPTS[0], params)
+    params.max_tokens = 1  # after the job took its copy
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    assert sum(len(o.new_token_ids) for o in outputs) == 4
+
+
 def test_a_text_prompt_must_encode_into_the_models_vocabulary(llm):
     # a tokenizer with more tokens than the model's embedding used to crash the model step
     ids = llm.tokenizer.encode("hello")

@@ -136,7 +136,7 @@ class Engine:
         ``queued_at``: when the job was first queued anywhere; among requests of one priority
         the earliest runs first (then the order of ``add_request`` calls), and is preempted last.
         """
-        params = params or SamplingParams()
+        params = params.checked_copy() if params is not None else SamplingParams()
         check_priority_type(priority)  # the waiting queue would fail comparing it, mid-step
         prompt_ids = job_prompt_ids(prompt, params, self.tokenizer, self.model_config.vocab_size)
         resumed = list(resumed_token_ids or [])
