@@ -227,6 +227,20 @@ def test_sampling_params_changed_after_construction_are_checked_again(llm, field
     assert sum(len(o.new_token_ids) for o in outputs) == 4
 
 
+def test_the_stop_token_is_in_the_token_ids_but_not_the_text(llm):
+    """As in vLLM: the EOS or stop token that ends a sample is not rendered into its text
+    (a stop string is not either) unless include_stop_str_in_output."""
+    free = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0))[0]
+    tokens = free.outputs[0].token_ids
+    at = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])
+    for include in (False, True):
+        params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[tokens[at]],
+                                include_stop_str_in_output=include)
+        out = llm.generate([PROMPTS[1]], params)[0].outputs[0]
+        assert out.token_ids == tokens[:at + 1] and out.finish_reason == "stop"
+        assert out.text == llm.tokenizer.decode(tokens[:at + 1 if include else at])
+
+
 def test_a_text_prompt_must_encode_into_the_models_vocabulary(llm):
     # a tokenizer with more tokens than the model's embedding used to crash the model step
     ids = llm.tokenizer.encode("hello")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from scheduler.request import Request
+from scheduler.request import FinishReason, Request
 from worker.output import RequestOutput
 from worker.output import TokenLogprobs
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -38,7 +38,7 @@ class SampleStream:
         if not new_tokens or self.stopped_by_text:
             return
         seen = len(self.text)
-        self.text += self.detokenizer.add(new_tokens)
+        self.text += self.detokenizer.add(self._shown(new_tokens))
         if self.request.is_finished:  # release a character held back as incomplete
             self.text += self.detokenizer.flush()
         params = self.request.params
@@ -52,6 +52,16 @@ class SampleStream:
             at, length = min(hits)
             self.text = self.text[: at + length if params.include_stop_str_in_output else at]
             self.stopped_by_text = True
+
+    def _shown(self, new_tokens: list[int]) -> list[int]:
+        """The tokens whose text is output: as vLLM does, the EOS or stop token that ended the
+        sample stays out of the text (it is still in the token ids) unless
+        include_stop_str_in_output."""
+        req = self.request
+        if req.finish_reason is FinishReason.STOP and new_tokens[-1] in req.stop_ids() and \
+                not req.params.include_stop_str_in_output:
+            return new_tokens[:-1]
+        return new_tokens
 
     def emit(self) -> RequestOutput | None:
         """The output since the last call; None when there is nothing new to say."""
