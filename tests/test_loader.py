@@ -115,10 +115,21 @@ def test_sharded_checkpoint_equals_single_file(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_extra_tensors_are_ignored(tmp_path):
-    tensors = hf_tensors() | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(HEAD_DIM // 2)}
-    model, _ = load(write_checkpoint(tmp_path, tensors))
-    assert model.config.num_hidden_layers == LAYERS
+def test_extra_tensors_are_ignored_with_a_warning_unless_expected(tmp_path, caplog):
+    expected = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(HEAD_DIM // 2),
+                "lm_head.weight": torch.zeros(VOCAB, HIDDEN)}
+    tied = {k: v for k, v in hf_tensors().items() if k != "lm_head.weight"} | expected
+    model, _ = load(write_checkpoint(tmp_path / "tied", tied,
+                                     {**CONFIG, "tie_word_embeddings": True}))
+    assert model.config.num_hidden_layers == LAYERS and not caplog.records
+    # a config that describes fewer layers than the checkpoint holds is served, but said
+    model, _ = load(write_checkpoint(tmp_path / "fewer", config={**CONFIG, "num_hidden_layers": 1}))
+    assert model.config.num_hidden_layers == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "the checkpoint holds 9 tensor(s) the model does not use (model.layers.1.input_layernorm"
+        ".weight, model.layers.1.mlp.down_proj.weight, model.layers.1.mlp.gate_proj.weight, "
+        "model.layers.1.mlp.up_proj.weight, model.layers.1.post_attention_layernorm.weight ...): "
+        "does config.json describe this checkpoint?"]
 
 
 def test_tied_embeddings_need_no_lm_head(tmp_path):
@@ -189,8 +200,24 @@ def test_integer_weight_names_tensor_and_dtype(tmp_path):
     tensors = hf_tensors()
     tensors["model.embed_tokens.weight"] = torch.ones(VOCAB, HIDDEN, dtype=torch.int32)
     with pytest.raises(ModelLoadError, match=r"model\.embed_tokens\.weight in model.*\.safetensors "
-                                             r"has dtype int32, expected a floating-point dtype"):
+                                             r"has dtype int32, expected one of float32, "
+                                             r"float16, bfloat16, float64 \(quantized"):
         load(write_checkpoint(tmp_path, tensors))
+
+
+def test_an_fp8_checkpoint_is_refused_not_served_as_garbage(tmp_path):
+    """float8 is a floating-point dtype, so FP8 weights were cast as values (their scales
+    dropped as extra tensors) and the model answered garbage with no error."""
+    tensors = hf_tensors()
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(INTER, HIDDEN,
+                                                                dtype=torch.float8_e4m3fn)
+    with pytest.raises(ModelLoadError, match=r"up_proj\.weight in model\.safetensors has dtype "
+                                             r"float8_e4m3fn, expected one of"):
+        load(write_checkpoint(tmp_path / "fp8", tensors))
+    quantized = {**CONFIG, "quantization_config": {"quant_method": "fp8"}}
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config \(quant_method 'fp8'\): "
+                                                    "quantized checkpoints are not supported"):
+        load(write_checkpoint(tmp_path / "declared", config=quantized))
 
 
 def test_unsupported_architecture(tmp_path):
@@ -209,6 +236,8 @@ def test_unsupported_architecture(tmp_path):
     ({"rms_norm_eps": "small"}, "rms_norm_eps='small': must be a number > 0"),
     ({"rope_theta": -1}, "rope_theta=-1: must be a number > 0"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, "rope_theta='1e4'"),
+    ({"architectures": "LlamaForCausalLM"},
+     "architectures='LlamaForCausalLM': must be a list of class names"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": 0},
      "sliding_window=0: must be an integer >= 1"),
 ])
@@ -231,6 +260,14 @@ def test_an_unset_head_count_or_head_dim_takes_its_default_and_integral_floats_p
 def test_unsupported_dtype_request(tmp_path):
     with pytest.raises(UnsupportedModelError, match="float64"):
         load(write_checkpoint(tmp_path), dtype=torch.float64)
+
+
+def test_a_checkpoint_declared_float64_loads_in_the_dtype_asked_or_float32(tmp_path, caplog):
+    # its config.json used to be refused whatever dtype was asked for
+    path = write_checkpoint(tmp_path, config={**CONFIG, "dtype": "float64"})
+    assert load(path)[0].embed_tokens.dtype == torch.float32
+    assert "config.json dtype 'float64' is not one pagedserve runs in" in caplog.text
+    assert load(path, dtype="bfloat16")[0].embed_tokens.dtype == torch.bfloat16
 
 
 # ---- the built-in tiny model --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,10 @@ from worker.models.llama import LlamaForCausalLM
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TINY_MODEL_NAME = "tiny"
+# dtypes a checkpoint's weights may be stored in: copy_ casts any of them exactly enough
+STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -120,7 +125,8 @@ def load_model(
     config = load_config(directory)
     chosen = parse_dtype(dtype) if dtype is not None else (config.dtype or torch.float32)
     model = LlamaForCausalLM(config, backend, dtype=chosen)
-    fill_weights(model.hf_weight_slots(), weight_files(directory))
+    unused = fill_weights(model.hf_weight_slots(), weight_files(directory))
+    _warn_unused(unused, config)
     model = model.to(backend.device).eval()
     model.pack_weights()
     return model, config
@@ -145,45 +151,66 @@ def weight_files(directory: Path) -> list[Path]:
     return [single]
 
 
-def fill_weights(slots: dict[str, torch.Tensor], files: list[Path]) -> None:
-    """Copy every needed tensor into its slot (casting dtype); extra tensors are ignored.
-    On a terminal a bar shows the bytes loaded (a 7B checkpoint takes a minute on a CPU host)."""
+def fill_weights(slots: dict[str, torch.Tensor], files: list[Path]) -> list[str]:
+    """Copy every needed tensor into its slot (casting dtype); returns the names of the
+    checkpoint's tensors that no slot takes. On a terminal a bar shows the bytes loaded (a 7B
+    checkpoint takes a minute on a CPU host)."""
     from tqdm import tqdm
 
-    missing = set(slots)
+    missing, unused = set(slots), []
     total = sum(slot.nbytes for slot in slots.values())
     with torch.no_grad(), tqdm(total=total, desc="loading weights", unit="B", unit_scale=True,
                                leave=False, disable=None) as bar:
         for file in files:
-            for name, tensor in _read_needed(file, missing):
+            for name, tensor in _read_needed(file, missing, unused):
                 _copy_checked(slots[name], tensor, name, file)
                 missing.discard(name)
                 bar.update(slots[name].nbytes)
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")
+    return unused
 
 
-def _read_needed(file: Path, needed: set[str]):
+def _read_needed(file: Path, needed: set[str], unused: list[str]):
     try:
         with safe_open(file, framework="pt") as reader:
             for name in reader.keys():
                 if name in needed:
                     yield name, reader.get_tensor(name)
+                else:
+                    unused.append(name)
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"cannot read {file}: {exc}") from exc
 
 
+def _warn_unused(names: list[str], config: ModelConfig) -> None:
+    """Tensors the model does not take are served without, as transformers does; say so,
+    since a config.json that does not describe its checkpoint (fewer layers) shows this way.
+    Rotary tables and a tied lm_head that some checkpoints also store are expected."""
+    names = [n for n in names if not n.endswith("rotary_emb.inv_freq")
+             and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if names:
+        shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
+        log.warning("the checkpoint holds %d tensor(s) the model does not use (%s): does "
+                    "config.json describe this checkpoint?", len(names), shown)
+
+
 def _copy_checked(slot: torch.Tensor, tensor: torch.Tensor, name: str, file: Path) -> None:
-    if not tensor.is_floating_point():  # copy_ would cast it silently (quantized weights, say)
+    if tensor.dtype not in STORED_DTYPES:  # copy_ would cast it silently (quantized weights)
         raise ModelLoadError(f"tensor {name} in {file.name} has dtype "
-                             f"{str(tensor.dtype).removeprefix('torch.')}, expected a "
-                             "floating-point dtype (quantized checkpoints are not supported)")
+                             f"{_name(tensor.dtype)}, expected one of "
+                             f"{', '.join(map(_name, STORED_DTYPES))} (quantized checkpoints "
+                             "are not supported)")
     if tuple(tensor.shape) != tuple(slot.shape):
         raise ModelLoadError(
             f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}"
         )
     slot.copy_(tensor)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 __all__ = ["ModelLoadError", "UnsupportedModelError", "load_model", "load_config", "resolve_model_path"]

@@ -1,12 +1,15 @@
 """ModelConfig: the architecture facts pagedserve needs, parsed from a Hugging Face config.json."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from worker.tokenizer import token_ids_of
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -91,6 +94,7 @@ class ModelConfig:
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architecture = _architecture(raw)
+        _check_not_quantized(raw)
         _check_activation_and_mlp(raw)
         heads = _positive_int(raw, "num_attention_heads")
         hidden = _positive_int(raw, "hidden_size")
@@ -163,6 +167,9 @@ def _token_id_or_none(raw: dict[str, Any], key: str) -> int | None:
 
 def _architecture(raw: dict[str, Any]) -> str:
     names = raw.get("architectures") or []
+    if not isinstance(names, list):
+        raise UnsupportedModelError(f"config.json architectures={names!r}: must be a list of "
+                                    "class names")
     if not names and raw.get("model_type") in _ARCHITECTURE_BY_MODEL_TYPE:
         names = [_ARCHITECTURE_BY_MODEL_TYPE[raw["model_type"]]]
     for name in names:
@@ -172,6 +179,16 @@ def _architecture(raw: dict[str, Any]) -> str:
     raise UnsupportedModelError(
         f"unsupported model architecture {shown}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
+
+
+def _check_not_quantized(raw: dict[str, Any]) -> None:
+    """Quantized weights would load as garbage (FP8 tensors cast as if they were values, their
+    scales dropped), or fail naming tensors that are merely stored under other names."""
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise UnsupportedModelError(f"config.json has a quantization_config (quant_method "
+                                    f"{method!r}): quantized checkpoints are not supported")
 
 
 def _check_activation_and_mlp(raw: dict[str, Any]) -> None:
@@ -240,10 +257,17 @@ def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
 
 
 def _dtype(raw: dict[str, Any]) -> torch.dtype | None:
+    """The dtype the checkpoint declares, the default to run in; one pagedserve does not run in
+    (float64, say) leaves the choice to the caller, who may name a dtype anyway."""
     name = raw.get("dtype") or raw.get("torch_dtype")
     if name is None:
         return None
-    return parse_dtype(name)
+    try:
+        return parse_dtype(name)
+    except UnsupportedModelError:
+        log.warning("config.json dtype %r is not one pagedserve runs in (%s): float32 unless "
+                    "a dtype is given", name, ", ".join(_DTYPES))
+        return None
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
