@@ -95,6 +95,8 @@ def _parse_line(line: str, number: int, defaults: dict) -> Job:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InvalidRequestError("JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise InvalidRequestError("each line must be a JSON object")
     has_text, has_ids = "prompt" in record, "prompt_token_ids" in record

@@ -113,6 +113,9 @@ def test_a_line_that_is_not_json_names_the_file_and_line(capsys, tmp_path):
     jobs.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     code, _, err = run(capsys, "generate", "--prompts", str(jobs))
     assert code == 2 and f"{jobs}:2: not valid JSON" in err and err.count("\n") == 1
+    jobs.write_text('{"prompt": "ok", "stop": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    code, _, err = run(capsys, "generate", "--prompts", str(jobs))  # was a RecursionError
+    assert code == 2 and err == f"pagedserve: error: {jobs}:1: JSON nested too deeply\n"
 
 
 def test_a_jobs_priority_needs_the_priority_policy(capsys, tmp_path):

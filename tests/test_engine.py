@@ -295,6 +295,15 @@ def test_bad_sampling_params_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_logit_bias_keys_are_ascii_digits():
+    """str.isdigit() also holds for "²" (int() then raised a bare ValueError) and for "١",
+    which was taken as token 1."""
+    assert SamplingParams(logit_bias={"12": 1.0}).logit_bias == {12: 1.0}
+    for key in ("²", "١"):
+        with pytest.raises(InvalidRequestError, match="^invalid logit_bias="):
+            SamplingParams(logit_bias={key: 1.0})
+
+
 def test_n_is_capped_where_one_job_would_hold_the_scheduler():
     """A job of n = 200,000 samples held the daemon's scheduler for minutes."""
     assert SamplingParams(n=256).n == 256

@@ -158,8 +158,8 @@ class Engine:
                     token_ids=prompt_ids + resumed, queued_at=queued_at)
             for i, sample_id in enumerate(sample_ids)
         ]
-        self.batcher.add(samples[0])
         streams = [SampleStream(req, request_id, i, self.tokenizer) for i, req in enumerate(samples)]
+        self.batcher.add(samples[0])  # last: whatever raised above left nothing queued
         self._streams.update((s.request.request_id, s) for s in streams)
         self._jobs[request_id] = streams
         if params.n > 1:
