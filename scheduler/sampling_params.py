@@ -162,7 +162,8 @@ def _token_keyed(bias: object) -> object:
     else is left as it is for validation to refuse."""
     if not isinstance(bias, dict):
         return bias
-    return {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v for k, v in bias.items()}
+    return {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
+            for k, v in bias.items()}
 
 
 def is_int64(value: object) -> bool:

@@ -214,7 +214,8 @@ def _changed(field, value):
 def test_sampling_params_changed_after_construction_are_checked_again(llm, field, value):
     """A SamplingParams checks itself when built; one changed afterwards reached the batch
     unchecked (a negative temperature ran as greedy, max_tokens=0 was refused as "0 resumed
-    tokens leave nothing to generate"). The engine takes a validated copy, so later changes cannot reach the job."""
+    tokens leave nothing to generate"). The engine takes a validated copy, so later changes
+    cannot reach the job."""
     engine = llm.engine
     with pytest.raises(InvalidRequestError, match=f"^invalid {field}="):
         engine.add_request(PROMPTS[0], _changed(field, value))
