@@ -242,6 +242,36 @@ def test_the_stop_token_is_in_the_token_ids_but_not_the_text(llm):
         assert out.text == llm.tokenizer.decode(tokens[:at + 1 if include else at])
 
 
+def _streamed(engine, params, resumed=()):
+    """Tokens, text, finish reason of one job of PROMPTS[0], and (tokens, text) so far after
+    each of its outputs."""
+    request_id = engine.add_request(PROMPTS[0], params, resumed_token_ids=list(resumed))
+    tokens, text, sent, finish = [], "", [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == request_id:
+                tokens, text = tokens + out.new_token_ids, text + out.text
+                sent.append((len(tokens), text))
+                finish = out.finish_reason
+    return tokens, text, finish, sent
+
+
+def test_a_sample_resumed_after_any_output_ends_as_it_would_have_with_a_stop_string(llm):
+    """On failover a sample goes on from the tokens its stream had, on a new worker. That
+    worker's text began empty: the tail held back as the possible start of a stop string was
+    never sent (text lost from the middle of the output), and a stop string begun before the
+    failover was not found (the job ran on to max_tokens)."""
+    free = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=40, temperature=0))[0]
+    stop = free.outputs[0].text[20:23]
+    assert free.outputs[0].text.find(stop) == 20
+    params = SamplingParams(max_tokens=40, temperature=0, stop=[stop])
+    tokens, text, finish, sent = _streamed(llm.engine, params)
+    assert text == free.outputs[0].text[:20] and finish == "stop" and len(sent) > 20
+    for count, text_sent in sent[:-1]:  # a failover after each output but the last
+        more, rest, end, _ = _streamed(llm.engine, params, tokens[:count])
+        assert (tokens[:count] + more, text_sent + rest, end) == (tokens, text, "stop"), count
+
+
 def test_a_text_prompt_must_encode_into_the_models_vocabulary(llm):
     # a tokenizer with more tokens than the model's embedding used to crash the model step
     ids = llm.tokenizer.encode("hello")

@@ -16,10 +16,10 @@ class SampleStream:
         self.request = request
         self.job_id = job_id
         self.index = index
-        # Output resumed from an earlier run is context for the text, not news to emit.
         self._resumed = request.num_output_tokens
-        self.detokenizer = IncrementalDetokenizer(tokenizer, list(request.token_ids),
-                                                  request.params.skip_special_tokens)
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, request.token_ids[:request.num_prompt_tokens],
+            request.params.skip_special_tokens)
         self.text = ""
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs] = []  # of prompt tokens 1.. (the first has none)
@@ -28,8 +28,17 @@ class SampleStream:
         self.done = False
         self._tokens_read = self._resumed
         self._tokens_sent = self._resumed
-        self._text_sent = 0
         self._holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        self._text_sent = self._replay(request.output_token_ids)
+
+    def _replay(self, resumed: list[int]) -> int:
+        """Rebuilds the text of output resumed from an earlier run (failover), token by token
+        as that run did, and returns how much of it that run sent: all but the tail it held
+        back as the possible start of a stop string, which is sent from here, and in which a
+        stop string can begin."""
+        for token_id in resumed:
+            self.text += self.detokenizer.add(token_id)
+        return max(0, len(self.text) - self._holdback)
 
     def absorb(self) -> None:
         """Detokenize the request's new tokens and look for stop strings in the new text."""
