@@ -2,6 +2,7 @@
 to an async actor)."""
 from __future__ import annotations
 
+import time
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -14,6 +15,9 @@ class InOrder(Generic[T]):
     def __init__(self) -> None:
         self.next_number = 0
         self._early: dict[int, T] = {}
+        # since when (time.monotonic()) later messages have waited for next_number; None when
+        # none waits. A message lost on the way holds every later one: this tells how long.
+        self.missing_since: float | None = None
 
     def push(self, number: int, item: T) -> list[T]:
         if number < self.next_number or number in self._early:
@@ -23,6 +27,10 @@ class InOrder(Generic[T]):
         while self.next_number in self._early:
             ready.append(self._early.pop(self.next_number))
             self.next_number += 1
+        if not self._early:
+            self.missing_since = None
+        elif ready or self.missing_since is None:  # a new number is missing from now on
+            self.missing_since = time.monotonic()
         return ready
 
     @property

@@ -515,9 +515,20 @@ class SchedulerService:
         that does not answer in time is hung (a deadlock, a frozen or stopped process), though
         Ray still counts it alive: it is killed, its samples fail over as a dead worker's do,
         and its NPU gets a new worker. One that answers is only slow (a long step, or a device
-        call that does not return): it is logged and looked at again a timeout later."""
+        call that does not return): it is logged and looked at again a timeout later.
+
+        A worker whose report went missing that long is killed too: its later reports wait
+        for it, so its samples would never move again (Ray gives up on calls in flight to an
+        actor that stops answering for minutes, and reports are not sent twice)."""
         timeout = self.options.worker_stall_timeout_s
         now = time.monotonic()
+        for slot in [slot for slot in self.workers.values() if timeout and
+                     now - (slot.reports.missing_since or now) > timeout]:
+            log.error("worker %s: its report %d has not come for %.0f s, and %d later ones "
+                      "wait for it: killing it so that its samples fail over", slot.worker_id,
+                      slot.reports.next_number, now - slot.reports.missing_since,
+                      slot.reports.held)
+            self._kill_stalled(slot)
         quiet = [slot for slot in self.workers.values()
                  if timeout and slot.info and slot.samples and now - slot.last_heard > timeout]
         answers = await asyncio.gather(*(answers_stats(slot.actor, min(timeout, PING_TIMEOUT_S))
@@ -531,8 +542,12 @@ class SchedulerService:
                 continue
             log.error("worker %s has not stepped for %.0f s with %d samples to run and does "
                       "not answer: killing it", slot.worker_id, silent_s, len(slot.samples))
-            self.stalled_workers_killed += 1
-            ray.kill(slot.actor, no_restart=True)  # _watch then sees it gone
+            self._kill_stalled(slot)
+
+    def _kill_stalled(self, slot: WorkerSlot) -> None:
+        self.stalled_workers_killed += 1
+        slot.reports.missing_since = None  # once is enough: _watch then sees it gone
+        ray.kill(slot.actor, no_restart=True)
 
     def _check_placement(self, wanted: int, nodes: list[dict]) -> None:
         """Counts the workers the live nodes (their resources) can hold at once (each takes 1

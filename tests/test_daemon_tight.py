@@ -2,7 +2,8 @@
 cluster: a hung worker, its process stopped with SIGSTOP (Ray still counts it alive, as it would
 a worker stuck on its device), is found by the stall watch and killed, and its jobs finish
 elsewhere with the tokens an undisturbed run gives; a job that makes engines raise (an injected
-device fault, tests/engine_faults) is failed alone; a job whose worker processes keep dying
+device fault, tests/engine_faults) is failed alone; a worker one of whose reports is lost (an
+injected fault too) is replaced; a job whose worker processes keep dying
 fails after three; a batch of many more jobs than the scheduler keeps finished runs whole, with
 no result forgotten before it is read; an abort or a result read is in the journal (which
 buffers for 5 s here) before the answer; calls that wait on jobs past max_waiting_calls are
@@ -39,6 +40,7 @@ WAITING = 6
 
 FAULTS = Path(__file__).parent / "engine_faults"  # its sitecustomize poisons [7, 7, 7]
 POISON = [7, 7, 7, 65]
+LOSE_REPORT_ENV = "PAGEDSERVE_TEST_LOSE_REPORT"  # and loses a report once this file exists
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +50,12 @@ def daemon(tmp_path_factory):
                         journal_fsync_interval_s=JOURNAL_BUFFERS_S, max_waiting_calls=WAITING)
     path = os.environ.get("PYTHONPATH")  # Ray's processes inherit it from this one
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), path]))
+    os.environ[LOSE_REPORT_ENV] = str(Path(cfg.scheduler.journal_path).parent / "lose-a-report")
     try:
         ray.init(address="local", num_cpus=3, resources={"NPU": 2}, namespace=NAMESPACE,
                  include_dashboard=False, log_to_driver=False)
     finally:
+        del os.environ[LOSE_REPORT_ENV]
         if path is None:
             del os.environ["PYTHONPATH"]
         else:
@@ -110,6 +114,29 @@ def test_a_hung_worker_is_killed_and_its_jobs_finish_elsewhere(client):
     finally:
         if stopped is not None and not _gone(stopped):
             os.kill(stopped, signal.SIGKILL)
+
+
+def test_a_worker_whose_report_is_lost_is_replaced_and_its_jobs_finish_elsewhere(daemon):
+    """A worker's reports are applied in the order it numbered them, and Ray loses calls in
+    flight to a scheduler that has not answered for minutes: the reports after a lost one
+    waited for it forever, and the worker's jobs never finished, though it answered every
+    stall check. A report missing for worker_stall_timeout_s now gets the worker killed."""
+    cfg, client = daemon
+    prompts = [f"report {i}: the cluster" for i in range(4)]
+    params = [SamplingParams(max_tokens=300, temperature=0.8, seed=20 + i, ignore_eos=True)
+              for i in range(4)]
+    undisturbed = [client.result(j, timeout=300).outputs[0].token_ids
+                   for j in client.submit_many(prompts, params)]
+    killed = client.status()["stalled_workers_killed"]
+    flag = Path(cfg.scheduler.journal_path).parent / "lose-a-report"
+    ids = client.submit_many(prompts, params)
+    wait_for(lambda: any(0 < client.status_of(j)["num_tokens"][0] < 150 for j in ids),
+             interval=0.01, what="a job under way")
+    flag.touch()
+    wait_for(lambda: not flag.exists(), what="a report lost")
+    assert [client.result(j, timeout=300).outputs[0].token_ids for j in ids] == undisturbed
+    assert client.status()["stalled_workers_killed"] == killed + 1
+    wait_for(lambda: len(ready_workers(client)) == 2, what="a new worker for the one killed")
 
 
 def test_a_job_that_makes_engines_fail_is_failed_alone(client):

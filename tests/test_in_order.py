@@ -29,3 +29,19 @@ def test_a_repeated_number_is_an_error():
     for number in (0, 2):
         with pytest.raises(ValueError, match="already received"):
             order.push(number, "again")
+
+
+def test_it_tells_since_when_the_next_number_has_been_missing(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("scheduler.in_order.time.monotonic", lambda: now[0])
+    order = InOrder()
+    order.push(0, "a")
+    assert order.missing_since is None
+    order.push(2, "c")  # 1 is missing from now on
+    now[0] = 105.0
+    order.push(4, "e")  # still 1: the wait began when it first held something
+    assert order.missing_since == 100.0
+    order.push(1, "b")  # 1 and 2 go; now 3 is missing, from now on
+    assert order.missing_since == 105.0 and order.held == 1
+    order.push(3, "d")
+    assert order.missing_since is None and order.held == 0
