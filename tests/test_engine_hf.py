@@ -18,6 +18,8 @@ from cluster.llm import LLM  # noqa: E402
 from worker import runner  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 from worker.models.tiny import tiny_model_dir  # noqa: E402
+from worker.backends import get_backend  # noqa: E402
+from worker.loader import load_model  # noqa: E402
 
 DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
 VOCAB = 262  # the tiny model's byte-level tokenizer, reused so the engine can detokenize
@@ -192,3 +194,12 @@ def test_seeded_sampling_is_identical_with_and_without_preemption(checkpoint):
     squeezed = tight.generate(prompts(), params)
     assert tight.engine.stats().num_preemptions > 0
     assert [o.outputs[0].token_ids for o in squeezed] == [o.outputs[0].token_ids for o in calm]
+
+
+def test_a_transformers_checkpoint_has_no_tensor_the_model_leaves_unused(checkpoint, caplog):
+    """The loader warns of tensors no weight takes (a config that does not describe its
+    checkpoint); what transformers itself saves must not set it off."""
+    path, _ = checkpoint
+    with caplog.at_level("WARNING", logger="worker.loader"):
+        load_model(path, backend=get_backend(DEVICE))
+    assert "does not use" not in caplog.text
