@@ -13,7 +13,8 @@ shares one fsync. With ``fsync_interval_s == 0`` every record is written and fsy
 
 A write that fails (a full disk) is undone: the file is cut back to its last whole record and
 the records stay buffered for the next flush (the flusher retries). ``flush()`` raises a
-JournalError, and ``write_error`` says why until a write succeeds.
+JournalError, and ``write_error`` says why until a write succeeds. A torn write that cannot be
+cut off stays in the file, counted in, and replay skips it.
 
 Recovery: at open the file is replayed up to the last good record; a bad tail (a partial write,
 random bytes) is dropped with a logged warning, never an error. A corrupt stretch followed by
@@ -25,7 +26,8 @@ the kept results whenever there is a bad tail, a skipped stretch or a dead recor
 again while running once the finished jobs and forgotten results since the last rewrite outnumber
 ``compact_min_finished`` and twice the live records. A rewrite goes to a temporary
 file that is fsynced and renamed over the journal, then the directory is fsynced, so a crash
-leaves either the old or the new file.
+leaves either the old or the new file. A rewrite at open that fails (a full disk) leaves the
+file as it is, its torn tail cut off; only a new journal whose header cannot be written fails.
 
 A lock file next to the journal keeps a second process from writing to it at the same time.
 """
@@ -96,7 +98,14 @@ class Journal:
         self.write_error: str | None = None  # why the last write failed, until one succeeds
         self.replay_problems: list[str] = []  # what the replay at start skipped or dropped
         self._compact_retry_at = 0.0  # time.monotonic() before which no compaction is tried
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise JournalError(f"journal {self.path} is a directory; set "
+                               "scheduler.journal_path to a file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal's directory {self.path.parent}: "
+                               f"{exc.strerror or exc}") from None
         self._lock_fd = _lock_exclusively(self.path)
         self._file = None
         try:
@@ -123,6 +132,8 @@ class Journal:
             self._check_open()
             if job_id in self._jobs:
                 raise ValueError(f"job {job_id!r} is already in the journal and unfinished")
+            if self._results.pop(job_id, None) is not None:  # as a replay of the file reads it
+                self._dead_on_disk += 1
             self._jobs[job_id] = job
             self._append(frame)
         self._flush_now_if_unbuffered()
@@ -259,13 +270,22 @@ class Journal:
         """Cut a partial write off the file and put its records back in front of the buffer."""
         try:
             os.ftruncate(self._file.fileno(), self._size)
-        except OSError:
-            pass  # a torn frame left behind is skipped at replay (its CRC fails)
+        except OSError:  # the torn frame stays (replay skips it: its CRC fails); count it in
+            self._grow_to(os.fstat(self._file.fileno()).st_size)
         with self._lock:
             self._pending[:0] = data
             self._in_flight = 0
             self._pending_since = since  # the oldest record is again the first one
             self._lock.notify_all()
+
+    def _grow_to(self, size: int) -> None:
+        """The file is ``size`` bytes, more than the whole records it holds: the frames still
+        buffered will be written that much further on."""
+        with self._lock:
+            shift = size - self._size
+            self._results = {job_id: (offset + shift if offset >= self._size else offset, length)
+                             for job_id, (offset, length) in self._results.items()}
+            self._size = size
 
     def _failed(self, exc: OSError) -> JournalError:
         self.write_error = f"cannot write {self.path}: {exc.strerror or exc}"
@@ -323,18 +343,28 @@ class Journal:
         content, moved = bytearray(MAGIC), {}
         for job in jobs:
             content += _frame(_accepted_record(job))
+        new_file = None
         try:
             for job_id, (offset, length) in results:
                 moved[job_id, offset] = len(content)
                 content += self._frame_at(offset, length, buffered)
-            with open(tmp, "wb", buffering=0) as out:
-                _write_all(out, content)
-                os.fsync(out.fileno())
+            # opened before the rename, it is the journal once renamed: nothing is left to
+            # fail between the rename and appending to the new file
+            new_file = _open_for_append(tmp)
+            new_file.truncate(0)
+            _write_all(new_file, content)
+            os.fsync(new_file.fileno())
             os.replace(tmp, self.path)
         except OSError as exc:
+            if new_file is not None:
+                new_file.close()
             tmp.unlink(missing_ok=True)
             raise JournalError(f"cannot rewrite {self.path}: {exc.strerror or exc}") from None
-        _fsync_dir(self.path.parent)
+        try:
+            _fsync_dir(self.path.parent)
+        except OSError as exc:  # the new file is in use either way; a crash may bring back
+            log.error("journal %s: the rename of its rewrite may not survive a crash (cannot "
+                      "fsync %s: %s)", self.path, self.path.parent, exc.strerror or exc)
         with self._lock:
             shift = len(content) - self._size - len(buffered)  # for results recorded since
             self._results = {job_id: (moved.get((job_id, offset), offset + shift), length)
@@ -345,7 +375,9 @@ class Journal:
             self._dead_on_disk -= dead
             self._size = len(content)
             self._file.close()
-            self._file = _open_for_append(self.path)
+            self._file = new_file
+            if not self._pending:
+                self.write_error = None  # everything recorded is on disk
 
     def _frame_at(self, offset: int, length: int, buffered: bytes) -> bytes:
         """A frame recorded earlier: read back from the file, or from ``buffered``, the
@@ -373,7 +405,20 @@ class Journal:
                                  f"{len(data) - good_end} bytes (a write cut short by a crash?)")
         self._size = good_end
         if problem or skipped or not data or self._dead_on_disk:
-            self._rewrite()
+            try:
+                self._rewrite()
+            except JournalError as exc:
+                if good_end == 0:  # a new journal whose header cannot be written
+                    raise
+                log.warning("journal %s: %s; going on with the file as it is", self.path, exc)
+                self._cut_torn_tail(len(data))
+
+    def _cut_torn_tail(self, file_size: int) -> None:
+        if file_size > self._size:
+            try:
+                os.ftruncate(self._file.fileno(), self._size)
+            except OSError:  # new records go after the bad tail; replay skips it
+                self._grow_to(file_size)
 
     def _replay_problem(self, what: str) -> None:
         log.warning("journal %s: %s", self.path, what)
@@ -387,11 +432,12 @@ class Journal:
         if not data.startswith(MAGIC):
             if MAGIC.startswith(data):
                 return 0, ("truncated file header" if data else None), []
-            if _next_good_frame(data, 0) != len(MAGIC):  # not a damaged header: another file
+            pos = _next_good_frame(data, 0)
+            if pos is None:  # not a damaged header: another file (or nothing left to save)
                 raise JournalError(
                     f"{self.path} is not a pagedserve journal (it does not start with "
                     f"{MAGIC!r}); move it away or set scheduler.journal_path to another file")
-            skipped.append((0, len(MAGIC), "damaged file header"))
+            skipped.append((0, pos, "damaged file header"))
         while pos < len(data):
             record, end, problem = _read_frame(data, pos)
             if problem is None:

@@ -234,6 +234,26 @@ def test_a_damaged_header_before_good_records_loses_nothing(path):
     assert path.read_bytes().startswith(MAGIC)  # rewritten whole
 
 
+@pytest.mark.parametrize("damage", ["first 512 bytes zeroed", "bytes 0 and 6 flipped"])
+def test_damage_at_the_start_of_the_file_loses_only_the_records_it_hits(path, damage):
+    """A compaction puts every unfinished job at the front: a bad sector there made the whole
+    journal refuse to open ("not a pagedserve journal") and the scheduler could not start."""
+    with Journal(path, fsync_interval_s=0) as journal:
+        for i in range(40):
+            journal.record_accepted(f"j{i}", [i] * 5, {"n": 1})
+    data = bytearray(path.read_bytes())
+    if damage.startswith("first"):
+        data[:512] = bytes(512)
+    else:
+        data[0] ^= 0xFF
+        data[6] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with Journal(path) as journal:
+        lost = 40 - len(ids(journal))
+        assert ids(journal) == [f"j{i}" for i in range(lost, 40)] and 0 < lost < 40
+        assert journal.replay_problems[0].startswith("damaged file header at byte 0; skipped ")
+
+
 def test_compact_keeps_exactly_the_unfinished(path):
     rng = random.Random(7)
     with Journal(path, fsync_interval_s=0) as journal:
@@ -323,6 +343,58 @@ def test_one_writer_thread_with_the_flusher_and_compaction(path):
         assert journal.take_replayed_results() == kept and len(kept) > 50
 
 
+def test_compaction_clears_a_write_error_once_everything_is_on_disk(path):
+    journal = Journal(path, fsync_interval_s=0)
+    with file_size_limit(path.stat().st_size):
+        journal.record_accepted("a", [1], {})  # kept buffered
+    assert journal.write_error is not None
+    journal.compact()  # writes the job's record: nothing recorded is missing from the file
+    assert journal.write_error is None and not journal.buffered
+    journal.close()
+
+
+def test_a_compaction_whose_directory_fsync_fails_goes_on_in_the_new_file(path, monkeypatch,
+                                                                          caplog):
+    """An OSError from the directory's fsync escaped flush() (aborting the submit being
+    journaled) and left the journal appending to the old, unlinked file."""
+    import cluster.journal as journal_module
+
+    journal = Journal(path, fsync_interval_s=0)
+    journal.record_accepted("a", [1], {})
+    journal.record_finished("a", "stop")
+
+    def failing_fsync_dir(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module, "_fsync_dir", failing_fsync_dir)
+    journal.compact()
+    assert "may not survive a crash" in caplog.text
+    journal.record_accepted("b", [2], {})
+    journal.close()
+    with Journal(path) as reopened:
+        assert ids(reopened) == ["b"]
+
+
+def test_a_job_accepted_again_drops_its_kept_result_in_memory_as_in_the_file(path):
+    with Journal(path, fsync_interval_s=0) as journal:
+        journal.record_accepted("y", [1], {})
+        journal.record_finished("y", "stop", result_of(2))
+        journal.record_accepted("y", [1], {})
+        journal.compact()
+    with Journal(path) as journal:
+        assert ids(journal) == ["y"] and journal.take_replayed_results() == {}
+
+
+@pytest.mark.parametrize("where, message", [("dir", "is a directory"),
+                                            ("under-a-file", "cannot create the journal's")])
+def test_a_journal_path_that_cannot_be_a_file_is_named(tmp_path, where, message):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    path = tmp_path / "dir" if where == "dir" else tmp_path / "file" / "journal"
+    with pytest.raises(JournalError, match=message):
+        Journal(path)
+
+
 def test_a_second_journal_on_the_same_file_is_refused_until_the_first_closes(path):
     first = Journal(path)
     with pytest.raises(JournalError, match="in use"):
@@ -389,6 +461,58 @@ def test_a_failed_write_is_undone_and_retried_until_it_goes_through(path, tmp_pa
     assert journal.write_error is None
     assert reopened_copy(path, tmp_path) == ["during"] and count_frames(path) == 3
     journal.close()
+
+
+def test_a_journal_that_cannot_be_rewritten_at_open_still_opens(path, tmp_path, caplog):
+    """A scheduler restarted on a full disk rewrites its journal to drop finished records:
+    that failing made the intact journal refuse to open, and the scheduler could not start.
+    It goes on with the file as it is (a torn tail cut off), and the records come back."""
+    with Journal(path, fsync_interval_s=0) as journal:
+        for job_id in ("done", "a"):
+            journal.record_accepted(job_id, [1, 2], {})
+        journal.record_finished("done", "stop", result_of(3))
+    with open(path, "ab") as torn:
+        torn.write(b"\x40\x00")
+    with file_size_limit(8):
+        journal = Journal(path, fsync_interval_s=0)
+    assert "cannot rewrite" in caplog.text and "going on with the file as it is" in caplog.text
+    assert ids(journal) == ["a"] and journal.take_replayed_results() == {"done": result_of(3)}
+    journal.record_accepted("b", [3], {})
+    journal.close()
+    assert reopened_copy(path, tmp_path) == ["a", "b"]
+
+
+def test_a_torn_write_that_cannot_be_cut_off_does_not_misplace_later_records(
+        path, tmp_path, monkeypatch):
+    """The size the journal counted stayed where the cut should have left the file, so the
+    next failed write cut into a record written since, one already acknowledged."""
+    journal = Journal(path, fsync_interval_s=0)
+    journal.record_accepted("a", [1, 2], {})
+    size = path.stat().st_size
+    truncate = os.ftruncate
+
+    def failing_ftruncate(fd, length):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
+    with file_size_limit(size + 20):  # a write cut short, then left in the file
+        with pytest.raises(JournalError):
+            journal.record_accepted("b", list(range(100)), {})
+            journal.flush()
+    monkeypatch.setattr(os, "ftruncate", truncate)
+    journal.flush()  # b goes after the torn bytes
+    journal.record_accepted("c", [5], {})
+    journal.record_finished("c", "stop", result_of(4))
+    written = path.stat().st_size
+    with file_size_limit(written + 10):
+        with pytest.raises(JournalError):
+            journal.record_accepted("d", list(range(100)), {})
+            journal.flush()
+    assert path.stat().st_size == written  # cut back to its whole records, not into c's
+    journal.close()
+    with Journal(path) as reopened:
+        assert ids(reopened) == ["a", "b", "d"]
+        assert reopened.take_replayed_results() == {"c": result_of(4)}
 
 
 def test_the_flusher_retries_a_failed_write(path, tmp_path, caplog):
