@@ -13,6 +13,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from cluster.batch_submit import BatchSubmitter, PacedSubmit
 from cluster.bringup import connect, find_scheduler
+from cluster.liveness import Liveness
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import (NAMESPACE, OverloadedError, UnknownJobError, answers_stats,
                                worker_actor_name)
@@ -57,6 +58,7 @@ class Client:
         # does: a call meeting that outage later waits only what is left of timeout_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
+        self._liveness = Liveness(lambda: self._scheduler, timeout_s)
 
     def _lookup(self, timeout: float | None = None):
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
@@ -93,7 +95,9 @@ class Client:
         while True:
             try:
                 ref = self._remote(method, args, retried)
-                return await asyncio.wait_for(ref, self._answer_timeout(method)), retried
+                if method in WAITING_METHODS:
+                    return await self._liveness.wait(ref, self._silent(method)), retried
+                return await asyncio.wait_for(ref, self.timeout_s), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
@@ -133,6 +137,7 @@ class Client:
         while True:  # until it answers, so that the call goes on with this outage over
             try:
                 ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
+                self._liveness.answered()
                 return None
             except (*SCHEDULER_GONE, GetTimeoutError):
                 if time.monotonic() - lost_at > self.timeout_s:
@@ -148,6 +153,14 @@ class Client:
         return DaemonUnavailableError(
             f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} s: it "
             "is stuck or stopped (`pagedserve status` and `ray status` show more)")
+
+    def _silent(self, method: str) -> Callable[[], DaemonUnavailableError]:
+        """The error for a call that waits for jobs (no answer timeout of its own) once the
+        scheduler has answered nothing for timeout_s: stuck or stopped, it would never end."""
+        return lambda: DaemonUnavailableError(
+            f"the pagedserve scheduler has not answered for {self.timeout_s:g} s while "
+            f"{method} waited: it is stuck or stopped (`pagedserve status` and `ray status` "
+            "show more)")
 
     def _lost_since(self, exc: BaseException, lost_at: float | None,
                     retried: bool = False) -> float:
@@ -341,7 +354,12 @@ class Client:
         lost_at, opened, resumed = None, False, False
         while True:
             try:
-                async for ref in self._scheduler.stream.remote(job_ids, cursors, resumed):
+                stream = self._scheduler.stream.remote(job_ids, cursors, resumed)
+                while True:
+                    try:
+                        ref = await self._liveness.wait(anext(stream), self._silent("stream"))
+                    except StopAsyncIteration:
+                        return
                     outputs, lost_at = await ref, None  # see stream
                     if not opened:
                         opened = True
@@ -349,7 +367,6 @@ class Client:
                     for place, delta in outputs:
                         cursors[place] = _advance(cursors[place], delta)
                         yield place, delta
-                return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
             lost_at, resumed = await self._areconnect(lost_at), True

@@ -1,5 +1,6 @@
 """The daemon on a real local Ray cluster with two simulated NPUs: routing, streaming, abort,
 failover of killed workers, scheduler restart from the journal, overload, up/down."""
+import asyncio
 import io
 import json
 import os
@@ -203,6 +204,40 @@ def test_a_stopped_scheduler_is_reported_in_one_error_not_waited_on_forever(daem
     finally:
         os.kill(pid, signal.SIGCONT)
     assert client.status()["scheduler_pid"] == pid
+
+
+def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
+    """A result wait or a stream (an HTTP request in flight) has no answer timeout, since
+    jobs may rightly take long: with the scheduler stopped (or deadlocked) they waited for as
+    long as it stayed so, an HTTP stream silent all along. They now end once it has answered
+    no ping for timeout_s."""
+    _, _, client = daemon
+    quick = Client(timeout_s=2)
+    job = client.submit("waits on a stopped scheduler",
+                        SamplingParams(max_tokens=1500, ignore_eos=True))
+    pid = client.status()["scheduler_pid"]
+
+    async def drain(outputs):
+        async for _ in outputs:
+            pass
+
+    async def wait_on_a_stopped_scheduler():
+        stream = await quick.aopen_stream([job])
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        ended = await asyncio.gather(quick.aresult(job), drain(stream), return_exceptions=True)
+        return ended, time.monotonic() - started
+
+    try:
+        ended, waited = asyncio.run(wait_on_a_stopped_scheduler())
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for method, error in zip(("result", "stream"), ended):
+        assert isinstance(error, DaemonUnavailableError), error
+        assert str(error).startswith("the pagedserve scheduler has not answered for 2 s while "
+                                     f"{method} waited: it is stuck or stopped")
+    assert 2 < waited < 10
+    assert client.abort(job)
 
 
 def test_submit_many_keeps_input_order_and_outputs(daemon, undisturbed):

@@ -1,0 +1,53 @@
+"""Tells a scheduler that is stuck (or stopped) from one that is only slow to finish the jobs
+a call waits for: one ping loop per client, running only while such calls wait."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable
+
+MAX_CHECK_S = 5.0  # how often waits look at the last answer, and the pings go out
+
+
+class Liveness:
+    """``wait`` awaits a call that may rightly take long, and gives up on it once the
+    scheduler has answered no ping for ``timeout_s`` meanwhile."""
+
+    def __init__(self, scheduler: Callable[[], object], timeout_s: float) -> None:
+        self._scheduler = scheduler  # the current handle: it changes when the scheduler restarts
+        self.timeout_s = timeout_s
+        self.check_s = min(MAX_CHECK_S, timeout_s / 4)
+        self._last_answer = time.monotonic()
+        self._waiting = 0
+        self._pinger: asyncio.Task | None = None
+
+    def answered(self) -> None:
+        self._last_answer = time.monotonic()
+
+    async def wait(self, call: Awaitable, silent: Callable[[], Exception]):
+        """The call's result (or its exception); raises ``silent()`` instead once the
+        scheduler has not answered for ``timeout_s`` (the call is left to itself)."""
+        task = asyncio.ensure_future(call)
+        self._waiting += 1
+        if self._pinger is None or self._pinger.done():
+            self.answered()  # nothing known yet: the scheduler gets timeout_s from now
+            self._pinger = asyncio.get_running_loop().create_task(self._ping_while_waited())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.check_s)
+                if done:
+                    return task.result()
+                if time.monotonic() - self._last_answer > self.timeout_s:
+                    raise silent()
+        finally:
+            self._waiting -= 1
+            task.cancel()
+
+    async def _ping_while_waited(self) -> None:
+        while self._waiting:
+            try:
+                await asyncio.wait_for(self._scheduler().ping.remote(), self.check_s)
+                self.answered()
+            except Exception:  # no answer this time (or a restart): the waits judge by time
+                pass
+            await asyncio.sleep(self.check_s)
