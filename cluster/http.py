@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cluster.client import SCHEDULER_GONE, Client, DaemonUnavailableError, JobFailedError
+from cluster.client import (IN_FLIGHT_WAIT_S, SCHEDULER_GONE, Client, DaemonUnavailableError,
+                            JobFailedError)
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                  GenerationRequest, Echo, ResponseContext, TokenizeRequest,
@@ -118,16 +119,19 @@ class Server:
         except ChatTemplateError as exc:
             raise bad_request(str(exc), "messages") from None
 
-    def abort_soon(self, job_id: str) -> None:
-        """Abort without waiting: called while the request's own task is being torn down."""
-        task = asyncio.get_running_loop().create_task(self._abort_quietly(job_id))
+    def abort_soon(self, job_id: str, in_flight: bool = False) -> None:
+        """Abort without waiting: called while the request's own task is being torn down.
+        ``in_flight``: its submit went unanswered, and may reach the scheduler after the
+        abort does (Ray does not keep the order of calls to an async actor)."""
+        task = asyncio.get_running_loop().create_task(self._abort_quietly(job_id, in_flight))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _abort_quietly(self, job_id: str) -> None:
+    async def _abort_quietly(self, job_id: str, in_flight: bool) -> None:
         """Its client was answered (an error, or it left): the job must not run on. While the
-        daemon is unavailable the abort is tried again, as `up` would resume the job."""
-        warned = False
+        daemon is unavailable the abort is tried again, as `up` would resume the job; an
+        in-flight job unknown to the scheduler is tried for IN_FLIGHT_WAIT_S more."""
+        warned, unknown_until = False, None
         while True:
             try:
                 await self.client.aabort(job_id)
@@ -138,7 +142,10 @@ class Server:
                                 job_id, exc, ABORT_RETRY_S)
                     warned = True
             except UnknownJobError:  # never accepted (a submit that did not go through)
-                return
+                now = time.monotonic()
+                unknown_until = unknown_until or now + IN_FLIGHT_WAIT_S
+                if not in_flight or now > unknown_until:
+                    return
             except Exception as exc:  # noqa: BLE001 - best effort: it is logged
                 log.warning("could not abort job %s: %s", job_id, exc)
                 return
@@ -372,7 +379,7 @@ async def _submit_or_withdraw(server: Server, prompts: list[list[int]], params: 
         return await server.client.asubmit_many(prompts, params, priority=priority)
     except DaemonUnavailableError as exc:
         for job_id in getattr(exc, "in_flight", ()):
-            server.abort_soon(job_id)
+            server.abort_soon(job_id, in_flight=True)
         raise
 
 
