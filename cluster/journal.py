@@ -268,19 +268,22 @@ class Journal:
 
     def _undo_write(self, data: bytes, since: float | None) -> None:
         """Cut a partial write off the file and put its records back in front of the buffer."""
-        try:
-            os.ftruncate(self._file.fileno(), self._size)
-        except OSError:  # the torn frame stays (replay skips it: its CRC fails); count it in
-            self._grow_to(os.fstat(self._file.fileno()).st_size)
+        self._cut_back()
         with self._lock:
             self._pending[:0] = data
             self._in_flight = 0
             self._pending_since = since  # the oldest record is again the first one
             self._lock.notify_all()
 
-    def _grow_to(self, size: int) -> None:
-        """The file is ``size`` bytes, more than the whole records it holds: the frames still
+    def _cut_back(self) -> None:
+        """Cut the file back to its whole records (a torn write, a bad tail). If that fails the
+        bytes stay (replay skips them: their CRC fails) and are counted in: the frames still
         buffered will be written that much further on."""
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+            return
+        except OSError:
+            size = os.fstat(self._file.fileno()).st_size
         with self._lock:
             shift = size - self._size
             self._results = {job_id: (offset + shift if offset >= self._size else offset, length)
@@ -411,14 +414,7 @@ class Journal:
                 if good_end == 0:  # a new journal whose header cannot be written
                     raise
                 log.warning("journal %s: %s; going on with the file as it is", self.path, exc)
-                self._cut_torn_tail(len(data))
-
-    def _cut_torn_tail(self, file_size: int) -> None:
-        if file_size > self._size:
-            try:
-                os.ftruncate(self._file.fileno(), self._size)
-            except OSError:  # new records go after the bad tail; replay skips it
-                self._grow_to(file_size)
+                self._cut_back()
 
     def _replay_problem(self, what: str) -> None:
         log.warning("journal %s: %s", self.path, what)
