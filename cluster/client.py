@@ -58,7 +58,7 @@ class Client:
         # does: a call meeting that outage later waits only what is left of timeout_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
-        self._liveness = Liveness(lambda: self._scheduler, timeout_s)
+        self._liveness = Liveness(lambda: self._scheduler, lambda: self.timeout_s)
 
     def _lookup(self, timeout: float | None = None):
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)

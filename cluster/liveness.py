@@ -11,18 +11,22 @@ MAX_CHECK_S = 5.0  # how often waits look at the last answer, and the pings go o
 
 class Liveness:
     """``wait`` awaits a call that may rightly take long, and gives up on it once the
-    scheduler has answered no ping for ``timeout_s`` meanwhile."""
+    scheduler has answered no ping for ``timeout_s()`` meanwhile. Both are read when used:
+    the scheduler's handle changes when it restarts, and the client's timeout may change."""
 
-    def __init__(self, scheduler: Callable[[], object], timeout_s: float) -> None:
-        self._scheduler = scheduler  # the current handle: it changes when the scheduler restarts
-        self.timeout_s = timeout_s
-        self.check_s = min(MAX_CHECK_S, timeout_s / 4)
+    def __init__(self, scheduler: Callable[[], object], timeout_s: Callable[[], float]) -> None:
+        self._scheduler = scheduler
+        self._timeout_s = timeout_s
         self._last_answer = time.monotonic()
         self._waiting = 0
         self._pinger: asyncio.Task | None = None
 
     def answered(self) -> None:
         self._last_answer = time.monotonic()
+
+    @property
+    def check_s(self) -> float:
+        return min(MAX_CHECK_S, self._timeout_s() / 4)
 
     async def wait(self, call: Awaitable, silent: Callable[[], Exception]):
         """The call's result (or its exception); raises ``silent()`` instead once the
@@ -37,7 +41,7 @@ class Liveness:
                 done, _ = await asyncio.wait({task}, timeout=self.check_s)
                 if done:
                     return task.result()
-                if time.monotonic() - self._last_answer > self.timeout_s:
+                if time.monotonic() - self._last_answer > self._timeout_s():
                     raise silent()
         finally:
             self._waiting -= 1
