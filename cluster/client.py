@@ -80,6 +80,8 @@ class Client:
         while True:
             try:
                 ref = self._remote(method, args, retried)
+                if method in WAITING_METHODS:
+                    self._liveness.block(ref, self._silent(method))
                 return ray.get(ref, timeout=self._answer_timeout(method)), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
                 lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
@@ -321,12 +323,16 @@ class Client:
         lost_at, resumed = None, False
         while True:
             try:
-                for ref in self._scheduler.stream.remote([job_id], cursors, resumed):
+                stream = self._scheduler.stream.remote([job_id], cursors, resumed)
+                while True:
+                    self._liveness.block(stream, self._silent("stream"))
+                    ref = next(stream, None)
+                    if ref is None:
+                        return
                     outputs, lost_at = ray.get(ref), None  # it answers: any outage is over
                     for _, delta in outputs:
                         cursors[0] = _advance(cursors[0], delta)
                         yield delta
-                return
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
             lost_at, resumed = self._reconnect(lost_at), True

@@ -1,10 +1,13 @@
 """Tells a scheduler that is stuck (or stopped) from one that is only slow to finish the jobs
-a call waits for: one ping loop per client, running only while such calls wait."""
+a call waits for: one ping loop per client (per blocked thread, in blocking code), running only
+while such calls wait."""
 from __future__ import annotations
 
 import asyncio
 import time
 from typing import Awaitable, Callable
+
+import ray
 
 MAX_CHECK_S = 5.0  # how often waits look at the last answer, and the pings go out
 
@@ -46,6 +49,25 @@ class Liveness:
         finally:
             self._waiting -= 1
             task.cancel()
+
+    def block(self, waitable, silent: Callable[[], Exception]) -> None:
+        """``wait`` for blocking code: returns once ``waitable`` (an ObjectRef, or the next item
+        of an ObjectRefGenerator) is ready; raises ``silent()`` once the scheduler has answered
+        no ping for ``timeout_s`` meanwhile. It pings only while it waits, from this thread."""
+        last_answer = time.monotonic()
+        while not ray.wait([waitable], timeout=self.check_s)[0]:
+            if self._ping_answered():
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer > self._timeout_s():
+                raise silent()
+
+    def _ping_answered(self) -> bool:
+        try:
+            ray.get(self._scheduler().ping.remote(), timeout=self.check_s)
+        except Exception:  # no answer this time (or a restart): the wait judges by time
+            return False
+        self.answered()
+        return True
 
     async def _ping_while_waited(self) -> None:
         while self._waiting:

@@ -210,7 +210,7 @@ def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
     """A result wait or a stream (an HTTP request in flight) has no answer timeout, since
     jobs may rightly take long: with the scheduler stopped (or deadlocked) they waited for as
     long as it stayed so, an HTTP stream silent all along. They now end once it has answered
-    no ping for timeout_s."""
+    no ping for timeout_s, in asyncio code and in blocking code alike."""
     _, _, client = daemon
     quick = Client(timeout_s=2)
     job = client.submit("waits on a stopped scheduler",
@@ -228,15 +228,32 @@ def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
         ended = await asyncio.gather(quick.aresult(job), drain(stream), return_exceptions=True)
         return ended, time.monotonic() - started
 
+    def block_on_a_stopped_scheduler():
+        stream = quick.stream(job)
+        next(stream)
+        os.kill(pid, signal.SIGSTOP)
+        ended = []
+        for wait in (lambda: quick.result(job), lambda: list(stream)):
+            started = time.monotonic()
+            with pytest.raises(DaemonUnavailableError) as error:
+                wait()
+            ended.append((error.value, time.monotonic() - started))
+        return ended
+
     try:
         ended, waited = asyncio.run(wait_on_a_stopped_scheduler())
+        ended = [(error, waited) for error in ended]
     finally:
         os.kill(pid, signal.SIGCONT)
-    for method, error in zip(("result", "stream"), ended):
+    try:
+        ended += block_on_a_stopped_scheduler()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for method, (error, waited) in zip(("result", "stream") * 2, ended):
         assert isinstance(error, DaemonUnavailableError), error
         assert str(error).startswith("the pagedserve scheduler has not answered for 2 s while "
                                      f"{method} waited: it is stuck or stopped")
-    assert 2 < waited < 10
+        assert 2 < waited < 10
     assert client.abort(job)
 
 
