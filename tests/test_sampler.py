@@ -363,6 +363,13 @@ def test_cpu_value_sort_matches_torch_sort():
     assert torch.equal(_sorted_descending(values), values.sort(dim=-1, descending=True).values)
 
 
+def test_logit_bias_is_added_before_the_repetition_penalty_scales_the_logit():
+    """vLLM and Hugging Face bias first: (2 + 2) / 2 = 2 < 2.5, not 2 / 2 + 2 = 3."""
+    logits = torch.tensor([[2.0, 2.5, 0.0, -1.0]])
+    row = make_row(prompt=[0], temperature=0.0, repetition_penalty=2.0, logit_bias={0: 2.0})
+    assert Sampler(seed=0)(logits, [row]).token_ids == [1]
+
+
 def test_logit_bias_and_banned_ids_steer_the_choice_but_not_the_logprobs():
     logits = random_logits(3, 50, seed=7)
     best = logits.argmax(dim=-1).tolist()

@@ -75,7 +75,9 @@ class Sampler:
         if not rows:
             return SamplerOutput([], [])
         raw = logits.float()
-        scores = _steer(apply_penalties(raw, rows), rows)
+        # the bias before the penalties, as vLLM and Hugging Face order them: a repetition
+        # penalty scales the biased logit
+        scores = _ban(apply_penalties(_bias(raw, rows), rows), rows, raw)
         tokens = self._choose(scores, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(raw, token_ids, rows))
@@ -136,23 +138,31 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits
 
 
-def _steer(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Each row's logit bias added, then its banned ids at -inf (on a copy: ``scores`` may
-    still be the raw logits, which logprobs are taken from)."""
-    steered = [i for i, row in enumerate(rows) if row.banned or row.params.logit_bias]
-    if not steered:
-        return scores
-    scores = scores.clone()
-    vocab = scores.shape[1]
-    for i in steered:
+def _bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's logit bias added, on a copy (``logits`` are the raw ones, which logprobs are
+    taken from); ``logits`` itself when no row has a bias."""
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if not biased:
+        return logits
+    logits = logits.clone()
+    for i in biased:  # its ids were checked against the vocabulary at admission
         bias = rows[i].params.logit_bias
-        if bias:  # its ids were checked against the vocabulary at admission
-            ids = torch.tensor(list(bias), device=scores.device)
-            scores[i, ids] += torch.tensor(list(bias.values()), dtype=scores.dtype,
-                                           device=scores.device)
-        banned = [t for t in rows[i].banned if t < vocab]  # a stop id past it is never drawn
-        if banned:
-            scores[i, banned] = float("-inf")
+        ids = torch.tensor(list(bias), device=logits.device)
+        logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype,
+                                       device=logits.device)
+    return logits
+
+
+def _ban(scores: torch.Tensor, rows: list[SamplingRow], raw: torch.Tensor) -> torch.Tensor:
+    """Each row's banned ids at -inf: in place, unless ``scores`` are still the ``raw`` logits."""
+    vocab = scores.shape[1]
+    banned = [(i, [t for t in row.banned if t < vocab])  # a stop id past it is never drawn
+              for i, row in enumerate(rows) if row.banned]
+    banned = [(i, ids) for i, ids in banned if ids]
+    if banned and scores is raw:
+        scores = scores.clone()
+    for i, ids in banned:
+        scores[i, ids] = float("-inf")
     return scores
 
 
