@@ -43,12 +43,16 @@ def outside_vocab(ids: list, vocab_size: int) -> list:
 
 
 def check_token_ids_in_vocab(params, vocab_size: int) -> None:
-    """The token ids a job's params name must exist: a logit bias on id 10**6 would index past
-    the logits."""
+    """The token ids a job's params name must exist (a logit bias on id 10**6 would index past
+    the logits), and leave something to sample before min_tokens."""
     outside = sorted(t for t in (params.logit_bias or {}) if t >= vocab_size)
     if outside:
         raise InvalidRequestError(f"invalid logit_bias={params.logit_bias}: its token ids must "
                                   f"be in [0, {vocab_size}); {outside[:5]} are not")
+    stops = {t for t in params.stop_token_ids if t < vocab_size}
+    if params.min_tokens and len(stops) == vocab_size:  # nothing would be left to sample
+        raise InvalidRequestError(f"invalid min_tokens={params.min_tokens}: stop_token_ids name "
+                                  f"every token id of the vocabulary, so no token may come first")
 
 
 def job_prompt_ids(prompt: object, params, tokenizer: Encoder, vocab_size: int) -> list[int]:

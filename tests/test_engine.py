@@ -450,6 +450,11 @@ def test_min_tokens_holds_stop_strings_off_until_reached(llm):
     with pytest.raises(InvalidRequestError, match=r"min_tokens=5: must be an integer in \[0, "
                                                    r"max_tokens=4\]"):
         SamplingParams(max_tokens=4, min_tokens=5)
+    vocab = llm.engine.model_config.vocab_size
+    every_id = SamplingParams(max_tokens=4, min_tokens=3, stop_token_ids=list(range(vocab)))
+    with pytest.raises(InvalidRequestError, match=r"^invalid min_tokens=3: stop_token_ids name "
+                                                   "every token id of the vocabulary"):
+        llm.generate(["min tokens"], every_id)  # it ended after one stop token, early
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string_streamed_too(llm):
