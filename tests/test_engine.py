@@ -154,6 +154,44 @@ def test_tokens_per_s_counts_only_the_recent_window(llm, monkeypatch):
     assert llm.engine.stats().tokens_per_s == 0.0
 
 
+def test_stats_count_every_prompt_token_computed_and_every_token_generated(llm):
+    """A prompt's last token (computed in the step that samples) and the first token of each
+    extra sample of an n > 1 job (drawn from the parent's row) went uncounted."""
+    params = SamplingParams(max_tokens=5, n=3, ignore_eos=True)
+    prompts = ["counted 1", "counted, too"]
+    before = llm.engine.stats()
+    jobs = llm.generate(prompts, params)
+    after = llm.engine.stats()
+    computed = sum(len(llm.engine.tokenizer.encode(p)) for p in prompts) - (
+        after.prefix_hit_tokens - before.prefix_hit_tokens)
+    assert after.prompt_tokens - before.prompt_tokens == computed
+    assert after.generated_tokens - before.generated_tokens == 2 * 3 * 5 == sum(
+        len(sample.token_ids) for job in jobs for sample in job.outputs)
+
+
+def test_tokens_per_s_just_after_a_step_counts_the_step_s_own_time(llm, monkeypatch):
+    """It divided by the time since the oldest counted step ended: 2 tokens read 1 ms after
+    their step were 2,000 tokens/s (a daemon's status once showed ~70,000)."""
+    clock = [time.monotonic() + 60.0]  # the module's earlier steps are out of the window
+    monkeypatch.setattr("worker.engine.time.monotonic", lambda: clock[0])
+    execute = llm.engine.runner.execute
+
+    def model_takes_a_tenth_of_a_second(*args):
+        clock[0] += 0.1
+        return execute(*args)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", model_takes_a_tenth_of_a_second)
+    for prompt in ("tick", "tock"):
+        llm.engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    llm.engine.step()
+    clock[0] += 0.001
+    assert llm.engine.stats().tokens_per_s == pytest.approx(2 / 0.101)
+    llm.engine.step()
+    assert llm.engine.stats().tokens_per_s == pytest.approx(4 / 0.201)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+
+
 def test_logprobs_are_sorted_and_match_the_tokens(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, logprobs=3,
                                                   ignore_eos=True))[0].outputs[0]

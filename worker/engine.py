@@ -97,7 +97,7 @@ class Engine:
         self._jobs: dict[str, list[SampleStream]] = {}  # by job id: its samples not yet done
         self._pending_forks: dict[str, list[Request]] = {}
         self._aborted: list[SampleStream] = []
-        self._generated_window: collections.deque[tuple[float, int]] = collections.deque()
+        self._generated_window: collections.deque[tuple[float, float, int]] = collections.deque()
         self.prompt_tokens = 0
         self.generated_tokens = 0
 
@@ -184,6 +184,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample, and return every sample's new output."""
+        started = time.monotonic()
         outputs = self._collect_aborted()
         batch = self.batcher.schedule()
         if not batch.requests:
@@ -193,7 +194,7 @@ class Engine:
         logits = self.runner.execute(inputs, scorer)
         sampled_reqs = [batch.requests[i] for i in inputs.sampling_rows]
         sampled, forks = self._sample(logits, sampled_reqs)
-        self._count_tokens(batch, len(sampled_reqs))
+        self._count_tokens(batch, len(sampled_reqs), len(forks), started)
         finished = self.batcher.update(batch, sampled)
         for parent, child in forks:
             self._start_fork(parent, child)
@@ -258,15 +259,19 @@ class Engine:
         else:
             self.runner.copy_blocks(self.batcher.fork(parent, child))
 
-    def _count_tokens(self, batch: ScheduledBatch, num_sampled: int) -> None:
+    def _count_tokens(self, batch: ScheduledBatch, num_sampled: int, num_forks: int,
+                      started: float) -> None:
+        """Prompt tokens: all computed but the decode rows' one token (the one sampled last
+        step). A fork's first token was drawn from its parent's row: generated, not computed."""
         now = time.monotonic()
-        self.generated_tokens += num_sampled
-        self.prompt_tokens += batch.total_tokens - num_sampled
-        self._generated_window.append((now, num_sampled))
+        self.generated_tokens += num_sampled + num_forks
+        decoding = sum(1 for req in batch.requests if req.num_computed_tokens >= req.num_prompt_tokens)
+        self.prompt_tokens += batch.total_tokens - decoding
+        self._generated_window.append((started, now, num_sampled + num_forks))
         self._forget_old_steps(now)
 
     def _forget_old_steps(self, now: float) -> None:
-        while self._generated_window and now - self._generated_window[0][0] > RATE_WINDOW_S:
+        while self._generated_window and now - self._generated_window[0][1] > RATE_WINDOW_S:
             self._generated_window.popleft()
 
     def _collect_aborted(self) -> list[RequestOutput]:
@@ -295,7 +300,9 @@ class Engine:
         kv = self.kv.stats()
         now = time.monotonic()
         self._forget_old_steps(now)  # an idle engine reports 0 tokens/s, not a fading average
-        window = sum(n for _, n in self._generated_window)
+        window = sum(n for _, _, n in self._generated_window)
+        # from the start of the oldest step counted: its own run time too, or a step's tokens
+        # read just after it ended would be a rate of thousands per millisecond
         span = (now - self._generated_window[0][0]) if self._generated_window else 0
         return EngineStats(
             num_running=len(self.batcher.running), num_waiting=self.batcher.num_waiting,
