@@ -361,11 +361,13 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
         events = _events(server, ctx, outputs, job_ids, params.n, body.include_usage, meter)
         return EventStream(events, on_close=functools.partial(_close_stream, server, meter,
                                                                job_ids, endpoint))
-    with _daemon_errors(body):
-        jobs = await _results_unless_gone(request, server, job_ids)
+    try:  # however it ends (the client gone, a job failed, the daemon gone), as a stream's
+        with _daemon_errors(body):
+            jobs = await _results_unless_gone(request, server, job_ids)
+    finally:
+        server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
     if body.prompt_only:
         jobs = [job_without_output(job) for job in jobs]
-    server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
     server.metrics.count_tokens(sum(job.num_prompt_tokens for job in jobs),
                                 sum(len(o.token_ids) for job in jobs for o in job.outputs))
     return _encode(request, full_response(ctx, jobs, params.n))

@@ -667,9 +667,11 @@ def test_a_client_leaving_mid_stream_aborts_its_job(http, daemon):
              timeout=30, what="the job's blocks back in the pool")
 
 
-def test_a_client_leaving_a_whole_response_aborts_its_job(base_url, daemon):
+def test_a_client_leaving_a_whole_response_aborts_its_job(http, base_url, daemon):
     _, client = daemon
     generated = _generated_tokens(client)
+    latencies = 'pagedserve_request_latency_seconds_count{endpoint="completions"}'
+    before = _sample(http.get("/metrics").text, latencies)
     body = {"model": "tiny", "prompt": "another long story", "max_tokens": LONG,
             "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
@@ -680,6 +682,8 @@ def test_a_client_leaving_a_whole_response_aborts_its_job(base_url, daemon):
     wait_for(lambda: all(w.get("kv_used", 0) == 0 for w in ready_workers(client)),
              timeout=30, what="the job's blocks back in the pool")
     assert _generated_tokens(client) - generated < LONG  # it ended early: aborted
+    # its latency counts, as a stream's does however it ended (it was left out)
+    assert _sample(http.get("/metrics").text, latencies) == before + 1
 
 
 def _generated_tokens(client):
