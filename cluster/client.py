@@ -24,7 +24,8 @@ SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
 RETRY_DELAY_S = 0.5
 WAITING_METHODS = frozenset({"result", "results"})  # they wait for jobs, as long as asked
 SUBMIT_BATCH = 256  # jobs per scheduler call in submit_many: one round trip and one fsync each
-IN_FLIGHT_WAIT_S = 2.0  # how long withdraw() waits for an unanswered batch to arrive
+IN_FLIGHT_WAIT_S = 2.0  # how long an abort waits for an unanswered submit to arrive
+IN_FLIGHT_RETRY_S = 0.1
 RESULTS_BATCH = 256  # job ids per scheduler call in iter_results
 FEED_INTERVAL_S = 0.5  # how often a reader waiting on a paced submit's job sends more jobs
 # asyncio callers wait out an outage here, not in the loop's default executor, which an
@@ -439,33 +440,42 @@ class Client:
                                        ) from None
             paced.send_ahead()
 
-    def abort(self, job_id: str) -> bool:
+    def abort(self, job_id: str, *, in_flight: bool = False) -> bool:
         """True if the job was unfinished and is aborted now. After a try lost to a scheduler
-        restart, which may have done the abort, True if the job ended aborted at all."""
-        aborted, retried = self._call_noting_retry("abort", job_id)
-        return aborted or (retried and _aborted(self.status_of(job_id)))
+        restart, which may have done the abort, True if the job ended aborted at all.
+        ``in_flight``: the job's submit went unanswered and may reach the scheduler after the
+        abort (Ray does not keep the order of calls to an async actor): an id it does not know
+        is tried again for IN_FLIGHT_WAIT_S, then taken as never submitted (False)."""
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+        while True:
+            try:
+                aborted, retried = self._call_noting_retry("abort", job_id)
+                return aborted or (retried and _aborted(self.status_of(job_id)))
+            except UnknownJobError:
+                if not _still_arriving(in_flight, deadline):
+                    raise
+            time.sleep(IN_FLIGHT_RETRY_S)
+
+    async def aabort(self, job_id: str, *, in_flight: bool = False) -> bool:
+        """``abort`` for asyncio code."""
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+        while True:
+            try:
+                aborted, retried = await self._acall_noting_retry("abort", job_id)
+                return aborted or (retried and _aborted(await self.astatus_of(job_id)))
+            except UnknownJobError:
+                if not _still_arriving(in_flight, deadline):
+                    raise
+            await asyncio.sleep(IN_FLIGHT_RETRY_S)
 
     def withdraw(self, job_ids: Sequence[str], in_flight: Sequence[str] = ()) -> int:
         """Abort the jobs of an interrupted ``submit_many`` (its exception's ``submitted`` and
-        ``in_flight``); returns how many were still unfinished. The in-flight batch may still
-        be on its way into the scheduler: its ids are tried until known, for
-        IN_FLIGHT_WAIT_S at most."""
+        ``in_flight``); returns how many were still unfinished."""
         aborted = sum(bool(self.abort(job_id)) for job_id in job_ids)
-        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
         for job_id in in_flight:
-            while True:
-                try:
-                    aborted += bool(self.abort(job_id))
-                    break
-                except UnknownJobError:
-                    if time.monotonic() > deadline:
-                        break  # never arrived: nothing to abort
-                    time.sleep(0.1)
+            with contextlib.suppress(UnknownJobError):  # never arrived: nothing to abort
+                aborted += bool(self.abort(job_id, in_flight=True))
         return aborted
-
-    async def aabort(self, job_id: str) -> bool:
-        aborted, retried = await self._acall_noting_retry("abort", job_id)
-        return aborted or (retried and _aborted(await self.astatus_of(job_id)))
 
     def status(self) -> dict:
         return self._call("status")
@@ -566,6 +576,10 @@ def _advance(cursor: list[int] | None, delta: RequestOutput) -> list[int]:
     if delta.finish_reason is not None:
         cursor[delta.index] += 1
     return cursor
+
+
+def _still_arriving(in_flight: bool, deadline: float) -> bool:
+    return in_flight and time.monotonic() < deadline
 
 
 def _aborted(progress: dict) -> bool:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cluster.client import (IN_FLIGHT_WAIT_S, SCHEDULER_GONE, Client, DaemonUnavailableError,
+from cluster.client import (SCHEDULER_GONE, Client, DaemonUnavailableError,
                             JobFailedError)
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
@@ -129,12 +129,11 @@ class Server:
 
     async def _abort_quietly(self, job_id: str, in_flight: bool) -> None:
         """Its client was answered (an error, or it left): the job must not run on. While the
-        daemon is unavailable the abort is tried again, as `up` would resume the job; an
-        in-flight job unknown to the scheduler is tried for IN_FLIGHT_WAIT_S more."""
-        warned, unknown_until = False, None
+        daemon is unavailable the abort is tried again, as `up` would resume the job."""
+        warned = False
         while True:
             try:
-                await self.client.aabort(job_id)
+                await self.client.aabort(job_id, in_flight=in_flight)
                 return
             except DaemonUnavailableError as exc:
                 if not warned:
@@ -142,10 +141,7 @@ class Server:
                                 job_id, exc, ABORT_RETRY_S)
                     warned = True
             except UnknownJobError:  # never accepted (a submit that did not go through)
-                now = time.monotonic()
-                unknown_until = unknown_until or now + IN_FLIGHT_WAIT_S
-                if not in_flight or now > unknown_until:
-                    return
+                return
             except Exception as exc:  # noqa: BLE001 - best effort: it is logged
                 log.warning("could not abort job %s: %s", job_id, exc)
                 return

@@ -81,6 +81,10 @@ def test_cuda_without_a_gpu_is_unavailable():
     (["4"], {"ASCEND_RT_VISIBLE_DEVICES": "4,5"}, 0),
     (["6"], {"ASCEND_RT_VISIBLE_DEVICES": "6"}, 0),
     (["3"], {"RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES": "1"}, 3),
+    (["3"], {"RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES": "true"}, 3),  # as Ray reads it
+    # the user's own list, which Ray left alone: the runtime numbers its entries from 0
+    (["5"], {"RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES": "1",
+             "ASCEND_RT_VISIBLE_DEVICES": "4,5,6,7"}, 1),
     (["7"], {}, 0),
 ])
 def test_device_index_from_ray_ids(ids, env, index):

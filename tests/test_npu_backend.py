@@ -5,6 +5,7 @@ These prove how we call the documented ops, not how NPU hardware runs them.
 """
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -95,10 +96,21 @@ FIA_MISTAKES = {
 }
 
 
+def _writer(fake_npu, op):
+    if op == "npu_scatter_pa_kv_cache":  # its documented default cache_mode is the NZ layout
+        return functools.partial(fake_npu.npu_scatter_pa_kv_cache, cache_mode="Norm")
+    return getattr(fake_npu, op)
+
+
 def test_fake_accepts_the_valid_calls_the_mistakes_start_from(fake_npu):
     fake_npu.npu_fused_infer_attention_score(*_valid_fia_call()[0], **_valid_fia_call()[1])
     for op in ("npu_scatter_pa_kv_cache", "_npu_reshape_and_cache"):
-        getattr(fake_npu, op)(*_valid_write())
+        _writer(fake_npu, op)(*_valid_write())
+
+
+def test_fake_scatter_without_cache_mode_is_the_nz_layout(fake_npu):
+    with pytest.raises(fake_npu.ContractError, match="got 'PA_NZ'"):
+        fake_npu.npu_scatter_pa_kv_cache(*_valid_write())
 
 
 @pytest.mark.parametrize("mistake", list(FIA_MISTAKES))
@@ -178,7 +190,7 @@ REJECTION_REASON = {
 @pytest.mark.parametrize("op", ["npu_scatter_pa_kv_cache", "_npu_reshape_and_cache"])
 @pytest.mark.parametrize("mistake", list(WRITE_MISTAKES))
 def test_fake_kv_write_rejects(fake_npu, op, mistake):
-    write = getattr(fake_npu, op)
+    write = _writer(fake_npu, op)
     with pytest.raises(fake_npu.ContractError, match=re.escape(REJECTION_REASON[mistake])):
         write(*WRITE_MISTAKES[mistake](_valid_write()))
 
@@ -235,13 +247,47 @@ def test_prepare_builds_the_op_metadata(fake_npu):
     assert not state.decode_only and state.write_rows is None
 
 
-def test_falls_back_to_reshape_and_cache_without_the_newer_op(fake_npu, reference, monkeypatch):
-    monkeypatch.delattr(fake_npu, "npu_scatter_pa_kv_cache")
+def test_writes_kv_with_the_atb_op_as_vllm_ascend_does_on_a2_a3(fake_npu, reference):
     backend = NpuBackend()
     assert backend.kv_write_op == "_npu_reshape_and_cache"
     result = check_attention(backend, reference, random_paged_case("mixed", 128, 8, 2, 64), torch.bfloat16, "m")
     assert result.passed, result
     assert {op for op, _ in fake_npu.CALL_LOG} == {"_npu_reshape_and_cache", "npu_fused_infer_attention_score"}
+
+
+def test_without_the_atb_op_the_plain_scatter_is_told_the_norm_layout(fake_npu, reference, monkeypatch):
+    """Left out, cache_mode is the NZ layout (older bindings hard-code it): the plain 4-D
+    caches would be written as if blocked."""
+    monkeypatch.delattr(fake_npu, "_npu_reshape_and_cache")
+    backend = NpuBackend()
+    assert backend.kv_write_op == "npu_scatter_pa_kv_cache"
+    result = check_attention(backend, reference, random_paged_case("mixed", 128, 8, 2, 64), torch.bfloat16, "m")
+    assert result.passed, result
+    assert {args["cache_mode"] for op, args in fake_npu.CALL_LOG if op == "npu_scatter_pa_kv_cache"} == {"Norm"}
+
+
+def test_missing_nnal_is_one_line_saying_what_to_source(fake_npu, monkeypatch):
+    def no_atb(*args):
+        raise RuntimeError("libatb.so: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(fake_npu, "_npu_reshape_and_cache", no_atb)
+    case = random_paged_case("mixed", 128, 4, 2, 64)
+    with pytest.raises(DeviceUnavailableError, match=r"ATB ops cannot load \(libatb.so: .*\): install "
+                                                     r"NNAL and run 'source /usr/local/Ascend/nnal"):
+        check_attention(NpuBackend(), get_backend("cpu"), case, torch.bfloat16, "mixed")
+
+
+@pytest.mark.parametrize("cann, refused", [("8.2.RC1", True), ("7.0.0", True), ("8.3.RC1", False),
+                                           ("9.0.0", False), ("unreadable", False)])
+def test_a_cann_older_than_8_3_is_refused_at_start(fake_npu, monkeypatch, cann, refused):
+    """The paged TND attention call fails on older CANN releases (vLLM-Ascend calls it only
+    from 8.3): say so at start-up, not as an op error in the first forward."""
+    monkeypatch.setattr(torch.version, "cann", cann, raising=False)
+    if refused:
+        with pytest.raises(DeviceUnavailableError, match=f"CANN {cann} is too old .* needs CANN 8.3"):
+            NpuBackend()
+    else:
+        NpuBackend()
 
 
 def test_padded_query_rows_are_trimmed_for_the_op(fake_npu):
@@ -347,9 +393,10 @@ GOOD = dict(block_size=128, head_num=32, kv_head_num=8, head_dim=128, dtype=torc
     ({"block_size": 1024}, "block_size"),
     ({"head_dim": 576}, "head_dim"),
     ({"head_dim": 72}, "head_dim"),
+    ({"head_dim": 96}, "head_dim"),  # 16-aligned, but TND takes 64, 128 and 192 only
+    ({"head_dim": 256}, "head_dim"),
     ({"head_num": 512, "kv_head_num": 8}, "head_num"),
     ({"head_num": 128, "kv_head_num": 1}, "head_num/kv_head_num"),
-    ({"head_num": 256, "kv_head_num": 256, "head_dim": 512}, "kv_head_num*head_dim"),
     ({"kv_head_num": 3}, "kv_head_num"),
     ({"dtype": torch.float32}, "dtype"),
 ])
@@ -359,8 +406,9 @@ def test_limits_name_the_setting(change, setting):
 
 
 @pytest.mark.parametrize("block_size", [128, 256, 384, 512])
-def test_documented_configs_pass(block_size):
-    check_npu_config(**{**GOOD, "block_size": block_size})
+@pytest.mark.parametrize("head_dim", [64, 128, 192])
+def test_documented_configs_pass(block_size, head_dim):
+    check_npu_config(**{**GOOD, "block_size": block_size, "head_dim": head_dim})
 
 
 def test_forward_checks_limits_before_calling_the_ops(fake_npu):

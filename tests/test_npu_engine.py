@@ -237,3 +237,10 @@ def test_request_groups_keep_each_run_within_the_pool(kv_lens, pool, runs):
     from worker.backends.npu import request_groups
 
     assert [list(g) for g in request_groups(kv_lens, BLOCK_SIZE, pool)] == runs
+
+
+def test_request_groups_hold_at_most_the_tnd_batch_limit():
+    from worker.backends.npu import MAX_TND_BATCH, request_groups
+
+    groups = request_groups([1] * (2 * MAX_TND_BATCH + 3), BLOCK_SIZE, 10**6)
+    assert [len(g) for g in groups] == [MAX_TND_BATCH, MAX_TND_BATCH, 3]

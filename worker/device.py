@@ -133,8 +133,8 @@ def device_index_from_ray_ids(ids: list[str], environ: Mapping[str, str] | None 
 
     Rule: Ray exports the granted ids in ASCEND_RT_VISIBLE_DEVICES, so the runtime renumbers them
     from 0 and the actor's first granted NPU is ``npu:<its position in that list>`` (normally 0).
-    With RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1 Ray leaves the variable alone and the
-    physical id itself is the index. In CPU simulation the ids are logical and the answer is 0.
+    With RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1 (or true) Ray leaves the variable
+    alone: the position in a list the user set, else the physical id itself, is the index. In CPU simulation the ids are logical and the answer is 0.
     """
     env = os.environ if environ is None else environ
     if not ids:
@@ -142,11 +142,11 @@ def device_index_from_ray_ids(ids: list[str], environ: Mapping[str, str] | None 
             'this actor was granted no NPU; create it with resources={"NPU": 1}'
         )
     first = str(ids[0]).strip()
-    if env.get(RAY_NOSET_ASCEND_ENV) == "1":
-        return int(first)
     visible = [v.strip() for v in env.get(ASCEND_VISIBLE_ENV, "").split(",") if v.strip()]
-    if first in visible:
+    if first in visible:  # whoever set the list, the runtime numbers its entries from 0
         return visible.index(first)
+    if env.get(RAY_NOSET_ASCEND_ENV, "").lower() in ("1", "true"):  # as Ray reads it
+        return int(first)
     return 0
 
 

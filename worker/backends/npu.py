@@ -1,4 +1,4 @@
-"""Ascend NPU attention backend: torch_npu's paged K/V scatter and fused infer-attention ops.
+"""Ascend NPU attention backend: torch_npu's paged K/V write (ATB) and fused infer-attention ops.
 
 Written to the documented op contracts (torch_npu / op-plugin docs, see docs/ascend.md) and
 checked only against the strict CPU fake in tests/fake_torch_npu: that proves how we call the
@@ -27,18 +27,22 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_SIZE_ALIGN = 128  # prefill/mixed steps need a multiple of 128 ...
 BLOCK_SIZE_MAX = 512  # ... from 128 to 512
 DEFAULT_BLOCK_SIZE = 128
-MAX_HEAD_DIM = 512
-HEAD_DIM_ALIGN = 16  # fp16/bf16 inputs with more than one query token
+# The TND layout takes only these head sizes (the op documentation says 128 or 192; CANN's
+# error message for a paged TND call also names 64, the head size of the small Qwen2.5 models).
+TND_HEAD_DIMS = (64, 128, 192)
 MAX_HEADS = 256
+MAX_TND_BATCH = 4096  # requests per call: the TND limit on actual_seq_lengths(_kv)
 MAX_HEADS_PER_KV_HEAD = 64
-MAX_KV_HIDDEN = 65535  # kv_heads * head_dim of the [blocks, block_size, hidden] cache view
 # sparse_mode=3 ("rightDownCausal") takes this compressed mask: 1 above the diagonal = masked.
 CAUSAL_MASK_SIZE = 2048
 SPARSE_MODE_NO_MASK = 0
 SPARSE_MODE_RIGHT_DOWN_CAUSAL = 3
+# The paged TND attention call needs CANN 8.3 or newer (vLLM-Ascend takes another path below it).
+MIN_CANN = (8, 3)
 
 _CANN_LIBRARY_HINTS = ("libhccl", "libascend", "libacl", "libruntime", "libge", "libatb", ".so")
 _CANN_ENV_SCRIPT = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+_NNAL_ENV_SCRIPT = "/usr/local/Ascend/nnal/atb/set_env.sh"
 
 
 def import_torch_npu() -> ModuleType:
@@ -86,10 +90,10 @@ def check_npu_config(
             f"block_size={block_size} is not served on npu: use a multiple of {BLOCK_SIZE_ALIGN} "
             f"from {BLOCK_SIZE_ALIGN} to {BLOCK_SIZE_MAX} (default {DEFAULT_BLOCK_SIZE})"
         )
-    if head_dim > MAX_HEAD_DIM or head_dim % HEAD_DIM_ALIGN:
+    if head_dim not in TND_HEAD_DIMS:
         raise ValueError(
-            f"head_dim={head_dim} is not served on npu: it must be a multiple of "
-            f"{HEAD_DIM_ALIGN} and at most {MAX_HEAD_DIM}"
+            f"head_dim={head_dim} is not served on npu: the fused attention op takes "
+            f"{', '.join(map(str, TND_HEAD_DIMS))}"
         )
     if not 1 <= head_num <= MAX_HEADS:
         raise ValueError(f"head_num={head_num} is not served on npu: at most {MAX_HEADS} heads")
@@ -99,11 +103,6 @@ def check_npu_config(
         raise ValueError(
             f"head_num/kv_head_num={head_num // kv_head_num} is not served on npu: "
             f"at most {MAX_HEADS_PER_KV_HEAD} query heads per kv head"
-        )
-    if kv_head_num * head_dim > MAX_KV_HIDDEN:
-        raise ValueError(
-            f"kv_head_num*head_dim={kv_head_num * head_dim} is not served on npu: "
-            f"the paged cache view allows at most {MAX_KV_HIDDEN}"
         )
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype={dtype} is not served on npu: use float16 or bfloat16")
@@ -130,12 +129,16 @@ class NpuBackend(AttentionBackend):
 
     def __init__(self, device_index: int = 0, torch_npu: ModuleType | None = None) -> None:
         npu = torch_npu if torch_npu is not None else import_torch_npu()
+        _require_cann(getattr(torch.version, "cann", None))
         _require_visible_npu(npu, device_index)
         npu.npu.set_device(device_index)
         super().__init__(npu_torch_device(npu, device_index))
         self._npu = npu
-        # Newer plain-CANN op when present; the older ATB op needs the NNAL package (libatb.so).
-        self._scatter = getattr(npu, "npu_scatter_pa_kv_cache", None)
+        # The ATB op, as vLLM-Ascend writes K/V on A2/A3 cards (it needs NNAL's libatb.so); the
+        # plain CANN op only where torch_npu has no ATB op: its cache_mode defaults to the NZ
+        # layout, and the bindings of some releases cannot be told otherwise.
+        self._scatter = (None if hasattr(npu, "_npu_reshape_and_cache")
+                         else getattr(npu, "npu_scatter_pa_kv_cache", None))
         self._causal_mask = torch.triu(
             torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=self.device),
             diagonal=1,
@@ -198,10 +201,16 @@ class NpuBackend(AttentionBackend):
             key, value = key.index_select(0, write_rows), value.index_select(0, write_rows)
         key, value = key.contiguous(), value.contiguous()
         if self._scatter is not None:
-            # The 4-D [blocks, block_size, kv_heads, head_dim] caches select the "Norm" layout.
-            self._scatter(key, value, key_cache, value_cache, write_slots)
-        else:
+            self._scatter(key, value, key_cache, value_cache, write_slots, cache_mode="Norm")
+            return
+        try:
             self._npu._npu_reshape_and_cache(key, value, key_cache, value_cache, write_slots)
+        except (OSError, RuntimeError) as exc:
+            if "atb" not in str(exc).lower():
+                raise
+            raise DeviceUnavailableError(
+                f"torch_npu's ATB ops cannot load ({str(exc).splitlines()[0]}): install NNAL "
+                f"and run 'source {_NNAL_ENV_SCRIPT}' in this shell first") from exc
 
     def _attend(self, query, key_cache, value_cache, block_tables, state, params) -> torch.Tensor:
         packed = query[: state.num_tokens].contiguous()
@@ -245,11 +254,12 @@ class NpuBackend(AttentionBackend):
 def request_groups(kv_lens: list[int], block_size: int, num_blocks: int) -> list[range]:
     """Consecutive runs of requests whose blocks add up to at most ``num_blocks``: the fused op
     wants the cache to hold the sum of every request's blocks, which requests sharing blocks
-    (``n > 1`` forks, prefix hits) can exceed in a nearly full pool. Usually one run."""
+    (``n > 1`` forks, prefix hits) can exceed in a nearly full pool; and at most
+    MAX_TND_BATCH requests. Usually one run."""
     groups, start, used = [], 0, 0
     for i, kv_len in enumerate(kv_lens):
         blocks = -(-kv_len // block_size)
-        if used + blocks > num_blocks and i > start:
+        if (used + blocks > num_blocks and i > start) or i - start == MAX_TND_BATCH:
             groups.append(range(start, i))
             start, used = i, 0
         used += blocks
@@ -269,6 +279,17 @@ def _group_inputs(packed: torch.Tensor, block_tables: torch.Tensor, state: NpuSt
         num_tokens=last - first,
     )
     return packed[first:last], block_tables[group.start:group.stop].contiguous(), sub_state
+
+
+def _require_cann(version: str | None) -> None:
+    """Refuse a CANN release older than MIN_CANN; an unknown or unreadable version passes
+    (the selftest is the check on a new host)."""
+    numbers = [int(part) for part in (version or "").split(".")[:2] if part.isdigit()]
+    if len(numbers) == 2 and tuple(numbers) < MIN_CANN:
+        raise DeviceUnavailableError(
+            f"CANN {version} is too old for the npu backend: its paged attention call "
+            f"(npu_fused_infer_attention_score, TND layout) needs CANN {'.'.join(map(str, MIN_CANN))} "
+            "or newer")
 
 
 def _require_visible_npu(torch_npu: ModuleType, index: int) -> None:

@@ -3,8 +3,9 @@
 It implements, on the CPU and in float32, the documented semantics of
 ``npu_scatter_pa_kv_cache``, ``_npu_reshape_and_cache`` and ``npu_fused_infer_attention_score``
 (paged KV, TND layout), and rejects every call that breaks the documented contract: dtypes,
-contiguity, shapes and layouts, block-size rules, cumulative vs per-request lengths, the
-compressed causal mask and sparse_mode, head counts. Where the documentation leaves a case open
+contiguity, shapes and layouts (the scatter's NZ default cache_mode), block-size rules, head
+sizes, cumulative vs per-request lengths, the compressed causal mask and sparse_mode, head
+counts, batch size. Where the documentation leaves a case open
 the fake is stricter than the op (e.g. int32-only slot mappings, in-range block ids).
 
 This proves our calls, not the hardware: numerics, performance and undocumented behaviour of
@@ -28,7 +29,11 @@ simulated_device = "cpu"
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MASK_SIZE = 2048
-MAX_BATCH = 65536
+MAX_BATCH = 4096  # TND: at most this many entries in actual_seq_lengths(_kv)
+TND_HEAD_DIMS = (64, 128, 192)
+CANN_VERSION = "8.3.RC1"  # what the real package puts in torch.version.cann on import
+if getattr(torch.version, "cann", None) is None:
+    torch.version.cann = CANN_VERSION
 MAX_TOKENS = 1 << 20
 
 # The last calls, newest last: (op name, {argument: value}). Tests read it; nothing else does.
@@ -98,8 +103,9 @@ def _scatter(key, value, key_cache, value_cache, slots) -> None:
 
 def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *,
                             compress_lens=None, compress_seq_offsets=None, seq_lens=None,
-                            cache_mode="Norm"):
-    """Write key/value rows into the caches at slot_mapping, in place; returns None."""
+                            cache_mode="PA_NZ"):
+    """Write key/value rows into the caches at slot_mapping, in place; returns None. The
+    documented default cache_mode is the NZ layout: a plain 4-D cache needs "Norm" passed."""
     CALL_LOG.append(("npu_scatter_pa_kv_cache", {"slot_mapping": slot_mapping, "cache_mode": cache_mode}))
     _require(cache_mode == "Norm", f"the fake models cache_mode='Norm' only, got {cache_mode!r}")
     _require(compress_lens is None and compress_seq_offsets is None and seq_lens is None,
@@ -165,7 +171,7 @@ def _check_fia(query, key, value, *, atten_mask, block_table, input_layout, bloc
     _require(num_heads <= 256, f"num_heads must be at most 256, got {num_heads}")
     _require(num_heads % kv_heads == 0 and num_heads // kv_heads <= 64,
              f"num_heads ({num_heads}) must be a multiple of num_key_value_heads ({kv_heads}), ratio <= 64")
-    _require(head_dim <= 512, f"head_dim must be at most 512, got {head_dim}")
+    _require(head_dim in TND_HEAD_DIMS, f"TND takes head_dim {TND_HEAD_DIMS}, got {head_dim}")
 
     _require(block_table is not None, "the fake models the paged (block_table) form only")
     _require(key.dim() == 3 and key.shape == value.shape,
