@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -226,11 +227,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return node
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there. YAML 1.2 and
+# every config writer take both.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what, on one line (PyYAML's own message spans several, with a caret)."""
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{where}: {getattr(exc, 'problem', None) or exc}"
+    return f"{where}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}"
 
 
 def config_from_dict(data: object, source: str = "<dict>") -> PagedServeConfig:

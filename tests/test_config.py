@@ -211,6 +211,26 @@ def test_a_key_given_twice_or_a_file_not_in_utf8_is_named(tmp_path, content, pro
     assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
 
 
+def test_a_character_yaml_refuses_is_one_line(tmp_path):
+    """A reader error (a NUL byte) carried PyYAML's second line, '  in "<unicode string>"'."""
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"engine: {}\n\x00\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: not valid YAML: unacceptable character #x0000: "
+                               "special characters are not allowed")
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as text: 'kv_cache_gib='1e-3': must be a number > 0'."""
+    path = tmp_path / "exponents.yaml"
+    path.write_text("engine: {kv_cache_gib: 5e-1, max_num_batched_tokens: 4096}\n"
+                    "scheduler: {journal_fsync_interval_s: 2E-2}\n")
+    cfg = load_config(path)
+    assert (cfg.engine.kv_cache_gib, cfg.scheduler.journal_fsync_interval_s) == (0.5, 0.02)
+    assert cfg.engine.max_num_batched_tokens == 4096 and type(cfg.engine.max_num_batched_tokens) is int
+
+
 def test_a_merge_key_may_bring_in_keys_its_mapping_overrides(tmp_path):
     """The first duplicate check refused every `<<:` merge (and keys a merged mapping
     overrides are not written twice)."""
