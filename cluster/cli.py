@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from cluster.version import pagedserve_version
 
@@ -63,22 +65,65 @@ def main(argv: list[str] | None = None) -> int:
         # host without CANN. cpu runs turn that off; npu runs are unaffected either way, since
         # the npu backend imports torch_npu itself. See docs/ascend.md.
         os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _open_closed_streams()
+    with CtrlC() as ctrl_c:
+        try:
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                                format="%(levelname)s %(name)s: %(message)s")
+            return _run(args, ctrl_c)
+        except KeyboardInterrupt:
+            print("pagedserve: interrupted", file=sys.stderr)
+            return 130
+
+
+def _run(args: argparse.Namespace, ctrl_c: "CtrlC") -> int:
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("pagedserve: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `pagedserve jobs --json | head`: the reader left, as SIGPIPE says
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
     except Exception as exc:
+        if ctrl_c.pressed:  # a library turned the interrupt into another error
+            raise KeyboardInterrupt from exc
         if args.verbose or not isinstance(exc, user_errors()):
             raise
         print(f"pagedserve: error: {exc}", file=sys.stderr)
         return 2
+
+
+class CtrlC:
+    """Notes a Ctrl-C (then raises KeyboardInterrupt as Python does), so that an interrupt a
+    library turned into another error still ends as one: numba's first compile, interrupted
+    in a lazy import, left numpy half-imported and raised RecursionError. Only on the main
+    thread, and only where SIGINT still has Python's default handler."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> "CtrlC":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+
+def _open_closed_streams() -> None:
+    """A standard stream the caller closed (`<&-`, `>&-`) is None in Python: read nothing
+    from it, write nowhere, instead of an AttributeError traceback at the first use."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - for the life of the process
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
 
 if __name__ == "__main__":
