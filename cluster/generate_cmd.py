@@ -7,7 +7,7 @@ import sys
 
 from cluster.engine_args import add_engine_flags, engine_options
 from cluster.jobs_file import Job, located, read_jobs_file
-from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
 
@@ -35,14 +35,17 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     g.add_argument("--min-p", type=float, default=0.0, help="in [0, 1]; 0 = off (default)")
     g.add_argument("--seed", type=int, default=None,
-                   help="makes sampling reproducible (default: none)")
+                   help="this job's own random stream: its tokens then depend on nothing else, "
+                        "not on the jobs batched with it nor on preemption (default: none, "
+                        "draws from the engine's shared generator)")
     g.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
     g.add_argument("--logprobs", type=int, default=None,
-                   help="top-k logprobs per token, 0-20 (default: none)")
+                   help="top-k logprobs per token, 0-20, in the --json output (default: none)")
     g.add_argument("--prompt-logprobs", type=int, default=None,
-                   help="the same for every prompt token after the first, 0-20 (default: none)")
+                   help="the same for every prompt token after the first, 0-20, in the --json "
+                        "output (default: none)")
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
@@ -56,8 +59,23 @@ def sampling_defaults(args: argparse.Namespace) -> dict:
 def load_jobs(args: argparse.Namespace) -> list[Job]:
     defaults = sampling_defaults(args)
     if args.prompts:
-        return read_jobs_file(args.prompts, defaults)
-    return [Job(text, SamplingParams(**defaults)) for text in args.prompt]
+        jobs = read_jobs_file(args.prompts, defaults)
+    else:
+        jobs = [Job(text, SamplingParams(**defaults)) for text in args.prompt]
+    _refuse_empty_prompts(jobs, args.prompts)
+    return jobs
+
+
+def _refuse_empty_prompts(jobs: list[Job], path: str | None) -> None:
+    """What the engine would say of an empty prompt, said before a checkpoint that may take
+    minutes to load: it needs no tokenizer."""
+    for i, job in enumerate(jobs):
+        if len(job.prompt) == 0:
+            exc = InvalidRequestError("prompt is empty" if isinstance(job.prompt, str)
+                                      else "prompt_token_ids is empty")
+            if len(jobs) > 1:
+                exc = in_batch(exc, i, " (no job of the batch was queued)")
+            raise located(exc, jobs, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -69,6 +69,8 @@ def test_generate_streams_text_to_the_terminal(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", ""], "prompt is empty"),
+    # before the model loads: a checkpoint that takes minutes to load is not loaded for it
+    (["--prompt", "", "--model", "/no/such/model"], "prompt is empty"),
     (["--prompt", "x" * 3000], "max_model_len"),
     (["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
