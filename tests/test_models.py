@@ -322,6 +322,10 @@ def test_mistral_sliding_window_caps_max_model_len():
     raw["architectures"] = ["MistralForCausalLM"]
     config = ModelConfig.from_dict(raw)
     assert config.max_position_embeddings > 512 and config.max_model_len == 512
+    # a longer context asked for says why the limit is the window, not the positions
+    with pytest.raises(ValueError, match=r"limit of 512 tokens \(its sliding_window: "
+                                         r"sliding-window attention is not implemented"):
+        config.context_length(1024)
 
 
 @pytest.mark.parametrize(

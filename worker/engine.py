@@ -77,6 +77,9 @@ class Engine:
         model_config = load_config(path)
         check_backend_limits(self.backend, model_config, config.block_size, DTYPES[config.dtype])
         self.max_model_len = model_config.context_length(config.max_model_len)
+        if model_config.window_note and config.max_model_len is None:
+            log.warning("serving at most %d tokens per sequence%s", self.max_model_len,
+                        model_config.window_note)
         batching = self._batching_config()  # its settings are checked before the slow load
         self.model, self.model_config = load_model(
             path, dtype=DTYPES[config.dtype], backend=self.backend)

@@ -139,8 +139,17 @@ class ModelConfig:
             return self.max_model_len
         if requested > self.max_model_len:
             raise ValueError(f"max_model_len={requested} exceeds this model's limit of "
-                             f"{self.max_model_len} tokens; leave it unset or lower it")
+                             f"{self.max_model_len} tokens{self.window_note}; leave it unset "
+                             "or lower it")
         return requested
+
+    @property
+    def window_note(self) -> str:
+        """Why the limit is below the model's positions, if it is: its sliding window."""
+        if self.max_model_len < self.max_position_embeddings:
+            return (f" (its sliding_window: sliding-window attention is not implemented, and "
+                    f"full attention equals it only up to {self.sliding_window} tokens)")
+        return ""
 
 
 def _positive_int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
