@@ -287,6 +287,7 @@ def test_tiny_is_written_once_and_deterministic(tmp_path, monkeypatch):
     monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path / "b"))
     assert digest(resolve_model_path("tiny")) == digest(first)  # same bytes from scratch
     assert [p.name for p in (tmp_path / "a").iterdir()] == [tiny.TINY_VERSION]  # no staging left
+    assert first.stat().st_mode & 0o777 == 0o755  # other users of a shared cache may read it
 
 
 def test_tiny_loads_through_the_loader(tmp_path, monkeypatch):

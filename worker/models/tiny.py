@@ -80,6 +80,7 @@ def write_tiny_checkpoint_atomically(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would keep other users of a shared cache out
         write_tiny_checkpoint(staging)
         os.rename(staging, target)
     except OSError:
