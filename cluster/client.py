@@ -598,4 +598,5 @@ def _job_output(summary: dict) -> JobOutput:
                                 o["logprobs"]) for o in summary["outputs"]]
     return JobOutput(summary["job_id"], outputs, summary["arrival_time"],
                      summary["num_prompt_tokens"], summary["first_token_time"],
-                     summary["finish_time"], summary.get("prompt_logprobs"))
+                     summary["finish_time"], summary.get("prompt_logprobs"),
+                     prompt_token_ids=summary.get("prompt_token_ids"))

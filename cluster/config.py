@@ -26,7 +26,7 @@ PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_PRESET = "cpu-sim"
 # worker.engine.DTYPES and worker.backends.BACKEND_NAMES own these; both modules import torch,
 # so the names are repeated here and tests/test_config.py checks that the copies agree.
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # "auto": the checkpoint's
 DEVICE_NAMES = ("cpu", "npu", "cuda")
 
 

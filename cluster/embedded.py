@@ -50,7 +50,7 @@ class EmbeddedDaemon:
         paced = None
         try:
             paced = self.client.submit_paced(prompts, params_list, priorities=priorities)
-            return self.client.results(paced, progress=progress)
+            jobs = self.client.results(paced, progress=progress)
         except BaseException as exc:
             try:
                 self.client.withdraw(*sent_by(exc if paced is None else paced))
@@ -58,6 +58,9 @@ class EmbeddedDaemon:
                 log.warning("could not abort the jobs of an interrupted generate: %s",
                             unreachable)
             raise
+        for job, prompt in zip(jobs, prompts):  # the scheduler keeps only the token ids
+            job.prompt = prompt if isinstance(prompt, str) else None
+        return jobs
 
     def close(self) -> None:
         self._take_down()

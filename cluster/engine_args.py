@@ -11,8 +11,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         "default)")
     g.add_argument("--device", default="cpu", choices=["cpu", "npu", "cuda"],
                    help="default: cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="default: float32")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="auto: the checkpoint's declared dtype (default: float32)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on cpu (default: 1.0)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")

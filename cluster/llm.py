@@ -3,14 +3,17 @@ daemon with workers=N."""
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from cluster.llm_options import engine_options as engine_kwargs
 from scheduler.batching import check_priority
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
+from worker.generation_defaults import generation_defaults
 from worker.loader import resolve_model_path
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import Tokenizer, template_message
@@ -23,12 +26,14 @@ class LLM:
 
     ``workers=N`` runs the jobs through the daemon on an embedded local Ray cluster with N
     simulated NPU workers instead of one in-process engine; call ``close()`` when done.
+    The engine options are EngineConfig's; vLLM's spellings of them are taken too.
     """
 
     def __init__(self, model: str = "tiny", *, workers: int | None = None,
                  **engine_options) -> None:
         self._daemon = None
         self._model = model
+        engine_options = engine_kwargs(model, engine_options)
         if workers is not None:
             if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
                 raise ValueError(f"workers must be an integer >= 1 (or None for one in-process "
@@ -66,6 +71,15 @@ class LLM:
             return self.engine.tokenizer
         return Tokenizer.from_dir(resolve_model_path(self._model))
 
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    @functools.cached_property
+    def default_params(self) -> SamplingParams:
+        """What a call without SamplingParams runs with: the checkpoint's
+        generation_config.json sampling fields over SamplingParams' defaults, as in vLLM."""
+        return SamplingParams(**generation_defaults(resolve_model_path(self._model)))
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -74,17 +88,20 @@ class LLM:
         priorities: Sequence[int] | None = None,
         on_output: Callable[[int, RequestOutput], None] | None = None,
         progress: bool = False,
+        **vllm_spellings,
     ) -> list[JobOutput]:
         """Run every prompt to completion. Bad input raises before any work is queued.
-        ``on_output(index, delta)`` sees each incremental output (for streaming, progress);
-        ``progress`` shows a bar of finished jobs on stderr."""
+        A prompt is text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids":
+        ...}``; without ``params``, ``default_params``. ``on_output(index, delta)`` sees each
+        incremental output (for streaming, progress); ``progress`` shows a bar of finished jobs
+        on stderr. vLLM's ``sampling_params``, ``use_tqdm`` and ``priority`` are taken for
+        ``params``, ``progress`` and ``priorities``."""
         if self._closed:
             raise RuntimeError("this LLM is closed; create a new one to generate again")
-        if not isinstance(prompts, (str, Sequence)):
-            raise TypeError(f"prompts must be a string, a list of token ids, or a sequence of "
-                            f"those, got {type(prompts).__name__}")
-        prompts = [prompts] if _is_single(prompts) else list(prompts)
-        params_list = _per_prompt(params or SamplingParams(), len(prompts))
+        params, progress, priorities = _from_vllm_spellings(
+            vllm_spellings, params=params, progress=progress, priorities=priorities)
+        prompts = _prompt_list(prompts)
+        params_list = _per_prompt(self.default_params if params is None else params, len(prompts))
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
         if len(priorities) != len(prompts):  # zip would drop the prompts past the shorter
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
@@ -112,11 +129,13 @@ class LLM:
         return jobs
 
     def chat(self, conversations: Sequence[dict] | Sequence[Sequence[dict]],
-             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              **options) -> list[JobOutput]:
         """``generate`` for one conversation (a list of ``{"role", "content"}`` messages) or a
-        list of them, each rendered with the model's chat template; one output per
-        conversation, holding the assistant's reply."""
+        list of them, each rendered with the model's chat template (``chat_template_kwargs``
+        are the template's own variables); one output per conversation, holding the
+        assistant's reply."""
         single = bool(conversations) and isinstance(conversations[0], dict)
         conversations = [conversations] if single else list(conversations)
         for i, messages in enumerate(conversations):
@@ -124,7 +143,9 @@ class LLM:
                 raise InvalidRequestError(
                     f"conversation {i} must be a non-empty list of message dicts "
                     f"({{'role': ..., 'content': ...}})")
-        prompts = [self.tokenizer.encode_chat([template_message(m) for m in messages])
+        prompts = [self.tokenizer.encode_chat([template_message(m) for m in messages],
+                                              add_generation_prompt=add_generation_prompt,
+                                              **(chat_template_kwargs or {}))
                    for messages in conversations]
         return self.generate(prompts, params, **options)
 
@@ -135,7 +156,8 @@ class LLM:
                 now = time.monotonic()
                 check_priority(priority, self.engine.config.policy)
                 rid = self.engine.add_request(prompt, params, priority=priority)
-                jobs.append(JobOutput.start(rid, params.n, now))
+                jobs.append(JobOutput.start(rid, params.n, now, prompt,
+                                            self.engine.prompt_token_ids(rid)))
         except BaseException as exc:  # an interrupt too: leave nothing queued
             self._abort_all(jobs)
             if isinstance(exc, InvalidRequestError) and len(prompts) > 1:
@@ -151,9 +173,53 @@ class LLM:
             self.engine.step()
 
 
+def _from_vllm_spellings(spellings: dict, **ours) -> tuple:
+    """``ours`` (params, progress, priorities) with vLLM's names for them filled in."""
+    names = {"sampling_params": "params", "use_tqdm": "progress", "priority": "priorities"}
+    for name, value in spellings.items():
+        if name not in names:
+            raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+        ours[names[name]] = value
+    return ours["params"], bool(ours["progress"]), ours["priorities"]
+
+
+def _prompt_list(prompts) -> list[Prompt]:
+    """One prompt, or a sequence of them, as a list of texts and token-id lists."""
+    if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a numpy array
+        prompts = prompts.tolist()
+    if _is_single(prompts):
+        return [_prompt(prompts)]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a sequence of "
+                        f"those, got {type(prompts).__name__}")
+    return [_prompt(p) for p in prompts]
+
+
 def _is_single(prompts) -> bool:
-    return isinstance(prompts, str) or (
-        isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+    return isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, Sequence) and bool(prompts) and _is_token_id(prompts[0]))
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's too
+
+
+def _prompt(prompt) -> Prompt:
+    """Text, or token ids as plain ints; vLLM's prompt dicts unwrapped. Anything else is left
+    for the engine to refuse, as it refuses a bad prompt of a job."""
+    if isinstance(prompt, dict):
+        if set(prompt) == {"prompt"}:
+            return prompt["prompt"]
+        if set(prompt) == {"prompt_token_ids"}:
+            return _prompt(prompt["prompt_token_ids"])
+        raise InvalidRequestError('a prompt dict must hold just "prompt" (text) or just '
+                                  f'"prompt_token_ids"; got keys {sorted(prompt)}')
+    if hasattr(prompt, "tolist") and not isinstance(prompt, str):
+        prompt = prompt.tolist()
+    if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
+            and all(_is_token_id(t) for t in prompt):
+        return [int(t) for t in prompt]
+    return prompt
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:

@@ -783,6 +783,7 @@ def job_summary(job: JobState) -> dict:
     """A finished job as plain values for clients."""
     return {
         "job_id": job.job_id, "num_prompt_tokens": len(job.prompt_token_ids), "error": job.error,
+        "prompt_token_ids": job.prompt_token_ids,
         "arrival_time": job.arrival_time, "first_token_time": job.first_token_time,
         "finish_time": job.finish_time,
         "prompt_logprobs": job.samples[0].prompt_logprobs,

@@ -68,13 +68,13 @@ def test_presets_are_discovered_from_the_configs_folder():
 
 def test_engine_section_mirrors_engine_config_fields_and_defaults():
     from worker.backends import BACKEND_NAMES
-    from worker.engine import DTYPES, EngineConfig
+    from worker.engine import DTYPE_CHOICES, EngineConfig
 
     ours = {f.name: f.default for f in dataclasses.fields(EngineSection)}
     theirs = {f.name: f.default for f in dataclasses.fields(EngineConfig)
               if f.name != "device_index"}
     assert ours == theirs
-    assert DTYPE_NAMES == tuple(DTYPES) and DEVICE_NAMES == tuple(BACKEND_NAMES)
+    assert DTYPE_NAMES == DTYPE_CHOICES and DEVICE_NAMES == tuple(BACKEND_NAMES)
     for preset in PRESETS:
         engine = EngineConfig(**engine_config_kwargs(load_config(preset)), device_index=3)
         assert engine.block_size == load_config(preset).engine.block_size

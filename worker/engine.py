@@ -32,6 +32,9 @@ log = logging.getLogger("pagedserve.engine")
 
 RATE_WINDOW_S = 10.0  # stats' tokens/s counts the tokens generated this long ago at most
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": the checkpoint's declared dtype (float32 where it declares none pagedserve runs in)
+DTYPE_CHOICES = (*DTYPES, "auto")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # as vLLM and torch name them
 
 
 @dataclass(slots=True)
@@ -54,8 +57,7 @@ class EngineConfig:
     seed: int = 0  # for unseeded sampling
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        self.dtype = dtype_name(self.dtype)
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size}: must be >= 1")
         if not 0 < self.kv_cache_gib < math.inf:
@@ -63,6 +65,16 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len}: must be >= 1 (or unset for "
                              "the model's own limit)")
+
+
+def dtype_name(dtype: object) -> str:
+    """One of DTYPE_CHOICES for a name, an alias ("half") or a torch.dtype; ValueError if none."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPE_CHOICES)}")
+    return name
 
 
 class Engine:
@@ -75,19 +87,21 @@ class Engine:
         path = resolve_model_path(config.model)
         self.backend = get_backend(config.device, config.device_index)
         model_config = load_config(path)
-        check_backend_limits(self.backend, model_config, config.block_size, DTYPES[config.dtype])
+        self.dtype = (model_config.dtype or torch.float32) if config.dtype == "auto" \
+            else DTYPES[config.dtype]
+        check_backend_limits(self.backend, model_config, config.block_size, self.dtype)
         self.max_model_len = model_config.context_length(config.max_model_len)
         if model_config.window_note and config.max_model_len is None:
             log.warning("serving at most %d tokens per sequence%s", self.max_model_len,
                         model_config.window_note)
         batching = self._batching_config()  # its settings are checked before the slow load
         self.model, self.model_config = load_model(
-            path, dtype=DTYPES[config.dtype], backend=self.backend)
+            path, dtype=self.dtype, backend=self.backend)
         self.tokenizer = Tokenizer.from_dir(path)
         with host_kv_claim(config.device):
             num_blocks = self._num_kv_blocks()
             self.runner = ModelRunner(self.model, self.model_config, self.backend, num_blocks,
-                                      config.block_size, DTYPES[config.dtype])
+                                      config.block_size, self.dtype)
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.batcher = ContinuousBatcher(batching, self.kv)
@@ -168,6 +182,10 @@ class Engine:
         if params.n > 1:
             self._pending_forks[samples[0].request_id] = samples[1:]
         return request_id
+
+    def prompt_token_ids(self, request_id: str) -> list[int]:
+        """The prompt a queued job runs on: its text encoded, cut as its params asked."""
+        return list(self._jobs[request_id][0].request.prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         """Abort every sample of a job; its blocks are freed at once. False if unknown."""

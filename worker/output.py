@@ -94,6 +94,11 @@ class CompletionOutput:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the sampled tokens' logprobs, when logprobs were asked for (as vLLM)."""
+        return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
+
 
 @dataclass(slots=True)
 class JobOutput:
@@ -106,10 +111,16 @@ class JobOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., if asked for
+    prompt: str | None = None  # the text given (None for token ids, or where not kept)
+    prompt_token_ids: list[int] | None = None  # the tokens the job ran on
 
     @classmethod
-    def start(cls, request_id: str, n: int, now: float) -> "JobOutput":
-        return cls(request_id, [CompletionOutput(i) for i in range(n)], now)
+    def start(cls, request_id: str, n: int, now: float, prompt: str | list[int] | None = None,
+              prompt_token_ids: list[int] | None = None) -> "JobOutput":
+        return cls(request_id, [CompletionOutput(i) for i in range(n)], now,
+                   num_prompt_tokens=len(prompt_token_ids or ()),
+                   prompt=prompt if isinstance(prompt, str) else None,
+                   prompt_token_ids=prompt_token_ids)
 
     def add(self, delta: RequestOutput, now: float) -> None:
         sample = self.outputs[delta.index]

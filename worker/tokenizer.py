@@ -92,6 +92,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        """transformers' name for ``token_to_id``, of one token or a list."""
+        if isinstance(tokens, str):
+            return self.token_to_id(tokens)
+        return [self.token_to_id(t) for t in tokens]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first end-of-sequence id (``eos_token_ids`` holds them all)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for, also when it holds part of a UTF-8 character (which
         decodes alone as U+FFFD): a byte-fallback piece (``<0xE9>``), a byte-level BPE piece,
@@ -115,12 +126,20 @@ class Tokenizer:
         state = json.loads(decoder.__getstate__())
         return frozenset(step.get("type") for step in state.get("decoders") or [state])
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
-        """Render ``messages`` with the checkpoint's template.
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **extra: Any) -> str | list[int]:
+        """Render ``messages`` with the checkpoint's template: the text, or with ``tokenize``
+        its token ids (transformers' default is True; here it is the text, which is what a
+        prompt for ``generate`` usually is). ``extra`` are the template's own variables.
 
         The rendered text already holds the template's special tokens (BOS included, if it
         writes one), so encode it with ``add_special_tokens=False``.
         """
+        text = self._render(messages, add_generation_prompt, extra)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                extra: dict[str, Any]) -> str:
         template = self._template()
         try:
             return template.render(
@@ -136,10 +155,11 @@ class Tokenizer:
         except Exception as exc:  # noqa: BLE001 - the template's own code (a filter's TypeError)
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **extra: Any) -> list[int]:
         """The token ids of ``messages`` rendered with the chat template, ending where the
-        assistant's reply begins."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        assistant's reply begins (with ``add_generation_prompt``)."""
+        return self.apply_chat_template(messages, add_generation_prompt, tokenize=True, **extra)
 
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:
