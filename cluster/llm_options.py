@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from worker.engine import EngineConfig
+from worker.engine import EngineConfig, dtype_name
 
 RENAMED = {"gpu_memory_utilization": "memory_utilization", "scheduling_policy": "policy"}
 # vLLM options that change nothing here at these values (any value, where None)
@@ -47,5 +47,5 @@ def engine_options(model: str, options: dict) -> dict:
                              f"{', '.join(f for f in fields if f != 'model')}, and workers")
         if value is None and fields[name].default is not None:
             continue
-        out[name] = value
+        out[name] = dtype_name(value) if name == "dtype" else value  # a daemon's config too
     return out
