@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
                                on_output=printer.on_output if printer else None)
     except InvalidRequestError as exc:
         raise located(exc, jobs, args.prompts) from None
+    except KeyboardInterrupt:
+        if printer is not None:  # "pagedserve: interrupted" on a line of its own
+            printer.end_line()
+        raise
     if args.json:
         for i, job in enumerate(results):
             print(json.dumps(job_record(i, job)), flush=True)
@@ -133,6 +137,7 @@ class TerminalPrinter:
         self.head = 0
         self.multi = len(slots) > 1
         self._header_shown = False
+        self._mid_line = False
 
     def on_output(self, index: int, delta: RequestOutput) -> None:
         slot = self.slot_of[(index, delta.index)]
@@ -140,13 +145,24 @@ class TerminalPrinter:
         self.done[slot] = delta.finished
         while self.head < len(self.done):
             if self.multi and not self._header_shown:
-                sys.stdout.write(f"--- {self.labels[self.head]} ")
+                self._write(f"--- {self.labels[self.head]} ")
                 self._header_shown = True
-            sys.stdout.write("".join(self.pending[self.head]))
+            self._write("".join(self.pending[self.head]))
             self.pending[self.head].clear()
             if not self.done[self.head]:
                 break
-            sys.stdout.write("\n")
+            self._write("\n")
             self.head += 1
             self._header_shown = False
         sys.stdout.flush()
+
+    def end_line(self) -> None:
+        """Ends a line left open (the run was interrupted), so what follows starts afresh."""
+        if self._mid_line:
+            self._write("\n")
+            sys.stdout.flush()
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            self._mid_line = not text.endswith("\n")

@@ -289,3 +289,18 @@ def test_closed_standard_streams_read_nothing_and_write_nowhere(tmp_path):
                                 "--max-tokens", "2"],
                                preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True)
     assert (no_stdout.returncode, no_stdout.stderr) == (0, "")
+
+
+def test_an_interrupt_mid_line_ends_the_streamed_line_first(monkeypatch, capsys):
+    """'pagedserve: interrupted' came on the line of the text streamed so far."""
+    from cluster.llm import LLM
+    from worker.output import RequestOutput
+
+    def interrupted_mid_line(self, prompts, params, *, priorities, on_output):
+        on_output(0, RequestOutput("r", 0, [104, 105], "hi", 3))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM, "generate", interrupted_mid_line)
+    assert main(["generate", "--prompt", "x"]) == 130
+    out, err = capsys.readouterr()
+    assert (out, err) == ("hi\n", "pagedserve: interrupted\n")
