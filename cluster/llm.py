@@ -3,13 +3,13 @@ daemon with workers=N."""
 from __future__ import annotations
 
 import functools
-import numbers
 import time
 from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from cluster.llm_options import engine_options as engine_kwargs
+from cluster.llm_inputs import Prompt, from_vllm_spellings, prompt_list
+from cluster.llm_inputs import engine_options as engine_kwargs
 from scheduler.batching import check_priority
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.engine import Engine, EngineConfig
@@ -17,8 +17,6 @@ from worker.generation_defaults import generation_defaults
 from worker.loader import resolve_model_path
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import Tokenizer, template_message
-
-Prompt = str | list[int]
 
 
 class LLM:
@@ -98,9 +96,9 @@ class LLM:
         ``params``, ``progress`` and ``priorities``."""
         if self._closed:
             raise RuntimeError("this LLM is closed; create a new one to generate again")
-        params, progress, priorities = _from_vllm_spellings(
+        params, progress, priorities = from_vllm_spellings(
             vllm_spellings, params=params, progress=progress, priorities=priorities)
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         params_list = _per_prompt(self.default_params if params is None else params, len(prompts))
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
         if len(priorities) != len(prompts):  # zip would drop the prompts past the shorter
@@ -171,55 +169,6 @@ class LLM:
             self.engine.abort(job.request_id)
         while self.engine.has_unfinished():
             self.engine.step()
-
-
-def _from_vllm_spellings(spellings: dict, **ours) -> tuple:
-    """``ours`` (params, progress, priorities) with vLLM's names for them filled in."""
-    names = {"sampling_params": "params", "use_tqdm": "progress", "priority": "priorities"}
-    for name, value in spellings.items():
-        if name not in names:
-            raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
-        ours[names[name]] = value
-    return ours["params"], bool(ours["progress"]), ours["priorities"]
-
-
-def _prompt_list(prompts) -> list[Prompt]:
-    """One prompt, or a sequence of them, as a list of texts and token-id lists."""
-    if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a numpy array
-        prompts = prompts.tolist()
-    if _is_single(prompts):
-        return [_prompt(prompts)]
-    if not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a string, a list of token ids, or a sequence of "
-                        f"those, got {type(prompts).__name__}")
-    return [_prompt(p) for p in prompts]
-
-
-def _is_single(prompts) -> bool:
-    return isinstance(prompts, (str, dict)) or (
-        isinstance(prompts, Sequence) and bool(prompts) and _is_token_id(prompts[0]))
-
-
-def _is_token_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's too
-
-
-def _prompt(prompt) -> Prompt:
-    """Text, or token ids as plain ints; vLLM's prompt dicts unwrapped. Anything else is left
-    for the engine to refuse, as it refuses a bad prompt of a job."""
-    if isinstance(prompt, dict):
-        if set(prompt) == {"prompt"}:
-            return prompt["prompt"]
-        if set(prompt) == {"prompt_token_ids"}:
-            return _prompt(prompt["prompt_token_ids"])
-        raise InvalidRequestError('a prompt dict must hold just "prompt" (text) or just '
-                                  f'"prompt_token_ids"; got keys {sorted(prompt)}')
-    if hasattr(prompt, "tolist") and not isinstance(prompt, str):
-        prompt = prompt.tolist()
-    if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
-            and all(_is_token_id(t) for t in prompt):
-        return [int(t) for t in prompt]
-    return prompt
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:
