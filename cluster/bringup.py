@@ -11,6 +11,7 @@ from collections.abc import Callable
 import ray
 
 from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
+from cluster import stop_signals
 from cluster.journal import Journal
 from scheduler.service import (ANSWERING_CALLS, NAMESPACE, RESUMED_CALLS_FACTOR, SCHEDULER_NAME,
                                SchedulerActor, ServiceOptions, head_node_strategy, last_line)
@@ -44,6 +45,7 @@ def connect(address: str = "auto", alternative: str | None = None) -> None:
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
                      logging_level=ray_logging_level())
+            stop_signals.rearm()
             return
         except ConnectionError:  # e.g. "auto" with no cluster recorded anywhere
             pass
@@ -120,6 +122,7 @@ def start_embedded(cfg: PagedServeConfig) -> None:
     ray.init(address="local", num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)),
              namespace=NAMESPACE, resources={"NPU": npus}, include_dashboard=False,
              log_to_driver=False, logging_level=ray_logging_level())
+    stop_signals.rearm()
 
 
 def ray_logging_level() -> int:

@@ -6,8 +6,8 @@ import logging
 import os
 import signal
 import sys
-import threading
 
+from cluster.stop_signals import Interrupted, StopSignals
 from cluster.version import pagedserve_version
 
 # Errors the user can act on: bad input is a ValueError (InvalidRequestError, ModelLoadError,
@@ -66,55 +66,32 @@ def main(argv: list[str] | None = None) -> int:
         # the npu backend imports torch_npu itself. See docs/ascend.md.
         os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     _open_closed_streams()
-    with CtrlC() as ctrl_c:
+    with StopSignals() as stop:
         try:
             args = build_parser().parse_args(argv)
             logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                                 format="%(levelname)s %(name)s: %(message)s")
-            return _run(args, ctrl_c)
-        except KeyboardInterrupt:
-            print("pagedserve: interrupted", file=sys.stderr)
-            return 130
+            return _run(args, stop)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print("pagedserve: interrupted" if signum == signal.SIGINT
+                  else f"pagedserve: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
 
 
-def _run(args: argparse.Namespace, ctrl_c: "CtrlC") -> int:
+def _run(args: argparse.Namespace, stop: StopSignals) -> int:
     try:
         return args.func(args)
     except BrokenPipeError:  # `pagedserve jobs --json | head`: the reader left, as SIGPIPE says
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
     except Exception as exc:
-        if ctrl_c.pressed:  # a library turned the interrupt into another error
-            raise KeyboardInterrupt from exc
+        if stop.received is not None:  # a library turned the interrupt into another error
+            raise Interrupted(stop.received) from exc
         if args.verbose or not isinstance(exc, user_errors()):
             raise
         print(f"pagedserve: error: {exc}", file=sys.stderr)
         return 2
-
-
-class CtrlC:
-    """Notes a Ctrl-C (then raises KeyboardInterrupt as Python does), so that an interrupt a
-    library turned into another error still ends as one: numba's first compile, interrupted
-    in a lazy import, left numpy half-imported and raised RecursionError. Only on the main
-    thread, and only where SIGINT still has Python's default handler."""
-
-    def __init__(self) -> None:
-        self.pressed = False
-        self._previous = None
-
-    def __enter__(self) -> "CtrlC":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _on_sigint(self, signum, frame) -> None:
-        self.pressed = True
-        raise KeyboardInterrupt
 
 
 def _open_closed_streams() -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -325,15 +327,17 @@ class Client:
         while True:
             try:
                 stream = self._scheduler.stream.remote([job_id], cursors, resumed)
-                while True:
-                    self._liveness.block(stream, self._silent("stream"))
-                    ref = next(stream, None)
-                    if ref is None:
-                        return
-                    outputs, lost_at = ray.get(ref), None  # it answers: any outage is over
-                    for _, delta in outputs:
-                        cursors[0] = _advance(cursors[0], delta)
-                        yield delta
+                with _let_go_unless_read_to_the_end(stream) as reading:
+                    while True:
+                        self._liveness.block(stream, self._silent("stream"))
+                        ref = next(stream, None)
+                        if ref is None:
+                            reading.ended = True
+                            return
+                        outputs, lost_at = ray.get(ref), None  # it answers: any outage is over
+                        for _, delta in outputs:
+                            cursors[0] = _advance(cursors[0], delta)
+                            yield delta
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
             lost_at, resumed = self._reconnect(lost_at), True
@@ -362,18 +366,20 @@ class Client:
         while True:
             try:
                 stream = self._scheduler.stream.remote(job_ids, cursors, resumed)
-                while True:
-                    try:
-                        ref = await self._liveness.wait(anext(stream), self._silent("stream"))
-                    except StopAsyncIteration:
-                        return
-                    outputs, lost_at = await ref, None  # see stream
-                    if not opened:
-                        opened = True
-                        yield None
-                    for place, delta in outputs:
-                        cursors[place] = _advance(cursors[place], delta)
-                        yield place, delta
+                with _let_go_unless_read_to_the_end(stream) as reading:
+                    while True:
+                        try:
+                            ref = await self._liveness.wait(anext(stream), self._silent("stream"))
+                        except StopAsyncIteration:
+                            reading.ended = True
+                            return
+                        outputs, lost_at = await ref, None  # see stream
+                        if not opened:
+                            opened = True
+                            yield None
+                        for place, delta in outputs:
+                            cursors[place] = _advance(cursors[place], delta)
+                            yield place, delta
             except (RayTaskError, *SCHEDULER_GONE) as exc:
                 lost_at = self._lost_since(exc, lost_at)
             lost_at, resumed = await self._areconnect(lost_at), True
@@ -510,6 +516,39 @@ class Client:
         except ValueError:  # no such actor (any more)
             return False
         return await answers_stats(actor, timeout)
+
+
+_OPEN_STREAMS: set = set()  # of this process, cancelled at exit (see below)
+
+
+@contextlib.contextmanager
+def _let_go_unless_read_to_the_end(stream):
+    """Cancels a scheduler stream left before its end (the caller stopped reading, or an
+    error), and one still open when the process exits: it holds one of the scheduler's
+    max_waiting_calls until cancelled, else until its jobs end (also after a killed
+    process, which cancels nothing)."""
+    reading = types.SimpleNamespace(ended=False)
+    if not _OPEN_STREAMS:  # (again) after ray.init's own exit handler: atexit runs the last first
+        atexit.unregister(_cancel_open_streams)
+        atexit.register(_cancel_open_streams)
+    _OPEN_STREAMS.add(stream)
+    try:
+        yield reading
+    finally:
+        _OPEN_STREAMS.discard(stream)
+        if not reading.ended:
+            _cancel(stream)
+
+
+def _cancel_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        _cancel(stream)
+    _OPEN_STREAMS.clear()
+
+
+def _cancel(stream) -> None:
+    with contextlib.suppress(Exception):  # a scheduler gone took the stream with it
+        ray.cancel(stream)
 
 
 def _submit_args(prompt, params, priority: int, job_id: str | None) -> tuple:

@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Iterable
 
+from cluster import stop_signals
+
 FIND_TIMEOUT_S = 5.0  # to say that the daemon is not up
 
 
@@ -257,8 +259,10 @@ def _exit_code(failed: int, total: int) -> int:
 
 
 def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: bool) -> None:
-    """Abort the jobs this submit queued: nobody would read their results."""
-    aborted = client.withdraw(job_ids, in_flight)
+    """Abort the jobs this submit queued: nobody would read their results. A second Ctrl-C
+    meanwhile would leave the rest running for nobody: it waits."""
+    with stop_signals.deferred():
+        aborted = client.withdraw(job_ids, in_flight)
     if interrupted:
         print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
               file=sys.stderr)

@@ -184,6 +184,27 @@ def test_more_waiting_calls_than_ray_runs_by_default_still_let_the_jobs_finish(d
     assert client.status()["waiting_calls"] == 0
 
 
+def test_a_stream_left_before_its_end_frees_its_waiting_call_at_once(daemon):
+    """A stream closed early held one of max_waiting_calls until its job ended: a few
+    clients peeking at long jobs could leave every new stream and result refused."""
+    _, _, client = daemon
+    job = client.submit("peeked at", SamplingParams(max_tokens=1500, ignore_eos=True))
+    for _ in range(3):
+        stream = client.stream(job)
+        next(stream)
+        stream.close()
+
+    async def peek():
+        outputs = await client.aopen_stream([job])
+        await anext(outputs)
+        await outputs.aclose()
+
+    asyncio.run(peek())
+    wait_for(lambda: client.status()["waiting_calls"] == 0, timeout=10, what="the slots back")
+    assert not client.status_of(job)["finished"]
+    assert client.abort(job)
+
+
 def test_a_job_id_already_in_use_is_refused_not_answered_with_the_other_job(daemon):
     _, _, client = daemon
     greedy = SamplingParams(max_tokens=2, temperature=0)
@@ -427,11 +448,22 @@ def test_submit_cli_sends_more_jobs_than_the_queue_holds(daemon, tmp_path, capsy
     assert {len(r["token_ids"]) for r in records} == {2}
 
 
-def test_an_interrupted_submit_aborts_the_jobs_it_queued(daemon, tmp_path):
+@pytest.mark.parametrize("count, signals, code, said", [
+    (4, [signal.SIGINT], 130, "pagedserve: interrupted"),
+    # a second Ctrl-C cut the withdrawing (seconds, for many jobs) short: the jobs not yet
+    # aborted ran on for nobody
+    (300, [signal.SIGINT, signal.SIGINT], 130, "pagedserve: interrupted"),
+    # `timeout`, a batch system, a closed terminal: Ray's handler exited with a crash report
+    # and every job ran on
+    (4, [signal.SIGTERM], 143, "pagedserve: stopped by SIGTERM"),
+    (4, [signal.SIGHUP], 129, "pagedserve: stopped by SIGHUP"),
+], ids=["ctrl-c", "ctrl-c twice", "sigterm", "sighup"])
+def test_an_interrupted_submit_aborts_the_jobs_it_queued(daemon, tmp_path, count, signals, code,
+                                                         said):
     _, _, client = daemon
     jobs_file = tmp_path / "long.jsonl"
     jobs_file.write_text("\n".join(json.dumps({"prompt": f"long {i}", "max_tokens": 2000,
-                                               "ignore_eos": True}) for i in range(4)))
+                                               "ignore_eos": True}) for i in range(count)))
     before, unfinished = _accepted(client), client.status()["jobs_unfinished"]
     submit = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "submit", "--prompts", str(jobs_file), "--json",
@@ -439,15 +471,19 @@ def test_an_interrupted_submit_aborts_the_jobs_it_queued(daemon, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
-        wait_for(lambda: _accepted(client) == before + 4, timeout=60, interval=0.1,
-                 what="the submitted jobs")
-        submit.send_signal(signal.SIGINT)  # Ctrl-C while it waits for the results
+        # a paced submit keeps at most max_queued_jobs (48) waiting
+        wait_for(lambda: _accepted(client) >= before + min(count, 48), timeout=60,
+                 interval=0.1, what="the submitted jobs")
+        for signum in signals:  # while it waits for the results
+            submit.send_signal(signum)
+            time.sleep(0.05)
         out, err = submit.communicate(timeout=60)
     finally:
         submit.kill()
-    assert submit.returncode == 130 and out == ""
-    assert "pagedserve: aborted the 4 unfinished jobs of this submit" in err
-    assert "Traceback" not in err
+    assert submit.returncode == code and out == ""
+    aborted = _accepted(client) - before
+    assert f"pagedserve: aborted the {aborted} unfinished jobs of this submit" in err
+    assert err.rstrip().endswith(said) and "Traceback" not in err and "SIGTERM received" not in err
     wait_for(lambda: client.status()["jobs_unfinished"] <= unfinished, timeout=30,
              what="the aborted jobs to finish")
 
