@@ -176,12 +176,7 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
     scheduler = find_scheduler()
     created = scheduler is None
     if created:
-        options, journal = service_options(cfg)
-        scheduler = SchedulerActor.options(
-            name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
-            get_if_exists=True, scheduling_strategy=head_node_strategy(),
-            max_concurrency=options.max_waiting_calls * RESUMED_CALLS_FACTOR + ANSWERING_CALLS,
-        ).remote(options, journal)
+        scheduler, created = _create_scheduler(cfg)
     try:
         status = _wait_ready(scheduler, min_workers, timeout, on_wait)
         if not created:
@@ -202,6 +197,24 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
             raise DaemonStartError(f"{exc.cause}; the daemon was taken down") from None
         raise DaemonStartError(f"{exc.cause}; this daemon was already up: `pagedserve down`, "
                                "then `up` again to change its config") from None
+
+
+def _create_scheduler(cfg: PagedServeConfig) -> tuple:
+    """The scheduler actor, and whether this call created it: an `up` running at the same
+    time may have taken the name first, and then its config stands (and this one is said to
+    differ, not taken for applied)."""
+    options, journal = service_options(cfg)
+    try:
+        return SchedulerActor.options(
+            name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
+            scheduling_strategy=head_node_strategy(),
+            max_concurrency=options.max_waiting_calls * RESUMED_CALLS_FACTOR + ANSWERING_CALLS,
+        ).remote(options, journal), True
+    except ValueError:  # "the name ... is already taken"
+        scheduler = find_scheduler()
+        if scheduler is None:
+            raise
+        return scheduler, False
 
 
 class DrainCancelled(KeyboardInterrupt):

@@ -57,7 +57,8 @@ def undisturbed(daemon):
     return [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
 
 
-def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(daemon):
+def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(daemon,
+                                                                               monkeypatch):
     cfg, status, client = daemon
     workers = [w for w in status["workers"] if w["ready"]]
     assert len(workers) == 2 and {w["npu_ids"][0] for w in workers} == {"0", "1"}
@@ -70,6 +71,13 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     assert bringup.up(other)["config_not_applied"] == [  # kept running as it was
         f"engine.max_num_seqs: running {cfg.engine.max_num_seqs}, asked 7",
         f"scheduler.router: running {cfg.scheduler.router!r}, asked 'round_robin'"]
+    # another `up` took the name between this one's look and its create: it found the
+    # daemon it did not start, thought it had, and said nothing of its own config
+    real_find, looks = bringup.find_scheduler, []
+    monkeypatch.setattr(bringup, "find_scheduler",
+                        lambda: real_find() if looks or looks.append(1) else None)
+    assert bringup.up(other)["config_not_applied"][0].startswith("engine.max_num_seqs:")
+    monkeypatch.undo()
     with pytest.raises(bringup.DaemonStartError, match=r"^fewer than 3 workers ready after 1(\.0)? "
                        r"s; NPU resources in the cluster: 2; the daemon stays up"):
         bringup.up(cfg, min_workers=3, timeout=1)
