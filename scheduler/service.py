@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import random
 import re
@@ -227,7 +228,7 @@ class SchedulerService:
         prompt_ids = self._validate_prompt(prompt, params)
         if params.seed is None:  # fixed now, so a replay after a restart repeats the output
             params.seed = random.getrandbits(63)
-        job_id = job_id or uuid.uuid4().hex
+        job_id = uuid.uuid4().hex if job_id is None else _checked_job_id(job_id)
         if job_id in self.jobs or job_id in batch:
             raise InvalidRequestError(f"job id {job_id!r} is already in use")
         return JobState(job_id, prompt_ids, params, priority)
@@ -434,6 +435,7 @@ class SchedulerService:
                         del self.watchers[job.job_id]
 
     async def result(self, job_id: str, timeout: float | None = None) -> dict:
+        _check_timeout(timeout)
         job = self._job(job_id)
         job_id = job.job_id
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -777,6 +779,28 @@ def _first_few(problems: list[str], shown: int = 3) -> str | None:
 def _without_http_prefix(job_id: str) -> str:
     """The job id in an HTTP response id (``cmpl-<job id>``, ``chatcmpl-<job id>``)."""
     return re.sub(r"^(chat)?cmpl-", "", job_id)
+
+
+MAX_JOB_ID_LEN = 256
+
+
+def _checked_job_id(job_id: object) -> str:
+    """A job id a client chose: printable text with no whitespace (a line of ids on stdin is
+    read back stripped), of at most MAX_JOB_ID_LEN characters."""
+    if not (isinstance(job_id, str) and 0 < len(job_id) <= MAX_JOB_ID_LEN
+            and job_id.isprintable() and not any(c.isspace() for c in job_id)):
+        raise InvalidRequestError(f"invalid job_id={job_id!r}: it must be 1 to {MAX_JOB_ID_LEN} "
+                                  "printable characters, none of them whitespace")
+    return job_id
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 <= timeout < math.inf:
+        raise InvalidRequestError(f"invalid timeout={timeout!r}: it must be a number of "
+                                  "seconds >= 0, or None to wait as long as it takes")
 
 
 def job_summary(job: JobState) -> dict:

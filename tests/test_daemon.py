@@ -223,6 +223,26 @@ def test_a_job_id_already_in_use_is_refused_not_answered_with_the_other_job(daem
         client.submit("mine", greedy)).outputs[0].token_ids
 
 
+@pytest.mark.parametrize("job_id", [123, " ", "a\nb", "x" * 257])
+def test_a_job_id_that_is_not_plain_text_is_refused(daemon, job_id):
+    """123 came back as a remote traceback; " " was taken, and `result -` (which strips the
+    lines it reads) could not ask for it."""
+    _, _, client = daemon
+    with pytest.raises(InvalidRequestError, match=r"^invalid job_id=.*: it must be 1 to 256 "
+                                                  "printable characters, none of them whitespace"):
+        client.submit("named oddly", SamplingParams(max_tokens=1), job_id=job_id)
+
+
+@pytest.mark.parametrize("timeout", ["5", float("nan"), -1, float("inf")])
+def test_a_result_timeout_that_is_not_a_number_of_seconds_is_refused(daemon, timeout):
+    """NaN waited forever; "5" came back as a remote TypeError traceback."""
+    _, _, client = daemon
+    job = client.submit("timed", SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match=r"^invalid timeout=.*: it must be a number "):
+        client.result(job, timeout=timeout)
+    assert client.result(job, timeout=60).outputs[0].finish_reason == "length"
+
+
 def test_a_stopped_scheduler_is_reported_in_one_error_not_waited_on_forever(daemon):
     _, _, client = daemon
     pid = client.status()["scheduler_pid"]
