@@ -256,6 +256,8 @@ class Client:
         except BaseException as exc:  # also an interrupt: the caller may withdraw these
             exc.submitted = submitter.submitted
             exc.in_flight = submitter.in_flight
+            if isinstance(exc, OverloadedError) and submitter.submitted:
+                raise _said_accepted(exc) from None  # it read as if nothing was accepted
             raise
         return submitter.submitted
 
@@ -549,6 +551,14 @@ def _cancel_open_streams() -> None:
 def _cancel(stream) -> None:
     with contextlib.suppress(Exception):  # a scheduler gone took the stream with it
         ray.cancel(stream)
+
+
+def _said_accepted(exc: OverloadedError) -> OverloadedError:
+    """``exc`` saying how many jobs of its submit_many were accepted before it."""
+    said = type(exc)(f"{exc} ({len(exc.submitted)} jobs of this call were accepted before "
+                     "it: withdraw() them, or submit the rest)")
+    said.submitted, said.in_flight = exc.submitted, exc.in_flight
+    return said
 
 
 def _submit_args(prompt, params, priority: int, job_id: str | None) -> tuple:

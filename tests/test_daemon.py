@@ -178,6 +178,16 @@ def test_overload_fails_fast_with_a_clear_error(daemon):
     assert len(ids) == 48
     for j in ids:
         client.abort(j)
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, timeout=30, what="the aborts")
+    # one submit_many of several batches: its first ones were accepted, and the error said
+    # only that the queue was full
+    with pytest.raises(OverloadedError) as caught:
+        client.submit_many(["y"] * 60, SamplingParams(max_tokens=500, ignore_eos=True),
+                           batch_size=16)
+    accepted = caught.value.submitted
+    assert len(accepted) == 48 and str(caught.value).endswith(
+        "(48 jobs of this call were accepted before it: withdraw() them, or submit the rest)")
+    assert client.withdraw(accepted) == 48
 
 
 def test_more_waiting_calls_than_ray_runs_by_default_still_let_the_jobs_finish(daemon):
