@@ -264,5 +264,5 @@ def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: boo
     with stop_signals.deferred():
         aborted = client.withdraw(job_ids, in_flight)
     if interrupted:
-        print(f"pagedserve: aborted the {aborted} unfinished jobs of this submit",
-              file=sys.stderr)
+        print(f"pagedserve: aborted the {aborted} unfinished job{'s' * (aborted != 1)} of this "
+              "submit", file=sys.stderr)
