@@ -81,8 +81,14 @@ def run_up(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     bringup.connect(args.address)
-    status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout,
-                        on_wait=print_loading)
+    try:
+        status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout,
+                            on_wait=print_loading)
+    except KeyboardInterrupt:
+        if bringup.find_scheduler() is not None:  # it was only this wait that stopped
+            print("pagedserve: stopped waiting; the daemon goes on starting (`pagedserve "
+                  "status` shows it, `pagedserve down` stops it)", file=sys.stderr)
+        raise
     print(format_status(status))
     if status.get("config_not_applied"):
         print("pagedserve: already up with another config, which it keeps (`pagedserve down`, "
