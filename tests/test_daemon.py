@@ -84,6 +84,17 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     assert len(ready_workers(client)) == 2
 
 
+def test_an_interrupted_up_says_the_daemon_goes_on_starting(daemon, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bringup, "up", interrupted)
+    assert cli.main(["up", "--address", ray.get_runtime_context().gcs_address]) == 130
+    assert capsys.readouterr().err == (
+        "pagedserve: stopped waiting; the daemon goes on starting (`pagedserve status` shows "
+        "it, `pagedserve down` stops it)\npagedserve: interrupted\n")
+
+
 def test_up_reports_while_it_waits_for_workers(daemon, monkeypatch, capsys):
     monkeypatch.setattr(bringup, "WAIT_REPORT_S", 0.3)
     assert cli.main(["up", "--min-workers", "3", "--timeout", "2"]) == 2
