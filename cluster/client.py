@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import time
-import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +14,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from cluster.batch_submit import BatchSubmitter, PacedSubmit
 from cluster.bringup import connect, find_scheduler
 from cluster.liveness import Liveness
+from cluster.stream_cancel import read_or_cancelled
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import (NAMESPACE, OverloadedError, UnknownJobError, answers_stats,
                                worker_actor_name)
@@ -329,7 +328,7 @@ class Client:
         while True:
             try:
                 stream = self._scheduler.stream.remote([job_id], cursors, resumed)
-                with _let_go_unless_read_to_the_end(stream) as reading:
+                with read_or_cancelled(stream) as reading:
                     while True:
                         self._liveness.block(stream, self._silent("stream"))
                         ref = next(stream, None)
@@ -368,7 +367,7 @@ class Client:
         while True:
             try:
                 stream = self._scheduler.stream.remote(job_ids, cursors, resumed)
-                with _let_go_unless_read_to_the_end(stream) as reading:
+                with read_or_cancelled(stream) as reading:
                     while True:
                         try:
                             ref = await self._liveness.wait(anext(stream), self._silent("stream"))
@@ -518,39 +517,6 @@ class Client:
         except ValueError:  # no such actor (any more)
             return False
         return await answers_stats(actor, timeout)
-
-
-_OPEN_STREAMS: set = set()  # of this process, cancelled at exit (see below)
-
-
-@contextlib.contextmanager
-def _let_go_unless_read_to_the_end(stream):
-    """Cancels a scheduler stream left before its end (the caller stopped reading, or an
-    error), and one still open when the process exits: it holds one of the scheduler's
-    max_waiting_calls until cancelled, else until its jobs end (also after a killed
-    process, which cancels nothing)."""
-    reading = types.SimpleNamespace(ended=False)
-    if not _OPEN_STREAMS:  # (again) after ray.init's own exit handler: atexit runs the last first
-        atexit.unregister(_cancel_open_streams)
-        atexit.register(_cancel_open_streams)
-    _OPEN_STREAMS.add(stream)
-    try:
-        yield reading
-    finally:
-        _OPEN_STREAMS.discard(stream)
-        if not reading.ended:
-            _cancel(stream)
-
-
-def _cancel_open_streams() -> None:
-    for stream in list(_OPEN_STREAMS):
-        _cancel(stream)
-    _OPEN_STREAMS.clear()
-
-
-def _cancel(stream) -> None:
-    with contextlib.suppress(Exception):  # a scheduler gone took the stream with it
-        ray.cancel(stream)
 
 
 def _said_accepted(exc: OverloadedError) -> OverloadedError:
