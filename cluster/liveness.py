@@ -64,7 +64,7 @@ class Liveness:
     def _ping_answered(self) -> bool:
         try:
             ray.get(self._scheduler().ping.remote(), timeout=self.check_s)
-        except Exception:  # no answer this time (or a restart): the wait judges by time
+        except Exception:  # noqa: BLE001 - no answer this time (or a restart): judged by time
             return False
         self.answered()
         return True

@@ -29,7 +29,7 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._deferred = False
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         global _active
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.getsignal(s) for s in SIGNALS}
