@@ -40,7 +40,7 @@ def connect(address: str = "auto", alternative: str | None = None) -> None:
     if ray.is_initialized():
         _check_same_cluster(address)
         return
-    unreachable = _gcs_unreachable(address)
+    unreachable = gcs_unreachable(address)
     if unreachable is None:
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
@@ -76,7 +76,7 @@ def _check_same_cluster(address: str) -> None:
             "process, or call ray.shutdown() first")
 
 
-def _gcs_unreachable(address: str) -> str | None:
+def gcs_unreachable(address: str) -> str | None:
     """Why the GCS behind ``address`` (host:port, or "auto": RAY_ADDRESS or the last local
     cluster) cannot be reached, or None if it accepts a connection or the address is one Ray
     itself must judge (ray:// clients, nothing recorded for "auto")."""

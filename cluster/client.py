@@ -60,7 +60,15 @@ class Client:
         # does: a call meeting that outage later waits only what is left of timeout_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
-        self._liveness = Liveness(lambda: self._scheduler, lambda: self.timeout_s)
+        self.cluster_gone: DaemonUnavailableError | None = None  # see mark_cluster_gone
+        self._liveness = Liveness(lambda: self._scheduler, lambda: self.timeout_s,
+                                  lambda: self.cluster_gone)
+
+    def mark_cluster_gone(self, reason: str) -> None:
+        """The Ray cluster is gone (its GCS stopped answering: `ray stop`): calls waiting now
+        or later end with DaemonUnavailableError at once, not after timeout_s, and none waits
+        for it to come back (Ray's own driver gives up on a lost GCS after a minute)."""
+        self.cluster_gone = DaemonUnavailableError(f"the Ray cluster is gone ({reason})")
 
     def _lookup(self, timeout: float | None = None):
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
@@ -101,7 +109,7 @@ class Client:
                 ref = self._remote(method, args, retried)
                 if method in WAITING_METHODS:
                     return await self._liveness.wait(ref, self._silent(method)), retried
-                return await asyncio.wait_for(ref, self.timeout_s), retried
+                return await self._unless_gone(ref, self.timeout_s), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
@@ -125,10 +133,31 @@ class Client:
 
     async def _areconnect(self, lost_at: float) -> float | None:
         await asyncio.sleep(RETRY_DELAY_S)  # not in a pool thread: they are few
-        return await asyncio.get_running_loop().run_in_executor(_RECONNECTS, self._find_again,
-                                                                lost_at)
+        return await self._unless_gone(asyncio.get_running_loop().run_in_executor(
+            _RECONNECTS, self._find_again, lost_at))
+
+    async def _unless_gone(self, awaitable, timeout: float | None = None):
+        """``awaitable``'s result, or asyncio.TimeoutError after ``timeout``; at once the
+        cluster is marked gone, its error (what Ray would wait on for a minute is left)."""
+        task = asyncio.ensure_future(awaitable)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                wait = self._liveness.check_s if left is None else min(left, self._liveness.check_s)
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    return task.result()
+                if self.cluster_gone is not None:
+                    raise self.cluster_gone
+        finally:
+            task.cancel()
 
     def _find_again(self, lost_at: float) -> float | None:
+        if self.cluster_gone is not None:
+            raise self.cluster_gone
         scheduler = find_scheduler()
         if scheduler is None:  # not restarting but gone (`down`): no call waits it out twice
             gone_since = self._gone_since

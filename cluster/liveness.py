@@ -17,9 +17,11 @@ class Liveness:
     scheduler has answered no ping for ``timeout_s()`` meanwhile. Both are read when used:
     the scheduler's handle changes when it restarts, and the client's timeout may change."""
 
-    def __init__(self, scheduler: Callable[[], object], timeout_s: Callable[[], float]) -> None:
+    def __init__(self, scheduler: Callable[[], object], timeout_s: Callable[[], float],
+                 gone: Callable[[], Exception | None] = lambda: None) -> None:
         self._scheduler = scheduler
         self._timeout_s = timeout_s
+        self._gone = gone  # the error to end every wait with at once, once there is one
         self._last_answer = time.monotonic()
         self._waiting = 0
         self._pinger: asyncio.Task | None = None
@@ -33,7 +35,10 @@ class Liveness:
 
     async def wait(self, call: Awaitable, silent: Callable[[], Exception]):
         """The call's result (or its exception); raises ``silent()`` instead once the
-        scheduler has not answered for ``timeout_s`` (the call is left to itself)."""
+        scheduler has not answered for ``timeout_s`` (the call is left to itself), and
+        ``gone()`` as soon as there is one."""
+        if (gone := self._gone()) is not None:
+            raise gone
         task = asyncio.ensure_future(call)
         self._waiting += 1
         if self._pinger is None or self._pinger.done():
@@ -46,6 +51,8 @@ class Liveness:
                     return task.result()
                 if time.monotonic() - self._last_answer > self._timeout_s():
                     raise silent()
+                if (gone := self._gone()) is not None:
+                    raise gone
         finally:
             self._waiting -= 1
             task.cancel()
@@ -55,7 +62,11 @@ class Liveness:
         of an ObjectRefGenerator) is ready; raises ``silent()`` once the scheduler has answered
         no ping for ``timeout_s`` meanwhile. It pings only while it waits, from this thread."""
         last_answer = time.monotonic()
-        while not ray.wait([waitable], timeout=self.check_s)[0]:
+        while True:
+            if (gone := self._gone()) is not None:
+                raise gone
+            if ray.wait([waitable], timeout=self.check_s)[0]:
+                return
             if self._ping_answered():
                 last_answer = time.monotonic()
             elif time.monotonic() - last_answer > self._timeout_s():

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 import sys
+import threading
+import time
 
 from cluster.config import load_config
+
+CLUSTER_PROBE_S = 1.0  # how often the server checks that the cluster's GCS answers
+CLUSTER_GONE_S = 3.0  # silent this long: the cluster is gone (`ray stop`), the server ends
+GRACEFUL_SHUTDOWN_S = 10.0  # then requests in flight get this long before they are cut
 
 
 def add_parser(sub) -> None:
@@ -89,10 +96,57 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(app, sock: socket.socket, host: str, model: str) -> None:
+    """Serve until Ctrl-C, or until the Ray cluster is gone: then exit 1 at once."""
+    import ray
     import uvicorn
 
     port = sock.getsockname()[1]
     print(f"serving {model!r} at http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C stops",
           file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(
-        sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    watch = ClusterWatch(ray.get_runtime_context().gcs_address, server, app.state.server.client)
+    watch.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        watch.stop()
+    if watch.gone:
+        print(f"pagedserve: the Ray cluster is gone ({watch.gone}): stopped serving",
+              file=sys.stderr, flush=True)
+        # no normal exit: Ray's driver threads, and calls still trying to reach the lost
+        # cluster (taking an embedded daemon down too), would hold the process a minute more
+        os._exit(1)
+
+
+class ClusterWatch(threading.Thread):
+    """Ends the server once the cluster's GCS has not answered for CLUSTER_GONE_S (`ray
+    stop`): its requests would hang until Ray's own driver gives up on the GCS, ~60 s later,
+    and kills the process with no answer to anyone. ``gone``: why it ended the server."""
+
+    def __init__(self, gcs_address: str, server, client) -> None:
+        super().__init__(name="cluster-watch", daemon=True)
+        self.gcs_address = gcs_address
+        self.server = server
+        self.client = client
+        self.gone: str | None = None
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        from cluster.bringup import gcs_unreachable
+
+        since = None
+        while not self._stopped.wait(CLUSTER_PROBE_S):
+            reason = gcs_unreachable(self.gcs_address)
+            if reason is None:
+                since = None
+                continue
+            since = since or time.monotonic()
+            if time.monotonic() - since >= CLUSTER_GONE_S:
+                self.gone = reason
+                self.client.mark_cluster_gone(reason)  # requests in flight end with a 503
+                self.server.should_exit = True
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()

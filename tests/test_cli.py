@@ -304,3 +304,25 @@ def test_an_interrupt_mid_line_ends_the_streamed_line_first(monkeypatch, capsys)
     assert main(["generate", "--prompt", "x"]) == 130
     out, err = capsys.readouterr()
     assert (out, err) == ("hi\n", "pagedserve: interrupted\n")
+
+
+def test_serve_stops_once_the_ray_cluster_is_gone(monkeypatch):
+    """After `ray stop`, requests hung until Ray's driver gave up on the GCS a minute later
+    and killed the server with no answer to anyone."""
+    import types
+
+    from cluster import serve_cmd
+
+    monkeypatch.setattr(serve_cmd, "CLUSTER_PROBE_S", 0.05)
+    monkeypatch.setattr(serve_cmd, "CLUSTER_GONE_S", 0.2)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % probe.getsockname()[1]
+    marked = []
+    server = types.SimpleNamespace(should_exit=False)
+    client = types.SimpleNamespace(mark_cluster_gone=marked.append)
+    watch = serve_cmd.ClusterWatch(address, server, client)
+    watch.start()
+    watch.join(timeout=10)
+    assert server.should_exit and watch.gone.startswith("nothing answers at ")
+    assert marked == [watch.gone]

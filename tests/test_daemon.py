@@ -327,6 +327,31 @@ def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
     assert client.abort(job)
 
 
+def test_calls_end_at_once_when_the_cluster_is_marked_gone(daemon):
+    """What `pagedserve serve` does when the GCS stops answering (`ray stop`): every wait,
+    asyncio or blocking, ends with DaemonUnavailableError, not after timeout_s."""
+    _, _, client = daemon
+    job = client.submit("outlives the cluster", SamplingParams(max_tokens=1500, ignore_eos=True))
+    doomed = Client(timeout_s=2)
+    stream = doomed.stream(job)
+    next(stream)
+
+    async def wait_then_mark():
+        waits = asyncio.gather(doomed.aresult(job), return_exceptions=True)
+        await asyncio.sleep(0.2)
+        doomed.mark_cluster_gone("nothing answers at the GCS")
+        return await waits
+
+    started = time.monotonic()
+    [error] = asyncio.run(wait_then_mark())
+    with pytest.raises(DaemonUnavailableError, match=r"^the Ray cluster is gone \(nothing "):
+        list(stream)
+    with pytest.raises(DaemonUnavailableError, match="the Ray cluster is gone"):
+        doomed.result(job)
+    assert isinstance(error, DaemonUnavailableError) and time.monotonic() - started < 3
+    assert client.abort(job)  # the client not marked goes on
+
+
 def test_submit_many_keeps_input_order_and_outputs(daemon, undisturbed):
     _, _, client = daemon
     prompts, params = zip(*jobs(8))
