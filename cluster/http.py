@@ -44,6 +44,7 @@ log = logging.getLogger("pagedserve.http")
 API_KEYS_ENV = "PAGEDSERVE_API_KEYS"
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 HEALTH_TIMEOUT_S = 5.0
+CONTEXT_EXCEEDED = "context_length_exceeded"
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1
 CONTEXT_REFRESH_S = 5.0  # how long the workers' capacity read from the daemon is trusted
@@ -102,15 +103,20 @@ class Server:
         """An explicit max_tokens that cannot fit beside the prompt is the client's error (as
         with OpenAI's API), not a silently shorter output."""
         wanted = request.requested_max_tokens
+        # OpenAI's (and vLLM's) wording and code: clients that shorten a prompt on this error
+        # (LiteLLM's context-window fallbacks) look for them
+        limit = f"This model's maximum context length is {self.context_len} tokens. However, "
         if prompt_len >= self.context_len:  # no max_tokens could fit: the prompt is at fault
-            raise bad_request(f"this server's context holds {self.context_len} tokens: {prompt} "
-                              f"has {prompt_len}, leaving no room for output",
-                              request.field_names().get("prompt", "prompt"))
+            raise bad_request(f"{limit}{prompt} has {prompt_len} tokens, leaving no room for "
+                              f"the completion. Please reduce the length of {prompt}.",
+                              request.field_names().get("prompt", "prompt"),
+                              code=CONTEXT_EXCEEDED)
         if wanted is not None and prompt_len + wanted > self.context_len:
             param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
             raise bad_request(
-                f"this server's context holds {self.context_len} tokens: {prompt} has "
-                f"{prompt_len} and {param}={wanted} asks for {prompt_len + wanted}", param)
+                f"{limit}you requested {prompt_len + wanted} tokens ({prompt_len} in {prompt}, "
+                f"{wanted} in the completion, {param}). Please reduce the length of {prompt} "
+                "or the completion.", param, code=CONTEXT_EXCEEDED)
 
     def chat_prompt(self, request: ChatRequest) -> list[int]:
         messages = [m.as_template_input() for m in request.messages]

@@ -513,10 +513,21 @@ def test_max_tokens_beyond_the_context_is_400(api, endpoint, body, param):
     with pytest.raises(openai.BadRequestError) as caught:
         api.post(path, body={"model": "tiny", **body}, cast_to=object)
     error = caught.value.body
-    assert error["param"] == param and "context holds 2048 tokens" in error["message"]
+    assert error["param"] == param and error["code"] == "context_length_exceeded"
+    assert error["message"].startswith("This model's maximum context length is 2048 tokens. "
+                                       "However, you requested ")
     fits = {**body, param: 4, "ignore_eos": True}
     assert api.post(path, body={"model": "tiny", **fits}, cast_to=object)["usage"][
         "completion_tokens"] == 4
+
+
+def test_a_prompt_filling_the_context_is_400_context_length_exceeded(api):
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a" * 3000}])
+    error = caught.value.body
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    assert error["message"].startswith("This model's maximum context length is 2048 tokens. "
+                                       "However, the prompt has ")
 
 
 @pytest.mark.parametrize("path, body, param", [
