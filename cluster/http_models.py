@@ -199,15 +199,24 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # OpenAI's fields of a replayed assistant turn: taken while they say nothing (no tools
+    # are served, so a conversation that used them cannot go on here)
+    tool_calls: list[dict[str, object]] | None = None
+    refusal: str | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
         if self.content is None and self.role in ("system", "developer", "user"):
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls or self.role == "tool" or self.tool_call_id is not None:
+            raise ValueError("tool calls and tool messages are not supported: this server "
+                             "serves no tools")
         return self
 
     def as_template_input(self) -> dict:
-        return template_message(self.model_dump(exclude_none=True))
+        return template_message(self.model_dump(
+            exclude_none=True, exclude={"tool_calls", "refusal", "tool_call_id"}))
 
 
 class TokenizeRequest(_Strict):

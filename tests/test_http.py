@@ -340,6 +340,22 @@ def test_completion_stream_equals_the_whole_response(api):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_a_replayed_assistant_turn_with_empty_tool_fields_is_taken(api):
+    """SDKs and agent frameworks replay an assistant turn as they got it: "tool_calls": []
+    (and "refusal": null) were refused as misspelt parameters."""
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "and?"}]
+    replayed = [plain[0], {**plain[1], "tool_calls": [], "refusal": None}, plain[2]]
+    assert api.chat.completions.create(messages=replayed, **greedy()).choices[0].message \
+        .content == api.chat.completions.create(messages=plain, **greedy()).choices[0].message.content
+    for tools_used in ([plain[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+                       [plain[0], {"role": "tool", "tool_call_id": "c1", "content": "42"}]):
+        with pytest.raises(openai.BadRequestError, match="tool calls and tool messages are "
+                                                         "not supported"):
+            api.chat.completions.create(messages=tools_used, **greedy())
+
+
 def test_chat_stream_with_two_seeded_samples_equals_the_whole_response(api):
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Name two queues"}],
                   max_tokens=10, temperature=0.9, seed=7, n=2,
