@@ -353,7 +353,8 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_ids[0]}", int(time.time()),
                           server.model_id, chat, server.tokenizer, echoed=list(echoed),
                           prompts=prompts, n=params.n,
-                          skip_special_tokens=params.skip_special_tokens)
+                          skip_special_tokens=params.skip_special_tokens,
+                          include_usage=body.stream and body.include_usage)
     endpoint = "chat" if chat else "completions"
     if body.stream:
         meter = StreamMeter(started)

@@ -350,6 +350,7 @@ class ResponseContext:
     prompts: list[list[int]] = field(default_factory=list)
     n: int = 1
     skip_special_tokens: bool = True
+    include_usage: bool = False  # a stream's chunks say "usage": null until the usage chunk
     # per choice, completions only: its tokens decoded so far, and the length of their text
     text_offsets: dict[int, tuple[IncrementalDetokenizer, int]] = field(default_factory=dict)
 
@@ -359,8 +360,9 @@ class ResponseContext:
 
     def header(self, streaming: bool) -> dict:
         name = "chat.completion.chunk" if self.chat and streaming else self.object_name
-        return {"id": self.response_id, "object": name, "created": self.created,
-                "model": self.model}
+        header = {"id": self.response_id, "object": name, "created": self.created,
+                  "model": self.model}
+        return {**header, "usage": None} if streaming and self.include_usage else header
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -167,6 +167,20 @@ def test_several_prompts_are_one_response_in_prompt_order(api, daemon):
     assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_with_include_usage_every_chunk_but_the_last_says_usage_null(http, path):
+    """As OpenAI's streams do; strictly typed clients read the key on every chunk."""
+    body = {"model": "tiny", "max_tokens": 3, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    body |= {"prompt": "usage"} if "chat" not in path else \
+        {"messages": [{"role": "user", "content": "usage"}]}
+    with http.stream("POST", path, json=body) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert events[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks[:-1])
+
+
 def test_several_prompts_stream_as_their_whole_response(api):
     kwargs = dict(model="tiny", prompt=["Stream one", "Stream two", "Stream three"], max_tokens=10,
                   temperature=0.9, seed=11, extra_body={"ignore_eos": True, "top_k": 20})
