@@ -59,11 +59,8 @@ def sampling_defaults(args: argparse.Namespace) -> dict:
 def load_jobs(args: argparse.Namespace) -> list[Job]:
     defaults = sampling_defaults(args)
     if args.prompts:
-        jobs = read_jobs_file(args.prompts, defaults)
-    else:
-        jobs = [Job(text, SamplingParams(**defaults)) for text in args.prompt]
-    _refuse_empty_prompts(jobs, args.prompts)
-    return jobs
+        return read_jobs_file(args.prompts, defaults)
+    return [Job(text, SamplingParams(**defaults)) for text in args.prompt]
 
 
 def _refuse_empty_prompts(jobs: list[Job], path: str | None) -> None:
@@ -80,6 +77,7 @@ def _refuse_empty_prompts(jobs: list[Job], path: str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     jobs = load_jobs(args)  # bad input fails here, before the model loads
+    _refuse_empty_prompts(jobs, args.prompts)
     from cluster.llm import LLM
 
     llm = LLM(args.model, **engine_options(args))
