@@ -230,7 +230,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there. YAML 1.2 and
 # every config writer take both.
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
 
 

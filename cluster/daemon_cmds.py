@@ -135,8 +135,9 @@ def run_down(args: argparse.Namespace) -> int:
         print("pagedserve was not running")
     elif kept:
         timed_out = f"the drain timed out after {args.timeout:g} s; " if args.drain else ""
-        print(f"pagedserve is down; {timed_out}the journal keeps {kept} unfinished job{'s' * (kept != 1)}, which "
-              "the next `pagedserve up` resumes")
+        jobs = f"{kept} unfinished job{'s' * (kept != 1)}"
+        print(f"pagedserve is down; {timed_out}the journal keeps {jobs}, which the next "
+              "`pagedserve up` resumes")
     else:
         print("pagedserve is down")
     return 0
