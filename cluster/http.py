@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from cluster.client import (SCHEDULER_GONE, Client, DaemonUnavailableError,
@@ -176,6 +177,9 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
     app.add_middleware(RequestCounter, metrics=server.metrics)
+    if cfg.http.cors_allowed_origins:  # outermost: a preflight is answered before the rest
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.http.cors_allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
     return app
 
 

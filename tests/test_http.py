@@ -888,3 +888,24 @@ def test_the_server_follows_a_daemon_brought_up_again_with_less_room(http, daemo
     chat = http.post("/v1/chat/completions",
                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 200  # its default max_tokens is the room left: was a 400
+
+
+def test_cors_is_off_by_default_and_answers_the_origins_configured(daemon, http):
+    """A browser page could not call the API at all (its preflight got a 405)."""
+    cfg, client = daemon
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    assert "access-control-allow-origin" not in http.options(
+        "/v1/chat/completions", headers=preflight).headers
+    allowed = with_overrides(cfg, http={"cors_allowed_origins": ["https://ui.example"]})
+    with serving(create_app(client, allowed, api_keys=(KEY,))) as url:
+        answer = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://ui.example"
+        listed = httpx.get(f"{url}/v1/models", headers={"Origin": "https://ui.example",
+                                                        "Authorization": f"Bearer {KEY}"})
+        assert listed.status_code == 200
+        assert listed.headers["access-control-allow-origin"] == "https://ui.example"
+        other = httpx.options(f"{url}/v1/chat/completions",
+                              headers={**preflight, "Origin": "https://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
