@@ -639,7 +639,7 @@ def _unwrap(exc: RayTaskError) -> BaseException:
 
 def _job_output(summary: dict) -> JobOutput:
     outputs = [CompletionOutput(o["index"], o["token_ids"], o["text"], o["finish_reason"],
-                                o["logprobs"]) for o in summary["outputs"]]
+                                o["logprobs"], o.get("stop_reason")) for o in summary["outputs"]]
     return JobOutput(summary["job_id"], outputs, summary["arrival_time"],
                      summary["num_prompt_tokens"], summary["first_token_time"],
                      summary["finish_time"], summary.get("prompt_logprobs"),

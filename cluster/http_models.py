@@ -429,7 +429,7 @@ def full_response(ctx: ResponseContext, jobs: list[JobOutput], n: int) -> dict:
                 if logprobs is not None:
                     logprobs = ctx.echoed[i].logprobs(job.prompt_logprobs) + logprobs
             choices.append(_choice(ctx, i * n + o.index, text, logprobs, o.finish_reason,
-                                   streaming=False))
+                                   streaming=False, stop_reason=o.stop_reason))
     completion_tokens = sum(len(o.token_ids) for job in jobs for o in job.outputs)
     return {**ctx.header(False), "choices": choices,
             "usage": usage(sum(job.num_prompt_tokens for job in jobs), completion_tokens)}
@@ -438,7 +438,7 @@ def full_response(ctx: ResponseContext, jobs: list[JobOutput], n: int) -> dict:
 def stream_chunk(ctx: ResponseContext, delta: RequestOutput, index: int) -> dict:
     """A chunk of choice ``index`` (see full_response)."""
     choice = _choice(ctx, index, delta.text, delta.logprobs, delta.finish_reason,
-                     streaming=True)
+                     streaming=True, stop_reason=delta.stop_reason)
     return {**ctx.header(True), "choices": [choice]}
 
 
@@ -463,7 +463,10 @@ def usage_chunk(ctx: ResponseContext, prompt_tokens: int, completion_tokens: int
 
 
 def _choice(ctx: ResponseContext, index: int, text: str, logprobs: list | None,
-            finish_reason: str | None, *, streaming: bool) -> dict:
+            finish_reason: str | None, *, streaming: bool,
+            stop_reason: int | str | None = None) -> dict:
+    """vLLM's ``stop_reason`` (which stop string or stop token id ended the choice) comes
+    beside OpenAI's fields, as in vLLM's server."""
     if ctx.chat:
         body = {"delta": {"content": text}} if streaming else \
             {"message": {"role": "assistant", "content": text}}
@@ -471,7 +474,8 @@ def _choice(ctx: ResponseContext, index: int, text: str, logprobs: list | None,
     else:
         body = {"text": text}
         rendered = None if logprobs is None else _completion_logprobs(ctx, index, logprobs)
-    return {"index": index, **body, "logprobs": rendered, "finish_reason": finish_reason}
+    return {"index": index, **body, "logprobs": rendered, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
 
 
 def _chat_logprobs(ctx: ResponseContext, logprobs: list[TokenLogprobs]) -> list[dict]:

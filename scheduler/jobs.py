@@ -20,6 +20,7 @@ class SampleState:
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list | None = None  # sample 0's: as its worker scored the prompt, if asked
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     attempt: int = 0  # bumped at each re-route; reports of older attempts are stale
     worker_id: str | None = None
     emitted_at: float | None = None  # when the worker produced the newest token
@@ -79,7 +80,7 @@ class JobState:
                 "times": [self.arrival_time, self.first_token_time, self.finish_time],
                 "samples": [[s.index, s.token_ids, s.text, s.text_offsets,
                              pack_logprobs(s.logprobs), pack_logprobs(s.prompt_logprobs),
-                             s.finish_reason, s.worker_id, s.emitted_at]
+                             s.finish_reason, s.worker_id, s.emitted_at, s.stop_reason]
                             for s in self.samples]}
 
     @classmethod
@@ -87,9 +88,10 @@ class JobState:
         """Raises ValueError, TypeError or KeyError for a record it cannot read."""
         samples = [SampleState(index, token_ids, text, text_offsets, unpack_logprobs(logprobs),
                                unpack_logprobs(prompt_logprobs), finish_reason,
+                               stop_reason=stop_reason[0] if stop_reason else None,
                                worker_id=worker_id, emitted_at=emitted_at)
                    for index, token_ids, text, text_offsets, logprobs, prompt_logprobs,
-                   finish_reason, worker_id, emitted_at in record["samples"]]
+                   finish_reason, worker_id, emitted_at, *stop_reason in record["samples"]]
         job = cls(job_id, record["prompt_token_ids"], SamplingParams.from_dict(record["params"]),
                   record["priority"], samples, record["error"])
         job.arrival_time, job.first_token_time, job.finish_time = record["times"]
@@ -147,6 +149,7 @@ class JobState:
             sample.prompt_logprobs = out.prompt_logprobs
         sample.emitted_at = out.emitted_at
         if out.finish_reason is not None:
+            sample.stop_reason = out.stop_reason
             self.finish_sample(sample, out.finish_reason)
         return True
 
@@ -179,5 +182,6 @@ class JobState:
                 finish_reason=sample.finish_reason,
                 logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None,
                 emitted_at=sample.emitted_at,
-                prompt_logprobs=prompt_logprobs if seen == 0 else None))
+                prompt_logprobs=prompt_logprobs if seen == 0 else None,
+                stop_reason=sample.stop_reason))
         return out

@@ -812,7 +812,7 @@ def job_summary(job: JobState) -> dict:
         "finish_time": job.finish_time,
         "prompt_logprobs": job.samples[0].prompt_logprobs,
         "outputs": [{"index": s.index, "token_ids": s.token_ids, "text": s.text,
-                     "finish_reason": s.finish_reason,
+                     "finish_reason": s.finish_reason, "stop_reason": s.stop_reason,
                      "logprobs": s.logprobs if job.params.logprobs is not None else None}
                     for s in job.samples],
     }

@@ -495,6 +495,26 @@ def test_min_tokens_holds_stop_strings_off_until_reached(llm):
         llm.generate(["min tokens"], every_id)  # it ended after one stop token, early
 
 
+def test_stop_reason_names_the_stop_string_or_stop_token_that_ended_a_sample(llm):
+    """vLLM's CompletionOutput.stop_reason: which stop ended the sample; None for an EOS or
+    any other end."""
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    full = llm.generate(["stop reasons"], SamplingParams(**greedy))[0].outputs[0]
+    assert (full.finish_reason, full.stop_reason) == ("length", None)
+    stop = full.text[3:5]
+    by_text = llm.generate(["stop reasons"], SamplingParams(
+        **greedy, stop=["\x00" * 3, stop]))[0].outputs[0]
+    assert (by_text.finish_reason, by_text.stop_reason) == ("stop", stop)
+    token = full.token_ids[4]
+    by_token = llm.generate(["stop reasons"], SamplingParams(
+        **greedy, stop_token_ids=[token]))[0].outputs[0]
+    assert (by_token.finish_reason, by_token.stop_reason) == ("stop", token)
+    eos = llm.engine.tokenizer.eos_token_id  # also a stop token: the EOS decides, as in vLLM
+    by_eos = llm.generate(["stop reasons"], SamplingParams(
+        max_tokens=3, temperature=0.0, logit_bias={eos: 100}, stop_token_ids=[eos]))[0].outputs[0]
+    assert (by_eos.finish_reason, by_eos.stop_reason) == ("stop", None)
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string_streamed_too(llm):
     greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
     full = llm.generate(["stop strings"], SamplingParams(**greedy))[0].outputs[0].text

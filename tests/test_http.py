@@ -909,3 +909,18 @@ def test_cors_is_off_by_default_and_answers_the_origins_configured(daemon, http)
         other = httpx.options(f"{url}/v1/chat/completions",
                               headers={**preflight, "Origin": "https://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_choices_carry_vllm_s_stop_reason(api, http):
+    full = api.completions.create(prompt="stop reason", **greedy())
+    stop = full.choices[0].text[2:4]
+    body = {"model": "tiny", "prompt": "stop reason", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True, "stop": [stop]}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", stop)
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    last = json.loads(events[-2])["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
+    length = http.post("/v1/completions", json={**body, "stop": None}).json()["choices"][0]
+    assert (length["finish_reason"], length["stop_reason"]) == ("length", None)

@@ -6,7 +6,7 @@ from cluster.llm import LLM
 from scheduler.jobs import JobState
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import job_summary
-from worker.output import pack_outputs, unpack_outputs
+from worker.output import RequestOutput, pack_outputs, unpack_outputs
 
 
 def test_step_outputs_survive_the_wire_form():
@@ -15,12 +15,14 @@ def test_step_outputs_survive_the_wire_form():
     engine = LLM("tiny").engine
     engine.add_request("The cluster", SamplingParams(max_tokens=5, logprobs=2, ignore_eos=True))
     engine.add_request("KV", SamplingParams(max_tokens=3, temperature=0.8, seed=3, n=2))
+    engine.add_request("stop", SamplingParams(max_tokens=2, logit_bias={66: 100},
+                                              stop_token_ids=[66]))
     steps = []
     while engine.has_unfinished():
         steps.append(engine.step())
     outputs = [out for step in steps for out in step]
     assert any(o.logprobs for o in outputs) and any(o.finish_reason for o in outputs)
-    assert any(o.logprobs is None for o in outputs)
+    assert any(o.logprobs is None for o in outputs) and any(o.stop_reason == 66 for o in outputs)
     for step in steps:
         assert unpack_outputs(pack_outputs(step)) == step
     assert unpack_outputs(pack_outputs([])) == []
@@ -31,7 +33,7 @@ def test_a_finished_job_survives_the_journal_form():
     tokens, text and its offsets, logprobs, prompt logprobs, finish reasons and times."""
     engine = LLM("tiny").engine
     params = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=1, temperature=0.7,
-                            seed=5, n=2)
+                            seed=5, n=2, stop=["a"], logit_bias={ord("a"): 100}, min_tokens=3)
     prompt = engine.tokenizer.encode("The cluster")
     job = JobState("job", prompt, params)
     for index in range(2):
@@ -40,12 +42,22 @@ def test_a_finished_job_survives_the_journal_form():
         for out in engine.step():
             assert job.apply(int(out.request_id.split("/")[1]), 0, out)
     assert job.finished and job.samples[0].prompt_logprobs and job.samples[1].logprobs
+    assert "a" in [s.stop_reason for s in job.samples]
     record = msgpack.unpackb(msgpack.packb(job.to_record()), strict_map_key=False)
     restored = JobState.from_record("job", record)
     assert job_summary(restored) == job_summary(job)
     kept = ("token_ids", "text", "text_offsets", "logprobs", "prompt_logprobs", "finish_reason",
-            "worker_id", "emitted_at")
+            "stop_reason", "worker_id", "emitted_at")
     for got, sample in zip(restored.samples, job.samples, strict=True):
         assert [getattr(got, f) for f in kept] == [getattr(sample, f) for f in kept]
     assert [(d.new_token_ids, d.text) for d in restored.deltas_since([2, 0])] == [
         (d.new_token_ids, d.text) for d in job.deltas_since([2, 0])]
+
+
+def test_a_journal_record_written_before_stop_reason_was_kept_still_reads():
+    job = JobState("old", [1, 2], SamplingParams(max_tokens=1))
+    assert job.apply(0, 0, RequestOutput("old", 0, [7], "x", 2, "length"))
+    record = job.to_record()
+    record["samples"] = [sample[:9] for sample in record["samples"]]  # an older scheduler's
+    restored = JobState.from_record("old", record)
+    assert restored.samples[0].stop_reason is None and restored.samples[0].token_ids == [7]

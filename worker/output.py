@@ -30,6 +30,7 @@ class RequestOutput:
     emitted_at: float | None = None  # time.time() when the engine produced the newest token
     # of prompt tokens 1.. (token 0 has none), once, with the sample's first output
     prompt_logprobs: list[TokenLogprobs] | None = None
+    stop_reason: int | str | None = None  # with a "stop" finish: the stop string or token id
 
     @property
     def finished(self) -> bool:
@@ -42,7 +43,8 @@ def pack_outputs(outputs: list[RequestOutput]) -> bytes:
     floor for a call is ~0.55 ms)."""
     return msgpack.packb([
         (o.request_id, o.index, o.new_token_ids, o.text, o.num_prompt_tokens, o.finish_reason,
-         pack_logprobs(o.logprobs), o.emitted_at, pack_logprobs(o.prompt_logprobs))
+         pack_logprobs(o.logprobs), o.emitted_at, pack_logprobs(o.prompt_logprobs),
+         o.stop_reason)
         for o in outputs], use_bin_type=True)
 
 
@@ -59,9 +61,9 @@ def unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
 def unpack_outputs(blob: bytes) -> list[RequestOutput]:
     """The inverse of :func:`pack_outputs`."""
     return [RequestOutput(rid, index, ids, text, prompt_tokens, reason, unpack_logprobs(logprobs),
-                          emitted_at, unpack_logprobs(prompt_logprobs))
-            for rid, index, ids, text, prompt_tokens, reason, logprobs, emitted_at, prompt_logprobs
-            in msgpack.unpackb(blob)]
+                          emitted_at, unpack_logprobs(prompt_logprobs), stop_reason)
+            for rid, index, ids, text, prompt_tokens, reason, logprobs, emitted_at, prompt_logprobs,
+            stop_reason in msgpack.unpackb(blob)]
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class CompletionOutput:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -134,7 +137,7 @@ class JobOutput:
         if delta.logprobs is not None:
             sample.logprobs = (sample.logprobs or []) + delta.logprobs
         if delta.finish_reason is not None:
-            sample.finish_reason = delta.finish_reason
+            sample.finish_reason, sample.stop_reason = delta.finish_reason, delta.stop_reason
             if self.finished:
                 self.finish_time = now
 

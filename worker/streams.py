@@ -25,6 +25,7 @@ class SampleStream:
         self.prompt_logprobs: list[TokenLogprobs] = []  # of prompt tokens 1.. (the first has none)
         self._prompt_logprobs_sent = False
         self.stopped_by_text = False
+        self._stop_string: str | None = None  # the one found, when stopped_by_text
         self.done = False
         self._tokens_read = self._resumed
         self._tokens_sent = self._resumed
@@ -55,10 +56,10 @@ class SampleStream:
             return  # as vLLM: stop strings count from min_tokens on
         # only a stop string that ends in the new text: one in the text before was looked for
         # then, or came before min_tokens
-        hits = [(at, len(s)) for s in params.stop
+        hits = [(at, len(s), s) for s in params.stop
                 if (at := self.text.find(s, max(0, seen - len(s) + 1))) >= 0]
         if hits:
-            at, length = min(hits)
+            at, length, self._stop_string = min(hits)
             self.text = self.text[: at + length if params.include_stop_str_in_output else at]
             self.stopped_by_text = True
 
@@ -87,11 +88,23 @@ class SampleStream:
             logprobs=self.logprobs[self._tokens_sent - self._resumed:self._tokens_read - self._resumed]
             if req.params.logprobs is not None else None,
             prompt_logprobs=self._prompt_logprobs_once(),
-            emitted_at=time.time())
+            emitted_at=time.time(), stop_reason=self._stop_reason() if finished else None)
         self._tokens_sent = self._tokens_read
         self._text_sent = end
         self.done = finished
         return out
+
+    def _stop_reason(self) -> int | str | None:
+        """As vLLM: the stop string or stop token id that ended the sample; None for an EOS
+        and for any other end."""
+        req = self.request
+        if req.finish_reason is not FinishReason.STOP:
+            return None
+        if self.stopped_by_text:
+            return self._stop_string
+        last = req.output_token_ids[-1] if req.output_token_ids else None
+        eos = not req.params.ignore_eos and last in req.eos_token_ids
+        return last if last in req.params.stop_token_ids and not eos else None
 
     def _prompt_logprobs_once(self) -> list[TokenLogprobs] | None:
         """With the first output, once the whole prompt is scored (if they were asked for)."""
