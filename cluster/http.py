@@ -38,6 +38,7 @@ from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (BatchTooLargeError, OverloadedError, UnavailableError,
                                UnknownJobError)
 from worker.output import JobOutput, RequestOutput
+from worker.generation_defaults import generation_defaults
 from worker.tokenizer import ChatTemplateError, Tokenizer
 
 log = logging.getLogger("pagedserve.http")
@@ -75,6 +76,9 @@ class Server:
     # refresh_context reads the workers'
     context_len: int
     context_checked: float = float("-inf")
+    # the checkpoint's generation_config.json sampling fields, for those a request leaves
+    # unset (as vLLM's server does); max_tokens keeps OpenAI's meaning
+    sampling_defaults: dict = field(default_factory=dict)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     started: int = field(default_factory=lambda: int(time.time()))
     _background: set = field(default_factory=set)
@@ -169,7 +173,9 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     path = resolve_model_path(cfg.engine.model)
     server = Server(client, tokenizer or Tokenizer.from_dir(path), cfg.engine.model,
                     api_keys_from(cfg) if api_keys is None else tuple(api_keys),
-                    cfg.http.max_body_bytes, _model_context_len(cfg, path))
+                    cfg.http.max_body_bytes, _model_context_len(cfg, path),
+                    sampling_defaults={k: v for k, v in generation_defaults(path).items()
+                                       if k != "max_tokens"})
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.include_router(router)
@@ -325,7 +331,8 @@ async def completions(request: Request) -> Response:
                           f"prompt {i}" if len(prompts) > 1 else "the prompt")
     echoed = [Echo(p if isinstance(p, str) else server.tokenizer.decode(p), ids)
               for p, ids in zip(given, prompts)] if body.echo else []
-    return await _generate(request, body, prompts, body.sampling_params(), started, echoed)
+    params = body.sampling_params(server.sampling_defaults)
+    return await _generate(request, body, prompts, params, started, echoed)
 
 
 @router.post("/v1/chat/completions", dependencies=authorized)
@@ -340,7 +347,8 @@ async def chat_completions(request: Request) -> Response:
     # OpenAI's chat default is "until the model stops": the room left in the context
     room = {} if body.requested_max_tokens is not None else \
         {"max_tokens": max(1, context_len - body.kept_length(prompt_ids))}
-    return await _generate(request, body, [prompt_ids], body.sampling_params(**room), started)
+    return await _generate(request, body, [prompt_ids],
+                           body.sampling_params(server.sampling_defaults, **room), started)
 
 
 # -- generation -------------------------------------------------------------------------------

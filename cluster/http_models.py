@@ -120,12 +120,12 @@ class GenerationRequest(_Strict):
                  "skip_special_tokens", "truncate_prompt_tokens")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def sampling_params(self, **overrides) -> SamplingParams:
-        """The job's SamplingParams; a bad or unsupported value is a 400 naming the request's
-        field."""
+    def sampling_params(self, defaults: dict | None = None, **overrides) -> SamplingParams:
+        """The job's SamplingParams: ``defaults`` for the fields the request leaves unset; a
+        bad or unsupported value is a 400 naming the request's field."""
         self.check_supported()
         try:
-            return SamplingParams(**{**self.sampling_fields(), **overrides})
+            return SamplingParams(**{**(defaults or {}), **self.sampling_fields(), **overrides})
         except InvalidRequestError as exc:
             raise bad_request(*in_request_terms(str(exc), self.field_names())) from None
 
@@ -178,7 +178,7 @@ class CompletionRequest(GenerationRequest):
         scores) alone, as evaluation harnesses ask to score a text's log-likelihood."""
         return self.echo and self.max_tokens == 0
 
-    def sampling_params(self, **overrides) -> SamplingParams:
+    def sampling_params(self, defaults: dict | None = None, **overrides) -> SamplingParams:
         # echo=true with logprobs also scores the echoed prompt (what evaluation harnesses ask)
         prompt_logprobs = self.logprobs if self.echo else None
         if self.prompt_only:  # the prompt's scores come with a sample's first token
@@ -186,8 +186,8 @@ class CompletionRequest(GenerationRequest):
                 raise bad_request(f"invalid min_tokens={self.min_tokens}: must be <= "
                                   "max_tokens=0", "min_tokens")
             overrides.setdefault("max_tokens", 1)
-        return super().sampling_params(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
-                                       **overrides)
+        return super().sampling_params(defaults, logprobs=self.logprobs,
+                                       prompt_logprobs=prompt_logprobs, **overrides)
 
 
 class TextPart(_Strict):
@@ -262,7 +262,7 @@ class ChatRequest(GenerationRequest):
             names["max_tokens"] = "max_completion_tokens"
         return names
 
-    def sampling_params(self, **overrides) -> SamplingParams:
+    def sampling_params(self, defaults: dict | None = None, **overrides) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if self.max_completion_tokens is not None:
@@ -271,7 +271,7 @@ class ChatRequest(GenerationRequest):
                                   "max_completion_tokens")
             overrides.setdefault("max_tokens", self.max_completion_tokens)
         top = (self.top_logprobs or 0) if self.logprobs else None
-        return super().sampling_params(logprobs=top, **overrides)
+        return super().sampling_params(defaults, logprobs=top, **overrides)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -360,8 +360,10 @@ def test_a_replayed_assistant_turn_with_empty_tool_fields_is_taken(api):
     plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
              {"role": "user", "content": "and?"}]
     replayed = [plain[0], {**plain[1], "tool_calls": [], "refusal": None}, plain[2]]
-    assert api.chat.completions.create(messages=replayed, **greedy()).choices[0].message \
-        .content == api.chat.completions.create(messages=plain, **greedy()).choices[0].message.content
+    def reply(messages):
+        return api.chat.completions.create(messages=messages, **greedy()).choices[0].message.content
+
+    assert reply(replayed) == reply(plain)
     for tools_used in ([plain[0], {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
                        [plain[0], {"role": "tool", "tool_call_id": "c1", "content": "42"}]):
@@ -553,7 +555,8 @@ def test_max_tokens_beyond_the_context_is_400(api, endpoint, body, param):
 
 def test_a_prompt_filling_the_context_is_400_context_length_exceeded(api):
     with pytest.raises(openai.BadRequestError) as caught:
-        api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a" * 3000}])
+        api.chat.completions.create(model="tiny",
+                                    messages=[{"role": "user", "content": "a" * 3000}])
     error = caught.value.body
     assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
     assert error["message"].startswith("This model's maximum context length is 2048 tokens. "
@@ -924,3 +927,28 @@ def test_choices_carry_vllm_s_stop_reason(api, http):
     assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
     length = http.post("/v1/completions", json={**body, "stop": None}).json()["choices"][0]
     assert (length["finish_reason"], length["stop_reason"]) == ("length", None)
+
+
+def test_fields_a_request_leaves_unset_take_the_checkpoint_s_generation_config(daemon, tmp_path):
+    """As vLLM's server: an instruct model's recommended temperature / top_k / top_p apply
+    unless the request says otherwise; they were ignored (temperature 1 over the vocabulary)."""
+    import shutil
+
+    cfg, client = daemon
+    checkpoint = tmp_path / "tiny-with-defaults"  # the daemon's weights, other sampling defaults
+    shutil.copytree(resolve_model_path("tiny"), checkpoint)
+    (checkpoint / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 256, "eos_token_id": 257, "top_k": 1, "max_new_tokens": 3}))
+    greedy_cfg = with_overrides(cfg, engine={"model": str(checkpoint)})
+    body = {"model": str(checkpoint), "prompt": "defaults", "max_tokens": 8, "ignore_eos": True}
+    with serving(create_app(client, greedy_cfg, api_keys=(KEY,))) as url:
+        session = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+        texts = {session.post("/v1/completions", json={**body, "seed": seed}).json()[
+            "choices"][0]["text"] for seed in range(3)}
+        greedy_text = session.post("/v1/completions", json={**body, "temperature": 0}).json()[
+            "choices"][0]["text"]
+        sampled = {session.post("/v1/completions", json={**body, "seed": seed, "top_k": 0}).json()[
+            "choices"][0]["text"] for seed in range(3)}
+        session.close()
+    assert texts == {greedy_text}  # top_k 1: the seeds do not matter
+    assert len(sampled) > 1  # the request's own top_k wins
