@@ -109,7 +109,7 @@ class Client:
                 ref = self._remote(method, args, retried)
                 if method in WAITING_METHODS:
                     return await self._liveness.wait(ref, self._silent(method)), retried
-                return await self._unless_gone(ref, self.timeout_s), retried
+                return await self._liveness.wait(ref, timeout=self.timeout_s), retried
             except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
                 lost_at = self._lost_since(exc, lost_at, retried)
             except asyncio.TimeoutError:
@@ -133,27 +133,9 @@ class Client:
 
     async def _areconnect(self, lost_at: float) -> float | None:
         await asyncio.sleep(RETRY_DELAY_S)  # not in a pool thread: they are few
-        return await self._unless_gone(asyncio.get_running_loop().run_in_executor(
+        # a reconnect can hang on a lost cluster for a minute: the wait ends once it is gone
+        return await self._liveness.wait(asyncio.get_running_loop().run_in_executor(
             _RECONNECTS, self._find_again, lost_at))
-
-    async def _unless_gone(self, awaitable, timeout: float | None = None):
-        """``awaitable``'s result, or asyncio.TimeoutError after ``timeout``; at once the
-        cluster is marked gone, its error (what Ray would wait on for a minute is left)."""
-        task = asyncio.ensure_future(awaitable)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise asyncio.TimeoutError
-                wait = self._liveness.check_s if left is None else min(left, self._liveness.check_s)
-                done, _ = await asyncio.wait({task}, timeout=wait)
-                if done:
-                    return task.result()
-                if self.cluster_gone is not None:
-                    raise self.cluster_gone
-        finally:
-            task.cancel()
 
     def _find_again(self, lost_at: float) -> float | None:
         if self.cluster_gone is not None:

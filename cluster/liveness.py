@@ -14,8 +14,10 @@ MAX_CHECK_S = 5.0  # how often waits look at the last answer, and the pings go o
 
 class Liveness:
     """``wait`` awaits a call that may rightly take long, and gives up on it once the
-    scheduler has answered no ping for ``timeout_s()`` meanwhile. Both are read when used:
-    the scheduler's handle changes when it restarts, and the client's timeout may change."""
+    scheduler has answered no ping for ``timeout_s()`` meanwhile (or awaits, with a timeout of
+    its own, one that should answer soon); any wait ends at once when ``gone()`` has an error.
+    All are read when used: the scheduler's handle changes when it restarts, and the client's
+    timeout may change."""
 
     def __init__(self, scheduler: Callable[[], object], timeout_s: Callable[[], float],
                  gone: Callable[[], Exception | None] = lambda: None) -> None:
@@ -33,29 +35,41 @@ class Liveness:
     def check_s(self) -> float:
         return min(MAX_CHECK_S, self._timeout_s() / 4)
 
-    async def wait(self, call: Awaitable, silent: Callable[[], Exception]):
-        """The call's result (or its exception); raises ``silent()`` instead once the
-        scheduler has not answered for ``timeout_s`` (the call is left to itself), and
-        ``gone()`` as soon as there is one."""
+    async def wait(self, call: Awaitable, silent: Callable[[], Exception] | None = None,
+                   timeout: float | None = None):
+        """The call's result (or its exception). With ``silent``: raises ``silent()`` instead
+        once the scheduler has not answered for ``timeout_s`` (pinged meanwhile); with
+        ``timeout``: asyncio.TimeoutError after that long; and ``gone()`` as soon as there is
+        one. The call is left to itself."""
         if (gone := self._gone()) is not None:
             raise gone
         task = asyncio.ensure_future(call)
-        self._waiting += 1
-        if self._pinger is None or self._pinger.done():
-            self.answered()  # nothing known yet: the scheduler gets timeout_s from now
-            self._pinger = asyncio.get_running_loop().create_task(self._ping_while_waited())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if silent is not None:
+            self._start_pinging()
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self.check_s)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                done, _ = await asyncio.wait(
+                    {task}, timeout=self.check_s if left is None else min(left, self.check_s))
                 if done:
                     return task.result()
-                if time.monotonic() - self._last_answer > self._timeout_s():
+                if silent is not None and time.monotonic() - self._last_answer > self._timeout_s():
                     raise silent()
                 if (gone := self._gone()) is not None:
                     raise gone
         finally:
-            self._waiting -= 1
+            if silent is not None:
+                self._waiting -= 1
             task.cancel()
+
+    def _start_pinging(self) -> None:
+        self._waiting += 1
+        if self._pinger is None or self._pinger.done():
+            self.answered()  # nothing known yet: the scheduler gets timeout_s from now
+            self._pinger = asyncio.get_running_loop().create_task(self._ping_while_waited())
 
     def block(self, waitable, silent: Callable[[], Exception]) -> None:
         """``wait`` for blocking code: returns once ``waitable`` (an ObjectRef, or the next item
