@@ -7,6 +7,7 @@ import sys
 
 from cluster.engine_args import add_engine_flags, engine_options
 from cluster.jobs_file import Job, located, read_jobs_file
+from scheduler.prompts import check_not_empty
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from worker.output import CompletionOutput, JobOutput, RequestOutput
 
@@ -65,14 +66,15 @@ def load_jobs(args: argparse.Namespace) -> list[Job]:
 
 def _refuse_empty_prompts(jobs: list[Job], path: str | None) -> None:
     """What the engine would say of an empty prompt, said before a checkpoint that may take
-    minutes to load: it needs no tokenizer."""
+    minutes to load."""
+    from cluster.llm import BATCH_REFUSED
+
     for i, job in enumerate(jobs):
-        if len(job.prompt) == 0:
-            exc = InvalidRequestError("prompt is empty" if isinstance(job.prompt, str)
-                                      else "prompt_token_ids is empty")
-            if len(jobs) > 1:
-                exc = in_batch(exc, i, " (no job of the batch was queued)")
-            raise located(exc, jobs, path)
+        try:
+            check_not_empty(job.prompt)
+        except InvalidRequestError as exc:
+            raise located(in_batch(exc, i, BATCH_REFUSED) if len(jobs) > 1 else exc,
+                          jobs, path) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from worker.loader import resolve_model_path
 from worker.output import JobOutput, RequestOutput
 from worker.tokenizer import Tokenizer, template_message
 
+BATCH_REFUSED = " (no job of the batch was queued)"  # said of a bad job of a batch
+
 
 class LLM:
     """``LLM(model="tiny").generate(prompts, params)`` returns outputs in input order.
@@ -159,7 +161,7 @@ class LLM:
         except BaseException as exc:  # an interrupt too: leave nothing queued
             self._abort_all(jobs)
             if isinstance(exc, InvalidRequestError) and len(prompts) > 1:
-                raise in_batch(exc, len(jobs), " (no job of the batch was queued)") from None
+                raise in_batch(exc, len(jobs), BATCH_REFUSED) from None
             raise
         return jobs
 

@@ -14,9 +14,8 @@ class Encoder(Protocol):
 def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> list[int]:
     """Token ids of a text prompt (encoded) or of a list of ids (checked against the
     vocabulary); InvalidRequestError when it is empty, of another type, or holds other ids."""
+    check_not_empty(prompt)
     if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequestError("prompt is empty")
         ids = tokenizer.encode(prompt)
         if not ids:
             raise InvalidRequestError("prompt encodes to no tokens")
@@ -28,12 +27,18 @@ def prompt_token_ids(prompt: object, tokenizer: Encoder, vocab_size: int) -> lis
     if not isinstance(prompt, (list, tuple)):
         raise InvalidRequestError("prompt must be a string or a list of token ids")
     ids = list(prompt)
-    if not ids:
-        raise InvalidRequestError("prompt_token_ids is empty")
     if bad := outside_vocab(ids, vocab_size):
         raise InvalidRequestError(f"prompt_token_ids must be integers in [0, {vocab_size}); "
                                   f"got {bad[:5]}")
     return ids
+
+
+def check_not_empty(prompt: object) -> None:
+    """An empty prompt's error: it needs no tokenizer, so a command line can say it before the
+    model loads."""
+    if isinstance(prompt, (str, list, tuple)) and not prompt:
+        raise InvalidRequestError("prompt is empty" if isinstance(prompt, str)
+                                  else "prompt_token_ids is empty")
 
 
 def outside_vocab(ids: list, vocab_size: int) -> list:
