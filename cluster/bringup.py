@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import ray
 
-from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
 from cluster import stop_signals
+from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
 from cluster.journal import Journal
 from scheduler.service import (ANSWERING_CALLS, NAMESPACE, RESUMED_CALLS_FACTOR, SCHEDULER_NAME,
                                SchedulerActor, ServiceOptions, head_node_strategy, last_line)

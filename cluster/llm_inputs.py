@@ -69,14 +69,18 @@ def from_vllm_spellings(spellings: dict, **ours) -> tuple:
 
 def prompt_list(prompts) -> list[Prompt]:
     """One prompt, or a sequence of them, as a list of texts and token-id lists."""
-    if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a numpy array
-        prompts = prompts.tolist()
+    prompts = _as_list(prompts)
     if _is_single(prompts):
         return [_prompt(prompts)]
     if not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a string, a list of token ids, or a sequence of "
                         f"those, got {type(prompts).__name__}")
     return [_prompt(p) for p in prompts]
+
+
+def _as_list(value):
+    """A numpy array as a list (of lists); anything else as it is."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, str) else value
 
 
 def _is_single(prompts) -> bool:
@@ -98,8 +102,7 @@ def _prompt(prompt) -> Prompt:
             return _prompt(prompt["prompt_token_ids"])
         raise InvalidRequestError('a prompt dict must hold just "prompt" (text) or just '
                                   f'"prompt_token_ids"; got keys {sorted(prompt)}')
-    if hasattr(prompt, "tolist") and not isinstance(prompt, str):
-        prompt = prompt.tolist()
+    prompt = _as_list(prompt)
     if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
             and all(_is_token_id(t) for t in prompt):
         return [int(t) for t in prompt]

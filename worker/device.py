@@ -134,7 +134,8 @@ def device_index_from_ray_ids(ids: list[str], environ: Mapping[str, str] | None 
     Rule: Ray exports the granted ids in ASCEND_RT_VISIBLE_DEVICES, so the runtime renumbers them
     from 0 and the actor's first granted NPU is ``npu:<its position in that list>`` (normally 0).
     With RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1 (or true) Ray leaves the variable
-    alone: the position in a list the user set, else the physical id itself, is the index. In CPU simulation the ids are logical and the answer is 0.
+    alone: the position in a list the user set, else the physical id itself, is the index. In
+    CPU simulation the ids are logical and the answer is 0.
     """
     env = os.environ if environ is None else environ
     if not ids:

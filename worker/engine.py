@@ -286,7 +286,8 @@ class Engine:
         step). A fork's first token was drawn from its parent's row: generated, not computed."""
         now = time.monotonic()
         self.generated_tokens += num_sampled + num_forks
-        decoding = sum(1 for req in batch.requests if req.num_computed_tokens >= req.num_prompt_tokens)
+        decoding = sum(1 for req in batch.requests
+                       if req.num_computed_tokens >= req.num_prompt_tokens)
         self.prompt_tokens += batch.total_tokens - decoding
         self._generated_window.append((started, now, num_sampled + num_forks))
         self._forget_old_steps(now)

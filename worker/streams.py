@@ -24,8 +24,7 @@ class SampleStream:
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs] = []  # of prompt tokens 1.. (the first has none)
         self._prompt_logprobs_sent = False
-        self.stopped_by_text = False
-        self._stop_string: str | None = None  # the one found, when stopped_by_text
+        self.stop_string: str | None = None  # the stop string found in the text, if one was
         self.done = False
         self._tokens_read = self._resumed
         self._tokens_sent = self._resumed
@@ -59,9 +58,8 @@ class SampleStream:
         hits = [(at, len(s), s) for s in params.stop
                 if (at := self.text.find(s, max(0, seen - len(s) + 1))) >= 0]
         if hits:
-            at, length, self._stop_string = min(hits)
+            at, length, self.stop_string = min(hits)
             self.text = self.text[: at + length if params.include_stop_str_in_output else at]
-            self.stopped_by_text = True
 
     def _shown(self, new_tokens: list[int]) -> list[int]:
         """The tokens whose text is output: as vLLM does, the EOS or stop token that ended the
@@ -101,10 +99,14 @@ class SampleStream:
         if req.finish_reason is not FinishReason.STOP:
             return None
         if self.stopped_by_text:
-            return self._stop_string
+            return self.stop_string
         last = req.output_token_ids[-1] if req.output_token_ids else None
         eos = not req.params.ignore_eos and last in req.eos_token_ids
         return last if last in req.params.stop_token_ids and not eos else None
+
+    @property
+    def stopped_by_text(self) -> bool:
+        return self.stop_string is not None
 
     def _prompt_logprobs_once(self) -> list[TokenLogprobs] | None:
         """With the first output, once the whole prompt is scored (if they were asked for)."""

@@ -135,14 +135,9 @@ class Tokenizer:
         The rendered text already holds the template's special tokens (BOS included, if it
         writes one), so encode it with ``add_special_tokens=False``.
         """
-        text = self._render(messages, add_generation_prompt, extra)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
-
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                extra: dict[str, Any]) -> str:
         template = self._template()
         try:
-            return template.render(
+            text = template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -154,6 +149,7 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - the template's own code (a filter's TypeError)
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **extra: Any) -> list[int]:
