@@ -50,7 +50,8 @@ def add_parsers(sub) -> None:
                    help="first refuse new jobs and let the unfinished ones finish")
     p.add_argument("--timeout", type=seconds, default=600.0,
                    help="with --drain: seconds to wait for them (default: 600); the journal "
-                        "keeps those still unfinished for the next `up`")
+                        "keeps those still unfinished for the next `up`, and the command "
+                        "exits 1")
     p.set_defaults(func=run_down)
 
     p = sub.add_parser("status", help="workers, KV usage and jobs of the running daemon")
@@ -138,6 +139,7 @@ def run_down(args: argparse.Namespace) -> int:
         jobs = f"{kept} unfinished job{'s' * (kept != 1)}"
         print(f"pagedserve is down; {timed_out}the journal keeps {jobs}, which the next "
               "`pagedserve up` resumes")
+        return 1 if args.drain else 0  # a drain that left jobs did not do what was asked
     else:
         print("pagedserve is down")
     return 0
