@@ -18,7 +18,8 @@ from cluster.stream_cancel import read_or_cancelled
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import (NAMESPACE, OverloadedError, UnknownJobError, answers_stats,
                                worker_actor_name)
-from worker.output import CompletionOutput, JobOutput, RequestOutput
+from worker.output import (CompletionOutput, JobOutput, RequestOutput,
+                           with_unscored_first)
 
 USER_ERRORS = (InvalidRequestError, OverloadedError, UnknownJobError, TimeoutError)
 SCHEDULER_GONE = (RayActorError, ActorUnavailableError)
@@ -624,5 +625,5 @@ def _job_output(summary: dict) -> JobOutput:
                                 o["logprobs"], o.get("stop_reason")) for o in summary["outputs"]]
     return JobOutput(summary["job_id"], outputs, summary["arrival_time"],
                      summary["num_prompt_tokens"], summary["first_token_time"],
-                     summary["finish_time"], summary.get("prompt_logprobs"),
+                     summary["finish_time"], with_unscored_first(summary.get("prompt_logprobs")),
                      prompt_token_ids=summary.get("prompt_token_ids"))

@@ -105,7 +105,7 @@ def job_record(index: int, job: JobOutput) -> dict:
     record = {"index": index, **_sample_record(job.outputs[0]),
               "num_prompt_tokens": job.num_prompt_tokens}
     if job.prompt_logprobs is not None:  # of prompt tokens 1.., as "logprobs" are
-        record["prompt_logprobs"] = _logprobs_record(job.prompt_logprobs)
+        record["prompt_logprobs"] = _logprobs_record(job.prompt_logprobs[1:])
     if len(job.outputs) > 1:
         record["samples"] = [_sample_record(o) for o in job.outputs]
     return record

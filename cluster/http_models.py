@@ -329,10 +329,11 @@ class Echo:
     text: str
     token_ids: list[int]
 
-    def logprobs(self, scored: list[TokenLogprobs] | None) -> list[TokenLogprobs]:
-        """The prompt's logprob entries, from the worker's scores of tokens 1.. (the first token
-        has none)."""
-        return [TokenLogprobs(self.token_ids[0], None, None), *(scored or [])]
+    def logprobs(self, prompt_logprobs: list[TokenLogprobs | None] | None
+                 ) -> list[TokenLogprobs]:
+        """The prompt's logprob entries, from a job's ``prompt_logprobs`` (whose first entry,
+        None, is the first token: nothing scores it)."""
+        return [TokenLogprobs(self.token_ids[0], None, None), *(prompt_logprobs or [None])[1:]]
 
 
 @dataclass(slots=True)

@@ -148,12 +148,16 @@ def test_prompt_logprobs_match_transformers(checkpoint, regime, monkeypatch):
     for ids, out in zip(prompts(), outs):
         with torch.no_grad():
             ref = model(torch.tensor([ids], device=DEVICE)).logits[0, :-1].float().log_softmax(-1).cpu()
-        got = out.prompt_logprobs
+        assert out.prompt_logprobs[0] is None  # as vLLM: nothing scores the first token
+        got = out.prompt_logprobs[1:]
         assert [lp.token_id for lp in got] == ids[1:]
-        assert torch.allclose(torch.tensor([lp.logprob for lp in got]),
-                              ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], atol=1e-4)
+        chosen_ref = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert torch.allclose(torch.tensor([lp.logprob for lp in got]), chosen_ref, atol=1e-4)
         top_ref = ref.topk(2, dim=-1)
         assert [[t for t, _ in lp.top] for lp in got] == top_ref.indices.tolist()
+        # vLLM's view of a position: token id -> Logprob, with the chosen token's vocab rank
+        assert [lp[token].rank for lp, token in zip(got, ids[1:])] == \
+            (ref >= chosen_ref[:, None]).sum(-1).tolist()
     if regime == "preempting":
         assert llm.engine.stats().num_preemptions > 0
 

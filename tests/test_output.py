@@ -6,7 +6,7 @@ from cluster.llm import LLM
 from scheduler.jobs import JobState
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import job_summary
-from worker.output import RequestOutput, pack_outputs, unpack_outputs
+from worker.output import RequestOutput, TokenLogprobs, pack_outputs, unpack_outputs
 
 
 def test_step_outputs_survive_the_wire_form():
@@ -61,3 +61,15 @@ def test_a_journal_record_written_before_stop_reason_was_kept_still_reads():
     record["samples"] = [sample[:9] for sample in record["samples"]]  # an older scheduler's
     restored = JobState.from_record("old", record)
     assert restored.samples[0].stop_reason is None and restored.samples[0].token_ids == [7]
+
+
+def test_logprobs_in_a_journal_record_written_before_ranks_were_kept_still_read():
+    job = JobState("old", [1, 2], SamplingParams(max_tokens=1, logprobs=1))
+    scored = TokenLogprobs(7, -0.5, [(7, -0.5)], rank=1)
+    assert job.apply(0, 0, RequestOutput("old", 0, [7], "x", 2, "length", [scored]))
+    record = job.to_record()
+    sample = list(record["samples"][0])
+    sample[4] = [entry[:3] for entry in sample[4]]  # an older scheduler's (id, logprob, top)
+    record["samples"] = [sample]
+    restored = JobState.from_record("old", record).samples[0].logprobs
+    assert restored == [TokenLogprobs(7, -0.5, [(7, -0.5)])] and restored[0][7].rank == 1

@@ -322,6 +322,24 @@ def test_logprobs_come_from_the_raw_logits():
             assert value == pytest.approx(expected[i, token].item(), abs=1e-5)
 
 
+def test_each_position_reads_as_vllm_s_mapping_of_token_id_to_logprob():
+    """Ported vLLM code does ``logprobs[i][token_id].logprob`` and reads ranks."""
+    logits = random_logits(3, 64, seed=11)
+    rows = [make_row(logprobs=2, seed=s, temperature=1.5) for s in range(3)]
+    out = Sampler()(logits, rows)
+    expected = torch.log_softmax(logits.double(), dim=-1)
+    for i, entry in enumerate(out.logprobs):
+        chosen = out.token_ids[i]
+        top_ids = [token for token, _ in entry.top]
+        assert list(entry) == [chosen] + [t for t in top_ids if t != chosen]  # chosen first
+        assert entry[chosen].rank == int((expected[i] >= expected[i, chosen]).sum())
+        assert [entry[t].rank for t in top_ids if t != chosen] == \
+            [r for r, t in enumerate(top_ids, 1) if t != chosen]
+        assert {t: lp.logprob for t, lp in entry.items()} == pytest.approx(
+            {t: expected[i, t].item() for t in entry}, abs=1e-5)
+    assert sum(out.logprobs[0][t].rank > 2 for t in out.logprobs[0]) <= 1  # only the chosen
+
+
 def test_logprobs_wider_than_the_vocabulary_list_every_token():
     logits = random_logits(1, 6, seed=12)
     entry = Sampler()(logits, [make_row(logprobs=20, temperature=0.0)]).logprobs[0]

@@ -2,18 +2,47 @@
 and engine statistics."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import msgpack
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One token's entry at one position, shaped as vLLM's ``Logprob``."""
+
+    logprob: float
+    rank: int | None = None  # 1 for the most likely token of the vocabulary
+    decoded_token: str | None = None  # not filled in: decode the token id with the tokenizer
+
+
 @dataclass(slots=True)
-class TokenLogprobs:
-    """The chosen token's logprob and the model's top alternatives, all from the raw logits."""
+class TokenLogprobs(Mapping):
+    """The chosen token's logprob and the model's top alternatives, all from the raw logits.
+    Also a mapping of token id to :class:`Logprob`, the chosen token first, as vLLM hands out
+    each position's logprobs."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob), most likely first, params.logprobs long
+    rank: int | None = None  # the chosen token's rank in the vocabulary, 1 = most likely
+
+    def _entries(self) -> dict[int, Logprob]:
+        ranked = {token_id: Logprob(logprob, rank)
+                  for rank, (token_id, logprob) in enumerate(self.top or (), start=1)}
+        among_top = ranked.pop(self.token_id, None)
+        rank = self.rank if self.rank is not None or among_top is None else among_top.rank
+        return {self.token_id: Logprob(self.logprob, rank), **ranked}
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._entries()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
 
 
 @dataclass(slots=True)
@@ -49,13 +78,15 @@ def pack_outputs(outputs: list[RequestOutput]) -> bytes:
 
 
 def pack_logprobs(logprobs: list[TokenLogprobs] | None) -> list | None:
-    return None if logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in logprobs]
+    return None if logprobs is None else [(lp.token_id, lp.logprob, lp.top, lp.rank)
+                                          for lp in logprobs]
 
 
 def unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
+    """The inverse of :func:`pack_logprobs`; journals written before ranks have no rank."""
     return None if packed is None else [
-        TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top])
-        for token_id, logprob, top in packed]
+        TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top], *rank)
+        for token_id, logprob, top, *rank in packed]
 
 
 def unpack_outputs(blob: bytes) -> list[RequestOutput]:
@@ -103,6 +134,11 @@ class CompletionOutput:
         return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
 
 
+def with_unscored_first(scored: list[TokenLogprobs] | None) -> list[TokenLogprobs | None] | None:
+    """The scores of prompt tokens 1.. as a job's ``prompt_logprobs``: None put first."""
+    return None if scored is None else [None, *scored]
+
+
 @dataclass(slots=True)
 class JobOutput:
     """A job's accumulated result: every sample, plus the timings a user reports on."""
@@ -113,7 +149,8 @@ class JobOutput:
     num_prompt_tokens: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
-    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., if asked for
+    # if asked for: one entry per prompt token, None for the first (nothing scores it), as vLLM
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     prompt: str | None = None  # the text given (None for token ids, or where not kept)
     prompt_token_ids: list[int] | None = None  # the tokens the job ran on
 
@@ -133,7 +170,7 @@ class JobOutput:
         sample.token_ids.extend(delta.new_token_ids)
         sample.text += delta.text
         if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
-            self.prompt_logprobs = delta.prompt_logprobs
+            self.prompt_logprobs = with_unscored_first(delta.prompt_logprobs)
         if delta.logprobs is not None:
             sample.logprobs = (sample.logprobs or []) + delta.logprobs
         if delta.finish_reason is not None:

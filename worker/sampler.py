@@ -312,12 +312,15 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int],
     ``top_counts[row]`` most likely tokens (for generated tokens, and for prompt tokens)."""
     logprobs = logits.float().log_softmax(dim=-1)
     chosen = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
-    chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])
+    # as vLLM ranks it: the tokens at least as likely, the chosen one among them
+    ranks = (logprobs >= chosen_logprobs).sum(dim=-1).tolist()
+    chosen_logprobs = chosen_logprobs.squeeze(1).tolist()
     width = min(max(top_counts, default=0), logits.shape[-1])
     top_values, top_ids = logprobs.topk(width, dim=-1) if width else (logprobs[:, :0], logprobs[:, :0])
     top_values, top_ids = top_values.tolist(), top_ids.long().tolist()
     return [TokenLogprobs(token, chosen_logprobs[j],
-                          list(zip(top_ids[j][:count], top_values[j][:count])))
+                          list(zip(top_ids[j][:count], top_values[j][:count])), ranks[j])
             for j, (token, count) in enumerate(zip(token_ids, top_counts))]
 
 
