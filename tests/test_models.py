@@ -328,6 +328,17 @@ def test_mistral_sliding_window_caps_max_model_len():
         config.context_length(1024)
 
 
+def test_a_sliding_window_caps_max_model_len_without_max_position_embeddings():
+    """A config.json that leaves max_position_embeddings out keeps its window, which
+    transformers slides, instead of serving 2048 tokens with full attention."""
+    raw = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, sliding_window=512).to_dict()
+    raw["architectures"] = ["MistralForCausalLM"]
+    del raw["max_position_embeddings"]
+    config = ModelConfig.from_dict(raw)
+    assert config.sliding_window == 512 and config.max_model_len == 512
+
+
 @pytest.mark.parametrize(
     "change, words",
     [

@@ -99,6 +99,7 @@ class ModelConfig:
         heads = _positive_int(raw, "num_attention_heads")
         hidden = _positive_int(raw, "hidden_size")
         rope_theta, rope_scaling = _rope(raw)
+        max_positions = _positive_int(raw, "max_position_embeddings", 2048)
         is_qwen2 = architecture == "Qwen2ForCausalLM"
         llama_bias = bool(raw.get("attention_bias", False))
         return cls(
@@ -113,14 +114,14 @@ class ModelConfig:
             rms_norm_eps=_number(raw, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=_positive_int(raw, "max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=True if is_qwen2 else llama_bias,
             o_proj_bias=False if is_qwen2 else llama_bias,
             bos_token_id=_token_id_or_none(raw, "bos_token_id"),
             eos_token_ids=_token_ids(raw.get("eos_token_id")),
             dtype=_dtype(raw),
-            sliding_window=_sliding_window(raw, architecture),
+            sliding_window=_sliding_window(raw, architecture, max_positions),
         )
 
     def _validate(self) -> None:
@@ -291,10 +292,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
-def _sliding_window(raw: dict[str, Any], architecture: str) -> int | None:
+def _sliding_window(raw: dict[str, Any], architecture: str, max_positions: int) -> int | None:
+    """The attention window, where it is shorter than the positions served (``max_positions``,
+    the parsed max_position_embeddings: a config.json without one still has its window)."""
     if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
         return None
     if raw.get("sliding_window") is None:
         return None
     window = _positive_int(raw, "sliding_window")
-    return None if window >= _positive_int(raw, "max_position_embeddings", window) else window
+    return None if window >= max_positions else window
