@@ -115,6 +115,18 @@ def test_sharded_checkpoint_equals_single_file(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
+    """save_pretrained into a directory that held a sharded save of the checkpoint deletes the
+    old shards but not their index: transformers loads model.safetensors, and so must we."""
+    directory = write_sharded(tmp_path, hf_tensors(seed=3))
+    for shard in directory.glob("model-*.safetensors"):
+        shard.unlink()
+    tensors = hf_tensors(seed=4)
+    save_file(tensors, str(directory / "model.safetensors"))
+    model, _ = load(directory, dtype=torch.float32)
+    assert torch.equal(model.lm_head, tensors["lm_head.weight"])
+
+
 def test_extra_tensors_are_ignored_with_a_warning_unless_expected(tmp_path, caplog):
     expected = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(HEAD_DIM // 2),
                 "lm_head.weight": torch.zeros(VOCAB, HIDDEN)}

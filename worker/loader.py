@@ -133,22 +133,24 @@ def load_model(
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files to read: the index's shards, or the single file."""
-    index_path = directory / INDEX_FILE
-    if index_path.is_file():
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ModelLoadError(f"{index_path} has no 'weight_map' object")
-        shards = sorted({directory / str(shard) for shard in weight_map.values()})
-        for shard in shards:
-            if not shard.is_file():
-                raise ModelLoadError(f"{index_path} names shard {shard.name}, which is missing")
-        return shards
+    """The safetensors files to read: the single file, else the index's shards. The single
+    file wins, as in transformers: saving a checkpoint as one file where a sharded one was
+    leaves the old index behind (and deletes its shards)."""
     single = directory / SINGLE_FILE
-    if not single.is_file():
+    if single.is_file():
+        return [single]
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
         raise ModelLoadError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
-    return [single]
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{index_path} has no 'weight_map' object")
+    shards = sorted({directory / str(shard) for shard in weight_map.values()})
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelLoadError(f"{index_path} names shard {shard.name}, which is missing")
+    return shards
 
 
 def fill_weights(slots: dict[str, torch.Tensor], files: list[Path]) -> list[str]:
