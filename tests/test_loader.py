@@ -390,3 +390,37 @@ def test_a_hub_repo_cached_in_part_is_not_taken_as_the_checkpoint(tmp_path, monk
     with pytest.raises(ModelLoadError, match=rf"^model 'example/in-part': .* has no {missing}.*; "
                        r"HF_HUB_OFFLINE is set, so nothing was fetched$"):
         resolve_model_path("example/in-part")
+
+
+def test_a_hub_download_fetches_only_the_weights_the_loader_reads(tmp_path, monkeypatch):
+    """Mistral's repos hold the shards and one consolidated.safetensors of the same weights:
+    '*.safetensors' fetched both (14.5 GB more for a 7B model). The hub here is a directory
+    served by a stand-in for snapshot_download that copies the files the patterns match."""
+    import fnmatch
+
+    import huggingface_hub
+
+    remote = write_sharded(tmp_path / "remote", hf_tensors(seed=4))
+    (remote / "tokenizer.json").write_bytes((tiny.tiny_model_dir() / "tokenizer.json").read_bytes())
+    save_file(hf_tensors(seed=5), str(remote / "consolidated.safetensors"))
+    snapshot, fetched = tmp_path / "snapshot", []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        snapshot.mkdir(exist_ok=True)
+        for file in remote.iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                (snapshot / file.name).write_bytes(file.read_bytes())
+                fetched.append(file.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_path("example/sharded") == snapshot
+    assert "consolidated.safetensors" not in fetched
+    assert sorted(f for f in fetched if f.endswith(".safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    hub, _ = load("example/sharded", dtype=torch.float32)
+    local, _ = load(remote, dtype=torch.float32)
+    for (name, a), (_, b) in zip(hub.named_parameters(), local.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

@@ -45,7 +45,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
                          "or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct)")
 
 
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]  # config, weights, tokenizer, chat template
+HUB_METADATA = ["*.json", "*.jinja"]  # config, tokenizer, chat template, the weights' index
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -55,7 +55,7 @@ def hub_snapshot(repo_id: str) -> Path:
 
     cached = "nor in the Hugging Face cache"
     try:
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES,
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_METADATA,
                                           local_files_only=True))
         if _missing_from(snapshot) is None:
             return snapshot
@@ -64,7 +64,7 @@ def hub_snapshot(repo_id: str) -> Path:
     except Exception:  # not cached: fetch it
         pass
     try:
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        snapshot = _download(repo_id, snapshot_download)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -75,6 +75,18 @@ def hub_snapshot(repo_id: str) -> Path:
         offline = "; HF_HUB_OFFLINE is set, so nothing was fetched" \
             if constants.HF_HUB_OFFLINE else ""
         raise ModelLoadError(f"model {repo_id!r}: {snapshot} has no {missing}{offline}")
+    return snapshot
+
+
+def _download(repo_id: str, snapshot_download) -> Path:
+    """Fetch the files the loader reads, in the order :func:`weight_files` looks for them:
+    config and tokenizer, then model.safetensors, else the shards the index names. Not every
+    ``*.safetensors``: a repo may hold the weights twice (Mistral's also come as one
+    ``consolidated.safetensors`` beside the shards, 14.5 GB more for a 7B model)."""
+    snapshot_download(repo_id, allow_patterns=HUB_METADATA)
+    snapshot = Path(snapshot_download(repo_id, allow_patterns=[SINGLE_FILE]))
+    if not (snapshot / SINGLE_FILE).is_file() and (snapshot / INDEX_FILE).is_file():
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=index_shards(snapshot)))
     return snapshot
 
 
@@ -142,15 +154,21 @@ def weight_files(directory: Path) -> list[Path]:
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         raise ModelLoadError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ModelLoadError(f"{index_path} has no 'weight_map' object")
-    shards = sorted({directory / str(shard) for shard in weight_map.values()})
+    shards = [directory / name for name in index_shards(directory)]
     for shard in shards:
         if not shard.is_file():
             raise ModelLoadError(f"{index_path} names shard {shard.name}, which is missing")
     return shards
+
+
+def index_shards(directory: Path) -> list[str]:
+    """The shard file names that ``directory``'s index of weights names, sorted."""
+    index_path = directory / INDEX_FILE
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{index_path} has no 'weight_map' object")
+    return sorted({str(shard) for shard in weight_map.values()})
 
 
 def fill_weights(slots: dict[str, torch.Tensor], files: list[Path]) -> list[str]:
