@@ -339,6 +339,36 @@ def test_a_sliding_window_caps_max_model_len_without_max_position_embeddings():
     assert config.sliding_window == 512 and config.max_model_len == 512
 
 
+def test_a_sliding_window_caps_only_where_transformers_slides():
+    """transformers' Llama ignores a sliding_window in its config, and a Qwen2 with
+    use_sliding_window slides only in layers from max_window_layers on: capping those at the
+    window served less context than the model has."""
+    stray = {**llama_config().to_dict(), "architectures": ["LlamaForCausalLM"],
+             "sliding_window": 64}
+    assert ModelConfig.from_dict(stray).sliding_window is None
+
+    def qwen2(**fields):
+        raw = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, num_hidden_layers=4,
+                                       use_sliding_window=True, sliding_window=64,
+                                       **fields).to_dict()
+        return {**raw, "architectures": ["Qwen2ForCausalLM"]}
+
+    assert ModelConfig.from_dict(qwen2()).sliding_window is None  # max_window_layers 28 > 4
+    assert ModelConfig.from_dict(qwen2(max_window_layers=2)).sliding_window == 64
+    older = qwen2(max_window_layers=2)
+    del older["layer_types"]  # a config.json from transformers before layer_types
+    assert ModelConfig.from_dict(older).sliding_window == 64
+    del older["max_window_layers"]
+    assert ModelConfig.from_dict(older).sliding_window is None
+
+
+def test_swish_is_silu():
+    raw = {**llama_config().to_dict(), "architectures": ["LlamaForCausalLM"],
+           "hidden_act": "swish"}
+    assert ModelConfig.from_dict(raw).num_hidden_layers > 0
+
+
 @pytest.mark.parametrize(
     "change, words",
     [

@@ -203,7 +203,7 @@ def _check_not_quantized(raw: dict[str, Any]) -> None:
 
 def _check_activation_and_mlp(raw: dict[str, Any]) -> None:
     act = raw.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # one function: transformers maps both names to SiLU
         raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is implemented")
     if raw.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=true is not supported; MLP projections must be bias-free")
@@ -295,9 +295,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def _sliding_window(raw: dict[str, Any], architecture: str, max_positions: int) -> int | None:
     """The attention window, where it is shorter than the positions served (``max_positions``,
     the parsed max_position_embeddings: a config.json without one still has its window)."""
-    if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
-        return None
-    if raw.get("sliding_window") is None:
+    if architecture == "LlamaForCausalLM" or raw.get("sliding_window") is None:
+        return None  # transformers' Llama ignores a sliding_window in its config
+    if architecture == "Qwen2ForCausalLM" and not _qwen2_slides(raw):
         return None
     window = _positive_int(raw, "sliding_window")
     return None if window >= max_positions else window
+
+
+def _qwen2_slides(raw: dict[str, Any]) -> bool:
+    """Whether any Qwen2 layer slides: as transformers reads it, those its ``layer_types``
+    name so, or with ``use_sliding_window`` the layers from ``max_window_layers`` on."""
+    layer_types = raw.get("layer_types")
+    if isinstance(layer_types, list):
+        return "sliding_attention" in layer_types
+    return bool(raw.get("use_sliding_window", False)) and \
+        raw.get("max_window_layers", 28) < raw.get("num_hidden_layers", 0)
