@@ -193,7 +193,8 @@ def test_index_naming_missing_shard(tmp_path):
 def test_missing_tensor(tmp_path):
     tensors = hf_tensors()
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(ModelLoadError, match=rf"^checkpoint {tmp_path} lacks 1 tensor\(s\): "
+                       r"model\.layers\.1\.mlp\.up_proj\.weight$"):
         load(write_checkpoint(tmp_path, tensors))
 
 

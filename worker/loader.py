@@ -188,7 +188,8 @@ def fill_weights(slots: dict[str, torch.Tensor], files: list[Path]) -> list[str]
                 bar.update(slots[name].nbytes)
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")
+        raise ModelLoadError(f"checkpoint {files[0].parent} lacks {len(missing)} tensor(s): "
+                             f"{shown}")
     return unused
 
 
