@@ -392,6 +392,20 @@ def test_stop_strings_are_capped_and_a_refusal_does_not_print_them_all():
         assert len(str(err.value)) < 1000
 
 
+def test_stop_token_ids_and_logit_bias_are_capped_and_a_refusal_does_not_print_them_all():
+    """Each step pays for every id of both in every sample: 150,000 stop token ids (1 MiB of
+    JSON) made a worker's steps 135x slower for every job beside them."""
+    assert len(SamplingParams(stop_token_ids=list(range(1024))).stop_token_ids) == 1024
+    assert len(SamplingParams(logit_bias=dict.fromkeys(range(1024), 1.0)).logit_bias) == 1024
+    for field, value, allowed in (
+            ("stop_token_ids", list(range(150_000)), "a list of at most 1024 token ids"),
+            ("logit_bias", dict.fromkeys(range(1025), 1.0), "a map of at most 1024 token ids")):
+        with pytest.raises(InvalidRequestError, match=f"^invalid {field}=.*must be {allowed}"
+                           ) as err:
+            SamplingParams(**{field: value})
+        assert len(str(err.value)) < 1000
+
+
 def test_null_stop_lists_are_empty_and_other_non_lists_are_refused_by_name():
     """JSON null, as OpenAI's API reads it; a number or a map was a raw TypeError, or taken."""
     params = SamplingParams.from_dict({"stop": None, "stop_token_ids": None})
