@@ -54,6 +54,9 @@ ACCEPTED, FINISHED, FORGOTTEN = "accepted", "finished", "forgotten"
 RECORD_KEY = msgpack.packb("kind")  # every record's first key: where a good frame may start
 WRITE_RETRY_S = 1.0  # how often the flusher retries after a failed write (a full disk)
 COMPACT_RETRY_S = 60.0  # how long after a failed compaction the next one is tried
+# every prompt and kept result is in the file (token ids any copy of the tokenizer reads):
+# its owner's alone, as ssh keeps its keys, not 0644 under the usual umask
+FILE_MODE = 0o600
 
 
 class JournalError(OSError):
@@ -353,8 +356,8 @@ class Journal:
                 content += self._frame_at(offset, length, buffered)
             # opened before the rename, it is the journal once renamed: nothing is left to
             # fail between the rename and appending to the new file
+            tmp.unlink(missing_ok=True)  # a crash's leftover keeps its mode: start afresh
             new_file = _open_for_append(tmp)
-            new_file.truncate(0)
             _write_all(new_file, content)
             os.fsync(new_file.fileno())
             os.replace(tmp, self.path)
@@ -553,11 +556,12 @@ def _frame(record: dict) -> bytes:
 
 def _open_for_append(path: Path):
     """Unbuffered appends, and reads (of kept results, when compacting)."""
-    return open(path, "a+b", buffering=0)
+    return open(path, "a+b", buffering=0,
+                opener=lambda name, flags: os.open(name, flags, FILE_MODE))
 
 
 def _lock_exclusively(path: Path) -> int:
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -395,6 +395,23 @@ def test_a_journal_path_that_cannot_be_a_file_is_named(tmp_path, where, message)
         Journal(path)
 
 
+def test_the_journal_holding_every_prompt_is_readable_by_its_owner_alone(path):
+    """It was 0644 under the usual umask: any user of the head node read every prompt and
+    kept result. A leftover of a crashed rewrite does not pass its mode on either."""
+    old_umask = os.umask(0o022)
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.touch(mode=0o666)
+        with Journal(path, fsync_interval_s=0) as journal:
+            journal.record_accepted("j", [1, 2], {})
+            journal.record_finished("j", "stop", {"text": "secret"})
+            journal.compact()
+        modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+    finally:
+        os.umask(old_umask)
+    assert modes == {path.name: 0o600, path.name + ".lock": 0o600}
+
+
 def test_a_second_journal_on_the_same_file_is_refused_until_the_first_closes(path):
     first = Journal(path)
     with pytest.raises(JournalError, match="in use"):
