@@ -11,7 +11,7 @@ from collections.abc import Callable
 import ray
 
 from cluster import stop_signals
-from cluster.config import PagedServeConfig, config_to_dict, engine_config_kwargs
+from cluster.config import PagedServeConfig, daemon_config_dict, engine_config_kwargs
 from cluster.journal import Journal
 from scheduler.service import (ANSWERING_CALLS, NAMESPACE, RESUMED_CALLS_FACTOR, SCHEDULER_NAME,
                                SchedulerActor, ServiceOptions, head_node_strategy, last_line)
@@ -151,7 +151,7 @@ def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.pa
         max_finished_jobs=cfg.scheduler.max_finished_jobs,
         max_finished_gib=cfg.scheduler.max_finished_gib, router=cfg.scheduler.router,
         worker_stall_timeout_s=cfg.scheduler.worker_stall_timeout_s,
-        worker_env=env, config=config_to_dict(cfg))
+        worker_env=env, config=daemon_config_dict(cfg))
     journal = functools.partial(Journal, cfg.scheduler.journal_path,
                                 cfg.scheduler.journal_fsync_interval_s)
     return options, journal
@@ -322,7 +322,7 @@ def _wait_for_jobs(scheduler, timeout: float, on_wait: Callable[[dict], None] | 
 def config_differences(running: dict, asked: PagedServeConfig) -> list[str]:
     """``section.key: running X, asked Y`` for every setting of ``asked`` that the running
     daemon does not have (a second `up` does not restart it)."""
-    wanted = config_to_dict(asked)
+    wanted = daemon_config_dict(asked)
     return [f"{section}.{key}: running {running.get(section, {}).get(key)!r}, asked {value!r}"
             for section, values in wanted.items() for key, value in values.items()
             if running.get(section, {}).get(key) != value]

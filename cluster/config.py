@@ -262,6 +262,14 @@ def config_to_dict(cfg: PagedServeConfig) -> dict:
             for name in SECTIONS}
 
 
+def daemon_config_dict(cfg: PagedServeConfig) -> dict:
+    """The settings the daemon runs with, as its status shows them: all but the http section,
+    which each HTTP server applies from its own config (and whose API keys no status or log
+    line may show)."""
+    return {name: values for name, values in config_to_dict(cfg).items()
+            if name != HttpSection.NAME}
+
+
 def with_overrides(cfg: PagedServeConfig, **sections: dict) -> PagedServeConfig:
     """A copy of ``cfg`` with some keys of some sections replaced, validated like a file."""
     data = config_to_dict(cfg)

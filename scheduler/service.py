@@ -111,7 +111,7 @@ class ServiceOptions:
     router: str = "least_loaded"
     worker_stall_timeout_s: float = 60.0  # 0: never
     worker_env: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)  # the whole config it was built from, as loaded
+    config: dict = field(default_factory=dict)  # the config it was built from, less http
 
 
 @dataclass(slots=True, eq=False)

@@ -12,7 +12,7 @@ import yaml
 
 from cluster.config import (DEVICE_NAMES, DTYPE_NAMES, PRESETS_DIR, SECTIONS, ConfigError,
                             EngineSection, PagedServeConfig, config_from_dict, config_to_dict,
-                            engine_config_kwargs, load_config, preset_names)
+                            daemon_config_dict, engine_config_kwargs, load_config, preset_names)
 
 PRESETS = ("cpu-sim", "ascend-910b")
 
@@ -244,6 +244,18 @@ def test_an_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError) as info:
         load_config("cpu-simm")
     assert all(name in str(info.value) for name in PRESETS)
+
+
+def test_the_daemons_config_leaves_out_the_http_servers_own_and_its_api_keys():
+    """`status --json` printed the daemon's config, and a second `up` or `serve` what it did
+    not apply, API keys included; yet each HTTP server applies its own http settings."""
+    from cluster.bringup import config_differences
+
+    running = daemon_config_dict(config_from_dict({"http": {"api_keys": ["sk-one"]}}, "t"))
+    other = config_from_dict({"http": {"api_keys": ["sk-two"], "port": 9000}}, "t")
+    assert set(running) == set(SECTIONS) - {"http"}
+    assert "sk-" not in repr(running)
+    assert config_differences(running, other) == []
 
 
 def test_loading_a_config_imports_neither_torch_nor_ray():
