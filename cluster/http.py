@@ -290,7 +290,8 @@ async def detokenize(request: Request) -> Response:
     vocab = server.tokenizer.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise bad_request(f"tokens must be integers in [0, {vocab})", "tokens")
-    return _encode(request, {"prompt": server.tokenizer.decode(body.tokens)})
+    text = await asyncio.to_thread(server.tokenizer.decode, body.tokens)  # 1 MiB: ~0.1 s
+    return _encode(request, {"prompt": text})
 
 
 @router.get("/v1/models", dependencies=authorized)
@@ -620,7 +621,14 @@ def _too_large(limit: int) -> ApiError:
 
 
 async def _parse(request: Request, model: type[BaseModel], limit: int):
-    data = _decode(await read_body(request, limit), request.headers.get("content-type"))
+    """The body as ``model``, decoded and validated off the event loop: a 1 MiB body of 50,000
+    chat messages takes ~0.3 s, which would stall every stream this server sends."""
+    body = await read_body(request, limit)
+    return await asyncio.to_thread(_validated, body, request.headers.get("content-type"), model)
+
+
+def _validated(body: bytes, content_type: str | None, model: type[BaseModel]):
+    data = _decode(body, content_type)
     if not isinstance(data, dict):
         raise bad_request("the request body must be an object", code="invalid_body")
     try:
