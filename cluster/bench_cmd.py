@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "OPENAI_API_KEY"  # where OpenAI's own clients read the key
 
 
 def add_parser(sub) -> None:
@@ -21,7 +23,9 @@ def add_parser(sub) -> None:
     target = p.add_argument_group("server")
     target.add_argument("--base-url", default=DEFAULT_BASE_URL,
                         help=f"server address (default {DEFAULT_BASE_URL})")
-    target.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
+    target.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"bearer token, if the server wants one (default: ${API_KEY_ENV}, "
+                             "which, unlike an argument, other users cannot read in `ps`)")
     target.add_argument("--model", default=None,
                         help="model name to send (default: the first one /v1/models lists)")
     target.add_argument("--timeout", type=float, default=120.0,

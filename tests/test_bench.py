@@ -338,6 +338,14 @@ def test_cli_reports_a_rejected_key_in_one_line(capsys):
         assert code == 0, err
 
 
+def test_the_key_may_come_from_the_environment_where_ps_does_not_show_it(capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "secret")
+    with serving(StubServer(api_key="secret").app()) as url:
+        code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "2",
+                               "--random-output-len", "2")
+        assert code == 0, err
+
+
 def test_a_run_whose_every_request_failed_exits_1(capsys):
     """The short test request fits and passes, every real one is refused: the table said
     "failed 6" and the exit code was 0, which scripts miss."""
