@@ -67,6 +67,12 @@ class Request:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
 
+    def output_slice(self, start: int, end: int | None = None) -> list[int]:
+        """``output_token_ids[start:end]`` for ``0 <= start <= end``, without first copying the
+        whole output (read at every step: a long output made each step cost its length)."""
+        first = len(self.prompt_token_ids)
+        return self.token_ids[first + start:None if end is None else first + end]
+
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -616,3 +616,36 @@ def test_chat_joins_openai_content_parts_instead_of_sending_their_repr(llm):
     system = [{"role": "system", "content": "be brief"}, *plain]
     developer = [{"role": "developer", "content": "be brief"}, *plain]
     assert tokens(llm.chat(developer, params)) == tokens(llm.chat(system, params))
+
+
+class _CountingList(list):
+    """Token ids that count the entries their slices copy."""
+
+    copied = 0
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        if isinstance(index, slice):
+            self.copied += len(item)
+        return item
+
+
+def test_a_stream_step_reads_only_the_new_tokens_however_long_the_output(llm):
+    """Each step's absorb and emit copied the whole output so far: a sample's steps cost its
+    length, and a 40,000-token generation spent seconds in its stream alone."""
+    from scheduler.request import Request
+    from worker.streams import SampleStream
+
+    prompt = llm.tokenizer.encode("The cluster")
+    req = Request("long", prompt, SamplingParams(max_tokens=100_000),
+                  token_ids=_CountingList(prompt + [ord("a")] * 20_000))
+    stream = SampleStream(req, "long", 0, llm.tokenizer)
+    stream.absorb()
+    stream.emit()
+    req.token_ids.copied = 0
+    for _ in range(100):
+        req.append_token(ord("b"))
+        stream.absorb()
+        assert stream.emit().new_token_ids == [ord("b")]
+    copied = req.token_ids.copied
+    assert copied <= 100 * 4  # a few per step, not 20,000

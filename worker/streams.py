@@ -42,7 +42,7 @@ class SampleStream:
 
     def absorb(self) -> None:
         """Detokenize the request's new tokens and look for stop strings in the new text."""
-        new_tokens = self.request.output_token_ids[self._tokens_read:]
+        new_tokens = self.request.output_slice(self._tokens_read)
         self._tokens_read += len(new_tokens)
         if not new_tokens or self.stopped_by_text:
             return
@@ -78,7 +78,7 @@ class SampleStream:
         if self.done or (self._tokens_read == self._tokens_sent and not finished):
             return None
         end = len(self.text) if finished else max(self._text_sent, len(self.text) - self._holdback)
-        new_tokens = req.output_token_ids[self._tokens_sent:self._tokens_read]
+        new_tokens = req.output_slice(self._tokens_sent, self._tokens_read)
         out = RequestOutput(
             request_id=self.job_id, index=self.index, new_token_ids=new_tokens,
             text=self.text[self._text_sent:end], num_prompt_tokens=req.num_prompt_tokens,
