@@ -171,8 +171,10 @@ class JobOutput:
         sample.text += delta.text
         if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = with_unscored_first(delta.prompt_logprobs)
-        if delta.logprobs is not None:
-            sample.logprobs = (sample.logprobs or []) + delta.logprobs
+        if delta.logprobs is not None:  # extended in place: a copy per delta is quadratic
+            if sample.logprobs is None:
+                sample.logprobs = []
+            sample.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             sample.finish_reason, sample.stop_reason = delta.finish_reason, delta.stop_reason
             if self.finished:
