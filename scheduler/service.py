@@ -324,10 +324,11 @@ class SchedulerService:
                     worker.samples.discard((job_id, int(index)))
                 self._changed(job)
         for request_id, message in rejected:
-            job = self.jobs.get(request_id.rsplit("/", 2)[0])
+            job_id, index, _ = request_id.rsplit("/", 2)
+            worker.samples.discard((job_id, int(index)))  # the worker does not run it
+            job = self.jobs.get(job_id)
             if job is not None and not job.finished:
-                job.fail(message)
-                self._changed(job)
+                self._fail(job, message)
 
     def _update_load(self, worker: WorkerSlot, load: dict) -> None:
         worker.stats = load
@@ -361,19 +362,25 @@ class SchedulerService:
 
     def abort(self, job_id: str) -> bool:
         job = self._job(job_id)
-        job_id = job.job_id
         if job.finished:
             return False
+        self._withdraw_samples(job)
         for sample in job.samples:
-            if sample.finished:
-                continue
-            worker = self.workers.get(sample.worker_id or "")
-            if worker is not None:
-                worker.actor.abort.remote(job.engine_request_id(sample))
-                worker.samples.discard((job_id, sample.index))
-            job.finish_sample(sample, "abort")
+            if not sample.finished:
+                job.finish_sample(sample, "abort")
         self._changed(job)
         return True
+
+    def _withdraw_samples(self, job: JobState) -> None:
+        """Take the job's unfinished samples back from the workers running them, which drop
+        them and free their blocks."""
+        for sample in job.samples:
+            worker = self.workers.get(sample.worker_id or "")
+            if sample.finished or worker is None:
+                continue
+            if (job.job_id, sample.index) in worker.samples:
+                worker.actor.abort.remote(job.engine_request_id(sample))
+                worker.samples.discard((job.job_id, sample.index))
 
     def job_status(self, job_id: str) -> dict:
         return self._job(job_id).progress()
@@ -651,7 +658,9 @@ class SchedulerService:
             self._dispatch([suspect])
 
     def _fail(self, job: JobState, message: str) -> None:
+        """Fail the job; its other samples still running (n > 1) are withdrawn."""
         log.error("job %s failed: %s", job.job_id, message)
+        self._withdraw_samples(job)
         job.fail(message)
         self._changed(job)
 
