@@ -108,7 +108,8 @@ def cluster_is_running() -> bool:
 
 
 def start_embedded(cfg: PagedServeConfig) -> None:
-    """A local Ray instance with the preset's simulated NPUs (CPU simulation mode)."""
+    """A local Ray instance with the preset's simulated NPUs (CPU simulation mode); with
+    none (``simulated_npus: 0``), with the NPUs and CPUs Ray detects on this host."""
     if ray.is_initialized():
         return
     # A local single-user instance: a stray token file must not make it demand auth.
@@ -119,9 +120,11 @@ def start_embedded(cfg: PagedServeConfig) -> None:
     npus = cfg.cluster.simulated_npus
     # "local": a new cluster of our own even where `ray start` runs one (LLM(workers=N) wants
     # its own; without it ray.init joins that cluster and refuses the num_cpus given here)
-    ray.init(address="local", num_cpus=max(1, int(npus * cfg.cluster.worker_num_cpus)),
-             namespace=NAMESPACE, resources={"NPU": npus}, include_dashboard=False,
-             log_to_driver=False, logging_level=ray_logging_level())
+    # (an explicit {"NPU": 0} would turn Ray's detection of real NPUs off)
+    simulated = {"num_cpus": max(1, int(npus * cfg.cluster.worker_num_cpus)),
+                 "resources": {"NPU": npus}} if npus else {}
+    ray.init(address="local", namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False, logging_level=ray_logging_level(), **simulated)
     stop_signals.rearm()
 
 

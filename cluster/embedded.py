@@ -34,7 +34,9 @@ class EmbeddedDaemon:
         try:
             if self._owns_ray:
                 bringup.start_embedded(self.config)
-            self.status = bringup.up(self.config, min_workers=self.config.cluster.simulated_npus)
+            # at least one: with none detected (simulated_npus 0), `up` fails saying so
+            self.status = bringup.up(self.config,
+                                     min_workers=max(1, self.config.cluster.simulated_npus))
             self.client = Client()
         except BaseException:  # a failed or interrupted start leaves nothing running
             try:

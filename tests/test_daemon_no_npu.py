@@ -1,5 +1,6 @@
 """`up` on a Ray cluster that has no NPU resources at all fails at once, saying so; then
-the job verbs say at once that the daemon is not up."""
+the job verbs say at once that the daemon is not up. So does the embedded cluster of a config
+that leaves the NPUs to Ray's detection (simulated_npus 0) on a host where Ray finds none."""
 import time
 
 import pytest
@@ -8,6 +9,8 @@ import ray
 from daemon_helpers import daemon_config
 
 from cluster import bringup, cli
+from cluster.config import with_overrides
+from cluster.embedded import EmbeddedDaemon
 from scheduler.service import NAMESPACE
 
 
@@ -30,3 +33,13 @@ def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path, capsys):
     finally:
         bringup.down()
         ray.shutdown()
+
+
+def test_an_embedded_cluster_with_no_npu_detected_fails_at_once(tmp_path):
+    """It came up with no worker, and its requests waited forever (`pagedserve serve`)."""
+    cfg = with_overrides(daemon_config(tmp_path), cluster={"simulated_npus": 0})
+    started = time.monotonic()
+    with pytest.raises(bringup.DaemonStartError, match="^the Ray cluster has no NPU resources"):
+        EmbeddedDaemon(cfg)
+    assert time.monotonic() - started < 60
+    assert not ray.is_initialized()
