@@ -118,6 +118,7 @@ class ServiceOptions:
 class WorkerSlot:
     worker_id: str
     actor: object
+    node_id: str  # the node it was started on
     info: dict | None = None  # set when the worker has loaded its model
     load: WorkerLoad | None = None
     samples: set = field(default_factory=set)  # (job_id, sample index) running here
@@ -161,7 +162,10 @@ class SchedulerService:
         self.stalled_workers_killed = 0
         self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
         self.draining = False
-        self.spawn_failures = 0
+        self.spawn_failures = 0  # failed worker starts in a row, on any node
+        # per node, its failed worker starts in a row: one that fails MAX_SPAWN_FAILURES gets
+        # no more, while the other nodes' NPUs still get workers when theirs die
+        self.node_spawn_failures: collections.Counter[str] = collections.Counter()
         self.last_spawn_error: str | None = None
         self.npu_nodes_seen: set[str] = set()  # every node with NPUs that has been alive
         self.surplus_rounds = 0  # reconciles in a row that found more workers than NPUs
@@ -481,13 +485,16 @@ class SchedulerService:
         workers' freed NPUs), withdraw workers still starting for NPUs that are gone."""
         wanted = int(ray.cluster_resources().get("NPU", 0))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
-        self._note_npu_nodes({node["NodeID"] for node in nodes if node["Resources"].get("NPU")})
+        npus = {node["NodeID"]: int(node["Resources"].get("NPU", 0)) for node in nodes
+                if node["Resources"].get("NPU")}
+        self._note_npu_nodes(set(npus))
         self._check_placement(wanted, [node["Resources"] for node in nodes])
         self._withdraw_surplus(wanted, {node["NodeID"] for node in nodes})
-        if self.spawn_failures >= MAX_SPAWN_FAILURES:
-            return
-        for _ in range(wanted - len(self.workers)):
-            self._spawn()
+        held = collections.Counter(slot.node_id for slot in self.workers.values())
+        for node_id, count in npus.items():
+            if self.node_spawn_failures[node_id] < MAX_SPAWN_FAILURES:
+                for _ in range(count - held[node_id]):
+                    self._spawn(node_id)
 
     def _note_npu_nodes(self, npu_nodes: set[str]) -> None:
         """A node with NPUs that joins (one never seen before) forgets the failed worker starts
@@ -576,17 +583,19 @@ class SchedulerService:
                 f"1 NPU and {cpus:g} CPUs (cluster.worker_num_cpus), more than the nodes with "
                 f"NPUs have; lower cluster.worker_num_cpus or add CPUs")
 
-    def _spawn(self) -> None:
+    def _spawn(self, node_id: str) -> None:
+        """A worker for one NPU of the node ``node_id``."""
         from worker.actor import WorkerActor
 
         worker_id = f"w{uuid.uuid4().hex[:8]}"
         actor = WorkerActor.options(
             name=worker_actor_name(worker_id), namespace=NAMESPACE,
             resources={"NPU": 1}, num_cpus=self.options.worker_num_cpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             runtime_env={"env_vars": self.options.worker_env} if self.options.worker_env else None,
         ).remote(worker_id, self.options.engine_options, self.options.torch_threads,
                  self._self_handle)
-        slot = WorkerSlot(worker_id, actor)
+        slot = WorkerSlot(worker_id, actor, node_id)
         self.workers[worker_id] = slot
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch(slot)))
 
@@ -597,15 +606,15 @@ class SchedulerService:
         except Exception as exc:  # the constructor failed: a config or model error
             if self.workers.get(slot.worker_id) is not slot:  # withdrawn (_withdraw_surplus)
                 return
-            self.spawn_failures += 1
-            self.last_spawn_error = _one_line(exc)
-            log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
             self.workers.pop(slot.worker_id, None)
+            if _node_alive(slot.node_id):  # else it went with its node: no start error
+                self._count_start_failure(slot, exc)
             self._drain_pending()  # held for this one, perhaps
             return
         if self.workers.get(slot.worker_id) is not slot:  # withdrawn as its answer came
             return
         slot.info, self.spawn_failures = info, 0
+        del self.node_spawn_failures[slot.node_id]
         slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],
                                slot.info["block_size"])
         log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
@@ -620,6 +629,12 @@ class SchedulerService:
         except Exception as exc:
             log.warning("worker %s died: %s", slot.worker_id, _one_line(exc))
         self._on_worker_gone(slot, engine_error)
+
+    def _count_start_failure(self, slot: WorkerSlot, exc: Exception) -> None:
+        self.spawn_failures += 1
+        self.node_spawn_failures[slot.node_id] += 1
+        self.last_spawn_error = _one_line(exc)
+        log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
 
     def _on_worker_gone(self, slot: WorkerSlot, engine_error: str | None = None) -> None:
         """Re-route the unfinished samples of a worker that is gone. If its engine raised,
@@ -979,6 +994,10 @@ async def answers_stats(worker, timeout: float) -> bool:
         return True
     except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, RayTaskError):
         return False
+
+
+def _node_alive(node_id: str) -> bool:
+    return any(node["NodeID"] == node_id and node.get("Alive") for node in ray.nodes())
 
 
 def head_node_strategy() -> NodeAffinitySchedulingStrategy:

@@ -1,5 +1,8 @@
 """A node that joins the cluster later gets a worker for its NPU without a restart; one that
-crashes leaves no worker waiting for its NPU."""
+crashes leaves no worker waiting for its NPU; one whose workers cannot start stops the starts on
+it alone."""
+import os
+import signal
 import time
 
 import pytest
@@ -72,3 +75,32 @@ def test_a_crashed_node_leaves_no_worker_waiting_for_its_npu(cluster, tmp_path):
     assert time.monotonic() - started < 10
     cluster.add_node(num_cpus=2, resources={"NPU": 1})
     wait_for(lambda: len(ready_workers(client)) == 2, timeout=180, what="a worker on a new node")
+
+
+def test_a_node_whose_workers_fail_to_start_does_not_stop_respawns_elsewhere(cluster):
+    """Workers that fail to start on one node (its model cache unusable) must not keep the
+    other nodes' NPUs from getting a new worker when theirs dies: the jobs waited forever."""
+    client = Client()
+    cluster.add_node(num_cpus=2, resources={"NPU": 1},
+                     env_vars={"PAGEDSERVE_CACHE": "/dev/null/x"})
+    wait_for(lambda: "Not a directory" in (client.status()["last_spawn_error"] or ""),
+             timeout=120, what="a worker failing to start on the bad node")
+    _until_no_worker_starts(client)  # its further tries failed too, and it gets no more
+    victim = ready_workers(client)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    job = client.submit("after the bad node", SamplingParams(max_tokens=8, temperature=0))
+    assert len(client.result(job, timeout=120).outputs[0].token_ids) == 8
+    wait_for(lambda: victim["node_id"] in {w["node_id"] for w in ready_workers(client)
+                                           if w["worker_id"] != victim["worker_id"]},
+             timeout=120, what="a new worker on the victim's node")
+
+
+def _until_no_worker_starts(client, quiet_s=4.0):
+    """Until no worker has been starting for ``quiet_s`` (longer than a resource poll)."""
+    quiet_since = time.monotonic()
+    deadline = quiet_since + 180
+    while time.monotonic() - quiet_since < quiet_s:
+        assert time.monotonic() < deadline, "workers still starting after 180 s"
+        if len(ready_workers(client)) < len(client.status()["workers"]):
+            quiet_since = time.monotonic()
+        time.sleep(0.2)
