@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from worker.output import JobOutput, RequestOutput
+from worker.output import JobOutput, RequestOutput, with_unscored_first
 from worker.sampler import TokenLogprobs
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
 
@@ -447,7 +447,8 @@ def echo_chunk(ctx: ResponseContext, prompt: int, first: RequestOutput, index: i
     """With echo=true, choice ``index``'s stream opens with its prompt's text (and, with
     logprobs, the prompt's scores, which come with the choice's ``first`` delta)."""
     echo = ctx.echoed[prompt]
-    logprobs = None if first.logprobs is None else echo.logprobs(first.prompt_logprobs)
+    logprobs = None if first.logprobs is None else \
+        echo.logprobs(with_unscored_first(first.prompt_logprobs))
     return {**ctx.header(True), "choices": [_choice(ctx, index, echo.text, logprobs, None,
                                                     streaming=True)]}
 

@@ -247,13 +247,15 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
     ids = [5, 17, 42, 99, 7, 64]
     own = client.result(client.submit(ids, SamplingParams(
         max_tokens=3, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1)))
-    assert [lp.token_id for lp in own.prompt_logprobs] == ids[1:]
+    assert own.prompt_logprobs[0] is None
+    assert [lp.token_id for lp in own.prompt_logprobs[1:]] == ids[1:]
     kwargs = dict(model="tiny", prompt=[ids], max_tokens=3, temperature=0, logprobs=1,
                   echo=True, extra_body={"ignore_eos": True})
     whole = api.completions.create(**kwargs).choices[0].logprobs
     assert len(whole.tokens) == len(ids) + 3
     assert whole.token_logprobs[0] is None and whole.top_logprobs[0] is None
-    assert whole.token_logprobs[1:6] == pytest.approx([lp.logprob for lp in own.prompt_logprobs])
+    assert whole.token_logprobs[1:6] == pytest.approx([lp.logprob
+                                                       for lp in own.prompt_logprobs[1:]])
     assert whole.token_logprobs[6:] == pytest.approx([lp.logprob
                                                       for lp in own.outputs[0].logprobs])
     streamed = [c.choices[0].logprobs for c in api.completions.create(stream=True, **kwargs)
