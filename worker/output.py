@@ -27,13 +27,18 @@ class TokenLogprobs(Mapping):
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob), most likely first, params.logprobs long
     rank: int | None = None  # the chosen token's rank in the vocabulary, 1 = most likely
+    _mapping: dict[int, Logprob] | None = field(default=None, init=False, repr=False,
+                                                compare=False)
 
     def _entries(self) -> dict[int, Logprob]:
-        ranked = {token_id: Logprob(logprob, rank)
-                  for rank, (token_id, logprob) in enumerate(self.top or (), start=1)}
-        among_top = ranked.pop(self.token_id, None)
-        rank = self.rank if self.rank is not None or among_top is None else among_top.rank
-        return {self.token_id: Logprob(self.logprob, rank), **ranked}
+        """Built on first use, once: Mapping reads every item through __getitem__."""
+        if self._mapping is None:
+            ranked = {token_id: Logprob(logprob, rank)
+                      for rank, (token_id, logprob) in enumerate(self.top or (), start=1)}
+            among_top = ranked.pop(self.token_id, None)
+            rank = self.rank if self.rank is not None or among_top is None else among_top.rank
+            self._mapping = {self.token_id: Logprob(self.logprob, rank), **ranked}
+        return self._mapping
 
     def __getitem__(self, token_id: int) -> Logprob:
         return self._entries()[token_id]
