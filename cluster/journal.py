@@ -402,6 +402,7 @@ class Journal:
         open it for appending."""
         data = self.path.read_bytes() if self.path.exists() else b""
         self._file = _open_for_append(self.path)
+        os.fchmod(self._file.fileno(), FILE_MODE)  # one an older version left 0644 too
         good_end, problem, skipped = self._replay(data)
         for start, size, reason in skipped:
             self._replay_problem(f"{reason} at byte {start}; skipped {size} bytes to the next "

@@ -412,6 +412,15 @@ def test_the_journal_holding_every_prompt_is_readable_by_its_owner_alone(path):
     assert modes == {path.name: 0o600, path.name + ".lock": 0o600}
 
 
+def test_a_journal_an_older_version_left_readable_is_made_private_at_open(path):
+    with Journal(path, fsync_interval_s=0) as journal:
+        journal.record_accepted("j", [1, 2], {})
+    path.chmod(0o644)
+    with Journal(path) as journal:
+        assert journal.unfinished()  # replayed, no compaction needed
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_second_journal_on_the_same_file_is_refused_until_the_first_closes(path):
     first = Journal(path)
     with pytest.raises(JournalError, match="in use"):
