@@ -361,6 +361,9 @@ def test_a_sliding_window_caps_only_where_transformers_slides():
     assert ModelConfig.from_dict(older).sliding_window == 64
     del older["max_window_layers"]
     assert ModelConfig.from_dict(older).sliding_window is None
+    # layer_types that slide, but use_sliding_window off: transformers drops the window
+    assert ModelConfig.from_dict({**qwen2(max_window_layers=2),
+                                  "use_sliding_window": False}).sliding_window is None
 
 
 def test_swish_is_silu():

@@ -304,10 +304,16 @@ def _sliding_window(raw: dict[str, Any], architecture: str, max_positions: int) 
 
 
 def _qwen2_slides(raw: dict[str, Any]) -> bool:
-    """Whether any Qwen2 layer slides: as transformers reads it, those its ``layer_types``
-    name so, or with ``use_sliding_window`` the layers from ``max_window_layers`` on."""
+    """Whether any Qwen2 layer slides, as transformers reads it: only with
+    ``use_sliding_window`` (else it drops the window), the layers its ``layer_types`` name
+    so, or without those the layers from ``max_window_layers`` on."""
+    if not raw.get("use_sliding_window", False):
+        return False
     layer_types = raw.get("layer_types")
     if isinstance(layer_types, list):
         return "sliding_attention" in layer_types
-    return bool(raw.get("use_sliding_window", False)) and \
-        raw.get("max_window_layers", 28) < raw.get("num_hidden_layers", 0)
+    first_sliding = raw.get("max_window_layers", 28)
+    if not isinstance(first_sliding, int) or isinstance(first_sliding, bool):
+        raise UnsupportedModelError(f"config.json max_window_layers={first_sliding!r}: must "
+                                    "be an integer")
+    return first_sliding < _positive_int(raw, "num_hidden_layers")
