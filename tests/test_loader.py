@@ -190,6 +190,14 @@ def test_index_naming_missing_shard(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.parametrize("index", [{}, {"weight_map": []}, {"weight_map": {}}])
+def test_an_index_naming_no_tensors_is_refused(tmp_path, index):
+    write_sharded(tmp_path, hf_tensors()).joinpath("model.safetensors.index.json").write_text(
+        json.dumps(index))
+    with pytest.raises(ModelLoadError, match="has no 'weight_map' object naming tensors"):
+        load(tmp_path)
+
+
 def test_missing_tensor(tmp_path):
     tensors = hf_tensors()
     del tensors["model.layers.1.mlp.up_proj.weight"]
@@ -406,9 +414,10 @@ def test_a_hub_download_fetches_only_the_weights_the_loader_reads(tmp_path, monk
     save_file(hf_tensors(seed=5), str(remote / "consolidated.safetensors"))
     snapshot, fetched = tmp_path / "snapshot", []
 
-    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False, revision=None):
         if local_files_only:
             raise FileNotFoundError("not in the cache")
+        assert revision in (None, snapshot.name)  # later calls stay on the first one's commit
         snapshot.mkdir(exist_ok=True)
         for file in remote.iterdir():
             if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):

@@ -83,10 +83,12 @@ def _download(repo_id: str, snapshot_download) -> Path:
     config and tokenizer, then model.safetensors, else the shards the index names. Not every
     ``*.safetensors``: a repo may hold the weights twice (Mistral's also come as one
     ``consolidated.safetensors`` beside the shards, 14.5 GB more for a 7B model)."""
-    snapshot_download(repo_id, allow_patterns=HUB_METADATA)
-    snapshot = Path(snapshot_download(repo_id, allow_patterns=[SINGLE_FILE]))
+    snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_METADATA))
+    # the commit the first call found: the repo may move on between calls
+    revision = snapshot.name
+    snapshot_download(repo_id, allow_patterns=[SINGLE_FILE], revision=revision)
     if not (snapshot / SINGLE_FILE).is_file() and (snapshot / INDEX_FILE).is_file():
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=index_shards(snapshot)))
+        snapshot_download(repo_id, allow_patterns=index_shards(snapshot), revision=revision)
     return snapshot
 
 
@@ -166,8 +168,8 @@ def index_shards(directory: Path) -> list[str]:
     index_path = directory / INDEX_FILE
     index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ModelLoadError(f"{index_path} has no 'weight_map' object")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index_path} has no 'weight_map' object naming tensors")
     return sorted({str(shard) for shard in weight_map.values()})
 
 
