@@ -162,13 +162,11 @@ class SchedulerService:
         self.stalled_workers_killed = 0
         self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
         self.draining = False
-        self.spawn_failures = 0  # failed worker starts in a row, on any node
         # per node, its failed worker starts in a row: one that fails MAX_SPAWN_FAILURES gets
         # no more, while the other nodes' NPUs still get workers when theirs die
         self.node_spawn_failures: collections.Counter[str] = collections.Counter()
         self.last_spawn_error: str | None = None
-        self.npu_nodes_seen: set[str] = set()  # every node with NPUs that has been alive
-        self.surplus_rounds = 0  # reconciles in a row that found more workers than NPUs
+        self.npu_nodes: set[str] = set()  # the live nodes with NPUs, as last reconciled
         self.placeable_workers = 0
         self.placement_problem: str | None = None
         self.started_at = time.time()
@@ -487,41 +485,22 @@ class SchedulerService:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         npus = {node["NodeID"]: int(node["Resources"].get("NPU", 0)) for node in nodes
                 if node["Resources"].get("NPU")}
-        self._note_npu_nodes(set(npus))
+        self.npu_nodes = set(npus)
         self._check_placement(wanted, [node["Resources"] for node in nodes])
-        self._withdraw_surplus(wanted, {node["NodeID"] for node in nodes})
+        self._withdraw_orphans({node["NodeID"] for node in nodes})
         held = collections.Counter(slot.node_id for slot in self.workers.values())
         for node_id, count in npus.items():
             if self.node_spawn_failures[node_id] < MAX_SPAWN_FAILURES:
                 for _ in range(count - held[node_id]):
                     self._spawn(node_id)
 
-    def _note_npu_nodes(self, npu_nodes: set[str]) -> None:
-        """A node with NPUs that joins (one never seen before) forgets the failed worker starts
-        counted against MAX_SPAWN_FAILURES: workers lost with their nodes while loading are no
-        config or model error, and a new node is worth trying."""
-        if not npu_nodes <= self.npu_nodes_seen and self.spawn_failures:
-            log.info("a node with NPUs joined: %d failed worker starts forgotten",
-                     self.spawn_failures)
-            self.spawn_failures = 0
-        self.npu_nodes_seen |= npu_nodes
-
-    def _withdraw_surplus(self, wanted: int, live_nodes: set[str]) -> None:
-        """A worker spawned for the NPU of a node that crashed, before Ray counted the node
-        dead, can never be placed: while the workers still starting and those ready on live
-        nodes outnumber the NPUs, two reconciles in a row (not for one odd count), withdraw
-        the newest starting ones."""
-        starting = [slot for slot in self.workers.values() if slot.info is None]
-        placed = sum(1 for slot in self.workers.values()
-                     if slot.info and slot.info["node_id"] in live_nodes)
-        surplus = min(len(starting), placed + len(starting) - wanted)
-        self.surplus_rounds = self.surplus_rounds + 1 if surplus > 0 else 0
-        if self.surplus_rounds < 2:
-            return
-        workers = placed + len(starting)
-        for slot in starting[::-1][:surplus]:
-            log.warning("worker %s withdrawn before it started: the cluster has %d NPUs for "
-                        "%d workers (a node is gone)", slot.worker_id, wanted, workers)
+    def _withdraw_orphans(self, live_nodes: set[str]) -> None:
+        """A worker still starting on a node that is gone (crashed, or removed) can never be
+        placed there: withdraw it (its node's NPUs are no longer wanted)."""
+        for slot in [slot for slot in self.workers.values()
+                     if slot.info is None and slot.node_id not in live_nodes]:
+            log.warning("worker %s withdrawn before it started: its node is gone",
+                        slot.worker_id)
             del self.workers[slot.worker_id]
             ray.kill(slot.actor, no_restart=True)
 
@@ -604,7 +583,7 @@ class SchedulerService:
         try:
             info = await slot.actor.info.remote()
         except Exception as exc:  # the constructor failed: a config or model error
-            if self.workers.get(slot.worker_id) is not slot:  # withdrawn (_withdraw_surplus)
+            if self.workers.get(slot.worker_id) is not slot:  # withdrawn (_withdraw_orphans)
                 return
             self.workers.pop(slot.worker_id, None)
             if _node_alive(slot.node_id):  # else it went with its node: no start error
@@ -613,7 +592,7 @@ class SchedulerService:
             return
         if self.workers.get(slot.worker_id) is not slot:  # withdrawn as its answer came
             return
-        slot.info, self.spawn_failures = info, 0
+        slot.info = info
         del self.node_spawn_failures[slot.node_id]
         slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],
                                slot.info["block_size"])
@@ -631,7 +610,6 @@ class SchedulerService:
         self._on_worker_gone(slot, engine_error)
 
     def _count_start_failure(self, slot: WorkerSlot, exc: Exception) -> None:
-        self.spawn_failures += 1
         self.node_spawn_failures[slot.node_id] += 1
         self.last_spawn_error = _one_line(exc)
         log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
@@ -734,7 +712,7 @@ class SchedulerService:
                 grace_ends = grace_ends or time.monotonic() + STARTING_GRACE_S
                 if ready == len(self.workers) or time.monotonic() >= grace_ends:
                     return self.status()
-            if self.spawn_failures >= MAX_SPAWN_FAILURES:
+            if self._starts_blocked_everywhere():
                 raise RuntimeError(f"workers fail to start: {self.last_spawn_error}")
             if self.placement_problem and self.placeable_workers < min_workers:
                 raise RuntimeError(self.placement_problem)
@@ -742,6 +720,11 @@ class SchedulerService:
         raise TimeoutError(f"fewer than {min_workers} workers ready after {timeout} s; "
                            f"NPU resources in the cluster: "
                            f"{ray.cluster_resources().get('NPU', 0):g}")
+
+    def _starts_blocked_everywhere(self) -> bool:
+        """Every node with NPUs has failed MAX_SPAWN_FAILURES worker starts in a row."""
+        return bool(self.npu_nodes) and all(
+            self.node_spawn_failures[node] >= MAX_SPAWN_FAILURES for node in self.npu_nodes)
 
     def status(self) -> dict:
         workers = []
