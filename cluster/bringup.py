@@ -112,15 +112,17 @@ def start_embedded(cfg: PagedServeConfig) -> None:
     none (``simulated_npus: 0``), with the NPUs and CPUs Ray detects on this host."""
     if ray.is_initialized():
         return
-    # A local single-user instance: a stray token file must not make it demand auth.
+    # A stray token file must not make our own instance demand auth. Its ports still listen
+    # on every interface (see the README's "Securing Ray"): RAY_AUTH_MODE set by the user wins.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Given logical NPUs, Ray probes CANN for the NPU model and logs a traceback when it is
     # absent, which is the normal case in CPU simulation mode.
     logging.getLogger("ray._private.accelerators.npu").setLevel(logging.CRITICAL)
     npus = cfg.cluster.simulated_npus
     # "local": a new cluster of our own even where `ray start` runs one (LLM(workers=N) wants
-    # its own; without it ray.init joins that cluster and refuses the num_cpus given here)
-    # (an explicit {"NPU": 0} would turn Ray's detection of real NPUs off)
+    # its own; without it ray.init joins that cluster and refuses the num_cpus given here).
+    # With no simulated NPUs, no resources at all: an explicit {"NPU": 0} turns Ray's
+    # detection of real NPUs off.
     simulated = {"num_cpus": max(1, int(npus * cfg.cluster.worker_num_cpus)),
                  "resources": {"NPU": npus}} if npus else {}
     ray.init(address="local", namespace=NAMESPACE, include_dashboard=False,

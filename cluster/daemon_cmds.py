@@ -174,8 +174,10 @@ def format_status(status: dict) -> str:
         waiting += w.get("waiting", 0)
         rate += w.get("tokens_per_s", 0.0)
     ready = sum(1 for w in status["workers"] if w.get("ready"))
+    held = status.get("pending_samples", 0)  # by the scheduler, for a worker to take them
+    waiting = f"{waiting + held} waiting" + (f" ({held} for a worker)" if held else "")
     lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
-                 f"{waiting} waiting, {rate:.1f} tok/s; jobs unfinished "
+                 f"{waiting}, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
     lines += [note.format(**status) for key, note in STATUS_NOTES if status.get(key)]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from cluster import daemon_cmds
 from cluster.cli import main
 
 
@@ -326,3 +327,13 @@ def test_serve_stops_once_the_ray_cluster_is_gone(monkeypatch):
     watch.join(timeout=10)
     assert server.should_exit and watch.gone.startswith("nothing answers at ")
     assert marked == [watch.gone]
+
+
+def test_the_status_total_counts_samples_the_scheduler_holds_for_a_worker_as_waiting():
+    """They were left out of the table's total (Prometheus's requests_waiting had them)."""
+    worker = {"worker_id": "w1", "ready": True, "node_id": "n" * 16, "device": "cpu:0",
+              "npu_ids": ["0"], "pid": 7, "kv_used": 3, "kv_total": 10, "running": 2,
+              "waiting": 4, "tokens_per_s": 1.0}
+    status = {"workers": [worker], "jobs_unfinished": 9, "failovers": 0, "pending_samples": 3}
+    assert "2 running, 7 waiting (3 for a worker)," in daemon_cmds.format_status(status)
+    assert "2 running, 4 waiting," in daemon_cmds.format_status({**status, "pending_samples": 0})
