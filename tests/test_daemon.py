@@ -588,8 +588,12 @@ def test_an_interrupt_while_the_scheduler_takes_a_batch_leaves_no_job_running(
                for j in caught.value.in_flight)
     # a batch the interrupt stopped before it reached the scheduler: nothing to abort
     monkeypatch.setattr("cluster.client.IN_FLIGHT_WAIT_S", 0.3)
-    job_cmds._withdraw(client, [], ["never-sent"], interrupted=True)
+    started = time.monotonic()
+    job_cmds._withdraw(client, [], [f"never-sent-{i}" for i in range(100)], interrupted=True)
     assert capsys.readouterr().err == "pagedserve: aborted the 0 unfinished jobs of this submit\n"
+    # the batch's first id answers for all: each waited its 0.3 s, 30 s in all (a paced
+    # submit's Ctrl-C hung for minutes withdrawing 250 ids that never arrived)
+    assert time.monotonic() - started < 10
 
 
 def test_submit_cli_with_a_bad_job_queues_none_and_says_which(daemon, tmp_path, capsys):
