@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
-from worker.output import JobOutput, RequestOutput, with_unscored_first
+from worker.output import JobOutput, RequestOutput
 from worker.sampler import TokenLogprobs
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
 
@@ -329,11 +329,10 @@ class Echo:
     text: str
     token_ids: list[int]
 
-    def logprobs(self, prompt_logprobs: list[TokenLogprobs | None] | None
-                 ) -> list[TokenLogprobs]:
-        """The prompt's logprob entries, from a job's ``prompt_logprobs`` (whose first entry,
-        None, is the first token: nothing scores it)."""
-        return [TokenLogprobs(self.token_ids[0], None, None), *(prompt_logprobs or [None])[1:]]
+    def logprobs(self, scored: list[TokenLogprobs] | None) -> list[TokenLogprobs]:
+        """The prompt's logprob entries, from the worker's scores of tokens 1.. (the first token
+        has none)."""
+        return [TokenLogprobs(self.token_ids[0], None, None), *(scored or [])]
 
 
 @dataclass(slots=True)
@@ -428,7 +427,9 @@ def full_response(ctx: ResponseContext, jobs: list[JobOutput], n: int) -> dict:
             if ctx.echoed:
                 text = ctx.echoed[i].text + text
                 if logprobs is not None:
-                    logprobs = ctx.echoed[i].logprobs(job.prompt_logprobs) + logprobs
+                    # a job's prompt_logprobs put None for the first token, as vLLM's
+                    scored = (job.prompt_logprobs or [None])[1:]
+                    logprobs = ctx.echoed[i].logprobs(scored) + logprobs
             choices.append(_choice(ctx, i * n + o.index, text, logprobs, o.finish_reason,
                                    streaming=False, stop_reason=o.stop_reason))
     completion_tokens = sum(len(o.token_ids) for job in jobs for o in job.outputs)
@@ -447,8 +448,7 @@ def echo_chunk(ctx: ResponseContext, prompt: int, first: RequestOutput, index: i
     """With echo=true, choice ``index``'s stream opens with its prompt's text (and, with
     logprobs, the prompt's scores, which come with the choice's ``first`` delta)."""
     echo = ctx.echoed[prompt]
-    logprobs = None if first.logprobs is None else \
-        echo.logprobs(with_unscored_first(first.prompt_logprobs))
+    logprobs = None if first.logprobs is None else echo.logprobs(first.prompt_logprobs)
     return {**ctx.header(True), "choices": [_choice(ctx, index, echo.text, logprobs, None,
                                                     streaming=True)]}
 
