@@ -481,10 +481,10 @@ class SchedulerService:
     def _reconcile(self) -> None:
         """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead
         workers' freed NPUs), withdraw workers still starting for NPUs that are gone."""
-        wanted = int(ray.cluster_resources().get("NPU", 0))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         npus = {node["NodeID"]: int(node["Resources"].get("NPU", 0)) for node in nodes
                 if node["Resources"].get("NPU")}
+        wanted = sum(npus.values())  # the cluster's NPUs, from the same read of the nodes
         self.npu_nodes = set(npus)
         self._check_placement(wanted, [node["Resources"] for node in nodes])
         self._withdraw_orphans({node["NodeID"] for node in nodes})
