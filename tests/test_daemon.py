@@ -919,7 +919,7 @@ def test_a_submit_the_daemon_goes_down_under_says_its_jobs_stay_for_the_next_up(
 def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, capsys):
     cfg, _, client = daemon
     names = [worker_actor_name(w["worker_id"]) for w in client.status()["workers"]]
-    long_jobs = [client.submit(f"unfinished {i}", SamplingParams(max_tokens=1500,
+    long_jobs = [client.submit(f"unfinished {i}", SamplingParams(max_tokens=600,
                                                                  ignore_eos=True, seed=i))
                  for i in range(2)]
     wait_for(lambda: all(client.status_of(j)["num_tokens"][0] > 0 for j in long_jobs),
@@ -948,7 +948,7 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
     assert None not in workers and len(set(workers)) == 2  # not both to the first one ready
     assert "not resumed: 1 journal jobs no longer valid" in daemon_cmds.format_status(status)
     for job_id in long_jobs:
-        assert len(Client().result(job_id, timeout=300).outputs[0].token_ids) == 1500
+        assert len(Client().result(job_id, timeout=300).outputs[0].token_ids) == 600
 
 
 def _up_that_fails_leaves_nothing_up(cfg):
