@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -152,6 +153,33 @@ def test_tokens_per_s_counts_only_the_recent_window(llm, monkeypatch):
     assert llm.engine.stats().tokens_per_s > 0
     time.sleep(0.6)  # idle for longer than the window: no step has run since
     assert llm.engine.stats().tokens_per_s == 0.0
+
+
+def test_stats_read_from_another_thread_while_the_engine_steps(llm, monkeypatch):
+    """A daemon's worker answers stats on its event loop while its engine thread steps: both
+    pruned the rate window, and stats raised 'deque mutated during iteration' (or an
+    IndexError) in either thread."""
+    monkeypatch.setattr("worker.engine.RATE_WINDOW_S", 0.002)  # every step leaves it at once
+    errors, done = [], threading.Event()
+
+    def read_stats():
+        while not done.is_set():
+            try:
+                llm.engine.stats()
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(repr(exc))
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # interleave the two threads as often as the GIL allows
+    reader = threading.Thread(target=read_stats)
+    reader.start()
+    try:
+        outs = llm.generate(["threads "] * 8, SamplingParams(max_tokens=60, ignore_eos=True))
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(switch_interval)
+    assert errors == [] and all(len(o.outputs[0].token_ids) == 60 for o in outs)
 
 
 def test_stats_count_every_prompt_token_computed_and_every_token_generated(llm):

@@ -321,11 +321,13 @@ class Engine:
     def stats(self) -> EngineStats:
         kv = self.kv.stats()
         now = time.monotonic()
-        self._forget_old_steps(now)  # an idle engine reports 0 tokens/s, not a fading average
-        window = sum(n for _, _, n in self._generated_window)
+        # read-only, over a copy: a daemon's worker calls this from its event loop while its
+        # engine thread steps (list() copies the deque under the GIL; popping here raced)
+        recent = [s for s in list(self._generated_window) if now - s[1] <= RATE_WINDOW_S]
+        window = sum(n for _, _, n in recent)  # an idle engine: 0 tokens/s, no fading average
         # from the start of the oldest step counted: its own run time too, or a step's tokens
         # read just after it ended would be a rate of thousands per millisecond
-        span = (now - self._generated_window[0][0]) if self._generated_window else 0
+        span = (now - recent[0][0]) if recent else 0
         return EngineStats(
             num_running=len(self.batcher.running), num_waiting=self.batcher.num_waiting,
             kv_blocks_used=kv.used, kv_blocks_total=kv.num_blocks, kv_blocks_cached=kv.cached,
