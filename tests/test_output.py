@@ -6,7 +6,7 @@ from cluster.llm import LLM
 from scheduler.jobs import JobState
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import job_summary
-from worker.output import (JobOutput, RequestOutput, TokenLogprobs, pack_outputs,
+from worker.output import (JobOutput, Logprob, RequestOutput, TokenLogprobs, pack_outputs,
                            unpack_outputs)
 
 
@@ -86,3 +86,15 @@ def test_a_jobs_logprobs_grow_in_place_and_are_not_the_deltas_own_list():
     assert kept == first.logprobs and kept is not first.logprobs
     job.add(RequestOutput("job", 0, [8], "y", 2, logprobs=[TokenLogprobs(8, -1.0, [])]), 0.0)
     assert job.outputs[0].logprobs is kept and [lp.token_id for lp in kept] == [7, 8]
+
+
+def test_a_positions_logprobs_equal_the_dict_vllm_gives():
+    """vLLM hands out each position as a plain dict, and ported code compares it with one: a
+    TokenLogprobs equal to that dict compared unequal (the dataclass's == knew only its class)."""
+    scored = TokenLogprobs(7, -0.5, [(3, -0.25), (7, -0.5)], rank=2)
+    as_dict = {7: Logprob(-0.5, 2), 3: Logprob(-0.25, 1)}
+    assert scored == as_dict and as_dict == scored and dict(scored) == as_dict
+    assert scored != {7: Logprob(-0.5, 2)} and scored != {**as_dict, 3: Logprob(-0.25, 3)}
+    assert scored == TokenLogprobs(7, -0.5, [(3, -0.25), (7, -0.5)], rank=2)
+    assert scored != TokenLogprobs(3, -0.25, [(3, -0.25), (7, -0.5)], rank=1)
+    assert scored != [7, 3] and scored != None  # noqa: E711

@@ -17,11 +17,11 @@ class Logprob:
     decoded_token: str | None = None  # not filled in: decode the token id with the tokenizer
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class TokenLogprobs(Mapping):
     """The chosen token's logprob and the model's top alternatives, all from the raw logits.
     Also a mapping of token id to :class:`Logprob`, the chosen token first, as vLLM hands out
-    each position's logprobs."""
+    each position's logprobs; it equals the dict of the same entries."""
 
     token_id: int
     logprob: float
@@ -48,6 +48,16 @@ class TokenLogprobs(Mapping):
 
     def __len__(self) -> int:
         return len(self._entries())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TokenLogprobs):  # field by field: a dict does not say which was chosen
+            return self._fields() == other._fields()
+        return Mapping.__eq__(self, other)  # vLLM's form: a dict of token id -> Logprob
+
+    __hash__ = None  # mutable, and equal to dicts
+
+    def _fields(self) -> tuple:
+        return self.token_id, self.logprob, self.top, self.rank
 
 
 @dataclass(slots=True)
