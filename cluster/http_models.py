@@ -365,7 +365,7 @@ class ResponseContext:
         return {**header, "usage": None} if streaming and self.include_usage else header
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.tokenizer.token_text(token_id)
 
     def text_offsets_of(self, index: int, token_ids: list[int]) -> list[int]:
         """Where each token starts in choice ``index``'s text, continuing its earlier chunks.

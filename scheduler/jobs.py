@@ -65,12 +65,13 @@ class JobState:
 
     def kept_bytes(self) -> int:
         """Roughly what the job's state takes in the scheduler's memory (CPython objects:
-        ~40 bytes a token, ~110 a logprob alternative), to bound the finished jobs kept."""
+        ~40 bytes a token, ~110 a logprob alternative, ~70 a decoded token text), to bound the
+        finished jobs kept."""
         logprobs = [lp for s in self.samples for lp in s.logprobs if lp is not None]
         logprobs += [lp for s in self.samples for lp in s.prompt_logprobs or [] if lp is not None]
         tokens = len(self.prompt_token_ids) + sum(len(s.token_ids) for s in self.samples)
         return (1000 + 40 * tokens + sum(2 * len(s.text) for s in self.samples)
-                + sum(120 + 110 * len(lp.top) for lp in logprobs))
+                + sum(120 + 110 * len(lp.top) + 70 * len(lp.decoded or ()) for lp in logprobs))
 
     def to_record(self) -> dict:
         """The finished job as msgpack-able values, for the journal to keep its result across a

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+import transformers
 
 from cluster.llm import LLM
 from scheduler.prompts import prompt_token_ids
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
+from worker.models.tiny import tiny_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The cluster", "Scale out by adding nodes and", "KV", "A dead worker loses no job because"]
@@ -229,6 +231,22 @@ def test_logprobs_are_sorted_and_match_the_tokens(llm):
         values = [v for _, v in lp.top]
         assert values == sorted(values, reverse=True)
         assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+
+
+def test_each_logprob_has_its_token_decoded_as_transformers_decodes_it_alone(llm):
+    """vLLM's Logprob.decoded_token, of generated and prompt positions alike: the token's text
+    alone, special tokens included (</s> here), U+FFFD for part of a character. It was None."""
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_model_dir() / "tokenizer.json"))
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=4, prompt_logprobs=2,
+                            ignore_eos=True, logit_bias={257: 100})
+    job = llm.generate(["é cluster"], params)[0]
+    positions = job.outputs[0].logprobs + job.prompt_logprobs[1:]
+    assert job.outputs[0].token_ids == [257] * 3 and len(positions) == 3 + 10
+    for position in positions:
+        assert {t: lp.decoded_token for t, lp in position.items()} == {
+            t: hf.decode([t]) for t in position}
+    assert job.outputs[0].logprobs[0][257].decoded_token == "</s>"
+    assert job.prompt_logprobs[1][job.prompt_token_ids[1]].decoded_token == "\ufffd"  # é's 1st byte
 
 
 @pytest.mark.parametrize("prompt, params, message", [

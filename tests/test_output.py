@@ -24,6 +24,7 @@ def test_step_outputs_survive_the_wire_form():
     outputs = [out for step in steps for out in step]
     assert any(o.logprobs for o in outputs) and any(o.finish_reason for o in outputs)
     assert any(o.logprobs is None for o in outputs) and any(o.stop_reason == 66 for o in outputs)
+    assert all(len(lp.decoded) == 3 for o in outputs for lp in o.logprobs or ())  # token, top 2
     for step in steps:
         assert unpack_outputs(pack_outputs(step)) == step
     assert unpack_outputs(pack_outputs([])) == []

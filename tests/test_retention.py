@@ -35,3 +35,6 @@ def test_a_job_with_logprobs_weighs_what_its_objects_take():
     bare.samples[0].token_ids = list(range(1000))
     assert 80_000 < bare.kept_bytes() < 100_000  # ~40 bytes a token id in Python lists
     assert 650_000 < job.kept_bytes() < 800_000  # ~690 KB measured with sys.getsizeof
+    for lp in sample.logprobs:  # as msgpack gives them back: a str object each
+        lp.decoded = [f" tok{k}" for k in range(6)]
+    assert 1_050_000 < job.kept_bytes() < 1_250_000  # ~1.1 MB

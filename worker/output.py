@@ -14,7 +14,7 @@ class Logprob:
 
     logprob: float
     rank: int | None = None  # 1 for the most likely token of the vocabulary
-    decoded_token: str | None = None  # not filled in: decode the token id with the tokenizer
+    decoded_token: str | None = None  # the token decoded alone, special tokens included
 
 
 @dataclass(slots=True, eq=False)
@@ -27,17 +27,21 @@ class TokenLogprobs(Mapping):
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob), most likely first, params.logprobs long
     rank: int | None = None  # the chosen token's rank in the vocabulary, 1 = most likely
+    # the text of token_id, then of each top token, each decoded alone (None: not decoded)
+    decoded: list[str] | None = None
     _mapping: dict[int, Logprob] | None = field(default=None, init=False, repr=False,
                                                 compare=False)
 
     def _entries(self) -> dict[int, Logprob]:
         """Built on first use, once: Mapping reads every item through __getitem__."""
         if self._mapping is None:
-            ranked = {token_id: Logprob(logprob, rank)
-                      for rank, (token_id, logprob) in enumerate(self.top or (), start=1)}
+            top = self.top or ()
+            texts = self.decoded or [None] * (1 + len(top))
+            ranked = {token_id: Logprob(logprob, rank, text) for rank, ((token_id, logprob), text)
+                      in enumerate(zip(top, texts[1:]), start=1)}
             among_top = ranked.pop(self.token_id, None)
             rank = self.rank if self.rank is not None or among_top is None else among_top.rank
-            self._mapping = {self.token_id: Logprob(self.logprob, rank), **ranked}
+            self._mapping = {self.token_id: Logprob(self.logprob, rank, texts[0]), **ranked}
         return self._mapping
 
     def __getitem__(self, token_id: int) -> Logprob:
@@ -57,7 +61,7 @@ class TokenLogprobs(Mapping):
     __hash__ = None  # mutable, and equal to dicts
 
     def _fields(self) -> tuple:
-        return self.token_id, self.logprob, self.top, self.rank
+        return self.token_id, self.logprob, self.top, self.rank, self.decoded
 
 
 @dataclass(slots=True)
@@ -93,15 +97,16 @@ def pack_outputs(outputs: list[RequestOutput]) -> bytes:
 
 
 def pack_logprobs(logprobs: list[TokenLogprobs] | None) -> list | None:
-    return None if logprobs is None else [(lp.token_id, lp.logprob, lp.top, lp.rank)
+    return None if logprobs is None else [(lp.token_id, lp.logprob, lp.top, lp.rank, lp.decoded)
                                           for lp in logprobs]
 
 
 def unpack_logprobs(packed: list | None) -> list[TokenLogprobs] | None:
-    """The inverse of :func:`pack_logprobs`; journals written before ranks have no rank."""
+    """The inverse of :func:`pack_logprobs`; journals written before ranks (or decoded texts)
+    were kept have none."""
     return None if packed is None else [
-        TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top], *rank)
-        for token_id, logprob, top, *rank in packed]
+        TokenLogprobs(token_id, logprob, [tuple(alt) for alt in top], *rank_and_decoded)
+        for token_id, logprob, top, *rank_and_decoded in packed]
 
 
 def unpack_outputs(blob: bytes) -> list[RequestOutput]:

@@ -17,6 +17,7 @@ class SampleStream:
         self.job_id = job_id
         self.index = index
         self._resumed = request.num_output_tokens
+        self._tokenizer = tokenizer
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, request.token_ids[:request.num_prompt_tokens],
             request.params.skip_special_tokens)
@@ -83,7 +84,8 @@ class SampleStream:
             request_id=self.job_id, index=self.index, new_token_ids=new_tokens,
             text=self.text[self._text_sent:end], num_prompt_tokens=req.num_prompt_tokens,
             finish_reason=req.finish_reason.value if finished else None,
-            logprobs=self.logprobs[self._tokens_sent - self._resumed:self._tokens_read - self._resumed]
+            logprobs=self._decoded(
+                self.logprobs[self._tokens_sent - self._resumed:self._tokens_read - self._resumed])
             if req.params.logprobs is not None else None,
             prompt_logprobs=self._prompt_logprobs_once(),
             emitted_at=time.time(), stop_reason=self._stop_reason() if finished else None)
@@ -114,4 +116,12 @@ class SampleStream:
                 len(self.prompt_logprobs) < self.request.num_prompt_tokens - 1:
             return None
         self._prompt_logprobs_sent = True
-        return self.prompt_logprobs
+        return self._decoded(self.prompt_logprobs)
+
+    def _decoded(self, logprobs: list[TokenLogprobs]) -> list[TokenLogprobs]:
+        """``logprobs``, each with its tokens' texts (vLLM's decoded_token): filled in as they
+        are sent, so only the positions and tokens a user gets are decoded, once."""
+        text = self._tokenizer.token_text
+        for lp in logprobs:
+            lp.decoded = [text(lp.token_id), *(text(token_id) for token_id, _ in lp.top)]
+        return logprobs

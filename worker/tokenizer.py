@@ -46,6 +46,7 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         self.chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
+        self._token_texts: dict[int, str] = {}  # by token id, filled as token_text is asked
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -88,6 +89,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens included: vLLM's ``decoded_token`` and the
+        token of OpenAI's logprobs. Cached (a decode costs ~1 us, a lookup ~0.05 us)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
