@@ -635,4 +635,5 @@ def _job_output(summary: dict) -> JobOutput:
     return JobOutput(summary["job_id"], outputs, summary["arrival_time"],
                      summary["num_prompt_tokens"], summary["first_token_time"],
                      summary["finish_time"], with_unscored_first(summary.get("prompt_logprobs")),
-                     prompt_token_ids=summary.get("prompt_token_ids"))
+                     prompt_token_ids=summary.get("prompt_token_ids"),
+                     last_token_time=summary.get("last_token_time"))

@@ -118,7 +118,7 @@ class LLM:
                         i = index.get(delta.request_id)
                         if i is None:  # an earlier, interrupted call's abort
                             continue
-                        jobs[i].add(delta, time.monotonic())
+                        jobs[i].add(delta, time.time())
                         if on_output is not None:
                             on_output(i, delta)
                         if delta.finish_reason is not None and jobs[i].finished:
@@ -153,7 +153,7 @@ class LLM:
         jobs: list[JobOutput] = []
         try:
             for prompt, params, priority in zip(prompts, params_list, priorities):
-                now = time.monotonic()
+                now = time.time()  # as the daemon's and vLLM's timings
                 check_priority(priority, self.engine.config.policy)
                 rid = self.engine.add_request(prompt, params, priority=priority)
                 jobs.append(JobOutput.start(rid, params.n, now, prompt,

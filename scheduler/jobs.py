@@ -44,6 +44,7 @@ class JobState:
     arrival_time: float = field(default_factory=time.time)
     first_token_time: float | None = None
     finish_time: float | None = None
+    last_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -78,7 +79,8 @@ class JobState:
         scheduler restart (:meth:`from_record` is the inverse)."""
         return {"prompt_token_ids": self.prompt_token_ids, "params": self.params.to_dict(),
                 "priority": self.priority, "error": self.error,
-                "times": [self.arrival_time, self.first_token_time, self.finish_time],
+                "times": [self.arrival_time, self.first_token_time, self.finish_time,
+                          self.last_token_time],
                 "samples": [[s.index, s.token_ids, s.text, s.text_offsets,
                              pack_logprobs(s.logprobs), pack_logprobs(s.prompt_logprobs),
                              s.finish_reason, s.worker_id, s.emitted_at, s.stop_reason]
@@ -95,7 +97,8 @@ class JobState:
                    finish_reason, worker_id, emitted_at, *stop_reason in record["samples"]]
         job = cls(job_id, record["prompt_token_ids"], SamplingParams.from_dict(record["params"]),
                   record["priority"], samples, record["error"])
-        job.arrival_time, job.first_token_time, job.finish_time = record["times"]
+        job.arrival_time, job.first_token_time, job.finish_time, *last = record["times"]
+        job.last_token_time = last[0] if last else None  # not in records of older schedulers
         if not job.finished or len(samples) != job.params.n:
             raise ValueError("not a finished job's record")
         return job
@@ -134,8 +137,10 @@ class JobState:
         sample = self.samples[sample_index]
         if attempt != sample.attempt or sample.finished:
             return False
-        if out.new_token_ids and self.first_token_time is None:
-            self.first_token_time = time.time()
+        if out.new_token_ids:
+            self.last_token_time = time.time()
+            if self.first_token_time is None:
+                self.first_token_time = self.last_token_time
         sample.token_ids.extend(out.new_token_ids)
         sample.text += out.text
         # text is attributed to the last token of the chunk that produced it

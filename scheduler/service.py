@@ -816,7 +816,7 @@ def job_summary(job: JobState) -> dict:
         "job_id": job.job_id, "num_prompt_tokens": len(job.prompt_token_ids), "error": job.error,
         "prompt_token_ids": job.prompt_token_ids,
         "arrival_time": job.arrival_time, "first_token_time": job.first_token_time,
-        "finish_time": job.finish_time,
+        "finish_time": job.finish_time, "last_token_time": job.last_token_time,
         "prompt_logprobs": job.samples[0].prompt_logprobs,
         "outputs": [{"index": s.index, "token_ids": s.token_ids, "text": s.text,
                      "finish_reason": s.finish_reason, "stop_reason": s.stop_reason,

@@ -1,7 +1,10 @@
 """The msgpack forms: engine outputs as workers report them to the scheduler, and a finished
 job as the journal keeps it."""
+import time
+
 import msgpack
 
+from cluster.client import _job_output
 from cluster.llm import LLM
 from scheduler.jobs import JobState
 from scheduler.sampling_params import SamplingParams
@@ -99,3 +102,26 @@ def test_a_positions_logprobs_equal_the_dict_vllm_gives():
     assert scored == TokenLogprobs(7, -0.5, [(3, -0.25), (7, -0.5)], rank=2)
     assert scored != TokenLogprobs(3, -0.25, [(3, -0.25), (7, -0.5)], rank=1)
     assert scored != [7, 3] and scored != None  # noqa: E711
+
+
+def test_a_jobs_metrics_time_it_on_the_wall_clock_as_vllm_s_and_the_daemons_do():
+    """vLLM's RequestOutput.metrics; there was none, and LLM's own times were time.monotonic()
+    where the daemon's (and vLLM's) are time.time()."""
+    before = time.time()
+    job = LLM("tiny").generate("The cluster", SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    m = job.metrics
+    assert before <= m.arrival_time < m.first_token_time < m.last_token_time
+    assert m.last_token_time == m.finished_time <= time.time()  # the last token ended it
+
+
+def test_the_daemon_keeps_a_jobs_last_token_time_for_its_clients_and_journal():
+    job = JobState("j", [1, 2], SamplingParams(max_tokens=2))
+    assert job.apply(0, 0, RequestOutput("j", 0, [7], "x", 2))
+    first = job.last_token_time
+    assert job.apply(0, 0, RequestOutput("j", 0, [8], "y", 2, "length"))
+    m = _job_output(job_summary(job)).metrics
+    assert m.arrival_time <= m.first_token_time == first <= m.last_token_time <= m.finished_time
+    record = job.to_record()
+    assert JobState.from_record("j", record).last_token_time == m.last_token_time
+    record["times"] = record["times"][:3]  # an older scheduler's
+    assert JobState.from_record("j", record).last_token_time is None

@@ -159,6 +159,18 @@ def with_unscored_first(scored: list[TokenLogprobs] | None) -> list[TokenLogprob
     return None if scored is None else [None, *scored]
 
 
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """A job's timings in time.time() seconds, named as vLLM's RequestMetrics names them; None
+    until it happens. Scheduling is not timed: there is no first_scheduled_time or
+    time_in_queue."""
+
+    arrival_time: float
+    last_token_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+
+
 @dataclass(slots=True)
 class JobOutput:
     """A job's accumulated result: every sample, plus the timings a user reports on."""
@@ -173,6 +185,7 @@ class JobOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     prompt: str | None = None  # the text given (None for token ids, or where not kept)
     prompt_token_ids: list[int] | None = None  # the tokens the job ran on
+    last_token_time: float | None = None  # when the newest token arrived
 
     @classmethod
     def start(cls, request_id: str, n: int, now: float, prompt: str | list[int] | None = None,
@@ -185,8 +198,10 @@ class JobOutput:
     def add(self, delta: RequestOutput, now: float) -> None:
         sample = self.outputs[delta.index]
         self.num_prompt_tokens = delta.num_prompt_tokens
-        if delta.new_token_ids and self.first_token_time is None:
-            self.first_token_time = now
+        if delta.new_token_ids:
+            if self.first_token_time is None:
+                self.first_token_time = now
+            self.last_token_time = now
         sample.token_ids.extend(delta.new_token_ids)
         sample.text += delta.text
         if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -203,6 +218,11 @@ class JobOutput:
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
+
+    @property
+    def metrics(self) -> RequestMetrics:
+        return RequestMetrics(self.arrival_time, self.last_token_time, self.first_token_time,
+                              self.finish_time)
 
     @property
     def ttft(self) -> float | None:
