@@ -610,6 +610,17 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(llm):
         [257] * 3, skip_special_tokens=False) == "</s>" * 3
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_the_eos_that_ends_a_sample_is_in_its_text_only_with_include_stop_str(llm, include):
+    """vLLM's rule, whatever skip_special_tokens says: the EOS that ends a sample stays out of
+    its text unless include_stop_str_in_output; kept in, it shows only if specials are kept."""
+    params = dict(max_tokens=3, temperature=0.0, logit_bias={257: 100},
+                  include_stop_str_in_output=include)
+    for skip, text in ((True, ""), (False, "</s>" if include else "")):
+        out = llm.generate(["x"], SamplingParams(**params, skip_special_tokens=skip))[0].outputs[0]
+        assert (out.token_ids, out.text, out.finish_reason) == ([257], text, "stop")
+
+
 def test_a_closed_llm_refuses_to_generate_and_keeps_its_tokenizer():
     llm = LLM("tiny", block_size=16, kv_cache_gib=0.01)
     llm.close()
