@@ -346,13 +346,21 @@ def test_the_key_may_come_from_the_environment_where_ps_does_not_show_it(capsys,
         assert code == 0, err
 
 
-def test_a_run_whose_every_request_failed_exits_1(capsys):
-    """The short test request fits and passes, every real one is refused: the table said
-    "failed 6" and the exit code was 0, which scripts miss."""
+def test_a_run_with_failed_requests_exits_1_after_its_report(capsys):
+    """The short test request fits and passes, the real ones longer than 8 tokens are refused:
+    the table said "failed 3" and the exit code was 0 (1 only once every request had failed),
+    which scripts miss."""
     with serving(StubServer(max_tokens_limit=8).app()) as url:
+        # asked lengths 4, 4, 5, 11, 9 and 12: three over the limit
+        code, out, err = run_cli(capsys, "--base-url", url, "--num-prompts", "6",
+                                 "--random-output-len", "8", "--json")
+        run, = json.loads(out)["runs"]
+        assert (run["completed"], run["failed"]) == (3, 3) and "first error" in err
+        assert code == 1 and err.endswith("pagedserve: 3 of 6 requests failed (see the errors "
+                                          "above)\n")
         code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "6",
                                "--random-output-len", "16", "--random-range-ratio", "0")
-        assert code == 1 and "every request of a run failed" in err
+        assert code == 1 and "6 of 6 requests failed" in err
         code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "6",
                                "--random-output-len", "8", "--random-range-ratio", "0")
         assert code == 0, err
