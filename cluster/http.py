@@ -206,15 +206,20 @@ def _model_context_len(cfg: PagedServeConfig, model_path) -> int:
 # -- routes -----------------------------------------------------------------------------------
 
 
-async def require_api_key(request: Request) -> None:
+def has_api_key(request: Request) -> bool:
+    """Whether the request carries a valid key, or the API is open (no keys)."""
     keys = _server(request).api_keys
     if not keys:
-        return
+        return True
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     given = token.strip().encode()
     # compare with every key, in constant time, so timing tells nothing about a key
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
-    if scheme.lower() != "bearer" or not any(matches):
+    return scheme.lower() == "bearer" and any(matches)
+
+
+async def require_api_key(request: Request) -> None:
+    if not has_api_key(request):
         raise ApiError(401, "missing or invalid API key; send the header "
                             "'Authorization: Bearer <key>'",
                        type="authentication_error", code="invalid_api_key",
@@ -228,14 +233,19 @@ authorized = [Depends(require_api_key)]
 @router.get("/health")
 async def health(request: Request) -> Response:
     """Open without a key: 200 when the scheduler and at least one worker answer and new jobs
-    are taken (not draining, the journal writable)."""
-    client = _server(request).client
+    are taken (not draining, the journal writable). Without a valid key (where keys are set)
+    the body is the status alone: the reason may name the journal's path."""
+    body = await _health(_server(request).client)
+    code = 503 if body["status"] == "unavailable" else 200
+    return JSONResponse(body if has_api_key(request) else {"status": body["status"]}, code)
+
+
+async def _health(client: Client) -> dict:
     try:
         status = await asyncio.wait_for(client.astatus(), HEALTH_TIMEOUT_S)
     except Exception as exc:
         log.warning("health: the scheduler does not answer: %s", exc)
-        return JSONResponse({"status": "unavailable", "reason": "the scheduler does not "
-                             "answer"}, 503)
+        return {"status": "unavailable", "reason": "the scheduler does not answer"}
     alive = await client.alive_workers(status, timeout=HEALTH_TIMEOUT_S)
     reason = ("no worker answers" if not alive
               else "draining (`pagedserve down --drain`)" if status.get("draining")
@@ -245,7 +255,7 @@ async def health(request: Request) -> Response:
             "workers_known": len(status["workers"])}
     if reason:
         body["reason"] = reason
-    return JSONResponse(body, 503 if reason else 200)
+    return body
 
 
 @router.get("/version")

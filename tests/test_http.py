@@ -649,11 +649,17 @@ def test_msgpack_round_trip(http):
     assert msgpack.unpackb(bad.content)["error"]["code"] == "invalid_body"
 
 
-def test_health_reports_live_workers(base_url, daemon):
+def test_health_reports_live_workers_to_a_key_and_the_status_alone_to_others(base_url, http,
+                                                                             daemon):
+    """Load balancers probe /health without a key; the details (a reason may name the journal's
+    path) are for holders of one."""
     _, client = daemon
-    response = httpx.get(f"{base_url}/health")
+    response = http.get("/health")
     assert response.status_code == 200
     assert response.json()["workers_alive"] == len(ready_workers(client))
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        anonymous = httpx.get(f"{base_url}/health", headers=headers)
+        assert (anonymous.status_code, anonymous.json()) == (200, {"status": "ok"})
 
 
 def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
@@ -753,10 +759,12 @@ def test_a_journal_that_cannot_be_written_refuses_jobs_until_it_can(api, http, b
         assert error["code"] == "journal_unwritable"
         assert error["message"].startswith(f"pagedserve cannot write its job journal (cannot "
                                            f"write {journal}: File too large)")
-        health = httpx.get(f"{base_url}/health")
+        health = http.get("/health")
         assert health.status_code == 503
         assert health.json()["reason"] == (f"the job journal: cannot write {journal}: File too "
                                            "large")
+        anonymous = httpx.get(f"{base_url}/health")
+        assert (anonymous.status_code, anonymous.json()) == (503, {"status": "unavailable"})
         assert "journal: cannot write" in daemon_cmds.format_status(client.status())
         assert "\npagedserve_journal_unwritable 1.0\n" in http.get("/metrics").text
         assert client.status()["jobs_unfinished"] == 0  # the refused job does not run
