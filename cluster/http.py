@@ -105,8 +105,9 @@ class Server:
 
     def check_room(self, prompt_len: int, request: GenerationRequest,
                    prompt: str = "the prompt") -> None:
-        """An explicit max_tokens that cannot fit beside the prompt is the client's error (as
-        with OpenAI's API), not a silently shorter output."""
+        """A max_tokens (given, or completions' default of 16) that cannot fit beside the
+        prompt is the client's error (as with OpenAI's API and vLLM's), not a silently shorter
+        output; chat's default is the room left."""
         wanted = request.requested_max_tokens
         # OpenAI's (and vLLM's) wording and code: clients that shorten a prompt on this error
         # (LiteLLM's context-window fallbacks) look for them
@@ -117,11 +118,12 @@ class Server:
                               request.field_names().get("prompt", "prompt"),
                               code=CONTEXT_EXCEEDED)
         if wanted is not None and prompt_len + wanted > self.context_len:
-            param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
+            param = request.field_names().get("max_tokens", "max_tokens")
+            given = "" if getattr(request, param) is not None else " by default"
             raise bad_request(
                 f"{limit}you requested {prompt_len + wanted} tokens ({prompt_len} in {prompt}, "
-                f"{wanted} in the completion, {param}). Please reduce the length of {prompt} "
-                "or the completion.", param, code=CONTEXT_EXCEEDED)
+                f"{wanted} in the completion, {param}{given}). Please reduce the length of "
+                f"{prompt} or the completion.", param, code=CONTEXT_EXCEEDED)
 
     def chat_prompt(self, request: ChatRequest) -> list[int]:
         messages = [m.as_template_input() for m in request.messages]

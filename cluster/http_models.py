@@ -18,6 +18,8 @@ from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
 
 # A logprob JSON can carry (JSON has no -Infinity); far below any real one.
 LOGPROB_FLOOR = -9999.0
+# A completion's max_tokens when the request leaves it unset: OpenAI's default (and vLLM's)
+COMPLETION_MAX_TOKENS = 16
 
 
 class ApiError(Exception):
@@ -186,8 +188,14 @@ class CompletionRequest(GenerationRequest):
                 raise bad_request(f"invalid min_tokens={self.min_tokens}: must be <= "
                                   "max_tokens=0", "min_tokens")
             overrides.setdefault("max_tokens", 1)
+        overrides.setdefault("max_tokens", self.requested_max_tokens)
         return super().sampling_params(defaults, logprobs=self.logprobs,
                                        prompt_logprobs=prompt_logprobs, **overrides)
+
+    @property
+    def requested_max_tokens(self) -> int:
+        """Unset, OpenAI's default: it must fit beside the prompt as a given one must."""
+        return COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
 
 class TextPart(_Strict):

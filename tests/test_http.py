@@ -539,6 +539,9 @@ def test_openai_parameters_at_their_no_op_values_are_accepted(api, endpoint, bod
 @pytest.mark.parametrize("endpoint, body, param", [
     ("completions", {"prompt": "x" * 40, "max_tokens": 2040}, "max_tokens"),
     ("completions", {"prompt": [5] * 2000, "max_tokens": 49}, "max_tokens"),
+    # OpenAI's default of 16 counts as asked (as in OpenAI's API and vLLM's): 8 tokens of
+    # room gave 8 tokens and finish_reason "length"
+    ("completions", {"prompt": [5] * 2040}, "max_tokens"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2048},
      "max_completion_tokens"),
 ])
@@ -550,6 +553,9 @@ def test_max_tokens_beyond_the_context_is_400(api, endpoint, body, param):
     assert error["param"] == param and error["code"] == "context_length_exceeded"
     assert error["message"].startswith("This model's maximum context length is 2048 tokens. "
                                        "However, you requested ")
+    if param not in body:
+        assert "(2040 in the prompt, 16 in the completion, max_tokens by default)" in \
+            error["message"]
     fits = {**body, param: 4, "ignore_eos": True}
     assert api.post(path, body={"model": "tiny", **fits}, cast_to=object)["usage"][
         "completion_tokens"] == 4
