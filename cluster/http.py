@@ -27,9 +27,9 @@ from cluster.client import (SCHEDULER_GONE, Client, DaemonUnavailableError,
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                  GenerationRequest, Echo, ResponseContext, TokenizeRequest,
-                                 bad_request, echo_chunk, full_response, in_request_terms,
-                                 job_without_output, role_chunk, stream_chunk, usage_chunk,
-                                 validation_error, without_output)
+                                 bad_request, check_response_size, echo_chunk, full_response,
+                                 in_request_terms, job_without_output, role_chunk, stream_chunk,
+                                 usage_chunk, validation_error, without_output)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, sse_event
@@ -373,6 +373,8 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
     response; ``echoed``: what to put before each prompt's choices (echo=true)."""
     server = _server(request)
     chat = isinstance(body, ChatRequest)
+    if not body.stream:
+        check_response_size(prompts, params, bool(echoed), body.field_names())
     with _daemon_errors(body):
         job_ids = await _submit_or_withdraw(server, prompts, params, body.priority)
     ctx = ResponseContext(f"{'chatcmpl' if chat else 'cmpl'}-{job_ids[0]}", int(time.time()),

@@ -20,6 +20,15 @@ from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
 LOGPROB_FLOOR = -9999.0
 # A completion's max_tokens when the request leaves it unset: OpenAI's default (and vLLM's)
 COMPLETION_MAX_TOKENS = 16
+# What one whole (not streamed) response may hold: it is built in memory, and rendered on the
+# server's event loop, before a byte is sent. A token costs ~30 bytes; a logprob entry 230
+# (completions) to 770 bytes (chat: with its token's bytes) and ~10 us of the loop: 25 chat
+# samples of 2,042 tokens with top_logprobs 20 (1.07M entries) took 540 MiB and stalled every
+# other request 9 s; n = 256 (as SamplingParams allows) would take ~6 GiB and ~1.5 min. The
+# engine's own limits (n, logprobs) bound each factor, not their product. A stream sends as it
+# goes.
+MAX_RESPONSE_TOKENS = 1 << 22
+MAX_RESPONSE_LOGPROBS = 1 << 20
 
 
 class ApiError(Exception):
@@ -284,6 +293,30 @@ class ChatRequest(GenerationRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+
+def check_response_size(prompts: list[list[int]], params: SamplingParams, echo: bool,
+                        aliases: dict[str, str]) -> None:
+    """A 400 for a whole response that may hold more than MAX_RESPONSE_TOKENS tokens or
+    MAX_RESPONSE_LOGPROBS logprob entries (each choice repeats its echoed prompt)."""
+    generated = len(prompts) * params.n * params.max_tokens
+    echoed = params.n * sum(map(len, prompts)) if echo else 0
+    logprobs = _entries(generated, params.logprobs) + _entries(echoed, params.prompt_logprobs)
+    if generated + echoed <= MAX_RESPONSE_TOKENS and logprobs <= MAX_RESPONSE_LOGPROBS:
+        return
+    name = "logprobs" if logprobs > MAX_RESPONSE_LOGPROBS else "max_tokens"
+    raise bad_request(
+        f"this response could hold {generated + echoed} tokens and {logprobs} logprobs "
+        f"({len(prompts)} prompt(s) x n={params.n} x max_tokens={params.max_tokens}"
+        f"{', prompts echoed' if echo else ''}), more than a whole response may hold "
+        f"({MAX_RESPONSE_TOKENS} tokens, {MAX_RESPONSE_LOGPROBS} logprobs): ask for fewer "
+        "samples, tokens or logprobs, or stream it (stream=true)", aliases.get(name, name),
+        code="response_too_large")
+
+
+def _entries(tokens: int, top: int | None) -> int:
+    """Logprob entries of ``tokens`` scored with ``top`` alternatives: theirs and their own."""
+    return 0 if top is None else tokens * (top + 1)
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^invalid (\w+)=")

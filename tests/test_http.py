@@ -467,6 +467,8 @@ def test_models_lists_the_served_model_and_others_are_404(api):
     ("chat", {"messages": []}, "messages"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
               "top_logprobs": 99}, "top_logprobs"),
+    ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),  # vLLM's max_logprobs
+    ("completions", {"prompt": "x", "n": 257}, "n"),
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ("completions", {"prompt": "x", "seed": 2 ** 70}, "seed"),
     ("completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
@@ -607,6 +609,21 @@ def test_malformed_json_is_400(api, http):
     nan = http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
                     headers={"Content-Type": "application/json"})
     assert nan.status_code == 400
+    assert_still_serves(api)
+
+
+def test_a_whole_response_too_large_to_build_is_400_and_its_stream_is_taken(api):
+    """25 chat samples of up to 2,042 tokens with 20 alternatives each: ~1M logprob entries,
+    ~0.8 GiB of response built in memory and seconds of the event loop. The same as a stream
+    is sent as it goes."""
+    body = {"model": "tiny", "messages": USER, "n": 25, "logprobs": True, "top_logprobs": 20}
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.post("/chat/completions", body=body, cast_to=object)
+    error = caught.value.body
+    assert (error["param"], error["code"]) == ("top_logprobs", "response_too_large")
+    assert "1072050 logprobs (1 prompt(s) x n=25 x max_tokens=2042)" in error["message"]
+    with api.chat.completions.create(**body, stream=True) as stream:
+        assert next(iter(stream)).choices[0].delta.role == "assistant"
     assert_still_serves(api)
 
 

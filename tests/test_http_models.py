@@ -1,5 +1,6 @@
 """How HTTP responses render tokens, without a daemon: text offsets and token bytes on tokenizers
-whose decoding depends on context (SentencePiece's leading space) or keeps special tokens."""
+whose decoding depends on context (SentencePiece's leading space) or keeps special tokens; and
+how large a whole response may be."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,9 @@ import pytest
 from starlette.requests import Request
 
 from cluster import http
-from cluster.http_models import DetokenizeRequest, ResponseContext
+from cluster.http_models import (ApiError, DetokenizeRequest, ResponseContext,
+                                check_response_size)
+from scheduler.sampling_params import SamplingParams
 from test_tokenizer import BPE_CONFIG, byte_level_bpe, metaspace_bpe, write_dir
 from worker.models.tiny import tiny_model_dir
 from worker.tokenizer import Tokenizer
@@ -99,3 +102,36 @@ def test_request_bodies_are_decoded_and_validated_off_the_event_loop(monkeypatch
 
     assert asyncio.run(parse()).tokens == [1, 2]
     assert decoded_in and decoded_in[0] is not threading.main_thread()
+
+
+CHAT = {"logprobs": "top_logprobs", "prompt": "messages"}  # ChatRequest.field_names()
+
+
+@pytest.mark.parametrize("prompts, params, echo, aliases, param", [
+    # chat, with no max_tokens: the room left; top_logprobs 20 for 25 samples
+    ([[1] * 8], SamplingParams(n=25, max_tokens=2040, logprobs=20), False, CHAT,
+     "top_logprobs"),
+    # a batch of 1,024 prompts, n = 256, 17 tokens each: 4.46M tokens
+    ([[1] * 8] * 1024, SamplingParams(n=256, max_tokens=17), False, {}, "max_tokens"),
+    # an echoed prompt is scored in each of the n choices
+    ([[1] * 1000], SamplingParams(n=64, max_tokens=1, logprobs=1, prompt_logprobs=20), True,
+     {}, "logprobs"),
+])
+def test_a_whole_response_too_large_to_build_is_400_naming_a_field(prompts, params, echo,
+                                                                   aliases, param):
+    with pytest.raises(ApiError) as caught:
+        check_response_size(prompts, params, echo, aliases)
+    error = caught.value.body()["error"]
+    assert (caught.value.status, error["param"], error["code"]) == \
+        (400, param, "response_too_large")
+    assert error["message"].endswith("or stream it (stream=true)")
+
+
+@pytest.mark.parametrize("prompts, params, echo", [
+    ([[1] * 8], SamplingParams(n=24, max_tokens=2040, logprobs=20), False),
+    ([[1] * 8] * 1024, SamplingParams(n=256, max_tokens=16), False),
+    ([[1] * 1000], SamplingParams(n=48, max_tokens=1, logprobs=1, prompt_logprobs=20), True),
+    ([[1] * 8], SamplingParams(n=256, max_tokens=16384), False),  # no logprobs: 4M tokens
+])
+def test_responses_up_to_the_bounds_are_taken(prompts, params, echo):
+    check_response_size(prompts, params, echo, {})
