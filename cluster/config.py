@@ -165,6 +165,8 @@ class HttpSection(_Section):
     port: int = setting(8000, int_between(0, 65535))
     api_keys: tuple[str, ...] = setting((), TEXT_LIST)
     max_body_bytes: int = setting(2**20, int_at_least(1))
+    # POST requests in progress at once; one more is answered 503 before its body is read
+    max_concurrent_requests: int = setting(1024, int_at_least(1))
     # origins whose browser pages may call the API (CORS), e.g. ["https://ui.example.com"],
     # or ["*"]; none by default
     cors_allowed_origins: tuple[str, ...] = setting((), TEXT_LIST)

@@ -155,6 +155,7 @@ BAD_VALUES = [
     ("http", "api_keys", "secret", "list"),
     ("http", "api_keys", ["ok", ""], "list"),
     ("http", "max_body_bytes", 0, ">= 1"),
+    ("http", "max_concurrent_requests", 0, ">= 1"),
 ]
 
 

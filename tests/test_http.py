@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -945,6 +946,32 @@ def test_cors_is_off_by_default_and_answers_the_origins_configured(daemon, http)
         other = httpx.options(f"{url}/v1/chat/completions",
                               headers={**preflight, "Origin": "https://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_past_max_concurrent_requests_a_post_is_503_before_its_body_is_read(daemon):
+    """Nothing bounded the requests in progress: 1,500 clients each sending most of a 1 MiB
+    body grew the server by 1.5 GiB, and more would have grown it further."""
+    cfg, client = daemon
+    limited = with_overrides(cfg, http={"max_concurrent_requests": 2})
+    with serving(create_app(client, limited)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow = [socket.create_connection((host, int(port))) for _ in range(2)]
+        try:
+            for sock in slow:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + b" " * 50000)
+            wait_for(lambda: httpx.post(f"{url}/v1/completions", json={}).status_code == 503,
+                     timeout=10, what="the slow requests in progress")
+            busy = httpx.post(f"{url}/v1/completions", json={"prompt": "x"})
+            assert int(busy.headers["retry-after"]) >= 1 and busy.headers["connection"] == "close"
+            assert error_of(busy)["code"] == "too_many_requests_in_progress"
+            assert httpx.get(f"{url}/health").status_code == 200  # probes are still answered
+        finally:
+            for sock in slow:
+                sock.close()
+        wait_for(lambda: httpx.post(f"{url}/v1/completions", json={
+            "prompt": "x", "max_tokens": 2}).status_code == 200, timeout=10,
+            what="the slow requests gone")
 
 
 def test_choices_carry_vllm_s_stop_reason(api, http):
