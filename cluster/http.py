@@ -401,7 +401,8 @@ async def _generate(request: Request, body: GenerationRequest, prompts: list[lis
         jobs = [job_without_output(job) for job in jobs]
     server.metrics.count_tokens(sum(job.num_prompt_tokens for job in jobs),
                                 sum(len(o.token_ids) for job in jobs for o in job.outputs))
-    return _encode(request, full_response(ctx, jobs, params.n))
+    # off the event loop: building and encoding 1M logprob entries takes ~9 s of CPU
+    return await asyncio.to_thread(lambda: _encode(request, full_response(ctx, jobs, params.n)))
 
 
 async def _submit_or_withdraw(server: Server, prompts: list[list[int]], params: SamplingParams,

@@ -20,13 +20,12 @@ from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
 LOGPROB_FLOOR = -9999.0
 # A completion's max_tokens when the request leaves it unset: OpenAI's default (and vLLM's)
 COMPLETION_MAX_TOKENS = 16
-# What one whole (not streamed) response may hold: it is built in memory, and rendered on the
-# server's event loop, before a byte is sent. A token costs ~30 bytes; a logprob entry 230
-# (completions) to 770 bytes (chat: with its token's bytes) and ~10 us of the loop: 25 chat
-# samples of 2,042 tokens with top_logprobs 20 (1.07M entries) took 540 MiB and stalled every
-# other request 9 s; n = 256 (as SamplingParams allows) would take ~6 GiB and ~1.5 min. The
-# engine's own limits (n, logprobs) bound each factor, not their product. A stream sends as it
-# goes.
+# What one whole (not streamed) response may hold: it is built in memory before a byte is
+# sent. A token costs ~30 bytes; a logprob entry 230 (completions) to 770 bytes (chat: with its
+# token's bytes) and ~10 us of CPU: 25 chat samples of 2,042 tokens with top_logprobs 20 (1.07M
+# entries) took 540 MiB and 9 s; n = 256 (as SamplingParams allows) would take ~6 GiB and ~1.5
+# min. The engine's own limits (n, logprobs) bound each factor, not their product. A stream
+# sends as it goes.
 MAX_RESPONSE_TOKENS = 1 << 22
 MAX_RESPONSE_LOGPROBS = 1 << 20
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API against a live daemon on a local Ray cluster, driven with the
 official openai client and raw httpx: results equal the daemon's own, streams equal whole
 responses, bad input gets the right status and error body, and the server keeps serving."""
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -19,6 +20,7 @@ import ray
 from daemon_helpers import daemon_config, ready_workers, wait_for
 from serving import serving
 
+import cluster.http
 from cluster import bringup, daemon_cmds
 from cluster.client import Client
 from cluster.config import with_overrides
@@ -626,6 +628,23 @@ def test_a_whole_response_too_large_to_build_is_400_and_its_stream_is_taken(api)
     with api.chat.completions.create(**body, stream=True) as stream:
         assert next(iter(stream)).choices[0].delta.role == "assistant"
     assert_still_serves(api)
+
+
+def test_a_whole_response_is_built_off_the_event_loop(api, monkeypatch):
+    """24 chat samples of 2,042 tokens with top_logprobs 20 (under the bound above) took the
+    server's event loop ~9 s to build and encode: every other request waited meanwhile."""
+    on_loop, build = [], cluster.http.full_response
+
+    def spied(*args):
+        try:
+            on_loop.append(asyncio.get_running_loop() is not None)
+        except RuntimeError:  # no event loop in this thread
+            on_loop.append(False)
+        return build(*args)
+
+    monkeypatch.setattr(cluster.http, "full_response", spied)
+    api.completions.create(prompt="x", **greedy())
+    assert on_loop == [False]
 
 
 def test_a_10_mb_body_is_413(api, http, daemon):
