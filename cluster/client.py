@@ -61,6 +61,10 @@ class Client:
         # does: a call meeting that outage later waits only what is left of timeout_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
+        # an object this process owns, sent with each call that waits on jobs: Ray fails it
+        # when the process dies (a SIGKILL cancels nothing), and the scheduler then ends those
+        # calls, which would hold their max_waiting_calls slots until their jobs end
+        self._caller = [ray.put(None)]
         self.cluster_gone: DaemonUnavailableError | None = None  # see mark_cluster_gone
         self._liveness = Liveness(lambda: self._scheduler, lambda: self.timeout_s,
                                   lambda: self.cluster_gone)
@@ -118,12 +122,13 @@ class Client:
             lost_at, retried = await self._areconnect(lost_at), True
 
     def _remote(self, method: str, args: tuple, retried: bool):
-        """Send the call. A wait on jobs sent again after a scheduler restart is marked
-        ``resumed``: the new scheduler lets it past max_waiting_calls, where new calls may
-        already have taken every slot (RESUMED_CALLS_FACTOR)."""
+        """Send the call. A wait on jobs names its caller (see ``_caller``), and sent again
+        after a scheduler restart is marked ``resumed``: the new scheduler lets it past
+        max_waiting_calls, where new calls may already have taken every slot
+        (RESUMED_CALLS_FACTOR)."""
         call = getattr(self._scheduler, method)
-        if retried and method in WAITING_METHODS:
-            return call.remote(*args, resumed=True)
+        if method in WAITING_METHODS:
+            return call.remote(*args, resumed=retried, caller=self._caller)
         return call.remote(*args)
 
     def _reconnect(self, lost_at: float) -> float | None:
@@ -339,7 +344,7 @@ class Client:
         lost_at, resumed = None, False
         while True:
             try:
-                stream = self._scheduler.stream.remote([job_id], cursors, resumed)
+                stream = self._scheduler.stream.remote([job_id], cursors, resumed, self._caller)
                 with read_or_cancelled(stream) as reading:
                     while True:
                         self._liveness.block(stream, self._silent("stream"))
@@ -378,7 +383,8 @@ class Client:
         lost_at, opened, resumed = None, False, False
         while True:
             try:
-                stream = self._scheduler.stream.remote(job_ids, cursors, resumed)
+                stream = self._scheduler.stream.remote(job_ids, cursors, resumed,
+                                                       self._caller)
                 with read_or_cancelled(stream) as reading:
                     while True:
                         try:

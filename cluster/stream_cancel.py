@@ -15,7 +15,8 @@ _OPEN_STREAMS: set = set()  # of this process
 def read_or_cancelled(stream):
     """``with read_or_cancelled(stream) as reading:`` cancels ``stream`` on leaving, unless
     ``reading.ended`` was set (its end was read), and at exit while open. A killed process
-    cancels nothing: its streams hold their slots until their jobs end."""
+    cancels nothing: the scheduler ends its streams once it sees the process gone (see
+    Client._caller)."""
     reading = types.SimpleNamespace(ended=False)
     if not _OPEN_STREAMS:  # (again) after ray.init's own exit handler: atexit runs the last first
         atexit.unregister(_cancel_open_streams)

@@ -15,10 +15,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.batching import check_priority
+from scheduler.callers import Callers
 from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState
 from scheduler.prompts import job_prompt_ids
@@ -55,6 +56,10 @@ ANSWERING_CALLS = 1000
 # (marked so by the client) are refused only once the waits reach this many times
 # max_waiting_calls.
 RESUMED_CALLS_FACTOR = 2
+# How often the scheduler looks whether the processes whose calls wait on it still live: a
+# client killed with SIGKILL cancels nothing, and its waits held their slots until their jobs
+# ended (never, for a job that does not run). Ray takes ~1.5 s more to see the process gone.
+CALLER_CHECK_S = 1.0
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -161,6 +166,7 @@ class SchedulerService:
         self.results_restored = 0  # finished jobs whose results the journal kept
         self.stalled_workers_killed = 0
         self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
+        self.callers = Callers()  # the client processes of those calls, watched for death
         self.draining = False
         # per node, its failed worker starts in a row: one that fails MAX_SPAWN_FAILURES gets
         # no more, while the other nodes' NPUs still get workers when theirs die
@@ -172,7 +178,9 @@ class SchedulerService:
         self.started_at = time.time()
         self._self_handle = ray.get_runtime_context().current_actor
         self.jobs_resumed = self._resume_from_journal()
-        self._tasks = [asyncio.get_running_loop().create_task(self._reconcile_forever())]
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._reconcile_forever()),
+                       loop.create_task(self._watch_callers_forever())]
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -465,6 +473,21 @@ class SchedulerService:
                 break
             summaries.append(self._read(job))
         return summaries
+
+    async def _watch_callers_forever(self) -> None:
+        """End the waiting calls of client processes that died, so that they give back their
+        max_waiting_calls slots."""
+        while True:
+            await asyncio.sleep(CALLER_CHECK_S)
+            try:
+                watched = self.callers.watched()
+                alive = await asyncio.gather(*(_owner_alive(token) for _, token in watched))
+                for (key, _), lives in zip(watched, alive):
+                    if not lives:
+                        for task in self.callers.forget(key):
+                            task.cancel()
+            except Exception:  # never let the watcher die
+                log.exception("watching callers failed")
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -841,10 +864,14 @@ def _advance_cursor(job: JobState, cursor: list[int]) -> list[RequestOutput]:
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Until ``event`` is set or ``timeout`` has passed. Not asyncio.wait_for, which before
+    Python 3.12 can swallow a cancel that comes as the event is set: the cancel that ends the
+    call of a dead client (an event set at every token) was lost one time in ten."""
+    waiter = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
-        pass
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 def last_line(remote_traceback: str) -> str:
@@ -867,17 +894,24 @@ class SchedulerActor:
         self.service = SchedulerService(options, journal_factory)
 
     @contextlib.contextmanager
-    def _waiting_call(self, resumed: bool = False):
-        """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it."""
+    def _waiting_call(self, resumed: bool = False, caller: list | None = None):
+        """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it. With
+        ``caller`` (``[token]``, an object the calling process owns), the call is ended
+        (cancelled) once that process is seen dead."""
         service, limit = self.service, self.service.options.max_waiting_calls
         if service.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
             raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
                                   "(scheduler.max_waiting_calls); retry later")
         service.waiting_calls += 1
+        key, task = (caller[0].hex(), asyncio.current_task()) if caller else (None, None)
+        if key is not None:
+            service.callers.open_call(key, caller[0], task)
         try:
             yield
         finally:
             service.waiting_calls -= 1
+            if key is not None:
+                service.callers.close_call(key, task)
 
     async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
         return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
@@ -927,22 +961,23 @@ class SchedulerActor:
         await self._write_journal()
         return aborted
 
-    async def stream(self, job_ids, cursors=None, resumed=False):
-        with self._waiting_call(resumed):
+    async def stream(self, job_ids, cursors=None, resumed=False, caller=None):
+        with self._waiting_call(resumed, caller):
             async with contextlib.aclosing(self.service.stream(job_ids, cursors)) as stream:
                 async for outputs in stream:
                     if any(delta.finish_reason is not None for _, delta in outputs):
                         await self._write_journal()
                     yield outputs
 
-    async def result(self, job_id, timeout=None, resumed=False) -> dict:
-        with self._waiting_call(resumed):  # until answered: the journal write holds the actor too
+    async def result(self, job_id, timeout=None, resumed=False, caller=None) -> dict:
+        # held until answered: the journal write holds the actor too
+        with self._waiting_call(resumed, caller):
             summary = await self.service.result(job_id, timeout)
             await self._write_journal()
         return summary
 
-    async def results(self, job_ids, timeout=None, resumed=False) -> list[dict]:
-        with self._waiting_call(resumed):
+    async def results(self, job_ids, timeout=None, resumed=False, caller=None) -> list[dict]:
+        with self._waiting_call(resumed, caller):
             summaries = await self.service.results(job_ids, timeout)
             await self._write_journal()
         return summaries
@@ -977,6 +1012,18 @@ async def answers_stats(worker, timeout: float) -> bool:
         return True
     except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, RayTaskError):
         return False
+
+
+async def _owner_alive(token) -> bool:
+    """False once Ray has failed ``token`` because the process that owns it died; True while
+    it can be read (or does not answer in time: not known to be dead)."""
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(token.future()), CALLER_CHECK_S)
+    except ObjectLostError:  # OwnerDiedError
+        return False
+    except asyncio.TimeoutError:
+        pass
+    return True
 
 
 def _node_alive(node_id: str) -> bool:

@@ -775,7 +775,7 @@ class _Gone:
     def abort(self, job_id):
         pass
 
-    def stream(self, job_ids, cursors=None, resumed=False):
+    def stream(self, job_ids, cursors=None, resumed=False, caller=None):
         yield
 
 
