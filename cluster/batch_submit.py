@@ -28,10 +28,11 @@ class BatchSubmitter:
     ``submitted``: the ids accepted so far; ``in_flight``: those of a batch sent whose answer
     has not come back (after an interrupt the scheduler may or may not have accepted it).
     ``on_wait(status)`` is called once a wait for room in a full queue has lasted
-    WAIT_REPORT_S, so a long wait is not silent; then again at the next such wait."""
+    WAIT_REPORT_S, so a long wait is not silent; then again at the next such wait. ``hold``:
+    the scheduler holds the results for this process until it reads them."""
 
     def __init__(self, client: Client, specs: Sequence[tuple], batch_size: int,
-                 on_wait: Callable[[dict], None] | None = None) -> None:
+                 on_wait: Callable[[dict], None] | None = None, hold: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.submitted: list[str] = []
@@ -41,6 +42,7 @@ class BatchSubmitter:
         self._batch_size = batch_size
         self._fits = batch_size
         self._on_wait = on_wait
+        self._hold = hold
 
     @property
     def total(self) -> int:
@@ -66,7 +68,7 @@ class BatchSubmitter:
             specs = self._specs[first:first + min(self._batch_size, self._fits)]
             self.in_flight = [spec[-1] for spec in specs]
             try:
-                accepted = self._client._submit_batch(list(specs), first)
+                accepted = self._client._submit_batch(list(specs), first, self._hold)
             except OverloadedError as exc:
                 self.in_flight = []  # refused whole
                 if not wait_for_room or isinstance(exc, UnavailableError):
@@ -101,10 +103,11 @@ class BatchSubmitter:
 
 class PacedSubmit:
     """Iterating yields the job ids in input order, submitting at most half
-    ``max_finished_jobs`` past the one handed out: the scheduler keeps only that many finished
-    jobs, so a batch larger than that, sent whole before its results are read, would lose its
-    first ones. Job i waits for room in the queue if need be; the jobs after it are sent while
-    the queue has room, so the workers stay busy while the reader waits for job i.
+    ``max_finished_jobs`` past the one handed out: the scheduler holds their results for this
+    process until it reads them (past max_finished_jobs too, whatever other clients submit),
+    and that window bounds what it holds for one submit. Job i waits for room in the queue if
+    need be; the jobs after it are sent while the queue has room, so the workers stay busy
+    while the reader waits for job i.
     ``submitted`` and ``in_flight`` as BatchSubmitter's, for withdrawing the jobs after an
     error or an interrupt."""
 

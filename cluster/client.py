@@ -284,14 +284,16 @@ class Client:
         """Queue a batch of any size as it is read: iterating the returned PacedSubmit yields
         the job ids in input order, submitting (waiting for room) a bounded number of jobs
         ahead of the one handed out, so that none finishes and is forgotten before the caller
-        reads it. Its ``submitted`` and ``in_flight`` are what to withdraw if the caller stops.
-        Params are checked, and ``on_wait`` called, as in ``submit_many``."""
+        reads it. The scheduler holds their results for this process until read, whatever
+        other clients do (they do not count toward its max_finished_jobs meanwhile). Its
+        ``submitted`` and ``in_flight`` are what to withdraw if the caller stops. Params are
+        checked, and ``on_wait`` called, as in ``submit_many``."""
         status = self.status()
         batch_size = min(SUBMIT_BATCH, status["max_queued_jobs"])  # a bigger one never fits
-        submitter = self._submitter(prompts, params, priorities, batch_size, on_wait)
+        submitter = self._submitter(prompts, params, priorities, batch_size, on_wait, hold=True)
         return PacedSubmit(submitter, status["max_finished_jobs"])
 
-    def _submitter(self, prompts, params, priorities, batch_size, on_wait=None
+    def _submitter(self, prompts, params, priorities, batch_size, on_wait=None, hold=False
                    ) -> BatchSubmitter:
         per_job = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
@@ -301,7 +303,7 @@ class Client:
                 f"{len(per_job)} and {len(priorities)}")
         specs = [_batch_args(prompts, per_job, priorities, i) for i in range(len(prompts))]
         batch_size = SUBMIT_BATCH if batch_size is None else batch_size
-        submitter = BatchSubmitter(self, specs, batch_size, on_wait)
+        submitter = BatchSubmitter(self, specs, batch_size, on_wait, hold)
         if len(specs) > batch_size:  # one batch is refused whole anyway
             submitter.check_all()
         return submitter
@@ -327,9 +329,12 @@ class Client:
             exc.in_flight = [spec[-1] for spec in specs]
             raise
 
-    def _submit_batch(self, specs: list[tuple], first_index: int) -> list[str]:
+    def _submit_batch(self, specs: list[tuple], first_index: int, hold: bool = False
+                      ) -> list[str]:
+        """``hold``: the scheduler keeps the jobs' results for this process until it reads
+        them (see submit_paced)."""
         try:
-            return self._call("submit_many", specs, first_index)
+            return self._call("submit_many", specs, first_index, self._caller if hold else None)
         except InvalidRequestError as exc:
             if not _id_in_use(exc):
                 raise

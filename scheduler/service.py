@@ -166,7 +166,8 @@ class SchedulerService:
         self.results_restored = 0  # finished jobs whose results the journal kept
         self.stalled_workers_killed = 0
         self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
-        self.callers = Callers()  # the client processes of those calls, watched for death
+        # the client processes of those calls, and of paced submits, watched for death
+        self.callers = Callers()
         self.draining = False
         # per node, its failed worker starts in a row: one that fails MAX_SPAWN_FAILURES gets
         # no more, while the other nodes' NPUs still get workers when theirs die
@@ -184,10 +185,14 @@ class SchedulerService:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def submit_many(self, specs: list[tuple], first_index: int = 0) -> list[str]:
+    def submit_many(self, specs: list[tuple], first_index: int = 0,
+                    holder: list | None = None) -> list[str]:
         """Accept every job of ``specs`` (``(prompt, params, priority, job_id)`` each) or none:
         a bad job raises, naming it as job ``first_index + its place``, and a batch that would
-        pass ``max_queued_jobs`` is refused whole."""
+        pass ``max_queued_jobs`` is refused whole. With ``holder`` (``[token]``, an object the
+        submitting process owns: a paced submit, which reads every job it sends), each job's
+        result is held for it, kept whatever max_finished_jobs says, until it is read, the job
+        is aborted, or that process is seen dead."""
         if self.draining:
             raise DrainingError("pagedserve is draining to go down: it finishes its jobs and "
                                 "takes no new ones")
@@ -206,6 +211,8 @@ class SchedulerService:
             self.journal.record_accepted(job.job_id, job.prompt_token_ids, job.params.to_dict(),
                                          job.priority)
             self._track(job)
+        if holder:
+            self.callers.hold(holder[0].hex(), holder[0], list(jobs))
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
@@ -356,11 +363,13 @@ class SchedulerService:
         reason = "error" if job.error else job.samples[0].finish_reason
         self.journal.record_finished(job.job_id, reason, job.to_record())
         self.finished_events[job.job_id].set()
-        self._forget(self.finished.add(job.job_id, job.kept_bytes()))
+        self._forget(self.finished.add(job.job_id, job.kept_bytes(),
+                                       held=self.callers.holds(job.job_id)))
 
     def _read(self, job: JobState) -> dict:
         """The finished job's summary, for a client that reads its result."""
         summary = job_summary(job)
+        self.callers.unhold(job.job_id)
         self._forget(self.finished.mark_read(job.job_id))
         return summary
 
@@ -372,7 +381,8 @@ class SchedulerService:
 
     def abort(self, job_id: str) -> bool:
         job = self._job(job_id)
-        if job.finished:
+        self._unhold(job.job_id)  # aborted: not read by its submitter (a withdrawn paced submit
+        if job.finished:          # aborts its finished jobs too)
             return False
         self._withdraw_samples(job)
         for sample in job.samples:
@@ -380,6 +390,10 @@ class SchedulerService:
                 job.finish_sample(sample, "abort")
         self._changed(job)
         return True
+
+    def _unhold(self, job_id: str) -> None:
+        self.callers.unhold(job_id)
+        self._forget(self.finished.release(job_id))
 
     def _withdraw_samples(self, job: JobState) -> None:
         """Take the job's unfinished samples back from the workers running them, which drop
@@ -476,7 +490,7 @@ class SchedulerService:
 
     async def _watch_callers_forever(self) -> None:
         """End the waiting calls of client processes that died, so that they give back their
-        max_waiting_calls slots."""
+        max_waiting_calls slots, and let go of the results they held."""
         while True:
             await asyncio.sleep(CALLER_CHECK_S)
             try:
@@ -484,10 +498,16 @@ class SchedulerService:
                 alive = await asyncio.gather(*(_owner_alive(token) for _, token in watched))
                 for (key, _), lives in zip(watched, alive):
                     if not lives:
-                        for task in self.callers.forget(key):
-                            task.cancel()
+                        self._caller_gone(key)
             except Exception:  # never let the watcher die
                 log.exception("watching callers failed")
+
+    def _caller_gone(self, key: str) -> None:
+        calls, held = self.callers.forget(key)
+        for task in calls:
+            task.cancel()
+        for job_id in held:
+            self._forget(self.finished.release(job_id))
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -763,6 +783,7 @@ class SchedulerService:
             "waiting_calls": self.waiting_calls,
             "max_waiting_calls": self.options.max_waiting_calls,
             "jobs_finished_kept": len(self.finished),
+            "jobs_finished_held": self.finished.held,
             "finished_kept_bytes": self.finished.total_bytes,
             "max_finished_jobs": self.options.max_finished_jobs,
             "pending_samples": len(self.pending),
@@ -916,11 +937,11 @@ class SchedulerActor:
     async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
         return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
 
-    async def submit_many(self, specs, first_index=0) -> list[str]:
+    async def submit_many(self, specs, first_index=0, holder=None) -> list[str]:
         journal = self.service.journal
         if journal.write_error is not None:  # refused whole, before any job runs, until
             await self._flush_journal([])     # a write goes through again
-        job_ids = self.service.submit_many(specs, first_index)
+        job_ids = self.service.submit_many(specs, first_index, holder)
         # Acknowledge only what is on disk: a scheduler killed right after this reply must still
         # find the jobs in the journal. Concurrent submits share one fsync (group commit).
         await self._flush_journal(job_ids)

@@ -248,6 +248,28 @@ def test_a_batch_larger_than_the_finished_jobs_kept_loses_no_result(client, tmp_
         f"(scheduler.max_finished_jobs), and some of these {count} may be forgotten")
 
 
+def test_a_paced_submit_loses_no_result_to_another_that_reads_faster(client):
+    """Three `pagedserve submit` of 1,000 jobs each, against max_finished_jobs=500, lost each
+    other's results: the results one had not read yet were the oldest, and those the others
+    read pushed them out. A paced submit's results are held for it until it reads them."""
+    one_token = SamplingParams(max_tokens=1, temperature=0)
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    slow = iter(client.submit_paced(_numbered_jobs(2 * QUEUED), one_token))
+    first = next(slow)
+    assert client.result(first).outputs[0].token_ids  # then it pauses, its sent jobs finish
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="the slow reader's jobs")
+    assert client.status()["jobs_finished_held"] == QUEUED - 1
+    fast = client.results(client.submit_paced(_numbered_jobs(2 * FINISHED_KEPT), one_token))
+    assert len(fast) == 2 * FINISHED_KEPT
+    assert len([client.result(job) for job in slow]) == 2 * QUEUED - 1
+    assert client.status()["jobs_finished_held"] == 0
+    left = client.submit_paced(_numbered_jobs(QUEUED), one_token)  # read no further, then
+    next(iter(left))                                                 # withdrawn, as after a
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="the left jobs")  # Ctrl-C
+    client.withdraw(left.submitted)
+    assert client.status()["jobs_finished_held"] == 0
+
+
 def _long_job(client, prompt: str) -> str:
     """A job of 1,500 tokens, submitted once no other is unfinished."""
     wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")

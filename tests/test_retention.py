@@ -1,5 +1,6 @@
 """Which finished jobs the scheduler keeps: the latest by count, and past the byte budget the
-ones read longest ago first, never one nobody has read."""
+ones read longest ago first, never one nobody has read; a job held for its reader goes only
+once read or released."""
 from scheduler.jobs import JobState
 from scheduler.retention import FinishedJobs
 from scheduler.sampling_params import SamplingParams
@@ -24,6 +25,17 @@ def test_past_the_bytes_only_jobs_already_read_go_oldest_read_first():
     kept.max_bytes = 1000
     assert kept.mark_read("a") == [] and "a" in kept  # under the budget: read ones stay
     assert kept.add("e", 900) == ["a"]  # the read one goes before any unread one
+
+
+def test_a_held_job_is_not_counted_nor_forgotten_until_read_or_released():
+    kept = FinishedJobs(max_jobs=2, max_bytes=10**9)
+    assert kept.add("held", 10, held=True) == [] and kept.add("also held", 10, held=True) == []
+    for job_id in "abc":  # another client's results push each other out, not the held ones
+        kept.add(job_id, 10)
+    assert "held" in kept and "a" not in kept and kept.held == 2 and len(kept) == 4
+    assert kept.mark_read("held") == ["b"]  # read: it counts now, as the newest
+    assert kept.release("also held") == ["c"] and kept.newest(5) == ["also held", "held"]
+    assert kept.held == 0 and kept.release("also held") == []
 
 
 def test_a_job_with_logprobs_weighs_what_its_objects_take():
