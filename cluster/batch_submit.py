@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from scheduler.sampling_params import InvalidRequestError
-from scheduler.service import OverloadedError, UnavailableError
+from scheduler.service import BatchTooLargeError, OverloadedError, UnavailableError
 
 if TYPE_CHECKING:
     from cluster.client import Client
@@ -24,7 +24,8 @@ def sent_by(source) -> tuple[list[str], list[str]]:
 
 class BatchSubmitter:
     """Sends prepared job specs (``Client`` submit arguments, the job id last) in order,
-    ``batch_size`` per scheduler call, each batch accepted whole or not at all.
+    ``batch_size`` per scheduler call (fewer of jobs with n > 1: a call sends at most that many
+    samples, as max_queued_jobs counts samples), each batch accepted whole or not at all.
     ``submitted``: the ids accepted so far; ``in_flight``: those of a batch sent whose answer
     has not come back (after an interrupt the scheduler may or may not have accepted it).
     ``on_wait(status)`` is called once a wait for room in a full queue has lasted
@@ -65,15 +66,16 @@ class BatchSubmitter:
         is serving, as the queue would never drain)."""
         while True:
             first = len(self.submitted)
-            specs = self._specs[first:first + min(self._batch_size, self._fits)]
+            specs = self._next_batch(first)
             self.in_flight = [spec[-1] for spec in specs]
             try:
                 accepted = self._client._submit_batch(list(specs), first, self._hold)
             except OverloadedError as exc:
                 self.in_flight = []  # refused whole
-                if not wait_for_room or isinstance(exc, UnavailableError):
+                if not wait_for_room or isinstance(exc, UnavailableError) or (
+                        len(specs) == 1 and isinstance(exc, BatchTooLargeError)):
                     raise  # e.g. a draining daemon: it has room but will not take them
-                self._fits, limit = self._room_when_free(exc)
+                self._fits, limit = self._room_when_free(exc, _samples(specs[0]))
                 self._batch_size = min(self._batch_size, limit)  # a bigger one never fits
                 continue
             except InvalidRequestError:
@@ -84,21 +86,35 @@ class BatchSubmitter:
             self._fits = self._batch_size
             return
 
-    def _room_when_free(self, full: OverloadedError) -> tuple[int, int]:
-        """Wait until the scheduler's queue has room; returns how many jobs fit now, and in
-        all (``max_queued_jobs``). Raises ``full`` if no worker is ready to drain the queue."""
+    def _next_batch(self, first: int) -> Sequence[tuple]:
+        """The jobs from ``first`` on whose samples fit the batch and the room last seen (the
+        first job in any case)."""
+        room, end, samples = min(self._batch_size, self._fits), first, 0
+        while end < self.total and (end == first or samples + _samples(self._specs[end]) <= room):
+            samples += _samples(self._specs[end])
+            end += 1
+        return self._specs[first:end]
+
+    def _room_when_free(self, full: OverloadedError, needed: int) -> tuple[int, int]:
+        """Wait until the scheduler's queue has room for ``needed`` samples; returns how many
+        fit now, and in all (``max_queued_jobs``). Raises ``full`` if no worker is ready to
+        drain the queue."""
         report_at = time.monotonic() + WAIT_REPORT_S
         while True:
             time.sleep(ROOM_POLL_S)
             status = self._client.status()
             if not any(w.get("ready") for w in status["workers"]):
                 raise full
-            room = status["max_queued_jobs"] - status["jobs_unfinished"]
-            if room > 0:
+            room = status["max_queued_jobs"] - status["samples_unfinished"]
+            if room >= needed:
                 return room, status["max_queued_jobs"]
             if self._on_wait is not None and time.monotonic() >= report_at:
                 self._on_wait(status)
                 report_at = float("inf")
+
+
+def _samples(spec: tuple) -> int:
+    return spec[1].get("n", 1)
 
 
 class PacedSubmit:

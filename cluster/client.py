@@ -248,7 +248,8 @@ class Client:
                     priorities: Sequence[int] | None = None, progress: bool = False,
                     batch_size: int | None = None, wait_for_room: bool = False,
                     on_wait: Callable[[dict], None] | None = None) -> list[str]:
-        """Queue many jobs, ``batch_size`` per scheduler call, and return their ids in order.
+        """Queue many jobs, ``batch_size`` per scheduler call (fewer of n > 1: at most that many
+        samples), and return their ids in order.
         ``params`` is one for all or one per prompt; every job's params are checked before any
         is sent, and with more than one batch the scheduler checks every job before any is
         sent too. Each batch is accepted whole or not at all: on a bad job or a full queue the

@@ -558,7 +558,7 @@ def _daemon_errors(body: GenerationRequest):
     """The daemon's exceptions as API errors (the message only, never a traceback)."""
     try:
         yield
-    except BatchTooLargeError as exc:  # too many prompts in one request: retrying cannot help
+    except BatchTooLargeError as exc:  # more samples (prompts x n) than the queue holds
         raise bad_request(str(exc), "prompt") from None
     except InvalidRequestError as exc:
         if exc.job_index is not None:  # about one prompt of several

@@ -166,6 +166,7 @@ class SchedulerService:
         self.results_restored = 0  # finished jobs whose results the journal kept
         self.stalled_workers_killed = 0
         self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
+        self.unfinished_samples = 0  # of the unfinished jobs: what max_queued_jobs bounds
         # the client processes of those calls, and of paced submits, watched for death
         self.callers = Callers()
         self.draining = False
@@ -189,24 +190,15 @@ class SchedulerService:
                     holder: list | None = None) -> list[str]:
         """Accept every job of ``specs`` (``(prompt, params, priority, job_id)`` each) or none:
         a bad job raises, naming it as job ``first_index + its place``, and a batch that would
-        pass ``max_queued_jobs`` is refused whole. With ``holder`` (``[token]``, an object the
-        submitting process owns: a paced submit, which reads every job it sends), each job's
-        result is held for it, kept whatever max_finished_jobs says, until it is read, the job
-        is aborted, or that process is seen dead."""
+        pass ``max_queued_jobs`` (which counts samples) is refused whole. With ``holder``
+        (``[token]``, an object the submitting process owns: a paced submit, which reads every
+        job it sends), each job's result is held for it, kept whatever max_finished_jobs says,
+        until it is read, the job is aborted, or that process is seen dead."""
         if self.draining:
             raise DrainingError("pagedserve is draining to go down: it finishes its jobs and "
                                 "takes no new ones")
-        unfinished = self.unfinished_jobs
-        if len(specs) > self.options.max_queued_jobs:
-            raise BatchTooLargeError(
-                f"a batch of {len(specs)} jobs can never fit max_queued_jobs="
-                f"{self.options.max_queued_jobs}; send smaller batches")
-        if unfinished + len(specs) > self.options.max_queued_jobs:
-            batch = f"; this batch adds {len(specs)}" if len(specs) > 1 else ""
-            raise OverloadedError(
-                f"overloaded: {unfinished} jobs are queued (max_queued_jobs="
-                f"{self.options.max_queued_jobs}){batch}; retry later")
         jobs = self._new_jobs(specs, first_index, " (no job of its batch was accepted)")
+        self._check_room(list(jobs.values()))
         for job in jobs.values():
             self.journal.record_accepted(job.job_id, job.prompt_token_ids, job.params.to_dict(),
                                          job.priority)
@@ -215,6 +207,24 @@ class SchedulerService:
             self.callers.hold(holder[0].hex(), holder[0], list(jobs))
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
+
+    def _check_room(self, jobs: list[JobState]) -> None:
+        """Refuse jobs that would pass max_queued_jobs, which counts samples: a job of n
+        samples is n engine requests, routed each on its own, so it takes n places."""
+        limit, samples = self.options.max_queued_jobs, sum(job.params.n for job in jobs)
+        if len(jobs) == 1:
+            what, adds = f"a job of n={samples}", f"; this job adds {samples}" * (samples > 1)
+        else:
+            of_n = f" ({samples} samples)" if samples != len(jobs) else ""
+            what = f"a batch of {len(jobs)} jobs{of_n}"
+            adds = f"; this batch adds {len(jobs)}{of_n}"
+        if samples > limit:
+            raise BatchTooLargeError(f"{what} can never fit max_queued_jobs={limit} (which "
+                                     "counts samples); send fewer")
+        if self.unfinished_samples + samples > limit:
+            raise OverloadedError(
+                f"overloaded: {self.unfinished_samples} samples are queued (max_queued_jobs="
+                f"{limit}, a job counting as its n samples){adds}; retry later")
 
     def check_many(self, specs: list[tuple], first_index: int = 0) -> None:
         """Raise what submit_many would for a bad job of ``specs``, accepting none: a client
@@ -270,6 +280,8 @@ class SchedulerService:
     def _track(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
         self.finished_events[job.job_id] = asyncio.Event()
+        if not job.finished:
+            self.unfinished_samples += len(job.samples)
 
     def _dispatch(self, samples: list[tuple[JobState, SampleState]]) -> None:
         """Route each sample to a worker, or hold it in ``pending`` while none is ready. Loads
@@ -360,6 +372,7 @@ class SchedulerService:
             self._retire(job)
 
     def _retire(self, job: JobState) -> None:
+        self.unfinished_samples -= len(job.samples)
         reason = "error" if job.error else job.samples[0].finish_reason
         self.journal.record_finished(job.job_id, reason, job.to_record())
         self.finished_events[job.job_id].set()
@@ -779,6 +792,7 @@ class SchedulerService:
         unfinished = self.unfinished_jobs
         return {
             "workers": workers, "jobs_unfinished": unfinished,
+            "samples_unfinished": self.unfinished_samples,
             "max_queued_jobs": self.options.max_queued_jobs,
             "waiting_calls": self.waiting_calls,
             "max_waiting_calls": self.options.max_waiting_calls,

@@ -183,7 +183,7 @@ def _busy_worker(client):
 def test_overload_fails_fast_with_a_clear_error(daemon):
     _, _, client = daemon
     ids = []
-    with pytest.raises(OverloadedError, match="overloaded: 48 jobs are queued"):
+    with pytest.raises(OverloadedError, match="overloaded: 48 samples are queued"):
         for _ in range(60):
             ids.append(client.submit("x", SamplingParams(max_tokens=500, ignore_eos=True)))
     assert len(ids) == 48

@@ -270,6 +270,26 @@ def test_a_paced_submit_loses_no_result_to_another_that_reads_faster(client):
     assert client.status()["jobs_finished_held"] == 0
 
 
+def test_the_queue_bound_counts_a_jobs_samples(client):
+    """A job of n samples is n engine requests: it takes n of max_queued_jobs (a job of
+    n=256 counted as one of n=1), and a batch of such jobs waiting for room is sent in parts
+    that fit."""
+    wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
+    wide = SamplingParams(n=QUEUED // 2, max_tokens=1500, ignore_eos=True)
+    ids = [client.submit(f"wide {i}", wide) for i in range(2)]
+    with pytest.raises(OverloadedError, match=f"overloaded: {QUEUED} samples are queued"):
+        client.submit("one more", SamplingParams(max_tokens=1))
+    with pytest.raises(OverloadedError, match=f"a job of n={QUEUED + 1} can never fit"):
+        client.submit("too wide", SamplingParams(n=QUEUED + 1, max_tokens=1))
+    status = client.status()
+    assert status["samples_unfinished"] == QUEUED and status["jobs_unfinished"] == 2
+    assert all(client.abort(job) for job in ids)
+    ids = client.submit_many(["a", "b", "c", "d", "e", "f"],  # 24 samples
+                             SamplingParams(n=4, max_tokens=2), wait_for_room=True)
+    assert [len(client.result(job).outputs) for job in ids] == [4] * 6
+    assert client.status()["samples_unfinished"] == 0
+
+
 def _long_job(client, prompt: str) -> str:
     """A job of 1,500 tokens, submitted once no other is unfinished."""
     wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")

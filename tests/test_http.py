@@ -31,7 +31,7 @@ from worker.loader import resolve_model_path
 from worker.tokenizer import Tokenizer
 
 KEY = "test-key-7f3a"
-MAX_QUEUED = 4
+MAX_QUEUED = 32  # samples: requests of n=25 below must fit
 LONG = 2000  # tokens: a job that runs for seconds on the tiny model (max_model_len 2048)
 
 
