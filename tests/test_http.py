@@ -707,7 +707,13 @@ def test_health_reports_live_workers_to_a_key_and_the_status_alone_to_others(bas
 
 def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
     _, client = daemon
-    list(api.completions.create(prompt="measure me", stream=True, **greedy()))
+    counts = ("pagedserve_time_to_first_token_seconds_count",
+              "pagedserve_time_per_output_token_seconds_count")
+    before = [_sample(http.get("/metrics").text, name) for name in counts]
+    # long enough to come in several chunks: one whose tokens all come in its first chunk
+    # (as a short stream may on a loaded host) has no time per output token
+    list(api.completions.create(prompt="measure me", stream=True,
+                                **{**greedy(), "max_tokens": 200}))
     text = http.get("/metrics").text
     for name in ("pagedserve_requests_running", "pagedserve_requests_waiting",
                  "pagedserve_generation_tokens_per_second",
@@ -721,9 +727,7 @@ def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
     assert "\npagedserve_journal_unwritable 0.0\n" in text
     worker = ready_workers(client)[0]["worker_id"]
     assert f'pagedserve_kv_cache_usage_ratio{{worker="{worker}"}}' in text
-    streams = _sample(text, "pagedserve_time_to_first_token_seconds_count")
-    assert streams >= 1
-    assert _sample(text, "pagedserve_time_per_output_token_seconds_count") == streams
+    assert [_sample(text, name) - b for name, b in zip(counts, before)] == [1, 1]
 
 
 def _sample(text, name):
