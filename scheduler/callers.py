@@ -20,16 +20,17 @@ class Callers:
         """(key, token) of every caller known now, to look at whether it still lives."""
         return list(self._tokens.items())
 
-    def open_call(self, key: str, token: object, task: object) -> None:
-        self._tokens.setdefault(key, token)
+    def open_call(self, token, task: object) -> None:
+        key = self._known(token)
         self._calls[key].add(task)
 
-    def close_call(self, key: str, task: object) -> None:
+    def close_call(self, token, task: object) -> None:
+        key = _key(token)
         self._calls[key].discard(task)
         self._forget_if_idle(key)
 
-    def hold(self, key: str, token: object, job_ids: list[str]) -> None:
-        self._tokens.setdefault(key, token)
+    def hold(self, token, job_ids: list[str]) -> None:
+        key = self._known(token)
         self._holds[key].update(job_ids)
         self._holder.update(dict.fromkeys(job_ids, key))
 
@@ -51,6 +52,16 @@ class Callers:
             del self._holder[job_id]
         return self._calls.pop(key, set()), held
 
+    def _known(self, token) -> str:
+        key = _key(token)
+        self._tokens.setdefault(key, token)
+        return key
+
     def _forget_if_idle(self, key: str) -> None:
         if not self._calls.get(key) and not self._holds.get(key):
             self.forget(key)
+
+
+def _key(token) -> str:
+    """A caller's key: its token's object id (``ObjectRef.hex()``)."""
+    return token.hex()

@@ -204,7 +204,7 @@ class SchedulerService:
                                          job.priority)
             self._track(job)
         if holder:
-            self.callers.hold(holder[0].hex(), holder[0], list(jobs))
+            self.callers.hold(holder[0], list(jobs))
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
@@ -394,8 +394,10 @@ class SchedulerService:
 
     def abort(self, job_id: str) -> bool:
         job = self._job(job_id)
-        self._unhold(job.job_id)  # aborted: not read by its submitter (a withdrawn paced submit
-        if job.finished:          # aborts its finished jobs too)
+        # aborted: not read by its submitter (a withdrawn paced submit aborts its finished
+        # jobs too)
+        self._unhold(job.job_id)
+        if job.finished:
             return False
         self._withdraw_samples(job)
         for sample in job.samples:
@@ -938,15 +940,15 @@ class SchedulerActor:
             raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
                                   "(scheduler.max_waiting_calls); retry later")
         service.waiting_calls += 1
-        key, task = (caller[0].hex(), asyncio.current_task()) if caller else (None, None)
-        if key is not None:
-            service.callers.open_call(key, caller[0], task)
+        task = asyncio.current_task()
+        if caller:
+            service.callers.open_call(caller[0], task)
         try:
             yield
         finally:
             service.waiting_calls -= 1
-            if key is not None:
-                service.callers.close_call(key, task)
+            if caller:
+                service.callers.close_call(caller[0], task)
 
     async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
         return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
