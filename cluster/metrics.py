@@ -58,6 +58,9 @@ class DaemonCollector:
         yield _total_counter("engine_failures", "Workers whose engine raised in a step (then "
                              "replaced), since the scheduler started",
                              status.get("engine_failures", 0))
+        yield _total_counter("worker_start_failures", "Workers that failed to start (a model "
+                             "or config error, or a crash while loading), since the scheduler "
+                             "started", status.get("worker_start_failures", 0))
         yield _total_gauge("journal_unwritable", "1 while the job journal cannot be written "
                            "(no job is accepted), else 0", int(bool(status.get("journal_error"))))
 

@@ -174,6 +174,7 @@ class SchedulerService:
         # no more, while the other nodes' NPUs still get workers when theirs die
         self.node_spawn_failures: collections.Counter[str] = collections.Counter()
         self.last_spawn_error: str | None = None
+        self.worker_start_failures = 0
         self.npu_nodes: set[str] = set()  # the live nodes with NPUs, as last reconciled
         self.placeable_workers = 0
         self.placement_problem: str | None = None
@@ -668,7 +669,12 @@ class SchedulerService:
         self._on_worker_gone(slot, engine_error)
 
     def _count_start_failure(self, slot: WorkerSlot, exc: Exception) -> None:
-        self.node_spawn_failures[slot.node_id] += 1
+        # a config or model error (see WorkerActor.info): every retry would fail alike
+        config_error = isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError)
+        if config_error:
+            ray.kill(slot.actor, no_restart=True)  # it is still up, holding its NPU
+        self.node_spawn_failures[slot.node_id] += MAX_SPAWN_FAILURES if config_error else 1
+        self.worker_start_failures += 1
         self.last_spawn_error = _one_line(exc)
         log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
 
@@ -813,6 +819,7 @@ class SchedulerService:
             "quarantined_samples": len(self.quarantine),
             "uptime_s": time.time() - self.started_at, "scheduler_pid": os.getpid(),
             "last_spawn_error": self.last_spawn_error,
+            "worker_start_failures": self.worker_start_failures,
             "placement_problem": self.placement_problem,
             "config": self.options.config,
         }

@@ -1,5 +1,6 @@
-"""A job the scheduler took while no worker was ready, then refused by its worker, leaves no
-sample behind on that worker (the stall watch would probe it, idle, forever)."""
+"""Refusals on a one-NPU cluster: a job the scheduler took while no worker was ready, then
+refused by its worker, leaves no sample behind on that worker (the stall watch would probe it,
+idle, forever); a worker whose engine refuses its config is not started again."""
 import time
 
 import pytest
@@ -51,3 +52,19 @@ def test_a_job_refused_by_its_worker_is_not_held_there(cluster, small_cache_conf
     assert len(client.result(ok, timeout=120).outputs[0].token_ids) == 4
     time.sleep(0.5)  # its last report
     assert set(_samples_held(scheduler).values()) == {0}
+
+
+def test_a_worker_whose_engine_refuses_its_config_is_not_started_again(cluster,
+                                                                       small_cache_config):
+    bringup.down()
+    data = config_to_dict(small_cache_config)
+    data["engine"]["kv_cache_gib"] = 1e-5  # under one block: every start fails alike
+    scheduler, created = bringup._create_scheduler(config_from_dict(data, "test"))
+    assert created
+    with pytest.raises(ray.exceptions.RayTaskError,
+                       match="workers fail to start: a KV cache budget of 10737 bytes "):
+        ray.get(scheduler.wait_ready.remote(1, 60))
+    status = ray.get(scheduler.status.remote())
+    assert status["worker_start_failures"] == 1 and status["workers"] == []
+    wait_for(lambda: ray.available_resources().get("NPU") == 1, what="its NPU free again")
+    bringup.down()

@@ -724,6 +724,7 @@ def test_metrics_expose_daemon_gauges_and_stream_latencies(api, http, daemon):
         assert f"\n{name}" in text, name
     assert "\npagedserve_hung_workers_killed_total 0.0\n" in text
     assert "\npagedserve_engine_failures_total 0.0\n" in text
+    assert "\npagedserve_worker_start_failures_total 0.0\n" in text
     assert "\npagedserve_journal_unwritable 0.0\n" in text
     worker = ready_workers(client)[0]["worker_id"]
     assert f'pagedserve_kv_cache_usage_ratio{{worker="{worker}"}}' in text

@@ -29,7 +29,12 @@ class WorkerActor:
         npu_ids = ray.get_runtime_context().get_accelerator_ids().get("NPU", [])
         index = device_index_from_ray_ids(npu_ids) if engine_options.get("device") == "npu" else 0
         self.worker_id = worker_id
-        self.engine = Engine(EngineConfig(**engine_options, device_index=index))
+        self.start_error: ValueError | None = None
+        try:
+            self.engine = Engine(EngineConfig(**engine_options, device_index=index))
+        except ValueError as exc:  # a config or model error: info() raises it, see there
+            self.start_error = exc
+            return
         self.scheduler = scheduler
         self.npu_ids = list(npu_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -38,6 +43,11 @@ class WorkerActor:
         self._reports_sent = 0  # numbers each report: the scheduler applies them in this order
 
     def info(self) -> dict:
+        """What the scheduler needs to route to this worker. Raises the engine's config or
+        model error if it could not start: a constructor that raised would reach the scheduler
+        as a bare "actor died", which it must take for a passing fault and retry."""
+        if self.start_error is not None:
+            raise self.start_error
         kv = self.engine.kv
         return {
             "worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
