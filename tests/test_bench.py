@@ -18,6 +18,8 @@ from cluster.bench import (DONE, BenchRequest, LoadSpec, RequestResult, RunOutco
                            arrival_gaps, parse_sse_line, percentile, summarize)
 from cluster.cli import main
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 
 def run_cli(capsys, *argv):
     code = main(["bench", *argv])
@@ -450,7 +452,8 @@ def test_bench_against_the_real_server(live_server, capsys):
         assert [r["asked_tokens"] for r in records] == asked
         assert [r["output_tokens"] for r in records] == asked  # ignore_eos, counted by usage
         assert all(0 < r["ttft_s"] <= r["e2el_s"] for r in records)
-        assert all(r["tpot_s"] > 0 and min(r["itls_s"]) >= 0 for r in records)
+        # a request whose tokens all came in one chunk (a busy host) has no inter-token gap
+        assert all(r["tpot_s"] > 0 and min(r["itls_s"], default=0) >= 0 for r in records)
         assert run["total_output_tokens"] == sum(asked) and run["input_tokens_known"]
         assert run["ttft_ms"]["p50"] <= run["e2el_ms"]["p50"]
         assert run["output_throughput"] == pytest.approx(sum(asked) / run["duration_s"])

@@ -13,6 +13,8 @@ from cluster.config import with_overrides
 from cluster.embedded import EmbeddedDaemon
 from scheduler.service import NAMESPACE
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 
 def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path, capsys):
     ray.init(address="local", num_cpus=1, namespace=NAMESPACE, include_dashboard=False,

@@ -14,6 +14,8 @@ from cluster.config import config_from_dict, config_to_dict
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import NAMESPACE
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 
 @pytest.fixture(scope="module")
 def small_cache_config(tmp_path_factory):

@@ -16,6 +16,8 @@ from cluster.client import Client
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import NAMESPACE
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -34,6 +34,8 @@ from scheduler.service import (MAX_WORKER_DEATHS_PER_SAMPLE, NAMESPACE, Overload
                                UnknownJobError, _wait)
 from worker.output import RequestOutput, pack_outputs
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 STALL_TIMEOUT_S = 3.0
 FINISHED_KEPT = 40
 QUEUED = 16

@@ -30,6 +30,8 @@ from scheduler.service import NAMESPACE
 from worker.loader import resolve_model_path
 from worker.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 KEY = "test-key-7f3a"
 MAX_QUEUED = 32  # samples: requests of n=25 below must fit
 LONG = 2000  # tokens: a job that runs for seconds on the tiny model (max_model_len 2048)

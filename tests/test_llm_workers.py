@@ -10,6 +10,8 @@ from cluster import bringup
 from cluster.llm import LLM
 from scheduler.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
+
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
