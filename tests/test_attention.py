@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.attention import AttentionMetadata, SelfAttentionParams, paged_self_attention
+from worker.attention import AttentionMetadata, SelfAttentionParams
 from worker.backends.cpu import CpuBackend
 from worker.backends.cpu_plan import plan_step
 from worker.backends.cpu_simd import exp_nonpositive
@@ -104,8 +104,8 @@ def build_case(specs, block_size, head_num, kv_head_num, head_dim, dtype, seed, 
 
 def run_and_check(case, backend, tolerance):
     backend.prepare(case.meta)
-    out = paged_self_attention(case.query, case.key, case.value, case.key_cache, case.value_cache,
-                               case.meta, case.params, backend=backend)
+    out = backend.forward(case.query, case.key, case.value, case.key_cache, case.value_cache,
+                          case.meta, case.params)
     assert out.shape == case.query.shape and out.dtype == case.query.dtype
     starts = case.meta.query_start_loc
     for i in range(case.meta.num_seqs):

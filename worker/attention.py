@@ -1,16 +1,9 @@
 """The paged self-attention op: its parameters, per-step metadata, and the backend contract."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
-
-
-class MaskType(enum.Enum):
-    """Mask types, named after ATB SelfAttention's maskType (only causal is served)."""
-
-    CAUSAL = "causal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +14,6 @@ class SelfAttentionParams:
     kv_head_num: int
     head_dim: int
     qk_scale: float
-    mask_type: MaskType = MaskType.CAUSAL
 
     def __post_init__(self) -> None:
         if self.head_num % self.kv_head_num:
@@ -59,10 +51,6 @@ class AttentionMetadata:
     def query_lens(self) -> list[int]:
         q = self.query_start_loc
         return [q[i + 1] - q[i] for i in range(len(q) - 1)]
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.num_tokens == self.num_seqs
 
 
 class AttentionBackend:
@@ -142,21 +130,3 @@ def copy_into_slots(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Ten
         if rows is not None:
             new = new.index_select(0, rows)
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
-
-
-def paged_self_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    params: SelfAttentionParams,
-    backend: AttentionBackend | None = None,
-) -> torch.Tensor:
-    """The op's single entry point: prefill, decode and mixed batches alike."""
-    if backend is None:
-        from worker.backends import get_backend
-
-        backend = get_backend("cpu")
-    return backend.forward(query, key, value, key_cache, value_cache, meta, params)
