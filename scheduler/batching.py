@@ -219,7 +219,6 @@ class ContinuousBatcher:
         if queried and not req.num_preemptions:  # a recompute would count its own blocks
             self.kv.record_prefix_query(req.num_tokens, prefix)
         req.num_computed_tokens = num_cached
-        req.num_cached_prompt_tokens = num_cached
         req.status = RequestStatus.RUNNING
         return min(num_new, budget)
 

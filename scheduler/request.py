@@ -42,7 +42,6 @@ class Request:
     queued_at: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_prompt_tokens: int = 0  # prefix-cache hit at the latest admission
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -132,10 +132,6 @@ class EngineStats:
     generated_tokens: int
     tokens_per_s: float  # generated tokens per second over the recent window
 
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-
 
 @dataclass(slots=True)
 class CompletionOutput:
