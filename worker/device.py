@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -78,38 +77,6 @@ class Device:
         if self.runtime is not None:
             return int(self.runtime.max_memory_allocated())
         return peak_rss_bytes()
-
-    def timer(self) -> StepTimer:
-        return StepTimer(self)
-
-
-class StepTimer:
-    """Times a region on the device: ``with device.timer() as t: ...`` then ``t.seconds``.
-
-    NPU and CUDA use the runtime's timing events (device time, synchronised at exit); cpu uses
-    ``time.perf_counter``.
-    """
-
-    def __init__(self, device: Device) -> None:
-        self._runtime = device.runtime
-        self.seconds = 0.0
-
-    def __enter__(self) -> StepTimer:
-        if self._runtime is None:
-            self._start = time.perf_counter()
-        else:
-            self._start_event = self._runtime.Event(enable_timing=True)
-            self._end_event = self._runtime.Event(enable_timing=True)
-            self._start_event.record()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._runtime is None:
-            self.seconds = time.perf_counter() - self._start
-            return
-        self._end_event.record()
-        self._end_event.synchronize()
-        self.seconds = self._start_event.elapsed_time(self._end_event) / 1000.0
 
 
 def host_memory_info() -> tuple[int, int]:

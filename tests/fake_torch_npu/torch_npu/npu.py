@@ -6,7 +6,6 @@ and total, and ``max_memory_allocated`` reports 0, because CPU tensors are not t
 from __future__ import annotations
 
 import os
-import time
 
 
 def device_count() -> int:
@@ -58,27 +57,3 @@ def max_memory_allocated(device=None) -> int:
 
 def memory_stats(device=None) -> dict:
     return {}
-
-
-class Event:
-    """Records host time; elapsed_time is in milliseconds, as on the device."""
-
-    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
-        self._enable_timing = enable_timing
-        self._time: float | None = None
-
-    def record(self, stream=None) -> None:
-        self._time = time.perf_counter()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, end_event: Event) -> float:
-        if not (self._enable_timing and end_event._enable_timing):
-            raise RuntimeError("both events need enable_timing=True")
-        if self._time is None or end_event._time is None:
-            raise RuntimeError("both events must be recorded before elapsed_time")
-        return (end_event._time - self._time) * 1000.0
