@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench import percentile
 from worker.models.packed_gemm import PackedWeight, pack
 
 
@@ -40,17 +41,6 @@ def stopwatch() -> Iterator[list[float]]:
         yield elapsed
     finally:
         elapsed[0] = time.perf_counter() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation between order statistics."""
-    if not values:
-        raise ValueError("percentile of an empty list")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def summary_ms(seconds: list[float]) -> dict:
