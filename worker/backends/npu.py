@@ -145,10 +145,6 @@ class NpuBackend(AttentionBackend):
         )
         self._checked_configs: set[tuple] = set()
 
-    @property
-    def kv_write_op(self) -> str:
-        return "npu_scatter_pa_kv_cache" if self._scatter is not None else "_npu_reshape_and_cache"
-
     def check_config(
         self, block_size: int, head_num: int, kv_head_num: int, head_dim: int, dtype: torch.dtype
     ) -> None:
