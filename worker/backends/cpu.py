@@ -86,8 +86,10 @@ class CpuBackend(AttentionBackend):
         return out
 
     def warm_up(self) -> None:
-        """Compile the fast kernel now (or load it from numba's on-disk cache) instead of during
-        the first decode step; see the benchmark for the seconds this takes. No-op for reference."""
+        """Make the fast kernel's first call now (compiling it, or loading it from numba's
+        on-disk cache, and starting numba's thread pool) on a two-token scratch case. No-op for
+        reference. The engine warms up whole forwards instead (Engine._warm_up); the tests use
+        this to see that first call happen in isolation."""
         if self.kernel != "fast":
             return
         params = SelfAttentionParams(head_num=2, kv_head_num=1, head_dim=8, qk_scale=1.0)
