@@ -91,14 +91,19 @@ def run_up(args: argparse.Namespace) -> int:
                   "status` shows it, `pagedserve down` stops it)", file=sys.stderr)
         raise
     print(format_status(status))
-    if status.get("config_not_applied"):
-        print("pagedserve: already up with another config, which it keeps (`pagedserve down`, "
-              "then `up`, to apply this one; unfinished jobs resume): "
-              + "; ".join(status["config_not_applied"]), file=sys.stderr)
+    warn_config_not_applied(status)
     if status.get("drain_cancelled"):
         print("pagedserve: it was draining to go down; it takes new jobs again",
               file=sys.stderr)
     return 0
+
+
+def warn_config_not_applied(status: dict, again: str = "up") -> None:
+    """Says on stderr which settings of the config given the daemon already up did not take."""
+    if status.get("config_not_applied"):
+        print(f"pagedserve: already up with another config, which it keeps (`pagedserve down`, "
+              f"then `{again}`, to apply this one; unfinished jobs resume): "
+              + "; ".join(status["config_not_applied"]), file=sys.stderr)
 
 
 def print_loading(status: dict) -> None:

@@ -64,7 +64,7 @@ def is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from cluster import bringup
     from cluster.client import Client
-    from cluster.daemon_cmds import format_status
+    from cluster.daemon_cmds import format_status, warn_config_not_applied
     from cluster.embedded import EmbeddedDaemon
     from cluster.http import api_keys_from, create_app
 
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
                                                     "embedded local cluster")
             status, client = bringup.up(cfg), Client(args.address)
         print(format_status(status), file=sys.stderr)
+        warn_config_not_applied(status, again="serve")
         _serve(create_app(client, cfg), sock, host, cfg.engine.model)
     finally:
         if daemon is not None:
