@@ -246,8 +246,10 @@ async def health(request: Request) -> Response:
 async def _health(client: Client) -> dict:
     try:
         status = await asyncio.wait_for(client.astatus(), HEALTH_TIMEOUT_S)
-    except Exception as exc:
-        log.warning("health: the scheduler does not answer: %s", exc)
+    except Exception as exc:  # a timeout's message is empty: the warning ended in ": "
+        log.warning("health: the scheduler does not answer: %s",
+                    f"no answer within {HEALTH_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError)
+                    else str(exc) or type(exc).__name__)
         return {"status": "unavailable", "reason": "the scheduler does not answer"}
     alive = await client.alive_workers(status, timeout=HEALTH_TIMEOUT_S)
     reason = ("no worker answers" if not alive
