@@ -140,6 +140,19 @@ def test_stream_delivers_every_token_once(daemon, undisturbed):
     assert text == result.text
 
 
+def test_the_asyncio_calls_submit_stream_and_answer_alike(daemon, undisturbed):
+    _, _, client = daemon
+    prompt, params = jobs()[4]
+
+    async def submit_and_stream():
+        job_id = await client.asubmit(prompt, params)
+        streamed = [t async for delta in client.astream(job_id) for t in delta.new_token_ids]
+        return streamed, await client.aresult(job_id)
+
+    streamed, result = asyncio.run(submit_and_stream())
+    assert streamed == result.outputs[0].token_ids == undisturbed[4]
+
+
 def test_idle_workers_report_their_rate_falling_to_zero(daemon, undisturbed):
     _, _, client = daemon
     client.result(client.submit("warm", SamplingParams(max_tokens=30, ignore_eos=True)))
