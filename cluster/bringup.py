@@ -156,6 +156,7 @@ def service_options(cfg: PagedServeConfig) -> tuple[ServiceOptions, functools.pa
         max_finished_jobs=cfg.scheduler.max_finished_jobs,
         max_finished_gib=cfg.scheduler.max_finished_gib, router=cfg.scheduler.router,
         worker_stall_timeout_s=cfg.scheduler.worker_stall_timeout_s,
+        tied_job_claim_s=cfg.scheduler.tied_job_claim_s,
         worker_env=env, config=daemon_config_dict(cfg))
     journal = functools.partial(Journal, cfg.scheduler.journal_path,
                                 cfg.scheduler.journal_fsync_interval_s)

@@ -221,9 +221,9 @@ class Client:
         """``submit`` for asyncio code."""
         return await self._asubmit(_submit_args(prompt, params, priority, job_id), job_id is None)
 
-    async def _asubmit(self, args: tuple, fresh_id: bool) -> str:
+    async def _asubmit(self, args: tuple, fresh_id: bool, owner: list | None = None) -> str:
         try:
-            return await self._acall("submit", *args)
+            return await self._acall("submit", *args, owner)
         except InvalidRequestError as exc:
             if _our_earlier_try(exc, fresh_id) and await self._aknown(args[-1]):
                 return args[-1]
@@ -311,21 +311,25 @@ class Client:
 
     async def asubmit_many(self, prompts: Sequence[str | list[int]],
                            params: SamplingParams | dict | None = None, *,
-                           priority: int = 0) -> list[str]:
+                           priority: int = 0, tied: bool = False) -> list[str]:
         """Queue every prompt with the same params in one scheduler call, for asyncio code:
         all are accepted or none (a bad one raises, naming its index as ``job_index``). A
         DaemonUnavailableError carries the ids sent as ``in_flight``: the scheduler may have
-        taken them (before it went, or once it answers again)."""
+        taken them (before it went, or once it answers again). ``tied``: the jobs are aborted
+        once this process is gone (an HTTP server's requests, which nobody else reads); after
+        a scheduler restart, one that this process does not wait on again within seconds
+        (``stream``, ``result``) is taken for gone."""
         same = [params] * len(prompts)
         specs = [_batch_args(prompts, same, [priority] * len(prompts), i)
                  for i in range(len(prompts))]
+        owner = self._caller if tied else None
         try:
             try:
-                return await self._acall("submit_many", specs, 0)
+                return await self._acall("submit_many", specs, 0, None, owner)
             except InvalidRequestError as exc:
                 if not _id_in_use(exc):
                     raise
-            return [await self._asubmit(spec, fresh_id=True) for spec in specs]  # see _submit_batch
+            return [await self._asubmit(spec, True, owner) for spec in specs]  # see _submit_batch
         except DaemonUnavailableError as exc:
             exc.in_flight = [spec[-1] for spec in specs]
             raise

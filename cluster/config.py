@@ -154,6 +154,7 @@ class SchedulerSection(_Section):
     journal_path: str = setting("~/.cache/pagedserve/journal.msgpack", PATH)
     journal_fsync_interval_s: float = setting(0.05, number_at_least(0))
     worker_stall_timeout_s: float = setting(60.0, number_at_least(0))
+    tied_job_claim_s: float = setting(15.0, number_above(0))
 
 
 @dataclass(frozen=True, slots=True)

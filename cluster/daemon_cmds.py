@@ -19,6 +19,8 @@ STATUS_NOTES = (
     ("stalled_workers_killed", "hung workers killed: {stalled_workers_killed} (work to do but "
                                "no step for scheduler.worker_stall_timeout_s; their jobs failed "
                                "over)"),
+    ("tied_jobs_aborted", "aborted for nobody: {tied_jobs_aborted} jobs of HTTP requests "
+                           "whose server was gone"),
     ("jobs_resumed", "resumed at start: {jobs_resumed} unfinished jobs from the journal of the "
                      "previous scheduler"),
     ("results_restored", "kept at start: the results of {results_restored} finished jobs from "

@@ -412,7 +412,7 @@ async def _submit_or_withdraw(server: Server, prompts: list[list[int]], params: 
     """The jobs' ids; if the daemon did not answer, the jobs it may still take are aborted
     (the client is answered 503 and will not read them)."""
     try:
-        return await server.client.asubmit_many(prompts, params, priority=priority)
+        return await server.client.asubmit_many(prompts, params, priority=priority, tied=True)
     except DaemonUnavailableError as exc:
         for job_id in getattr(exc, "in_flight", ()):
             server.abort_soon(job_id, in_flight=True)

@@ -115,6 +115,10 @@ class ServiceOptions:
     max_finished_gib: float = 2.0  # past this, forget the finished jobs already read first
     router: str = "least_loaded"
     worker_stall_timeout_s: float = 60.0  # 0: never
+    # how long a tied job resumed from the journal (an HTTP server's request) waits for a call
+    # of its client after a restart before it is aborted: a client that lives calls again
+    # within seconds (Client retries every 0.5 s); one that went with the old cluster never
+    tied_job_claim_s: float = 15.0
     worker_env: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the config it was built from, less http
 
@@ -169,6 +173,10 @@ class SchedulerService:
         self.unfinished_samples = 0  # of the unfinished jobs: what max_queued_jobs bounds
         # the client processes of those calls, and of paced submits, watched for death
         self.callers = Callers()
+        # tied jobs resumed from the journal: job id -> when to abort it unless a waiting call
+        # of its owner claims it (see claim)
+        self.unclaimed: dict[str, float] = {}
+        self.tied_jobs_aborted = 0
         self.draining = False
         # per node, its failed worker starts in a row: one that fails MAX_SPAWN_FAILURES gets
         # no more, while the other nodes' NPUs still get workers when theirs die
@@ -188,13 +196,16 @@ class SchedulerService:
     # -- jobs ------------------------------------------------------------------------------
 
     def submit_many(self, specs: list[tuple], first_index: int = 0,
-                    holder: list | None = None) -> list[str]:
+                    holder: list | None = None, owner: list | None = None) -> list[str]:
         """Accept every job of ``specs`` (``(prompt, params, priority, job_id)`` each) or none:
         a bad job raises, naming it as job ``first_index + its place``, and a batch that would
         pass ``max_queued_jobs`` (which counts samples) is refused whole. With ``holder``
         (``[token]``, an object the submitting process owns: a paced submit, which reads every
         job it sends), each job's result is held for it, kept whatever max_finished_jobs says,
-        until it is read, the job is aborted, or that process is seen dead."""
+        until it is read, the job is aborted, or that process is seen dead. With ``owner``
+        (likewise a token: an HTTP server's requests, which nobody else reads), the jobs are
+        aborted once that process is seen dead, also when it went while a scheduler restarted
+        (see claim)."""
         if self.draining:
             raise DrainingError("pagedserve is draining to go down: it finishes its jobs and "
                                 "takes no new ones")
@@ -202,10 +213,12 @@ class SchedulerService:
         self._check_room(list(jobs.values()))
         for job in jobs.values():
             self.journal.record_accepted(job.job_id, job.prompt_token_ids, job.params.to_dict(),
-                                         job.priority)
+                                         job.priority, {"tied": True} if owner else None)
             self._track(job)
         if holder:
             self.callers.hold(holder[0], list(jobs))
+        if owner:
+            self.callers.own(owner[0], list(jobs))
         self._dispatch([(job, sample) for job in jobs.values() for sample in job.samples])
         return list(jobs)
 
@@ -374,6 +387,8 @@ class SchedulerService:
 
     def _retire(self, job: JobState) -> None:
         self.unfinished_samples -= len(job.samples)
+        self.callers.disown(job.job_id)
+        self.unclaimed.pop(job.job_id, None)
         reason = "error" if job.error else job.samples[0].finish_reason
         self.journal.record_finished(job.job_id, reason, job.to_record())
         self.finished_events[job.job_id].set()
@@ -506,7 +521,8 @@ class SchedulerService:
 
     async def _watch_callers_forever(self) -> None:
         """End the waiting calls of client processes that died, so that they give back their
-        max_waiting_calls slots, and let go of the results they held."""
+        max_waiting_calls slots, let go of the results they held, and abort the jobs they
+        owned (and the tied jobs resumed from the journal that no client claimed)."""
         while True:
             await asyncio.sleep(CALLER_CHECK_S)
             try:
@@ -515,15 +531,39 @@ class SchedulerService:
                 for (key, _), lives in zip(watched, alive):
                     if not lives:
                         self._caller_gone(key)
+                self._abort_unclaimed()
             except Exception:  # never let the watcher die
                 log.exception("watching callers failed")
 
     def _caller_gone(self, key: str) -> None:
-        calls, held = self.callers.forget(key)
+        calls, held, owned = self.callers.forget(key)
         for task in calls:
             task.cancel()
         for job_id in held:
             self._forget(self.finished.release(job_id))
+        for job_id in owned:
+            self._abort_for_nobody(job_id, "the client process that owned it died")
+
+    def claim(self, job_ids: list[str], caller: list | None) -> None:
+        """A waiting call on ``job_ids``: tied jobs resumed from the journal are claimed by
+        its caller (their owner, back after the restart), which owns them from now on."""
+        for job_id in job_ids:
+            if self.unclaimed.pop(job_id, None) is not None and caller:
+                self.callers.own(caller[0], [job_id])
+
+    def _abort_unclaimed(self) -> None:
+        now = time.monotonic()
+        for job_id in [j for j, deadline in self.unclaimed.items() if now > deadline]:
+            del self.unclaimed[job_id]
+            self._abort_for_nobody(job_id, "no client claimed it in scheduler.tied_job_claim_s "
+                                           "after the scheduler restarted")
+
+    def _abort_for_nobody(self, job_id: str, why: str) -> None:
+        job = self._find(job_id)
+        if job is not None and not job.finished:
+            log.warning("job %s aborted: %s", job_id, why)
+            self.tied_jobs_aborted += 1
+            self.abort(job_id)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -740,6 +780,8 @@ class SchedulerService:
             job = JobState(entry.job_id, prompt_ids, params, entry.priority,
                            arrival_time=entry.accepted_at)
             self._track(job)
+            if (entry.extra or {}).get("tied"):
+                self.unclaimed[job.job_id] = time.monotonic() + self.options.tied_job_claim_s
             self.pending.extend((job.job_id, s.index) for s in job.samples)
         if self.pending:
             log.info("resuming %d unfinished jobs from the journal", self.unfinished_jobs)
@@ -813,6 +855,7 @@ class SchedulerService:
             "jobs_not_resumed": self.jobs_not_resumed,
             "results_restored": self.results_restored,
             "stalled_workers_killed": self.stalled_workers_killed, "draining": self.draining,
+            "tied_jobs_aborted": self.tied_jobs_aborted,
             "journal_error": self.journal.write_error,
             "journal_damage": _first_few(self.journal.replay_problems),
             "engine_failures": self.engine_failures,
@@ -938,15 +981,17 @@ class SchedulerActor:
         self.service = SchedulerService(options, journal_factory)
 
     @contextlib.contextmanager
-    def _waiting_call(self, resumed: bool = False, caller: list | None = None):
-        """Hold one of max_waiting_calls for a call that waits on jobs, or refuse it. With
-        ``caller`` (``[token]``, an object the calling process owns), the call is ended
+    def _waiting_call(self, job_ids: list[str], resumed: bool = False,
+                      caller: list | None = None):
+        """Hold one of max_waiting_calls for a call that waits on ``job_ids``, or refuse it.
+        With ``caller`` (``[token]``, an object the calling process owns), the call is ended
         (cancelled) once that process is seen dead."""
         service, limit = self.service, self.service.options.max_waiting_calls
         if service.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
             raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
                                   "(scheduler.max_waiting_calls); retry later")
         service.waiting_calls += 1
+        service.claim(job_ids, caller)
         task = asyncio.current_task()
         if caller:
             service.callers.open_call(caller[0], task)
@@ -957,14 +1002,14 @@ class SchedulerActor:
             if caller:
                 service.callers.close_call(caller[0], task)
 
-    async def submit(self, prompt, params=None, priority=0, job_id=None) -> str:
-        return (await self.submit_many([(prompt, params, priority, job_id)]))[0]
+    async def submit(self, prompt, params=None, priority=0, job_id=None, owner=None) -> str:
+        return (await self.submit_many([(prompt, params, priority, job_id)], owner=owner))[0]
 
-    async def submit_many(self, specs, first_index=0, holder=None) -> list[str]:
+    async def submit_many(self, specs, first_index=0, holder=None, owner=None) -> list[str]:
         journal = self.service.journal
         if journal.write_error is not None:  # refused whole, before any job runs, until
             await self._flush_journal([])     # a write goes through again
-        job_ids = self.service.submit_many(specs, first_index, holder)
+        job_ids = self.service.submit_many(specs, first_index, holder, owner)
         # Acknowledge only what is on disk: a scheduler killed right after this reply must still
         # find the jobs in the journal. Concurrent submits share one fsync (group commit).
         await self._flush_journal(job_ids)
@@ -1006,7 +1051,7 @@ class SchedulerActor:
         return aborted
 
     async def stream(self, job_ids, cursors=None, resumed=False, caller=None):
-        with self._waiting_call(resumed, caller):
+        with self._waiting_call(job_ids, resumed, caller):
             async with contextlib.aclosing(self.service.stream(job_ids, cursors)) as stream:
                 async for outputs in stream:
                     if any(delta.finish_reason is not None for _, delta in outputs):
@@ -1015,13 +1060,13 @@ class SchedulerActor:
 
     async def result(self, job_id, timeout=None, resumed=False, caller=None) -> dict:
         # held until answered: the journal write holds the actor too
-        with self._waiting_call(resumed, caller):
+        with self._waiting_call([job_id], resumed, caller):
             summary = await self.service.result(job_id, timeout)
             await self._write_journal()
         return summary
 
     async def results(self, job_ids, timeout=None, resumed=False, caller=None) -> list[dict]:
-        with self._waiting_call(resumed, caller):
+        with self._waiting_call(job_ids, resumed, caller):
             summaries = await self.service.results(job_ids, timeout)
             await self._write_journal()
         return summaries

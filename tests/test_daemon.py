@@ -33,7 +33,8 @@ NUM_JOBS = 32
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    cfg = daemon_config(tmp_path_factory.mktemp("daemon"), max_queued_jobs=48)
+    cfg = daemon_config(tmp_path_factory.mktemp("daemon"), max_queued_jobs=48,
+                        tied_job_claim_s=3)
     ray.init(address="local", num_cpus=4, resources={"NPU": 2}, namespace=NAMESPACE,
              include_dashboard=False, log_to_driver=False)
     try:
@@ -677,6 +678,55 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     status = client.status()
     assert 1 <= status["jobs_resumed"] <= len(selected)
     assert "from the journal" in daemon_cmds.format_status(status)
+
+
+TIED_SUBMIT = """
+import asyncio, sys, time
+from cluster.client import Client
+client = Client(address=sys.argv[1])
+params = {"max_tokens": 2000, "ignore_eos": True}
+tied = asyncio.run(client.asubmit_many(["tied to its client"], params, tied=True))
+untied = asyncio.run(client.asubmit_many(["not tied"], params))
+print(tied[0], untied[0], flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_jobs_tied_to_a_client_process_are_aborted_when_it_is_killed(daemon):
+    """An HTTP server's requests are tied to its process: killed (or gone with `ray stop`),
+    it can neither read nor abort them, and they ran to their end for nobody."""
+    _, _, client = daemon
+    aborted_before = client.status()["tied_jobs_aborted"]
+    proc = subprocess.Popen([sys.executable, "-c", TIED_SUBMIT,
+                             ray.get_runtime_context().gcs_address], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        tied, untied = proc.stdout.readline().split()
+    finally:
+        proc.kill()
+        proc.wait()
+    out = client.result(tied, timeout=60).outputs[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) < 2000
+    assert not client.status_of(untied)["finished"]
+    assert client.abort(untied)
+    assert client.status()["tied_jobs_aborted"] == aborted_before + 1
+
+
+def test_a_tied_job_no_client_claims_after_a_restart_is_aborted(daemon):
+    """After a scheduler restart, a tied job's client must wait on it again (as a live one
+    does within seconds) or the job is taken for one whose client went with the old cluster:
+    resumed from the journal, it ran again for nobody on the next `up`."""
+    _, _, client = daemon
+    forsaken, claimed = [asyncio.run(client.asubmit_many(
+        [name], SamplingParams(max_tokens=tokens, ignore_eos=True), tied=True))[0]
+        for name, tokens in (("forsaken", 2000), ("claimed", 200))]
+    wait_for(lambda: client.status_of(forsaken)["num_tokens"][0] > 0, what="the jobs running")
+    ray.kill(bringup.find_scheduler(), no_restart=False)
+    streamed = [t for delta in client.stream(claimed) for t in delta.new_token_ids]
+    assert len(streamed) == 200  # its client waited on it: it ran on after the 3 s
+    out = client.result(forsaken, timeout=60).outputs[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) < 2000
+    assert client.status()["tied_jobs_aborted"] == 1  # counted since the restart
 
 
 def test_results_finished_before_a_scheduler_restart_are_still_there_after_it(daemon,
