@@ -26,8 +26,9 @@ class EmbeddedDaemon:
         if not self._owns_ray and bringup.find_scheduler() is not None:
             # its config would not apply, and close() would take down a daemon not ours
             raise ValueError("pagedserve is already up in the Ray cluster this process joined "
-                             "(another LLM(workers=N) not yet closed?): close() that one first, "
-                             "or use it (or cluster.Client) instead")
+                             "(by `pagedserve up`, or an LLM(workers=N) not yet closed): submit "
+                             "to it with cluster.Client, or take it down (`pagedserve down`, "
+                             "or that LLM's close()) first")
         self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
         self.config = with_overrides(
             cfg, scheduler={"journal_path": f"{self._scratch.name}/journal.msgpack"})

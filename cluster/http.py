@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from cluster.client import (SCHEDULER_GONE, Client, DaemonUnavailableError,
+from cluster.client import (SCHEDULER_GONE, Client, DaemonNotUpError, DaemonUnavailableError,
                             JobFailedError)
 from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
@@ -582,7 +582,10 @@ def _daemon_error(exc: Exception) -> ApiError:
     if isinstance(exc, UnknownJobError):  # gone while the request waited (not resumed)
         return ApiError(500, str(exc), type="server_error", code="job_lost")
     if isinstance(exc, (DaemonUnavailableError, *SCHEDULER_GONE)):
-        return ApiError(503, "the pagedserve daemon does not answer; retry later",
+        # taken down (`pagedserve down`), not restarting: said as the CLI says it
+        said = (str(exc) if isinstance(exc, DaemonNotUpError)
+                else "the pagedserve daemon does not answer")
+        return ApiError(503, f"{said}; retry later",
                         type="service_unavailable", code="daemon_unavailable",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     return ApiError(500, "internal server error", type="server_error")

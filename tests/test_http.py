@@ -22,7 +22,7 @@ from serving import serving
 
 import cluster.http
 from cluster import bringup, daemon_cmds
-from cluster.client import Client
+from cluster.client import Client, DaemonNotUpError, DaemonUnavailableError
 from cluster.config import with_overrides
 from cluster.http import create_app
 from scheduler.sampling_params import SamplingParams
@@ -1038,3 +1038,18 @@ def test_fields_a_request_leaves_unset_take_the_checkpoint_s_generation_config(d
         session.close()
     assert texts == {greedy_text}  # top_k 1: the seeds do not matter
     assert len(sampled) > 1  # the request's own top_k wins
+
+
+def test_a_daemon_taken_down_is_said_to_be_down_not_silent():
+    """With the daemon down (`pagedserve down`), requests said it "does not answer", as they
+    do while it restarts; the CLI says it is not up."""
+    from cluster import http as http_module
+
+    down = http_module._daemon_error(DaemonNotUpError("pagedserve is not up on this cluster; "
+                                                      "run `pagedserve up`"))
+    restarting = http_module._daemon_error(DaemonUnavailableError("no answer in 60 s"))
+    assert (down.status, restarting.status) == (503, 503)
+    assert down.body()["error"]["message"].startswith("pagedserve is not up on this cluster")
+    assert restarting.body()["error"]["message"] == ("the pagedserve daemon does not answer; "
+                                                     "retry later")
+    assert down.body()["error"]["code"] == restarting.body()["error"]["code"]

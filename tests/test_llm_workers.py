@@ -28,7 +28,8 @@ def test_workers_give_the_same_output_as_the_in_process_engine(capsys):
         # the tokenizer is there without an in-process engine
         assert llm.tokenizer.decode(remote[0].outputs[0].token_ids) == remote[0].outputs[0].text
         _interrupted_generate_aborts_its_jobs(llm)
-        with pytest.raises(ValueError, match="already up .* close\\(\\) that one first"):
+        with pytest.raises(ValueError,
+                           match=r"already up .*\(`pagedserve down`, or that LLM.s close\(\)\)"):
             LLM("tiny", workers=1)  # would have shared this daemon, and closed it
         assert llm.generate(prompts[:1], params[:1])[0].outputs[0].token_ids == \
             remote[0].outputs[0].token_ids
