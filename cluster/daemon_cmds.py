@@ -101,8 +101,11 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def warn_config_not_applied(status: dict, again: str = "up") -> None:
-    """Says on stderr which settings of the config given the daemon already up did not take."""
-    if status.get("config_not_applied"):
+    """Says on stderr which settings of the config given the daemon already up did not take
+    (to `up`: also that it was up already, when all did)."""
+    if status.get("config_not_applied") == [] and again == "up":
+        print("pagedserve: already up, with this config", file=sys.stderr)
+    elif status.get("config_not_applied"):
         print(f"pagedserve: already up with another config, which it keeps (`pagedserve down`, "
               f"then `{again}`, to apply this one; unfinished jobs resume): "
               + "; ".join(status["config_not_applied"]), file=sys.stderr)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import ray
+import yaml
 
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
@@ -60,8 +61,8 @@ def undisturbed(daemon):
     return [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
 
 
-def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(daemon,
-                                                                               monkeypatch):
+def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(
+        daemon, monkeypatch, tmp_path, capsys):
     cfg, status, client = daemon
     workers = [w for w in status["workers"] if w["ready"]]
     assert len(workers) == 2 and {w["npu_ids"][0] for w in workers} == {"0", "1"}
@@ -70,6 +71,10 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(dae
     again = bringup.up(cfg, min_workers=2)
     assert {w["pid"] for w in again["workers"]} == {w["pid"] for w in workers}
     assert again["config_not_applied"] == []
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert cli.main(["up", "--config", str(same), "--min-workers", "2"]) == 0
+    assert capsys.readouterr().err == "pagedserve: already up, with this config\n"
     other = with_overrides(cfg, engine={"max_num_seqs": 7}, scheduler={"router": "round_robin"})
     assert bringup.up(other)["config_not_applied"] == [  # kept running as it was
         f"engine.max_num_seqs: running {cfg.engine.max_num_seqs}, asked 7",
