@@ -115,9 +115,9 @@ class ServiceOptions:
     max_finished_gib: float = 2.0  # past this, forget the finished jobs already read first
     router: str = "least_loaded"
     worker_stall_timeout_s: float = 60.0  # 0: never
-    # how long a tied job resumed from the journal (an HTTP server's request) waits for a call
-    # of its client after a restart before it is aborted: a client that lives calls again
-    # within seconds (Client retries every 0.5 s); one that went with the old cluster never
+    # how long a tied job resumed from the journal (an HTTP server's request) waits, unrouted,
+    # for a call of its client after a restart before it is aborted: a client that lives
+    # calls again within seconds (Client retries every 0.5 s); one gone with its cluster never
     tied_job_claim_s: float = 15.0
     worker_env: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the config it was built from, less http
@@ -173,8 +173,8 @@ class SchedulerService:
         self.unfinished_samples = 0  # of the unfinished jobs: what max_queued_jobs bounds
         # the client processes of those calls, and of paced submits, watched for death
         self.callers = Callers()
-        # tied jobs resumed from the journal: job id -> when to abort it unless a waiting call
-        # of its owner claims it (see claim)
+        # tied jobs resumed from the journal, not routed until a waiting call of their client
+        # claims them: job id -> when to abort it, unclaimed (see claim)
         self.unclaimed: dict[str, float] = {}
         self.tied_jobs_aborted = 0
         self.draining = False
@@ -545,11 +545,16 @@ class SchedulerService:
             self._abort_for_nobody(job_id, "the client process that owned it died")
 
     def claim(self, job_ids: list[str], caller: list | None) -> None:
-        """A waiting call on ``job_ids``: tied jobs resumed from the journal are claimed by
-        its caller (their owner, back after the restart), which owns them from now on."""
+        """A waiting call on ``job_ids``: tied jobs resumed from the journal, which wait
+        unrouted, are claimed by its caller (their client, back after the restart), which
+        owns them from now on, and run."""
         for job_id in job_ids:
-            if self.unclaimed.pop(job_id, None) is not None and caller:
+            if self.unclaimed.pop(job_id, None) is None:
+                continue
+            if caller:
                 self.callers.own(caller[0], [job_id])
+            job = self.jobs[job_id]
+            self._dispatch([(job, sample) for sample in job.samples])
 
     def _abort_unclaimed(self) -> None:
         now = time.monotonic()
@@ -780,10 +785,11 @@ class SchedulerService:
             job = JobState(entry.job_id, prompt_ids, params, entry.priority,
                            arrival_time=entry.accepted_at)
             self._track(job)
-            if (entry.extra or {}).get("tied"):
+            if (entry.extra or {}).get("tied"):  # it runs once its client is back for it
                 self.unclaimed[job.job_id] = time.monotonic() + self.options.tied_job_claim_s
-            self.pending.extend((job.job_id, s.index) for s in job.samples)
-        if self.pending:
+            else:
+                self.pending.extend((job.job_id, s.index) for s in job.samples)
+        if self.unfinished_jobs:
             log.info("resuming %d unfinished jobs from the journal", self.unfinished_jobs)
         return self.unfinished_jobs
 
