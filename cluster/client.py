@@ -317,8 +317,9 @@ class Client:
         DaemonUnavailableError carries the ids sent as ``in_flight``: the scheduler may have
         taken them (before it went, or once it answers again). ``tied``: the jobs are aborted
         once this process is gone (an HTTP server's requests, which nobody else reads); after
-        a scheduler restart, one that this process does not wait on again within seconds
-        (``stream``, ``result``) is taken for gone."""
+        a scheduler restart, such a job waits until this process waits on it again
+        (``stream``, ``result``), and is aborted if it has not within
+        scheduler.tied_job_claim_s."""
         same = [params] * len(prompts)
         specs = [_batch_args(prompts, same, [priority] * len(prompts), i)
                  for i in range(len(prompts))]

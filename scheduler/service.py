@@ -171,7 +171,8 @@ class SchedulerService:
         self.stalled_workers_killed = 0
         self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
         self.unfinished_samples = 0  # of the unfinished jobs: what max_queued_jobs bounds
-        # the client processes of those calls, and of paced submits, watched for death
+        # the client processes of those calls, of paced submits and of tied jobs, watched for
+        # death
         self.callers = Callers()
         # tied jobs resumed from the journal, not routed until a waiting call of their client
         # claims them: job id -> when to abort it, unclaimed (see claim)
