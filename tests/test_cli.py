@@ -341,9 +341,10 @@ def test_the_status_total_counts_samples_the_scheduler_holds_for_a_worker_as_wai
 
 def test_serve_on_a_daemon_already_up_with_another_config_says_what_did_not_take(capsys):
     """`serve --config` on a running daemon kept its config without a word (`up` said it)."""
-    daemon_cmds.warn_config_not_applied({"config_not_applied": []})
-    assert capsys.readouterr().err == ""
+    daemon_cmds.warn_config_not_applied({"config_not_applied": []}, again="serve")
+    assert capsys.readouterr().err == ""  # serve runs on the daemon up: nothing to say
     daemon_cmds.warn_config_not_applied(
         {"config_not_applied": ["engine.max_num_seqs: running 256, asked 64"]}, again="serve")
     err = capsys.readouterr().err
-    assert "then `serve`" in err and err.strip().endswith("engine.max_num_seqs: running 256, asked 64")
+    assert "then `serve`" in err
+    assert err.strip().endswith("engine.max_num_seqs: running 256, asked 64")
