@@ -712,8 +712,8 @@ def test_the_jobs_tied_to_a_client_process_are_aborted_when_it_is_killed(daemon)
         proc.wait()
     out = client.result(tied, timeout=60).outputs[0]
     assert out.finish_reason == "abort" and len(out.token_ids) < 2000
-    assert not client.status_of(untied)["finished"]
-    assert client.abort(untied)
+    assert client.status_of(untied)["finish_reasons"] in ([None], ["length"])  # not aborted
+    client.abort(untied)
     assert client.status()["tied_jobs_aborted"] == aborted_before + 1
 
 
