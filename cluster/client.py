@@ -330,7 +330,8 @@ class Client:
             except InvalidRequestError as exc:
                 if not _id_in_use(exc):
                     raise
-            return [await self._asubmit(spec, True, owner) for spec in specs]  # see _submit_batch
+            # see _submit_batch
+            return [await self._asubmit(spec, fresh_id=True, owner=owner) for spec in specs]
         except DaemonUnavailableError as exc:
             exc.in_flight = [spec[-1] for spec in specs]
             raise

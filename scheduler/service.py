@@ -541,7 +541,7 @@ class SchedulerService:
         for task in calls:
             task.cancel()
         for job_id in held:
-            self._forget(self.finished.release(job_id))
+            self._unhold(job_id)
         for job_id in owned:
             self._abort_for_nobody(job_id, "the client process that owned it died")
 
@@ -565,11 +565,9 @@ class SchedulerService:
                                            "after the scheduler restarted")
 
     def _abort_for_nobody(self, job_id: str, why: str) -> None:
-        job = self._find(job_id)
-        if job is not None and not job.finished:
+        if job_id in self.jobs and self.abort(job_id):  # False once it has finished
             log.warning("job %s aborted: %s", job_id, why)
             self.tied_jobs_aborted += 1
-            self.abort(job_id)
 
     # -- workers ---------------------------------------------------------------------------
 
