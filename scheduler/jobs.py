@@ -172,18 +172,20 @@ class JobState:
 
     def deltas_since(self, cursor: list[int]) -> list[RequestOutput]:
         """What a stream that has seen ``cursor[i]`` tokens of sample i has not seen yet;
-        ``cursor[i] > len(tokens)`` means that stream has also seen the sample finish."""
+        ``cursor[i] == len(tokens) + 1`` means that stream has also seen the sample finish.
+        A cursor further on comes from before a scheduler restart, and the sample's rerun
+        ended sooner (aborted, failed, or stopped early on a near-tie): its end is news."""
         out = []
         prompt_logprobs = self.samples[0].prompt_logprobs
         for sample, seen in zip(self.samples, cursor):
             new = sample.token_ids[seen:]
-            if not new and not (sample.finished and seen <= len(sample.token_ids)):
+            if not new and not (sample.finished and seen != len(sample.token_ids) + 1):
                 continue
             if seen == 0 and self.awaits_prompt_logprobs:  # a stream opens with them
                 continue
             out.append(RequestOutput(
                 request_id=self.job_id, index=sample.index, new_token_ids=new,
-                text=sample.text[sample.text_offsets[seen]:],
+                text=sample.text[sample.text_offsets[min(seen, len(sample.token_ids))]:],
                 num_prompt_tokens=len(self.prompt_token_ids),
                 finish_reason=sample.finish_reason,
                 logprobs=sample.logprobs[seen:] if self.params.logprobs is not None else None,

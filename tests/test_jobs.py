@@ -41,3 +41,15 @@ def test_without_prompt_logprobs_no_stream_waits():
     job = JobState("job", PROMPT, SamplingParams(n=2, max_tokens=4))
     job.apply(1, 0, output(1, [11]))
     assert [(d.index, d.prompt_logprobs) for d in job.deltas_since([0, 0])] == [(1, None)]
+
+
+def test_a_stream_resumed_past_where_a_rerun_ended_is_still_told_it_ended():
+    # A restarted scheduler runs the job again from its first token; a stream that had seen 5
+    # tokens resumes with that cursor. The rerun is aborted (or fails, or stops sooner on a
+    # near-tie) at 2: the stream must hear of it, or it ends as if the job had gone on.
+    job = JobState("job", PROMPT, SamplingParams(max_tokens=10))
+    job.apply(0, 0, output(0, [11, 12]))
+    job.finish_sample(job.samples[0], "abort")
+    assert [(d.new_token_ids, d.text, d.finish_reason) for d in job.deltas_since([5])] == [
+        ([], "", "abort")]
+    assert job.deltas_since([3]) == []  # 2 tokens and the finish: seen
