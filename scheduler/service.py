@@ -301,7 +301,9 @@ class SchedulerService:
     def _dispatch(self, samples: list[tuple[JobState, SampleState]]) -> None:
         """Route each sample to a worker, or hold it in ``pending`` while none is ready. Loads
         are counted once per call, then grow by each routed sample's tokens, so a batch
-        spreads out without recounting every sample each time."""
+        spreads out without recounting every sample each time. A sample that has ended since
+        it was picked (its job failed or was aborted meanwhile) is dropped."""
+        samples = [(job, sample) for job, sample in samples if not sample.finished]
         if self.pending_held_since is not None:  # behind the held backlog, in order
             self.pending.extend((job.job_id, sample.index) for job, sample in samples)
             return
@@ -342,8 +344,7 @@ class SchedulerService:
         self.pending_held_since = None
         waiting, self.pending = self.pending, collections.deque()
         jobs = ((self.jobs.get(job_id), index) for job_id, index in waiting)
-        self._dispatch([(job, job.samples[index]) for job, index in jobs
-                        if job is not None and not job.samples[index].finished])
+        self._dispatch([(job, job.samples[index]) for job, index in jobs if job is not None])
 
     def report(self, worker_id: str, number: int, outputs: list, rejected: list,
                load: dict) -> None:

@@ -1,0 +1,75 @@
+"""The scheduler service in one process, without Ray, on what it does when a worker dies: its
+worker actors are stand-ins that record the calls sent to them (Ray's kill and the actor's own
+handle are stubbed out; nothing else of Ray is reached)."""
+import asyncio
+import types
+
+import pytest
+import ray
+
+from cluster.journal import Journal
+from scheduler import service
+from scheduler.router import WorkerLoad
+
+
+class Actor:
+    """A worker actor's handle: ``actor.add.remote(*args)`` appends ``("add", *args)`` to
+    ``sent``."""
+
+    def __init__(self) -> None:
+        self.sent = []
+
+    def __getattr__(self, method: str):
+        return types.SimpleNamespace(remote=lambda *args: self.sent.append((method, *args)))
+
+
+@pytest.fixture
+def new_service(monkeypatch, tmp_path):
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: types.SimpleNamespace(current_actor=None))
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: None)
+    made = []
+
+    def make() -> service.SchedulerService:
+        options = service.ServiceOptions(engine_options={"model": "tiny"})
+        scheduler = service.SchedulerService(options, lambda: Journal(tmp_path / "journal", 0))
+        for task in scheduler._tasks:  # no cluster to reconcile, no callers to watch
+            task.cancel()
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    for scheduler in made:
+        scheduler.journal.close()
+
+
+def add_worker(scheduler: service.SchedulerService, worker_id: str) -> service.WorkerSlot:
+    """A worker that has loaded its model, as _watch leaves it."""
+    slot = service.WorkerSlot(worker_id, Actor(), "node")
+    slot.info = {"max_tokens_fit": 10_000, "num_blocks": 100, "block_size": 16}
+    slot.load = WorkerLoad(worker_id, 100, 100, 16)
+    scheduler.workers[worker_id] = slot
+    return slot
+
+
+def test_a_job_failed_for_its_worker_deaths_sends_none_of_its_samples_on(new_service):
+    # Each job has both samples on the worker that dies; sample 1 has lost two workers before,
+    # sample 0 none, so this death fails the job. Sample 0, ended with it, must not go to
+    # another worker to run for nobody (and stay on its books: no end would be reported). The
+    # dead worker's samples are a set: 32 jobs, so that some have sample 0 looked at first.
+    async def fail_over():
+        scheduler = new_service()
+        dying = add_worker(scheduler, "dying")
+        job_ids = scheduler.submit_many([([1, 2, 3], {"n": 2, "max_tokens": 8}, 0, f"job{i}")
+                                         for i in range(32)])
+        survivor = add_worker(scheduler, "survivor")
+        for job_id in job_ids:
+            scheduler.jobs[job_id].samples[1].attempt = service.MAX_WORKER_DEATHS_PER_SAMPLE - 1
+        scheduler._on_worker_gone(dying)
+        return scheduler, job_ids, survivor
+
+    scheduler, job_ids, survivor = asyncio.run(fail_over())
+    assert all(scheduler.jobs[job_id].error == "3 workers died while running it"
+               for job_id in job_ids)
+    assert [call for call in survivor.actor.sent if call[0] == "add"] == []
+    assert survivor.samples == set()
