@@ -645,7 +645,9 @@ class SchedulerService:
 
     def _kill_stalled(self, slot: WorkerSlot) -> None:
         self.stalled_workers_killed += 1
-        slot.reports.missing_since = None  # once is enough: _watch then sees it gone
+        # once is enough, _watch then sees it gone: not missing, nor quiet, until it has
+        slot.reports.missing_since = None
+        slot.last_heard = time.monotonic()
         ray.kill(slot.actor, no_restart=True)
 
     def _check_placement(self, wanted: int, nodes: list[dict]) -> None:

@@ -1,7 +1,8 @@
-"""The scheduler service in one process, without Ray, on what it does when a worker dies: its
-worker actors are stand-ins that record the calls sent to them (Ray's kill and the actor's own
-handle are stubbed out; nothing else of Ray is reached)."""
+"""The scheduler service in one process, without Ray, on what it does when a worker dies or
+stalls: its worker actors are stand-ins that record the calls sent to them (Ray's kill and the
+actor's own handle are stubbed out; nothing else of Ray is reached)."""
 import asyncio
+import time
 import types
 
 import pytest
@@ -73,3 +74,24 @@ def test_a_job_failed_for_its_worker_deaths_sends_none_of_its_samples_on(new_ser
                for job_id in job_ids)
     assert [call for call in survivor.actor.sent if call[0] == "add"] == []
     assert survivor.samples == set()
+
+
+def test_a_worker_killed_for_a_missing_report_is_not_killed_again_for_its_silence(
+        new_service, monkeypatch):
+    # Its report 0 never came, report 1 came 2 minutes ago and nothing since: it is killed
+    # once, for the missing report, not pinged and killed (and counted) a second time.
+    async def never_answers(actor, timeout: float) -> bool:
+        return False
+
+    monkeypatch.setattr(service, "answers_stats", never_answers)
+
+    async def look():
+        scheduler = new_service()
+        slot = add_worker(scheduler, "stuck")
+        scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, "job")])
+        scheduler.report("stuck", 1, [], [], {"free_blocks": 100})
+        slot.reports.missing_since = slot.last_heard = time.monotonic() - 120
+        await scheduler._kill_hung_workers()
+        return scheduler
+
+    assert asyncio.run(look()).stalled_workers_killed == 1
