@@ -88,6 +88,12 @@ class DrainingError(UnavailableError):
     code = "draining"
 
 
+class GoingDownError(UnavailableError):
+    """`pagedserve down` has stopped the workers and closed the journal; the actor goes next."""
+
+    code = "going_down"
+
+
 class JournalUnwritableError(UnavailableError):
     """The job journal cannot be written (a full disk): no job is accepted until it can."""
 
@@ -169,7 +175,7 @@ class SchedulerService:
         self.jobs_not_resumed = 0  # journal jobs dropped at start as no longer valid
         self.results_restored = 0  # finished jobs whose results the journal kept
         self.stalled_workers_killed = 0
-        self.waiting_calls = 0  # result/stream calls open now (SchedulerActor caps them)
+        self.waiting_calls = 0  # result/stream calls open now (waiting_call caps them)
         self.unfinished_samples = 0  # of the unfinished jobs: what max_queued_jobs bounds
         # the client processes of those calls, of paced submits and of tied jobs, watched for
         # death
@@ -179,6 +185,7 @@ class SchedulerService:
         self.unclaimed: dict[str, float] = {}
         self.tied_jobs_aborted = 0
         self.draining = False
+        self.going_down = False  # see shutdown
         # per node, its failed worker starts in a row: one that fails MAX_SPAWN_FAILURES gets
         # no more, while the other nodes' NPUs still get workers when theirs die
         self.node_spawn_failures: collections.Counter[str] = collections.Counter()
@@ -207,6 +214,7 @@ class SchedulerService:
         (likewise a token: an HTTP server's requests, which nobody else reads), the jobs are
         aborted once that process is seen dead, also when it went while a scheduler restarted
         (see claim)."""
+        self._check_not_going_down()
         if self.draining:
             raise DrainingError("pagedserve is draining to go down: it finishes its jobs and "
                                 "takes no new ones")
@@ -411,6 +419,7 @@ class SchedulerService:
             self.finished_events.pop(job_id, None)
 
     def abort(self, job_id: str) -> bool:
+        self._check_not_going_down()
         job = self._job(job_id)
         # aborted: not read by its submitter (a withdrawn paced submit aborts its finished
         # jobs too)
@@ -451,6 +460,8 @@ class SchedulerService:
 
     def _find(self, job_id: str) -> JobState | None:
         """The job of ``job_id``, also given as an HTTP response id."""
+        if not isinstance(job_id, str):
+            return None
         return self.jobs.get(job_id) or self.jobs.get(_without_http_prefix(job_id))
 
     def _job(self, job_id: str) -> JobState:
@@ -520,6 +531,29 @@ class SchedulerService:
                 break
             summaries.append(self._read(job))
         return summaries
+
+    @contextlib.contextmanager
+    def waiting_call(self, job_ids: list[str], resumed: bool = False,
+                     caller: list | None = None):
+        """Hold one of max_waiting_calls for a call that waits on ``job_ids``, or refuse it.
+        With ``caller`` (``[token]``, an object the calling process owns), the call is ended
+        (cancelled) once that process is seen dead. Counted only past what can raise: a
+        refused call must not keep its slot."""
+        limit = self.options.max_waiting_calls
+        if self.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
+            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
+                                  "(scheduler.max_waiting_calls); retry later")
+        self.claim([job.job_id for job in map(self._find, job_ids) if job is not None], caller)
+        task = asyncio.current_task()
+        self.waiting_calls += 1
+        if caller:
+            self.callers.open_call(caller[0], task)
+        try:
+            yield
+        finally:
+            self.waiting_calls -= 1
+            if caller:
+                self.callers.close_call(caller[0], task)
 
     async def _watch_callers_forever(self) -> None:
         """End the waiting calls of client processes that died, so that they give back their
@@ -875,6 +909,12 @@ class SchedulerService:
             "config": self.options.config,
         }
 
+    def _check_not_going_down(self) -> None:
+        if self.going_down:
+            raise GoingDownError("pagedserve is going down (`pagedserve down`): it takes no "
+                                 "jobs or aborts until the next `pagedserve up`, which resumes "
+                                 "the unfinished jobs")
+
     def set_draining(self, draining: bool) -> int:
         """Refuse new jobs from now on (the unfinished ones go on), or take them again (a drain
         given up); returns how many jobs are unfinished."""
@@ -882,7 +922,9 @@ class SchedulerService:
         return self.unfinished_jobs
 
     async def shutdown(self) -> int:
-        """Stops the workers; returns how many unfinished jobs the journal keeps."""
+        """Stops the workers; returns how many unfinished jobs the journal keeps. Until the
+        caller kills this actor, submits and aborts are refused (the journal is closed)."""
+        self.going_down = True
         for task in self._tasks:
             task.cancel()
         for slot in list(self.workers.values()):
@@ -988,28 +1030,6 @@ class SchedulerActor:
         logging.basicConfig(level=logging.INFO)
         self.service = SchedulerService(options, journal_factory)
 
-    @contextlib.contextmanager
-    def _waiting_call(self, job_ids: list[str], resumed: bool = False,
-                      caller: list | None = None):
-        """Hold one of max_waiting_calls for a call that waits on ``job_ids``, or refuse it.
-        With ``caller`` (``[token]``, an object the calling process owns), the call is ended
-        (cancelled) once that process is seen dead."""
-        service, limit = self.service, self.service.options.max_waiting_calls
-        if service.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
-            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
-                                  "(scheduler.max_waiting_calls); retry later")
-        service.waiting_calls += 1
-        service.claim(job_ids, caller)
-        task = asyncio.current_task()
-        if caller:
-            service.callers.open_call(caller[0], task)
-        try:
-            yield
-        finally:
-            service.waiting_calls -= 1
-            if caller:
-                service.callers.close_call(caller[0], task)
-
     async def submit(self, prompt, params=None, priority=0, job_id=None, owner=None) -> str:
         return (await self.submit_many([(prompt, params, priority, job_id)], owner=owner))[0]
 
@@ -1059,7 +1079,7 @@ class SchedulerActor:
         return aborted
 
     async def stream(self, job_ids, cursors=None, resumed=False, caller=None):
-        with self._waiting_call(job_ids, resumed, caller):
+        with self.service.waiting_call(job_ids, resumed, caller):
             async with contextlib.aclosing(self.service.stream(job_ids, cursors)) as stream:
                 async for outputs in stream:
                     if any(delta.finish_reason is not None for _, delta in outputs):
@@ -1068,13 +1088,13 @@ class SchedulerActor:
 
     async def result(self, job_id, timeout=None, resumed=False, caller=None) -> dict:
         # held until answered: the journal write holds the actor too
-        with self._waiting_call([job_id], resumed, caller):
+        with self.service.waiting_call([job_id], resumed, caller):
             summary = await self.service.result(job_id, timeout)
             await self._write_journal()
         return summary
 
     async def results(self, job_ids, timeout=None, resumed=False, caller=None) -> list[dict]:
-        with self._waiting_call(job_ids, resumed, caller):
+        with self.service.waiting_call(job_ids, resumed, caller):
             summaries = await self.service.results(job_ids, timeout)
             await self._write_journal()
         return summaries

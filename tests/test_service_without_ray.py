@@ -95,3 +95,36 @@ def test_a_worker_killed_for_a_missing_report_is_not_killed_again_for_its_silenc
         return scheduler
 
     assert asyncio.run(look()).stalled_workers_killed == 1
+
+
+def test_a_waiting_call_refused_for_its_job_id_gives_its_slot_back(new_service):
+    # A tied job resumed from the journal waits to be claimed, so every waiting call looks at
+    # its job ids before it waits; a bad id (a list, say) must not keep the call's slot.
+    async def calls():
+        scheduler = new_service()
+        scheduler.unclaimed["resumed-job"] = time.monotonic() + 60
+        for _ in range(3):
+            with pytest.raises(service.UnknownJobError), \
+                    scheduler.waiting_call([["not", "an", "id"]]):
+                await scheduler.result(["not", "an", "id"])
+        return scheduler.waiting_calls
+
+    assert asyncio.run(calls()) == 0
+
+
+def test_after_shutdown_submits_and_aborts_are_refused(new_service):
+    # `down` closes the journal, then kills the actor: calls in between get one clear line
+    # (an HTTP 503), not "journal ... is closed" from deep inside.
+    async def shut_down():
+        scheduler = new_service()
+        add_worker(scheduler, "w")
+        [job_id] = scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, "job")])
+        await scheduler.shutdown()
+        return scheduler, job_id
+
+    scheduler, job_id = asyncio.run(shut_down())
+    for call in (lambda: scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, None)]),
+                 lambda: scheduler.abort(job_id)):
+        with pytest.raises(service.GoingDownError, match="going down"):
+            call()
+    assert scheduler.unfinished_jobs == 1
