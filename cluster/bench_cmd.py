@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from scheduler.wording import counted
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "OPENAI_API_KEY"  # where OpenAI's own clients read the key
 
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     failed = sum(s["failed"] for s in summaries)
     if failed:  # not only in the table: scripts read the exit code
         sent = sum(s["completed"] + s["failed"] for s in summaries)
-        print(f"pagedserve: {failed} of {sent} requests failed (see the errors above)",
+        print(f"pagedserve: {failed} of {counted(sent, 'request')} failed (see the errors above)",
               file=sys.stderr)
         return 1
     return 0

@@ -18,6 +18,7 @@ from cluster.stream_cancel import read_or_cancelled
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import (NAMESPACE, OverloadedError, UnknownJobError, answers_stats,
                                worker_actor_name)
+from scheduler.wording import counted
 from worker.output import (CompletionOutput, JobOutput, RequestOutput,
                            with_unscored_first)
 
@@ -300,8 +301,9 @@ class Client:
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
         if not len(per_job) == len(priorities) == len(prompts):
             raise InvalidRequestError(
-                f"{len(prompts)} prompts need as many params and priorities, got "
-                f"{len(per_job)} and {len(priorities)}")
+                f"got {counted(len(prompts), 'prompt')}, {len(per_job)} SamplingParams and "
+                f"{counted(len(priorities), 'priority', 'priorities')}: give one of each per "
+                "prompt")
         specs = [_batch_args(prompts, per_job, priorities, i) for i in range(len(prompts))]
         batch_size = SUBMIT_BATCH if batch_size is None else batch_size
         submitter = BatchSubmitter(self, specs, batch_size, on_wait, hold)
@@ -560,8 +562,8 @@ class Client:
 
 def _said_accepted(exc: OverloadedError) -> OverloadedError:
     """``exc`` saying how many jobs of its submit_many were accepted before it."""
-    said = type(exc)(f"{exc} ({len(exc.submitted)} jobs of this call were accepted before "
-                     "it: withdraw() them, or submit the rest)")
+    said = type(exc)(f"{exc} ({counted(len(exc.submitted), 'job')} of this call accepted "
+                     "before it: withdraw() them, or submit the rest)")
     said.submitted, said.in_flight = exc.submitted, exc.in_flight
     return said
 

@@ -8,26 +8,28 @@ import math
 import sys
 
 from cluster.config import load_config
+from scheduler.wording import counted
 
 
 # Lines under the status table, each shown when its key of the status is set (not 0, not empty).
+# "{key:noun}" puts the count with its noun, plural unless it is 1 (see _Count).
 STATUS_NOTES = (
     ("draining", "draining (`pagedserve down --drain`): new jobs are refused"),
     ("engine_failures", "engine failures: {engine_failures} (workers replaced; "
-                        "{quarantined_samples} samples waiting to run alone)"),
+                        "{quarantined_samples:sample} waiting to run alone)"),
     ("journal_error", "journal: {journal_error}; new jobs are refused until it can be written"),
     ("stalled_workers_killed", "hung workers killed: {stalled_workers_killed} (work to do but "
                                "no step for scheduler.worker_stall_timeout_s; their jobs failed "
                                "over)"),
-    ("tied_jobs_aborted", "aborted for nobody: {tied_jobs_aborted} jobs of HTTP requests "
+    ("tied_jobs_aborted", "aborted for nobody: {tied_jobs_aborted:job} of HTTP requests "
                            "whose server was gone"),
-    ("jobs_resumed", "resumed at start: {jobs_resumed} unfinished jobs from the journal of the "
+    ("jobs_resumed", "resumed at start: {jobs_resumed:unfinished job} from the journal of the "
                      "previous scheduler"),
-    ("results_restored", "kept at start: the results of {results_restored} finished jobs from "
+    ("results_restored", "kept at start: the results of {results_restored:finished job} from "
                          "the journal of the previous scheduler"),
     ("journal_damage", "journal damaged at start: {journal_damage}; the jobs recorded there "
                        "were lost, or run again if they had finished"),
-    ("jobs_not_resumed", "not resumed: {jobs_not_resumed} journal jobs no longer valid (the "
+    ("jobs_not_resumed", "not resumed: {jobs_not_resumed:journal job} no longer valid (the "
                          "scheduler's log says why)"),
     ("placement_problem", "{placement_problem}"),
     ("last_spawn_error", "last worker start error: {last_spawn_error}"),
@@ -122,8 +124,8 @@ def print_loading(status: dict) -> None:
 
 def print_draining(status: dict) -> None:
     """A line on stderr while `down --drain` waits for the jobs to finish."""
-    print(f"pagedserve: draining: {status['jobs_unfinished']} jobs unfinished", file=sys.stderr,
-          flush=True)
+    print(f"pagedserve: draining: {counted(status['jobs_unfinished'], 'job')} unfinished",
+          file=sys.stderr, flush=True)
 
 
 def run_down(args: argparse.Namespace) -> int:
@@ -146,9 +148,8 @@ def run_down(args: argparse.Namespace) -> int:
         print("pagedserve was not running")
     elif kept:
         timed_out = f"the drain timed out after {args.timeout:g} s; " if args.drain else ""
-        jobs = f"{kept} unfinished job{'s' * (kept != 1)}"
-        print(f"pagedserve is down; {timed_out}the journal keeps {jobs}, which the next "
-              "`pagedserve up` resumes")
+        print(f"pagedserve is down; {timed_out}the journal keeps "
+              f"{counted(kept, 'unfinished job')}, which the next `pagedserve up` resumes")
         return 1 if args.drain else 0  # a drain that left jobs did not do what was asked
     else:
         print("pagedserve is down")
@@ -186,11 +187,20 @@ def format_status(status: dict) -> str:
     ready = sum(1 for w in status["workers"] if w.get("ready"))
     held = status.get("pending_samples", 0)  # by the scheduler, for a worker to take them
     waiting = f"{waiting + held} waiting" + (f" ({held} for a worker)" if held else "")
-    lines.append(f"total: {ready} workers ready, KV {used}/{total} blocks, {running} running, "
-                 f"{waiting}, {rate:.1f} tok/s; jobs unfinished "
+    lines.append(f"total: {counted(ready, 'worker')} ready, KV {used}/{total} blocks, "
+                 f"{running} running, {waiting}, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
-    lines += [note.format(**status) for key, note in STATUS_NOTES if status.get(key)]
+    counts = {key: _Count(value) if type(value) is int else value
+              for key, value in status.items()}
+    lines += [note.format(**counts) for key, note in STATUS_NOTES if status.get(key)]
     return "\n".join(lines)
+
+
+class _Count(int):
+    """A count that formats as itself, or with a format spec as that noun: "{n:job}"."""
+
+    def __format__(self, noun: str) -> str:
+        return counted(int(self), noun) if noun else str(int(self))
 
 
 def _device(worker: dict) -> str:

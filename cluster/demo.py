@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cluster.config import load_config
 from scheduler.sampling_params import SamplingParams
+from scheduler.wording import counted
 
 SHARED_PREFIX = (
     "You are a careful assistant for a platform team. Answer briefly, cite the runbook section, "
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                   "(`pagedserve down` stops it)", file=sys.stderr)
     else:
         print(f"no Ray cluster running: starting an embedded one with "
-              f"{cfg.cluster.simulated_npus} simulated NPUs", file=sys.stderr)
+              f"{counted(cfg.cluster.simulated_npus, 'simulated NPU')}", file=sys.stderr)
         daemon = EmbeddedDaemon(cfg)
         status, client = daemon.status, daemon.client
     try:
@@ -121,7 +122,7 @@ def summary_table(results, elapsed: float, before: dict, after: dict, peak_kv: f
     hits, queried, preempted = (_growth(before, after, key) for key in
                                 ("prefix_hit_tokens", "prefix_query_tokens", "preemptions"))
     rows = [
-        ("jobs", f"{len(results)} on {len(workers)} workers"),
+        ("jobs", f"{len(results)} on {counted(len(workers), 'worker')}"),
         ("output tokens", f"{out_tokens}"),
         ("wall time", f"{elapsed:.2f} s"),
         ("output tokens/s", f"{out_tokens / elapsed:.1f}"),

@@ -37,6 +37,7 @@ from cluster.version import pagedserve_version
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (BatchTooLargeError, OverloadedError, UnavailableError,
                                UnknownJobError)
+from scheduler.wording import counted
 from worker.output import JobOutput, RequestOutput
 from worker.generation_defaults import generation_defaults
 from worker.tokenizer import ChatTemplateError, Tokenizer
@@ -760,7 +761,7 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
             return
         if self.in_progress >= self.limit:
-            busy = ApiError(503, f"the server is handling {self.limit} requests "
+            busy = ApiError(503, f"the server is handling {counted(self.limit, 'request')} "
                                  "(http.max_concurrent_requests); retry later",
                             type="service_unavailable", code="too_many_requests_in_progress",
                             headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})

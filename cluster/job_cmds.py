@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 
 from cluster import stop_signals
+from scheduler.wording import counted
 
 FIND_TIMEOUT_S = 5.0  # to say that the daemon is not up
 
@@ -196,24 +197,24 @@ def _age(seconds: float) -> str:
 
 def _warn_if_results_may_be_forgotten(num_jobs: int, kept: int) -> None:
     if num_jobs > kept:
-        print(f"pagedserve: warning: the scheduler keeps the last {kept} finished jobs "
+        print(f"pagedserve: warning: the scheduler keeps the last {counted(kept, 'finished job')} "
               f"(scheduler.max_finished_jobs), and some of these {num_jobs} may be forgotten "
               "before `pagedserve result` reads them; a submit that waits reads each job as it "
               "finishes", file=sys.stderr)
 
 
 def _say_queue_full(status: dict) -> None:
-    print(f"pagedserve: the daemon's queue is full ({status['jobs_unfinished']} unfinished "
-          f"jobs, scheduler.max_queued_jobs={status['max_queued_jobs']}): waiting for room",
+    print(f"pagedserve: the daemon's queue is full "
+          f"({counted(status['jobs_unfinished'], 'unfinished job')}, "
+          f"scheduler.max_queued_jobs={status['max_queued_jobs']}): waiting for room",
           file=sys.stderr, flush=True)
 
 
 def _print_ids(ids: list[str], as_json: bool) -> None:
     for i, job_id in enumerate(ids):
         print(json.dumps({"index": i, "job_id": job_id}) if as_json else job_id)
-    jobs = "1 job" if len(ids) == 1 else f"{len(ids)} jobs"
-    print(f"pagedserve: queued {jobs}; `pagedserve result JOB_ID...` waits for the output",
-          file=sys.stderr)
+    print(f"pagedserve: queued {counted(len(ids), 'job')}; `pagedserve result JOB_ID...` waits "
+          "for the output", file=sys.stderr)
 
 
 def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: list[int]
@@ -254,7 +255,7 @@ def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: l
 
 def _exit_code(failed: int, total: int) -> int:
     if failed:
-        print(f"pagedserve: {failed} of {total} jobs failed", file=sys.stderr)
+        print(f"pagedserve: {failed} of {counted(total, 'job')} failed", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -264,5 +265,5 @@ def _withdraw(client, job_ids: list[str], in_flight: list[str], interrupted: boo
     with stop_signals.deferred():
         aborted = client.withdraw(job_ids, in_flight)
     if interrupted:
-        print(f"pagedserve: aborted the {aborted} unfinished job{'s' * (aborted != 1)} of this "
+        print(f"pagedserve: aborted the {counted(aborted, 'unfinished job')} of this "
               "submit", file=sys.stderr)

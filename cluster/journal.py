@@ -46,6 +46,8 @@ from pathlib import Path
 
 import msgpack
 
+from scheduler.wording import counted
+
 log = logging.getLogger("pagedserve.journal")
 
 MAGIC = b"PSJ1"
@@ -405,11 +407,12 @@ class Journal:
         os.fchmod(self._file.fileno(), FILE_MODE)  # one an older version left 0644 too
         good_end, problem, skipped = self._replay(data)
         for start, size, reason in skipped:
-            self._replay_problem(f"{reason} at byte {start}; skipped {size} bytes to the next "
-                                 "good record")
+            self._replay_problem(f"{reason} at byte {start}; skipped {counted(size, 'byte')} to "
+                                 "the next good record")
         if problem:
             self._replay_problem(f"{problem} at byte {good_end}; dropped the last "
-                                 f"{len(data) - good_end} bytes (a write cut short by a crash?)")
+                                 f"{counted(len(data) - good_end, 'byte')} (a write cut short by "
+                                 "a crash?)")
         self._size = good_end
         if problem or skipped or not data or self._dead_on_disk:
             try:

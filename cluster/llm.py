@@ -12,6 +12,7 @@ from cluster.llm_inputs import Prompt, from_vllm_spellings, prompt_list
 from cluster.llm_inputs import engine_options as engine_kwargs
 from scheduler.batching import check_priority
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
+from scheduler.wording import counted
 from worker.engine import Engine, EngineConfig
 from worker.generation_defaults import generation_defaults
 from worker.loader import resolve_model_path
@@ -104,7 +105,8 @@ class LLM:
         params_list = _per_prompt(self.default_params if params is None else params, len(prompts))
         priorities = [0] * len(prompts) if priorities is None else list(priorities)
         if len(priorities) != len(prompts):  # zip would drop the prompts past the shorter
-            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+            raise ValueError(f"got {counted(len(priorities), 'priority', 'priorities')} for "
+                             f"{counted(len(prompts), 'prompt')}")
         if self._daemon is not None:
             if on_output is not None:
                 raise ValueError("on_output is not supported with workers=; use Client.stream")
@@ -182,5 +184,5 @@ def _per_prompt(params, count: int) -> list[SamplingParams]:
                         f"{type(params).__name__}")
     params = list(params)
     if len(params) != count:
-        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        raise ValueError(f"got {len(params)} SamplingParams for {counted(count, 'prompt')}")
     return params

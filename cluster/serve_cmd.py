@@ -11,6 +11,7 @@ import threading
 import time
 
 from cluster.config import load_config
+from scheduler.wording import counted
 
 CLUSTER_PROBE_S = 1.0  # how often the server checks that the cluster's GCS answers
 CLUSTER_GONE_S = 3.0  # silent this long: the cluster is gone (`ray stop`), the server ends
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.address == "auto" and not bringup.cluster_is_running():
             print(f"no Ray cluster running: starting an embedded one with "
-                  f"{cfg.cluster.simulated_npus} simulated NPUs", file=sys.stderr)
+                  f"{counted(cfg.cluster.simulated_npus, 'simulated NPU')}", file=sys.stderr)
             daemon = EmbeddedDaemon(cfg)
             cfg, status, client = daemon.config, daemon.status, daemon.client
         else:

@@ -27,6 +27,7 @@ from scheduler.quarantine import Quarantine
 from scheduler.retention import FinishedJobs
 from scheduler.router import NoWorkerError, WorkerLoad, make_router
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
+from scheduler.wording import counted
 from worker.output import RequestOutput, unpack_outputs
 
 log = logging.getLogger("pagedserve.scheduler")
@@ -246,8 +247,8 @@ class SchedulerService:
                                      "counts samples); send fewer")
         if self.unfinished_samples + samples > limit:
             raise OverloadedError(
-                f"overloaded: {self.unfinished_samples} samples are queued (max_queued_jobs="
-                f"{limit}, a job counting as its n samples){adds}; retry later")
+                f"overloaded: the queue holds {counted(self.unfinished_samples, 'sample')} "
+                f"(max_queued_jobs={limit}, a job counting as its n samples){adds}; retry later")
 
     def check_many(self, specs: list[tuple], first_index: int = 0) -> None:
         """Raise what submit_many would for a bad job of ``specs``, accepting none: a client
@@ -469,7 +470,8 @@ class SchedulerService:
         if job is None:
             raise UnknownJobError(
                 f"unknown job id {job_id!r}: never submitted, or finished and forgotten (the "
-                f"scheduler keeps the last {self.options.max_finished_jobs} finished jobs, "
+                "scheduler keeps the last "
+                f"{counted(self.options.max_finished_jobs, 'finished job')}, "
                 f"fewer once their results pass {self.options.max_finished_gib:g} GiB and have "
                 "been read)")
         return job
@@ -541,8 +543,8 @@ class SchedulerService:
         refused call must not keep its slot."""
         limit = self.options.max_waiting_calls
         if self.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
-            raise OverloadedError(f"overloaded: {limit} calls already wait on jobs "
-                                  "(scheduler.max_waiting_calls); retry later")
+            raise OverloadedError(f"overloaded: {counted(limit, 'call')} already waiting on "
+                                  "jobs (scheduler.max_waiting_calls); retry later")
         self.claim([job.job_id for job in map(self._find, job_ids) if job is not None], caller)
         task = asyncio.current_task()
         self.waiting_calls += 1
@@ -698,9 +700,9 @@ class SchedulerService:
                 "nodes with NPUs")
         elif self.placeable_workers < wanted:
             self.placement_problem = (
-                f"only {self.placeable_workers} of {wanted} workers can be placed: each needs "
-                f"1 NPU and {cpus:g} CPUs (cluster.worker_num_cpus), more than the nodes with "
-                f"NPUs have; lower cluster.worker_num_cpus or add CPUs")
+                f"only {self.placeable_workers} of {counted(wanted, 'worker')} can be placed: "
+                f"each needs 1 NPU and {counted(cpus, 'CPU')} (cluster.worker_num_cpus), more "
+                "than the nodes with NPUs have; lower cluster.worker_num_cpus or add CPUs")
 
     def _spawn(self, node_id: str) -> None:
         """A worker for one NPU of the node ``node_id``."""
@@ -865,7 +867,7 @@ class SchedulerService:
             if self.placement_problem and self.placeable_workers < min_workers:
                 raise RuntimeError(self.placement_problem)
             await asyncio.sleep(0.2)
-        raise TimeoutError(f"fewer than {min_workers} workers ready after {timeout} s; "
+        raise TimeoutError(f"fewer than {counted(min_workers, 'worker')} ready after {timeout} s; "
                            f"NPU resources in the cluster: "
                            f"{ray.cluster_resources().get('NPU', 0):g}")
 

@@ -339,6 +339,27 @@ def test_the_status_total_counts_samples_the_scheduler_holds_for_a_worker_as_wai
     assert "2 running, 4 waiting," in daemon_cmds.format_status({**status, "pending_samples": 0})
 
 
+def test_the_status_table_says_one_of_a_thing_in_the_singular(capsys):
+    """It said "1 workers ready" and "resumed at start: 1 unfinished jobs"."""
+    worker = {"worker_id": "w1", "ready": True, "node_id": "n" * 16, "device": "cpu:0",
+              "npu_ids": ["0"], "pid": 7, "kv_used": 3, "kv_total": 10, "running": 2,
+              "waiting": 4, "tokens_per_s": 1.0}
+    notes = ("jobs_resumed", "results_restored", "jobs_not_resumed", "tied_jobs_aborted",
+             "engine_failures", "quarantined_samples")
+    one = {"workers": [worker], "jobs_unfinished": 1, "failovers": 0, **dict.fromkeys(notes, 1)}
+    two = {**one, "workers": [worker, {**worker, "worker_id": "w2"}], **dict.fromkeys(notes, 2)}
+    phrases = ("total: {} ready,", "resumed at start: {} from", "the results of {} from",
+               "not resumed: {} no longer", "aborted for nobody: {} of", "(workers replaced; {} "
+               "waiting")
+    nouns = ("worker", "unfinished job", "finished job", "journal job", "job", "sample")
+    for status, plural in ((one, ""), (two, "s")):
+        table = daemon_cmds.format_status(status)
+        for phrase, noun in zip(phrases, nouns):
+            assert phrase.format(f"{len(status['workers'])} {noun}{plural}") in table
+    daemon_cmds.print_draining({"jobs_unfinished": 1})
+    assert capsys.readouterr().err == "pagedserve: draining: 1 job unfinished\n"
+
+
 def test_serve_on_a_daemon_already_up_with_another_config_says_what_did_not_take(capsys):
     """`serve --config` on a running daemon kept its config without a word (`up` said it)."""
     daemon_cmds.warn_config_not_applied({"config_not_applied": []}, again="serve")

@@ -204,7 +204,7 @@ def _busy_worker(client):
 def test_overload_fails_fast_with_a_clear_error(daemon):
     _, _, client = daemon
     ids = []
-    with pytest.raises(OverloadedError, match="overloaded: 48 samples are queued"):
+    with pytest.raises(OverloadedError, match="overloaded: the queue holds 48 samples"):
         for _ in range(60):
             ids.append(client.submit("x", SamplingParams(max_tokens=500, ignore_eos=True)))
     assert len(ids) == 48
@@ -218,7 +218,7 @@ def test_overload_fails_fast_with_a_clear_error(daemon):
                            batch_size=16)
     accepted = caught.value.submitted
     assert len(accepted) == 48 and str(caught.value).endswith(
-        "(48 jobs of this call were accepted before it: withdraw() them, or submit the rest)")
+        "(48 jobs of this call accepted before it: withdraw() them, or submit the rest)")
     assert client.withdraw(accepted) == 48
 
 
@@ -1017,7 +1017,7 @@ def test_down_leaves_nothing_running_and_up_resumes_what_was_unfinished(daemon, 
     assert "journal damaged at start: " in daemon_cmds.format_status(status)
     workers = [Client().status_of(j)["workers"][0] for j in long_jobs]
     assert None not in workers and len(set(workers)) == 2  # not both to the first one ready
-    assert "not resumed: 1 journal jobs no longer valid" in daemon_cmds.format_status(status)
+    assert "not resumed: 1 journal job no longer valid" in daemon_cmds.format_status(status)
     for job_id in long_jobs:
         assert len(Client().result(job_id, timeout=300).outputs[0].token_ids) == 600
 

@@ -279,7 +279,7 @@ def test_the_queue_bound_counts_a_jobs_samples(client):
     wait_for(lambda: client.status()["jobs_unfinished"] == 0, what="room in the queue")
     wide = SamplingParams(n=QUEUED // 2, max_tokens=1500, ignore_eos=True)
     ids = [client.submit(f"wide {i}", wide) for i in range(2)]
-    with pytest.raises(OverloadedError, match=f"overloaded: {QUEUED} samples are queued"):
+    with pytest.raises(OverloadedError, match=f"overloaded: the queue holds {QUEUED} samples"):
         client.submit("one more", SamplingParams(max_tokens=1))
     with pytest.raises(OverloadedError, match=f"a job of n={QUEUED + 1} can never fit"):
         client.submit("too wide", SamplingParams(n=QUEUED + 1, max_tokens=1))
@@ -310,7 +310,7 @@ def test_calls_waiting_past_max_waiting_calls_are_refused_as_overloaded(client):
     get through, and the waits held end with the job."""
     job = _long_job(client, "a long wait")
     waits = _fill_waiting_calls(client, job)
-    with pytest.raises(OverloadedError, match=f"{WAITING} calls already wait on jobs"):
+    with pytest.raises(OverloadedError, match=f"{WAITING} calls already waiting on jobs"):
         client.result(job)
     with pytest.raises(OverloadedError, match="scheduler.max_waiting_calls"):
         next(iter(client.stream(job)))

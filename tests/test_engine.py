@@ -465,7 +465,7 @@ def test_null_stop_lists_are_empty_and_other_non_lists_are_refused_by_name():
     (dict(params=[SamplingParams()] * 3), ValueError, "3 SamplingParams for 2 prompts"),
     (dict(params="greedy"), TypeError, "got str"),
     (dict(params=[SamplingParams(), {"max_tokens": 2}]), TypeError, "sequence of them"),
-    (dict(priorities=[1]), ValueError, "1 priorities for 2 prompts"),
+    (dict(priorities=[1]), ValueError, "1 priority for 2 prompts"),
     (dict(prompts=5), TypeError, "prompts must be a string, a list of token ids, or a seq"),
 ])
 def test_generate_refuses_arguments_that_do_not_match_the_prompts(llm, kwargs, error, message):
