@@ -13,6 +13,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from cluster.batch_submit import BatchSubmitter, PacedSubmit
 from cluster.bringup import connect, find_scheduler
+from cluster.caller_token import CallerToken
 from cluster.liveness import Liveness
 from cluster.stream_cancel import read_or_cancelled
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
@@ -62,10 +63,11 @@ class Client:
         # does: a call meeting that outage later waits only what is left of timeout_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
-        # an object this process owns, sent with each call that waits on jobs: Ray fails it
-        # when the process dies (a SIGKILL cancels nothing), and the scheduler then ends those
-        # calls, which would hold their max_waiting_calls slots until their jobs end
-        self._caller = [ray.put(None)]
+        # lent to the calls that wait on jobs (and to submits that leave jobs in this process's
+        # care): Ray fails it when the process dies (a SIGKILL cancels nothing), and the
+        # scheduler then ends those calls, which would hold their max_waiting_calls slots until
+        # their jobs end
+        self._caller = CallerToken()
         self.cluster_gone: DaemonUnavailableError | None = None  # see mark_cluster_gone
         self._liveness = Liveness(lambda: self._scheduler, lambda: self.timeout_s,
                                   lambda: self.cluster_gone)
@@ -93,43 +95,50 @@ class Client:
         """The call's answer, and whether an earlier try was lost to a scheduler restart (that
         try may have done its work before the scheduler went)."""
         lost_at, retried = None, False
-        while True:
-            try:
-                ref = self._remote(method, args, retried)
-                if method in WAITING_METHODS:
-                    self._liveness.block(ref, self._silent(method))
-                return ray.get(ref, timeout=self._answer_timeout(method)), retried
-            except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
-                lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
-            except GetTimeoutError:
-                raise self._not_answering(method) from None
-            lost_at, retried = self._reconnect(lost_at), True
+        with self._lent(method in WAITING_METHODS) as caller:
+            while True:
+                try:
+                    ref = self._remote(method, args, retried, caller)
+                    if method in WAITING_METHODS:
+                        self._liveness.block(ref, self._silent(method))
+                    return ray.get(ref, timeout=self._answer_timeout(method)), retried
+                except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
+                    lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
+                except GetTimeoutError:
+                    raise self._not_answering(method) from None
+                lost_at, retried = self._reconnect(lost_at), True
 
     async def _acall(self, method: str, *args):
         return (await self._acall_noting_retry(method, *args))[0]
 
     async def _acall_noting_retry(self, method: str, *args) -> tuple:
         lost_at, retried = None, False
-        while True:
-            try:
-                ref = self._remote(method, args, retried)
-                if method in WAITING_METHODS:
-                    return await self._liveness.wait(ref, self._silent(method)), retried
-                return await self._liveness.wait(ref, timeout=self.timeout_s), retried
-            except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
-                lost_at = self._lost_since(exc, lost_at, retried)
-            except asyncio.TimeoutError:
-                raise self._not_answering(method) from None
-            lost_at, retried = await self._areconnect(lost_at), True
+        with self._lent(method in WAITING_METHODS) as caller:
+            while True:
+                try:
+                    ref = self._remote(method, args, retried, caller)
+                    if method in WAITING_METHODS:
+                        return await self._liveness.wait(ref, self._silent(method)), retried
+                    return await self._liveness.wait(ref, timeout=self.timeout_s), retried
+                except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
+                    lost_at = self._lost_since(exc, lost_at, retried)
+                except asyncio.TimeoutError:
+                    raise self._not_answering(method) from None
+                lost_at, retried = await self._areconnect(lost_at), True
 
-    def _remote(self, method: str, args: tuple, retried: bool):
-        """Send the call. A wait on jobs names its caller (see ``_caller``), and sent again
-        after a scheduler restart is marked ``resumed``: the new scheduler lets it past
+    def _lent(self, needed: bool):
+        """``with`` it around calls: ``[token]`` (see ``_caller``) for calls that need one,
+        else None."""
+        return self._caller.lent() if needed else contextlib.nullcontext()
+
+    def _remote(self, method: str, args: tuple, retried: bool, caller: list | None):
+        """Send the call. A wait on jobs names its ``caller``, and sent again after a
+        scheduler restart is marked ``resumed``: the new scheduler lets it past
         max_waiting_calls, where new calls may already have taken every slot
         (RESUMED_CALLS_FACTOR)."""
         call = getattr(self._scheduler, method)
-        if method in WAITING_METHODS:
-            return call.remote(*args, resumed=retried, caller=self._caller)
+        if caller is not None:
+            return call.remote(*args, resumed=retried, caller=caller)
         return call.remote(*args)
 
     def _reconnect(self, lost_at: float) -> float | None:
@@ -325,15 +334,15 @@ class Client:
         same = [params] * len(prompts)
         specs = [_batch_args(prompts, same, [priority] * len(prompts), i)
                  for i in range(len(prompts))]
-        owner = self._caller if tied else None
         try:
-            try:
-                return await self._acall("submit_many", specs, 0, None, owner)
-            except InvalidRequestError as exc:
-                if not _id_in_use(exc):
-                    raise
-            # see _submit_batch
-            return [await self._asubmit(spec, fresh_id=True, owner=owner) for spec in specs]
+            with self._lent(tied) as owner:
+                try:
+                    return await self._acall("submit_many", specs, 0, None, owner)
+                except InvalidRequestError as exc:
+                    if not _id_in_use(exc):
+                        raise
+                # see _submit_batch
+                return [await self._asubmit(spec, fresh_id=True, owner=owner) for spec in specs]
         except DaemonUnavailableError as exc:
             exc.in_flight = [spec[-1] for spec in specs]
             raise
@@ -343,7 +352,8 @@ class Client:
         """``hold``: the scheduler keeps the jobs' results for this process until it reads
         them (see submit_paced)."""
         try:
-            return self._call("submit_many", specs, first_index, self._caller if hold else None)
+            with self._lent(hold) as holder:
+                return self._call("submit_many", specs, first_index, holder)
         except InvalidRequestError as exc:
             if not _id_in_use(exc):
                 raise
@@ -354,11 +364,15 @@ class Client:
     def stream(self, job_id: str) -> Iterator[RequestOutput]:
         """New output of every sample as it is produced, until the job finishes. Resumes
         where it stopped if the scheduler restarts: no token twice, none missing."""
+        with self._lent(True) as caller:
+            yield from self._stream_as(caller, job_id)
+
+    def _stream_as(self, caller: list, job_id: str) -> Iterator[RequestOutput]:
         cursors: list[list[int] | None] = [None]
         lost_at, resumed = None, False
         while True:
             try:
-                stream = self._scheduler.stream.remote([job_id], cursors, resumed, self._caller)
+                stream = self._scheduler.stream.remote([job_id], cursors, resumed, caller)
                 with read_or_cancelled(stream) as reading:
                     while True:
                         self._liveness.block(stream, self._silent("stream"))
@@ -393,12 +407,18 @@ class Client:
     async def _astream_outputs(self, job_ids: list[str]
                                ) -> AsyncIterator[tuple[int, RequestOutput] | None]:
         """``None`` once the scheduler has taken the first call, then the outputs."""
+        with self._lent(True) as caller:
+            async with contextlib.aclosing(self._astream_as(caller, job_ids)) as outputs:
+                async for output in outputs:
+                    yield output
+
+    async def _astream_as(self, caller: list, job_ids: list[str]
+                          ) -> AsyncIterator[tuple[int, RequestOutput] | None]:
         cursors: list[list[int] | None] = [None] * len(job_ids)
         lost_at, opened, resumed = None, False, False
         while True:
             try:
-                stream = self._scheduler.stream.remote(job_ids, cursors, resumed,
-                                                       self._caller)
+                stream = self._scheduler.stream.remote(job_ids, cursors, resumed, caller)
                 with read_or_cancelled(stream) as reading:
                     while True:
                         try:

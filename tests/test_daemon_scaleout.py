@@ -1,8 +1,12 @@
 """A node that joins the cluster later gets a worker for its NPU without a restart; one that
 crashes leaves no worker waiting for its NPU; one whose workers cannot start stops the starts on
-it alone."""
+it alone; one stopped under an idle client process does not take that process with it."""
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -95,6 +99,41 @@ def test_a_node_whose_workers_fail_to_start_does_not_stop_respawns_elsewhere(clu
     wait_for(lambda: victim["node_id"] in {w["node_id"] for w in ready_workers(client)
                                            if w["worker_id"] != victim["worker_id"]},
              timeout=120, what="a new worker on the victim's node")
+
+
+IDLE_DRIVER = """
+import sys, time
+import ray
+from cluster.client import Client
+ray.init(address=sys.argv[1], _temp_dir=sys.argv[2], namespace="pagedserve", log_to_driver=False)
+client = Client()
+client.result(client.submit("idle after this", {"max_tokens": 2}))
+print(ray.get_runtime_context().get_node_id(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_client_process_done_with_its_calls_outlives_its_node_stopping(cluster, tmp_path):
+    """Ray ends a driver at once (status 1, not a word) when the node it is attached to stops
+    while it owns an object in that node's object store: `pagedserve serve`, idle after its
+    requests, died so at `ray stop` before it could say that the cluster went away. A Client
+    owns its caller token only while calls that need it run."""
+    bringup.up(daemon_config(tmp_path), min_workers=1)
+    node_dir = tempfile.mkdtemp(prefix="ps-node-")  # short: Ray's socket paths live under it
+    try:
+        node = cluster.add_node(num_cpus=0, temp_dir=node_dir)  # which the driver picks by it
+        proc = subprocess.Popen([sys.executable, "-c", IDLE_DRIVER, cluster.address, node_dir],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == node.node_id
+            cluster.remove_node(node, allow_graceful=True)
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=3)
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        shutil.rmtree(node_dir, ignore_errors=True)
 
 
 def _until_no_worker_starts(client, quiet_s=4.0):
