@@ -49,6 +49,10 @@ class DaemonNotUpError(DaemonUnavailableError):
     """The cluster runs, but pagedserve's scheduler is not up on it."""
 
 
+class ClientDisconnectedError(RuntimeError):
+    """The Ray connection a Client was made on has been shut down: a new Client is needed."""
+
+
 class Client:
     """Talks to the scheduler actor. Owns nothing but job ids: any driver can pick a job up
     again by its id, and calls ride out a scheduler restart (up to ``timeout_s``).
@@ -58,6 +62,7 @@ class Client:
     def __init__(self, address: str = "auto", *, timeout_s: float = 60.0,
                  find_timeout_s: float | None = None) -> None:
         connect(address)
+        self._connection = _connection_id()  # the scheduler's handle belongs to this one
         self.timeout_s = timeout_s
         # since when calls have not found the scheduler at all (the daemon is down), until one
         # does: a call meeting that outage later waits only what is left of timeout_s
@@ -128,7 +133,12 @@ class Client:
 
     def _lent(self, needed: bool):
         """``with`` it around calls: ``[token]`` (see ``_caller``) for calls that need one,
-        else None."""
+        else None. A Client whose Ray connection was shut down raises here: its handles belong
+        to that connection, and a call on one would start Ray anew."""
+        if not ray.is_initialized() or _connection_id() != self._connection:
+            raise ClientDisconnectedError(
+                "this Client was made on a Ray connection that has since been shut down "
+                "(ray.shutdown()); create a new Client")
         return self._caller.lent() if needed else contextlib.nullcontext()
 
     def _remote(self, method: str, args: tuple, retried: bool, caller: list | None):
@@ -578,6 +588,11 @@ class Client:
         except ValueError:  # no such actor (any more)
             return False
         return await answers_stats(actor, timeout)
+
+
+def _connection_id() -> str:
+    """This process's Ray connection: another one after ray.shutdown() and ray.init()."""
+    return ray.get_runtime_context().get_worker_id()
 
 
 def _said_accepted(exc: OverloadedError) -> OverloadedError:

@@ -1,6 +1,8 @@
 """A node that joins the cluster later gets a worker for its NPU without a restart; one that
 crashes leaves no worker waiting for its NPU; one whose workers cannot start stops the starts on
-it alone; one stopped under an idle client process does not take that process with it."""
+it alone; one stopped under an idle client process does not take that process with it. A
+Client outliving its Ray connection says so."""
+import asyncio
 import os
 import shutil
 import signal
@@ -16,7 +18,7 @@ from ray.cluster_utils import Cluster
 from daemon_helpers import daemon_config, ready_workers, wait_for
 
 from cluster import bringup
-from cluster.client import Client
+from cluster.client import Client, ClientDisconnectedError
 from scheduler.sampling_params import SamplingParams
 from scheduler.service import NAMESPACE
 
@@ -134,6 +136,26 @@ def test_a_client_process_done_with_its_calls_outlives_its_node_stopping(cluster
             proc.wait()
     finally:
         shutil.rmtree(node_dir, ignore_errors=True)
+
+
+def test_a_client_made_before_ray_shutdown_says_to_make_a_new_one(cluster, tmp_path):
+    """Its calls raised Ray's bare "Can't find actor ... It might be dead or it's from a
+    different cluster", having first connected Ray again where the caller had not."""
+    bringup.up(daemon_config(tmp_path), min_workers=1)
+    client = Client()
+    ray.shutdown()
+    try:
+        with pytest.raises(ClientDisconnectedError, match=r"shut down \(ray.shutdown\(\)\); "
+                                                          "create a new Client$"):
+            client.status()
+        assert not ray.is_initialized()
+    finally:
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    with pytest.raises(ClientDisconnectedError):
+        next(client.stream("any"))
+    with pytest.raises(ClientDisconnectedError):
+        asyncio.run(client.aresult("any"))
+    assert Client().status()["workers"]
 
 
 def _until_no_worker_starts(client, quiet_s=4.0):
