@@ -753,6 +753,26 @@ def test_results_finished_before_a_scheduler_restart_are_still_there_after_it(da
     assert "the results of" in daemon_cmds.format_status(status)
 
 
+def test_a_stream_resumed_past_where_the_rerun_was_aborted_still_hears_the_abort(daemon):
+    """The restarted scheduler runs the job again from its first token: aborted before it is
+    back where the stream was, the resumed stream used to end with no finish reason."""
+    _, _, client = daemon
+    job = client.submit("aborted on its rerun", SamplingParams(max_tokens=400, ignore_eos=True))
+    streamed, stream = [], Client().stream(job)
+    for delta in stream:
+        streamed += delta.new_token_ids
+        if len(streamed) >= 20:
+            break
+    # the stream waits, suspended, while its scheduler goes and the rerun is aborted: the
+    # restarted scheduler answers before its workers are back, so the rerun has fewer tokens
+    ray.kill(bringup.find_scheduler(), no_restart=False)
+    assert Client().abort(job)
+    out = client.result(job, timeout=60).outputs[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) < len(streamed)
+    rest = list(stream)  # no token again, and the finish
+    assert [(d.new_token_ids, d.finish_reason) for d in rest] == [([], "abort")]
+
+
 def test_a_call_waiting_longer_than_the_client_timeout_rides_out_a_restart(daemon):
     """The client's timeout_s bounds how long the scheduler may be gone, not the call: a stream
     open for longer than it still survives a restart (it used to fail at once)."""
