@@ -4,11 +4,16 @@ record for the journal."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass, field
 
 from scheduler.sampling_params import SamplingParams, sample_seed
 from worker.output import RequestOutput, pack_logprobs, unpack_logprobs
+
+# Tells apart jobs of one id in this process: a client may choose the id of a job that was
+# aborted and forgotten while the worker that ran it still has a report of it on the way.
+_JOB_SERIALS = itertools.count()
 
 
 @dataclass(slots=True)
@@ -33,7 +38,7 @@ class SampleState:
 @dataclass(slots=True)
 class JobState:
     """One job. The scheduler routes each sample on its own, as an n = 1 engine request whose id
-    is ``job_id/index/attempt``."""
+    is ``job_id/index/serial.attempt`` (see parse_engine_request_id)."""
 
     job_id: str
     prompt_token_ids: list[int]
@@ -45,6 +50,7 @@ class JobState:
     first_token_time: float | None = None
     finish_time: float | None = None
     last_token_time: float | None = None
+    serial: int = field(default_factory=lambda: next(_JOB_SERIALS))
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -104,7 +110,7 @@ class JobState:
         return job
 
     def engine_request_id(self, sample: SampleState) -> str:
-        return f"{self.job_id}/{sample.index}/{sample.attempt}"
+        return f"{self.job_id}/{sample.index}/{self.serial}.{sample.attempt}"
 
     def sample_params(self, index: int) -> SamplingParams:
         """Sample ``index`` as its own n = 1 request (same tokens as an in-engine fork). Only
@@ -193,3 +199,10 @@ class JobState:
                 prompt_logprobs=prompt_logprobs if seen == 0 else None,
                 stop_reason=sample.stop_reason))
         return out
+
+
+def parse_engine_request_id(request_id: str) -> tuple[str, int, int, int]:
+    """(job id, sample index, job serial, attempt) of JobState.engine_request_id."""
+    job_id, index, run = request_id.rsplit("/", 2)
+    serial, attempt = run.split(".")
+    return job_id, int(index), int(serial), int(attempt)

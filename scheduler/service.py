@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from scheduler.batching import check_priority
 from scheduler.callers import Callers
 from scheduler.in_order import InOrder
-from scheduler.jobs import JobState, SampleState
+from scheduler.jobs import JobState, SampleState, parse_engine_request_id
 from scheduler.prompts import job_prompt_ids
 from scheduler.quarantine import Quarantine
 from scheduler.retention import FinishedJobs
@@ -371,18 +371,24 @@ class SchedulerService:
 
     def _apply_report(self, worker: WorkerSlot, outputs: list, rejected: list) -> None:
         for out in outputs:
-            job_id, index, attempt = out.request_id.rsplit("/", 2)
-            job = self.jobs.get(job_id)
-            if job is not None and job.apply(int(index), int(attempt), out):
+            job_id, index, serial, attempt = parse_engine_request_id(out.request_id)
+            job = self._job_of_serial(job_id, serial)
+            if job is not None and job.apply(index, attempt, out):
                 if out.finish_reason is not None:
-                    worker.samples.discard((job_id, int(index)))
+                    worker.samples.discard((job_id, index))
                 self._changed(job)
         for request_id, message in rejected:
-            job_id, index, _ = request_id.rsplit("/", 2)
-            worker.samples.discard((job_id, int(index)))  # the worker does not run it
-            job = self.jobs.get(job_id)
-            if job is not None and not job.finished:
+            job_id, index, serial, _ = parse_engine_request_id(request_id)
+            job = self._job_of_serial(job_id, serial)
+            if job is None:  # an earlier job of that id, forgotten
+                continue
+            worker.samples.discard((job_id, index))  # the worker does not run it
+            if not job.finished:
                 self._fail(job, message)
+
+    def _job_of_serial(self, job_id: str, serial: int) -> JobState | None:
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.serial == serial else None
 
     def _update_load(self, worker: WorkerSlot, load: dict) -> None:
         worker.stats = load

@@ -11,6 +11,9 @@ import ray
 from cluster.journal import Journal
 from scheduler import service
 from scheduler.router import WorkerLoad
+from worker.output import RequestOutput
+
+LOAD = {"free_blocks": 100}
 
 
 class Actor:
@@ -31,8 +34,8 @@ def new_service(monkeypatch, tmp_path):
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: None)
     made = []
 
-    def make() -> service.SchedulerService:
-        options = service.ServiceOptions(engine_options={"model": "tiny"})
+    def make(**settings) -> service.SchedulerService:
+        options = service.ServiceOptions(engine_options={"model": "tiny"}, **settings)
         scheduler = service.SchedulerService(options, lambda: Journal(tmp_path / "journal", 0))
         for task in scheduler._tasks:  # no cluster to reconcile, no callers to watch
             task.cancel()
@@ -128,3 +131,26 @@ def test_after_shutdown_submits_and_aborts_are_refused(new_service):
         with pytest.raises(service.GoingDownError, match="going down"):
             call()
     assert scheduler.unfinished_jobs == 1
+
+
+def test_a_late_report_of_a_forgotten_job_does_not_reach_a_new_job_of_its_id(new_service):
+    # Job A is aborted while its worker's step is under way, then forgotten (it is the oldest
+    # finished job past max_finished_jobs=1); a client submits a new job under the same id.
+    # The old worker's last report of A (a token, then its abort) must not land in the new A.
+    async def reuse():
+        scheduler = new_service(max_finished_jobs=1)
+        old = add_worker(scheduler, "old")
+        scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, "A")])
+        [old_run] = [call[1] for call in old.actor.sent if call[0] == "add"]
+        scheduler.abort("A")
+        scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, "B")])
+        [b_run] = [call[1] for call in old.actor.sent if call[0] == "add"][1:]
+        scheduler.report("old", 0, [RequestOutput(b_run, 0, [9], "y", 3, "stop")], [], LOAD)
+        assert "A" not in scheduler.jobs  # forgotten
+        scheduler.submit_many([([4, 5, 6], {"max_tokens": 8}, 0, "A")])
+        scheduler.report("old", 1, [RequestOutput(old_run, 0, [8], "z", 3, "abort")],
+                         [(old_run, "request id in use")], LOAD)
+        return scheduler.jobs["A"].samples[0]
+
+    sample = asyncio.run(reuse())
+    assert (sample.token_ids, sample.finish_reason) == ([], None)
