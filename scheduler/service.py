@@ -551,7 +551,7 @@ class SchedulerService:
         if self.waiting_calls >= limit * (RESUMED_CALLS_FACTOR if resumed else 1):
             raise OverloadedError(f"overloaded: {counted(limit, 'call')} already waiting on "
                                   "jobs (scheduler.max_waiting_calls); retry later")
-        self.claim([job.job_id for job in map(self._find, job_ids) if job is not None], caller)
+        self.claim([job for job in map(self._find, job_ids) if job is not None], caller)
         task = asyncio.current_task()
         self.waiting_calls += 1
         if caller:
@@ -588,16 +588,15 @@ class SchedulerService:
         for job_id in owned:
             self._abort_for_nobody(job_id, "the client process that owned it died")
 
-    def claim(self, job_ids: list[str], caller: list | None) -> None:
-        """A waiting call on ``job_ids``: tied jobs resumed from the journal, which wait
+    def claim(self, jobs: list[JobState], caller: list | None) -> None:
+        """A waiting call on ``jobs``: tied jobs resumed from the journal, which wait
         unrouted, are claimed by its caller (their client, back after the restart), which
         owns them from now on, and run."""
-        for job_id in job_ids:
-            if self.unclaimed.pop(job_id, None) is None:
+        for job in jobs:
+            if self.unclaimed.pop(job.job_id, None) is None:
                 continue
             if caller:
-                self.callers.own(caller[0], [job_id])
-            job = self.jobs[job_id]
+                self.callers.own(caller[0], [job.job_id])
             self._dispatch([(job, sample) for sample in job.samples])
 
     def _abort_unclaimed(self) -> None:
