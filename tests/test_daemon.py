@@ -767,8 +767,11 @@ def test_a_stream_resumed_past_where_the_rerun_was_aborted_still_hears_the_abort
         streamed += delta.new_token_ids
         if len(streamed) >= 20:
             break
-    # the stream waits, suspended, while its scheduler goes and the rerun is aborted
+    # the stream waits, suspended, while its scheduler goes and the rerun is aborted (once
+    # the restart is seen: ray.kill returns before the old scheduler is gone)
+    pid = client.status()["scheduler_pid"]
     ray.kill(bringup.find_scheduler(), no_restart=False)
+    wait_for(lambda: client.status()["scheduler_pid"] != pid, timeout=60, what="the restart")
     Client().abort(job)
     out = client.result(job, timeout=60).outputs[0]
     assert out.finish_reason == "abort" and out.token_ids == [] and len(streamed) >= 20
