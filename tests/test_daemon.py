@@ -674,10 +674,12 @@ def test_restarted_scheduler_resumes_jobs_from_the_journal(daemon, undisturbed):
     _, _, client = daemon
     selected = [0, 5, 9]
     all_jobs = jobs(max_tokens=40)
-    scheduler = bringup.find_scheduler()
-    # one call (one journal fsync) and the kill right after: the jobs' 40 steps cannot be done
+    pid = client.status()["scheduler_pid"]
+    # one call (one journal fsync) and the kill right after: the jobs' 40 steps cannot be done.
+    # SIGKILL, as ray.kill returns before the scheduler is gone. Ray restarts it, and its
+    # __init__ replays the journal.
     ids = client.submit_many([all_jobs[i][0] for i in selected], [all_jobs[i][1] for i in selected])
-    ray.kill(scheduler, no_restart=False)  # Ray restarts it; __init__ replays the journal
+    os.kill(pid, signal.SIGKILL)
     got = [client.result(j, timeout=300).outputs[0].token_ids for j in ids]
     assert got == [undisturbed[i] for i in selected]
     status = client.status()
