@@ -471,13 +471,28 @@ async def _results_unless_gone(request: Request, server: Server,
 
 
 @dataclass(slots=True)
+class ChoiceTimes:
+    """When one choice of a stream (a prompt's sample) got its first and its latest tokens."""
+
+    first_at: float
+    first_chunk_tokens: int
+    last_at: float = 0.0
+    tokens: int = 0
+
+    @property
+    def tpot(self) -> float | None:
+        later = self.tokens - self.first_chunk_tokens
+        return None if later <= 0 else (self.last_at - self.first_at) / later
+
+
+@dataclass(slots=True)
 class StreamMeter:
     """Latencies and token counts of one stream, as its client sees them."""
 
     started: float
     first_token_at: float | None = None
-    last_token_at: float | None = None
-    first_chunk_tokens: int = 0
+    # per (prompt, sample index): choices stream side by side, each at its own pace
+    choices: dict[tuple[int, int], ChoiceTimes] = field(default_factory=dict)
     prompt_tokens_of: dict[int, int] = field(default_factory=dict)  # per prompt of the request
     completion_tokens: int = 0
     finished: bool = False
@@ -488,9 +503,11 @@ class StreamMeter:
             return
         if self.first_token_at is None:
             self.first_token_at = now
-            self.first_chunk_tokens = len(delta.new_token_ids)
-        self.last_token_at = now
-        self.completion_tokens += len(delta.new_token_ids)
+        tokens = len(delta.new_token_ids)
+        choice = self.choices.setdefault((prompt, delta.index), ChoiceTimes(now, tokens))
+        choice.last_at = now
+        choice.tokens += tokens
+        self.completion_tokens += tokens
 
     @property
     def prompt_tokens(self) -> int:
@@ -502,10 +519,10 @@ class StreamMeter:
 
     @property
     def tpot(self) -> float | None:
-        later = self.completion_tokens - self.first_chunk_tokens
-        if self.first_token_at is None or later <= 0:
-            return None
-        return (self.last_token_at - self.first_token_at) / later
+        """The mean over choices of each one's gap between tokens after its first chunk (as
+        each choice's reader sees it); None when no choice has a token after its first."""
+        gaps = [c.tpot for c in self.choices.values() if c.tpot is not None]
+        return sum(gaps) / len(gaps) if gaps else None
 
     def record(self, metrics: ServerMetrics, endpoint: str) -> None:
         metrics.observe_stream(self.ttft, self.tpot)

@@ -94,7 +94,8 @@ class ServerMetrics:
             "HTTP server to its first token", buckets=TTFT_BUCKETS, registry=self.registry)
         self.tpot = Histogram(
             f"{PREFIX}_time_per_output_token_seconds", "Mean gap between output tokens of one "
-            "streamed request, after its first", buckets=TPOT_BUCKETS, registry=self.registry)
+            "streamed request, after its first (with several choices, each choice's, averaged)",
+            buckets=TPOT_BUCKETS, registry=self.registry)
         self.latency = Histogram(
             f"{PREFIX}_request_latency_seconds", "From a generation request's arrival to its "
             "last byte", ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)

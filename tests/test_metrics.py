@@ -1,0 +1,44 @@
+"""The HTTP server's Prometheus metrics, in process (no Ray): what a stream's meter records and
+what a scrape exposes."""
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.http import StreamMeter
+from cluster.metrics import ServerMetrics
+from worker.output import RequestOutput
+
+
+def delta(index, tokens, prompt=0):
+    return RequestOutput(f"job{prompt}", index, list(range(tokens)), "x" * tokens, 5)
+
+
+def samples(metrics, status=None):
+    text = metrics.render(status).decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if not s.labels or "le" not in s.labels}
+
+
+@pytest.mark.parametrize("prompts,n", [(1, 1), (1, 3), (2, 2)])
+def test_tpot_is_the_gap_between_one_choices_tokens_whatever_n(prompts, n):
+    """Choices stream side by side: with n=3 the server used to report a third of the gap that
+    each choice's client sees (it divided by the tokens of all choices together)."""
+    meter, gap = StreamMeter(started=0.0), 0.01
+    for step in range(10):
+        for prompt in range(prompts):
+            for index in range(n):
+                meter.add(prompt, delta(index, 1, prompt), now=0.1 + step * gap)
+    assert meter.ttft == pytest.approx(0.1)
+    assert meter.tpot == pytest.approx(gap)
+    assert meter.completion_tokens == 10 * prompts * n
+    metrics = ServerMetrics()
+    meter.record(metrics, "completions")
+    scraped = samples(metrics)
+    assert scraped["pagedserve_time_per_output_token_seconds_sum"] == pytest.approx(gap)
+    assert scraped["pagedserve_time_per_output_token_seconds_count"] == 1
+
+
+def test_a_stream_of_first_chunks_only_has_no_tpot():
+    meter = StreamMeter(started=0.0)
+    meter.add(0, delta(0, 2), now=0.5)
+    meter.add(0, delta(1, 2), now=0.6)
+    assert meter.ttft == pytest.approx(0.5) and meter.tpot is None
