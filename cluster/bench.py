@@ -476,7 +476,7 @@ def summarize(outcome: RunOutcome, slos: dict[str, float] | None = None) -> dict
     summary = {
         "request_rate": "inf" if math.isinf(spec.rate) else spec.rate,
         "arrival": spec.arrival, "burstiness": spec.burstiness,
-        "max_concurrency": spec.max_concurrency,
+        "max_concurrency": spec.max_concurrency, "seed": spec.seed,
         "completed": len(done), "failed": len(failed),
         "first_error": failed[0].error if failed else None,
         "duration_s": duration,

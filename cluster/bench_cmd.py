@@ -50,7 +50,10 @@ def add_parser(sub) -> None:
                       help="gamma shape: < 1 burstier, > 1 more regular (1 = poisson)")
     load.add_argument("--max-concurrency", type=int, default=None,
                       help="most requests in flight at once (default: no limit)")
-    load.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
+    load.add_argument("--seed", type=int, default=0,
+                      help="seed of random prompts and arrival times; run i of a sweep uses "
+                           "seed + i, so that no run meets the prompts of another in the "
+                           "server's prefix cache (a --dataset file's are the same every run)")
 
     data = p.add_argument_group("prompts")
     data.add_argument("--dataset", default="random", metavar="random|FILE.jsonl",
@@ -84,21 +87,24 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 s, got {args.timeout}")
-    specs = [bench.LoadSpec(rate, args.arrival, args.burstiness, args.seed, args.max_concurrency,
-                            args.max_duration) for rate in parse_rates(args)]
+    # each run its own seed: a later run of a sweep sending the same random prompts again
+    # would find them in the server's prefix cache and look faster than it is
+    specs = [bench.LoadSpec(rate, args.arrival, args.burstiness, args.seed + i,
+                            args.max_concurrency, args.max_duration)
+             for i, rate in enumerate(parse_rates(args))]
     slos = bench.parse_slos(args.goodput)
     if args.plot:
         from cluster.bench_plot import require_matplotlib
 
         require_matplotlib()
-    requests = load_requests(args)
+    workloads = [load_requests(args, spec.seed) for spec in specs]
     target = bench.Target(args.base_url, args.model, args.api_key, args.timeout)
     if target.model is None:
         target.model = asyncio.run(bench.first_model_id(args.base_url, args.api_key))
-    asyncio.run(bench.check_server(target, requests[0]))
+    asyncio.run(bench.check_server(target, workloads[0][0]))
 
     outcomes, summaries = [], []
-    for spec in specs:
+    for spec, requests in zip(specs, workloads):
         outcome = asyncio.run(_run_with_progress(target, requests, spec))
         summary = bench.summarize(outcome, slos)
         if args.per_request:
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         summaries.append(summary)
 
     document = {"base_url": args.base_url, "model": target.model, "dataset": args.dataset,
-                "num_prompts": len(requests), "seed": args.seed, "runs": summaries}
+                "num_prompts": args.num_prompts, "seed": args.seed, "runs": summaries}
     if len(summaries) > 1:
         print(format_sweep(summaries), file=sys.stderr)
     if args.json:
@@ -141,12 +147,12 @@ def parse_rates(args: argparse.Namespace) -> list[float]:
     return [parse_rate(item) for item in items]
 
 
-def load_requests(args: argparse.Namespace):
+def load_requests(args: argparse.Namespace, seed: int):
     from cluster import bench
 
     if args.dataset == "random":
         return bench.random_workload(args.num_prompts, args.random_input_len,
-                                     args.random_output_len, args.random_range_ratio, args.seed,
+                                     args.random_output_len, args.random_range_ratio, seed,
                                      args.random_prompt, args.random_vocab_size)
     return bench.load_dataset(args.dataset, args.num_prompts, args.random_output_len)
 
