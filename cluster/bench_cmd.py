@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         from cluster.bench_plot import require_matplotlib
 
         require_matplotlib()
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        if path:
+            check_writable(flag, path)
     workloads = [load_requests(args, spec.seed) for spec in specs]
     target = bench.Target(args.base_url, args.model, args.api_key, args.timeout)
     if target.model is None:
@@ -133,6 +136,18 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def check_writable(flag: str, path: str) -> None:
+    """Before the run, not after it, where the error would lose the run's results."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: there is no directory {folder}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")
 
 
 def parse_rates(args: argparse.Namespace) -> list[float]:

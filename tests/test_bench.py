@@ -348,6 +348,18 @@ def test_each_run_of_a_sweep_sends_fresh_random_prompts(stub, capsys):
     assert [run["seed"] for run in json.loads(out)["runs"]] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("flag, name", [("--output", "bench.json"), ("--plot", "bench.png")])
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_request(stub, capsys,
+                                                                             tmp_path, flag, name):
+    """Found only after the run, the error threw away a run that may have taken an hour."""
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    code, _, err = run_cli(capsys, "--base-url", stub.url, "--num-prompts", "2",
+                           flag, str(tmp_path / "no-such-dir" / name))
+    assert code == 2 and err.count("\n") == 1 and flag in err and "no-such-dir" in err
+    assert stub.prompts == []
+
+
 def test_cli_reports_a_rejected_key_in_one_line(capsys):
     with serving(StubServer(api_key="secret").app()) as url:
         code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "2")
