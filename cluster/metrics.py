@@ -23,6 +23,10 @@ class DaemonCollector:
 
     def collect(self):
         status = self.status
+        # as an exporter's `up`: without it, a daemon that is down only leaves series absent
+        yield _total_gauge("daemon_up", "1 when the daemon's scheduler answered this scrape "
+                           "(the daemon's figures below come from it), else 0",
+                           int(status is not None))
         if status is None:
             return
         workers = [w for w in status["workers"] if w.get("ready")]

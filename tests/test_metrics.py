@@ -42,3 +42,19 @@ def test_a_stream_of_first_chunks_only_has_no_tpot():
     meter.add(0, delta(0, 2), now=0.5)
     meter.add(0, delta(1, 2), now=0.6)
     assert meter.ttft == pytest.approx(0.5) and meter.tpot is None
+
+
+STATUS = {"workers": [{"worker_id": "w1", "ready": True, "running": 2, "waiting": 1,
+                       "kv_used": 4, "kv_total": 16, "preemptions": 3}],
+          "pending_samples": 1, "jobs_unfinished": 4, "failovers": 2}
+
+
+def test_a_scrape_says_whether_the_daemon_answered():
+    """While the daemon is down its gauges are absent; an alert on workers_ready < 1 would not
+    fire: daemon_up 0 says it, as an exporter's `up` does."""
+    metrics = ServerMetrics()
+    answered = samples(metrics, STATUS)
+    assert answered["pagedserve_daemon_up"] == 1 and answered["pagedserve_workers_ready"] == 1
+    assert answered["pagedserve_requests_waiting"] == 2
+    down = samples(metrics)
+    assert down["pagedserve_daemon_up"] == 0 and "pagedserve_workers_ready" not in down
