@@ -247,10 +247,8 @@ async def health(request: Request) -> Response:
 async def _health(client: Client) -> dict:
     try:
         status = await asyncio.wait_for(client.astatus(), HEALTH_TIMEOUT_S)
-    except Exception as exc:  # a timeout's message is empty: the warning ended in ": "
-        log.warning("health: the scheduler does not answer: %s",
-                    f"no answer within {HEALTH_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError)
-                    else str(exc) or type(exc).__name__)
+    except Exception as exc:
+        log.warning("health: the scheduler does not answer: %s", _why_no_answer(exc))
         return {"status": "unavailable", "reason": "the scheduler does not answer"}
     alive = await client.alive_workers(status, timeout=HEALTH_TIMEOUT_S)
     reason = ("no worker answers" if not alive
@@ -262,6 +260,12 @@ async def _health(client: Client) -> dict:
     if reason:
         body["reason"] = reason
     return body
+
+
+def _why_no_answer(exc: Exception) -> str:
+    # a timeout's message is empty: the warning ended in ": "
+    return (f"no answer within {HEALTH_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError)
+            else str(exc) or type(exc).__name__)
 
 
 @router.get("/version")
@@ -276,7 +280,7 @@ async def metrics(request: Request) -> Response:
     try:
         status = await asyncio.wait_for(server.client.astatus(), HEALTH_TIMEOUT_S)
     except Exception as exc:  # still serve the server's own metrics
-        log.warning("metrics: the scheduler does not answer: %s", exc)
+        log.warning("metrics: the scheduler does not answer: %s", _why_no_answer(exc))
         status = None
     return Response(server.metrics.render(status), media_type=METRICS_CONTENT_TYPE)
 
