@@ -2,6 +2,8 @@
 read from the scheduler's status at scrape time."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
@@ -29,6 +31,8 @@ class DaemonCollector:
                            int(status is not None))
         if status is None:
             return
+        # when the scheduler (re)started: its counters below count from 0 since then
+        started = time.time() - status["uptime_s"] if "uptime_s" in status else None
         workers = [w for w in status["workers"] if w.get("ready")]
         yield _total_gauge("requests_running", "Sequences in the workers' running batches",
                            sum(w.get("running", 0) for w in workers))
@@ -55,16 +59,16 @@ class DaemonCollector:
                           "blocks (recomputed later), over the worker's life", workers,
                           lambda w: w.get("preemptions", 0))
         yield _total_counter("failovers", "Samples re-routed after their worker died, since "
-                             "the scheduler started", status.get("failovers", 0))
+                             "the scheduler started", status.get("failovers", 0), started)
         yield _total_counter("hung_workers_killed", "Workers killed for not stepping nor "
                              "answering while they had work, since the scheduler started",
-                             status.get("stalled_workers_killed", 0))
+                             status.get("stalled_workers_killed", 0), started)
         yield _total_counter("engine_failures", "Workers whose engine raised in a step (then "
                              "replaced), since the scheduler started",
-                             status.get("engine_failures", 0))
+                             status.get("engine_failures", 0), started)
         yield _total_counter("worker_start_failures", "Workers that failed to start (a model "
                              "or config error, or a crash while loading), since the scheduler "
-                             "started", status.get("worker_start_failures", 0))
+                             "started", status.get("worker_start_failures", 0), started)
         yield _total_gauge("journal_unwritable", "1 while the job journal cannot be written "
                            "(no job is accepted), else 0", int(bool(status.get("journal_error"))))
 
@@ -73,9 +77,10 @@ def _total_gauge(name: str, documentation: str, value: float) -> GaugeMetricFami
     return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
 
 
-def _total_counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+def _total_counter(name: str, documentation: str, value: float,
+                   created: float | None) -> CounterMetricFamily:
     counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
-    counter.add_metric([], value)
+    counter.add_metric([], value, created=created)
     return counter
 
 

@@ -1,5 +1,7 @@
 """The HTTP server's Prometheus metrics, in process (no Ray): what a stream's meter records and
 what a scrape exposes."""
+import time
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,3 +60,12 @@ def test_a_scrape_says_whether_the_daemon_answered():
     assert answered["pagedserve_requests_waiting"] == 2
     down = samples(metrics)
     assert down["pagedserve_daemon_up"] == 0 and "pagedserve_workers_ready" not in down
+
+
+def test_the_counters_a_scheduler_restart_resets_carry_its_start_as_created():
+    """They restart from 0 with the scheduler; `_created` is how a Prometheus client library
+    tells a scraper when a counter started, as the server's own counters already do."""
+    scraped = samples(ServerMetrics(), {**STATUS, "uptime_s": 100.0})
+    for name in ("failovers", "hung_workers_killed", "engine_failures", "worker_start_failures"):
+        assert scraped[f"pagedserve_{name}_created"] == pytest.approx(time.time() - 100, abs=2)
+    assert scraped["pagedserve_failovers_total"] == 2
