@@ -500,6 +500,7 @@ class StreamMeter:
     prompt_tokens_of: dict[int, int] = field(default_factory=dict)  # per prompt of the request
     completion_tokens: int = 0
     finished: bool = False
+    failed: bool = False  # ended by an error event
 
     def add(self, prompt: int, delta: RequestOutput, now: float) -> None:
         self.prompt_tokens_of[prompt] = delta.num_prompt_tokens
@@ -532,6 +533,9 @@ class StreamMeter:
         metrics.observe_stream(self.ttft, self.tpot)
         metrics.latency.labels(endpoint).observe(time.monotonic() - self.started)
         metrics.count_tokens(self.prompt_tokens, self.completion_tokens)
+        if not self.finished:
+            reason = "error" if self.failed else "client_gone"
+            metrics.streams_unfinished.labels(endpoint, reason).inc()
 
 
 async def _events(server: Server, ctx: ResponseContext,
@@ -548,6 +552,7 @@ async def _events(server: Server, ctx: ResponseContext,
             opened: set[int] = set()
             async for place, delta in outputs:
                 if delta.finish_reason == "error":
+                    meter.failed = True
                     yield sse_event(await _job_error(server, job_ids[place]))
                     break
                 meter.add(place, delta, time.monotonic())
@@ -562,6 +567,7 @@ async def _events(server: Server, ctx: ResponseContext,
                     yield sse_event(usage_chunk(ctx, meter.prompt_tokens, meter.completion_tokens))
     except Exception as exc:  # the daemon went away mid-stream
         log.warning("stream of jobs %s failed: %s", ", ".join(job_ids), exc)
+        meter.failed = True
         yield sse_event(_daemon_error(exc).body())
     yield DONE_EVENT
 

@@ -111,6 +111,10 @@ class ServerMetrics:
         self.requests = Counter(
             f"{PREFIX}_http_requests", "HTTP requests answered, by route and status code",
             ["route", "code"], registry=self.registry)
+        self.streams_unfinished = Counter(
+            f"{PREFIX}_http_streams_unfinished", "Streams that ended before their last token, "
+            "after their 200 status: reason error (an error event: a job failed or the daemon "
+            "went away) or client_gone", ["endpoint", "reason"], registry=self.registry)
         self.tokens = Counter(
             f"{PREFIX}_http_tokens", "Tokens of requests served over HTTP",
             ["kind"], registry=self.registry)

@@ -1,13 +1,19 @@
 """The HTTP server's Prometheus metrics, in process (no Ray): what a stream's meter records and
 what a scrape exposes."""
+import asyncio
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster import http
+from cluster.client import DaemonUnavailableError
 from cluster.http import StreamMeter
+from cluster.http_models import ResponseContext
 from cluster.metrics import ServerMetrics
+from worker.models.tiny import tiny_model_dir
 from worker.output import RequestOutput
+from worker.tokenizer import Tokenizer
 
 
 def delta(index, tokens, prompt=0):
@@ -69,3 +75,34 @@ def test_the_counters_a_scheduler_restart_resets_carry_its_start_as_created():
     for name in ("failovers", "hung_workers_killed", "engine_failures", "worker_start_failures"):
         assert scraped[f"pagedserve_{name}_created"] == pytest.approx(time.time() - 100, abs=2)
     assert scraped["pagedserve_failovers_total"] == 2
+
+
+def stream_events(outputs, meter):
+    ctx = ResponseContext("cmpl-x", 0, "tiny", False, Tokenizer.from_dir(tiny_model_dir()),
+                          prompts=[[1, 2]])
+    return http._events(None, ctx, outputs, ["x"], 1, False, meter)
+
+
+async def drain(events):
+    return [event async for event in events]
+
+
+def test_a_stream_cut_short_counts_by_why():
+    """After its 200 a stream's failure is only an error event: http_requests_total counted it
+    as a success, and a stream whose client left too."""
+    async def daemon_gone():
+        yield 0, delta(0, 1)
+        raise DaemonUnavailableError("the pagedserve daemon does not answer")
+
+    metrics, failed, left = ServerMetrics(), StreamMeter(0.0), StreamMeter(0.0)
+    events = asyncio.run(drain(stream_events(daemon_gone(), failed)))
+    assert b"daemon_unavailable" in events[-2] and events[-1] == b"data: [DONE]\n\n"
+    failed.record(metrics, "completions")
+    left.add(0, delta(0, 1), now=0.1)  # and its client went
+    left.record(metrics, "chat")
+    finished = StreamMeter(0.0, finished=True)
+    finished.record(metrics, "chat")
+    scraped = {(s.labels.get("endpoint"), s.labels.get("reason")): s.value
+               for family in text_string_to_metric_families(metrics.render(None).decode())
+               for s in family.samples if s.name == "pagedserve_http_streams_unfinished_total"}
+    assert scraped == {("completions", "error"): 1, ("chat", "client_gone"): 1}
