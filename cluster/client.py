@@ -57,15 +57,20 @@ class Client:
     """Talks to the scheduler actor. Owns nothing but job ids: any driver can pick a job up
     again by its id, and calls ride out a scheduler restart (up to ``timeout_s``).
     ``find_timeout_s``: how long the constructor waits for a scheduler that is not there
-    (default ``timeout_s``; a command line wants to hear at once that the daemon is not up)."""
+    (default ``timeout_s``; a command line wants to hear at once that the daemon is not up).
+    ``down_wait_s``: how long calls wait for an `up` once they find the daemon down (its
+    scheduler gone, not restarting), counted from the start of that outage (default
+    ``timeout_s``; an HTTP server answers 503 at once instead)."""
 
     def __init__(self, address: str = "auto", *, timeout_s: float = 60.0,
-                 find_timeout_s: float | None = None) -> None:
+                 find_timeout_s: float | None = None,
+                 down_wait_s: float | None = None) -> None:
         connect(address)
         self._connection = _connection_id()  # the scheduler's handle belongs to this one
         self.timeout_s = timeout_s
+        self.down_wait_s = down_wait_s
         # since when calls have not found the scheduler at all (the daemon is down), until one
-        # does: a call meeting that outage later waits only what is left of timeout_s
+        # does: a call meeting that outage later waits only what is left of down_wait_s
         self._gone_since: float | None = None
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
         # lent to the calls that wait on jobs (and to submits that leave jobs in this process's
@@ -171,8 +176,9 @@ class Client:
             gone_since = self._gone_since
             if gone_since is None:
                 gone_since = self._gone_since = lost_at
+            down_wait_s = self.timeout_s if self.down_wait_s is None else self.down_wait_s
             scheduler = self._lookup(
-                max(0.0, min(lost_at, gone_since) + self.timeout_s - time.monotonic()))
+                max(0.0, min(lost_at, gone_since) + down_wait_s - time.monotonic()))
         self._gone_since = None
         self._scheduler = scheduler
         while True:  # until it answers, so that the call goes on with this outage over

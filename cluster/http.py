@@ -170,8 +170,13 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
                api_keys: tuple[str, ...] | None = None,
                tokenizer: Tokenizer | None = None) -> FastAPI:
     """The app for the daemon ``client`` talks to, serving ``cfg.engine.model``. ``api_keys``
-    defaults to ``api_keys_from(cfg)``."""
+    defaults to ``api_keys_from(cfg)``. A client not given its own ``down_wait_s`` is set to
+    wait for no `up` once it finds the daemon down: requests get their 503 at once, not after
+    a minute of the outage."""
     from worker.loader import resolve_model_path
+
+    if client.down_wait_s is None:
+        client.down_wait_s = 0.0
 
     path = resolve_model_path(cfg.engine.model)
     server = Server(client, tokenizer or Tokenizer.from_dir(path), cfg.engine.model,
