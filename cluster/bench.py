@@ -33,10 +33,11 @@ class BenchRequest:
 
 
 def sample_lengths(rng: np.random.Generator, count: int, mean_len: int,
-                   range_ratio: float) -> list[int]:
-    """``count`` integers drawn uniformly from [len*(1-ratio), len*(1+ratio)], each at least 1."""
+                   range_ratio: float, flag: str = "lengths") -> list[int]:
+    """``count`` integers drawn uniformly from [len*(1-ratio), len*(1+ratio)], each at least 1.
+    ``flag`` names the option ``mean_len`` came from in the error for a bad one."""
     if mean_len < 1:
-        raise ValueError(f"lengths must be >= 1, got {mean_len}")
+        raise ValueError(f"{flag} must be >= 1, got {mean_len}")
     if not 0.0 <= range_ratio <= 1.0:
         raise ValueError(f"--random-range-ratio must be in [0, 1], got {range_ratio}")
     low = max(1, math.ceil(mean_len * (1.0 - range_ratio)))
@@ -52,8 +53,8 @@ def random_workload(count: int, input_len: int, output_len: int, range_ratio: fl
     if vocab_size < 1:
         raise ValueError(f"--random-vocab-size must be >= 1, got {vocab_size}")
     rng = np.random.default_rng(seed)
-    inputs = sample_lengths(rng, count, input_len, range_ratio)
-    outputs = sample_lengths(rng, count, output_len, range_ratio)
+    inputs = sample_lengths(rng, count, input_len, range_ratio, "--random-input-len")
+    outputs = sample_lengths(rng, count, output_len, range_ratio, "--random-output-len")
     requests = []
     for n_in, n_out in zip(inputs, outputs):
         if kind == "ids":

@@ -107,16 +107,35 @@ def run(args: argparse.Namespace) -> int:
     asyncio.run(bench.check_server(target, workloads[0][0]))
 
     outcomes, summaries = [], []
-    for spec, requests in zip(specs, workloads):
-        outcome = asyncio.run(_run_with_progress(target, requests, spec))
-        summary = bench.summarize(outcome, slos)
-        if args.per_request:
-            summary["requests"] = bench.request_records(outcome)
-        print(bench.format_summary(summary), file=sys.stderr, flush=True)
-        outcomes.append(outcome)
-        summaries.append(summary)
+    try:
+        for spec, requests in zip(specs, workloads):
+            outcome = asyncio.run(_run_with_progress(target, requests, spec))
+            summary = bench.summarize(outcome, slos)
+            if args.per_request:
+                summary["requests"] = bench.request_records(outcome)
+            print(bench.format_summary(summary), file=sys.stderr, flush=True)
+            outcomes.append(outcome)
+            summaries.append(summary)
+    except KeyboardInterrupt:  # Ctrl-C in a sweep: the runs that finished are still results
+        if summaries:
+            print(f"interrupted: writing the {counted(len(summaries), 'run')} that finished",
+                  file=sys.stderr)
+            _write_results(args, target.model, outcomes, summaries)
+        raise
+    _write_results(args, target.model, outcomes, summaries)
+    failed = sum(s["failed"] for s in summaries)
+    if failed:  # not only in the table: scripts read the exit code
+        sent = sum(s["completed"] + s["failed"] for s in summaries)
+        print(f"pagedserve: {failed} of {counted(sent, 'request')} failed (see the errors above)",
+              file=sys.stderr)
+        return 1
+    return 0
 
-    document = {"base_url": args.base_url, "model": target.model, "dataset": args.dataset,
+
+def _write_results(args: argparse.Namespace, model: str, outcomes: list,
+                   summaries: list[dict]) -> None:
+    """The sweep table, and the JSON document and plot where asked for."""
+    document = {"base_url": args.base_url, "model": model, "dataset": args.dataset,
                 "num_prompts": args.num_prompts, "seed": args.seed, "runs": summaries}
     if len(summaries) > 1:
         print(format_sweep(summaries), file=sys.stderr)
@@ -129,13 +148,6 @@ def run(args: argparse.Namespace) -> int:
 
         draw(outcomes, summaries, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
-    failed = sum(s["failed"] for s in summaries)
-    if failed:  # not only in the table: scripts read the exit code
-        sent = sum(s["completed"] + s["failed"] for s in summaries)
-        print(f"pagedserve: {failed} of {counted(sent, 'request')} failed (see the errors above)",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def check_writable(flag: str, path: str) -> None:

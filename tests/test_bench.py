@@ -348,6 +348,32 @@ def test_each_run_of_a_sweep_sends_fresh_random_prompts(stub, capsys):
     assert [run["seed"] for run in json.loads(out)["runs"]] == [0, 1, 2]
 
 
+def test_ctrl_c_in_a_sweep_still_writes_the_runs_that_finished(stub, capsys, tmp_path,
+                                                               monkeypatch):
+    """They were lost with the interrupt, though their tables were printed."""
+    from cluster import bench_cmd
+
+    real_run = bench_cmd._run_with_progress
+    runs = []
+
+    async def interrupted_second_run(*args):
+        runs.append(args)
+        if len(runs) == 2:  # Ctrl-C while the second rate runs
+            raise KeyboardInterrupt
+        return await real_run(*args)
+
+    monkeypatch.setattr(bench_cmd, "_run_with_progress", interrupted_second_run)
+    out_file = tmp_path / "bench.json"
+    code, out, err = run_cli(capsys, "--base-url", stub.url, "--num-prompts", "3",
+                             "--sweep-rates", "inf,inf,inf", "--random-input-len", "8",
+                             "--random-output-len", "2", "--json", "--output", str(out_file))
+    assert code == 130 and err.endswith("pagedserve: interrupted\n")
+    assert "writing the 1 run that finished" in err
+    document = json.loads(out)
+    assert document == json.loads(out_file.read_text())
+    assert [run["completed"] for run in document["runs"]] == [3]
+
+
 @pytest.mark.parametrize("flag, name", [("--output", "bench.json"), ("--plot", "bench.png")])
 def test_an_output_file_that_cannot_be_written_is_refused_before_any_request(stub, capsys,
                                                                              tmp_path, flag, name):
@@ -412,6 +438,8 @@ def closed_port_url():
     (["--num-prompts", "0"], "--num-prompts"),
     (["--goodput", "ttft=5"], "NAME:MS"),
     (["--random-range-ratio", "1.5"], "range-ratio"),
+    (["--random-input-len", "0"], "--random-input-len must be >= 1"),  # was "lengths must"
+    (["--random-output-len", "0"], "--random-output-len must be >= 1"),
     (["--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     ([], "cannot reach the server"),
 ])
