@@ -91,6 +91,7 @@ class Client:
     def _lookup(self, timeout: float | None = None):
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         while True:
+            self._check_connected()  # a wait for `up` that outlives the connection ends
             scheduler = find_scheduler()
             if scheduler is not None:
                 return scheduler
@@ -138,13 +139,17 @@ class Client:
 
     def _lent(self, needed: bool):
         """``with`` it around calls: ``[token]`` (see ``_caller``) for calls that need one,
-        else None. A Client whose Ray connection was shut down raises here: its handles belong
-        to that connection, and a call on one would start Ray anew."""
+        else None."""
+        self._check_connected()
+        return self._caller.lent() if needed else contextlib.nullcontext()
+
+    def _check_connected(self) -> None:
+        """A Client whose Ray connection was shut down raises here: its handles belong to that
+        connection, and a Ray call would start a new local cluster (with no NPUs) for it."""
         if not ray.is_initialized() or _connection_id() != self._connection:
             raise ClientDisconnectedError(
                 "this Client was made on a Ray connection that has since been shut down "
                 "(ray.shutdown()); create a new Client")
-        return self._caller.lent() if needed else contextlib.nullcontext()
 
     def _remote(self, method: str, args: tuple, retried: bool, caller: list | None):
         """Send the call. A wait on jobs names its ``caller``, and sent again after a
@@ -171,6 +176,7 @@ class Client:
     def _find_again(self, lost_at: float) -> float | None:
         if self.cluster_gone is not None:
             raise self.cluster_gone
+        self._check_connected()
         scheduler = find_scheduler()
         if scheduler is None:  # not restarting but gone (`down`): no call waits it out twice
             gone_since = self._gone_since
@@ -182,6 +188,7 @@ class Client:
         self._gone_since = None
         self._scheduler = scheduler
         while True:  # until it answers, so that the call goes on with this outage over
+            self._check_connected()
             try:
                 ray.get(self._scheduler.ping.remote(), timeout=RETRY_DELAY_S * 4)
                 self._liveness.answered()

@@ -27,5 +27,13 @@ def wait_for(predicate, timeout=120.0, interval=0.2, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
 def ready_workers(client):
     return [w for w in client.status()["workers"] if w.get("ready")]

@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from daemon_helpers import daemon_config, ready_workers, wait_for
+from daemon_helpers import daemon_config, process_gone, ready_workers, wait_for
 
 from cluster import bringup
 from cluster.client import Client, ClientDisconnectedError
@@ -156,6 +157,36 @@ def test_a_client_made_before_ray_shutdown_says_to_make_a_new_one(cluster, tmp_p
     with pytest.raises(ClientDisconnectedError):
         asyncio.run(client.aresult("any"))
     assert Client().status()["workers"]
+
+
+def test_a_call_waiting_for_up_ends_when_ray_is_shut_down_under_it(cluster, tmp_path):
+    """It went on looking the scheduler up, and the first lookup after the shutdown started
+    a new local Ray cluster, with no NPUs, that the process then stayed connected to."""
+    bringup.up(daemon_config(tmp_path), min_workers=1)
+    client = Client()
+    pid = client.status()["scheduler_pid"]
+    bringup.down()  # which returns before the scheduler is gone: it would answer the call
+    wait_for(lambda: process_gone(pid), timeout=30, what="the scheduler gone")
+    outcome = []
+    waiting = threading.Thread(target=lambda: outcome.append(_raised_by(client.status)))
+    waiting.start()
+    time.sleep(2)  # the call now waits for an `up` (down_wait_s: 60 s)
+    ray.shutdown()
+    try:
+        waiting.join(timeout=10)
+        assert not waiting.is_alive()
+        assert isinstance(outcome[0], ClientDisconnectedError), outcome
+        assert not ray.is_initialized()
+    finally:
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+
+
+def _raised_by(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the test looks at which
+        return exc
+    return None
 
 
 def _until_no_worker_starts(client, quiet_s=4.0):

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import ray
 
-from daemon_helpers import daemon_config, ready_workers, wait_for
+from daemon_helpers import daemon_config, process_gone, ready_workers, wait_for
 from serving import serving
 
 from cluster import bringup, cli, daemon_cmds
@@ -86,14 +86,6 @@ def http(daemon):
         yield session
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
-    except FileNotFoundError:
-        return True
-
-
 def test_a_hung_worker_is_killed_and_its_jobs_finish_elsewhere(client):
     prompts = [f"job {i}: the cluster" for i in range(4)]
     params = [SamplingParams(max_tokens=300, temperature=0.8, seed=i, ignore_eos=True)
@@ -114,10 +106,10 @@ def test_a_hung_worker_is_killed_and_its_jobs_finish_elsewhere(client):
         status = client.status()
         assert status["stalled_workers_killed"] == 1 and status["failovers"] >= 1
         assert "hung workers killed: 1 " in daemon_cmds.format_status(status)
-        wait_for(lambda: _gone(stopped), timeout=60, what="the hung process killed")
+        wait_for(lambda: process_gone(stopped), timeout=60, what="the hung process killed")
         wait_for(lambda: len(ready_workers(client)) == 2, what="a new worker on the freed NPU")
     finally:
-        if stopped is not None and not _gone(stopped):
+        if stopped is not None and not process_gone(stopped):
             os.kill(stopped, signal.SIGKILL)
 
 
@@ -169,7 +161,7 @@ def test_a_job_that_makes_engines_fail_is_failed_alone(client):
     workers = wait_for(lambda: w if len(w := ready_workers(client)) == 2 else None,
                        what="two workers again")
     failed = pids - {w["pid"] for w in workers}
-    assert failed and all(wait_for(lambda: _gone(pid), timeout=30, what="an ended worker")
+    assert failed and all(wait_for(lambda: process_gone(pid), timeout=30, what="an ended worker")
                           for pid in failed)
 
 
@@ -205,7 +197,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_three(client):
                          interval=0.02, what="the job running")
         host = next(w for w in ready_workers(client) if w["worker_id"] == state["workers"][0])
         os.kill(host["pid"], signal.SIGKILL)
-        wait_for(lambda: _gone(host["pid"]), timeout=30, what="the killed worker gone")
+        wait_for(lambda: process_gone(host["pid"]), timeout=30, what="the killed worker gone")
     with pytest.raises(JobFailedError, match=f"{MAX_WORKER_DEATHS_PER_SAMPLE} workers died "
                                              "while running it"):
         client.result(job, timeout=120)
@@ -456,10 +448,10 @@ def test_down_kills_a_scheduler_that_does_not_answer(client, monkeypatch, capsys
     try:
         code = cli.main(["down", "--drain", "--timeout", "60"])
     finally:
-        if not _gone(pid):
+        if not process_gone(pid):
             os.kill(pid, signal.SIGCONT)
     out, err = capsys.readouterr()
     assert code == 0 and err == ""
     assert re.search(r"did not answer for \d+ s \(stopped or stuck\) and was killed", out)
     assert "journal keeps" in out
-    wait_for(lambda: _gone(pid), timeout=30, what="the scheduler process to end")
+    wait_for(lambda: process_gone(pid), timeout=30, what="the scheduler process to end")
