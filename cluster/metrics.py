@@ -2,8 +2,6 @@
 read from the scheduler's status at scrape time."""
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
@@ -31,8 +29,7 @@ class DaemonCollector:
                            int(status is not None))
         if status is None:
             return
-        # when the scheduler (re)started: its counters below count from 0 since then
-        started = time.time() - status["uptime_s"] if "uptime_s" in status else None
+        started = status.get("started_at")  # its counters below count from 0 since then
         workers = [w for w in status["workers"] if w.get("ready")]
         yield _total_gauge("requests_running", "Sequences in the workers' running batches",
                            sum(w.get("running", 0) for w in workers))
