@@ -290,12 +290,16 @@ class SchedulerService:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         fits = [w.info["max_tokens_fit"] for w in self.workers.values() if w.info]
-        needed = min(len(ids) + params.max_tokens, self.max_model_len)
+        needed = self._kv_tokens_needed(len(ids), params)
         if fits and needed > max(fits):
             raise InvalidRequestError(
                 f"job needs up to {needed} tokens of KV cache but a worker holds at most "
                 f"{max(fits)}; shorten the prompt or max_tokens")
         return ids
+
+    def _kv_tokens_needed(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The KV slots a job's longest sequence takes: what a worker checks it can hold."""
+        return min(num_prompt_tokens + params.max_tokens, self.max_model_len)
 
     @property
     def unfinished_jobs(self) -> int:
@@ -323,7 +327,7 @@ class SchedulerService:
         for job, sample in samples:
             try:
                 worker = self.workers[self.router.choose(job.prompt_token_ids,
-                                                         [w.load for w in ready])]
+                                                         self._loads_that_hold(job, ready))]
             except NoWorkerError:  # also when no worker is ready
                 self.pending.append((job.job_id, sample.index))
                 continue
@@ -335,6 +339,14 @@ class SchedulerService:
             worker.actor.add.remote(job.engine_request_id(sample), job.prompt_token_ids,
                                     job.sample_params(sample.index).to_dict(), job.priority,
                                     list(sample.token_ids), job.arrival_time)
+
+    def _loads_that_hold(self, job: JobState, ready: list[WorkerSlot]) -> list[WorkerLoad]:
+        """The loads of the ready workers whose KV cache can hold the job's longest sequence
+        (caches differ with the device's memory); all of them when none can, whose engine then
+        refuses the job, failing it with why."""
+        needed = self._kv_tokens_needed(len(job.prompt_token_ids), job.params)
+        holding = [w.load for w in ready if w.info["max_tokens_fit"] >= needed]
+        return holding or [w.load for w in ready]
 
     def _drain_pending(self) -> None:
         """Route the held samples. While other workers are still loading (a scheduler just

@@ -154,3 +154,21 @@ def test_a_late_report_of_a_forgotten_job_does_not_reach_a_new_job_of_its_id(new
 
     sample = asyncio.run(reuse())
     assert (sample.token_ids, sample.finish_reason) == ([], None)
+
+
+def test_a_job_goes_only_to_a_worker_whose_kv_cache_can_hold_it(new_service):
+    # Workers' KV caches differ (devices of other memory sizes, or profiled peaks that
+    # differ): a job that only the big worker can hold is accepted (it fits there), and must
+    # not be routed to the small one, whose engine would refuse it and fail the job.
+    async def route():
+        scheduler = new_service()
+        small = add_worker(scheduler, "small")
+        big = add_worker(scheduler, "big")
+        small.info["max_tokens_fit"], big.info["max_tokens_fit"] = 1000, 4000
+        prompts = [[(i * (j + 1)) % 250 + 1 for i in range(1500)] for j in range(4)]
+        scheduler.submit_many([(prompt, {"max_tokens": 16}, 0, None) for prompt in prompts])
+        return small, big
+
+    small, big = asyncio.run(route())
+    assert small.samples == set()
+    assert len(big.samples) == 4
