@@ -28,8 +28,8 @@ from cluster.config import PagedServeConfig
 from cluster.http_models import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                  GenerationRequest, Echo, ResponseContext, TokenizeRequest,
                                  bad_request, check_response_size, echo_chunk, full_response,
-                                 in_request_terms, job_without_output, role_chunk, stream_chunk,
-                                 usage_chunk, validation_error, without_output)
+                                 in_request_terms, job_without_output, param_of, role_chunk,
+                                 stream_chunk, usage_chunk, validation_error, without_output)
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import ServerMetrics
 from cluster.sse import DONE_EVENT, EventStream, sse_event
@@ -596,9 +596,12 @@ def _daemon_errors(body: GenerationRequest):
     except BatchTooLargeError as exc:  # more samples (prompts x n) than the queue holds
         raise bad_request(str(exc), "prompt") from None
     except InvalidRequestError as exc:
-        if exc.job_index is not None:  # about one prompt of several
+        if exc.job_index is not None and param_of(exc.reason, {}) in (None, "prompt"):
+            # about one prompt of several
             raise bad_request(f"prompt {exc.job_index}: {exc.reason}", "prompt") from None
-        raise bad_request(*in_request_terms(str(exc), body.field_names())) from None
+        # about a field every prompt shares (priority, logit_bias): the request's fault
+        reason = str(exc) if exc.job_index is None else exc.reason
+        raise bad_request(*in_request_terms(reason, body.field_names())) from None
     except (OverloadedError, JobFailedError, UnknownJobError, DaemonUnavailableError,
             *SCHEDULER_GONE) as exc:
         raise _daemon_error(exc) from None

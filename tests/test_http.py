@@ -483,6 +483,9 @@ def test_models_lists_the_served_model_and_others_are_404(api):
      "logit_bias"),  # past the vocabulary: found by the scheduler  # the journal's msgpack: 64 bits
     ("completions", {"prompt": "x", "priority": -2 ** 64}, "priority"),
     ("completions", {"prompt": "x", "priority": 5}, "priority"),  # fcfs would ignore it
+    # a field all the prompts share is named as such, not as prompt 0's fault
+    ("completions", {"prompt": ["x", "y"], "priority": 5}, "priority"),
+    ("completions", {"prompt": ["x", "y"], "logit_bias": {"100000": 5}}, "logit_bias"),
     ("completions", {"prompt": "x", "echo": True, "max_tokens": 0, "min_tokens": 1},
      "min_tokens"),
     ("completions", {"prompt": "a" * 3000, "max_tokens": 2}, "prompt"),  # not max_tokens
