@@ -306,7 +306,11 @@ def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
     quick = Client(timeout_s=2)
     job = client.submit("waits on a stopped scheduler",
                         SamplingParams(max_tokens=1500, ignore_eos=True))
-    pid = client.status()["scheduler_pid"]
+    wait_for(lambda: client.status_of(job)["num_tokens"][0] > 0, what="the job running")
+    status = client.status()
+    pid, workers = status["scheduler_pid"], [w["pid"] for w in status["workers"] if w.get("pid")]
+    for worker in workers:  # else on a loaded host the job could end while the scheduler is
+        os.kill(worker, signal.SIGSTOP)  # stopped, and the second stream end without waiting
 
     async def drain(outputs):
         async for _ in outputs:
@@ -332,14 +336,18 @@ def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
         return ended
 
     try:
-        ended, waited = asyncio.run(wait_on_a_stopped_scheduler())
-        ended = [(error, waited) for error in ended]
+        try:
+            ended, waited = asyncio.run(wait_on_a_stopped_scheduler())
+            ended = [(error, waited) for error in ended]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        try:
+            ended += block_on_a_stopped_scheduler()
+        finally:
+            os.kill(pid, signal.SIGCONT)
     finally:
-        os.kill(pid, signal.SIGCONT)
-    try:
-        ended += block_on_a_stopped_scheduler()
-    finally:
-        os.kill(pid, signal.SIGCONT)
+        for worker in workers:
+            _continue(worker)
     for method, (error, waited) in zip(("result", "stream") * 2, ended):
         assert isinstance(error, DaemonUnavailableError), error
         assert str(error).startswith("the pagedserve scheduler has not answered for 2 s while "
