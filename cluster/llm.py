@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from cluster.llm_inputs import Prompt, from_vllm_spellings, prompt_list
+from cluster.llm_inputs import Prompt, from_vllm_spellings, priority_list, prompt_list
 from cluster.llm_inputs import engine_options as engine_kwargs
 from scheduler.batching import check_priority
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
@@ -103,7 +103,7 @@ class LLM:
             vllm_spellings, params=params, progress=progress, priorities=priorities)
         prompts = prompt_list(prompts)
         params_list = _per_prompt(self.default_params if params is None else params, len(prompts))
-        priorities = [0] * len(prompts) if priorities is None else list(priorities)
+        priorities = priority_list(priorities, len(prompts))
         if len(priorities) != len(prompts):  # zip would drop the prompts past the shorter
             raise ValueError(f"got {counted(len(priorities), 'priority', 'priorities')} for "
                              f"{counted(len(prompts), 'prompt')}")

@@ -78,6 +78,14 @@ def prompt_list(prompts) -> list[Prompt]:
     return [_prompt(p) for p in prompts]
 
 
+def priority_list(priorities, count: int) -> list:
+    """One per prompt (0 each by default); numpy integers as plain ints, which the journal and
+    the wire carry. Anything else is left for check_priority to refuse."""
+    if priorities is None:
+        return [0] * count
+    return [int(p) if _is_integer(p) else p for p in _as_list(priorities)]
+
+
 def _as_list(value):
     """A numpy array as a list (of lists); anything else as it is."""
     return value.tolist() if hasattr(value, "tolist") and not isinstance(value, str) else value
@@ -85,10 +93,10 @@ def _as_list(value):
 
 def _is_single(prompts) -> bool:
     return isinstance(prompts, (str, dict)) or (
-        isinstance(prompts, Sequence) and bool(prompts) and _is_token_id(prompts[0]))
+        isinstance(prompts, Sequence) and bool(prompts) and _is_integer(prompts[0]))
 
 
-def _is_token_id(value) -> bool:
+def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's too
 
 
@@ -104,6 +112,6 @@ def _prompt(prompt) -> Prompt:
                                   f'"prompt_token_ids"; got keys {sorted(prompt)}')
     prompt = _as_list(prompt)
     if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
-            and all(_is_token_id(t) for t in prompt):
+            and all(_is_integer(t) for t in prompt):
         return [int(t) for t in prompt]
     return prompt

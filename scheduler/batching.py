@@ -28,8 +28,8 @@ def check_priority(priority: object, policy: str) -> None:
     if priority != 0 and policy != "priority":
         raise InvalidRequestError(
             f"invalid priority={priority}: the scheduling policy is {policy}, which ignores "
-            "priorities; use the priority policy (config engine.policy: priority, or "
-            "`generate --policy priority`)")
+            "priorities; use the priority policy (config engine.policy: priority, "
+            "`generate --policy priority`, or LLM(..., scheduling_policy=\"priority\"))")
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import transformers
 
@@ -639,6 +640,15 @@ def test_a_priority_that_is_not_an_integer_is_refused_and_the_engine_goes_on():
                        match=r"job 0: invalid priority=None: must be an integer"):
         llm.generate(["a", "b"], params, priorities=[None, 1])
     assert len(llm.generate("c", params)[0].outputs[0].token_ids) == 3
+
+
+def test_numpy_priorities_order_the_jobs_as_ints_do():
+    """They were refused ("must be an integer"), though numpy token ids are taken."""
+    llm = LLM("tiny", policy="priority", max_num_seqs=1, kv_cache_gib=0.01)
+    jobs = llm.generate(["a", "b", "c"], SamplingParams(max_tokens=2, temperature=0),
+                        priorities=np.array([5, -1, 3]))
+    assert sorted("abc", key=lambda p: jobs["abc".index(p)].metrics.first_token_time) == \
+        ["b", "c", "a"]
 
 
 def test_a_priority_under_fcfs_is_refused_not_ignored(llm):
