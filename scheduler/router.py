@@ -69,21 +69,27 @@ class LeastLoadedRouter:
 
     Affinity: the router remembers, in an LRU map of at most ``capacity`` entries, which worker
     last received a prompt starting with each of its first 1..``max_prefix_blocks`` full blocks
-    (keys chain the blocks' tokens, like the KV prefix cache). The worker remembered for the
-    longest matching prefix whose score is at most ``best + max(AFFINITY_SLACK, AFFINITY_RATIO *
-    best)`` gets the job; when no remembered worker is within that limit the job goes to the
-    least-loaded worker, and its prefix is remembered there from then on.
+    (prompts behind one system prompt or set of examples), with a power-of-two number of them,
+    and with all of them: its whole prefix, which the next turn of a conversation starts with,
+    past a shared system prompt longer than max_prefix_blocks (keys chain the blocks' tokens,
+    like the KV prefix cache). The worker remembered for the longest matching prefix of up to
+    ``max_match_blocks`` blocks whose score is at most ``best + max(AFFINITY_SLACK,
+    AFFINITY_RATIO * best)`` gets the job; when no remembered worker is within that limit the
+    job goes to the least-loaded worker, and its prefix is remembered there from then on.
     """
 
     KV_WEIGHT = 4096.0  # tokens
     AFFINITY_SLACK = 4096.0  # tokens
     AFFINITY_RATIO = 0.5
 
-    def __init__(self, capacity: int = 10_000, max_prefix_blocks: int = 16) -> None:
-        if capacity < 1 or max_prefix_blocks < 1:
-            raise ValueError("capacity and max_prefix_blocks must be >= 1")
+    def __init__(self, capacity: int = 10_000, max_prefix_blocks: int = 16,
+                 max_match_blocks: int = 256) -> None:
+        if capacity < 1 or max_prefix_blocks < 1 or max_match_blocks < max_prefix_blocks:
+            raise ValueError("capacity and max_prefix_blocks must be >= 1, and "
+                             "max_match_blocks >= max_prefix_blocks")
         self.capacity = capacity
         self.max_prefix_blocks = max_prefix_blocks
+        self.max_match_blocks = max_match_blocks
         self._last_worker: OrderedDict[int, str] = OrderedDict()  # prefix key -> worker id
         self._ties_broken = 0
 
@@ -97,7 +103,7 @@ class LeastLoadedRouter:
         self._ties_broken += len(tied) > 1
         keys = self._prefix_keys(prompt_token_ids, loads[0].block_size)
         chosen = self._affine_worker(keys, scores, scores[best]) or best
-        self._remember(keys, chosen)
+        self._remember(self._kept(keys), chosen)
         return chosen
 
     def forget(self, worker_id: str) -> None:
@@ -118,6 +124,13 @@ class LeastLoadedRouter:
                 return worker
         return None
 
+    def _kept(self, keys: list[int]) -> list[int]:
+        """The keys of a prompt worth remembering (see the class docstring): a few per prompt,
+        so that the map's capacity still covers many prompts."""
+        last = len(keys) - 1
+        return [key for i, key in enumerate(keys)
+                if i < self.max_prefix_blocks or (i + 1) & i == 0 or i == last]
+
     def _remember(self, keys: list[int], worker_id: str) -> None:
         for key in keys:
             self._last_worker[key] = worker_id
@@ -126,12 +139,12 @@ class LeastLoadedRouter:
             self._last_worker.popitem(last=False)
 
     def _prefix_keys(self, token_ids: Sequence[int], block_size: int) -> list[int]:
-        """One chained key per leading full block, up to max_prefix_blocks.
+        """One chained key per leading full block, up to max_match_blocks.
 
         A collision only misplaces a job (a cache miss), never changes its output, so Python's
         tuple hash is strong enough here.
         """
-        num_blocks = min(len(token_ids) // max(block_size, 1), self.max_prefix_blocks)
+        num_blocks = min(len(token_ids) // max(block_size, 1), self.max_match_blocks)
         keys: list[int] = []
         parent = 0
         for i in range(num_blocks):

@@ -129,6 +129,24 @@ def test_the_longest_shared_prefix_decides():
     assert route(router, prompt_of(1, 3, 5), loads) == ac
 
 
+def test_a_conversation_goes_back_to_its_worker_past_a_long_shared_system_prompt():
+    """Affinity looked at the first max_prefix_blocks blocks only: every conversation behind a
+    longer system prompt matched the same keys, and its next turn went where the system prompt
+    last went, not where its own history is cached."""
+    router = LeastLoadedRouter(max_prefix_blocks=2)
+    loads = [load("a"), load("b")]
+    system = (1, 2, 3)
+    first = route(router, prompt_of(*system, 10), loads)
+    owner = next(w for w in loads if w.worker_id == first)
+    owner.pending_tokens += 10 * int(router.AFFINITY_SLACK)  # the next conversation elsewhere
+    second = route(router, prompt_of(*system, 20), loads)
+    assert second != first
+    owner.pending_tokens -= 10 * int(router.AFFINITY_SLACK)
+    # each conversation's next turn: its history so far, then the new message
+    assert route(router, prompt_of(*system, 10, 11, tail=2), loads) == first
+    assert route(router, prompt_of(*system, 20, 21, tail=2), loads) == second
+
+
 def test_forget_drops_affinity_to_a_dead_worker():
     router = LeastLoadedRouter()
     loads = [load("a"), load("b")]
