@@ -68,14 +68,15 @@ class LeastLoadedRouter:
     at a time on an idle cluster still use every worker (and warm every worker's caches).
 
     Affinity: the router remembers, in an LRU map of at most ``capacity`` entries, which worker
-    last received a prompt starting with each of its first 1..``max_prefix_blocks`` full blocks
-    (prompts behind one system prompt or set of examples), with a power-of-two number of them,
-    and with all of them: its whole prefix, which the next turn of a conversation starts with,
-    past a shared system prompt longer than max_prefix_blocks (keys chain the blocks' tokens,
-    like the KV prefix cache). The worker remembered for the longest matching prefix of up to
-    ``max_match_blocks`` blocks whose score is at most ``best + max(AFFINITY_SLACK,
-    AFFINITY_RATIO * best)`` gets the job; when no remembered worker is within that limit the
-    job goes to the least-loaded worker, and its prefix is remembered there from then on.
+    last received a prompt starting with a given run of full blocks (keys chain the blocks'
+    tokens, like the KV prefix cache). Of each prompt it remembers a few such prefixes: its
+    first 1..``max_prefix_blocks`` blocks (prompts behind one system prompt or set of examples),
+    each power-of-two number of blocks, and all its full blocks up to ``max_match_blocks``
+    (where the next turn of a conversation starts, however long the system prompt all
+    conversations share). A new prompt looks its prefixes up, longest first: the first
+    remembered worker whose score is at most ``best + max(AFFINITY_SLACK, AFFINITY_RATIO *
+    best)`` gets the job; when none is within that limit the job goes to the least-loaded
+    worker, and its prefixes are remembered there from then on.
     """
 
     KV_WEIGHT = 4096.0  # tokens
