@@ -28,8 +28,10 @@ def test_add_then_abort_stops_the_request_and_frees_its_blocks(engine):
     engine.step()
     assert engine.stats().kv_blocks_used > 0
     commands.apply(("abort", "a/0/0"))
-    finish_all(engine)
+    # at once: had the abort been dropped, running to max_tokens would free the blocks too
     assert engine.stats().kv_blocks_used == 0
+    assert [(o.request_id, o.finish_reason) for o in engine.step()] == [("a/0/0", "abort")]
+    assert not engine.has_unfinished()
 
 
 def test_an_abort_delivered_before_its_add_drops_the_add(engine):
