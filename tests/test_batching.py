@@ -125,14 +125,13 @@ def test_nothing_is_admitted_in_a_step_that_preempted():
 
 
 def test_preempted_request_goes_back_to_the_front():
-    b, _ = make(num_blocks=4, block_size=4, max_num_seqs=8)
+    """Ahead of a request that was already waiting when it was preempted."""
+    b, _ = make(num_blocks=4, block_size=4, max_num_seqs=2)
     b.add(req("a", 4, max_tokens=8))
     b.add(req("b", 4, max_tokens=8))
-    for _ in range(10):
-        if step(b).preempted:
-            break
-    b.add(req("c", 2, max_tokens=1))
-    assert b.waiting[0][1].request_id == "b"
+    b.add(req("c", 2, max_tokens=1))  # waits: max_num_seqs=2
+    assert first_preempted(b) == ["b"]
+    assert [r.request_id for _, r in sorted(b.waiting, key=lambda entry: entry[0])] == ["b", "c"]
 
 
 def test_priority_policy_admits_and_preempts_by_priority():
