@@ -148,7 +148,7 @@ def test_stream_timings_and_usage_token_count():
 
 
 def test_without_usage_tokens_are_counted_from_chunks():
-    result = RequestResult(asked_tokens=3, prompt_tokens=5, start=0.0)
+    result = RequestResult(asked_tokens=8, prompt_tokens=5, start=0.0)  # 3 came, not the 8 asked
     feed(result, [(chunk("x"), 0.1), (chunk("y"), 0.2), (chunk(""), 0.3), ("data: [DONE]", 0.3)])
     assert result.output_tokens == 3 and result.prompt_tokens == 5 and result.ok
 
