@@ -351,6 +351,8 @@ def test_compaction_clears_a_write_error_once_everything_is_on_disk(path):
     journal.compact()  # writes the job's record: nothing recorded is missing from the file
     assert journal.write_error is None and not journal.buffered
     journal.close()
+    with Journal(path) as reopened:  # on disk indeed, not only dropped from the buffer
+        assert ids(reopened) == ["a"]
 
 
 def test_a_compaction_whose_directory_fsync_fails_goes_on_in_the_new_file(path, monkeypatch,
