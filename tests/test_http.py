@@ -914,6 +914,28 @@ def test_a_submit_the_stopped_scheduler_takes_late_is_aborted(http, daemon, monk
              what="the late job aborted")
     assert client.status_of(taken[0]["job_id"])["finish_reasons"] == ["abort"]
 
+
+def test_a_stream_rides_out_a_scheduler_restart(http, daemon):
+    """The server's client waits for no `up` once the daemon is down (see the next test); a
+    scheduler that Ray restarts is not down, and a stream in flight goes on through it, with
+    no token lost or doubled."""
+    _, client = daemon
+    pid = client.status()["scheduler_pid"]
+    body = {"model": "tiny", "prompt": "through a restart", "max_tokens": 300,
+            "ignore_eos": True, "temperature": 0}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        lines = (line for line in response.iter_lines() if line)
+        events = [next(lines)]
+        os.kill(pid, signal.SIGKILL)  # Ray restarts it; its __init__ replays the journal
+        events += lines
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert not [chunk for chunk in chunks if "error" in chunk]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    answer = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == answer
+
+
 def test_in_an_outage_requests_fail_fast_and_their_jobs_are_aborted_once_it_is_back(
         http, daemon, monkeypatch):
     """A request answered 503 while the daemon was down used to have its job resumed by the
