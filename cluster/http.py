@@ -499,11 +499,9 @@ class StreamMeter:
     """Latencies and token counts of one stream, as its client sees them."""
 
     started: float
-    first_token_at: float | None = None
     # per (prompt, sample index): choices stream side by side, each at its own pace
     choices: dict[tuple[int, int], ChoiceTimes] = field(default_factory=dict)
     prompt_tokens_of: dict[int, int] = field(default_factory=dict)  # per prompt of the request
-    completion_tokens: int = 0
     finished: bool = False
     failed: bool = False  # ended by an error event
 
@@ -511,27 +509,30 @@ class StreamMeter:
         self.prompt_tokens_of[prompt] = delta.num_prompt_tokens
         if not delta.new_token_ids:
             return
-        if self.first_token_at is None:
-            self.first_token_at = now
         tokens = len(delta.new_token_ids)
         choice = self.choices.setdefault((prompt, delta.index), ChoiceTimes(now, tokens))
         choice.last_at = now
         choice.tokens += tokens
-        self.completion_tokens += tokens
 
     @property
     def prompt_tokens(self) -> int:
         return sum(self.prompt_tokens_of.values())
 
     @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices.values())
+
+    @property
     def ttft(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.started
+        if not self.choices:
+            return None
+        return min(c.first_at for c in self.choices.values()) - self.started
 
     @property
     def tpot(self) -> float | None:
         """The mean over choices of each one's gap between tokens after its first chunk (as
         each choice's reader sees it); None when no choice has a token after its first."""
-        gaps = [c.tpot for c in self.choices.values() if c.tpot is not None]
+        gaps = [gap for c in self.choices.values() if (gap := c.tpot) is not None]
         return sum(gaps) / len(gaps) if gaps else None
 
     def record(self, metrics: ServerMetrics, endpoint: str) -> None:
