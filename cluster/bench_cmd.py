@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--output", args.output), ("--plot", args.plot)):
         if path:
             check_writable(flag, path)
-    workloads = [load_requests(args, spec.seed) for spec in specs]
+    workloads = load_workloads(args, [spec.seed for spec in specs])
     target = bench.Target(args.base_url, args.model, args.api_key, args.timeout)
     if target.model is None:
         target.model = asyncio.run(bench.first_model_id(args.base_url, args.api_key))
@@ -174,14 +174,17 @@ def parse_rates(args: argparse.Namespace) -> list[float]:
     return [parse_rate(item) for item in items]
 
 
-def load_requests(args: argparse.Namespace, seed: int):
+def load_workloads(args: argparse.Namespace, seeds: list[int]) -> list[list]:
+    """The requests of each run: random ones drawn with that run's seed; a --dataset file's,
+    read once, the same for every run."""
     from cluster import bench
 
     if args.dataset == "random":
-        return bench.random_workload(args.num_prompts, args.random_input_len,
-                                     args.random_output_len, args.random_range_ratio, seed,
-                                     args.random_prompt, args.random_vocab_size)
-    return bench.load_dataset(args.dataset, args.num_prompts, args.random_output_len)
+        return [bench.random_workload(args.num_prompts, args.random_input_len,
+                                      args.random_output_len, args.random_range_ratio, seed,
+                                      args.random_prompt, args.random_vocab_size)
+                for seed in seeds]
+    return [bench.load_dataset(args.dataset, args.num_prompts, args.random_output_len)] * len(seeds)
 
 
 async def _run_with_progress(target, requests, spec):
