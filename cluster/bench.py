@@ -3,6 +3,7 @@ generator for an OpenAI-compatible /v1/completions endpoint, and latency/through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -15,6 +16,9 @@ from cluster.jobs_file import read_jsonl
 
 ARRIVALS = ("poisson", "gamma")
 SLO_NAMES = ("ttft", "tpot", "e2el")
+# A run stops sending once this many requests in a row found no server to connect to: the
+# rest would only fail the same way, one arrival at a time.
+SERVER_GONE_AFTER = 3
 DONE = object()  # what parse_sse_line returns for the stream's closing `data: [DONE]`
 WORDS = ("alpha", "block", "cache", "decode", "engine", "fabric", "graph", "host", "index",
          "kernel", "layer", "memory", "node", "offset", "page", "queue", "rank", "slot",
@@ -184,6 +188,7 @@ class RequestResult:
     usage_tokens: int | None = None
     done: bool = False
     error: str = ""
+    refused: bool = False  # no connection to the server could be made
     _last: float = 0.0
 
     def on_event(self, event, now: float) -> None:
@@ -266,6 +271,7 @@ async def send_request(client, target: Target, request: BenchRequest,
         result.error = f"no complete response within --timeout {target.timeout_s:g} s"
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        result.refused = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
     except ValueError as exc:  # a malformed stream
         result.error = str(exc)
     if not result.error and not result.done:
@@ -326,6 +332,27 @@ class RunOutcome:
     spec: LoadSpec
     results: list[RequestResult]
     duration_s: float
+    server_gone: str | None = None  # why the run stopped sending early, if it did
+
+
+class ServerWatch:
+    """Notices a server that has stopped accepting connections: ``SERVER_GONE_AFTER`` requests
+    in a row refused. Any HTTP response in between shows it is there."""
+
+    def __init__(self) -> None:
+        self.refused_in_a_row = 0
+        self.gone: str | None = None
+        self.event = asyncio.Event()
+
+    def saw(self, result: RequestResult) -> None:
+        if not result.refused:
+            if result.ok or result.error.startswith("HTTP "):
+                self.refused_in_a_row = 0
+            return
+        self.refused_in_a_row += 1
+        if self.refused_in_a_row >= SERVER_GONE_AFTER and self.gone is None:
+            self.gone = f"{SERVER_GONE_AFTER} requests in a row refused: {result.error}"
+            self.event.set()
 
 
 def make_client(limit: int | None):
@@ -339,23 +366,26 @@ def make_client(limit: int | None):
 async def run_load(target: Target, requests: list[BenchRequest], spec: LoadSpec,
                    on_finish=None) -> RunOutcome:
     """Send ``requests`` at the arrival times of ``spec``; returns when all have finished or
-    failed, or when ``spec.max_duration_s`` has passed (unfinished ones then count as failed)."""
+    failed, when ``spec.max_duration_s`` has passed (unfinished ones then count as failed), or
+    soon after the server stops accepting connections (the unsent ones then fail unsent)."""
     gaps = arrival_gaps(len(requests), spec.rate, spec.arrival, spec.burstiness, spec.seed)
     results = [RequestResult(r.max_tokens, r.prompt_tokens) for r in requests]
+    watch = ServerWatch()
     async with make_client(spec.max_concurrency) as client:
         start = time.perf_counter()
         try:
             await asyncio.wait_for(_dispatch(client, target, requests, results, gaps, spec,
-                                             start, on_finish), spec.max_duration_s)
+                                             start, on_finish, watch), spec.max_duration_s)
         except asyncio.TimeoutError:
             for result in results:
                 if not result.ok and not result.error:
                     result.error = f"cut off: the run passed {spec.max_duration_s:g} s"
         duration = time.perf_counter() - start
-    return RunOutcome(spec, results, duration)
+    return RunOutcome(spec, results, duration, watch.gone)
 
 
-async def _dispatch(client, target, requests, results, gaps, spec, start, on_finish) -> None:
+async def _dispatch(client, target, requests, results, gaps, spec, start, on_finish,
+                    watch: ServerWatch) -> None:
     gate = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
 
     async def one(i: int) -> None:
@@ -363,7 +393,11 @@ async def _dispatch(client, target, requests, results, gaps, spec, start, on_fin
             await send_request(client, target, requests[i], results[i], start)
         else:
             async with gate:
-                await send_request(client, target, requests[i], results[i], start)
+                if watch.gone:  # waited for a slot while the server went away
+                    results[i].error = f"not sent: the server is gone ({watch.gone})"
+                else:
+                    await send_request(client, target, requests[i], results[i], start)
+        watch.saw(results[i])
         if on_finish:
             on_finish(results[i])
 
@@ -372,8 +406,16 @@ async def _dispatch(client, target, requests, results, gaps, spec, start, on_fin
     for i, gap in enumerate(gaps):
         due += gap
         delay = start + due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if delay > 0 and not watch.gone:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(watch.event.wait(), delay)
+        if watch.gone:
+            for result in results[i:]:
+                result.error = f"not sent: the server is gone ({watch.gone})"
+            if on_finish:
+                for result in results[i:]:
+                    on_finish(result)
+            break
         tasks.append(asyncio.ensure_future(one(i)))
     try:
         await asyncio.gather(*tasks)
@@ -390,7 +432,7 @@ async def check_server(target: Target, request: BenchRequest) -> None:
     result = RequestResult(probe.max_tokens, probe.prompt_tokens)
     async with make_client(1) as client:
         await send_request(client, target, probe, result, time.perf_counter())
-    if "ConnectError" in result.error or "ConnectTimeout" in result.error:
+    if result.refused:
         raise OSError(f"cannot reach the server at {target.base_url}: {result.error}")
     if not result.ok:
         raise ValueError(f"test request to {target.completions_url} failed: {result.error}")
@@ -480,6 +522,7 @@ def summarize(outcome: RunOutcome, slos: dict[str, float] | None = None) -> dict
         "max_concurrency": spec.max_concurrency, "seed": spec.seed,
         "completed": len(done), "failed": len(failed),
         "first_error": failed[0].error if failed else None,
+        "server_gone": outcome.server_gone,
         "duration_s": duration,
         "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
         "input_tokens_known": all(r.prompt_tokens is not None for r in done),
@@ -529,6 +572,8 @@ def format_summary(summary: dict) -> str:
                                 f"({summary['good_requests']} within {slos})"))
     if summary["first_error"]:
         rows.append(("first error", summary["first_error"]))
+    if summary["server_gone"]:
+        rows.append(("stopped sending", summary["server_gone"]))
     width = max(len(k) for k, _ in rows)
     lines = [f"{title:=^60}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     lines.append(f"  {'(ms)':<{width}}  {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}")

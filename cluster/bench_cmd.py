@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             print(bench.format_summary(summary), file=sys.stderr, flush=True)
             outcomes.append(outcome)
             summaries.append(summary)
+            if outcome.server_gone:  # the later rates would only fail the same way
+                break
     except KeyboardInterrupt:  # Ctrl-C in a sweep: the runs that finished are still results
         if summaries:
             print(f"interrupted: writing the {counted(len(summaries), 'run')} that finished",
@@ -124,12 +126,23 @@ def run(args: argparse.Namespace) -> int:
         raise
     _write_results(args, target.model, outcomes, summaries)
     failed = sum(s["failed"] for s in summaries)
-    if failed:  # not only in the table: scripts read the exit code
-        sent = sum(s["completed"] + s["failed"] for s in summaries)
-        print(f"pagedserve: {failed} of {counted(sent, 'request')} failed (see the errors above)",
+    if summaries[-1]["server_gone"]:
+        skipped = len(specs) - len(summaries)
+        print(f"pagedserve: the server at {args.base_url} stopped accepting connections "
+              f"during the run at rate {summaries[-1]['request_rate']}; {failed} of "
+              f"{counted(total_requests(summaries), 'request')} failed"
+              + (f", {counted(skipped, 'later run')} not started" if skipped else ""),
               file=sys.stderr)
         return 1
+    if failed:  # not only in the table: scripts read the exit code
+        print(f"pagedserve: {failed} of {counted(total_requests(summaries), 'request')} failed "
+              "(see the errors above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def total_requests(summaries: list[dict]) -> int:
+    return sum(s["completed"] + s["failed"] for s in summaries)
 
 
 def _write_results(args: argparse.Namespace, model: str, outcomes: list,
@@ -188,13 +201,11 @@ def load_workloads(args: argparse.Namespace, seeds: list[int]) -> list[list]:
 
 
 async def _run_with_progress(target, requests, spec):
-    from tqdm import tqdm
-
     from cluster.bench import run_load
+    from cluster.progress import progress
 
     rate = "inf" if spec.rate == float("inf") else f"{spec.rate:g}"
-    with tqdm(total=len(requests), unit="req", desc=f"rate {rate}",
-              disable=not sys.stderr.isatty()) as bar:
+    with progress(len(requests), f"rate {rate}", "req") as bar:
         return await run_load(target, requests, spec, on_finish=lambda _: bar.update(1))
 
 

@@ -219,24 +219,23 @@ def _print_ids(ids: list[str], as_json: bool) -> None:
 
 def _print_results(as_json: bool, client, ids: Iterable[str], samples_per_job: list[int]
                    ) -> int:
-    """Each job's output in order, as ``ids`` yields them: JSON lines (with a progress bar on
-    a terminal), or the text streamed. A failed job gets its error (an "error" field, or a
-    line on stderr) and the others go on; returns how many failed."""
-    from tqdm import tqdm
-
+    """Each job's output in order, as ``ids`` yields them: JSON lines (with their progress on
+    stderr), or the text streamed. A failed job gets its error (an "error" field, or a line
+    on stderr) and the others go on; returns how many failed."""
     from cluster.client import JobFailedError
     from cluster.generate_cmd import TerminalPrinter, job_record
+    from cluster.progress import progress
 
     failed = 0
     if as_json:
-        outcomes = tqdm(client.iter_results(ids), total=len(samples_per_job), desc="jobs",
-                        unit="job", disable=not sys.stderr.isatty())
-        for i, (job_id, outcome) in enumerate(outcomes):
-            if isinstance(outcome, JobFailedError):
-                record, failed = {"error": str(outcome)}, failed + 1
-            else:
-                record = job_record(i, outcome)
-            print(json.dumps({"index": i, "job_id": job_id, **record}), flush=True)
+        with progress(len(samples_per_job), "jobs", "job") as bar:
+            for i, (job_id, outcome) in enumerate(client.iter_results(ids)):
+                if isinstance(outcome, JobFailedError):
+                    record, failed = {"error": str(outcome)}, failed + 1
+                else:
+                    record = job_record(i, outcome)
+                print(json.dumps({"index": i, "job_id": job_id, **record}), flush=True)
+                bar.update()
         return failed
     printer = TerminalPrinter(samples_per_job)
     for i, job_id in enumerate(ids):

@@ -1,12 +1,15 @@
 """pagedserve bench: arrival statistics, length sampling, SSE accounting, percentiles and goodput
 (pure, fast); the load loop against a small local SSE server; one run against the real server."""
 import asyncio
+import contextlib
+import io
 import json
 import math
 import socket
 import statistics
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from cluster import bench
 from cluster.bench import (DONE, BenchRequest, LoadSpec, RequestResult, RunOutcome, Target,
                            arrival_gaps, parse_sse_line, percentile, summarize)
 from cluster.cli import main
+from cluster.progress import LineProgress, progress
 
 pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
 
@@ -331,6 +335,53 @@ def test_cli_sweep_writes_json_document(stub, capsys, tmp_path):
         assert [r["output_tokens"] for r in run["requests"]] == \
                [r["asked_tokens"] for r in run["requests"]]
     assert "TTFT" in err and "rate" in err
+
+
+def test_a_server_that_goes_away_ends_the_run_and_the_sweep(capsys):
+    """The run went on sending each remaining request at its arrival time into a closed port
+    (at a low rate, one refused request a second for the rest of the run), and then started
+    the sweep's later rates against the same closed port."""
+    stub, servers = StubServer(), contextlib.ExitStack()
+    url = servers.enter_context(serving(stub.app()))
+    threading.Timer(1.0, servers.close).start()
+    began = time.monotonic()
+    code, out, err = run_cli(capsys, "--base-url", url, "--num-prompts", "200",
+                             "--sweep-rates", "20,inf", "--random-output-len", "2", "--json")
+    assert time.monotonic() - began < 5  # the 200 arrivals at 20/s alone span 10 s
+    run, = json.loads(out)["runs"]  # the "inf" run never started
+    assert run["server_gone"].startswith(f"{bench.SERVER_GONE_AFTER} requests in a row refused")
+    assert 0 < run["completed"] < 40 and run["completed"] + run["failed"] == 200
+    assert code == 1 and "stopped accepting connections during the run at rate 20.0" in err
+    assert err.rstrip().endswith("1 later run not started") and "stopped sending" in err
+
+
+def test_refusals_end_a_run_only_when_nothing_answers_in_between():
+    watch = bench.ServerWatch()
+    refused = RequestResult(1, 1, error="ConnectError: refused", refused=True)
+    answered = RequestResult(1, 1, error="HTTP 503: daemon down")
+    broken = RequestResult(1, 1, error="ReadError: connection lost")
+    for result in (refused, refused, answered, refused, broken, refused):
+        watch.saw(result)
+    assert watch.gone is None and not watch.event.is_set()
+    watch.saw(refused)
+    assert "ConnectError: refused" in watch.gone and watch.event.is_set()
+
+
+def test_progress_off_a_terminal_is_plain_timed_lines():
+    """Off a terminal the bars were disabled: a bench or submit run in a log showed nothing
+    until its end."""
+    stream = io.StringIO()
+    with LineProgress(4, "rate 2", "req", stream, interval_s=0.0) as bar:
+        bar.update()
+        bar.update(3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("rate 2: 1/4 req (25%) after ")
+    assert lines[1].startswith("rate 2: 4/4 req (100%) after ") and "\r" not in stream.getvalue()
+    quiet = io.StringIO()
+    with LineProgress(4, "jobs", "job", quiet, interval_s=60.0) as bar:
+        bar.update(4)
+    assert quiet.getvalue() == ""  # short work: no line at all
+    assert isinstance(progress(3, "jobs", "job", io.StringIO()), LineProgress)
 
 
 def test_each_run_of_a_sweep_sends_fresh_random_prompts(stub, capsys):
