@@ -165,35 +165,46 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def format_status(status: dict) -> str:
-    """The status table: one line per worker, then totals."""
-    header = f"{'worker':<11} {'node':<10} {'device':<8} {'pid':>7} {'KV used/total':>15} " \
-             f"{'running':>7} {'waiting':>7} {'tok/s':>7}"
+    """The status table: one line per worker, then totals (80 columns)."""
+    header = f"{'worker':<9} {'node':<8} {'device':<8} {'pid':>7} {'KV used/total':>13} " \
+             f"{'running':>7} {'waiting':>7} {'tok/s':>7} {'prefix':>6}"
     lines = [header]
-    used = total = running = waiting = 0
+    used = total = running = waiting = hits = queried = 0
     rate = 0.0
     for w in status["workers"]:
         if not w.get("ready"):
-            lines.append(f"{w['worker_id']:<11} (starting)")
+            lines.append(f"{w['worker_id']:<9} (starting)")
             continue
         kv = f"{w.get('kv_used', 0)}/{w.get('kv_total', 0)}"
-        lines.append(f"{w['worker_id']:<11} {w['node_id'][:8]:<10} {_device(w):<8} "
-                     f"{w['pid']:>7} {kv:>15} {w.get('running', 0):>7} {w.get('waiting', 0):>7} "
-                     f"{w.get('tokens_per_s', 0.0):>7.1f}")
+        hit = _percent(w.get("prefix_hit_tokens", 0), w.get("prefix_query_tokens", 0))
+        lines.append(f"{w['worker_id']:<9} {w['node_id'][:8]:<8} {_device(w):<8} "
+                     f"{w['pid']:>7} {kv:>13} {w.get('running', 0):>7} {w.get('waiting', 0):>7} "
+                     f"{w.get('tokens_per_s', 0.0):>7.1f} {hit:>6}")
         used += w.get("kv_used", 0)
         total += w.get("kv_total", 0)
         running += w.get("running", 0)
         waiting += w.get("waiting", 0)
         rate += w.get("tokens_per_s", 0.0)
+        hits += w.get("prefix_hit_tokens", 0)
+        queried += w.get("prefix_query_tokens", 0)
     ready = sum(1 for w in status["workers"] if w.get("ready"))
     held = status.get("pending_samples", 0)  # by the scheduler, for a worker to take them
     waiting = f"{waiting + held} waiting" + (f" ({held} for a worker)" if held else "")
     lines.append(f"total: {counted(ready, 'worker')} ready, KV {used}/{total} blocks, "
                  f"{running} running, {waiting}, {rate:.1f} tok/s; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
+    if queried:
+        lines.append(f"prefix cache: {_percent(hits, queried)} of {queried} prompt tokens "
+                     "looked up were cached")
     counts = {key: _Count(value) if type(value) is int else value
               for key, value in status.items()}
     lines += [note.format(**counts) for key, note in STATUS_NOTES if status.get(key)]
     return "\n".join(lines)
+
+
+def _percent(part: int, whole: int) -> str:
+    """A prefix-cache hit rate as a table cell; "-" before any prompt was looked up."""
+    return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
 class _Count(int):

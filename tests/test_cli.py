@@ -339,6 +339,23 @@ def test_the_status_total_counts_samples_the_scheduler_holds_for_a_worker_as_wai
     assert "2 running, 4 waiting," in daemon_cmds.format_status({**status, "pending_samples": 0})
 
 
+def test_the_status_table_shows_each_workers_prefix_cache_hit_rate_in_80_columns():
+    """Only `status --json` and /metrics had it: the table gave no sign whether routing by
+    prefix kept the caches warm."""
+    worker = {"worker_id": "w1234abcd", "ready": True, "node_id": "n" * 16, "device": "cpu:0",
+              "npu_ids": ["0"], "pid": 1234567, "kv_used": 65536, "kv_total": 131072,
+              "running": 256, "waiting": 1024, "tokens_per_s": 12345.6,
+              "prefix_hit_tokens": 850, "prefix_query_tokens": 1000}
+    cold = {**worker, "worker_id": "w2", "prefix_hit_tokens": 0, "prefix_query_tokens": 0}
+    status = {"workers": [worker, cold], "jobs_unfinished": 9, "failovers": 0}
+    header, first, second, *totals = daemon_cmds.format_status(status).splitlines()
+    assert header.split()[-1] == "prefix" and len(header) <= 80
+    assert first.endswith(" 85%") and len(first) <= 80 and second.endswith(" -")
+    assert "prefix cache: 85% of 1000 prompt tokens looked up were cached" in totals
+    no_lookups = daemon_cmds.format_status({**status, "workers": [cold]})
+    assert "prefix cache:" not in no_lookups
+
+
 def test_the_status_table_says_one_of_a_thing_in_the_singular(capsys):
     """It said "1 workers ready" and "resumed at start: 1 unfinished jobs"."""
     worker = {"worker_id": "w1", "ready": True, "node_id": "n" * 16, "device": "cpu:0",
