@@ -144,6 +144,10 @@ class WorkerSlot:
     last_heard: float = field(default_factory=time.monotonic)
 
 
+class LargerWorkerComing(Exception):
+    """No ready worker can hold the job, but a larger one is starting (see _loads_that_hold)."""
+
+
 class SchedulerService:
     """Use through the Ray actor ``SchedulerActor`` (below); every method runs on its event loop."""
 
@@ -170,6 +174,10 @@ class SchedulerService:
         self.finished_events: dict[str, asyncio.Event] = {}
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
         self.pending_held_since: float | None = None  # see _drain_pending
+        # samples that only a larger worker than those ready can hold, while one is coming
+        # back (see _loads_that_hold); kept apart so that they hold up no other job
+        self.held_for_size: list[tuple[str, int]] = []
+        self.node_fit: dict[str, int] = {}  # per node, the most KV tokens a worker there held
         self.quarantine = Quarantine()  # samples held when an engine failed
         self.failovers = 0
         self.engine_failures = 0
@@ -290,6 +298,7 @@ class SchedulerService:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         fits = [w.info["max_tokens_fit"] for w in self.workers.values() if w.info]
+        fits += [self._largest_fit_coming()] if fits else []
         needed = self._kv_tokens_needed(len(ids), params)
         if fits and needed > max(fits):
             raise InvalidRequestError(
@@ -328,6 +337,9 @@ class SchedulerService:
             try:
                 worker = self.workers[self.router.choose(job.prompt_token_ids,
                                                          self._loads_that_hold(job, ready))]
+            except LargerWorkerComing:
+                self.held_for_size.append((job.job_id, sample.index))
+                continue
             except NoWorkerError:  # also when no worker is ready
                 self.pending.append((job.job_id, sample.index))
                 continue
@@ -342,17 +354,33 @@ class SchedulerService:
 
     def _loads_that_hold(self, job: JobState, ready: list[WorkerSlot]) -> list[WorkerLoad]:
         """The loads of the ready workers whose KV cache can hold the job's longest sequence
-        (caches differ with the device's memory); all of them when none can, whose engine then
-        refuses the job, failing it with why."""
+        (caches differ with the device's memory). When none can: LargerWorkerComing while a
+        live node whose worker could is getting a new one (that worker died: the job failed
+        over, or was resumed from the journal); else all of them, whose engine then refuses
+        the job, failing it with why."""
         needed = self._kv_tokens_needed(len(job.prompt_token_ids), job.params)
         holding = [w.load for w in ready if w.info["max_tokens_fit"] >= needed]
-        return holding or [w.load for w in ready]
+        if holding:
+            return holding
+        if self._largest_fit_coming() >= needed:
+            raise LargerWorkerComing()
+        return [w.load for w in ready]
+
+    def _largest_fit_coming(self) -> int:
+        """The most KV tokens a worker held on a live node that still gets new workers: what
+        its next worker will hold, as far as is known."""
+        return max((fit for node, fit in self.node_fit.items() if node in self.npu_nodes
+                    and self.node_spawn_failures[node] < MAX_SPAWN_FAILURES), default=0)
 
     def _drain_pending(self) -> None:
         """Route the held samples. While other workers are still loading (a scheduler just
         restarted with a backlog from the journal) this waits for them, up to
         PENDING_HOLD_S, so that the first worker ready does not get the whole backlog."""
         ready = any(w.info is not None for w in self.workers.values())
+        if self.held_for_size and ready:  # again: a larger worker is ready, or none will be
+            held, self.held_for_size = self.held_for_size, []
+            self._dispatch([(self.jobs[job_id], self.jobs[job_id].samples[index])
+                            for job_id, index in held if job_id in self.jobs])
         if not self.pending or not ready:
             return
         now = time.monotonic()
@@ -753,6 +781,8 @@ class SchedulerService:
             return
         slot.info = info
         del self.node_spawn_failures[slot.node_id]
+        self.node_fit[slot.node_id] = max(info["max_tokens_fit"],
+                                          self.node_fit.get(slot.node_id, 0))
         slot.load = WorkerLoad(slot.worker_id, slot.info["num_blocks"], slot.info["num_blocks"],
                                slot.info["block_size"])
         log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
@@ -911,7 +941,7 @@ class SchedulerService:
             "jobs_finished_held": self.finished.held,
             "finished_kept_bytes": self.finished.total_bytes,
             "max_finished_jobs": self.options.max_finished_jobs,
-            "pending_samples": len(self.pending),
+            "pending_samples": len(self.pending) + len(self.held_for_size),
             "failovers": self.failovers, "jobs_resumed": self.jobs_resumed,
             "jobs_not_resumed": self.jobs_not_resumed,
             "results_restored": self.results_restored,

@@ -47,13 +47,21 @@ def new_service(monkeypatch, tmp_path):
         scheduler.journal.close()
 
 
-def add_worker(scheduler: service.SchedulerService, worker_id: str) -> service.WorkerSlot:
-    """A worker that has loaded its model, as _watch leaves it."""
-    slot = service.WorkerSlot(worker_id, Actor(), "node")
-    slot.info = {"max_tokens_fit": 10_000, "num_blocks": 100, "block_size": 16}
+def add_worker(scheduler: service.SchedulerService, worker_id: str, node: str = "node",
+               fit: int = 10_000) -> service.WorkerSlot:
+    """A worker that has loaded its model, as _watch leaves it, on a node with NPUs."""
+    slot = service.WorkerSlot(worker_id, Actor(), node)
+    slot.info = {"max_tokens_fit": fit, "num_blocks": 100, "block_size": 16}
     slot.load = WorkerLoad(worker_id, 100, 100, 16)
     scheduler.workers[worker_id] = slot
+    scheduler.node_fit[node] = max(fit, scheduler.node_fit.get(node, 0))
+    scheduler.npu_nodes.add(node)
     return slot
+
+
+def adds(slot: service.WorkerSlot) -> list[str]:
+    """The engine request ids sent to the worker, in order."""
+    return [call[1] for call in slot.actor.sent if call[0] == "add"]
 
 
 def test_a_job_failed_for_its_worker_deaths_sends_none_of_its_samples_on(new_service):
@@ -172,3 +180,40 @@ def test_a_job_goes_only_to_a_worker_whose_kv_cache_can_hold_it(new_service):
     small, big = asyncio.run(route())
     assert small.samples == set()
     assert len(big.samples) == 4
+
+
+@pytest.mark.parametrize("node_comes_back", [True, False])
+def test_a_job_only_a_dead_larger_worker_could_hold_waits_for_its_replacement(new_service,
+                                                                             node_comes_back):
+    # It failed over to the small worker, whose engine refused it: an accepted job failed
+    # because its worker died. Meanwhile the jobs that fit the small worker go on there.
+    long_prompt = [i % 250 + 1 for i in range(1500)]
+
+    async def fail_over():
+        scheduler = new_service()
+        small = add_worker(scheduler, "small", "small-node", fit=1000)
+        big = add_worker(scheduler, "big", "big-node", fit=4000)
+        scheduler.submit_many([(long_prompt, {"max_tokens": 16}, 0, "long")])
+        scheduler._on_worker_gone(big)
+        # a job of the same size is still accepted, and a short one goes on at once
+        scheduler.submit_many([(long_prompt, {"max_tokens": 8}, 0, "long2"),
+                               ([1, 2, 3], {"max_tokens": 8}, 0, "short")])
+        held = (scheduler.status()["pending_samples"], len(adds(small)))
+        if node_comes_back:
+            replacement = add_worker(scheduler, "big2", "big-node", fit=4000)
+        else:  # its node left the cluster: nothing will hold them
+            scheduler.npu_nodes.discard("big-node")
+            replacement = None
+        scheduler._drain_pending()
+        return scheduler, small, replacement, held
+
+    scheduler, small, replacement, held = asyncio.run(fail_over())
+    assert held == (2, 1)  # both long jobs held, the short one sent to the small worker
+    assert adds(small)[0].startswith("short/")
+    if node_comes_back:
+        assert [call.split("/")[0] for call in adds(replacement)] == ["long", "long2"]
+        assert len(adds(small)) == 1
+        assert not any(scheduler.jobs[j].finished for j in ("long", "long2"))
+    else:  # sent where they will be refused: the engine's refusal then fails them with why
+        assert sorted(call.split("/")[0] for call in adds(small)[1:]) == ["long", "long2"]
+        assert scheduler.status()["pending_samples"] == 0
