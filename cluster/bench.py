@@ -354,6 +354,9 @@ class ServerWatch:
             self.gone = f"{SERVER_GONE_AFTER} requests in a row refused: {result.error}"
             self.event.set()
 
+    def not_sent(self, result: RequestResult) -> None:
+        result.error = f"not sent: the server is gone ({self.gone})"
+
 
 def make_client(limit: int | None):
     import httpx
@@ -394,7 +397,7 @@ async def _dispatch(client, target, requests, results, gaps, spec, start, on_fin
         else:
             async with gate:
                 if watch.gone:  # waited for a slot while the server went away
-                    results[i].error = f"not sent: the server is gone ({watch.gone})"
+                    watch.not_sent(results[i])
                 else:
                     await send_request(client, target, requests[i], results[i], start)
         watch.saw(results[i])
@@ -411,9 +414,8 @@ async def _dispatch(client, target, requests, results, gaps, spec, start, on_fin
                 await asyncio.wait_for(watch.event.wait(), delay)
         if watch.gone:
             for result in results[i:]:
-                result.error = f"not sent: the server is gone ({watch.gone})"
-            if on_finish:
-                for result in results[i:]:
+                watch.not_sent(result)
+                if on_finish:
                     on_finish(result)
             break
         tasks.append(asyncio.ensure_future(one(i)))

@@ -360,7 +360,7 @@ class SchedulerService:
         the job, failing it with why."""
         needed = self._kv_tokens_needed(len(job.prompt_token_ids), job.params)
         holding = [w.load for w in ready if w.info["max_tokens_fit"] >= needed]
-        if holding:
+        if holding or not ready:  # none ready: the router says so
             return holding
         if self._largest_fit_coming() >= needed:
             raise LargerWorkerComing()
