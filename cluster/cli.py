@@ -35,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     # Imported here, not at the top: some verb modules import torch, which must come after
     # main() has decided TORCH_DEVICE_BACKEND_AUTOLOAD.
-    from cluster import (bench_cmd, daemon_cmds, demo, generate_cmd, job_cmds, selftest_cmd,
-                         serve_cmd)
+    from cluster import (bench_cmd, daemon_cmds, demo, generate_cmd, job_cmds, logs_cmd,
+                         selftest_cmd, serve_cmd)
 
     demo.add_parser(sub)
     generate_cmd.add_parser(sub)
     daemon_cmds.add_parsers(sub)
     job_cmds.add_parsers(sub)
+    logs_cmd.add_parser(sub)
     selftest_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)

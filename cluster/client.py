@@ -574,6 +574,13 @@ class Client:
     async def astatus(self) -> dict:
         return await self._acall("status")
 
+    def logs(self, lines: int = 40, worker_ids: list[str] | None = None) -> list[dict]:
+        """The last ``lines`` lines of the scheduler's log, then of each worker's (only those
+        of ``worker_ids`` if given), read on their own nodes: ``[{"source" ("scheduler" or a
+        worker id), "node_id", "pid", "file", "lines"}]``; a worker that does not answer has
+        an ``error`` instead."""
+        return self._call("logs", lines, worker_ids)
+
     def status_of(self, job_id: str) -> dict:
         return self._call("job_status", job_id)
 

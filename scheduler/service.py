@@ -22,6 +22,7 @@ from scheduler.batching import check_priority
 from scheduler.callers import Callers
 from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState, parse_engine_request_id
+from scheduler.logs import check_log_request, log_tails
 from scheduler.prompts import job_prompt_ids
 from scheduler.quarantine import Quarantine
 from scheduler.retention import FinishedJobs
@@ -875,7 +876,8 @@ class SchedulerService:
             else:
                 self.pending.extend((job.job_id, s.index) for s in job.samples)
         if self.unfinished_jobs:
-            log.info("resuming %d unfinished jobs from the journal", self.unfinished_jobs)
+            log.info("resuming %s from the journal",
+                     counted(self.unfinished_jobs, "unfinished job"))
         return self.unfinished_jobs
 
     def _restore_finished(self, records: dict[str, dict]) -> None:
@@ -894,7 +896,8 @@ class SchedulerService:
         self.journal.forget_results(unreadable)
         self.results_restored = len(self.finished)
         if records:
-            log.info("kept the results of %d finished jobs from the journal", len(self.finished))
+            log.info("kept the results of %s from the journal",
+                     counted(len(self.finished), "finished job"))
 
     # -- status ----------------------------------------------------------------------------
 
@@ -1154,6 +1157,14 @@ class SchedulerActor:
 
     async def status(self) -> dict:
         return self.service.status()
+
+    async def logs(self, count: int, worker_ids: list[str] | None = None) -> list[dict]:
+        """The last ``count`` lines of the scheduler's log, then of each worker's (of those
+        in ``worker_ids`` if given; workers still loading answer too)."""
+        check_log_request(count, worker_ids, set(self.service.workers))
+        workers = [slot for slot in self.service.workers.values()
+                   if worker_ids is None or slot.worker_id in worker_ids]
+        return await log_tails(workers, count, PING_TIMEOUT_S)
 
     async def job_status(self, job_id) -> dict:
         return self.service.job_status(job_id)

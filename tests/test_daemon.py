@@ -92,6 +92,29 @@ def test_up_starts_one_worker_per_npu_reports_them_all_and_twice_is_harmless(
     assert len(ready_workers(client)) == 2
 
 
+def test_logs_shows_the_schedulers_and_each_workers_log(daemon, capsys):
+    """Their logs were only in Ray's session directory on each node, in files named by Ray's
+    ids, which nothing of pagedserve pointed to."""
+    _, _, client = daemon
+    workers = ready_workers(client)
+    assert cli.main(["logs", "-n", "500"]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("== ")]
+    assert headers[0].startswith("== scheduler (pid ") and len(headers) == 1 + len(workers)
+    for w in workers:
+        assert f"== worker {w['worker_id']} (pid {w['pid']} on node {w['node_id'][:8]}): " in out
+        assert f"INFO:pagedserve.scheduler:worker {w['worker_id']} ready on cpu:0" in out
+    first = workers[0]
+    scheduler, worker = client.logs(500, [first["worker_id"]])
+    assert scheduler["source"] == "scheduler" and worker["source"] == first["worker_id"]
+    assert worker["file"].endswith(f"-{first['pid']}.err")
+    assert any(line.startswith("INFO:pagedserve.engine:KV cache: ") for line in worker["lines"])
+    assert not any(line.startswith(":actor_name:") for line in worker["lines"])  # Ray's marks
+    assert len(client.logs(1)[0]["lines"]) == 1
+    assert cli.main(["logs", "--worker", "nope"]) == 2
+    assert "no worker 'nope'; `pagedserve status` lists them" in capsys.readouterr().err
+
+
 def test_an_interrupted_up_says_the_daemon_goes_on_starting(daemon, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

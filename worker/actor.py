@@ -3,6 +3,7 @@ thread while the actor keeps answering add / abort / stats."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import socket
@@ -12,6 +13,7 @@ import ray
 
 from worker.commands import EngineCommands
 from worker.device import device_index_from_ray_ids
+from worker.log_tail import own_log_tail
 from worker.output import pack_outputs
 
 
@@ -25,6 +27,7 @@ class WorkerActor:
 
         from worker.engine import Engine, EngineConfig
 
+        logging.basicConfig(level=logging.INFO)  # its KV sizing; `pagedserve logs` shows it
         torch.set_num_threads(torch_threads)
         npu_ids = ray.get_runtime_context().get_accelerator_ids().get("NPU", [])
         index = device_index_from_ray_ids(npu_ids) if engine_options.get("device") == "npu" else 0
@@ -77,6 +80,9 @@ class WorkerActor:
 
     async def stats(self) -> dict:
         return self.load()
+
+    async def log_tail(self, count: int) -> dict:
+        return own_log_tail(count)
 
     def load(self) -> dict:
         s = self.engine.stats()

@@ -1,0 +1,48 @@
+"""`pagedserve logs`: the last lines of the daemon's logs, the scheduler's and each worker's,
+read on the nodes they run on."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.daemon_cmds import add_address_flag
+
+DEFAULT_LINES = 40
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("logs", help="the last lines of the scheduler's and workers' logs, "
+                                    "from whichever node each runs on")
+    add_address_flag(p)
+    p.add_argument("-n", "--lines", type=int, default=DEFAULT_LINES,
+                   help=f"lines of each log (default {DEFAULT_LINES})")
+    p.add_argument("--worker", action="append", metavar="ID",
+                   help="only this worker's, after the scheduler's (repeatable; ids as "
+                        "`pagedserve status` shows them)")
+    p.add_argument("--json", action="store_true", help="print the tails as one JSON list")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.client import Client
+
+    tails = Client(args.address, timeout_s=30).logs(args.lines, args.worker)
+    print(json.dumps(tails, indent=2) if args.json else format_tails(tails))
+    return 0
+
+
+def format_tails(tails: list[dict]) -> str:
+    """Each log under a header line naming whose it is, where it runs and its file."""
+    out = []
+    for tail in tails:
+        who = "scheduler" if tail["source"] == "scheduler" else f"worker {tail['source']}"
+        where = f"pid {tail['pid']} on node {tail['node_id'][:8]}" if "pid" in tail else \
+            f"node {tail['node_id'][:8]}"
+        out.append(f"== {who} ({where})" + (f": {tail['file']}" if tail.get("file") else ""))
+        if "error" in tail:
+            out.append(f"   ({tail['error']})")
+        elif not tail["file"]:
+            out.append("   (its stderr is not a file here: no log to show)")
+        else:
+            out += tail["lines"] or ["   (empty)"]
+    return "\n".join(out)

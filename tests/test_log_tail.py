@@ -1,0 +1,38 @@
+"""Reading the tail of an actor's log file, and how `pagedserve logs` shows the tails."""
+from cluster.logs_cmd import format_tails
+from worker.log_tail import tail_lines
+
+
+def test_the_last_lines_come_whole_across_read_chunks_without_rays_marks(tmp_path):
+    log = tmp_path / "worker.err"
+    lines = [f"line {i} " + "x" * (i % 300) for i in range(5000)]  # ~800 KiB: many chunks
+    log.write_bytes(("\n".join([":job_id:01000000", ":actor_name:WorkerActor"] + lines)
+                     + "\n").encode())
+    assert tail_lines(str(log), 3) == lines[-3:]
+    assert tail_lines(str(log), 1200) == lines[-1200:]
+    assert tail_lines(str(log), 10_000) == lines  # the whole file, less Ray's marks
+    assert tail_lines(str(log), 0) == []
+    log.write_bytes(b"ok\nbad \xff byte\nlast")  # no final newline, a stray byte
+    assert tail_lines(str(log), 2) == ["bad \ufffd byte", "last"]
+
+
+def test_each_tail_is_headed_by_whose_it_is_and_says_why_it_has_no_lines():
+    tails = [
+        {"source": "scheduler", "node_id": "abcdef0123", "pid": 7, "file": "/logs/s.err",
+         "lines": ["INFO:pagedserve.scheduler:worker w1 ready on cpu:0"]},
+        {"source": "w1", "node_id": "abcdef0123", "pid": 8, "file": "/logs/w1.err",
+         "lines": []},
+        {"source": "w2", "node_id": "fedcba9876", "error": "did not answer within 10 s",
+         "lines": []},
+        {"source": "w3", "node_id": "fedcba9876", "pid": 9, "file": None, "lines": []},
+    ]
+    assert format_tails(tails).splitlines() == [
+        "== scheduler (pid 7 on node abcdef01): /logs/s.err",
+        "INFO:pagedserve.scheduler:worker w1 ready on cpu:0",
+        "== worker w1 (pid 8 on node abcdef01): /logs/w1.err",
+        "   (empty)",
+        "== worker w2 (node fedcba98)",
+        "   (did not answer within 10 s)",
+        "== worker w3 (pid 9 on node fedcba98)",
+        "   (its stderr is not a file here: no log to show)",
+    ]
