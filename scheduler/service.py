@@ -201,7 +201,7 @@ class SchedulerService:
         self.node_spawn_failures: collections.Counter[str] = collections.Counter()
         self.last_spawn_error: str | None = None
         self.worker_start_failures = 0
-        self.npu_nodes: set[str] = set()  # the live nodes with NPUs, as last reconciled
+        self.npu_nodes: dict[str, int] = {}  # the live nodes' NPU counts, as last reconciled
         self.placeable_workers = 0
         self.placement_problem: str | None = None
         self.started_at = time.time()
@@ -368,10 +368,20 @@ class SchedulerService:
         return [w.load for w in ready]
 
     def _largest_fit_coming(self) -> int:
-        """The most KV tokens a worker held on a live node that still gets new workers: what
-        its next worker will hold, as far as is known."""
-        return max((fit for node, fit in self.node_fit.items() if node in self.npu_nodes
-                    and self.node_spawn_failures[node] < MAX_SPAWN_FAILURES), default=0)
+        """The most KV tokens a worker held on a node that is getting a new worker: what that
+        one will hold, as far as is known. Once every NPU there has a worker ready again, none
+        is coming (a replacement may hold less than the worker it replaced)."""
+        return max((self.node_fit.get(node, 0) for node in self._nodes_getting_workers()),
+                   default=0)
+
+    def _nodes_getting_workers(self) -> set[str]:
+        """The live nodes with a worker starting, or an NPU without one (spawned at the next
+        reconcile), that have not given up starting them."""
+        slots = collections.Counter(slot.node_id for slot in self.workers.values())
+        starting = {slot.node_id for slot in self.workers.values() if slot.info is None}
+        return {node for node, npus in self.npu_nodes.items()
+                if self.node_spawn_failures[node] < MAX_SPAWN_FAILURES
+                and (node in starting or slots[node] < npus)}
 
     def _drain_pending(self) -> None:
         """Route the held samples. While other workers are still loading (a scheduler just
@@ -671,7 +681,7 @@ class SchedulerService:
         npus = {node["NodeID"]: int(node["Resources"].get("NPU", 0)) for node in nodes
                 if node["Resources"].get("NPU")}
         wanted = sum(npus.values())  # the cluster's NPUs, from the same read of the nodes
-        self.npu_nodes = set(npus)
+        self.npu_nodes = npus
         self._check_placement(wanted, [node["Resources"] for node in nodes])
         self._withdraw_orphans({node["NodeID"] for node in nodes})
         held = collections.Counter(slot.node_id for slot in self.workers.values())

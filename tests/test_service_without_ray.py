@@ -55,7 +55,7 @@ def add_worker(scheduler: service.SchedulerService, worker_id: str, node: str = 
     slot.load = WorkerLoad(worker_id, 100, 100, 16)
     scheduler.workers[worker_id] = slot
     scheduler.node_fit[node] = max(fit, scheduler.node_fit.get(node, 0))
-    scheduler.npu_nodes.add(node)
+    scheduler.npu_nodes[node] = sum(w.node_id == node for w in scheduler.workers.values())
     return slot
 
 
@@ -202,7 +202,7 @@ def test_a_job_only_a_dead_larger_worker_could_hold_waits_for_its_replacement(ne
         if node_comes_back:
             replacement = add_worker(scheduler, "big2", "big-node", fit=4000)
         else:  # its node left the cluster: nothing will hold them
-            scheduler.npu_nodes.discard("big-node")
+            scheduler.npu_nodes.pop("big-node")
             replacement = None
         scheduler._drain_pending()
         return scheduler, small, replacement, held
@@ -217,3 +217,24 @@ def test_a_job_only_a_dead_larger_worker_could_hold_waits_for_its_replacement(ne
     else:  # sent where they will be refused: the engine's refusal then fails them with why
         assert sorted(call.split("/")[0] for call in adds(small)[1:]) == ["long", "long2"]
         assert scheduler.status()["pending_samples"] == 0
+
+
+def test_a_held_job_is_let_go_once_its_nodes_new_worker_is_ready_but_smaller(new_service):
+    # A device's free memory sets its cache: the dead worker's replacement may hold less. No
+    # larger worker is then coming, so the job must go on (to be refused with why), not wait
+    # for good behind the node's best size so far.
+    long_prompt = [i % 250 + 1 for i in range(1500)]
+
+    async def replaced_smaller():
+        scheduler = new_service()
+        small = add_worker(scheduler, "small", "small-node", fit=1000)
+        big = add_worker(scheduler, "big", "big-node", fit=4000)
+        scheduler.submit_many([(long_prompt, {"max_tokens": 16}, 0, "long")])
+        scheduler._on_worker_gone(big)
+        replacement = add_worker(scheduler, "big2", "big-node", fit=1200)
+        scheduler._drain_pending()
+        return scheduler, adds(small) + adds(replacement)
+
+    scheduler, sent = asyncio.run(replaced_smaller())
+    assert [call.split("/")[0] for call in sent] == ["long"]
+    assert scheduler.status()["pending_samples"] == 0
