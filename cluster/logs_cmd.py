@@ -6,6 +6,7 @@ import argparse
 import json
 
 from cluster.daemon_cmds import add_address_flag
+from cluster.job_cmds import FIND_TIMEOUT_S
 
 DEFAULT_LINES = 40
 
@@ -26,7 +27,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from cluster.client import Client
 
-    tails = Client(args.address, timeout_s=30).logs(args.lines, args.worker)
+    # the call waits up to 10 s for silent workers; a daemon that is not up is said at once
+    client = Client(args.address, timeout_s=30, find_timeout_s=FIND_TIMEOUT_S)
+    tails = client.logs(args.lines, args.worker)
     print(json.dumps(tails, indent=2) if args.json else format_tails(tails))
     return 0
 

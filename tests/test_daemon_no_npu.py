@@ -32,6 +32,11 @@ def test_up_on_a_cluster_without_npus_fails_at_once(tmp_path, capsys):
         assert capsys.readouterr().err == (
             "pagedserve: error: pagedserve is not up on this cluster; run `pagedserve up`\n")
         assert time.monotonic() - started < 30  # not the minute a Client rides out restarts
+        started = time.monotonic()
+        assert cli.main(["logs"]) == 2  # it took its 30-s call timeout to say so
+        assert capsys.readouterr().err == (
+            "pagedserve: error: pagedserve is not up on this cluster; run `pagedserve up`\n")
+        assert time.monotonic() - started < 15
     finally:
         bringup.down()
         ray.shutdown()
