@@ -1170,7 +1170,7 @@ class SchedulerActor:
 
     async def logs(self, count: int, worker_ids: list[str] | None = None) -> list[dict]:
         """The last ``count`` lines of the scheduler's log, then of each worker's (of those
-        in ``worker_ids`` if given; workers still loading answer too)."""
+        in ``worker_ids`` if given; one still loading its model cannot answer yet)."""
         check_log_request(count, worker_ids, set(self.service.workers))
         workers = [slot for slot in self.service.workers.values()
                    if worker_ids is None or slot.worker_id in worker_ids]

@@ -36,3 +36,21 @@ def test_each_tail_is_headed_by_whose_it_is_and_says_why_it_has_no_lines():
         "== worker w3 (pid 9 on node fedcba98)",
         "   (its stderr is not a file here: no log to show)",
     ]
+
+
+def test_a_worker_still_loading_its_model_is_named_so_not_as_silent():
+    """A loading actor answers no call until its model is in: on a device that takes minutes,
+    "did not answer within 10 s" read like a hung worker."""
+    import asyncio
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    from scheduler.logs import _worker_tail
+
+    never = SimpleNamespace(future=concurrent.futures.Future)
+    actor = SimpleNamespace(log_tail=SimpleNamespace(remote=lambda count: never))
+    loading = SimpleNamespace(worker_id="w1", node_id="n1", actor=actor, info=None)
+    ready = SimpleNamespace(**{**vars(loading), "info": {"max_tokens_fit": 1}})
+    assert asyncio.run(_worker_tail(loading, 5, 0.1))["error"] == (
+        "still loading its model: it answers once it is ready (`pagedserve status`)")
+    assert asyncio.run(_worker_tail(ready, 5, 0.1))["error"] == "did not answer within 0.1 s"
