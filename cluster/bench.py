@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import math
 import time
@@ -19,6 +20,9 @@ SLO_NAMES = ("ttft", "tpot", "e2el")
 # A run stops sending once this many requests in a row found no server to connect to: the
 # rest would only fail the same way, one arrival at a time.
 SERVER_GONE_AFTER = 3
+# Connect errors of this machine, not the server: out of open files or local ports (each request
+# of --request-rate inf opens its connection at once). They must not read as a server gone.
+LOCAL_CONNECT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL})
 DONE = object()  # what parse_sse_line returns for the stream's closing `data: [DONE]`
 WORDS = ("alpha", "block", "cache", "decode", "engine", "fabric", "graph", "host", "index",
          "kernel", "layer", "memory", "node", "offset", "page", "queue", "rank", "slot",
@@ -271,11 +275,26 @@ async def send_request(client, target: Target, request: BenchRequest,
         result.error = f"no complete response within --timeout {target.timeout_s:g} s"
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        result.refused = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+        cause = _os_error_under(exc)
+        if cause is not None and cause.errno in LOCAL_CONNECT_ERRNOS:
+            result.error += (f" ({cause.strerror}, on this machine: --max-concurrency caps "
+                             "the connections open at once)")
+        else:
+            result.refused = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
     except ValueError as exc:  # a malformed stream
         result.error = str(exc)
     if not result.error and not result.done:
         result.error = "stream ended before data: [DONE]"
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The OSError with an errno that an httpx error wraps (anyio adds one without, "All
+    connection attempts failed", in between)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 async def _stream(client, target, request, result, clock_zero) -> None:

@@ -570,3 +570,39 @@ def test_bench_against_the_real_server(live_server, capsys):
         min(r["start_s"] + r["ttft_s"] for r in inf_run["requests"])
     planned = np.cumsum(arrival_gaps(8, 4.0, seed=3))
     assert all(r["start_s"] >= p - 0.01 for r, p in zip(paced_run["requests"], planned))
+
+
+def test_a_connect_error_of_this_machine_is_not_taken_for_a_server_gone():
+    """At --request-rate inf, each request opens a connection at once; past `ulimit -n` they
+    failed with "All connection attempts failed", and three of them ended the run saying the
+    server had stopped accepting connections, though it was serving the rest."""
+    import errno
+
+    import httpx
+
+    def out_of_files(request):
+        raise httpx.ConnectError("All connection attempts failed") from OSError(
+            errno.EMFILE, "Too many open files")
+
+    async def send(client, url):
+        result = RequestResult(2, 4)
+        await bench.send_request(client, Target(url), ids_requests(1, 2)[0], result, 0.0)
+        return result
+
+    async def both():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(out_of_files)) as client:
+            local = await send(client, "http://127.0.0.1:1")
+        with socket.socket() as s:  # a port nothing listens on: a real refusal
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        async with bench.make_client(None) as client:
+            return local, await send(client, f"http://127.0.0.1:{port}")
+
+    local, closed = asyncio.run(both())
+    assert not local.refused and "Too many open files" in local.error
+    assert "--max-concurrency" in local.error
+    assert closed.refused
+    watch = bench.ServerWatch()
+    for _ in range(bench.SERVER_GONE_AFTER):
+        watch.saw(local)
+    assert watch.gone is None
