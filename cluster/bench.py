@@ -193,6 +193,7 @@ class RequestResult:
     done: bool = False
     error: str = ""
     refused: bool = False  # no connection to the server could be made
+    unsent: bool = False  # not sent at all: the server was gone by its arrival time
     _last: float = 0.0
 
     def on_event(self, event, now: float) -> None:
@@ -375,6 +376,7 @@ class ServerWatch:
 
     def not_sent(self, result: RequestResult) -> None:
         result.error = f"not sent: the server is gone ({self.gone})"
+        result.unsent = True
 
 
 def make_client(limit: int | None):
@@ -542,6 +544,7 @@ def summarize(outcome: RunOutcome, slos: dict[str, float] | None = None) -> dict
         "arrival": spec.arrival, "burstiness": spec.burstiness,
         "max_concurrency": spec.max_concurrency, "seed": spec.seed,
         "completed": len(done), "failed": len(failed),
+        "not_sent": sum(r.unsent for r in failed),  # of the failed
         "first_error": failed[0].error if failed else None,
         "server_gone": outcome.server_gone,
         "duration_s": duration,
@@ -578,7 +581,8 @@ def format_summary(summary: dict) -> str:
     title = f" rate {rate} req/s ({summary['arrival']}) "
     rows = [
         ("successful requests", f"{summary['completed']}"),
-        ("failed requests", f"{summary['failed']}"),
+        ("failed requests", f"{summary['failed']}" + (f" ({summary['not_sent']} not sent)"
+                                                      if summary["not_sent"] else "")),
         ("duration", f"{summary['duration_s']:.2f} s"),
         ("input tokens", f"{summary['total_input_tokens']}"
                          + ("" if summary["input_tokens_known"] else " (some unknown)")),

@@ -128,9 +128,11 @@ def run(args: argparse.Namespace) -> int:
     failed = sum(s["failed"] for s in summaries)
     if summaries[-1]["server_gone"]:
         skipped = len(specs) - len(summaries)
+        not_sent = summaries[-1]["not_sent"]
         print(f"pagedserve: the server at {args.base_url} stopped accepting connections "
               f"during the run at rate {summaries[-1]['request_rate']}; {failed} of "
               f"{counted(total_requests(summaries), 'request')} failed"
+              + (f" ({not_sent} not sent)" if not_sent else "")
               + (f", {counted(skipped, 'later run')} not started" if skipped else ""),
               file=sys.stderr)
         return 1

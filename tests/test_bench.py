@@ -351,6 +351,11 @@ def test_a_server_that_goes_away_ends_the_run_and_the_sweep(capsys):
     run, = json.loads(out)["runs"]  # the "inf" run never started
     assert run["server_gone"].startswith(f"{bench.SERVER_GONE_AFTER} requests in a row refused")
     assert 0 < run["completed"] < 40 and run["completed"] + run["failed"] == 200
+    # the unsent ones are told apart from those sent and failed (they were one "failed" count)
+    assert 100 < run["not_sent"] <= run["failed"] - bench.SERVER_GONE_AFTER
+    failed_row, = [line.split() for line in err.splitlines() if "failed requests" in line]
+    assert failed_row[2:] == [str(run["failed"]), f"({run['not_sent']}", "not", "sent)"]
+    assert f"{run['failed']} of 200 requests failed ({run['not_sent']} not sent)" in err
     assert code == 1 and "stopped accepting connections during the run at rate 20.0" in err
     assert err.rstrip().endswith("1 later run not started") and "stopped sending" in err
 
