@@ -190,8 +190,8 @@ def format_status(status: dict) -> str:
     ready = sum(1 for w in status["workers"] if w.get("ready"))
     held = status.get("pending_samples", 0)  # by the scheduler, for a worker to take them
     waiting = f"{waiting + held} waiting" + (f" ({held} for a worker)" if held else "")
-    lines.append(f"total: {counted(ready, 'worker')} ready, KV {used}/{total} blocks, "
-                 f"{running} running, {waiting}, {rate:.1f} tok/s; jobs unfinished "
+    lines.append(f"total: {counted(ready, 'worker')} ready, {running} running, {waiting}")
+    lines.append(f"{rate:.1f} tok/s, KV {used}/{total} blocks; jobs unfinished "
                  f"{status['jobs_unfinished']}, failovers {status['failovers']}")
     if queried:
         lines.append(f"prefix cache: {_percent(hits, queried)} of {queried} prompt tokens "

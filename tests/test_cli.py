@@ -335,8 +335,8 @@ def test_the_status_total_counts_samples_the_scheduler_holds_for_a_worker_as_wai
               "npu_ids": ["0"], "pid": 7, "kv_used": 3, "kv_total": 10, "running": 2,
               "waiting": 4, "tokens_per_s": 1.0}
     status = {"workers": [worker], "jobs_unfinished": 9, "failovers": 0, "pending_samples": 3}
-    assert "2 running, 7 waiting (3 for a worker)," in daemon_cmds.format_status(status)
-    assert "2 running, 4 waiting," in daemon_cmds.format_status({**status, "pending_samples": 0})
+    assert "2 running, 7 waiting (3 for a worker)\n" in daemon_cmds.format_status(status)
+    assert "2 running, 4 waiting\n" in daemon_cmds.format_status({**status, "pending_samples": 0})
 
 
 def test_the_status_table_shows_each_workers_prefix_cache_hit_rate_in_80_columns():
@@ -354,6 +354,20 @@ def test_the_status_table_shows_each_workers_prefix_cache_hit_rate_in_80_columns
     assert "prefix cache: 85% of 1000 prompt tokens looked up were cached" in totals
     no_lookups = daemon_cmds.format_status({**status, "workers": [cold]})
     assert "prefix cache:" not in no_lookups
+
+
+def test_the_status_totals_keep_to_80_columns_too():
+    """The rows did, but the total line ran to 106 columns on a fresh two-worker daemon."""
+    worker = {"worker_id": "w1234abcd", "ready": True, "node_id": "n" * 16, "device": "cpu:0",
+              "npu_ids": ["0"], "pid": 1234567, "kv_used": 65536, "kv_total": 131072,
+              "running": 256, "waiting": 1024, "tokens_per_s": 12345.6,
+              "prefix_hit_tokens": 850, "prefix_query_tokens": 1000}
+    status = {"workers": [worker, {**worker, "worker_id": "w2"}], "jobs_unfinished": 12345,
+              "failovers": 678, "pending_samples": 300}
+    table = daemon_cmds.format_status(status)
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert "512 running, 2348 waiting (300 for a worker)" in table
+    assert "24691.2 tok/s, KV 131072/262144 blocks; jobs unfinished 12345, failovers 678" in table
 
 
 def test_the_status_table_says_one_of_a_thing_in_the_singular(capsys):
