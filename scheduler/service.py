@@ -356,16 +356,22 @@ class SchedulerService:
     def _loads_that_hold(self, job: JobState, ready: list[WorkerSlot]) -> list[WorkerLoad]:
         """The loads of the ready workers whose KV cache can hold the job's longest sequence
         (caches differ with the device's memory). When none can: LargerWorkerComing while a
-        live node whose worker could is getting a new one (that worker died: the job failed
-        over, or was resumed from the journal); else all of them, whose engine then refuses
-        the job, failing it with why."""
+        worker that may is starting (the job's worker died and it failed over, or it was
+        resumed from the journal); else all of them, whose engine then refuses the job,
+        failing it with why."""
         needed = self._kv_tokens_needed(len(job.prompt_token_ids), job.params)
         holding = [w.load for w in ready if w.info["max_tokens_fit"] >= needed]
         if holding or not ready:  # none ready: the router says so
             return holding
-        if self._largest_fit_coming() >= needed:
+        if self._may_come_larger(needed):
             raise LargerWorkerComing()
         return [w.load for w in ready]
+
+    def _may_come_larger(self, needed: int) -> bool:
+        """Whether a worker starting now may hold ``needed`` KV tokens: one on a node whose
+        worker did, or whose size is not known yet (a restarted scheduler knows none)."""
+        return any(self.node_fit.get(node, needed) >= needed
+                   for node in self._nodes_getting_workers())
 
     def _largest_fit_coming(self) -> int:
         """The most KV tokens a worker held on a node that is getting a new worker: what that

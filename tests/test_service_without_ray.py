@@ -238,3 +238,31 @@ def test_a_held_job_is_let_go_once_its_nodes_new_worker_is_ready_but_smaller(new
     scheduler, sent = asyncio.run(replaced_smaller())
     assert [call.split("/")[0] for call in sent] == ["long"]
     assert scheduler.status()["pending_samples"] == 0
+
+
+def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_service,
+                                                                          monkeypatch):
+    # A restarted scheduler knows no worker's size until each is ready: past the backlog's
+    # hold for loading workers, the job went to the small worker ready first, which refused it.
+    monkeypatch.setattr(service, "PENDING_HOLD_S", 0.0)
+    long_prompt = [i % 250 + 1 for i in range(1500)]
+
+    async def restart():
+        before = new_service()
+        add_worker(before, "big", "big-node", fit=4000)
+        before.submit_many([(long_prompt, {"max_tokens": 16}, 0, "long")])
+        before.journal.close()
+        after = new_service()  # resumes "long" from the journal
+        small = add_worker(after, "small", "small-node", fit=1000)
+        after.workers["big2"] = service.WorkerSlot("big2", Actor(), "big-node")  # loading
+        after.npu_nodes["big-node"] = 1
+        after._drain_pending()
+        held = (adds(small), after.status()["pending_samples"])
+        after.workers.pop("big2")
+        big = add_worker(after, "big2", "big-node", fit=4000)
+        after._drain_pending()
+        return held, adds(big)
+
+    (sent_small, pending), sent_big = asyncio.run(restart())
+    assert sent_small == [] and pending == 1
+    assert [call.split("/")[0] for call in sent_big] == ["long"]
