@@ -369,8 +369,10 @@ class SchedulerService:
 
     def _may_come_larger(self, needed: int) -> bool:
         """Whether a worker starting now may hold ``needed`` KV tokens: one on a node whose
-        worker did, or whose size is not known yet (a restarted scheduler knows none)."""
-        return any(self.node_fit.get(node, needed) >= needed
+        worker did, or whose size is not known yet (a restarted scheduler knows none) unless
+        some worker cannot be placed, like the backlog's hold in _drain_pending."""
+        unknown = 0 if self.placement_problem else needed
+        return any(self.node_fit.get(node, unknown) >= needed
                    for node in self._nodes_getting_workers())
 
     def _largest_fit_coming(self) -> int:

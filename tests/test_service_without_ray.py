@@ -240,8 +240,9 @@ def test_a_held_job_is_let_go_once_its_nodes_new_worker_is_ready_but_smaller(new
     assert scheduler.status()["pending_samples"] == 0
 
 
+@pytest.mark.parametrize("placeable", [True, False])
 def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_service,
-                                                                          monkeypatch):
+                                                                          monkeypatch, placeable):
     # A restarted scheduler knows no worker's size until each is ready: past the backlog's
     # hold for loading workers, the job went to the small worker ready first, which refused it.
     monkeypatch.setattr(service, "PENDING_HOLD_S", 0.0)
@@ -256,6 +257,7 @@ def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_s
         small = add_worker(after, "small", "small-node", fit=1000)
         after.workers["big2"] = service.WorkerSlot("big2", Actor(), "big-node")  # loading
         after.npu_nodes["big-node"] = 1
+        after.placement_problem = None if placeable else "only 1 of 2 workers can be placed"
         after._drain_pending()
         held = (adds(small), after.status()["pending_samples"])
         after.workers.pop("big2")
@@ -264,5 +266,8 @@ def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_s
         return held, adds(big)
 
     (sent_small, pending), sent_big = asyncio.run(restart())
-    assert sent_small == [] and pending == 1
-    assert [call.split("/")[0] for call in sent_big] == ["long"]
+    if placeable:
+        assert sent_small == [] and pending == 1
+        assert [call.split("/")[0] for call in sent_big] == ["long"]
+    else:  # a worker that may never be placed is not waited for: refused, saying why
+        assert [call.split("/")[0] for call in sent_small] == ["long"] and pending == 0
