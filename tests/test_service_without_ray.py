@@ -182,21 +182,34 @@ def test_a_job_goes_only_to_a_worker_whose_kv_cache_can_hold_it(new_service):
     assert len(big.samples) == 4
 
 
+LONG_PROMPT = [i % 250 + 1 for i in range(1500)]  # only a worker holding 1,500+ tokens can
+
+
+def job_names(calls: list[str]) -> list[str]:
+    """The job ids of engine request ids."""
+    return [call.split("/")[0] for call in calls]
+
+
+def long_job_on_a_dead_big_worker(new_service):
+    """A small and a big worker; job "long", which only the big one holds, ran there and the
+    big one died. Returns the scheduler and the small worker."""
+    scheduler = new_service()
+    small = add_worker(scheduler, "small", "small-node", fit=1000)
+    big = add_worker(scheduler, "big", "big-node", fit=4000)
+    scheduler.submit_many([(LONG_PROMPT, {"max_tokens": 16}, 0, "long")])
+    scheduler._on_worker_gone(big)
+    return scheduler, small
+
+
 @pytest.mark.parametrize("node_comes_back", [True, False])
 def test_a_job_only_a_dead_larger_worker_could_hold_waits_for_its_replacement(new_service,
                                                                              node_comes_back):
     # It failed over to the small worker, whose engine refused it: an accepted job failed
     # because its worker died. Meanwhile the jobs that fit the small worker go on there.
-    long_prompt = [i % 250 + 1 for i in range(1500)]
-
     async def fail_over():
-        scheduler = new_service()
-        small = add_worker(scheduler, "small", "small-node", fit=1000)
-        big = add_worker(scheduler, "big", "big-node", fit=4000)
-        scheduler.submit_many([(long_prompt, {"max_tokens": 16}, 0, "long")])
-        scheduler._on_worker_gone(big)
+        scheduler, small = long_job_on_a_dead_big_worker(new_service)
         # a job of the same size is still accepted, and a short one goes on at once
-        scheduler.submit_many([(long_prompt, {"max_tokens": 8}, 0, "long2"),
+        scheduler.submit_many([(LONG_PROMPT, {"max_tokens": 8}, 0, "long2"),
                                ([1, 2, 3], {"max_tokens": 8}, 0, "short")])
         held = (scheduler.status()["pending_samples"], len(adds(small)))
         if node_comes_back:
@@ -211,11 +224,11 @@ def test_a_job_only_a_dead_larger_worker_could_hold_waits_for_its_replacement(ne
     assert held == (2, 1)  # both long jobs held, the short one sent to the small worker
     assert adds(small)[0].startswith("short/")
     if node_comes_back:
-        assert [call.split("/")[0] for call in adds(replacement)] == ["long", "long2"]
+        assert job_names(adds(replacement)) == ["long", "long2"]
         assert len(adds(small)) == 1
         assert not any(scheduler.jobs[j].finished for j in ("long", "long2"))
     else:  # sent where they will be refused: the engine's refusal then fails them with why
-        assert sorted(call.split("/")[0] for call in adds(small)[1:]) == ["long", "long2"]
+        assert sorted(job_names(adds(small)[1:])) == ["long", "long2"]
         assert scheduler.status()["pending_samples"] == 0
 
 
@@ -223,20 +236,14 @@ def test_a_held_job_is_let_go_once_its_nodes_new_worker_is_ready_but_smaller(new
     # A device's free memory sets its cache: the dead worker's replacement may hold less. No
     # larger worker is then coming, so the job must go on (to be refused with why), not wait
     # for good behind the node's best size so far.
-    long_prompt = [i % 250 + 1 for i in range(1500)]
-
     async def replaced_smaller():
-        scheduler = new_service()
-        small = add_worker(scheduler, "small", "small-node", fit=1000)
-        big = add_worker(scheduler, "big", "big-node", fit=4000)
-        scheduler.submit_many([(long_prompt, {"max_tokens": 16}, 0, "long")])
-        scheduler._on_worker_gone(big)
+        scheduler, small = long_job_on_a_dead_big_worker(new_service)
         replacement = add_worker(scheduler, "big2", "big-node", fit=1200)
         scheduler._drain_pending()
         return scheduler, adds(small) + adds(replacement)
 
     scheduler, sent = asyncio.run(replaced_smaller())
-    assert [call.split("/")[0] for call in sent] == ["long"]
+    assert job_names(sent) == ["long"]
     assert scheduler.status()["pending_samples"] == 0
 
 
@@ -246,12 +253,11 @@ def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_s
     # A restarted scheduler knows no worker's size until each is ready: past the backlog's
     # hold for loading workers, the job went to the small worker ready first, which refused it.
     monkeypatch.setattr(service, "PENDING_HOLD_S", 0.0)
-    long_prompt = [i % 250 + 1 for i in range(1500)]
 
     async def restart():
         before = new_service()
         add_worker(before, "big", "big-node", fit=4000)
-        before.submit_many([(long_prompt, {"max_tokens": 16}, 0, "long")])
+        before.submit_many([(LONG_PROMPT, {"max_tokens": 16}, 0, "long")])
         before.journal.close()
         after = new_service()  # resumes "long" from the journal
         small = add_worker(after, "small", "small-node", fit=1000)
@@ -268,6 +274,6 @@ def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_s
     (sent_small, pending), sent_big = asyncio.run(restart())
     if placeable:
         assert sent_small == [] and pending == 1
-        assert [call.split("/")[0] for call in sent_big] == ["long"]
+        assert job_names(sent_big) == ["long"]
     else:  # a worker that may never be placed is not waited for: refused, saying why
-        assert [call.split("/")[0] for call in sent_small] == ["long"] and pending == 0
+        assert job_names(sent_small) == ["long"] and pending == 0
