@@ -33,13 +33,13 @@ async def log_tails(workers: list, count: int, timeout: float) -> list[dict]:
 
 
 async def _worker_tail(slot, count: int, timeout: float) -> dict:
+    if slot.info is None:  # an actor answers no call before its constructor returns
+        return {"error": "still loading its model: it answers once it is ready "
+                         "(`pagedserve status`)", "lines": []}
     try:
         call = asyncio.wrap_future(slot.actor.log_tail.remote(count).future())
         return await asyncio.wait_for(call, timeout)
     except asyncio.TimeoutError:
-        if slot.info is None:  # an actor answers no call before its constructor returns
-            return {"error": "still loading its model: it answers once it is ready "
-                             "(`pagedserve status`)", "lines": []}
         return {"error": f"did not answer within {timeout:g} s", "lines": []}
     except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
         return {"error": f"unreachable: {type(exc).__name__}", "lines": []}
