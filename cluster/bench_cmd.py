@@ -13,6 +13,7 @@ from scheduler.wording import counted
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "OPENAI_API_KEY"  # where OpenAI's own clients read the key
+PROGRESS_TICK_S = 1.0
 
 
 def add_parser(sub) -> None:
@@ -208,7 +209,18 @@ async def _run_with_progress(target, requests, spec):
 
     rate = "inf" if spec.rate == float("inf") else f"{spec.rate:g}"
     with progress(len(requests), f"rate {rate}", "req") as bar:
-        return await run_load(target, requests, spec, on_finish=lambda _: bar.update(1))
+        ticking = asyncio.ensure_future(_tick(bar))
+        try:
+            return await run_load(target, requests, spec, on_finish=lambda _: bar.update(1))
+        finally:
+            ticking.cancel()
+
+
+async def _tick(bar) -> None:
+    """Lets the progress show the time go by while no request finishes (long generations)."""
+    while True:
+        await asyncio.sleep(PROGRESS_TICK_S)
+        bar.update(0)
 
 
 def format_sweep(summaries: list[dict]) -> str:

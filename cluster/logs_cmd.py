@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     client = Client(args.address, timeout_s=30, find_timeout_s=FIND_TIMEOUT_S)
     tails = client.logs(args.lines, args.worker)
     print(json.dumps(tails, indent=2) if args.json else format_tails(tails))
-    return 0
+    return 1 if any("error" in tail for tail in tails) else 0  # a log it could not read
 
 
 def format_tails(tails: list[dict]) -> str:

@@ -15,7 +15,7 @@ def progress(total: int, desc: str, unit: str, stream=None):
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, file=stream)
-    return LineProgress(total, desc, unit, stream)
+    return LineProgress(total, desc, unit, stream, LINE_INTERVAL_S)
 
 
 class LineProgress:

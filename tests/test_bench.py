@@ -360,6 +360,20 @@ def test_a_server_that_goes_away_ends_the_run_and_the_sweep(capsys):
     assert err.rstrip().endswith("1 later run not started") and "stopped sending" in err
 
 
+def test_progress_off_a_terminal_goes_on_while_no_request_finishes(capsys, monkeypatch):
+    """Lines came only when a request finished: a run of long generations said nothing in a
+    log for as long as they took."""
+    from cluster import bench_cmd, progress as progress_module
+
+    monkeypatch.setattr(progress_module, "LINE_INTERVAL_S", 0.2)
+    monkeypatch.setattr(bench_cmd, "PROGRESS_TICK_S", 0.05)
+    with serving(StubServer(gap=0.05).app()) as url:  # 20 tokens: ~1 s per request
+        code, _, err = run_cli(capsys, "--base-url", url, "--num-prompts", "2",
+                               "--random-output-len", "20", "--random-range-ratio", "0")
+    assert code == 0, err
+    assert err.count("rate inf: 0/2 req (0%) after ") >= 3
+
+
 def test_refusals_end_a_run_only_when_nothing_answers_in_between():
     watch = bench.ServerWatch()
     refused = RequestResult(1, 1, error="ConnectError: refused", refused=True)

@@ -111,6 +111,12 @@ def test_logs_shows_the_schedulers_and_each_workers_log(daemon, capsys):
     assert any(line.startswith("INFO:pagedserve.engine:KV cache: ") for line in worker["lines"])
     assert not any(line.startswith(":actor_name:") for line in worker["lines"])  # Ray's marks
     assert len(client.logs(1)[0]["lines"]) == 1
+    os.kill(first["pid"], signal.SIGSTOP)  # a hung worker: named, and the exit status says so
+    try:
+        assert cli.main(["logs", "--worker", first["worker_id"]]) == 1
+    finally:
+        os.kill(first["pid"], signal.SIGCONT)
+    assert "   (did not answer within 10 s)" in capsys.readouterr().out
     assert cli.main(["logs", "--worker", "nope"]) == 2
     assert "no worker 'nope'; `pagedserve status` lists them" in capsys.readouterr().err
 
