@@ -17,9 +17,11 @@ from cluster.jobs_file import read_jsonl
 
 ARRIVALS = ("poisson", "gamma")
 SLO_NAMES = ("ttft", "tpot", "e2el")
-# A run stops sending once this many requests in a row found no server to connect to: the
-# rest would only fail the same way, one arrival at a time.
+# A run stops sending once this many requests in a row, over at least this long, found no
+# server to connect to: the rest would only fail the same way, one arrival at a time. The
+# time keeps a blip of the listener at a high rate from ending a run.
 SERVER_GONE_AFTER = 3
+SERVER_GONE_OUTAGE_S = 1.0
 # Connect errors of this machine, not the server: out of open files or local ports (each request
 # of --request-rate inf opens its connection at once). They must not read as a server gone.
 LOCAL_CONNECT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL})
@@ -357,21 +359,29 @@ class RunOutcome:
 
 class ServerWatch:
     """Notices a server that has stopped accepting connections: ``SERVER_GONE_AFTER`` requests
-    in a row refused. Any HTTP response in between shows it is there."""
+    in a row refused, the first at least ``SERVER_GONE_OUTAGE_S`` before the last. Any HTTP
+    response in between shows it is there."""
 
     def __init__(self) -> None:
         self.refused_in_a_row = 0
+        self.refused_since = 0.0
         self.gone: str | None = None
         self.event = asyncio.Event()
 
-    def saw(self, result: RequestResult) -> None:
+    def saw(self, result: RequestResult, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         if not result.refused:
             if result.ok or result.error.startswith("HTTP "):
                 self.refused_in_a_row = 0
             return
+        if self.refused_in_a_row == 0:
+            self.refused_since = now
         self.refused_in_a_row += 1
-        if self.refused_in_a_row >= SERVER_GONE_AFTER and self.gone is None:
-            self.gone = f"{SERVER_GONE_AFTER} requests in a row refused: {result.error}"
+        outage = now - self.refused_since
+        if (self.refused_in_a_row >= SERVER_GONE_AFTER and outage >= SERVER_GONE_OUTAGE_S
+                and self.gone is None):
+            self.gone = (f"{self.refused_in_a_row} requests in a row refused over "
+                         f"{outage:.1f} s: {result.error}")
             self.event.set()
 
     def not_sent(self, result: RequestResult) -> None:
