@@ -299,12 +299,13 @@ class SchedulerService:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         fits = [w.info["max_tokens_fit"] for w in self.workers.values() if w.info]
-        fits += [self._largest_fit_coming()] if fits else []
         needed = self._kv_tokens_needed(len(ids), params)
-        if fits and needed > max(fits):
-            raise InvalidRequestError(
-                f"job needs up to {needed} tokens of KV cache but a worker holds at most "
-                f"{max(fits)}; shorten the prompt or max_tokens")
+        if fits and needed > max(fits):  # then a worker coming back larger may still hold it
+            most = max(max(fits), self._largest_fit_coming())
+            if needed > most:
+                raise InvalidRequestError(
+                    f"job needs up to {needed} tokens of KV cache but a worker holds at most "
+                    f"{most}; shorten the prompt or max_tokens")
         return ids
 
     def _kv_tokens_needed(self, num_prompt_tokens: int, params: SamplingParams) -> int:
@@ -398,8 +399,7 @@ class SchedulerService:
         ready = any(w.info is not None for w in self.workers.values())
         if self.held_for_size and ready:  # again: a larger worker is ready, or none will be
             held, self.held_for_size = self.held_for_size, []
-            self._dispatch([(self.jobs[job_id], self.jobs[job_id].samples[index])
-                            for job_id, index in held if job_id in self.jobs])
+            self._dispatch(self._samples_of(held))
         if not self.pending or not ready:
             return
         now = time.monotonic()
@@ -411,8 +411,12 @@ class SchedulerService:
                 return
         self.pending_held_since = None
         waiting, self.pending = self.pending, collections.deque()
-        jobs = ((self.jobs.get(job_id), index) for job_id, index in waiting)
-        self._dispatch([(job, job.samples[index]) for job, index in jobs if job is not None])
+        self._dispatch(self._samples_of(waiting))
+
+    def _samples_of(self, entries) -> list[tuple[JobState, SampleState]]:
+        """The samples of held ``(job id, index)`` entries whose job is still known."""
+        jobs = ((self.jobs.get(job_id), index) for job_id, index in entries)
+        return [(job, job.samples[index]) for job, index in jobs if job is not None]
 
     def report(self, worker_id: str, number: int, outputs: list, rejected: list,
                load: dict) -> None:

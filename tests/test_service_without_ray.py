@@ -11,6 +11,7 @@ import ray
 from cluster.journal import Journal
 from scheduler import service
 from scheduler.router import WorkerLoad
+from scheduler.sampling_params import InvalidRequestError
 from worker.output import RequestOutput
 
 LOAD = {"free_blocks": 100}
@@ -277,3 +278,17 @@ def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_s
         assert job_names(sent_big) == ["long"]
     else:  # a worker that may never be placed is not waited for: refused, saying why
         assert job_names(sent_small) == ["long"] and pending == 0
+
+
+def test_a_job_no_worker_could_hold_is_refused_naming_the_largest_cache(new_service):
+    # Counted with the larger worker coming back: it holds 1,800 tokens, the ready one 1,000.
+    async def submit(*prompt_lens: int):
+        scheduler = new_service()
+        add_worker(scheduler, "small", "small-node", fit=1000)
+        scheduler._on_worker_gone(add_worker(scheduler, "big", "big-node", fit=1800))
+        for i, prompt_len in enumerate(prompt_lens):
+            scheduler.submit_many([([1] * prompt_len, {"max_tokens": 16}, 0, f"job{i}")])
+
+    with pytest.raises(InvalidRequestError, match="job needs up to 1916 tokens of KV cache but "
+                                                  "a worker holds at most 1800; shorten"):
+        asyncio.run(submit(1700, 1900))  # the first accepted: it waits for the big worker
