@@ -8,7 +8,7 @@ import math
 import sys
 
 from cluster.config import load_config
-from scheduler.wording import counted
+from scheduler.wording import counted, span
 
 
 # Lines under the status table, each shown when its key of the status is set (not 0, not empty).
@@ -199,7 +199,16 @@ def format_status(status: dict) -> str:
     counts = {key: _Count(value) if type(value) is int else value
               for key, value in status.items()}
     lines += [note.format(**counts) for key, note in STATUS_NOTES if status.get(key)]
+    if status.get("gone_workers"):
+        lines.append(_gone_note(status["gone_workers"]))
     return "\n".join(lines)
+
+
+def _gone_note(gone: list[dict]) -> str:
+    latest = gone[-1]
+    return (f"gone: {counted(len(gone), 'worker')} lately, the last {latest['worker_id']} "
+            f"{span(latest['gone_for_s'])} ago ({latest['why']}); `pagedserve logs` shows "
+            "the end of their logs")
 
 
 def _percent(part: int, whole: int) -> str:

@@ -1,5 +1,5 @@
-"""`pagedserve logs`: the last lines of the daemon's logs, the scheduler's and each worker's,
-read on the nodes they run on."""
+"""`pagedserve logs`: the last lines of the daemon's logs, the scheduler's, each worker's and
+those of the workers gone most recently, read on the nodes they ran on."""
 from __future__ import annotations
 
 import argparse
@@ -7,19 +7,22 @@ import json
 
 from cluster.daemon_cmds import add_address_flag
 from cluster.job_cmds import FIND_TIMEOUT_S
+from scheduler.gone_workers import GONE_WORKERS_KEPT
+from scheduler.wording import span
 
 DEFAULT_LINES = 40
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("logs", help="the last lines of the scheduler's and workers' logs, "
-                                    "from whichever node each runs on")
+                                    "from whichever node each runs on (and of the "
+                                    f"{GONE_WORKERS_KEPT} workers gone most recently)")
     add_address_flag(p)
     p.add_argument("-n", "--lines", type=int, default=DEFAULT_LINES,
                    help=f"lines of each log (default {DEFAULT_LINES})")
     p.add_argument("--worker", action="append", metavar="ID",
                    help="only this worker's, after the scheduler's (repeatable; ids as "
-                        "`pagedserve status` shows them)")
+                        "`pagedserve status` shows them, a gone worker's too)")
     p.add_argument("--json", action="store_true", help="print the tails as one JSON list")
     p.set_defaults(func=run)
 
@@ -41,7 +44,11 @@ def format_tails(tails: list[dict]) -> str:
         who = "scheduler" if tail["source"] == "scheduler" else f"worker {tail['source']}"
         where = f"pid {tail['pid']} on node {tail['node_id'][:8]}" if "pid" in tail else \
             f"node {tail['node_id'][:8]}"
+        if "gone" in tail:
+            where += f"; gone {span(tail['gone_for_s'])} ago"
         out.append(f"== {who} ({where})" + (f": {tail['file']}" if tail.get("file") else ""))
+        if "gone" in tail:
+            out.append(f"   ({tail['gone']})")
         if "error" in tail:
             out.append(f"   ({tail['error']})")
         elif not tail["file"]:

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.batching import check_priority
 from scheduler.callers import Callers
+from scheduler.gone_workers import GoneWorkers
 from scheduler.in_order import InOrder
 from scheduler.jobs import JobState, SampleState, parse_engine_request_id
 from scheduler.logs import check_log_request, log_tails
@@ -143,6 +144,7 @@ class WorkerSlot:
     reports: InOrder = field(default_factory=InOrder)  # the worker's reports, in step order
     # when it last reported, or was given work while it had none (time.monotonic())
     last_heard: float = field(default_factory=time.monotonic)
+    killed_why: str | None = None  # why the scheduler killed it, if it did
 
 
 class LargerWorkerComing(Exception):
@@ -166,6 +168,7 @@ class SchedulerService:
         self.router = make_router(options.router)
         self.journal = journal_factory()
         self.workers: dict[str, WorkerSlot] = {}
+        self.gone_workers = GoneWorkers()  # the last few, for `pagedserve logs` and status
         self.jobs: dict[str, JobState] = {}
         self.finished = FinishedJobs(options.max_finished_jobs,
                                      int(options.max_finished_gib * 2**30))
@@ -731,7 +734,7 @@ class SchedulerService:
                       "wait for it: killing it so that its samples fail over", slot.worker_id,
                       slot.reports.next_number, now - slot.reports.missing_since,
                       slot.reports.held)
-            self._kill_stalled(slot)
+            self._kill_stalled(slot, "killed: a report of it went missing")
         quiet = [slot for slot in self.workers.values()
                  if timeout and slot.info and slot.samples and now - slot.last_heard > timeout]
         answers = await asyncio.gather(*(answers_stats(slot.actor, min(timeout, PING_TIMEOUT_S))
@@ -745,10 +748,11 @@ class SchedulerService:
                 continue
             log.error("worker %s has not stepped for %.0f s with %d samples to run and does "
                       "not answer: killing it", slot.worker_id, silent_s, len(slot.samples))
-            self._kill_stalled(slot)
+            self._kill_stalled(slot, f"killed: hung (no step for {silent_s:.0f} s, no answer)")
 
-    def _kill_stalled(self, slot: WorkerSlot) -> None:
+    def _kill_stalled(self, slot: WorkerSlot, why: str) -> None:
         self.stalled_workers_killed += 1
+        slot.killed_why = why
         # once is enough, _watch then sees it gone: not missing, nor quiet, until it has
         slot.reports.missing_since = None
         slot.last_heard = time.monotonic()
@@ -810,16 +814,18 @@ class SchedulerService:
                                slot.info["block_size"])
         log.info("worker %s ready on %s", slot.worker_id, slot.info["device"])
         self._drain_pending()
-        engine_error = None
+        engine_error, why = None, "stopped"
         try:
             await slot.actor.run.remote()
         except RayTaskError as exc:  # its step loop raised (a device error, a bad request)
             engine_error = _one_line(exc)
+            why = f"its engine failed: {engine_error}"
             self.engine_failures += 1
-            log.error("worker %s: its engine failed: %s", slot.worker_id, engine_error)
+            log.error("worker %s: %s", slot.worker_id, why)
         except Exception as exc:
-            log.warning("worker %s died: %s", slot.worker_id, _one_line(exc))
-        self._on_worker_gone(slot, engine_error)
+            why = f"died: {_death_reason(exc)}"
+            log.warning("worker %s %s", slot.worker_id, why)
+        self._on_worker_gone(slot, why, engine_error)
 
     def _count_start_failure(self, slot: WorkerSlot, exc: Exception) -> None:
         # a config or model error (see WorkerActor.info): every retry would fail alike
@@ -831,11 +837,13 @@ class SchedulerService:
         self.last_spawn_error = _one_line(exc)
         log.error("worker %s failed to start: %s", slot.worker_id, self.last_spawn_error)
 
-    def _on_worker_gone(self, slot: WorkerSlot, engine_error: str | None = None) -> None:
+    def _on_worker_gone(self, slot: WorkerSlot, why: str,
+                        engine_error: str | None = None) -> None:
         """Re-route the unfinished samples of a worker that is gone. If its engine raised,
         they are suspects (see Quarantine) and run again one at a time."""
         if self.workers.pop(slot.worker_id, None) is None:
             return
+        self.gone_workers.add(slot, slot.killed_why or why)  # Ray's word is "ray.kill"
         self.router.forget(slot.worker_id)
         ray.kill(slot.actor, no_restart=True)  # a failed step loop leaves a process on the NPU
         orphans = []
@@ -981,6 +989,7 @@ class SchedulerService:
             "last_spawn_error": self.last_spawn_error,
             "worker_start_failures": self.worker_start_failures,
             "placement_problem": self.placement_problem,
+            "gone_workers": self.gone_workers.summaries(),
             "config": self.options.config,
         }
 
@@ -1096,6 +1105,13 @@ def _one_line(exc: BaseException) -> str:
     return last_line(str(exc))
 
 
+def _death_reason(exc: BaseException) -> str:
+    """Ray's word on why an actor died, without its boilerplate: "it was killed by
+    `ray.kill`.", "its worker process has died. Worker exit type: SYSTEM_ERROR ..."."""
+    reason = _one_line(exc).split(" Some common causes")[0]
+    return reason.removeprefix("The actor is dead because ")
+
+
 # max_concurrency is set where it is created (cluster/bringup.py): see ANSWERING_CALLS
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class SchedulerActor:
@@ -1181,12 +1197,16 @@ class SchedulerActor:
         return self.service.status()
 
     async def logs(self, count: int, worker_ids: list[str] | None = None) -> list[dict]:
-        """The last ``count`` lines of the scheduler's log, then of each worker's (of those
-        in ``worker_ids`` if given; one still loading its model cannot answer yet)."""
-        check_log_request(count, worker_ids, set(self.service.workers))
-        workers = [slot for slot in self.service.workers.values()
+        """The last ``count`` lines of the scheduler's log, then of each worker's, then of each
+        recently gone worker's (of those in ``worker_ids`` if given; one still loading its
+        model cannot answer yet)."""
+        service = self.service
+        check_log_request(count, worker_ids, set(service.workers) | service.gone_workers.ids())
+        workers = [slot for slot in service.workers.values()
                    if worker_ids is None or slot.worker_id in worker_ids]
-        return await log_tails(workers, count, PING_TIMEOUT_S)
+        gone = [worker for worker in service.gone_workers
+                if worker_ids is None or worker.worker_id in worker_ids]
+        return await log_tails(workers, gone, count, PING_TIMEOUT_S)
 
     async def job_status(self, job_id) -> dict:
         return self.service.job_status(job_id)

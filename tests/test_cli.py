@@ -11,6 +11,7 @@ import pytest
 
 from cluster import daemon_cmds
 from cluster.cli import main
+from scheduler.wording import span
 
 
 def run(capsys, *argv):
@@ -368,6 +369,21 @@ def test_the_status_totals_keep_to_80_columns_too():
     assert max(len(line) for line in table.splitlines()) <= 80
     assert "512 running, 2348 waiting (300 for a worker)" in table
     assert "24691.2 tok/s, KV 131072/262144 blocks; jobs unfinished 12345, failovers 678" in table
+
+
+def test_the_status_table_names_the_last_gone_worker_and_where_its_log_is():
+    """A failover showed only as a count: which worker went, when and why was nowhere."""
+    gone = [{"worker_id": "w1", "node_id": "n1", "pid": 7, "why": "died: earlier",
+             "gone_for_s": 4000.0},
+            {"worker_id": "w2", "node_id": "n1", "pid": 8,
+             "why": "died: it was killed by `ray.kill`.", "gone_for_s": 95.0}]
+    status = {"workers": [], "jobs_unfinished": 0, "failovers": 3}
+    assert daemon_cmds.format_status({**status, "gone_workers": gone}).splitlines()[-1] == (
+        "gone: 2 workers lately, the last w2 2 min ago (died: it was killed by `ray.kill`.); "
+        "`pagedserve logs` shows the end of their logs")
+    assert "gone:" not in daemon_cmds.format_status({**status, "gone_workers": []})
+    assert [span(s) for s in (0.4, 89, 90, 5399, 5400, 86400)] == [
+        "0 s", "89 s", "2 min", "90 min", "2 h", "24 h"]
 
 
 def test_the_status_table_says_one_of_a_thing_in_the_singular(capsys):

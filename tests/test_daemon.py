@@ -1,6 +1,7 @@
 """The daemon on a real local Ray cluster with two simulated NPUs: routing, streaming, abort,
 failover of killed workers, scheduler restart from the journal, overload, up/down."""
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,8 @@ from cluster import batch_submit, bringup, cli, daemon_cmds, demo, job_cmds
 from cluster.config import config_from_dict, config_to_dict, with_overrides
 from cluster.journal import Journal
 from cluster.client import Client, DaemonUnavailableError
+from scheduler.gone_workers import GoneWorker
+from scheduler.logs import _gone_tail
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from scheduler.service import (NAMESPACE, DrainingError, OverloadedError, UnknownJobError,
                                worker_actor_name)
@@ -100,7 +103,9 @@ def test_logs_shows_the_schedulers_and_each_workers_log(daemon, capsys):
     assert cli.main(["logs", "-n", "500"]) == 0
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("== ")]
-    assert headers[0].startswith("== scheduler (pid ") and len(headers) == 1 + len(workers)
+    gone = client.status()["gone_workers"]
+    assert headers[0].startswith("== scheduler (pid ")
+    assert len(headers) == 1 + len(workers) + len(gone)
     for w in workers:
         assert f"== worker {w['worker_id']} (pid {w['pid']} on node {w['node_id'][:8]}): " in out
         assert f"INFO:pagedserve.scheduler:worker {w['worker_id']} ready on cpu:0" in out
@@ -119,6 +124,24 @@ def test_logs_shows_the_schedulers_and_each_workers_log(daemon, capsys):
     assert "   (did not answer within 10 s)" in capsys.readouterr().out
     assert cli.main(["logs", "--worker", "nope"]) == 2
     assert "no worker 'nope'; `pagedserve status` lists them" in capsys.readouterr().err
+
+
+def test_a_gone_workers_log_is_read_on_its_node_or_says_why_not(daemon, tmp_path):
+    """Only live workers could show their logs, so the end of a dead worker's log, where it
+    says what went wrong, was out of reach once the scheduler had replaced it."""
+    log = tmp_path / "w1.err"
+    log.write_text(":actor_name:WorkerActor\nfirst\nlast words\n")
+    here = ray.get_runtime_context().get_node_id()
+    gone = GoneWorker("w1", here, 7, str(log), "died", time.time())
+    assert asyncio.run(_gone_tail(gone, 1, 60)) == {"pid": 7, "file": str(log),
+                                                    "lines": ["last words"]}
+    no_file = dataclasses.replace(gone, log_file=None)
+    assert asyncio.run(_gone_tail(no_file, 1, 60)) == {"pid": 7, "file": None, "lines": []}
+    log.unlink()
+    assert asyncio.run(_gone_tail(gone, 1, 60))["error"].startswith(
+        "not readable: [Errno 2] No such file or directory")
+    elsewhere = dataclasses.replace(gone, node_id="ab" * 28)
+    assert asyncio.run(_gone_tail(elsewhere, 1, 60))["error"] == "its node has left the cluster"
 
 
 def test_an_interrupted_up_says_the_daemon_goes_on_starting(daemon, monkeypatch, capsys):
@@ -223,6 +246,15 @@ def test_killed_worker_loses_no_job(daemon, undisturbed, how):
     # the freed NPU gets a new worker
     wait_for(lambda: len(ready_workers(client)) == 2 and victim["pid"] not in
              {w["pid"] for w in ready_workers(client)}, timeout=180, what="respawn")
+    # why it went, and the end of its log, are still there to see (only live workers' were)
+    gone = client.status()["gone_workers"][-1]
+    assert gone["worker_id"] == victim["worker_id"] and gone["pid"] == victim["pid"]
+    assert gone["why"].startswith("died: it was killed by `ray.kill`." if how == "ray.kill"
+                                  else "died: its worker process has died. Worker exit type: ")
+    assert "Some common causes" not in gone["why"]  # Ray's boilerplate, in every such death
+    scheduler, tail = client.logs(500, [victim["worker_id"]])
+    assert tail["gone"] == gone["why"] and tail["file"] == victim["log_file"]
+    assert any(line.startswith("INFO:pagedserve.engine:KV cache: ") for line in tail["lines"])
 
 
 def _busy_worker(client):

@@ -25,6 +25,12 @@ def test_each_tail_is_headed_by_whose_it_is_and_says_why_it_has_no_lines():
         {"source": "w2", "node_id": "fedcba9876", "error": "did not answer within 10 s",
          "lines": []},
         {"source": "w3", "node_id": "fedcba9876", "pid": 9, "file": None, "lines": []},
+        {"source": "w4", "node_id": "abcdef0123", "pid": 10, "file": "/logs/w4.err",
+         "gone": "died: it was killed by `ray.kill`.", "gone_for_s": 150.0,
+         "lines": ["INFO:pagedserve.engine:KV cache: 90 blocks"]},
+        {"source": "w5", "node_id": "fedcba9876", "pid": 11, "file": "/logs/w5.err",
+         "gone": "killed: hung", "gone_for_s": 7200.0, "error": "its node has left the cluster",
+         "lines": []},
     ]
     assert format_tails(tails).splitlines() == [
         "== scheduler (pid 7 on node abcdef01): /logs/s.err",
@@ -35,6 +41,12 @@ def test_each_tail_is_headed_by_whose_it_is_and_says_why_it_has_no_lines():
         "   (did not answer within 10 s)",
         "== worker w3 (pid 9 on node fedcba98)",
         "   (its stderr is not a file here: no log to show)",
+        "== worker w4 (pid 10 on node abcdef01; gone 2 min ago): /logs/w4.err",
+        "   (died: it was killed by `ray.kill`.)",
+        "INFO:pagedserve.engine:KV cache: 90 blocks",
+        "== worker w5 (pid 11 on node fedcba98; gone 2 h ago): /logs/w5.err",
+        "   (killed: hung)",
+        "   (its node has left the cluster)",
     ]
 
 
@@ -54,3 +66,4 @@ def test_a_worker_still_loading_its_model_is_named_so_not_as_silent():
     assert asyncio.run(_worker_tail(loading, 5, 0.1))["error"] == (
         "still loading its model: it answers once it is ready (`pagedserve status`)")
     assert asyncio.run(_worker_tail(ready, 5, 0.1))["error"] == "did not answer within 0.1 s"
+

@@ -78,7 +78,7 @@ def test_a_job_failed_for_its_worker_deaths_sends_none_of_its_samples_on(new_ser
         survivor = add_worker(scheduler, "survivor")
         for job_id in job_ids:
             scheduler.jobs[job_id].samples[1].attempt = service.MAX_WORKER_DEATHS_PER_SAMPLE - 1
-        scheduler._on_worker_gone(dying)
+        scheduler._on_worker_gone(dying, "died")
         return scheduler, job_ids, survivor
 
     scheduler, job_ids, survivor = asyncio.run(fail_over())
@@ -104,9 +104,14 @@ def test_a_worker_killed_for_a_missing_report_is_not_killed_again_for_its_silenc
         scheduler.report("stuck", 1, [], [], {"free_blocks": 100})
         slot.reports.missing_since = slot.last_heard = time.monotonic() - 120
         await scheduler._kill_hung_workers()
+        scheduler._on_worker_gone(slot, "died: it was killed by `ray.kill`.")  # as _watch sees it
         return scheduler
 
-    assert asyncio.run(look()).stalled_workers_killed == 1
+    scheduler = asyncio.run(look())
+    assert scheduler.stalled_workers_killed == 1
+    # status says that the scheduler killed it and why, not only Ray's "killed by ray.kill"
+    gone, = scheduler.status()["gone_workers"]
+    assert (gone["worker_id"], gone["why"]) == ("stuck", "killed: a report of it went missing")
 
 
 def test_a_waiting_call_refused_for_its_job_id_gives_its_slot_back(new_service):
@@ -198,7 +203,7 @@ def long_job_on_a_dead_big_worker(new_service):
     small = add_worker(scheduler, "small", "small-node", fit=1000)
     big = add_worker(scheduler, "big", "big-node", fit=4000)
     scheduler.submit_many([(LONG_PROMPT, {"max_tokens": 16}, 0, "long")])
-    scheduler._on_worker_gone(big)
+    scheduler._on_worker_gone(big, "died")
     return scheduler, small
 
 
@@ -285,7 +290,7 @@ def test_a_job_no_worker_could_hold_is_refused_naming_the_largest_cache(new_serv
     async def submit(*prompt_lens: int):
         scheduler = new_service()
         add_worker(scheduler, "small", "small-node", fit=1000)
-        scheduler._on_worker_gone(add_worker(scheduler, "big", "big-node", fit=1800))
+        scheduler._on_worker_gone(add_worker(scheduler, "big", "big-node", fit=1800), "died")
         for i, prompt_len in enumerate(prompt_lens):
             scheduler.submit_many([([1] * prompt_len, {"max_tokens": 16}, 0, f"job{i}")])
 

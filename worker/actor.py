@@ -13,7 +13,7 @@ import ray
 
 from worker.commands import EngineCommands
 from worker.device import device_index_from_ray_ids
-from worker.log_tail import own_log_tail
+from worker.log_tail import own_log_tail, stderr_file
 from worker.output import pack_outputs
 
 
@@ -58,7 +58,7 @@ class WorkerActor:
             "device": f"{self.engine.config.device}:{self.engine.config.device_index}",
             "npu_ids": self.npu_ids, "num_blocks": kv.num_blocks, "block_size": kv.block_size,
             "max_tokens_fit": (kv.num_blocks - kv.watermark_blocks) * kv.block_size,
-            "max_model_len": self.engine.max_model_len,
+            "max_model_len": self.engine.max_model_len, "log_file": stderr_file(),
         }
 
     async def run(self) -> None:

@@ -11,12 +11,13 @@ _CHUNK_BYTES = 64 * 1024
 def own_log_tail(count: int) -> dict:
     """``{"pid", "file", "lines"}``: the last ``count`` lines of this process's stderr file, or
     no file (and no lines) when stderr is not a file (a terminal, or no /proc to find it)."""
-    path = _stderr_file()
+    path = stderr_file()
     lines = tail_lines(path, count) if path else []
     return {"pid": os.getpid(), "file": path, "lines": lines}
 
 
-def _stderr_file() -> str | None:
+def stderr_file() -> str | None:
+    """The file this process's stderr goes to, or None (a terminal, or no /proc)."""
     try:
         path = os.readlink("/proc/self/fd/2")
     except OSError:
