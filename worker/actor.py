@@ -14,7 +14,7 @@ import ray
 from worker.commands import EngineCommands
 from worker.device import device_index_from_ray_ids
 from worker.log_tail import own_log_tail, stderr_file
-from worker.output import pack_outputs
+from worker.report_sender import ReportSender
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -38,12 +38,11 @@ class WorkerActor:
         except ValueError as exc:  # a config or model error: info() raises it, see there
             self.start_error = exc
             return
-        self.scheduler = scheduler
         self.npu_ids = list(npu_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._commands = EngineCommands(self.engine)
-        self._reports_sent = 0  # numbers each report: the scheduler applies them in this order
+        self._reports = ReportSender(scheduler, worker_id, lambda: self._inbox.put(("wake",)))
 
     def info(self) -> dict:
         """What the scheduler needs to route to this worker. Raises the engine's config or
@@ -98,18 +97,14 @@ class WorkerActor:
     # -- the engine thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
-        reported_load = None
-        while not self._stopping.is_set():
-            rejected = self._drain_inbox(block=not self.engine.has_unfinished())
-            outputs = self.engine.step() if self.engine.has_unfinished() else []
-            load = self.load()
-            # An idle worker still reports while its load changes (its tokens/s falls to 0
-            # as its last steps leave the rate window), so `status` is never stale.
-            if outputs or rejected or load != reported_load:
-                self.scheduler.report.remote(self.worker_id, self._reports_sent,
-                                             pack_outputs(outputs), rejected, load)
-                self._reports_sent += 1
-                reported_load = load
+        try:
+            while not self._stopping.is_set():
+                rejected = self._drain_inbox(block=not self.engine.has_unfinished())
+                outputs = self.engine.step() if self.engine.has_unfinished() else []
+                self._reports.add(outputs, rejected, self.load())
+                self._reports.send()
+        finally:  # stopped, or the engine failed: the tokens it made so far are not lost
+            self._reports.send(even_in_flight=True)
 
     def _drain_inbox(self, block: bool) -> list[tuple[str, str]]:
         """Apply queued commands; returns (request_id, error) for adds the engine refused."""

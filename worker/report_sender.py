@@ -1,0 +1,53 @@
+"""A worker's step reports to the scheduler, one call in flight: while the scheduler has not
+taken the last report, the outputs of the steps after it wait and then go in one call."""
+from __future__ import annotations
+
+from typing import Callable
+
+from worker.output import pack_outputs
+
+
+class ReportSender:
+    """Used by the worker's engine thread only.
+
+    A scheduler that keeps up (the usual case: a report takes it well under a millisecond,
+    a step takes tens) gets one report per step, as soon as the step ends. One that falls
+    behind (hundreds of workers, a burst of finished jobs, a pause) gets fewer, larger
+    reports instead of a queue of calls that grows as long as it stays behind; each
+    sample's outputs still arrive in step order. ``wake`` is called (from another thread)
+    when the call in flight ends, so that a worker with nothing to step sends what waits.
+    """
+
+    def __init__(self, scheduler, worker_id: str, wake: Callable[[], None]) -> None:
+        self._scheduler = scheduler
+        self._worker_id = worker_id
+        self._wake = wake
+        self._in_flight = None  # the future of the last report call
+        self._outputs: list = []
+        self._rejected: list = []
+        self._load: dict | None = None
+        self._reported_load: dict | None = None
+        self.sent = 0  # numbers each report: the scheduler applies them in this order
+
+    def add(self, outputs: list, rejected: list, load: dict) -> None:
+        """One step's outputs and refused adds, and the load after it."""
+        self._outputs += outputs
+        self._rejected += rejected
+        self._load = load
+
+    def send(self, even_in_flight: bool = False) -> None:
+        """Send what waits, unless nothing does (an idle worker still reports while its load
+        changes: its tokens/s falls to 0 as its last steps leave the rate window) or the last
+        call is still in flight (``even_in_flight``: send anyway, as the worker stops)."""
+        if not (self._outputs or self._rejected or self._load != self._reported_load):
+            return
+        if not even_in_flight and self._in_flight is not None and not self._in_flight.done():
+            return
+        ref = self._scheduler.report.remote(self._worker_id, self.sent,
+                                            pack_outputs(self._outputs), self._rejected,
+                                            self._load)
+        self.sent += 1
+        self._reported_load = self._load
+        self._outputs, self._rejected = [], []
+        self._in_flight = ref.future()
+        self._in_flight.add_done_callback(lambda _: self._wake())
