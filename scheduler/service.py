@@ -1106,9 +1106,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _death_reason(exc: BaseException) -> str:
-    """Ray's word on why an actor died, without its boilerplate: "it was killed by
-    `ray.kill`.", "its worker process has died. Worker exit type: SYSTEM_ERROR ..."."""
-    reason = _one_line(exc).split(" Some common causes")[0]
+    """Ray's word on why an actor died, short: "it was killed by `ray.kill`."."""
+    reason = _one_line(exc)
+    if "its worker process has died" in reason:  # then a paragraph on the exit's causes
+        return "its process ended unexpectedly (killed, out of memory, or crashed)"
     return reason.removeprefix("The actor is dead because ")
 
 
