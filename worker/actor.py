@@ -17,6 +17,10 @@ from worker.log_tail import own_log_tail, stderr_file
 from worker.report_sender import ReportSender
 
 
+IDLE_POLL_S = 0.5  # how long an idle worker waits for commands before it looks at its load
+REPORT_POLL_S = 0.005  # how long, while a report waits for the one in flight
+
+
 @ray.remote(max_restarts=0, max_task_retries=0)
 class WorkerActor:
     """Asks Ray for ``{"NPU": 1}`` (set by the scheduler at creation)."""
@@ -42,7 +46,7 @@ class WorkerActor:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._commands = EngineCommands(self.engine)
-        self._reports = ReportSender(scheduler, worker_id, lambda: self._inbox.put(("wake",)))
+        self._reports = ReportSender(scheduler, worker_id)
 
     def info(self) -> dict:
         """What the scheduler needs to route to this worker. Raises the engine's config or
@@ -97,20 +101,24 @@ class WorkerActor:
     # -- the engine thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        report_waits = False
         try:
             while not self._stopping.is_set():
-                rejected = self._drain_inbox(block=not self.engine.has_unfinished())
+                # an idle worker waits for commands, looking often whether a report must go
+                idle_wait_s = REPORT_POLL_S if report_waits else IDLE_POLL_S
+                rejected = self._drain_inbox(0 if self.engine.has_unfinished() else idle_wait_s)
                 outputs = self.engine.step() if self.engine.has_unfinished() else []
                 self._reports.add(outputs, rejected, self.load())
-                self._reports.send()
+                report_waits = self._reports.send()
         finally:  # stopped, or the engine failed: the tokens it made so far are not lost
             self._reports.send(even_in_flight=True)
 
-    def _drain_inbox(self, block: bool) -> list[tuple[str, str]]:
-        """Apply queued commands; returns (request_id, error) for adds the engine refused."""
+    def _drain_inbox(self, wait_s: float) -> list[tuple[str, str]]:
+        """Apply queued commands, waiting up to ``wait_s`` for the first; returns (request_id,
+        error) for adds the engine refused."""
         rejected = []
         try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            command = self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait()
             while True:
                 error = self._commands.apply(command)
                 if error is not None:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+import ray
+
 from worker.output import pack_outputs
+
+
+def call_returned(ref) -> bool:
+    """Whether a call has returned (or failed), without waiting. ~0.05 ms; watching the call
+    through ``ref.future()`` cost its worker 0.15 ms per step in a thread switch."""
+    ready, _ = ray.wait([ref], timeout=0, fetch_local=False)
+    return bool(ready)
 
 
 class ReportSender:
@@ -12,17 +21,17 @@ class ReportSender:
 
     A scheduler that keeps up (the usual case: a report takes it well under a millisecond,
     a step takes tens) gets one report per step, as soon as the step ends. One that falls
-    behind (hundreds of workers, a burst of finished jobs, a pause) gets fewer, larger
-    reports instead of a queue of calls that grows as long as it stays behind; each
-    sample's outputs still arrive in step order. ``wake`` is called (from another thread)
-    when the call in flight ends, so that a worker with nothing to step sends what waits.
+    behind (many workers, a burst of finished jobs, a pause) gets fewer, larger reports
+    instead of a queue of calls that grows as long as it stays behind; each sample's
+    outputs still arrive in step order.
     """
 
-    def __init__(self, scheduler, worker_id: str, wake: Callable[[], None]) -> None:
+    def __init__(self, scheduler, worker_id: str,
+                 returned: Callable[[object], bool] = call_returned) -> None:
         self._scheduler = scheduler
         self._worker_id = worker_id
-        self._wake = wake
-        self._in_flight = None  # the future of the last report call
+        self._returned = returned
+        self._in_flight = None  # the last report call
         self._outputs: list = []
         self._rejected: list = []
         self._load: dict | None = None
@@ -35,19 +44,19 @@ class ReportSender:
         self._rejected += rejected
         self._load = load
 
-    def send(self, even_in_flight: bool = False) -> None:
+    def send(self, even_in_flight: bool = False) -> bool:
         """Send what waits, unless nothing does (an idle worker still reports while its load
         changes: its tokens/s falls to 0 as its last steps leave the rate window) or the last
-        call is still in flight (``even_in_flight``: send anyway, as the worker stops)."""
+        call is still in flight (``even_in_flight``: send anyway, as the worker stops).
+        Returns whether something is left waiting."""
         if not (self._outputs or self._rejected or self._load != self._reported_load):
-            return
-        if not even_in_flight and self._in_flight is not None and not self._in_flight.done():
-            return
-        ref = self._scheduler.report.remote(self._worker_id, self.sent,
-                                            pack_outputs(self._outputs), self._rejected,
-                                            self._load)
+            return False
+        if (not even_in_flight and self._in_flight is not None
+                and not self._returned(self._in_flight)):
+            return True
+        self._in_flight = self._scheduler.report.remote(
+            self._worker_id, self.sent, pack_outputs(self._outputs), self._rejected, self._load)
         self.sent += 1
         self._reported_load = self._load
         self._outputs, self._rejected = [], []
-        self._in_flight = ref.future()
-        self._in_flight.add_done_callback(lambda _: self._wake())
+        return False
