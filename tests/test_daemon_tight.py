@@ -163,6 +163,12 @@ def test_a_job_that_makes_engines_fail_is_failed_alone(client):
     failed = pids - {w["pid"] for w in workers}
     assert failed and all(wait_for(lambda: process_gone(pid), timeout=30, what="an ended worker")
                           for pid in failed)
+    # where the engine raised is in the failed worker's log (the scheduler keeps one line;
+    # the traceback was nowhere)
+    gone = [g for g in status["gone_workers"] if g["why"].startswith("its engine failed")]
+    *_, tail = client.logs(200, [gone[-1]["worker_id"]])
+    assert "Traceback (most recent call last):" in tail["lines"]
+    assert "RuntimeError: injected device fault: the step held the poison tokens" in tail["lines"]
 
 
 def test_the_cli_prints_the_other_jobs_past_a_failed_one(client, capsys):

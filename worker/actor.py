@@ -16,6 +16,7 @@ from worker.device import device_index_from_ray_ids
 from worker.log_tail import own_log_tail, stderr_file
 from worker.report_sender import ReportSender
 
+log = logging.getLogger("pagedserve.worker")
 
 IDLE_POLL_S = 0.5  # how long an idle worker waits for commands before it looks at its load
 REPORT_POLL_S = 0.005  # how long, while a report waits for the one in flight
@@ -110,6 +111,9 @@ class WorkerActor:
                 outputs = self.engine.step() if self.engine.has_unfinished() else []
                 self._reports.add(outputs, rejected, self.load())
                 report_waits = self._reports.send()
+        except Exception:  # the scheduler keeps one line; the traceback stays in this log
+            log.exception("worker %s: its engine failed", self.worker_id)
+            raise
         finally:  # stopped, or the engine failed: the tokens it made so far are not lost
             self._reports.send(even_in_flight=True)
 
