@@ -1,6 +1,8 @@
 """A worker's step reports: one per step while the scheduler keeps up, merged while it lags."""
 import types
 
+import pytest
+
 from worker.output import RequestOutput, unpack_outputs
 from worker.report_sender import ReportSender
 
@@ -71,3 +73,21 @@ def test_an_idle_worker_reports_only_a_changed_load_and_a_stopping_one_sends_at_
     sender.send(even_in_flight=True)  # the worker stops: nothing waits for the call in flight
     assert [call[:2] for call in scheduler.calls] == [(0, []), (1, [("a", [9])]),
                                                       (2, [("a", [10])])]
+
+
+def test_an_idle_worker_looks_less_often_the_longer_the_scheduler_takes():
+    """It looked every 5 ms however long the call stayed in flight: a scheduler stalled for
+    seconds had each idle worker spend ~3% of a core looking."""
+    now = [100.0]
+    scheduler = Scheduler()
+    sender = ReportSender(scheduler, "w1", returned=lambda call: call in scheduler.returned,
+                          clock=lambda: now[0])
+    sender.add([out("a", 0)], [], {"running": 1})
+    sender.send()
+    sender.add([out("a", 1)], [], {"running": 0})
+    assert sender.send() is True
+    assert sender.poll_s(0.5) == 0.005  # a scheduler that keeps up answers within a few ms
+    now[0] += 0.2
+    assert sender.poll_s(0.5) == pytest.approx(0.05)  # late by a quarter more at most
+    now[0] += 10
+    assert sender.poll_s(0.5) == 0.5  # no longer than an idle worker waits anyway

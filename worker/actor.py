@@ -19,7 +19,6 @@ from worker.report_sender import ReportSender
 log = logging.getLogger("pagedserve.worker")
 
 IDLE_POLL_S = 0.5  # how long an idle worker waits for commands before it looks at its load
-REPORT_POLL_S = 0.005  # how long, while a report waits for the one in flight
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -106,7 +105,7 @@ class WorkerActor:
         try:
             while not self._stopping.is_set():
                 # an idle worker waits for commands, looking often whether a report must go
-                idle_wait_s = REPORT_POLL_S if report_waits else IDLE_POLL_S
+                idle_wait_s = self._reports.poll_s(IDLE_POLL_S) if report_waits else IDLE_POLL_S
                 rejected = self._drain_inbox(0 if self.engine.has_unfinished() else idle_wait_s)
                 outputs = self.engine.step() if self.engine.has_unfinished() else []
                 self._reports.add(outputs, rejected, self.load())

@@ -2,11 +2,14 @@
 taken the last report, the outputs of the steps after it wait and then go in one call."""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import ray
 
 from worker.output import pack_outputs
+
+REPORT_POLL_S = 0.005  # how soon an idle worker first looks again whether the call returned
 
 
 def call_returned(ref) -> bool:
@@ -27,11 +30,14 @@ class ReportSender:
     """
 
     def __init__(self, scheduler, worker_id: str,
-                 returned: Callable[[object], bool] = call_returned) -> None:
+                 returned: Callable[[object], bool] = call_returned,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._scheduler = scheduler
         self._worker_id = worker_id
         self._returned = returned
+        self._clock = clock
         self._in_flight = None  # the last report call
+        self._sent_at = 0.0  # when it was made (clock())
         self._outputs: list = []
         self._rejected: list = []
         self._load: dict | None = None
@@ -56,7 +62,16 @@ class ReportSender:
             return True
         self._in_flight = self._scheduler.report.remote(
             self._worker_id, self.sent, pack_outputs(self._outputs), self._rejected, self._load)
+        self._sent_at = self._clock()
         self.sent += 1
         self._reported_load = self._load
         self._outputs, self._rejected = [], []
         return False
+
+    def poll_s(self, idle_s: float) -> float:
+        """How long an idle worker whose report waits may wait for commands before it looks
+        again whether the call in flight returned: REPORT_POLL_S at first, then a quarter of
+        how long the call has been in flight (what waits is then late by at most a quarter
+        more), up to ``idle_s``. Every 5 ms throughout, a scheduler stalled for seconds had
+        each idle worker spend ~3% of a core looking."""
+        return min(idle_s, max(REPORT_POLL_S, (self._clock() - self._sent_at) / 4))
