@@ -1107,6 +1107,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _death_reason(exc: BaseException) -> str:
     """Ray's word on why an actor died, short: "it was killed by `ray.kill`."."""
+    if isinstance(exc, ActorUnavailableError):  # Ray: "temporarily"; it is killed all the same
+        return "unreachable: its node went down or lost touch with the cluster"
     reason = _one_line(exc)
     if "its worker process has died" in reason:  # then a paragraph on the exit's causes
         return "its process ended unexpectedly (killed, out of memory, or crashed)"

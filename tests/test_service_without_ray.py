@@ -7,6 +7,7 @@ import types
 
 import pytest
 import ray
+from ray.exceptions import ActorUnavailableError
 
 from cluster.journal import Journal
 from scheduler import service
@@ -112,6 +113,16 @@ def test_a_worker_killed_for_a_missing_report_is_not_killed_again_for_its_silenc
     # status says that the scheduler killed it and why, not only Ray's "killed by ray.kill"
     gone, = scheduler.status()["gone_workers"]
     assert (gone["worker_id"], gone["why"]) == ("stuck", "killed: a report of it went missing")
+
+
+def test_a_worker_cut_off_with_its_node_is_said_unreachable_not_temporarily_unavailable():
+    """What Ray raised to the scheduler's run() call when a worker's node was killed: status
+    showed it whole, "temporarily unavailable ... may or may not have been executed", for a
+    worker the scheduler then ended."""
+    cut_off = ActorUnavailableError("The actor is temporarily unavailable: RpcError: RPC error: "
+                                    "Socket closed rpc_code: 14", b"\xd9" * 16)
+    assert service._death_reason(cut_off) == ("unreachable: its node went down or lost touch "
+                                              "with the cluster")
 
 
 def test_a_waiting_call_refused_for_its_job_id_gives_its_slot_back(new_service):
