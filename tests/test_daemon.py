@@ -255,6 +255,10 @@ def test_killed_worker_loses_no_job(daemon, undisturbed, how):
     scheduler, tail = client.logs(500, [victim["worker_id"]])
     assert tail["gone"] == gone["why"] and tail["file"] == victim["log_file"]
     assert any(line.startswith("INFO:pagedserve.engine:KV cache: ") for line in tail["lines"])
+    if how == "kill -9":  # a gone worker's log since removed (or on a node that has left)
+        os.remove(victim["log_file"])
+        assert cli.main(["logs", "-n", "1"]) == 0  # every live process's log was read
+        assert cli.main(["logs", "-n", "1", "--worker", victim["worker_id"]]) == 1  # asked for
 
 
 def _busy_worker(client):
