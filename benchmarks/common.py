@@ -43,6 +43,14 @@ def stopwatch() -> Iterator[list[float]]:
         elapsed[0] = time.perf_counter() - start
 
 
+def stream_relay_latency(client, job_id: str, relay: list[float]) -> None:
+    """Stream a daemon job; each chunk's relay latency = arrival here - when the engine
+    emitted it."""
+    for delta in client.stream(job_id):
+        if delta.emitted_at is not None and delta.new_token_ids:
+            relay.append(time.time() - delta.emitted_at)
+
+
 def summary_ms(seconds: list[float]) -> dict:
     """Mean / p50 / p99 / max of a list of durations, in milliseconds."""
     ms = [s * 1e3 for s in seconds]

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (LlamaShape, build_random_llama, emit_json, machine_info,
-                               progress, random_token_ids, stopwatch, summary_ms, uniform_ints)
+                               progress, random_token_ids, stopwatch, stream_relay_latency,
+                               summary_ms, uniform_ints)
 from scheduler.sampling_params import SamplingParams
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -179,7 +180,8 @@ def through_daemon(client, jobs, workers: int) -> dict:
     placed = {client.status_of(j)["workers"][0] for j in ids}
     relay: list[float] = []
     ids = client.submit_many(*zip(*jobs))
-    threads = [threading.Thread(target=_drain, args=(client, j, relay)) for j in ids]
+    threads = [threading.Thread(target=stream_relay_latency, args=(client, j, relay))
+               for j in ids]
     for t in threads:
         t.start()
     for t in threads:
@@ -206,13 +208,6 @@ def run_round(model_dir: Path, llm, uncached_llm, jobs, local_first: bool) -> di
             "in_process": local, "daemon_1_worker": one, "daemon_2_workers": two,
             "in_process_pair": in_process_pair(model_dir, jobs),
             "split_without_contention": split_without_contention(uncached_llm, jobs)}
-
-
-def _drain(client, job_id: str, relay: list[float]) -> None:
-    """Stream a job; each chunk's relay latency = arrival here - when the engine emitted it."""
-    for delta in client.stream(job_id):
-        if delta.emitted_at is not None and delta.new_token_ids:
-            relay.append(time.time() - delta.emitted_at)
 
 
 def main(argv=None) -> None:

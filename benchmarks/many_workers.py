@@ -15,9 +15,9 @@ import contextlib
 import statistics
 import sys
 import threading
-import time
 
-from benchmarks.common import emit_json, machine_info, progress, stopwatch, summary_ms
+from benchmarks.common import (emit_json, machine_info, progress, stopwatch,
+                               stream_relay_latency, summary_ms)
 from scheduler.sampling_params import SamplingParams
 
 OUTPUT_TOKENS = 64
@@ -34,7 +34,7 @@ def one_round(client, workers: int, jobs_per_worker: int, salt: str) -> dict:
     relay: list[float] = []
     with stopwatch() as elapsed:
         ids = client.submit_many(jobs(workers * jobs_per_worker, salt), params)
-        readers = [threading.Thread(target=_drain, args=(client, job_id, relay))
+        readers = [threading.Thread(target=stream_relay_latency, args=(client, job_id, relay))
                    for job_id in ids[:STREAMED_JOBS]]
         for reader in readers:
             reader.start()
@@ -45,12 +45,6 @@ def one_round(client, workers: int, jobs_per_worker: int, salt: str) -> dict:
     return {"jobs": len(ids), "output_tokens": tokens, "wall_s": round(elapsed[0], 3),
             "output_tokens_per_s": round(tokens / elapsed[0], 1),
             "relay_latency_per_streamed_chunk": summary_ms(relay)}
-
-
-def _drain(client, job_id: str, relay: list[float]) -> None:
-    for delta in client.stream(job_id):
-        if delta.emitted_at is not None and delta.new_token_ids:
-            relay.append(time.time() - delta.emitted_at)
 
 
 def main(argv=None) -> None:
