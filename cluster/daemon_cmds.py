@@ -200,15 +200,16 @@ def format_status(status: dict) -> str:
               for key, value in status.items()}
     lines += [note.format(**counts) for key, note in STATUS_NOTES if status.get(key)]
     if status.get("gone_workers"):
-        lines.append(_gone_note(status["gone_workers"]))
+        lines.append(_gone_note(status["gone_workers"], status.get("workers_gone", 0)))
     return "\n".join(lines)
 
 
-def _gone_note(gone: list[dict]) -> str:
+def _gone_note(gone: list[dict], total: int) -> str:
     latest = gone[-1]
-    return (f"gone: {counted(len(gone), 'worker')} lately, the last {latest['worker_id']} "
-            f"{span(latest['gone_for_s'])} ago ({latest['why']}); `pagedserve logs` shows "
-            "the end of their logs")
+    logs = "its log" if len(gone) == 1 else f"the last {len(gone)}'s logs"
+    return (f"gone: {counted(max(total, len(gone)), 'worker')} since the scheduler started, the "
+            f"last {latest['worker_id']} {span(latest['gone_for_s'])} ago ({latest['why']}); "
+            f"`pagedserve logs` shows the end of {logs}")
 
 
 def _percent(part: int, whole: int) -> str:

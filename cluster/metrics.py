@@ -57,6 +57,9 @@ class DaemonCollector:
                           lambda w: w.get("preemptions", 0))
         yield _total_counter("failovers", "Samples re-routed after their worker died, since "
                              "the scheduler started", status.get("failovers", 0), started)
+        yield _total_counter("workers_gone", "Workers that died, were killed as hung or whose "
+                             "engine failed (then replaced), since the scheduler started",
+                             status.get("workers_gone", 0), started)
         yield _total_counter("hung_workers_killed", "Workers killed for not stepping nor "
                              "answering while they had work, since the scheduler started",
                              status.get("stalled_workers_killed", 0), started)

@@ -33,12 +33,14 @@ class GoneWorkers:
 
     def __init__(self) -> None:
         self._gone: collections.deque[GoneWorker] = collections.deque(maxlen=GONE_WORKERS_KEPT)
+        self.total = 0  # since the scheduler started, the ones no longer kept too
 
     def add(self, slot, why: str) -> None:
         """``slot``: the scheduler's WorkerSlot of a worker that had started (its ``info``
         is what the worker said then)."""
         self._gone.append(GoneWorker(slot.worker_id, slot.node_id, slot.info.get("pid"),
                                      slot.info.get("log_file"), why, time.time()))
+        self.total += 1
 
     def __iter__(self):
         return iter(self._gone)

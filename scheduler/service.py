@@ -990,6 +990,7 @@ class SchedulerService:
             "worker_start_failures": self.worker_start_failures,
             "placement_problem": self.placement_problem,
             "gone_workers": self.gone_workers.summaries(),
+            "workers_gone": self.gone_workers.total,
             "config": self.options.config,
         }
 

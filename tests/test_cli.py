@@ -376,10 +376,12 @@ def test_the_status_table_names_the_last_gone_worker_and_where_its_log_is():
              "gone_for_s": 4000.0},
             {"worker_id": "w2", "node_id": "n1", "pid": 8,
              "why": "died: it was killed by `ray.kill`.", "gone_for_s": 95.0}]
-    status = {"workers": [], "jobs_unfinished": 0, "failovers": 3}
+    status = {"workers": [], "jobs_unfinished": 0, "failovers": 3, "workers_gone": 11}
     assert daemon_cmds.format_status({**status, "gone_workers": gone}).splitlines()[-1] == (
-        "gone: 2 workers lately, the last w2 2 min ago (died: it was killed by `ray.kill`.); "
-        "`pagedserve logs` shows the end of their logs")
+        "gone: 11 workers since the scheduler started, the last w2 2 min ago (died: it was "
+        "killed by `ray.kill`.); `pagedserve logs` shows the end of the last 2's logs")
+    one = daemon_cmds.format_status({**status, "gone_workers": gone[1:], "workers_gone": 1})
+    assert one.splitlines()[-1].endswith("`pagedserve logs` shows the end of its log")
     assert "gone:" not in daemon_cmds.format_status({**status, "gone_workers": []})
 
 

@@ -54,7 +54,7 @@ def test_a_stream_of_first_chunks_only_has_no_tpot():
 
 STATUS = {"workers": [{"worker_id": "w1", "ready": True, "running": 2, "waiting": 1,
                        "kv_used": 4, "kv_total": 16, "preemptions": 3}],
-          "pending_samples": 1, "jobs_unfinished": 4, "failovers": 2}
+          "pending_samples": 1, "jobs_unfinished": 4, "failovers": 2, "workers_gone": 5}
 
 
 def test_a_scrape_says_whether_the_daemon_answered():
@@ -73,9 +73,11 @@ def test_the_counters_a_scheduler_restart_resets_carry_its_start_as_created():
     tells a scraper when a counter started, as the server's own counters already do."""
     started_at = time.time() - 100
     scraped = samples(ServerMetrics(), {**STATUS, "started_at": started_at})
-    for name in ("failovers", "hung_workers_killed", "engine_failures", "worker_start_failures"):
+    for name in ("failovers", "workers_gone", "hung_workers_killed", "engine_failures",
+                 "worker_start_failures"):
         assert scraped[f"pagedserve_{name}_created"] == started_at
     assert scraped["pagedserve_failovers_total"] == 2
+    assert scraped["pagedserve_workers_gone_total"] == 5
 
 
 def stream_events(outputs, meter):

@@ -11,6 +11,7 @@ from ray.exceptions import ActorUnavailableError
 
 from cluster.journal import Journal
 from scheduler import service
+from scheduler.gone_workers import GONE_WORKERS_KEPT
 from scheduler.router import WorkerLoad
 from scheduler.sampling_params import InvalidRequestError
 from worker.output import RequestOutput
@@ -123,6 +124,19 @@ def test_a_worker_cut_off_with_its_node_is_said_unreachable_not_temporarily_unav
                                     "Socket closed rpc_code: 14", b"\xd9" * 16)
     assert service._death_reason(cut_off) == ("unreachable: its node went down or lost touch "
                                               "with the cluster")
+
+
+def test_the_gone_workers_kept_are_the_latest_and_all_are_counted(new_service):
+    async def lose_workers():
+        scheduler = new_service()
+        for i in range(GONE_WORKERS_KEPT + 2):
+            scheduler._on_worker_gone(add_worker(scheduler, f"w{i}"), f"died: {i}")
+        return scheduler.status()
+
+    status = asyncio.run(lose_workers())
+    assert [g["worker_id"] for g in status["gone_workers"]] == [
+        f"w{i}" for i in range(2, GONE_WORKERS_KEPT + 2)]
+    assert status["workers_gone"] == GONE_WORKERS_KEPT + 2
 
 
 def test_a_waiting_call_refused_for_its_job_id_gives_its_slot_back(new_service):
