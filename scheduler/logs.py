@@ -9,7 +9,7 @@ from ray.exceptions import (ActorUnavailableError, RayActorError, RayError, RayT
                             TaskUnschedulableError)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from scheduler.gone_workers import GoneWorker
+from scheduler.gone_workers import GONE_WORKERS_KEPT, GoneWorker
 from scheduler.sampling_params import InvalidRequestError
 from worker.log_tail import own_log_tail, tail_lines
 
@@ -22,7 +22,9 @@ def check_log_request(count, worker_ids, known: set[str]) -> None:
             f"lines must be an integer in [1, {MAX_LOG_LINES}], got {count!r}")
     unknown = [w for w in worker_ids or () if w not in known]
     if unknown:
-        raise InvalidRequestError(f"no worker {unknown[0]!r}; `pagedserve status` lists them")
+        raise InvalidRequestError(
+            f"no worker {unknown[0]!r} running or among the {GONE_WORKERS_KEPT} gone most "
+            "recently; `pagedserve status` lists those running")
 
 
 async def log_tails(workers: list, gone: list[GoneWorker], count: int,
