@@ -1,8 +1,11 @@
 """A worker's step reports: one per step while the scheduler keeps up, merged while it lags."""
+import queue
+import threading
 import types
 
 import pytest
 
+from worker.actor import WorkerActor
 from worker.output import RequestOutput, unpack_outputs
 from worker.report_sender import ReportSender
 
@@ -91,3 +94,28 @@ def test_an_idle_worker_looks_less_often_the_longer_the_scheduler_takes():
     assert sender.poll_s(0.5) == pytest.approx(0.05)  # late by a quarter more at most
     now[0] += 10
     assert sender.poll_s(0.5) == 0.5  # no longer than an idle worker waits anyway
+
+
+def test_an_engine_error_reaches_the_scheduler_even_if_the_last_report_cannot_be_sent():
+    """The worker's loop sends what waits as it ends; an error there replaced the engine's,
+    which the scheduler keeps as why the worker went (and whose samples it quarantines)."""
+    class FailingEngine:
+        def has_unfinished(self):
+            return True
+
+        def step(self):
+            raise RuntimeError("device fault")
+
+    class UnsendableReports:
+        def add(self, *step):
+            pass
+
+        def send(self, even_in_flight=False):
+            raise ValueError("cannot pack the outputs")
+
+    cls = WorkerActor.__ray_actor_class__  # the class as written, without Ray's actor wrapper
+    worker = cls.__new__(cls)
+    worker.worker_id, worker.engine, worker._reports = "w1", FailingEngine(), UnsendableReports()
+    worker._stopping, worker._inbox, worker.load = threading.Event(), queue.SimpleQueue(), dict
+    with pytest.raises(RuntimeError, match="device fault"):
+        worker._loop()

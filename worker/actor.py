@@ -114,7 +114,13 @@ class WorkerActor:
             log.exception("worker %s: its engine failed", self.worker_id)
             raise
         finally:  # stopped, or the engine failed: the tokens it made so far are not lost
+            self._send_last_report()
+
+    def _send_last_report(self) -> None:
+        try:
             self._reports.send(even_in_flight=True)
+        except Exception:  # logged, not raised: the engine's own error must reach the scheduler
+            log.exception("worker %s: its last report could not be sent", self.worker_id)
 
     def _drain_inbox(self, wait_s: float) -> list[tuple[str, str]]:
         """Apply queued commands, waiting up to ``wait_s`` for the first; returns (request_id,
