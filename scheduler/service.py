@@ -737,10 +737,13 @@ class SchedulerService:
             self._kill_stalled(slot, "killed: a report of it went missing")
         quiet = [slot for slot in self.workers.values()
                  if timeout and slot.info and slot.samples and now - slot.last_heard > timeout]
+        heard = [slot.last_heard for slot in quiet]
         answers = await asyncio.gather(*(answers_stats(slot.actor, min(timeout, PING_TIMEOUT_S))
                                          for slot in quiet))
-        for slot, answered in zip(quiet, answers):
-            silent_s = time.monotonic() - slot.last_heard
+        for slot, last_heard, answered in zip(quiet, heard, answers):
+            if slot.last_heard != last_heard or self.workers.get(slot.worker_id) is not slot:
+                continue  # it reported meanwhile (this scheduler was held up itself), or went
+            silent_s = time.monotonic() - last_heard
             slot.last_heard = time.monotonic()
             if answered:
                 log.warning("worker %s has not finished a step for %.0f s, but answers",

@@ -126,6 +126,28 @@ def test_a_worker_cut_off_with_its_node_is_said_unreachable_not_temporarily_unav
                                               "with the cluster")
 
 
+def test_a_quiet_worker_that_reports_while_it_is_pinged_is_left_alone(new_service, monkeypatch):
+    """A scheduler held up itself (stopped, or its host swapping) hears nothing for a while,
+    then every worker's reports at once: a worker that reported while its ping went
+    unanswered was killed as hung all the same, with "no step for 0 s" as why."""
+    async def look():
+        scheduler = new_service()
+        slot = add_worker(scheduler, "busy")
+        scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, "job")])
+        slot.last_heard = time.monotonic() - 120
+
+        async def reports_then_misses_the_ping(actor, timeout: float) -> bool:
+            scheduler.report("busy", 0, [], [], {"free_blocks": 100})
+            return False
+
+        monkeypatch.setattr(service, "answers_stats", reports_then_misses_the_ping)
+        await scheduler._kill_hung_workers()
+        return scheduler
+
+    scheduler = asyncio.run(look())
+    assert scheduler.stalled_workers_killed == 0 and "busy" in scheduler.workers
+
+
 def test_the_gone_workers_kept_are_the_latest_and_all_are_counted(new_service):
     async def lose_workers():
         scheduler = new_service()
