@@ -108,13 +108,15 @@ class Client:
         lost_at, retried = None, False
         with self._lent(method in WAITING_METHODS) as caller:
             while True:
+                if lost_at is None:  # since when it has not answered
+                    asked_at = time.monotonic()
                 try:
                     ref = self._remote(method, args, retried, caller)
                     if method in WAITING_METHODS:
                         self._liveness.block(ref, self._silent(method))
                     return ray.get(ref, timeout=self._answer_timeout(method)), retried
                 except (RayTaskError, *SCHEDULER_GONE) as exc:  # before TimeoutError: a job's
-                    lost_at = self._lost_since(exc, lost_at, retried)  # TimeoutError is both
+                    lost_at = self._call_lost_since(method, exc, lost_at, retried, asked_at)
                 except GetTimeoutError:
                     raise self._not_answering(method) from None
                 lost_at, retried = self._reconnect(lost_at), True
@@ -126,13 +128,15 @@ class Client:
         lost_at, retried = None, False
         with self._lent(method in WAITING_METHODS) as caller:
             while True:
+                if lost_at is None:  # since when it has not answered
+                    asked_at = time.monotonic()
                 try:
                     ref = self._remote(method, args, retried, caller)
                     if method in WAITING_METHODS:
                         return await self._liveness.wait(ref, self._silent(method)), retried
                     return await self._liveness.wait(ref, timeout=self.timeout_s), retried
                 except (RayTaskError, *SCHEDULER_GONE) as exc:  # see _call
-                    lost_at = self._lost_since(exc, lost_at, retried)
+                    lost_at = self._call_lost_since(method, exc, lost_at, retried, asked_at)
                 except asyncio.TimeoutError:
                     raise self._not_answering(method) from None
                 lost_at, retried = await self._areconnect(lost_at), True
@@ -215,6 +219,21 @@ class Client:
             f"the pagedserve scheduler has not answered for {self.timeout_s:g} s while "
             f"{method} waited: it is stuck or stopped (`pagedserve status` and `ray status` "
             "show more)")
+
+    def _call_lost_since(self, method: str, exc: BaseException, lost_at: float | None,
+                         retried: bool, asked_at: float) -> float:
+        """``_lost_since`` for a call (``asked_at``: when it was first asked since the scheduler
+        last answered), except that one that does not wait for jobs counts the outage from
+        then: a process not yet connected to a stopped scheduler hears ActorUnavailableError
+        from Ray only after ~20 s of trying, and waited timeout_s more on top of that."""
+        if method in WAITING_METHODS or isinstance(exc, RayTaskError):
+            return self._lost_since(exc, lost_at, retried)
+        if time.monotonic() - asked_at > self.timeout_s:
+            raise DaemonUnavailableError(
+                f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} s "
+                f"({type(exc).__name__}): it is stuck or stopped, or gone (`pagedserve status` "
+                "and `ray status` show more)") from None
+        return asked_at
 
     def _lost_since(self, exc: BaseException, lost_at: float | None,
                     retried: bool = False) -> float:

@@ -363,6 +363,39 @@ def test_a_stopped_scheduler_is_reported_in_one_error_not_waited_on_forever(daem
     assert client.status()["scheduler_pid"] == pid
 
 
+STATUS_FROM_A_NEW_PROCESS = """
+import sys, time
+from cluster.client import Client, DaemonUnavailableError
+client = Client(address=sys.argv[1], timeout_s=float(sys.argv[2]))
+started = time.monotonic()
+try:
+    client.status()
+except DaemonUnavailableError as exc:
+    print(f"{time.monotonic() - started:.1f} {exc}")
+"""
+
+
+def test_a_process_that_first_calls_a_stopped_scheduler_gives_up_after_its_timeout(daemon):
+    """A process with no connection to the scheduler yet gets ActorUnavailableError from Ray
+    after ~20 s of trying to connect to a stopped one; the call took that for a restart and
+    waited timeout_s more (`pagedserve logs`: 55 s for its 30, "gone ... did not come
+    back")."""
+    _, _, client = daemon
+    pid, timeout_s = client.status()["scheduler_pid"], 25
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        said = subprocess.run(
+            [sys.executable, "-c", STATUS_FROM_A_NEW_PROCESS,
+             ray.get_runtime_context().gcs_address, str(timeout_s)],
+            capture_output=True, text=True, timeout=3 * timeout_s + 60).stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    waited, error = said.split(" ", 1)
+    assert float(waited) < timeout_s + 5, said
+    assert "stuck or stopped" in error, said
+    assert client.status()["scheduler_pid"] == pid
+
+
 def test_calls_waiting_for_jobs_end_once_the_scheduler_stops_answering(daemon):
     """A result wait or a stream (an HTTP request in flight) has no answer timeout, since
     jobs may rightly take long: with the scheduler stopped (or deadlocked) they waited for as
