@@ -594,10 +594,11 @@ class Client:
         return await self._acall("status")
 
     def logs(self, lines: int = 40, worker_ids: list[str] | None = None) -> list[dict]:
-        """The last ``lines`` lines of the scheduler's log, then of each worker's (only those
-        of ``worker_ids`` if given), read on their own nodes: ``[{"source" ("scheduler" or a
-        worker id), "node_id", "pid", "file", "lines"}]``; a worker that does not answer has
-        an ``error`` instead."""
+        """The last ``lines`` lines of the scheduler's log, then of each worker's, then of each
+        of the workers gone most recently (only those of ``worker_ids`` if given), read on
+        their own nodes: ``[{"source" ("scheduler" or a worker id), "node_id", "pid", "file",
+        "lines"}]``, a gone worker's with ``gone`` (why) and ``gone_for_s``; one whose log
+        could not be read has an ``error`` instead of lines."""
         return self._call("logs", lines, worker_ids)
 
     def status_of(self, job_id: str) -> dict:
