@@ -42,6 +42,9 @@ MAX_SPAWN_FAILURES = 3
 # in turn; a job that merely shared a batch with it rarely meets it 3 times.
 MAX_WORKER_DEATHS_PER_SAMPLE = 3
 PING_TIMEOUT_S = 10.0  # how long a quiet worker has to answer before it is taken as hung
+# A watch round this much later than due means the scheduler itself was held up (its process
+# stopped, its host swapping, a long call blocking its event loop).
+HELD_UP_S = 2.0
 # Once enough workers are ready, how long wait_ready still waits for workers already loading, so
 # that `up` reports the capacity being brought up; bounded, because a worker whose actor cannot
 # be placed (its CPUs are missing) stays "starting" until resources appear.
@@ -680,14 +683,31 @@ class SchedulerService:
     # -- workers ---------------------------------------------------------------------------
 
     async def _reconcile_forever(self) -> None:
+        due = time.monotonic()
         while True:
             try:
+                self._excuse_silence_while_held_up(time.monotonic() - due)
                 await self._kill_hung_workers()
                 self._reconcile()
                 self._drain_pending()  # held past PENDING_HOLD_S for workers still loading
             except Exception:  # never let the watcher die: log and try again next round
                 log.exception("reconcile failed")
+            due = time.monotonic() + self.options.resource_poll_interval_s
             await asyncio.sleep(self.options.resource_poll_interval_s)
+
+    def _excuse_silence_while_held_up(self, late_s: float) -> None:
+        """Workers' reports wait in Ray's queue while this scheduler is held up, so their
+        silence says nothing about them: it is timed from now. (Pinged at once, every worker
+        answered and was logged as "has not finished a step for N s".)"""
+        if late_s < HELD_UP_S:
+            return
+        log.warning("the scheduler was held up for %.0f s (its process stopped, its host "
+                    "overloaded, or a long call); workers' silence is timed from now", late_s)
+        now = time.monotonic()
+        for slot in self.workers.values():
+            slot.last_heard = now
+            if slot.reports.missing_since is not None:
+                slot.reports.missing_since = now
 
     def _reconcile(self) -> None:
         """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead

@@ -148,6 +148,37 @@ def test_a_quiet_worker_that_reports_while_it_is_pinged_is_left_alone(new_servic
     assert scheduler.stalled_workers_killed == 0 and "busy" in scheduler.workers
 
 
+def test_a_scheduler_held_up_itself_does_not_take_its_workers_for_quiet(new_service,
+                                                                      monkeypatch):
+    """While the scheduler's event loop is blocked (its process stopped, say), reports wait in
+    Ray's queue: the workers' silence is the scheduler's own. Each worker was pinged and logged
+    as "has not finished a step for N s" when it ran again."""
+    pinged = []
+
+    async def answers(actor, timeout: float) -> bool:
+        pinged.append(actor)
+        return True
+
+    monkeypatch.setattr(service, "answers_stats", answers)
+    monkeypatch.setattr(service, "HELD_UP_S", 0.2)
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"Alive": True, "NodeID": "node", "Resources": {"NPU": 1.0, "CPU": 2.0}}])
+
+    async def held_up():
+        scheduler = new_service(worker_stall_timeout_s=0.3, resource_poll_interval_s=0.05)
+        add_worker(scheduler, "busy")
+        scheduler.submit_many([([1, 2, 3], {"max_tokens": 8}, 0, "job")])
+        watch = asyncio.get_running_loop().create_task(scheduler._reconcile_forever())
+        await asyncio.sleep(0.1)
+        time.sleep(0.5)  # the event loop held: no report can come, no watch round runs
+        await asyncio.sleep(0.15)
+        watch.cancel()
+        return scheduler
+
+    scheduler = asyncio.run(held_up())
+    assert pinged == [] and scheduler.workers["busy"].samples
+
+
 def test_the_gone_workers_kept_are_the_latest_and_all_are_counted(new_service):
     async def lose_workers():
         scheduler = new_service()
