@@ -25,8 +25,10 @@ BATCH_REFUSED = " (no job of the batch was queued)"  # said of a bad job of a ba
 class LLM:
     """``LLM(model="tiny").generate(prompts, params)`` returns outputs in input order.
 
-    ``workers=N`` runs the jobs through the daemon on an embedded local Ray cluster with N
-    simulated NPU workers instead of one in-process engine; call ``close()`` when done.
+    ``workers=N`` runs the jobs through the daemon instead of one in-process engine: on an
+    embedded local Ray cluster with N simulated NPU workers, or, when this process has already
+    joined a cluster (``ray.init``), on that one, with a worker per NPU there, N of them ready
+    before this returns; call ``close()`` when done.
     The engine options are EngineConfig's; vLLM's spellings of them are taken too.
     """
 
@@ -94,7 +96,8 @@ class LLM:
         """Run every prompt to completion. Bad input raises before any work is queued.
         A prompt is text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids":
         ...}``; without ``params``, ``default_params``. ``on_output(index, delta)`` sees each
-        incremental output (for streaming, progress); ``progress`` shows a bar of finished jobs
+        incremental output (for streaming, progress; in-process only: with ``workers=`` use
+        ``Client.stream``); ``progress`` shows a bar of finished jobs
         on stderr. vLLM's ``sampling_params``, ``use_tqdm`` and ``priority`` are taken for
         ``params``, ``progress`` and ``priorities``."""
         if self._closed:
