@@ -43,7 +43,7 @@ MAX_LOGIT_BIAS = 1024
 @dataclass(slots=True)
 class SamplingParams:
     """Sampling controls. ``temperature == 0`` (or below GREEDY_BELOW_TEMPERATURE) means greedy;
-    ``top_k <= 0`` disables top-k."""
+    ``top_k`` 0 or -1 disables top-k."""
 
     n: int = 1
     max_tokens: int = 16
