@@ -11,6 +11,7 @@ from cluster import bringup
 from cluster.batch_submit import sent_by
 from cluster.client import Client
 from cluster.config import PagedServeConfig, with_overrides
+from scheduler.wording import counted
 from worker.output import JobOutput
 
 log = logging.getLogger("pagedserve.embedded")
@@ -23,12 +24,9 @@ class EmbeddedDaemon:
 
     def __init__(self, cfg: PagedServeConfig) -> None:
         self._owns_ray = not ray.is_initialized()
-        if not self._owns_ray and bringup.find_scheduler() is not None:
-            # its config would not apply, and close() would take down a daemon not ours
-            raise ValueError("pagedserve is already up in the Ray cluster this process joined "
-                             "(by `pagedserve up`, or an LLM(workers=N) not yet closed): submit "
-                             "to it with cluster.Client, or take it down (`pagedserve down`, "
-                             "or that LLM's close()) first")
+        min_workers = max(1, cfg.cluster.simulated_npus)
+        if not self._owns_ray:
+            _check_joined_cluster(min_workers)
         self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
         self.config = with_overrides(
             cfg, scheduler={"journal_path": f"{self._scratch.name}/journal.msgpack"})
@@ -36,8 +34,7 @@ class EmbeddedDaemon:
             if self._owns_ray:
                 bringup.start_embedded(self.config)
             # at least one: with none detected (simulated_npus 0), `up` fails saying so
-            self.status = bringup.up(self.config,
-                                     min_workers=max(1, self.config.cluster.simulated_npus))
+            self.status = bringup.up(self.config, min_workers=min_workers)
             self.client = Client()
         except BaseException:  # a failed or interrupted start leaves nothing running
             try:
@@ -78,3 +75,19 @@ class EmbeddedDaemon:
             if self._owns_ray:
                 bringup.shutdown_ray()
             self._scratch.cleanup()
+
+
+def _check_joined_cluster(workers: int) -> None:
+    """A cluster this process joined must have no daemon yet, and NPUs for ``workers``: `up`
+    would wait the whole of its timeout for workers that cannot start."""
+    if bringup.find_scheduler() is not None:
+        # its config would not apply, and close() would take down a daemon not ours
+        raise ValueError("pagedserve is already up in the Ray cluster this process joined "
+                         "(by `pagedserve up`, or an LLM(workers=N) not yet closed): submit "
+                         "to it with cluster.Client, or take it down (`pagedserve down`, "
+                         "or that LLM's close()) first")
+    npus = ray.cluster_resources().get("NPU", 0)
+    if 0 < npus < workers:  # with none, `up` fails at once, saying how to give nodes NPUs
+        raise ValueError(f"the Ray cluster this process joined has {counted(npus, 'NPU')}, "
+                         f"fewer than workers={workers}: ask for at most that many, or add "
+                         "nodes with NPUs first")

@@ -28,7 +28,7 @@ class LLM:
     ``workers=N`` runs the jobs through the daemon instead of one in-process engine: on an
     embedded local Ray cluster with N simulated NPU workers, or, when this process has already
     joined a cluster (``ray.init``), on that one, with a worker per NPU there, N of them ready
-    before this returns; call ``close()`` when done.
+    before this returns (a ValueError at once if it has fewer); call ``close()`` when done.
     The engine options are EngineConfig's; vLLM's spellings of them are taken too.
     """
 

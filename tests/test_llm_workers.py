@@ -1,5 +1,6 @@
 """LLM(workers=N): the same Python API through the daemon on an embedded local Ray cluster."""
 import os
+import time
 
 import pytest
 import ray
@@ -8,6 +9,7 @@ import torch
 from cluster import bringup
 
 from cluster.llm import LLM
+from scheduler.service import NAMESPACE
 from scheduler.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
@@ -69,3 +71,19 @@ def test_an_interrupted_start_leaves_no_ray_running(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         LLM("tiny", workers=1)
     assert not ray.is_initialized()  # was: the embedded Ray left running, and its agents
+
+
+def test_more_workers_than_the_joined_clusters_npus_are_refused_at_once():
+    """On a cluster this process joined, with fewer NPUs than workers=N, LLM waited 5 minutes
+    for workers that could not start, then said that the daemon stayed up (it was taken down)."""
+    ray.init(address="local", num_cpus=2, resources={"NPU": 1}, namespace=NAMESPACE,
+             include_dashboard=False, log_to_driver=False)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"^the Ray cluster this process joined has 1 NPU, "
+                                             r"fewer than workers=2"):
+            LLM("tiny", workers=2)
+        assert time.monotonic() - started < 30
+        assert bringup.find_scheduler() is None  # nothing was started
+    finally:
+        ray.shutdown()
