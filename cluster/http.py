@@ -252,6 +252,8 @@ async def health(request: Request) -> Response:
 async def _health(client: Client) -> dict:
     try:
         status = await asyncio.wait_for(client.astatus(), HEALTH_TIMEOUT_S)
+    except DaemonNotUpError:  # taken down: the probe says so, as requests do
+        return {"status": "unavailable", "reason": "pagedserve is not up on this cluster"}
     except Exception as exc:
         log.warning("health: the scheduler does not answer: %s", _why_no_answer(exc))
         return {"status": "unavailable", "reason": "the scheduler does not answer"}
