@@ -1139,8 +1139,11 @@ def _death_reason(exc: BaseException) -> str:
     return reason.removeprefix("The actor is dead because ")
 
 
-# max_concurrency is set where it is created (cluster/bringup.py): see ANSWERING_CALLS
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+# max_concurrency is set where it is created (cluster/bringup.py): see ANSWERING_CALLS.
+# No Ray task events, here and on the workers: calls come every step of every worker and for
+# every job, and the GCS kept ~3 KB of event for each (up to its cap of 100,000 events) that
+# nobody reads; a 2-worker daemon's GCS grew by ~100 MiB in 90 s of tiny-model jobs.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, enable_task_events=False)
 class SchedulerActor:
     """The detached, named scheduler. Thin: every call goes to SchedulerService."""
 

@@ -21,7 +21,7 @@ log = logging.getLogger("pagedserve.worker")
 IDLE_POLL_S = 0.5  # how long an idle worker waits for commands before it looks at its load
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
+@ray.remote(max_restarts=0, max_task_retries=0, enable_task_events=False)  # see SchedulerActor
 class WorkerActor:
     """Asks Ray for ``{"NPU": 1}`` (set by the scheduler at creation)."""
 
