@@ -716,3 +716,21 @@ def test_a_stream_step_reads_only_the_new_tokens_however_long_the_output(llm):
         assert stream.emit().new_token_ids == [ord("b")]
     copied = req.token_ids.copied
     assert copied <= 100 * 4  # a few per step, not 20,000
+
+
+def test_a_fork_that_recomputes_does_not_score_the_prompt_again():
+    """One running sequence at most: sample 1 of an n = 2 job cannot join its parent's blocks and
+    recomputes its prompt; as a fork that joins, it must leave the prompt's scores to sample 0
+    and take the prefix cache's hits (scoring needs every position's logits, so no hits)."""
+    prompt = list(range(40, 88))
+    narrow = LLM("tiny", block_size=16, max_num_seqs=1)
+    params = SamplingParams(max_tokens=3, temperature=0, n=2, prompt_logprobs=1)
+    engine = narrow.engine
+    engine.add_request(prompt, params, request_id="job")
+    scored_by = set()
+    while engine.has_unfinished():
+        scored_by.update(o.index for o in engine.step() if o.prompt_logprobs is not None)
+    assert scored_by == {0}
+    stats = engine.stats()
+    assert stats.prefix_hit_tokens == 48  # sample 1 (49 tokens) reused its 3 full blocks
+    assert stats.prompt_tokens == len(prompt)  # so the prompt was computed once

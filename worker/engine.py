@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -170,8 +171,9 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use (by a job "
                                       "or a sample of one that is not done)")
         samples = [
-            Request(sample_id, prompt_ids, params, eos_token_ids=self.eos_token_ids,
-                    priority=priority, seed=sample_seed(params.seed, i), cache_salt=cache_salt,
+            Request(sample_id, prompt_ids, _sample_params(params, i),
+                    eos_token_ids=self.eos_token_ids, priority=priority,
+                    seed=sample_seed(params.seed, i), cache_salt=cache_salt,
                     token_ids=prompt_ids + resumed, queued_at=queued_at)
             for i, sample_id in enumerate(sample_ids)
         ]
@@ -336,6 +338,15 @@ class Engine:
             num_preemptions=self.batcher.num_preemptions, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated_tokens,
             tokens_per_s=window / span if span > 0 else 0.0)
+
+
+def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Only sample 0 scores the prompt: a later sample that recomputes it (its fork could not
+    join the parent's blocks) would redo that work without the prefix cache, and send the
+    scores again."""
+    if index == 0 or params.prompt_logprobs is None:
+        return params
+    return dataclasses.replace(params, prompt_logprobs=None)
 
 
 def _sampling_row(req: Request) -> SamplingRow:
