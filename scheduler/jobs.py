@@ -3,12 +3,11 @@ attempt numbers so that a re-routed sample never takes output twice, and a finis
 record for the journal."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
 
-from scheduler.sampling_params import SamplingParams, sample_seed
+from scheduler.sampling_params import SamplingParams, params_for_sample
 from worker.output import RequestOutput, pack_logprobs, unpack_logprobs
 
 # Tells apart jobs of one id in this process: a client may choose the id of a job that was
@@ -113,12 +112,7 @@ class JobState:
         return f"{self.job_id}/{sample.index}/{self.serial}.{sample.attempt}"
 
     def sample_params(self, index: int) -> SamplingParams:
-        """Sample ``index`` as its own n = 1 request (same tokens as an in-engine fork). Only
-        sample 0 scores the prompt: the others would repeat that work on a [prompt, vocab]
-        logits matrix each, and could not use the prefix cache."""
-        prompt_logprobs = self.params.prompt_logprobs if index == 0 else None
-        return dataclasses.replace(self.params, n=1, seed=sample_seed(self.params.seed, index),
-                                   prompt_logprobs=prompt_logprobs)
+        return params_for_sample(self.params, index)
 
     @property
     def awaits_prompt_logprobs(self) -> bool:

@@ -154,6 +154,16 @@ def sample_seed(seed: int | None, index: int) -> int | None:
     return (seed * 0x9E3779B1 + index) % (1 << 63)
 
 
+def params_for_sample(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample ``index`` of a job as its own n = 1 request, with the tokens an in-engine fork
+    would make: its own seed, and only sample 0 scores the prompt. Another sample doing so (a
+    fork that recomputes its prompt, or a sample sent to a worker alone) would repeat that work
+    on a [prompt, vocab] logits matrix, could not use the prefix cache, and send the scores
+    again."""
+    return replace(params, n=1, seed=sample_seed(params.seed, index),
+                   prompt_logprobs=params.prompt_logprobs if index == 0 else None)
+
+
 INT64 = (-(1 << 63), 1 << 63)  # the journal and the wire (msgpack) carry 64-bit integers
 
 

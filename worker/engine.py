@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import time
@@ -16,7 +15,8 @@ from scheduler.batching import (BatchingConfig, ContinuousBatcher, ScheduledBatc
                                 check_priority_type)
 from scheduler.prompts import job_prompt_ids, outside_vocab
 from scheduler.request import FinishReason, Request
-from scheduler.sampling_params import InvalidRequestError, SamplingParams, sample_seed
+from scheduler.sampling_params import (InvalidRequestError, SamplingParams,
+                                       params_for_sample)
 from worker.backends import get_backend
 from worker.host_memory import retain_freed_memory
 from worker.kv_sizing import (KVCacheSize, check_backend_limits, host_kv_claim, run_profile_step,
@@ -170,12 +170,12 @@ class Engine:
             # until its last output is out (an aborted job's: at the next step), an id is taken
             raise InvalidRequestError(f"request id {request_id!r} is already in use (by a job "
                                       "or a sample of one that is not done)")
+        per_sample = [params_for_sample(params, i) for i in range(params.n)]
         samples = [
-            Request(sample_id, prompt_ids, _sample_params(params, i),
-                    eos_token_ids=self.eos_token_ids, priority=priority,
-                    seed=sample_seed(params.seed, i), cache_salt=cache_salt,
+            Request(sample_id, prompt_ids, sample, eos_token_ids=self.eos_token_ids,
+                    priority=priority, seed=sample.seed, cache_salt=cache_salt,
                     token_ids=prompt_ids + resumed, queued_at=queued_at)
-            for i, sample_id in enumerate(sample_ids)
+            for sample_id, sample in zip(sample_ids, per_sample)
         ]
         streams = [SampleStream(req, request_id, i, self.tokenizer) for i, req in enumerate(samples)]
         self.batcher.add(samples[0])  # last: whatever raised above left nothing queued
@@ -338,15 +338,6 @@ class Engine:
             num_preemptions=self.batcher.num_preemptions, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated_tokens,
             tokens_per_s=window / span if span > 0 else 0.0)
-
-
-def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Only sample 0 scores the prompt: a later sample that recomputes it (its fork could not
-    join the parent's blocks) would redo that work without the prefix cache, and send the
-    scores again."""
-    if index == 0 or params.prompt_logprobs is None:
-        return params
-    return dataclasses.replace(params, prompt_logprobs=None)
 
 
 def _sampling_row(req: Request) -> SamplingRow:
