@@ -207,10 +207,16 @@ class Client:
         the others answer at once, unless the scheduler is stuck (or stopped)."""
         return None if method in WAITING_METHODS else self.timeout_s
 
-    def _not_answering(self, method: str) -> DaemonUnavailableError:
+    def _not_answering(self, method: str,
+                       error: BaseException | None = None) -> DaemonUnavailableError:
+        """``error``: what Ray raised instead of an answer, when it did (then the scheduler
+        may be gone, too)."""
+        raised = "" if error is None else f" ({type(error).__name__})"
+        or_gone = "" if error is None else ", or gone"
         return DaemonUnavailableError(
-            f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} s: it "
-            "is stuck or stopped (`pagedserve status` and `ray status` show more)")
+            f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} "
+            f"s{raised}: it is stuck or stopped{or_gone} (`pagedserve status` and `ray status` "
+            "show more)")
 
     def _silent(self, method: str) -> Callable[[], DaemonUnavailableError]:
         """The error for a call that waits for jobs (no answer timeout of its own) once the
@@ -229,10 +235,7 @@ class Client:
         if method in WAITING_METHODS or isinstance(exc, RayTaskError):
             return self._lost_since(exc, lost_at, retried)
         if time.monotonic() - asked_at > self.timeout_s:
-            raise DaemonUnavailableError(
-                f"the pagedserve scheduler did not answer {method} within {self.timeout_s:g} s "
-                f"({type(exc).__name__}): it is stuck or stopped, or gone (`pagedserve status` "
-                "and `ray status` show more)") from None
+            raise self._not_answering(method, exc) from None
         return asked_at
 
     def _lost_since(self, exc: BaseException, lost_at: float | None,
