@@ -762,7 +762,7 @@ class SchedulerService:
                                          for slot in quiet))
         for slot, last_heard, answered in zip(quiet, heard, answers):
             if slot.last_heard != last_heard or self.workers.get(slot.worker_id) is not slot:
-                continue  # it reported meanwhile (this scheduler was held up itself), or went
+                continue  # it reported while pinged (a long step ended), or went
             silent_s = time.monotonic() - last_heard
             slot.last_heard = time.monotonic()
             if answered:
