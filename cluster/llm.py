@@ -133,25 +133,31 @@ class LLM:
             raise
         return jobs
 
-    def chat(self, conversations: Sequence[dict] | Sequence[Sequence[dict]],
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             **options) -> list[JobOutput]:
+             add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+             chat_template: str | None = None, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None, **options) -> list[JobOutput]:
         """``generate`` for one conversation (a list of ``{"role", "content"}`` messages) or a
-        list of them, each rendered with the model's chat template (``chat_template_kwargs``
-        are the template's own variables); one output per conversation, holding the
-        assistant's reply."""
-        single = bool(conversations) and isinstance(conversations[0], dict)
-        conversations = [conversations] if single else list(conversations)
-        for i, messages in enumerate(conversations):
-            if not messages or not all(isinstance(m, dict) for m in messages):
+        list of them, each rendered with the model's chat template (or ``chat_template``); one
+        output per conversation, holding the assistant's reply. ``add_generation_prompt``
+        (default: unless ``continue_final_message``), ``continue_final_message`` and ``tools``
+        are the template's, as in vLLM; ``chat_template_kwargs`` are the template's own
+        variables, and override those."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        for i, conversation in enumerate(conversations):
+            if not conversation or not all(isinstance(m, dict) for m in conversation):
                 raise InvalidRequestError(
                     f"conversation {i} must be a non-empty list of message dicts "
                     f"({{'role': ..., 'content': ...}})")
-        prompts = [self.tokenizer.encode_chat([template_message(m) for m in messages],
-                                              add_generation_prompt=add_generation_prompt,
-                                              **(chat_template_kwargs or {}))
-                   for messages in conversations]
+        template_options = {"add_generation_prompt": add_generation_prompt,
+                            "continue_final_message": continue_final_message,
+                            "chat_template": chat_template, "tools": tools,
+                            **(chat_template_kwargs or {})}
+        prompts = [self.tokenizer.encode_chat([template_message(m) for m in conversation],
+                                              **template_options)
+                   for conversation in conversations]
         return self.generate(prompts, params, **options)
 
     def _submit_all(self, prompts, params_list, priorities) -> list[JobOutput]:

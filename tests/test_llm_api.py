@@ -114,6 +114,28 @@ def test_chat_takes_the_template_options(llm):
     assert continuing != replying
 
 
+def test_chat_takes_vllm_s_template_arguments(llm):
+    """chat_template, continue_final_message and tools were passed on to generate, which
+    refused them naming itself; chat_template_kwargs holding add_generation_prompt raised a
+    TypeError from the tokenizer (vLLM lets them override chat's own arguments)."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]
+    tokenizer = llm.tokenizer
+
+    def prompt_text(**options):
+        return tokenizer.decode(llm.chat(messages, GREEDY, **options)[0].prompt_token_ids,
+                                skip_special_tokens=False)
+
+    listing = "{% for m in messages %}{{ m.content }};{% endfor %}{{ tools }}"
+    assert prompt_text(chat_template=listing, tools=[{"name": "f"}]) == "hi;Sure;[{'name': 'f'}]"
+    assert prompt_text(continue_final_message=True).endswith("<|assistant|>Sure")
+    assert prompt_text(chat_template_kwargs={"add_generation_prompt": False}) == \
+        prompt_text(add_generation_prompt=False)
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(messages, GREEDY, add_generation_prompt=True, continue_final_message=True)
+    assert llm.chat(messages=messages, sampling_params=GREEDY)[0].prompt_token_ids == \
+        tokenizer.apply_chat_template(messages, tokenize=True)  # vLLM's argument names
+
+
 def test_tokenizer_answers_what_ported_scripts_ask(llm):
     tokenizer = llm.get_tokenizer()
     assert tokenizer.eos_token_id == tokenizer.eos_token_ids[0]

@@ -173,6 +173,34 @@ def test_a_template_testing_tools_or_documents_renders_as_in_transformers(tmp_pa
                                                              add_generation_prompt=False) == expected
 
 
+TRIMMING = TEMPLATE.replace("m['content'] }}", "m['content'] | trim }}")
+
+
+@pytest.mark.parametrize("final", ["Gleich", "Gleich  ", [{"type": "text", "text": "s"}]],
+                         ids=["text", "trailing-space", "parts"])
+@pytest.mark.parametrize("template", [TEMPLATE, TRIMMING], ids=["keeps-spaces", "trims"])
+def test_continuing_the_final_message_matches_transformers(both, final, template):
+    """continue_final_message and chat_template were taken as template variables: the
+    checkpoint's template rendered, and the last message ended as a finished turn."""
+    ours, hf = both
+    started = [*MESSAGES, {"role": "assistant", "content": final}]
+    expected = hf.apply_chat_template(started, chat_template=template, tokenize=False,
+                                      continue_final_message=True)
+    assert ours.apply_chat_template(started, chat_template=template,
+                                    continue_final_message=True) == expected
+    override = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+    assert ours.apply_chat_template(MESSAGES, chat_template=override) == hf.apply_chat_template(
+        MESSAGES, chat_template=override, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_template_arguments_it_cannot_serve_are_refused(both):
+    ours, _ = both
+    with pytest.raises(ChatTemplateError, match="cannot both"):
+        ours.apply_chat_template(MESSAGES, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(TypeError, match="does not take return_tensors"):
+        ours.apply_chat_template(MESSAGES, tokenize=True, return_tensors="pt")
+
+
 def test_token_bytes_give_a_split_character_its_own_bytes(bpe_dir):
     """Each byte-level piece maps back to its bytes, with the byte-level pre-tokenizer's own
     alphabet, including a character split over tokens (which decode alone as U+FFFD)."""

@@ -135,16 +135,32 @@ class Tokenizer:
         state = json.loads(decoder.__getstate__())
         return frozenset(step.get("type") for step in state.get("decoders") or [state])
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **extra: Any) -> str | list[int]:
-        """Render ``messages`` with the checkpoint's template: the text, or with ``tokenize``
-        its token ids (transformers' default is True; here it is the text, which is what a
-        prompt for ``generate`` usually is). ``extra`` are the template's own variables.
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool | None = None, tokenize: bool = False, *,
+                            chat_template: str | None = None, continue_final_message: bool = False,
+                            **extra: Any) -> str | list[int]:
+        """Render ``messages`` with the checkpoint's template (or ``chat_template``, a template
+        string): the text, or with ``tokenize`` its token ids (transformers' default is True;
+        here it is the text, which is what a prompt for ``generate`` usually is). ``extra`` are
+        the template's own variables.
+
+        ``add_generation_prompt`` (default: unless ``continue_final_message``) ends the text
+        where the assistant's reply begins; ``continue_final_message`` ends it right after the
+        last message's text instead, so that generation carries that message on.
 
         The rendered text already holds the template's special tokens (BOS included, if it
         writes one), so encode it with ``add_special_tokens=False``.
         """
-        template = self._template()
+        _refuse_unserved(extra)
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if add_generation_prompt and continue_final_message:
+            raise ChatTemplateError("add_generation_prompt and continue_final_message cannot both "
+                                    "be true: one starts a new assistant message, the other "
+                                    "carries the last message on")
+        template = self._template() if chat_template is None else _compiled(chat_template)
+        if continue_final_message:
+            messages = _marked_final_message(messages)
         try:
             text = template.render(
                 messages=messages,
@@ -158,9 +174,11 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - the template's own code (a filter's TypeError)
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        if continue_final_message:
+            text = _cut_at_mark(text)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool | None = None,
                     **extra: Any) -> list[int]:
         """The token ids of ``messages`` rendered with the chat template, ending where the
         assistant's reply begins (with ``add_generation_prompt``)."""
@@ -173,14 +191,68 @@ class Tokenizer:
                     "this tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
                     "chat_template.jinja); send a plain prompt instead of messages"
                 )
-            try:
-                self._compiled_template = _chat_environment().from_string(self.chat_template)
-            except jinja2.TemplateSyntaxError as exc:
-                raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+            self._compiled_template = _compiled(self.chat_template)
         return self._compiled_template
 
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
+
+
+# transformers' apply_chat_template arguments that shape its return value, which this one does
+# not do: taken as template variables, they were silently ignored
+UNSERVED_CHAT_ARGUMENTS = ("return_tensors", "return_dict", "padding", "truncation", "max_length",
+                           "tokenizer_kwargs", "return_assistant_tokens_mask")
+
+
+def _refuse_unserved(extra: dict[str, Any]) -> None:
+    unserved = [name for name in UNSERVED_CHAT_ARGUMENTS if extra.get(name) not in (None, False)]
+    if unserved:
+        raise TypeError(f"apply_chat_template() does not take {', '.join(unserved)}: it returns "
+                        "the text, or with tokenize=True a list of token ids")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    """A chat template compiled in the sandbox; cached, as a caller's override comes again."""
+    try:
+        return _chat_environment().from_string(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+
+
+# Put after the last message's text to find where it ends once rendered; its trailing space
+# shows whether the template trimmed the text (transformers then cuts the trimmed text too).
+CONTINUE_MARK = "<|pagedserve:continue|> "
+
+
+def _marked_final_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with CONTINUE_MARK after the last one's text (the last text part's, for
+    content parts); the caller's messages are left as they are."""
+    if not messages:
+        raise ChatTemplateError("continue_final_message needs a message to continue")
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, list):
+        texts = [i for i, part in enumerate(content) if isinstance(part, dict) and "text" in part]
+        if not texts:
+            raise ChatTemplateError("continue_final_message: the last message has no text to "
+                                    "continue")
+        content, part = list(content), texts[-1]
+        content[part] = {**content[part], "text": content[part]["text"] + CONTINUE_MARK}
+    elif isinstance(content, str):
+        content += CONTINUE_MARK
+    else:
+        raise ChatTemplateError("continue_final_message: the last message has no text to continue")
+    return [*messages[:-1], {**last, "content": content}]
+
+
+def _cut_at_mark(text: str) -> str:
+    """The rendered chat up to the end of the last message's text (marked by CONTINUE_MARK)."""
+    at = text.rfind(CONTINUE_MARK.rstrip())
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the chat template does not write the "
+                                "last message's text, so there is no place to continue it from")
+    return text[:at] if text.startswith(CONTINUE_MARK, at) else text[:at].rstrip()
 
 
 def byte_level_chars() -> dict[int, str]:
