@@ -7,6 +7,7 @@ import dataclasses
 import numbers
 from collections.abc import Sequence
 
+from cluster.config import EngineSection, int_at_least
 from scheduler.sampling_params import InvalidRequestError
 from worker.engine import EngineConfig, dtype_name
 
@@ -47,14 +48,29 @@ def engine_options(model: str, options: dict) -> dict:
                 continue
         if name in REFUSED:
             raise ValueError(f"{name}={value!r}: {REFUSED[name]}")
-        name = RENAMED.get(name, name)
+        spelled, name = name, RENAMED.get(name, name)
         if name not in fields or name == "model":
             raise ValueError(f"LLM() has no option {name!r}; its engine options are "
                              f"{', '.join(f for f in fields if f != 'model')}, and workers")
         if value is None and fields[name].default is not None:
             continue
-        out[name] = dtype_name(value) if name == "dtype" else value  # a daemon's config too
+        value = dtype_name(value) if name == "dtype" else value  # a daemon's config too
+        out[name] = _checked(name, value, spelled)
     return out
+
+
+def _checked(name: str, value: object, spelled: str) -> object:
+    """``value`` held to the daemon config's rule for it, so that LLM() refuses in one line
+    what LLM(workers=N) refuses: a string block_size or a float max_model_len failed deep in
+    torch, and a gpu_memory_utilization of 1.5 was taken."""
+    rule = ENGINE_RULES[name]
+    if not rule.accepts(value):
+        raise ValueError(f"{spelled}={value!r}: must be {rule.allowed}")
+    return rule.convert(value)
+
+
+ENGINE_RULES = {f.name: f.metadata["rule"] for f in dataclasses.fields(EngineSection)}
+ENGINE_RULES["device_index"] = int_at_least(0)  # the daemon gives each worker its own
 
 
 def from_vllm_spellings(spellings: dict, **ours) -> tuple:

@@ -49,9 +49,13 @@ def test_vllm_spellings_of_engine_options_are_taken():
                                          "directory's own tokenizer is used"),
     ({"swap_space": 4}, "LLM() has no option 'swap_space'; its engine options are device, "),
     ({"dtype": "int8"}, "dtype='int8': must be one of float32, bfloat16, float16, auto"),
+    ({"block_size": "16"}, "block_size='16': must be an integer >= 1"),
+    ({"max_model_len": 20.5}, "max_model_len=20.5: must be an integer >= 1, or null"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5: must be a number in (0, 1]"),
 ])
 def test_options_that_cannot_be_served_are_one_line(option, message):
-    """They raised TypeError naming an internal class (EngineConfig.__init__)."""
+    """They raised TypeError naming an internal class (EngineConfig.__init__); values of the
+    wrong type failed inside torch or numba, and a memory fraction above 1 was taken."""
     with pytest.raises(ValueError) as error:
         LLM(model="tiny", **option)
     assert str(error.value).startswith(message)
