@@ -127,6 +127,16 @@ def test_special_token_facts(both):
     assert ours.eos_token_ids == (hf.eos_token_id, 2)
 
 
+def test_transformers_helpers_ported_scripts_call_agree(both):
+    """len(), batch_decode, get_vocab and convert_ids_to_tokens were AttributeErrors."""
+    ours, hf = both
+    ids = [ours.encode(text) for text in SAMPLES[:3]]
+    assert ours.batch_decode(ids) == hf.batch_decode(ids, skip_special_tokens=True)
+    assert len(ours) == len(hf) and ours.get_vocab() == hf.get_vocab()
+    assert ours.convert_ids_to_tokens(ids[2]) == hf.convert_ids_to_tokens(ids[2])
+    assert ours.convert_ids_to_tokens(ids[2][1]) == hf.convert_ids_to_tokens(ids[2][1])
+
+
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_matches_hf(both, add_generation_prompt):
     ours, hf = both

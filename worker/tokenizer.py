@@ -90,6 +90,24 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` of each sequence (transformers' name, used by ported scripts)."""
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def __len__(self) -> int:
+        """The vocabulary size with added tokens, as ``len()`` of a transformers tokenizer."""
+        return self.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+        """The token strings (vocabulary pieces, not decoded text) of one id or a list."""
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        return [self._backend.id_to_token(i) for i in ids]
+
     def token_text(self, token_id: int) -> str:
         """One token decoded alone, special tokens included: vLLM's ``decoded_token`` and the
         token of OpenAI's logprobs. Cached (a decode costs ~1 us, a lookup ~0.05 us)."""
