@@ -83,6 +83,10 @@ class LLM:
         generation_config.json sampling fields over SamplingParams' defaults, as in vLLM."""
         return SamplingParams(**generation_defaults(resolve_model_path(self._model)))
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's name: a copy of ``default_params``, for a script to change and pass in."""
+        return self.default_params.checked_copy()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -105,6 +105,10 @@ def test_without_sampling_params_the_checkpoint_s_generation_config_decides(tmp_
     (directory / "generation_config.json").write_text(json.dumps({"temperature": -1}))
     with caplog.at_level(logging.WARNING), LLM(model=str(directory)) as llm:
         assert llm.default_params == SamplingParams()
+        mine = llm.get_default_sampling_params()  # vLLM's basic example changes it
+        mine.max_tokens = 3
+        assert llm.default_params.max_tokens == 16
+        assert llm.generate("hi", mine)[0].outputs[0].finished()
     assert "not using" in caplog.text and "temperature" in caplog.text
 
 

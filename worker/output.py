@@ -144,6 +144,10 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
+    def finished(self) -> bool:
+        """Whether this sample has ended (a method, as vLLM's CompletionOutput has it)."""
+        return self.finish_reason is not None
+
     @property
     def cumulative_logprob(self) -> float | None:
         """The sum of the sampled tokens' logprobs, when logprobs were asked for (as vLLM)."""
