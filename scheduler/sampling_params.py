@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -69,9 +70,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in NUMBER_FIELDS:
+            setattr(self, name, _plain_number(getattr(self, name)))
         self.stop = _as_list(self.stop, "stop", "a list of strings")
-        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids",
-                                       "a list of token ids >= 0")
+        self.stop_token_ids = [_plain_number(t) for t in _as_list(
+            self.stop_token_ids, "stop_token_ids", "a list of token ids >= 0")]
         self.logit_bias = _token_keyed(self.logit_bias)
         self._validate()
 
@@ -167,10 +170,27 @@ def params_for_sample(params: SamplingParams, index: int) -> SamplingParams:
 INT64 = (-(1 << 63), 1 << 63)  # the journal and the wire (msgpack) carry 64-bit integers
 
 
+NUMBER_FIELDS = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
+                 "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
+                 "prompt_logprobs", "truncate_prompt_tokens")
+
+
+def _plain_number(value: object) -> object:
+    """A numpy (or other numbers-registered) scalar as the Python int or float it holds, as
+    vLLM takes it (a sweep over np.arange was refused); anything else as it is. The journal
+    and the wire carry plain numbers."""
+    if type(value) in (int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value  # a bool is left for validation to refuse
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _as_list(value: object, name: str, allowed: str) -> list:
-    """A list or tuple as a new list; null as an empty one (as OpenAI's API reads it)."""
+    """A list or tuple (or numpy array) as a new list; null as an empty one (as OpenAI's API
+    reads it)."""
     if value is None:
         return []
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
     _check(isinstance(value, (list, tuple)), name, value, allowed)
     return list(value)
 
@@ -180,8 +200,8 @@ def _token_keyed(bias: object) -> object:
     else is left as it is for validation to refuse."""
     if not isinstance(bias, dict):
         return bias
-    return {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
-            for k, v in bias.items()}
+    return {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else _plain_number(k):
+            _plain_number(v) for k, v in bias.items()}
 
 
 def is_int64(value: object) -> bool:

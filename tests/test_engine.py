@@ -421,6 +421,22 @@ def test_logit_bias_keys_are_ascii_digits():
             SamplingParams(logit_bias={key: 1.0})
 
 
+def test_numpy_numbers_are_taken_as_the_plain_numbers_they_hold(llm):
+    """vLLM takes them; they were refused ("invalid top_k=np.int64(3): must be an integer"),
+    so a script sweeping np.arange or np.float32 values failed."""
+    params = SamplingParams(max_tokens=np.int64(4), temperature=np.float32(0.5),
+                            top_k=np.int64(3), seed=np.uint64(7), stop_token_ids=np.array([5]),
+                            logit_bias={np.int64(5): np.float32(1.0)}, top_p=np.float64(0.5))
+    plain = SamplingParams(max_tokens=4, temperature=0.5, top_k=3, seed=7, stop_token_ids=[5],
+                           logit_bias={5: 1.0}, top_p=0.5)
+    assert params == plain
+    assert all(type(value) in (int, float) for value in (
+        params.max_tokens, params.temperature, params.top_k, params.seed, params.top_p,
+        *params.stop_token_ids, *params.logit_bias, *params.logit_bias.values()))
+    assert llm.generate("hi", params)[0].outputs[0].token_ids == \
+        llm.generate("hi", plain)[0].outputs[0].token_ids
+
+
 def test_n_is_capped_where_one_job_would_hold_the_scheduler():
     """A job of n = 200,000 samples held the daemon's scheduler for minutes."""
     assert SamplingParams(n=256).n == 256
