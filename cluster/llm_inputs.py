@@ -23,6 +23,15 @@ NO_EFFECT: dict[str, tuple | None] = {
     "disable_log_stats": None,
     "max_seq_len_to_capture": None,
     "tokenizer_mode": ("auto",),
+    "task": ("auto", "generate"),
+    "quantization": (None,),
+    "kv_cache_dtype": ("auto",),  # the model's dtype, as here
+    "revision": (None,),
+    "tokenizer_revision": (None,),
+    "cpu_offload_gb": (0,),
+    "swap_space": None,  # a preempted sequence is recomputed: there is nothing to swap
+    "disable_custom_all_reduce": None,
+    "disable_async_output_proc": None,
 }
 REFUSED = {
     "tensor_parallel_size": "pagedserve runs one copy of the model per device; use workers=N "

@@ -36,7 +36,8 @@ def tiny_copy(tmp_path, config_changes=None, generation_config=None):
 def test_vllm_spellings_of_engine_options_are_taken():
     with LLM(model="tiny", dtype="float", gpu_memory_utilization=0.5, max_num_seqs=None,
              max_num_batched_tokens=None, tensor_parallel_size=1, trust_remote_code=True,
-             enforce_eager=True, disable_log_stats=True, tokenizer="tiny") as llm:
+             enforce_eager=True, disable_log_stats=True, tokenizer="tiny", task="generate",
+             quantization=None, kv_cache_dtype="auto", revision=None, swap_space=4) as llm:
         config = llm.engine.config
         assert (config.dtype, config.memory_utilization) == ("float32", 0.5)
         assert (config.max_num_seqs, config.max_num_batched_tokens) == (256, 2048)  # defaults
@@ -47,7 +48,8 @@ def test_vllm_spellings_of_engine_options_are_taken():
                                   "model per device; use workers=N"),
     ({"tokenizer": "another/tokenizer"}, "tokenizer='another/tokenizer': the checkpoint "
                                          "directory's own tokenizer is used"),
-    ({"swap_space": 4}, "LLM() has no option 'swap_space'; its engine options are device, "),
+    ({"enable_lora": True}, "LLM() has no option 'enable_lora'; its engine options are device, "),
+    ({"quantization": "awq"}, "LLM() has no option 'quantization'; its engine options are "),
     ({"dtype": "int8"}, "dtype='int8': must be one of float32, bfloat16, float16, auto"),
     ({"block_size": "16"}, "block_size='16': must be an integer >= 1"),
     ({"max_model_len": 20.5}, "max_model_len=20.5: must be an integer >= 1, or null"),
