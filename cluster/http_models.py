@@ -73,6 +73,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI pads each chunk with random characters unless told not to; none are sent here
+    include_obfuscation: bool = False
 
 
 class GenerationRequest(_Strict):
@@ -112,6 +114,9 @@ class GenerationRequest(_Strict):
         if self.include_usage and not self.stream:  # a usage chunk, of no stream
             raise bad_request("stream_options.include_usage needs stream=true",
                               "stream_options")
+        if self.stream_options is not None and self.stream_options.include_obfuscation:
+            raise bad_request("stream_options.include_obfuscation=true is not supported by "
+                              "pagedserve", "stream_options")
         for name, no_ops in self.no_op_values().items():
             value = getattr(self, name)
             if value not in no_ops:
@@ -265,12 +270,33 @@ class ChatRequest(GenerationRequest):
     store: bool | None = None
     service_tier: str | None = None
     metadata: dict[str, str] | None = None  # accepted and ignored, as user is
+    # what OpenAI's SDK says replaces user: accepted and ignored as user is
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # OpenAI's other chat options, none implemented: named here so that a request using one is
+    # told that (not that it misspelt a field), and taken at values that ask for nothing
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    functions: list[dict[str, object]] | None = None
+    function_call: str | dict[str, object] | None = None
+    audio: dict[str, object] | None = None
+    prediction: dict[str, object] | None = None
+    web_search_options: dict[str, object] | None = None
+    moderation: dict[str, object] | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, object] | None = None
 
     def no_op_values(self) -> dict[str, tuple]:
         return {**super().no_op_values(), "response_format": (None, {"type": "text"}),
                 # with no tools, "auto" cannot call one either
                 "tools": (None, []), "tool_choice": (None, "none", "auto"),
-                "store": (None, False), "service_tier": (None, "auto", "default")}
+                "store": (None, False), "service_tier": (None, "auto", "default"),
+                "modalities": (None, ["text"]), "reasoning_effort": (None, "none"),
+                "functions": (None, []), "function_call": (None, "none", "auto"),
+                **dict.fromkeys(("verbosity", "audio", "prediction", "web_search_options",
+                                 "moderation", "prompt_cache_retention",
+                                 "prompt_cache_options"), (None,))}
 
     def field_names(self) -> dict[str, str]:
         names = {"logprobs": "top_logprobs", "prompt": "messages"}

@@ -535,7 +535,8 @@ def test_unimplemented_openai_parameters_are_refused_by_name(api, endpoint, body
     ("completions", {"logit_bias": {}, "echo": False, "best_of": 2, "n": 2, "suffix": None}),
     ("chat", {"logit_bias": None, "response_format": {"type": "text"}, "tools": [],
               "tool_choice": "auto", "parallel_tool_calls": True, "store": False,
-              "service_tier": "auto", "metadata": {"team": "a"}}),
+              "service_tier": "auto", "metadata": {"team": "a"}, "safety_identifier": "u1",
+              "prompt_cache_key": "k", "modalities": ["text"], "reasoning_effort": "none"}),
     ("chat", {"messages": [*USER, {"role": "assistant", "content": None}, *USER]}),
 ])
 def test_openai_parameters_at_their_no_op_values_are_accepted(api, endpoint, body):

@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import Request
 
 from cluster import http
-from cluster.http_models import (ApiError, DetokenizeRequest, ResponseContext,
+from cluster.http_models import (ApiError, ChatRequest, DetokenizeRequest, ResponseContext,
                                 check_response_size)
 from scheduler.sampling_params import SamplingParams
 from test_tokenizer import BPE_CONFIG, byte_level_bpe, metaspace_bpe, write_dir
@@ -135,3 +135,49 @@ def test_a_whole_response_too_large_to_build_is_400_naming_a_field(prompts, para
 ])
 def test_responses_up_to_the_bounds_are_taken(prompts, params, echo):
     check_response_size(prompts, params, echo, {})
+
+
+def _chat_params(**fields) -> SamplingParams:
+    """A chat body read as the server reads it, to its job's SamplingParams."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            **fields}
+    return http._validated(json.dumps(body).encode(), "application/json",
+                           ChatRequest).sampling_params()
+
+
+def test_the_replacements_openai_gives_for_user_are_ignored_as_user_is():
+    """The openai SDK says user is being replaced by safety_identifier and prompt_cache_key:
+    a client that followed it was refused, told that it had misspelt them."""
+    assert _chat_params(safety_identifier="h1", prompt_cache_key="k") == _chat_params(user="h1")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": {"name": "f"}}, "function_call"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"verbosity": "low"}, "verbosity"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),
+    ({"prompt_cache_options": {"ttl": "1h"}}, "prompt_cache_options"),
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options"),
+])
+def test_openai_chat_options_not_implemented_are_refused_as_such_not_as_misspelt(fields, param):
+    """Every chat option of the openai SDK is either taken or refused as not supported: these
+    were "not a parameter of this endpoint (misspelt?)"."""
+    with pytest.raises(ApiError) as caught:
+        _chat_params(**fields)
+    error = caught.value.body()["error"]
+    assert error["param"] == param and "is not supported by pagedserve" in error["message"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"modalities": ["text"]}, {"reasoning_effort": "none"},
+    {"functions": [], "function_call": "none"}, {"function_call": "auto"},
+    {"stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}},
+])
+def test_openai_chat_options_at_values_asking_for_nothing_are_taken(fields):
+    assert _chat_params(**fields) == _chat_params()
