@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.output import JobOutput, RequestOutput
@@ -225,6 +225,19 @@ class ChatMessage(_Strict):
     tool_calls: list[dict[str, object]] | None = None
     refusal: str | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: object) -> object:
+        """A part of another kind (image_url, input_audio, file) is named: the union's own
+        error said only that the content had a type the field does not accept."""
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content part {i} is of type {kind!r}: pagedserve serves "
+                                     "text, and takes only text parts")
+        return content
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:

@@ -181,3 +181,18 @@ def test_openai_chat_options_not_implemented_are_refused_as_such_not_as_misspelt
 ])
 def test_openai_chat_options_at_values_asking_for_nothing_are_taken(fields):
     assert _chat_params(**fields) == _chat_params()
+
+
+@pytest.mark.parametrize("part, kind", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "image_url"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "input_audio"),
+])
+def test_a_content_part_that_is_not_text_is_named_in_the_400(part, kind):
+    """What the openai SDK sends for images and audio was "has a type this field does not
+    accept", which did not say what was wrong with it."""
+    message = {"role": "user", "content": [{"type": "text", "text": "what is this?"}, part]}
+    with pytest.raises(ApiError) as caught:
+        _chat_params(messages=[message])
+    error = caught.value.body()["error"]
+    assert error["param"] == "messages.0.content"
+    assert f"part 1 is of type '{kind}'" in error["message"] and "text" in error["message"]
