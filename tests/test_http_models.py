@@ -196,3 +196,15 @@ def test_a_content_part_that_is_not_text_is_named_in_the_400(part, kind):
     error = caught.value.body()["error"]
     assert error["param"] == "messages.0.content"
     assert f"part 1 is of type '{kind}'" in error["message"] and "text" in error["message"]
+
+
+def test_an_event_holds_one_line_for_readers_that_split_on_unicode_line_breaks():
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped, and httpx's iter_lines (which many
+    clients, pagedserve's bench among them, read events with) ends a line at each: the event
+    of a text holding one was cut in two, and its JSON did not parse."""
+    from cluster.sse import sse_event
+
+    payload = {"choices": [{"text": "a\u2028b\u2029c\u0085d\ne"}]}
+    event = sse_event(payload).decode()
+    lines = event.splitlines()
+    assert lines == [lines[0], ""] and json.loads(lines[0].removeprefix("data: ")) == payload
