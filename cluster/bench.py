@@ -7,7 +7,9 @@ import contextlib
 import errno
 import json
 import math
+import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,12 +309,31 @@ async def _stream(client, target, request, result, clock_zero) -> None:
             body = (await response.aread()).decode("utf-8", "replace")
             result.error = f"HTTP {response.status_code}: {_http_error_message(body)}"
             return
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response.aiter_text()):
             event = parse_sse_line(line)
             if event is not None:
                 result.on_event(event, time.perf_counter() - clock_zero)
                 if result.error or result.done:
                     return
+
+
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(texts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an event stream, ended at CR, LF or CRLF alone, as the format has it:
+    httpx's aiter_lines also ends one at U+2028, U+2029, U+0085 (str.splitlines), which JSON
+    leaves raw, so an event of a text holding one (vLLM sends them so) was cut in two."""
+    pending = ""
+    async for text in texts:
+        pending += text
+        held = "\r" if pending.endswith("\r") else ""  # perhaps the first half of a CRLF
+        *lines, pending = _SSE_LINE_END.split(pending.removesuffix(held))
+        pending += held
+        for line in lines:
+            yield line
+    if pending.removesuffix("\r"):
+        yield pending.removesuffix("\r")
 
 
 def _http_error_message(body: str) -> str:

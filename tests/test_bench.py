@@ -167,6 +167,34 @@ def test_an_error_event_or_a_missing_done_fails_the_request():
     assert not unfinished.ok and unfinished.tpot is None
 
 
+
+def test_a_text_holding_unicode_line_breaks_stays_one_event():
+    """vLLM's events hold U+2028, U+2029 and U+0085 raw (JSON leaves them so); the bench read
+    lines with httpx's aiter_lines, which ends one at each, and failed such a request as "bad
+    SSE data line". The format ends lines at CR, LF and CRLF alone."""
+    import httpx
+
+    texts = ["a\u2028b", "\u2029\u0085"]
+    events = [f"data: {json.dumps({'choices': [{'text': t}]}, ensure_ascii=False)}"
+              for t in texts] + ["data: [DONE]"]
+    body = "\r\n\r\n".join(events).encode() + b"\r\n\r\n"
+
+    async def pieces():  # 7 bytes at a time: CRLFs and characters cut in two
+        for i in range(0, len(body), 7):
+            yield body[i:i + 7]
+
+    async def send():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=pieces()))
+        result = RequestResult(2, 4)
+        async with httpx.AsyncClient(transport=transport) as client:
+            await bench.send_request(client, Target("http://stub"), ids_requests(1, 2)[0],
+                                     result, 0.0)
+        return result
+
+    result = asyncio.run(send())
+    assert result.ok, result.error
+    assert result.chunks == 2
+
 # -- metrics ----------------------------------------------------------------------------------
 
 def test_percentile_matches_numpy():
