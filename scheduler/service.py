@@ -1133,6 +1133,9 @@ def _death_reason(exc: BaseException) -> str:
     """Ray's word on why an actor died, short: "it was killed by `ray.kill`."."""
     if isinstance(exc, ActorUnavailableError):  # Ray: "temporarily"; it is killed all the same
         return "unreachable: its node went down or lost touch with the cluster"
+    if "because its node has died" in str(exc):  # then Ray's tab-indented word on the node
+        how = _one_line(exc).strip().removeprefix("the actor's node was ")
+        return f"its node died ({how})"
     reason = _one_line(exc)
     if "its worker process has died" in reason:  # then a paragraph on the exit's causes
         return "its process ended unexpectedly (killed, out of memory, or crashed)"

@@ -126,6 +126,23 @@ def test_a_worker_cut_off_with_its_node_is_said_unreachable_not_temporarily_unav
                                               "with the cluster")
 
 
+def test_a_worker_whose_node_died_is_said_so_in_one_plain_line():
+    """What Ray raised to the scheduler's run() call when a worker's raylet was killed and the
+    GCS then counted its node dead: status and logs showed "died: \tthe actor's node was
+    terminated unexpectedly: ...", a tab and Ray's wording, and no word that the node died."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+
+    message = ("The actor died because its node has died. Node Id: d571ce62\n\tthe actor's "
+               "node was terminated unexpectedly: health check failed due to missing too many "
+               "heartbeats")
+    node_died = ActorDiedError(ActorDiedErrorContext(error_message=message, pid=10288,
+                                                     actor_id=b"\xd9" * 16))
+    assert service._death_reason(node_died) == (
+        "its node died (terminated unexpectedly: health check failed due to missing too many "
+        "heartbeats)")
+
+
 def test_a_quiet_worker_that_reports_while_it_is_pinged_is_left_alone(new_service, monkeypatch):
     """A scheduler held up itself (stopped, or its host swapping) hears nothing for a while,
     then every worker's reports at once: a worker that reported while its ping went
