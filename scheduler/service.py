@@ -207,7 +207,9 @@ class SchedulerService:
         self.node_spawn_failures: collections.Counter[str] = collections.Counter()
         self.last_spawn_error: str | None = None
         self.worker_start_failures = 0
-        self.npu_nodes: dict[str, int] = {}  # the live nodes' NPU counts, as last reconciled
+        # the workers each live node can hold (its NPUs, as far as its CPUs allow), as last
+        # reconciled; nodes that can hold none are left out
+        self.npu_nodes: dict[str, int] = {}
         self.placeable_workers = 0
         self.placement_problem: str | None = None
         self.started_at = time.time()
@@ -710,20 +712,28 @@ class SchedulerService:
                 slot.reports.missing_since = now
 
     def _reconcile(self) -> None:
-        """One worker per NPU in the cluster: spawn for NPUs that have none (new nodes, dead
-        workers' freed NPUs), withdraw workers still starting for NPUs that are gone."""
+        """One worker per NPU in the cluster that can be placed: spawn for NPUs that have none
+        (new nodes, dead workers' freed NPUs), withdraw workers still starting for NPUs that
+        are gone."""
         nodes = [node for node in ray.nodes() if node.get("Alive")]
-        npus = {node["NodeID"]: int(node["Resources"].get("NPU", 0)) for node in nodes
-                if node["Resources"].get("NPU")}
-        wanted = sum(npus.values())  # the cluster's NPUs, from the same read of the nodes
-        self.npu_nodes = npus
-        self._check_placement(wanted, [node["Resources"] for node in nodes])
+        wanted = sum(int(node["Resources"].get("NPU", 0)) for node in nodes)
+        # a node gets the workers it can hold: one more would wait for its CPUs forever
+        # ("starting" in status, `up` waiting for it), or, with none, fail as unschedulable
+        placeable = {node["NodeID"]: self._placeable_on(node["Resources"]) for node in nodes}
+        self.npu_nodes = {node_id: count for node_id, count in placeable.items() if count}
+        self._check_placement(wanted, sum(placeable.values()))
         self._withdraw_orphans({node["NodeID"] for node in nodes})
         held = collections.Counter(slot.node_id for slot in self.workers.values())
-        for node_id, count in npus.items():
+        for node_id, count in self.npu_nodes.items():
             if self.node_spawn_failures[node_id] < MAX_SPAWN_FAILURES:
                 for _ in range(count - held[node_id]):
                     self._spawn(node_id)
+
+    def _placeable_on(self, resources: dict) -> int:
+        """How many workers a node of these resources holds at once: each takes 1 NPU and
+        worker_num_cpus CPUs."""
+        cpus = self.options.worker_num_cpus
+        return min(int(resources.get("NPU", 0)), int(resources.get("CPU", 0) // cpus))
 
     def _withdraw_orphans(self, live_nodes: set[str]) -> None:
         """A worker still starting on a node that is gone (crashed, or removed) can never be
@@ -781,12 +791,11 @@ class SchedulerService:
         slot.last_heard = time.monotonic()
         ray.kill(slot.actor, no_restart=True)
 
-    def _check_placement(self, wanted: int, nodes: list[dict]) -> None:
-        """Counts the workers the live nodes (their resources) can hold at once (each takes 1
-        NPU and worker_num_cpus CPUs); ones beyond that would wait for a bigger node forever."""
+    def _check_placement(self, wanted: int, placeable: int) -> None:
+        """Says why, when the live nodes can hold fewer workers at once (``placeable``) than
+        they have NPUs (``wanted``)."""
         cpus = self.options.worker_num_cpus
-        self.placeable_workers = sum(min(int(r.get("NPU", 0)), int(r.get("CPU", 0) // cpus))
-                                     for r in nodes)
+        self.placeable_workers = placeable
         self.placement_problem = None
         if wanted == 0:  # `up` would otherwise wait out its whole timeout
             self.placement_problem = (

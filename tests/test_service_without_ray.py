@@ -143,6 +143,29 @@ def test_a_worker_whose_node_died_is_said_so_in_one_plain_line():
         "heartbeats)")
 
 
+def test_a_node_gets_only_the_workers_its_cpus_can_hold(new_service, monkeypatch):
+    """A node with more NPUs than its CPUs can give workers (cluster.worker_num_cpus each) got
+    a worker per NPU all the same: the extra one sat "starting" forever, and `up` waited for it;
+    on a node with no CPU at all each start failed, and status showed Ray's "The node ...
+    doesn't exist any more or is infeasible" as the last worker start error."""
+    nodes = [{"NodeID": "two-npus-one-cpu", "Alive": True, "Resources": {"NPU": 2, "CPU": 1}},
+             {"NodeID": "npu-no-cpu", "Alive": True, "Resources": {"NPU": 1}},
+             {"NodeID": "cpus-only", "Alive": True, "Resources": {"CPU": 8}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+
+    async def reconcile():
+        scheduler = new_service()
+        spawned = []
+        scheduler._spawn = spawned.append  # no actor: the node it would be placed on
+        scheduler._reconcile()
+        return scheduler, spawned
+
+    scheduler, spawned = asyncio.run(reconcile())
+    assert spawned == ["two-npus-one-cpu"]
+    assert scheduler.placement_problem.startswith("only 1 of 3 workers can be placed: each "
+                                                  "needs 1 NPU and 1 CPU")
+
+
 def test_a_quiet_worker_that_reports_while_it_is_pinged_is_left_alone(new_service, monkeypatch):
     """A scheduler held up itself (stopped, or its host swapping) hears nothing for a while,
     then every worker's reports at once: a worker that reported while its ping went
