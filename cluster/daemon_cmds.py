@@ -173,7 +173,7 @@ def format_status(status: dict) -> str:
     rate = 0.0
     for w in status["workers"]:
         if not w.get("ready"):
-            lines.append(f"{w['worker_id']:<9} (starting)")
+            lines.append(f"{w['worker_id']:<9} {w.get('node_id', '')[:8]:<8} (starting)")
             continue
         kv = f"{w.get('kv_used', 0)}/{w.get('kv_total', 0)}"
         hit = _percent(w.get("prefix_hit_tokens", 0), w.get("prefix_query_tokens", 0))

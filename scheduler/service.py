@@ -991,7 +991,8 @@ class SchedulerService:
     def status(self) -> dict:
         workers = []
         for w in self.workers.values():
-            entry = {"worker_id": w.worker_id, "ready": w.info is not None, **(w.info or {})}
+            entry = {"worker_id": w.worker_id, "ready": w.info is not None, "node_id": w.node_id,
+                     **(w.info or {})}
             entry.update({k: v for k, v in w.stats.items() if k != "worker_id"})
             entry.setdefault("kv_total", (w.info or {}).get("num_blocks", 0))
             workers.append(entry)

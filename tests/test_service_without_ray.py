@@ -166,6 +166,23 @@ def test_a_node_gets_only_the_workers_its_cpus_can_hold(new_service, monkeypatch
                                                   "needs 1 NPU and 1 CPU")
 
 
+def test_the_status_table_names_the_node_of_a_worker_still_starting(new_service):
+    """A worker not yet started showed as "w1234abcd (starting)" alone: after a node was lost
+    under load, two such rows stood for the dead node's NPUs until Ray counted it gone, and
+    none said which node each was for (nor is the node of one that cannot be placed)."""
+    from cluster.daemon_cmds import format_status
+
+    async def look():
+        scheduler = new_service()
+        add_worker(scheduler, "wready", "node-a" * 4).info.update(device="cpu:0", pid=7,
+                                                                  node_id="node-a" * 4)
+        scheduler.workers["wstarting"] = service.WorkerSlot("wstarting", Actor(), "node-b" * 4)
+        return scheduler.status()
+
+    rows = format_status(asyncio.run(look())).splitlines()
+    assert rows[2] == "wstarting node-bno (starting)"
+
+
 def test_a_quiet_worker_that_reports_while_it_is_pinged_is_left_alone(new_service, monkeypatch):
     """A scheduler held up itself (stopped, or its host swapping) hears nothing for a while,
     then every worker's reports at once: a worker that reported while its ping went
