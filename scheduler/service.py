@@ -68,6 +68,9 @@ RESUMED_CALLS_FACTOR = 2
 CALLER_CHECK_S = 1.0
 
 
+WITHDRAWN_WITH_NODE = "worker %s withdrawn before it started: its node is gone"
+
+
 def worker_actor_name(worker_id: str) -> str:
     """The Ray name of a worker actor, so drivers can find one (status, health, tests)."""
     return f"pagedserve-worker-{worker_id}"
@@ -740,8 +743,7 @@ class SchedulerService:
         placed there: withdraw it (its node's NPUs are no longer wanted)."""
         for slot in [slot for slot in self.workers.values()
                      if slot.info is None and slot.node_id not in live_nodes]:
-            log.warning("worker %s withdrawn before it started: its node is gone",
-                        slot.worker_id)
+            log.warning(WITHDRAWN_WITH_NODE, slot.worker_id)
             del self.workers[slot.worker_id]
             ray.kill(slot.actor, no_restart=True)
 
@@ -832,8 +834,10 @@ class SchedulerService:
             if self.workers.get(slot.worker_id) is not slot:  # withdrawn (_withdraw_orphans)
                 return
             self.workers.pop(slot.worker_id, None)
-            if _node_alive(slot.node_id):  # else it went with its node: no start error
+            if _node_alive(slot.node_id):
                 self._count_start_failure(slot, exc)
+            else:  # it went with its node: no start error, but the log says where it went
+                log.warning(WITHDRAWN_WITH_NODE, slot.worker_id)
             self._drain_pending()  # held for this one, perhaps
             return
         if self.workers.get(slot.worker_id) is not slot:  # withdrawn as its answer came

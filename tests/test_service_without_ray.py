@@ -183,6 +183,29 @@ def test_the_status_table_names_the_node_of_a_worker_still_starting(new_service)
     assert rows[2] == "wstarting node-bno (starting)"
 
 
+def test_a_worker_that_never_started_because_its_node_went_is_logged(new_service, monkeypatch,
+                                                                       caplog):
+    """A node lost under load: the scheduler spawned workers for its freed NPUs before Ray
+    counted it dead, and when their creation failed with the node they left status without a
+    word anywhere (only one withdrawn by the next reconcile was logged)."""
+    monkeypatch.setattr(ray, "nodes", lambda: [])  # the node has left
+
+    async def never_placed():
+        raise ray.exceptions.ActorUnschedulableError("its node is gone")
+
+    async def watch():
+        scheduler = new_service()
+        slot = service.WorkerSlot("wlost", Actor(), "gone-node")
+        slot.actor.info = types.SimpleNamespace(remote=never_placed)
+        scheduler.workers["wlost"] = slot
+        await scheduler._watch(slot)
+        return scheduler
+
+    scheduler = asyncio.run(watch())
+    assert not scheduler.workers and scheduler.last_spawn_error is None
+    assert "worker wlost withdrawn before it started: its node is gone" in caplog.messages
+
+
 def test_a_quiet_worker_that_reports_while_it_is_pinged_is_left_alone(new_service, monkeypatch):
     """A scheduler held up itself (stopped, or its host swapping) hears nothing for a while,
     then every worker's reports at once: a worker that reported while its ping went
