@@ -382,7 +382,8 @@ class SchedulerService:
     def _may_come_larger(self, needed: int) -> bool:
         """Whether a worker starting now may hold ``needed`` KV tokens: one on a node whose
         worker did, or whose size is not known yet (a restarted scheduler knows none) unless
-        some worker cannot be placed, like the backlog's hold in _drain_pending."""
+        some worker cannot be placed: a worker may wait for CPUs that others hold, and this
+        hold, unlike the backlog's in _drain_pending, has no time limit."""
         unknown = 0 if self.placement_problem else needed
         return any(self.node_fit.get(node, unknown) >= needed
                    for node in self._nodes_getting_workers())
@@ -406,7 +407,9 @@ class SchedulerService:
     def _drain_pending(self) -> None:
         """Route the held samples. While other workers are still loading (a scheduler just
         restarted with a backlog from the journal) this waits for them, up to
-        PENDING_HOLD_S, so that the first worker ready does not get the whole backlog."""
+        PENDING_HOLD_S, so that the first worker ready does not get the whole backlog (also
+        where some NPU cannot be placed: a node gets only the workers it can hold, so those
+        loading are coming)."""
         ready = any(w.info is not None for w in self.workers.values())
         if self.held_for_size and ready:  # again: a larger worker is ready, or none will be
             held, self.held_for_size = self.held_for_size, []
@@ -415,7 +418,7 @@ class SchedulerService:
             return
         now = time.monotonic()
         loading = any(w.info is None for w in self.workers.values())
-        if loading and not self.placement_problem:  # a slot never placed is not waited for
+        if loading:
             if self.pending_held_since is None:
                 self.pending_held_since = now  # from the first worker ready
             if now - self.pending_held_since < PENDING_HOLD_S:

@@ -411,6 +411,32 @@ def test_a_held_job_is_let_go_once_its_nodes_new_worker_is_ready_but_smaller(new
     assert scheduler.status()["pending_samples"] == 0
 
 
+def test_a_resumed_backlog_waits_for_the_loading_workers_where_some_npu_cannot_be_placed(
+        new_service):
+    """A scheduler restarted where one node had more NPUs than its CPUs could give workers
+    sent its whole backlog from the journal to the first worker ready: 64 jobs ran on one
+    worker, its KV cache full and half of them waiting, beside two idle workers."""
+    async def restart():
+        before = new_service()
+        add_worker(before, "old", "node-a")
+        before.submit_many([([1, 2, 3 + i], {"max_tokens": 8}, 0, f"job{i}") for i in range(8)])
+        before.journal.close()
+        after = new_service()  # resumes the 8 jobs from the journal
+        after.placement_problem = "only 2 of 3 workers can be placed"
+        first = add_worker(after, "first", "node-a")
+        after.workers["second"] = service.WorkerSlot("second", Actor(), "node-b")  # loading
+        after._drain_pending()
+        held = len(adds(first))
+        after.workers.pop("second")
+        second = add_worker(after, "second", "node-b")
+        after._drain_pending()
+        return held, adds(first), adds(second)
+
+    held, sent_first, sent_second = asyncio.run(restart())
+    assert held == 0
+    assert len(sent_first) == len(sent_second) == 4
+
+
 @pytest.mark.parametrize("placeable", [True, False])
 def test_a_resumed_job_only_a_worker_still_loading_could_hold_waits_for_it(new_service,
                                                                           monkeypatch, placeable):
