@@ -722,12 +722,11 @@ class SchedulerService:
         (new nodes, dead workers' freed NPUs), withdraw workers still starting for NPUs that
         are gone."""
         nodes = [node for node in ray.nodes() if node.get("Alive")]
-        wanted = sum(int(node["Resources"].get("NPU", 0)) for node in nodes)
         # a node gets the workers it can hold: one more would wait for its CPUs forever
         # ("starting" in status, `up` waiting for it), or, with none, fail as unschedulable
         placeable = {node["NodeID"]: self._placeable_on(node["Resources"]) for node in nodes}
         self.npu_nodes = {node_id: count for node_id, count in placeable.items() if count}
-        self._check_placement(wanted, sum(placeable.values()))
+        self._check_placement(nodes, placeable)
         self._withdraw_orphans({node["NodeID"] for node in nodes})
         held = collections.Counter(slot.node_id for slot in self.workers.values())
         for node_id, count in self.npu_nodes.items():
@@ -796,11 +795,12 @@ class SchedulerService:
         slot.last_heard = time.monotonic()
         ray.kill(slot.actor, no_restart=True)
 
-    def _check_placement(self, wanted: int, placeable: int) -> None:
-        """Says why, when the live nodes can hold fewer workers at once (``placeable``) than
-        they have NPUs (``wanted``)."""
+    def _check_placement(self, nodes: list[dict], placeable: dict[str, int]) -> None:
+        """Says why, when the live ``nodes`` can hold fewer workers at once (``placeable``, per
+        node) than they have NPUs, and which nodes lack the CPUs."""
         cpus = self.options.worker_num_cpus
-        self.placeable_workers = placeable
+        wanted = sum(int(node["Resources"].get("NPU", 0)) for node in nodes)
+        self.placeable_workers = sum(placeable.values())
         self.placement_problem = None
         if wanted == 0:  # `up` would otherwise wait out its whole timeout
             self.placement_problem = (
@@ -808,10 +808,15 @@ class SchedulerService:
                 "`ray start --resources='{\"NPU\": N}'` (logical NPUs on CPU hosts) or add "
                 "nodes with NPUs")
         elif self.placeable_workers < wanted:
+            short = [_node_resources(node) for node in nodes
+                     if placeable[node["NodeID"]] < int(node["Resources"].get("NPU", 0))]
+            more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+            where = (f"node {short[0]} has" if len(short) == 1
+                     else f"nodes {', '.join(short[:3])}{more} have")
             self.placement_problem = (
                 f"only {self.placeable_workers} of {counted(wanted, 'worker')} can be placed: "
                 f"each needs 1 NPU and {counted(cpus, 'CPU')} (cluster.worker_num_cpus), more "
-                "than the nodes with NPUs have; lower cluster.worker_num_cpus or add CPUs")
+                f"than {where}; lower cluster.worker_num_cpus or add CPUs")
 
     def _spawn(self, node_id: str) -> None:
         """A worker for one NPU of the node ``node_id``."""
@@ -1061,6 +1066,13 @@ class SchedulerService:
             log.warning("journal: %s; jobs that finished since the last write may run again "
                         "after `up`", exc)
         return self.unfinished_jobs
+
+
+def _node_resources(node: dict) -> str:
+    """A node as `status` shows it, with the NPUs and CPUs that place workers there."""
+    resources = node["Resources"]
+    return (f"{node['NodeID'][:8]} ({counted(int(resources.get('NPU', 0)), 'NPU')}, "
+            f"{counted(resources.get('CPU', 0), 'CPU')})")
 
 
 def _first_few(problems: list[str], shown: int = 3) -> str | None:

@@ -166,6 +166,29 @@ def test_a_node_gets_only_the_workers_its_cpus_can_hold(new_service, monkeypatch
                                                   "needs 1 NPU and 1 CPU")
 
 
+def test_the_placement_problem_names_the_nodes_short_of_cpus(new_service, monkeypatch):
+    """It said "more than the nodes with NPUs have": on a cluster of many nodes, nothing said
+    which of them to give more CPUs."""
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "Resources": {"NPU": 2, "CPU": 1.0}},
+             {"NodeID": "b" * 56, "Alive": True, "Resources": {"NPU": 2, "CPU": 4.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+
+    async def reconcile():
+        scheduler = new_service()
+        scheduler._spawn = lambda node_id: None
+        scheduler._reconcile()
+        one_short = scheduler.placement_problem
+        nodes.append({"NodeID": "c" * 56, "Alive": True, "Resources": {"NPU": 1}})
+        scheduler._reconcile()
+        return one_short, scheduler.placement_problem
+
+    one_short, two_short = asyncio.run(reconcile())
+    assert one_short == ("only 3 of 4 workers can be placed: each needs 1 NPU and 1 CPU "
+                         "(cluster.worker_num_cpus), more than node aaaaaaaa (2 NPUs, 1 CPU) "
+                         "has; lower cluster.worker_num_cpus or add CPUs")
+    assert "more than nodes aaaaaaaa (2 NPUs, 1 CPU), cccccccc (1 NPU, 0 CPUs) have;" in two_short
+
+
 def test_the_status_table_names_the_node_of_a_worker_still_starting(new_service):
     """A worker not yet started showed as "w1234abcd (starting)" alone: after a node was lost
     under load, two such rows stood for the dead node's NPUs until Ray counted it gone, and
