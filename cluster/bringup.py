@@ -191,7 +191,12 @@ def up(cfg: PagedServeConfig, *, min_workers: int = 1, timeout: float = 300.0,
                 ray.get(scheduler.set_draining.remote(False))
                 status["draining"], status["drain_cancelled"] = False, True
         return status
-    except ray.exceptions.ActorDiedError as exc:  # its constructor raised: config or model
+    except ray.exceptions.ActorDiedError as exc:
+        if not exc.actor_init_failed:  # it was up, and stopped meanwhile
+            raise DaemonStartError("the daemon was taken down while `up` waited for its "
+                                   "workers (by `pagedserve down`, or its scheduler was "
+                                   "killed); `pagedserve up` starts it again") from None
+        # its constructor raised: config or model
         raise DaemonStartError(f"the scheduler could not start: {last_line(exc.error_msg)}"
                                ) from None
     except ray.exceptions.RayTaskError as exc:  # workers failed to load, or too few in time

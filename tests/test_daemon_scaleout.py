@@ -181,6 +181,23 @@ def test_a_call_waiting_for_up_ends_when_ray_is_shut_down_under_it(cluster, tmp_
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
 
 
+def test_an_up_waiting_for_workers_says_that_a_down_took_the_daemon_away(cluster, tmp_path):
+    """`up` waiting for workers while `pagedserve down` ran elsewhere failed with "the
+    scheduler could not start: The actor is dead because it was killed by `ray.kill`.", as if
+    its config or model were wrong."""
+    bringup.up(daemon_config(tmp_path), min_workers=1)
+    outcome = []
+    waiting = threading.Thread(target=lambda: outcome.append(_raised_by(
+        lambda: bringup.up(daemon_config(tmp_path), min_workers=50, timeout=60))))
+    waiting.start()
+    time.sleep(1)  # its wait_ready call is in
+    bringup.down()
+    waiting.join(timeout=30)
+    assert isinstance(outcome[0], bringup.DaemonStartError), outcome
+    assert str(outcome[0]).startswith("the daemon was taken down while `up` waited for its "
+                                      "workers (by `pagedserve down`")
+
+
 def _raised_by(call):
     try:
         call()
