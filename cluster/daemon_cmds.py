@@ -3,6 +3,7 @@ driver on the cluster (its jobs' verbs are in job_cmds)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -88,7 +89,8 @@ def run_up(args: argparse.Namespace) -> int:
     bringup.connect(args.address)
     try:
         status = bringup.up(cfg, min_workers=args.min_workers, timeout=args.timeout,
-                            on_wait=print_loading)
+                            on_wait=functools.partial(print_loading,
+                                                      min_workers=args.min_workers))
     except KeyboardInterrupt:
         if bringup.find_scheduler() is not None:  # it was only this wait that stopped
             print("pagedserve: stopped waiting; the daemon goes on starting (`pagedserve "
@@ -113,11 +115,15 @@ def warn_config_not_applied(status: dict, again: str = "up") -> None:
               + "; ".join(status["config_not_applied"]), file=sys.stderr)
 
 
-def print_loading(status: dict) -> None:
-    """A line on stderr while `up` waits for workers to load the model."""
+def print_loading(status: dict, min_workers: int = 1) -> None:
+    """A line on stderr while `up` waits for workers to load the model (or, with fewer NPUs
+    in the cluster than ``min_workers``, for nodes to join)."""
     ready = sum(1 for w in status["workers"] if w.get("ready"))
     loading = len(status["workers"]) - ready
     problem = f"; {status['placement_problem']}" if status.get("placement_problem") else ""
+    if not problem and status.get("placeable_workers", min_workers) < min_workers:
+        problem = (f"; the cluster has NPUs for {counted(status['placeable_workers'], 'worker')}"
+                   f", fewer than --min-workers {min_workers}: waiting for nodes to join")
     print(f"pagedserve: waiting for workers: {ready} ready, {loading} loading the model "
           f"(up {status['uptime_s']:.0f} s){problem}", file=sys.stderr, flush=True)
 

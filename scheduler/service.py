@@ -1034,6 +1034,7 @@ class SchedulerService:
             "last_spawn_error": self.last_spawn_error,
             "worker_start_failures": self.worker_start_failures,
             "placement_problem": self.placement_problem,
+            "placeable_workers": self.placeable_workers,
             "gone_workers": self.gone_workers.summaries(),
             "workers_gone": self.gone_workers.total,
             "config": self.options.config,

@@ -385,6 +385,20 @@ def test_the_status_table_names_the_last_gone_worker_and_where_its_log_is():
     assert "gone:" not in daemon_cmds.format_status({**status, "gone_workers": []})
 
 
+def test_up_waiting_for_more_workers_than_the_cluster_has_npus_for_says_so(capsys):
+    """`up --min-workers 3` on a cluster with 2 NPUs said "2 ready, 0 loading the model" every
+    10 s until its timeout, with no word that it waited for nodes to join."""
+    worker = {"worker_id": "w1", "ready": True}
+    status = {"workers": [worker, {**worker, "worker_id": "w2"}], "uptime_s": 12.0,
+              "placeable_workers": 2}
+    daemon_cmds.print_loading(status, min_workers=3)
+    daemon_cmds.print_loading(status, min_workers=2)
+    assert capsys.readouterr().err.splitlines() == [
+        "pagedserve: waiting for workers: 2 ready, 0 loading the model (up 12 s); the cluster "
+        "has NPUs for 2 workers, fewer than --min-workers 3: waiting for nodes to join",
+        "pagedserve: waiting for workers: 2 ready, 0 loading the model (up 12 s)"]
+
+
 def test_the_status_table_says_one_of_a_thing_in_the_singular(capsys):
     """It said "1 workers ready" and "resumed at start: 1 unfinished jobs"."""
     worker = {"worker_id": "w1", "ready": True, "node_id": "n" * 16, "device": "cpu:0",
