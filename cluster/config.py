@@ -63,11 +63,11 @@ def int_between(low: int, high: int) -> Rule:
 
 
 def number_above(low: float) -> Rule:
-    return Rule(f"a number > {low:g}", lambda v: _is_number(v) and v > low, float)
+    return Rule(f"a finite number > {low:g}", lambda v: _is_number(v) and v > low, float)
 
 
 def number_at_least(low: float) -> Rule:
-    return Rule(f"a number >= {low:g}", lambda v: _is_number(v) and v >= low, float)
+    return Rule(f"a finite number >= {low:g}", lambda v: _is_number(v) and v >= low, float)
 
 
 def one_of(choices: tuple[str, ...]) -> Rule:

@@ -79,12 +79,12 @@ def test_generate_streams_text_to_the_terminal(capsys):
     (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
     (["--prompt", "hi", "--model", "/no/such/model"], "/no/such/model"),
     (["--prompt", "hi", "--model", __file__], "is not a directory"),
-    (["--prompt", "hi", "--max-model-len", "0"], "max_model_len=0: must be >= 1"),
+    (["--prompt", "hi", "--max-model-len", "0"], "max_model_len=0: must be an integer >= 1"),
     (["--prompt", "hi", "--max-model-len", "100000"], "exceeds this model's limit of 2048"),
     (["--prompt", "hi", "--kv-cache-gib", "0"], "kv_cache_gib=0.0: must be a finite number > 0"),
-    (["--prompt", "hi", "--kv-cache-gib", "inf"], "kv_cache_gib=inf: must be a finite number"),
+    (["--prompt", "hi", "--kv-cache-gib", "inf"], "kv_cache_gib=inf: must be a finite number > 0"),
     (["--prompt", "hi", "--kv-cache-gib", "1e9"], "GiB of memory this host has available"),
-    (["--prompt", "hi", "--block-size", "0"], "block_size=0: must be >= 1"),
+    (["--prompt", "hi", "--block-size", "0"], "block_size=0: must be an integer >= 1"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run(capsys, "generate", *argv)

@@ -223,7 +223,7 @@ def test_a_character_yaml_refuses_is_one_line(tmp_path):
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):
-    """YAML 1.1 (PyYAML) reads 1e-3 as text: 'kv_cache_gib='1e-3': must be a number > 0'."""
+    """YAML 1.1 (PyYAML) reads 1e-3 as text: 'kv_cache_gib='1e-3': must be a finite number > 0'."""
     path = tmp_path / "exponents.yaml"
     path.write_text("engine: {kv_cache_gib: 5e-1, max_num_batched_tokens: 4096}\n"
                     "scheduler: {journal_fsync_interval_s: 2E-2}\n")
