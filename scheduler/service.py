@@ -738,7 +738,7 @@ class SchedulerService:
         """How many workers a node of these resources holds at once: each takes 1 NPU and
         worker_num_cpus CPUs."""
         cpus = self.options.worker_num_cpus
-        return min(int(resources.get("NPU", 0)), int(resources.get("CPU", 0) // cpus))
+        return min(_npus(resources), int(resources.get("CPU", 0) // cpus))
 
     def _withdraw_orphans(self, live_nodes: set[str]) -> None:
         """A worker still starting on a node that is gone (crashed, or removed) can never be
@@ -799,7 +799,7 @@ class SchedulerService:
         """Says why, when the live ``nodes`` can hold fewer workers at once (``placeable``, per
         node) than they have NPUs, and which nodes lack the CPUs."""
         cpus = self.options.worker_num_cpus
-        wanted = sum(int(node["Resources"].get("NPU", 0)) for node in nodes)
+        wanted = sum(_npus(node["Resources"]) for node in nodes)
         self.placeable_workers = sum(placeable.values())
         self.placement_problem = None
         if wanted == 0:  # `up` would otherwise wait out its whole timeout
@@ -809,7 +809,7 @@ class SchedulerService:
                 "nodes with NPUs")
         elif self.placeable_workers < wanted:
             short = [_node_resources(node) for node in nodes
-                     if placeable[node["NodeID"]] < int(node["Resources"].get("NPU", 0))]
+                     if placeable[node["NodeID"]] < _npus(node["Resources"])]
             more = f" and {len(short) - 3} more" if len(short) > 3 else ""
             where = (f"node {short[0]} has" if len(short) == 1
                      else f"nodes {', '.join(short[:3])}{more} have")
@@ -1069,10 +1069,15 @@ class SchedulerService:
         return self.unfinished_jobs
 
 
+def _npus(resources: dict) -> int:
+    """A node's NPUs, from its Ray resources."""
+    return int(resources.get("NPU", 0))
+
+
 def _node_resources(node: dict) -> str:
     """A node as `status` shows it, with the NPUs and CPUs that place workers there."""
     resources = node["Resources"]
-    return (f"{node['NodeID'][:8]} ({counted(int(resources.get('NPU', 0)), 'NPU')}, "
+    return (f"{node['NodeID'][:8]} ({counted(_npus(resources), 'NPU')}, "
             f"{counted(resources.get('CPU', 0), 'CPU')})")
 
 
