@@ -45,6 +45,12 @@ class Rule:
     accepts: Callable[[object], bool]
     convert: Callable[[object], object] = lambda value: value
 
+    def checked(self, name: str, value: object) -> object:
+        """``value`` converted, or a ConfigError saying what ``name`` must be."""
+        if not self.accepts(value):
+            raise ConfigError(f"{name}={value!r}: must be {self.allowed}")
+        return self.convert(value)
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -101,10 +107,8 @@ class _Section:
     def __post_init__(self) -> None:
         for f in fields(self):
             rule: Rule = f.metadata["rule"]
-            value = getattr(self, f.name)
-            if not rule.accepts(value):
-                raise ConfigError(f"{self.NAME}.{f.name}={value!r}: must be {rule.allowed}")
-            object.__setattr__(self, f.name, rule.convert(value))  # frozen: normalise once
+            value = rule.checked(f"{self.NAME}.{f.name}", getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # frozen: normalise once
 
 
 # -- sections -------------------------------------------------------------------------------

@@ -64,18 +64,11 @@ def engine_options(model: str, options: dict) -> dict:
         if value is None and fields[name].default is not None:
             continue
         value = dtype_name(value) if name == "dtype" else value  # a daemon's config too
-        out[name] = _checked(name, value, spelled)
+        # held to the daemon config's rule, so that LLM() refuses in one line what
+        # LLM(workers=N) refuses: a string block_size or a float max_model_len failed deep in
+        # torch, and a gpu_memory_utilization of 1.5 was taken
+        out[name] = ENGINE_RULES[name].checked(spelled, value)
     return out
-
-
-def _checked(name: str, value: object, spelled: str) -> object:
-    """``value`` held to the daemon config's rule for it, so that LLM() refuses in one line
-    what LLM(workers=N) refuses: a string block_size or a float max_model_len failed deep in
-    torch, and a gpu_memory_utilization of 1.5 was taken."""
-    rule = ENGINE_RULES[name]
-    if not rule.accepts(value):
-        raise ValueError(f"{spelled}={value!r}: must be {rule.allowed}")
-    return rule.convert(value)
 
 
 ENGINE_RULES = {f.name: f.metadata["rule"] for f in dataclasses.fields(EngineSection)}
