@@ -842,6 +842,10 @@ def test_a_tied_job_no_client_claims_after_a_restart_is_aborted(daemon):
     os.kill(pid, signal.SIGKILL)
     streamed = [t for delta in client.stream(claimed) for t in delta.new_token_ids]
     assert len(streamed) == 200  # its client waited on it: claimed, it ran to its end
+    # status_of does not claim a job, and result would: wait past tied_job_claim_s for the
+    # abort first (on a fast host the claimed job's stream ends well within it)
+    wait_for(lambda: client.status_of(forsaken)["finished"], timeout=60,
+             what="the unclaimed job aborted")
     out = client.result(forsaken, timeout=60).outputs[0]
     assert out.finish_reason == "abort" and out.token_ids == []  # not run after the restart
     assert client.status()["tied_jobs_aborted"] == 1  # counted since the restart
