@@ -114,6 +114,23 @@ def test_without_sampling_params_the_checkpoint_s_generation_config_decides(tmp_
     assert "not using" in caplog.text and "temperature" in caplog.text
 
 
+def test_an_end_id_generation_config_adds_is_a_stop_token_with_its_stop_reason(tmp_path):
+    """vLLM makes generation_config.json's end-of-sequence ids other than the tokenizer's EOS
+    stop token ids: a sample they end says which (Qwen2.5's <|endoftext|> next to <|im_end|>).
+    It was None, as for the tokenizer's EOS, which still gives None."""
+    directory = tiny_copy(tmp_path, generation_config={"eos_token_id": [257, 65]})
+    with LLM(model=str(directory)) as llm:
+        assert llm.tokenizer.eos_token_id == 257
+        ended = [llm.generate("end", SamplingParams(max_tokens=4, temperature=0,
+                                                    logit_bias={end: 100}))[0].outputs[0]
+                 for end in (65, 257)]
+        assert [(o.token_ids, o.finish_reason, o.stop_reason) for o in ended] == \
+            [([65], "stop", 65), ([257], "stop", None)]
+        ignored = llm.generate("end", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                     logit_bias={65: 100}))[0].outputs[0]
+        assert (ignored.token_ids, ignored.finish_reason) == ([65] * 4, "length")
+
+
 def test_chat_takes_the_template_options(llm):
     messages = [{"role": "user", "content": "hi"}]
     replying = llm.chat(messages, GREEDY)[0].prompt_token_ids

@@ -125,6 +125,7 @@ def test_special_token_facts(both):
     assert ours.vocab_size == len(hf)
     # tokenizer_config's eos (an AddedToken dict) first, then generation_config's extra ids
     assert ours.eos_token_ids == (hf.eos_token_id, 2)
+    assert ours.eos_token_id == hf.eos_token_id
 
 
 def test_transformers_helpers_ported_scripts_call_agree(both):

@@ -95,16 +95,18 @@ class SampleStream:
         return out
 
     def _stop_reason(self) -> int | str | None:
-        """As vLLM: the stop string or stop token id that ended the sample; None for an EOS
-        and for any other end."""
+        """As vLLM: the stop string or stop token id that ended the sample; None for the
+        tokenizer's EOS and for any other end. The other end-of-sequence ids a checkpoint's
+        generation_config.json names count as stop token ids, as vLLM makes them."""
         req = self.request
         if req.finish_reason is not FinishReason.STOP:
             return None
         if self.stopped_by_text:
             return self.stop_string
         last = req.output_token_ids[-1] if req.output_token_ids else None
-        eos = not req.params.ignore_eos and last in req.eos_token_ids
-        return last if last in req.params.stop_token_ids and not eos else None
+        if req.params.ignore_eos:
+            return last if last in req.params.stop_token_ids else None
+        return None if last == self._tokenizer.eos_token_id else last
 
     @property
     def stopped_by_text(self) -> bool:

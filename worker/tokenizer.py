@@ -127,8 +127,9 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
-        """The first end-of-sequence id (``eos_token_ids`` holds them all)."""
-        return self.eos_token_ids[0] if self.eos_token_ids else None
+        """As in transformers, the id of ``eos_token`` (tokenizer_config.json's); None without
+        one. ``eos_token_ids`` adds the others generation_config.json names."""
+        return self._token_id(self.eos_token)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for, also when it holds part of a UTF-8 character (which
