@@ -19,14 +19,15 @@ def add_parser(sub) -> None:
     src.add_argument("--prompts", metavar="FILE.jsonl",
                      help='one JSON object per line: "prompt" or "prompt_token_ids", plus optional '
                           "sampling fields; '-' reads stdin")
-    add_sampling_flags(p)
+    add_sampling_flags(p, unseeded="draws from the engine's shared generator")
     add_engine_flags(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per input, in input order")
     p.set_defaults(func=run)
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+def add_sampling_flags(p: argparse.ArgumentParser, unseeded: str) -> None:
+    """The sampling flags; ``unseeded`` says how a job given no --seed draws its tokens."""
     g = p.add_argument_group("sampling (defaults for every job)")
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     g.add_argument("--min-tokens", type=int, default=0,
@@ -38,7 +39,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None,
                    help="this job's own random stream: its tokens then depend on nothing else, "
                         "not on the jobs batched with it nor on preemption (default: none, "
-                        "draws from the engine's shared generator)")
+                        f"{unseeded})")
     g.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")

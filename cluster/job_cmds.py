@@ -24,7 +24,8 @@ def add_parsers(sub) -> None:
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts", metavar="FILE.jsonl",
                      help="jobs, one JSON object per line; '-' reads stdin")
-    add_sampling_flags(p)
+    add_sampling_flags(p, unseeded="the daemon gives each job a random seed when it accepts "
+                                   "it, so a failover or restart repeats its tokens")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per job, in input order")
     p.add_argument("--no-wait", action="store_true",

@@ -100,6 +100,21 @@ def test_jobs_refuses_a_count_below_zero_before_it_connects(capsys, value):
     assert f"--finished: must be an integer >= 0, got '{value}'" in capsys.readouterr().err
 
 
+def _help_of(capsys, verb: str) -> str:
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_seed_help_says_how_each_verb_draws_an_unseeded_jobs_tokens(capsys):
+    """submit's --seed help said an unseeded job drew from the engine's shared generator, as
+    generate's does; the daemon gives each such job a random seed when it accepts it."""
+    submit, generate = _help_of(capsys, "submit"), _help_of(capsys, "generate")
+    assert "shared generator" not in submit
+    assert "the daemon gives each job a random seed when it accepts it" in submit
+    assert "draws from the engine's shared generator" in generate
+
+
 @pytest.mark.parametrize("argv", [["up", "--timeout", "-1"], ["down", "--drain", "--timeout", "0"],
                                   ["up", "--timeout", "nan"]])
 def test_daemon_timeouts_must_be_positive_before_anything_connects(capsys, argv):
