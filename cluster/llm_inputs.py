@@ -57,6 +57,9 @@ def engine_options(model: str, options: dict) -> dict:
                 continue
         if name in REFUSED:
             raise ValueError(f"{name}={value!r}: {REFUSED[name]}")
+        if name in NO_EFFECT:  # a vLLM option, at a value that would change something
+            raise ValueError(f"{name}={value!r}: not supported by pagedserve, which takes it "
+                             f"only as {' or '.join(map(repr, NO_EFFECT[name]))} (no effect)")
         spelled, name = name, RENAMED.get(name, name)
         if name not in fields or name == "model":
             raise ValueError(f"LLM() has no option {name!r}; its engine options are "

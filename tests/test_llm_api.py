@@ -49,7 +49,10 @@ def test_vllm_spellings_of_engine_options_are_taken():
     ({"tokenizer": "another/tokenizer"}, "tokenizer='another/tokenizer': the checkpoint "
                                          "directory's own tokenizer is used"),
     ({"enable_lora": True}, "LLM() has no option 'enable_lora'; its engine options are device, "),
-    ({"quantization": "awq"}, "LLM() has no option 'quantization'; its engine options are "),
+    ({"quantization": "awq"}, "quantization='awq': not supported by pagedserve, which takes it "
+                              "only as None (no effect)"),
+    ({"task": "embed"}, "task='embed': not supported by pagedserve, which takes it only as "
+                        "'auto' or 'generate' (no effect)"),
     ({"dtype": "int8"}, "dtype='int8': must be one of float32, bfloat16, float16, auto"),
     ({"block_size": "16"}, "block_size='16': must be an integer >= 1"),
     ({"max_model_len": 20.5}, "max_model_len=20.5: must be an integer >= 1, or null"),
