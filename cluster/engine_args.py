@@ -15,6 +15,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="auto: the checkpoint's declared dtype (default: float32)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on cpu (default: 1.0)")
+    g.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="share of the device's memory for weights, activations and the KV cache "
+                        "on npu/cuda (default: 0.9)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step: prefill chunks + decodes (default: 2048)")
@@ -31,6 +34,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     """EngineConfig keyword arguments from parsed flags."""
     return dict(
         device=args.device, dtype=args.dtype, block_size=args.block_size,
-        kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=args.kv_cache_gib, memory_utilization=args.memory_utilization,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, policy=args.policy)

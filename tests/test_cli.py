@@ -85,6 +85,8 @@ def test_generate_streams_text_to_the_terminal(capsys):
     (["--prompt", "hi", "--kv-cache-gib", "inf"], "kv_cache_gib=inf: must be a finite number > 0"),
     (["--prompt", "hi", "--kv-cache-gib", "1e9"], "GiB of memory this host has available"),
     (["--prompt", "hi", "--block-size", "0"], "block_size=0: must be an integer >= 1"),
+    (["--prompt", "hi", "--memory-utilization", "1.5"],
+     "memory_utilization=1.5: must be a number in (0, 1]"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run(capsys, "generate", *argv)
@@ -98,6 +100,16 @@ def test_jobs_refuses_a_count_below_zero_before_it_connects(capsys, value):
         main(["jobs", "--finished", value])
     assert exited.value.code == 2
     assert f"--finished: must be an integer >= 0, got '{value}'" in capsys.readouterr().err
+
+
+def test_generate_takes_the_device_memory_share_npu_and_cuda_size_their_kv_cache_from():
+    """The README sizes an npu/cuda KV cache by memory_utilization, which generate had no flag
+    for: only --kv-cache-gib, which applies to cpu alone."""
+    from cluster.cli import build_parser
+    from cluster.engine_args import engine_options
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--memory-utilization", "0.5"])
+    assert engine_options(args)["memory_utilization"] == 0.5
 
 
 def _help_of(capsys, verb: str) -> str:
