@@ -976,7 +976,10 @@ def test_in_an_outage_requests_fail_fast_and_their_jobs_are_aborted_once_it_is_b
 
     monkeypatch.setattr(client, "aabort", counted_abort)
     time.sleep(2.0)
-    assert 1 <= len(tries) <= 4, f"{len(tries)} tries in 2 s"
+    # a first try of some aborts may still be on its way: only the oldest abort is tried again
+    retried = {job for job in tries if tries.count(job) > 1}
+    assert tries and len(retried) <= 1, f"{len(retried)} aborts tried again, not one for all"
+    assert len(tries) - len(set(tries)) <= 2.0 / http_module.ABORT_RETRY_S, tries
     status = bringup.up(cfg, min_workers=1)
     assert status["jobs_resumed"] == 1
     job = Client().result(job_id, timeout=60)
