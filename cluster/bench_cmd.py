@@ -39,16 +39,17 @@ def add_parser(sub) -> None:
                              "failed (default 3600)")
 
     load = p.add_argument_group("load")
-    load.add_argument("--num-prompts", type=int, default=100, help="requests per run")
+    load.add_argument("--num-prompts", type=int, default=100, help="requests per run (default 100)")
     rates = load.add_mutually_exclusive_group()
     rates.add_argument("--request-rate", default="inf",
                        help="requests per second, or inf to send all at once (default inf)")
     rates.add_argument("--sweep-rates", default=None, metavar="R1,R2,...",
                        help="run once per rate, e.g. 1,4,inf")
     load.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson",
-                      help="gaps between requests: exponential, or gamma with --burstiness")
+                      help="gaps between requests: exponential, or gamma with --burstiness "
+                           "(default poisson)")
     load.add_argument("--burstiness", type=float, default=1.0,
-                      help="gamma shape: < 1 burstier, > 1 more regular (1 = poisson)")
+                      help="gamma shape: < 1 burstier, > 1 more regular (default 1, as poisson)")
     load.add_argument("--max-concurrency", type=int, default=None,
                       help="most requests in flight at once (default: no limit)")
     load.add_argument("--seed", type=int, default=0,
@@ -58,11 +59,14 @@ def add_parser(sub) -> None:
 
     data = p.add_argument_group("prompts")
     data.add_argument("--dataset", default="random", metavar="random|FILE.jsonl",
-                      help='"random", or JSONL lines {"prompt": text or token ids, '
+                      help='"random" (the default), or JSONL lines {"prompt": text or token ids, '
                            '"max_tokens": n} (cycled to --num-prompts)')
-    data.add_argument("--random-input-len", type=int, default=128)
+    data.add_argument("--random-input-len", type=int, default=128,
+                      help="prompt length of the random dataset: tokens, or characters with "
+                           "--random-prompt text (default 128)")
     data.add_argument("--random-output-len", type=int, default=64,
-                      help="also the max_tokens of dataset lines that give none")
+                      help="completion tokens of the random dataset, and the max_tokens of "
+                           "dataset lines that give none (default 64)")
     data.add_argument("--random-range-ratio", type=float, default=0.5,
                       help="lengths drawn uniformly in [len*(1-r), len*(1+r)] (default 0.5)")
     data.add_argument("--random-prompt", choices=("ids", "text"), default="ids",

@@ -44,7 +44,7 @@ def add_parsers(sub) -> None:
                    help="a preset (cpu-sim, ascend-910b) or a YAML file; default cpu-sim")
     p.add_argument("--min-workers", type=int, default=1,
                    help="wait for this many workers to load the model (then up to 30 s more "
-                        "for the others still loading)")
+                        "for the others still loading; default: 1)")
     p.add_argument("--timeout", type=seconds, default=600.0,
                    help="seconds to wait for workers (default: 600)")
     p.set_defaults(func=run_up)

@@ -1,5 +1,6 @@
 """pagedserve bench: arrival statistics, length sampling, SSE accounting, percentiles and goodput
 (pure, fast); the load loop against a small local SSE server; one run against the real server."""
+import argparse
 import asyncio
 import contextlib
 import io
@@ -663,3 +664,16 @@ def test_a_connect_error_of_this_machine_is_not_taken_for_a_server_gone():
     for _ in range(bench.SERVER_GONE_AFTER):
         watch.saw(local)
     assert watch.gone is None
+
+
+def test_every_bench_and_up_option_with_a_default_states_it_in_its_help():
+    """`bench --help` gave no default for --num-prompts and the random lengths, so a user
+    could not tell what a run without them measured."""
+    from cluster.cli import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    silent = [f"{verb} {action.option_strings[0]}" for verb in ("bench", "up")
+              for action in verbs[verb]._actions
+              if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+              and "default" not in (action.help or "")]
+    assert not silent, f"options whose help gives no default: {silent}"
