@@ -175,6 +175,9 @@ class HttpSection(_Section):
     # origins whose browser pages may call the API (CORS), e.g. ["https://ui.example.com"],
     # or ["*"]; none by default
     cors_allowed_origins: tuple[str, ...] = setting((), TEXT_LIST)
+    # a chat request's own chat_template is Jinja the server runs (sandboxed, yet it may spend
+    # its CPU and memory): refused unless every client is trusted that far
+    trust_request_chat_template: bool = setting(False, BOOLEAN)
 
 
 SECTIONS: dict[str, type[_Section]] = {

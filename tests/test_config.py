@@ -156,6 +156,7 @@ BAD_VALUES = [
     ("http", "api_keys", ["ok", ""], "list"),
     ("http", "max_body_bytes", 0, ">= 1"),
     ("http", "max_concurrent_requests", 0, ">= 1"),
+    ("http", "trust_request_chat_template", "yes", "true or false"),
 ]
 
 
