@@ -212,6 +212,20 @@ def test_chat_template_arguments_it_cannot_serve_are_refused(both):
         ours.apply_chat_template(MESSAGES, tokenize=True, return_tensors="pt")
 
 
+def test_special_tokens_and_template_variables_render_as_in_transformers(both):
+    """A caller's variables reach the template and override the tokenizer's special tokens,
+    as in transformers; a bos_token among them was a TypeError (given twice to render)."""
+    ours, hf = both
+    template = ("{{ bos_token }}{% if enable_thinking %}<think>{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    for variables in ({}, {"enable_thinking": True}, {"bos_token": "[B]", "eos_token": "|"}):
+        expected = hf.apply_chat_template(MESSAGES, chat_template=template, tokenize=False,
+                                          **variables)
+        assert ours.apply_chat_template(MESSAGES, chat_template=template, **variables) == expected
+    assert ours.apply_chat_template(MESSAGES, chat_template=template).startswith("<s>")
+    assert "</s>" in ours.apply_chat_template(MESSAGES, chat_template=template)
+
+
 def test_token_bytes_give_a_split_character_its_own_bytes(bpe_dir):
     """Each byte-level piece maps back to its bytes, with the byte-level pre-tokenizer's own
     alphabet, including a character split over tokens (which decode alone as U+FFFD)."""

@@ -181,14 +181,9 @@ class Tokenizer:
         if continue_final_message:
             messages = _marked_final_message(messages)
         try:
-            text = template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                # unset but defined, as transformers renders them: `tools is not none` is false
-                **{"tools": None, "documents": None, **extra},
-            )
+            text = template.render(messages=messages,
+                                   add_generation_prompt=add_generation_prompt,
+                                   **self._template_variables(extra))
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - the template's own code (a filter's TypeError)
@@ -202,6 +197,15 @@ class Tokenizer:
         """The token ids of ``messages`` rendered with the chat template, ending where the
         assistant's reply begins (with ``add_generation_prompt``)."""
         return self.apply_chat_template(messages, add_generation_prompt, tokenize=True, **extra)
+
+    def _template_variables(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The special tokens and the variables transformers defines, which ``extra`` (the
+        caller's own) may override, as in transformers: a ``bos_token`` among them was a
+        TypeError (given twice to render)."""
+        # tools and documents unset but defined, as transformers renders them: `tools is not
+        # none` is false
+        return {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                "tools": None, "documents": None, **extra}
 
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:
