@@ -80,6 +80,7 @@ class Server:
     # the checkpoint's generation_config.json sampling fields, for those a request leaves
     # unset (as vLLM's server does); max_tokens keeps OpenAI's meaning
     sampling_defaults: dict = field(default_factory=dict)
+    trust_request_chat_template: bool = False  # http.trust_request_chat_template
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     started: int = field(default_factory=lambda: int(time.time()))
     _background: set = field(default_factory=set)
@@ -130,12 +131,16 @@ class Server:
                 f"{wanted} in the completion, {param}{given}). Please reduce the length of "
                 f"{prompt} or the completion.", param, code=CONTEXT_EXCEEDED)
 
-    def chat_prompt(self, request: ChatRequest) -> list[int]:
+    def chat_prompt(self, request: ChatRequest | TokenizeRequest) -> list[int]:
+        """The messages' prompt; a template that fails (it may raise on purpose, to refuse a
+        conversation) is the request's error, with the template's message."""
+        options = request.template_options(self.trust_request_chat_template)
         messages = [m.as_template_input() for m in request.messages]
         try:
-            return self.tokenizer.encode_chat(messages)
-        except ChatTemplateError as exc:
-            raise bad_request(str(exc), "messages") from None
+            return self.tokenizer.encode_chat(messages, **options)
+        except (ChatTemplateError, InvalidRequestError) as exc:
+            raise bad_request(str(exc), "messages" if request.chat_template is None
+                              else "chat_template") from None
 
     def abort_soon(self, job_id: str, in_flight: bool = False) -> None:
         """Abort without waiting: called while the request's own task is being torn down.
@@ -209,7 +214,8 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
                     api_keys_from(cfg) if api_keys is None else tuple(api_keys),
                     cfg.http.max_body_bytes, _model_context_len(cfg, path),
                     sampling_defaults={k: v for k, v in generation_defaults(path).items()
-                                       if k != "max_tokens"})
+                                       if k != "max_tokens"},
+                    trust_request_chat_template=cfg.http.trust_request_chat_template)
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.include_router(router)

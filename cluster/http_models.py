@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scheduler.sampling_params import InvalidRequestError, SamplingParams
 from worker.output import JobOutput, RequestOutput
 from worker.sampler import TokenLogprobs
-from worker.tokenizer import IncrementalDetokenizer, Tokenizer, template_message
+from worker.tokenizer import (RESERVED_TEMPLATE_NAMES, IncrementalDetokenizer, Tokenizer,
+                              template_message)
 
 # A logprob JSON can carry (JSON has no -Infinity); far below any real one.
 LOGPROB_FLOOR = -9999.0
@@ -253,7 +254,44 @@ class ChatMessage(_Strict):
             exclude_none=True, exclude={"tool_calls", "refusal", "tool_call_id"}))
 
 
-class TokenizeRequest(_Strict):
+class ChatTemplateFields(_Strict):
+    """vLLM's fields that shape how chat messages are rendered into a prompt."""
+
+    add_generation_prompt: bool = True
+    # the prompt ends inside the last (assistant) message, which the model then carries on
+    continue_final_message: bool = False
+    chat_template: str | None = Field(default=None, min_length=1)
+    chat_template_kwargs: dict[str, object] | None = None
+
+    def template_options(self, trust_request_template: bool) -> dict:
+        """The chat template's arguments; a 400 naming the field for a combination that
+        cannot render, or a chat_template the server does not take."""
+        if self.add_generation_prompt and self.continue_final_message:
+            raise bad_request("add_generation_prompt and continue_final_message cannot both be "
+                              "true: one starts a new assistant message, the other carries the "
+                              "last one on (set add_generation_prompt to false)",
+                              "continue_final_message")
+        last = self.messages[-1].role  # the subclass's messages, which it has checked
+        if self.continue_final_message and last != "assistant":
+            raise bad_request("continue_final_message needs the last message to be the "
+                              f"assistant's to continue, not a {last} message",
+                              "continue_final_message")
+        if self.chat_template is not None and not trust_request_template:
+            raise bad_request("this server does not take a chat_template in the request: its "
+                              "operator may allow it with http.trust_request_chat_template: "
+                              "true in the server's config", "chat_template")
+        variables = self.chat_template_kwargs or {}
+        taken = [name for name in variables if name in RESERVED_TEMPLATE_NAMES]
+        if taken:
+            raise bad_request(f"chat_template_kwargs cannot set {', '.join(taken)}: the server "
+                              "passes the template those itself (use the request's own fields)",
+                              "chat_template_kwargs")
+        return {**variables, "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "chat_template": self.chat_template}
+
+
+class TokenizeRequest(ChatTemplateFields):
     """``POST /tokenize``: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
@@ -271,7 +309,7 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-class ChatRequest(GenerationRequest):
+class ChatRequest(GenerationRequest, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -158,6 +158,103 @@ def test_chat_uses_the_chat_template(api, daemon, tokenizer):
     assert api.chat.completions.create(messages=developer, **greedy()).choices[0] == out.choices[0]
 
 
+USER_TURN = [{"role": "user", "content": "Hi"}]
+CONVERSATION = [{"role": "user", "content": "Name a worker."},
+                {"role": "assistant", "content": "Worker"}]
+# the tiny template's format, with a variable of its own (as Qwen3's enable_thinking)
+THINKING = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+            "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+            "{% if enable_thinking is false %}<think></think>{% endif %}{% endif %}")
+
+
+def chat_prompt_ids(session, client, **fields):
+    """The token ids the daemon ran a chat request's job on (the response id finds the job)."""
+    answer = session.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 1, "messages": CONVERSATION, **fields})
+    assert answer.status_code == 200, answer.text
+    return client.result(answer.json()["id"]).prompt_token_ids
+
+
+def test_chat_template_fields_shape_the_prompt_as_the_tokenizer_renders_it(http, daemon,
+                                                                           tokenizer):
+    _, client = daemon
+
+    def rendered(**options):
+        return tokenizer.apply_chat_template(CONVERSATION, tokenize=True, **options)
+
+    replying = chat_prompt_ids(http, client)
+    assert replying == rendered(add_generation_prompt=True)
+    finished = chat_prompt_ids(http, client, add_generation_prompt=False)
+    assert finished == rendered(add_generation_prompt=False) != replying
+    continuing = chat_prompt_ids(http, client, add_generation_prompt=False,
+                                 continue_final_message=True)
+    assert continuing == rendered(continue_final_message=True)
+    # the prompt ends inside the assistant's message: no end-of-turn marker, no new turn
+    text = tokenizer.decode(continuing, skip_special_tokens=False)
+    assert text.endswith("<|assistant|>Worker") and text.count("<|assistant|>") == 1
+    # a variable the checkpoint's template does not read changes nothing
+    assert chat_prompt_ids(http, client, chat_template_kwargs={"enable_thinking": False}) == \
+        replying
+    # /tokenize counts what the same fields would send
+    counted = http.post("/tokenize", json={"messages": CONVERSATION, "add_generation_prompt":
+                                           False, "continue_final_message": True}).json()
+    assert counted["tokens"] == continuing
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final_message",
+     "add_generation_prompt and continue_final_message cannot both be true"),
+    ({"continue_final_message": True}, "continue_final_message", "cannot both be true"),
+    ({"messages": USER_TURN, "add_generation_prompt": False, "continue_final_message": True},
+     "continue_final_message", "not a user message"),
+    ({"chat_template_kwargs": {"messages": [], "bos_token": "x"}}, "chat_template_kwargs",
+     "cannot set messages, bos_token"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs",
+     "cannot set add_generation_prompt"),
+    ({"chat_template_kwargs": {"return_tensors": "pt"}}, "chat_template_kwargs",
+     "cannot set return_tensors"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs", "invalid"),
+    ({"add_generation_prompt": "yes"}, "add_generation_prompt", "invalid"),
+    ({"chat_template": "{{ messages }}"}, "chat_template", "http.trust_request_chat_template"),
+])
+def test_bad_chat_template_fields_are_400_naming_the_field(http, body, param, message):
+    answer = http.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 1, "messages": CONVERSATION, **body})
+    assert answer.status_code == 400
+    error = error_of(answer)
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_a_request_s_chat_template_runs_only_where_the_server_trusts_it(daemon, tokenizer):
+    cfg, client = daemon
+    trusting = with_overrides(cfg, http={"trust_request_chat_template": True})
+    with serving(create_app(client, trusting, api_keys=(KEY,))) as url, \
+            httpx.Client(base_url=url, timeout=60,
+                         headers={"Authorization": f"Bearer {KEY}"}) as session:
+        thinking, plain = (chat_prompt_ids(session, client, chat_template=THINKING,
+                                           chat_template_kwargs=variables)
+                           for variables in ({"enable_thinking": False}, {}))
+        for ids, variables in ((thinking, {"enable_thinking": False}), (plain, {})):
+            assert ids == tokenizer.apply_chat_template(CONVERSATION, tokenize=True,
+                                                        chat_template=THINKING, **variables)
+        assert tokenizer.decode(thinking, skip_special_tokens=False).endswith(
+            "<|assistant|><think></think>")
+        assert thinking[0] == tokenizer.bos_token_id  # bos_token and eos_token are the model's
+        assert plain.count(tokenizer.eos_token_id) == len(CONVERSATION)
+        for template, message in [
+                ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+                ("{{ 1 + messages }}", "TypeError"),
+                ("{% for m in messages %}", "does not compile"),
+                ("{{ messages.__class__.__mro__ }}", "chat template failed")]:
+            answer = session.post("/v1/chat/completions", json={
+                "model": "tiny", "max_tokens": 1, "messages": CONVERSATION,
+                "chat_template": template})
+            assert answer.status_code == 400, answer.text
+            error = error_of(answer)
+            assert error["param"] == "chat_template" and message in error["message"], error
+            assert "Traceback" not in error["message"]
+
+
 def test_several_prompts_are_one_response_in_prompt_order(api, daemon):
     _, client = daemon
     first = clear_greedy_prompt(client)

@@ -227,6 +227,14 @@ UNSERVED_CHAT_ARGUMENTS = ("return_tensors", "return_dict", "padding", "truncati
                            "tokenizer_kwargs", "return_assistant_tokens_mask")
 
 
+# what apply_chat_template passes the template itself, or takes as its own arguments: a server
+# taking template variables from its clients refuses these names
+RESERVED_TEMPLATE_NAMES = ("messages", "add_generation_prompt", "continue_final_message",
+                           "chat_template", "tokenize", "bos_token", "eos_token", "tools",
+                           "documents", "raise_exception", "strftime_now",
+                           *UNSERVED_CHAT_ARGUMENTS)
+
+
 def _refuse_unserved(extra: dict[str, Any]) -> None:
     unserved = [name for name in UNSERVED_CHAT_ARGUMENTS if extra.get(name) not in (None, False)]
     if unserved:
