@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -52,6 +53,8 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 RETRY_AFTER_S = 1
 CONTEXT_REFRESH_S = 5.0  # how long the workers' capacity read from the daemon is trusted
 ABORT_RETRY_S = 5.0  # how often an abort the unavailable daemon could not take is tried again
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_KEY = "pagedserve.request_id"  # where RequestId leaves it on the ASGI scope
 
 
 def api_keys_from(cfg: PagedServeConfig, environ=os.environ) -> tuple[str, ...]:
@@ -224,9 +227,11 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     app.add_exception_handler(Exception, _on_unexpected_error)
     app.add_middleware(ConcurrencyLimit, limit=cfg.http.max_concurrent_requests)
     app.add_middleware(RequestCounter, metrics=server.metrics)
-    if cfg.http.cors_allowed_origins:  # outermost: a preflight is answered before the rest
+    if cfg.http.cors_allowed_origins:  # a preflight is answered before the rest
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.http.cors_allowed_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=[REQUEST_ID_HEADER])
+    app.add_middleware(RequestId)  # outermost: every answer carries it, a 503 refusal too
     return app
 
 
@@ -673,8 +678,13 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Respo
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(ApiError(500, "internal server error", type="server_error").body(), 500)
+    # answered from outside every middleware (Starlette's own outermost one calls this), so
+    # the request id is set here
+    request_id = request.scope.get(REQUEST_ID_KEY, "")
+    log.error("unexpected error on %s %s (request %s)", request.method, request.url.path,
+              request_id, exc_info=exc)
+    return JSONResponse(ApiError(500, "internal server error", type="server_error").body(), 500,
+                        {REQUEST_ID_HEADER: request_id} if request_id else None)
 
 
 def _snake(text: str) -> str:
@@ -870,3 +880,33 @@ class RequestCounter:
             # the route template (bounded label values), set on the scope by the router
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.requests.labels(route, str(status)).inc()
+
+
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()  # as ASGI gives header names
+
+
+class RequestId:
+    """ASGI middleware answering every request with an X-Request-Id header: the request's own
+    (so that a client's or a proxy's logs match the server's), else a new one. Plain ASGI, as
+    RequestCounter, so that streams pass through untouched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(_REQUEST_ID_NAME)
+        request_id = given.decode("latin-1") if given else uuid.uuid4().hex
+        scope[REQUEST_ID_KEY] = request_id
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if k.lower() != _REQUEST_ID_NAME]
+                headers.append((_REQUEST_ID_NAME, request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

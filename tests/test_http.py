@@ -504,6 +504,41 @@ def test_raw_event_stream_format(http):
     assert sum(p["choices"][0]["finish_reason"] is not None for p in payloads) == 1
 
 
+def test_a_request_s_x_request_id_is_echoed_and_others_get_their_own(http, base_url):
+    body = {"model": "tiny", "messages": USER_TURN, "max_tokens": 2}
+    for fields, status in (({}, 200), ({"max_tokens": -1}, 400),
+                           ({"chat_template_kwargs": {"messages": 1}}, 400)):
+        answer = http.post("/v1/chat/completions", json={**body, **fields},
+                           headers={"X-Request-Id": "trace-7"})
+        assert (answer.status_code, answer.headers["x-request-id"]) == (status, "trace-7")
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                     headers={"X-Request-Id": "stream-8"}) as response:
+        assert response.headers["x-request-id"] == "stream-8"
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and len(events) >= 4  # role, 2 tokens, [DONE]
+    keyless = httpx.get(f"{base_url}/v1/models", headers={"X-Request-Id": "who-9"})
+    assert (keyless.status_code, keyless.headers["x-request-id"]) == (401, "who-9")
+    made = [http.post("/v1/chat/completions", json=body).headers["x-request-id"]
+            for _ in range(2)]
+    assert made[0] != made[1] and all(len(m) >= 16 for m in made)
+
+
+def test_an_unexpected_error_is_500_with_the_request_id(base_url, monkeypatch):
+    """Starlette answers it from outside every middleware: the header was left off."""
+    def broken(server):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cluster.http, "_model_card", broken)
+    # a connection of its own each: uvicorn closes one whose request raised
+    answers = [httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}",
+                                                           **given})
+               for given in ({"X-Request-Id": "bug-10"}, {})]
+    assert [a.status_code for a in answers] == [500, 500]
+    assert error_of(answers[0])["message"] == "internal server error"
+    assert answers[0].headers["x-request-id"] == "bug-10"
+    assert len(answers[1].headers["x-request-id"]) >= 16  # a made one
+
+
 def test_logprobs_cover_every_token(api, tokenizer):
     out = api.completions.create(prompt="log", logprobs=3, **greedy())
     lp = out.choices[0].logprobs
@@ -1123,6 +1158,8 @@ def test_cors_is_off_by_default_and_answers_the_origins_configured(daemon, http)
                                                         "Authorization": f"Bearer {KEY}"})
         assert listed.status_code == 200
         assert listed.headers["access-control-allow-origin"] == "https://ui.example"
+        # the page's script may read the request id
+        assert "x-request-id" in listed.headers["access-control-expose-headers"].lower()
         other = httpx.options(f"{url}/v1/chat/completions",
                               headers={**preflight, "Origin": "https://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
@@ -1142,8 +1179,10 @@ def test_past_max_concurrent_requests_a_post_is_503_before_its_body_is_read(daem
                              b"Content-Length: 100000\r\n\r\n" + b" " * 50000)
             wait_for(lambda: httpx.post(f"{url}/v1/completions", json={}).status_code == 503,
                      timeout=10, what="the slow requests in progress")
-            busy = httpx.post(f"{url}/v1/completions", json={"prompt": "x"})
+            busy = httpx.post(f"{url}/v1/completions", json={"prompt": "x"},
+                              headers={"X-Request-Id": "busy-11"})
             assert int(busy.headers["retry-after"]) >= 1 and busy.headers["connection"] == "close"
+            assert busy.headers["x-request-id"] == "busy-11"
             assert error_of(busy)["code"] == "too_many_requests_in_progress"
             assert httpx.get(f"{url}/health").status_code == 200  # probes are still answered
         finally:
