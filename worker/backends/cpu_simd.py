@@ -2,6 +2,8 @@
 prefetch, and the thread-count set-up of parallel kernels."""
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
@@ -88,6 +90,31 @@ def exp_nonpositive(x):
     poly = poly * r + np.float32(1.0)
     result = poly * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
     return np.float32(0.0) if x < _EXP_FLOOR else result
+
+
+# numba's OpenMP threading layer links the system's libgomp by file name, so it runs a second
+# OpenMP runtime beside torch's own copy. By default that runtime's idle threads spin for ~4 ms
+# of CPU after every parallel kernel (the decode attention, once per layer), on the cores that
+# torch's threads need for the matmuls that follow. GOMP_SPINCOUNT is read once, when the
+# library loads: it is set for numba's copy alone, torch's having loaded with torch.
+NUMBA_POOL_SPINCOUNT = "0"
+OPENMP_WAIT_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def start_numba_pool() -> None:
+    """Start numba's thread pool with its idle threads sleeping at once, unless the user set
+    OpenMP's wait settings themselves."""
+    if any(name in os.environ for name in OPENMP_WAIT_SETTINGS):
+        numba.get_num_threads()
+        return
+    os.environ["GOMP_SPINCOUNT"] = NUMBA_POOL_SPINCOUNT
+    try:
+        numba.get_num_threads()  # loads the threading layer's library, which reads it now
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+start_numba_pool()
 
 
 def numba_thread_limit() -> int:
