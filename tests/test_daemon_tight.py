@@ -196,18 +196,31 @@ def test_the_cli_prints_the_other_jobs_past_a_failed_one(client, capsys):
 
 
 def test_a_job_whose_workers_keep_dying_fails_after_three(client):
-    job = client.submit("dies with its workers", SamplingParams(max_tokens=1500, ignore_eos=True))
+    job = client.submit("dies with its workers", SamplingParams(max_tokens=2000, ignore_eos=True))
+    wait_for(lambda: client.status_of(job)["num_tokens"][0] > 0, interval=0.02,
+             what="the job running")
+    killed: dict[str, int] = {}  # worker id: pid
     for _ in range(MAX_WORKER_DEATHS_PER_SAMPLE):
-        seen = client.status_of(job)["num_tokens"][0]
-        state = wait_for(lambda: (s := client.status_of(job))["num_tokens"][0] > seen and s,
-                         interval=0.02, what="the job running")
-        host = next(w for w in ready_workers(client) if w["worker_id"] == state["workers"][0])
+        # each worker is killed as soon as the job is on it: a job left running between the
+        # kills could finish first on a fast host (on CI one did, with 1500 tokens to make)
+        host = wait_for(lambda: _worker_running(client, job, killed), interval=0.02,
+                        what="the job on a new worker")
         os.kill(host["pid"], signal.SIGKILL)
-        wait_for(lambda: process_gone(host["pid"]), timeout=30, what="the killed worker gone")
+        killed[host["worker_id"]] = host["pid"]
     with pytest.raises(JobFailedError, match=f"{MAX_WORKER_DEATHS_PER_SAMPLE} workers died "
                                              "while running it"):
         client.result(job, timeout=120)
+    assert all(wait_for(lambda: process_gone(pid), timeout=30, what="a killed worker gone")
+               for pid in killed.values())
     wait_for(lambda: len(ready_workers(client)) == 2, what="two workers again")
+
+
+def _worker_running(client, job: str, killed: dict) -> dict | None:
+    """The ready worker the job is on, once it is on one not killed yet."""
+    worker_id = client.status_of(job)["workers"][0]
+    if worker_id is None or worker_id in killed:
+        return None
+    return next((w for w in ready_workers(client) if w["worker_id"] == worker_id), None)
 
 
 def _numbered_jobs(count: int) -> list[list[int]]:
