@@ -5,10 +5,13 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
+
 from kvcache.block_key import BlockKey
 from kvcache.block_pool import Block, BlockPool
 from kvcache.errors import OutOfBlocksError, RequestTooLargeError
 from kvcache.stats import KVCacheStats
+from kvcache.table_rows import BlockTableRows
 
 
 @dataclass(slots=True)
@@ -17,6 +20,7 @@ class _SequenceBlocks:
     block_ids: list[int]  # the block table handed to the model runner
     keys: list[BlockKey]  # cache keys of the leading full, computed blocks, in order
     num_slots: int  # token positions the table was sized for
+    row: int  # its row in the manager's BlockTableRows
 
 
 class KVCacheManager:
@@ -40,6 +44,7 @@ class KVCacheManager:
         self.watermark_blocks = int(watermark * num_blocks)
         self._pool = BlockPool(num_blocks)
         self._seqs: dict[Hashable, _SequenceBlocks] = {}
+        self._rows = BlockTableRows()
         self._query_blocks = self._hit_blocks = 0
         self._query_tokens = self._hit_tokens = 0
 
@@ -122,7 +127,7 @@ class KVCacheManager:
             self._pool.acquire(block)
         blocks = prefix + self._pool.take(self.blocks_needed(num_tokens) - len(prefix))
         keys = [block.cache_key for block in prefix]
-        self._seqs[seq_id] = _SequenceBlocks(blocks, [b.block_id for b in blocks], keys, num_tokens)
+        self._add(seq_id, blocks, keys, num_tokens)
 
     def append_slots(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Grow the table to hold ``num_tokens`` slots; False (and no change) if blocks run out."""
@@ -135,6 +140,7 @@ class KVCacheManager:
                 fresh = self._pool.take(missing)
                 seq.blocks.extend(fresh)
                 seq.block_ids.extend(block.block_id for block in fresh)
+                self._rows.extend(seq.row, seq.block_ids)
             seq.num_slots = num_tokens
         return True
 
@@ -163,8 +169,7 @@ class KVCacheManager:
             fresh = self._pool.take(1)[0]
             copies.append((parent.blocks[num_full].block_id, fresh.block_id))
             blocks.append(fresh)
-        self._seqs[child_id] = _SequenceBlocks(
-            blocks, [b.block_id for b in blocks], parent.keys[:num_full], parent.num_slots)
+        self._add(child_id, blocks, parent.keys[:num_full], parent.num_slots)
         return copies
 
     def free(self, seq_id: Hashable) -> None:
@@ -172,6 +177,7 @@ class KVCacheManager:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise KeyError(f"sequence {seq_id!r} has no blocks (never allocated or already freed)")
+        self._rows.remove(seq.row)
         self._pool.release(reversed(seq.blocks))
 
     # ---- what the model runner reads ----
@@ -182,6 +188,11 @@ class KVCacheManager:
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The sequence's block ids (the live list: read it, do not modify it)."""
         return self._seq(seq_id).block_ids
+
+    def padded_block_tables(self, seq_ids: Sequence[Hashable]) -> np.ndarray:
+        """The sequences' block tables as int32 ``[len(seq_ids), width]``, zero-padded to the
+        longest (a copy)."""
+        return self._rows.gather([self._seq(seq_id).row for seq_id in seq_ids])
 
     def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> list[int]:
         """Cache slots (``block_id * block_size + offset``) of positions ``[start, end)``."""
@@ -230,6 +241,12 @@ class KVCacheManager:
         )
 
     # ---- helpers ----
+
+    def _add(self, seq_id: Hashable, blocks: list[Block], keys: list[BlockKey],
+             num_slots: int) -> None:
+        block_ids = [b.block_id for b in blocks]
+        self._seqs[seq_id] = _SequenceBlocks(blocks, block_ids, keys, num_slots,
+                                             self._rows.add(block_ids))
 
     def _seq(self, seq_id: Hashable) -> _SequenceBlocks:
         try:

@@ -5,6 +5,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
+import numpy as np
 from hypothesis import event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -235,6 +236,16 @@ class KVCacheMachine(RuleBasedStateMachine):
         for seq, table in self.model.tables.items():
             assert self.manager.block_table(seq) == table
             assert len(set(table)) == len(table), "a block appears twice in one table"
+
+    @invariant()
+    def padded_tables_match_model(self):
+        """What the model runner reads: each table, zero-padded to the longest asked for."""
+        seqs = list(reversed(self.model.tables))  # any order, as a batch's
+        padded = self.manager.padded_block_tables(seqs)
+        width = max([1, *map(len, self.model.tables.values())])
+        assert padded.shape == (len(seqs), width) and padded.dtype == np.int32
+        assert padded.tolist() == [self.model.tables[s] + [0] * (width - len(self.model.tables[s]))
+                                   for s in seqs]
 
     @invariant()
     def ref_counts_equal_owning_tables(self):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
 
-import numpy as np
 import torch
 
 from kvcache.layout import kv_cache_shape
@@ -35,7 +33,6 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
-    tables: list[list[int]] = []
     seq_lens: list[int] = []
     query_start_loc = [0]
     logits_indices: list[int] = []
@@ -47,7 +44,6 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
         input_ids.extend(req.token_ids[start:end])
         positions.extend(range(start, end))
         slots.extend(kv.slot_mapping(req.request_id, start, end))
-        tables.append(kv.block_table(req.request_id))
         seq_lens.append(end)
         query_start_loc.append(query_start_loc[-1] + num_new)
         if end == req.num_tokens:
@@ -62,7 +58,7 @@ def prepare_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
                 prompt_indices.extend(range(first_row, first_row + last - start))
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int32, device=device),
-        block_tables=_padded_tables(tables, device),
+        block_tables=_block_tables(batch, kv, device),
         query_start_loc=query_start_loc,
         seq_lens=seq_lens,
     )
@@ -96,7 +92,7 @@ def _decode_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
         slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs
                                    for pos, table in zip(positions, tables)],
                                   dtype=torch.int32, device=device),
-        block_tables=_padded_tables(tables, device),
+        block_tables=_block_tables(batch, kv, device),
         query_start_loc=list(range(len(requests) + 1)),
         seq_lens=[pos + 1 for pos in positions],
     )
@@ -110,14 +106,10 @@ def _decode_inputs(batch: ScheduledBatch, kv: KVCacheManager, device: torch.devi
     )
 
 
-def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    # One flat copy and one masked fill: filling row by row cost 1.5x more at 256 rows.
-    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-    width = max(int(lengths.max(initial=0)), 1)
-    out = np.zeros((len(tables), width), dtype=np.int32)
-    out[np.arange(width) < lengths[:, None]] = np.fromiter(
-        chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
-    return torch.from_numpy(out).to(device)
+def _block_tables(batch: ScheduledBatch, kv: KVCacheManager, device: torch.device) -> torch.Tensor:
+    """The scheduled requests' block tables, zero-padded to the longest."""
+    tables = kv.padded_block_tables([req.request_id for req in batch.requests])
+    return torch.from_numpy(tables).to(device)
 
 
 class ModelRunner:
