@@ -15,6 +15,7 @@ from cluster.batch_submit import BatchSubmitter, PacedSubmit
 from cluster.bringup import connect, find_scheduler
 from cluster.caller_token import CallerToken
 from cluster.liveness import Liveness
+from cluster.scheduler_lookup import SharedLookup
 from cluster.stream_cancel import read_or_cancelled
 from scheduler.sampling_params import InvalidRequestError, SamplingParams, in_batch
 from scheduler.service import (NAMESPACE, OverloadedError, UnknownJobError, answers_stats,
@@ -72,6 +73,9 @@ class Client:
         # since when calls have not found the scheduler at all (the daemon is down), until one
         # does: a call meeting that outage later waits only what is left of down_wait_s
         self._gone_since: float | None = None
+        # one lookup for the calls that look at once (a burst of 500 HTTP requests in an
+        # outage made 2,000); find_scheduler is read when called, so that tests can count them
+        self._find = SharedLookup(lambda: find_scheduler(), RETRY_DELAY_S)
         self._scheduler = self._lookup(timeout_s if find_timeout_s is None else find_timeout_s)
         # lent to the calls that wait on jobs (and to submits that leave jobs in this process's
         # care): Ray fails it when the process dies (a SIGKILL cancels nothing), and the
@@ -92,7 +96,7 @@ class Client:
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         while True:
             self._check_connected()  # a wait for `up` that outlives the connection ends
-            scheduler = find_scheduler()
+            scheduler = self._find()
             if scheduler is not None:
                 return scheduler
             if time.monotonic() > deadline:
@@ -181,14 +185,12 @@ class Client:
         if self.cluster_gone is not None:
             raise self.cluster_gone
         self._check_connected()
-        scheduler = find_scheduler()
+        scheduler = self._find()
         if scheduler is None:  # not restarting but gone (`down`): no call waits it out twice
             gone_since = self._gone_since
             if gone_since is None:
                 gone_since = self._gone_since = lost_at
-            down_wait_s = self.timeout_s if self.down_wait_s is None else self.down_wait_s
-            scheduler = self._lookup(
-                max(0.0, min(lost_at, gone_since) + down_wait_s - time.monotonic()))
+            scheduler = self._lookup(self._down_wait_left(lost_at, gone_since))
         self._gone_since = None
         self._scheduler = scheduler
         while True:  # until it answers, so that the call goes on with this outage over
@@ -201,6 +203,12 @@ class Client:
                 if time.monotonic() - lost_at > self.timeout_s:
                     return lost_at  # the call's next try tells whether it came back
                 time.sleep(RETRY_DELAY_S)
+
+    def _down_wait_left(self, lost_at: float, gone_since: float) -> float:
+        """How long a call lost at ``lost_at`` may still wait for an `up` in an outage found
+        at ``gone_since``: calls made later in it count from its start."""
+        down_wait_s = self.timeout_s if self.down_wait_s is None else self.down_wait_s
+        return max(0.0, min(lost_at, gone_since) + down_wait_s - time.monotonic())
 
     def _answer_timeout(self, method: str) -> float | None:
         """How long a call may go unanswered: calls that wait for jobs have their own timeout;

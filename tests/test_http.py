@@ -35,6 +35,7 @@ pytestmark = pytest.mark.xdist_group("ray")  # see conftest.py
 KEY = "test-key-7f3a"
 MAX_QUEUED = 32  # samples: requests of n=25 below must fit
 LONG = 2000  # tokens: a job that runs for seconds on the tiny model (max_model_len 2048)
+BURST = 100  # concurrent requests in an outage
 
 
 @pytest.fixture(scope="module")
@@ -1124,6 +1125,35 @@ async def _refused_together(http: httpx.Client, count: int) -> list[httpx.Respon
         return await asyncio.gather(*[
             session.post("/v1/completions", json={"model": "tiny", "prompt": f"x{i}",
                                                   "max_tokens": 2}) for i in range(count)])
+
+
+def test_a_burst_of_requests_in_an_outage_shares_its_lookups_of_the_scheduler(
+        http, daemon, monkeypatch):
+    """Each request in an outage looked the scheduler up by name four times (twice for its
+    submit, twice for its abort; a GCS round trip each): a burst of 500 made ~2,000."""
+    import cluster.client
+
+    cfg, _ = daemon
+    lookups, real_find = [], cluster.client.find_scheduler
+
+    def counted_find():
+        lookups.append(1)
+        return real_find()
+
+    monkeypatch.setattr(cluster.client, "find_scheduler", counted_find)
+    bringup.down()
+    refused = []
+    for _ in range(2):  # the first burst of the outage and a later one
+        refused += asyncio.run(_refused_together(http, BURST))
+        time.sleep(1.0)
+    assert [r.status_code for r in refused] == [503] * 2 * BURST
+    assert refused[-1].json()["error"]["message"].startswith("pagedserve is not up")
+    # one for the first burst, one for the later (and one try of the aborts the outage
+    # could not take, in the time it lasts, ABORT_RETRY_S apart): 810 before
+    assert len(lookups) <= 20, f"{len(lookups)} lookups for {2 * BURST} requests"
+    bringup.up(cfg, min_workers=1)
+    assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x",
+                                              "max_tokens": 2}).status_code == 200
 
 
 def test_the_server_follows_a_daemon_brought_up_again_with_less_room(http, daemon, monkeypatch):
