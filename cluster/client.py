@@ -176,7 +176,8 @@ class Client:
         return self._find_again(lost_at)
 
     async def _areconnect(self, lost_at: float) -> float | None:
-        await asyncio.sleep(RETRY_DELAY_S)  # not in a pool thread: they are few
+        if not self._down_wait_over(lost_at):  # a known outage past it needs no grace period
+            await asyncio.sleep(RETRY_DELAY_S)  # not in a pool thread: they are few
         # a reconnect can hang on a lost cluster for a minute: the wait ends once it is gone
         return await self._liveness.wait(asyncio.get_running_loop().run_in_executor(
             _RECONNECTS, self._find_again, lost_at))
@@ -209,6 +210,12 @@ class Client:
         at ``gone_since``: calls made later in it count from its start."""
         down_wait_s = self.timeout_s if self.down_wait_s is None else self.down_wait_s
         return max(0.0, min(lost_at, gone_since) + down_wait_s - time.monotonic())
+
+    def _down_wait_over(self, lost_at: float) -> bool:
+        """Whether a lookup found the daemon down and calls have waited for an `up` as long
+        as they may: the next lookup (shared) tells at once whether it is back."""
+        gone_since = self._gone_since  # read once: a pool thread may clear it meanwhile
+        return gone_since is not None and self._down_wait_left(lost_at, gone_since) == 0.0
 
     def _answer_timeout(self, method: str) -> float | None:
         """How long a call may go unanswered: calls that wait for jobs have their own timeout;
