@@ -31,13 +31,22 @@ class Find:
         return self.answer
 
 
+def wait_for_waiters(lookup, count: int) -> None:
+    """Until ``count`` callers wait on the call in flight (the Future's own condition keeps a
+    lock per waiter: a fixed sleep could end before a slow thread got there)."""
+    deadline = time.monotonic() + 30
+    while len(lookup._in_flight._condition._waiters) < count:
+        assert time.monotonic() < deadline, "the callers never waited on the call in flight"
+        time.sleep(0.01)
+
+
 def in_flight(lookup, find, callers):
     """``callers`` threads calling ``lookup`` while ``find`` is held in flight, then released."""
     pool = ThreadPoolExecutor(callers)
     first = pool.submit(lookup)
     assert find.started.wait(10)
     rest = [pool.submit(lookup) for _ in range(callers - 1)]
-    time.sleep(0.1)  # the rest are waiting on the call in flight
+    wait_for_waiters(lookup, callers - 1)
     find.release.set()
     pool.shutdown(wait=True)
     return [first, *rest]
@@ -63,7 +72,7 @@ def test_asyncio_callers_share_one_call_through_threads():
         calls.append(asyncio.get_running_loop().run_in_executor(None, lookup))
         gathered = asyncio.gather(*calls)
         await asyncio.to_thread(find.started.wait, 10)
-        await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_for_waiters, lookup, 10)
         find.release.set()
         return await gathered
 
