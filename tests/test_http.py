@@ -370,7 +370,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_daemon_does(api, daemon):
     for chunk in api.completions.create(stream=True, n=3, **kwargs):
         for choice in chunk.choices:
             per_choice[choice.index] += choice.logprobs.token_logprobs if choice.logprobs else []
-    assert per_choice == [whole.token_logprobs] * 3
+    # the samples may decode on two workers, in batches of other sizes than the single
+    # sample's: a matmul's rounding depends on its row count (MKL on an AMD host differed in
+    # the 7th digit), so the generated tokens' logprobs are equal only to a tolerance
+    assert per_choice == [pytest.approx(whole.token_logprobs, abs=1e-4)] * 3
 
 
 def test_echo_with_max_tokens_0_answers_the_prompt_and_its_scores_alone(api):
