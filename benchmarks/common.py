@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cluster.bench import percentile
-from worker.models.packed_gemm import PackedWeight, pack
+from worker.models.gemm_choice import PACKERS, PackedProjection
 
 
 def progress(message: str) -> None:
@@ -188,7 +188,7 @@ def step_matmul_flops(shape: LlamaShape, step: StepShape) -> int:
     return 2 * (decoder + last_layer + head)
 
 
-def _packed_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+def _packed_matmul(x: torch.Tensor, weight: PackedProjection) -> torch.Tensor:
     return weight.matmul(x)
 
 
@@ -198,9 +198,9 @@ class MatmulReplay:
     on the sampled rows, on random float32 tensors. As in the engine, the last layer runs o,
     gate/up and down on the sampled rows only. Every layer has its own weights, so weight
     traffic matches the real model. Each step is timed with ``F.linear`` on ``[out, in]``
-    weights, as ``x @ w`` on ``[in, out]`` weights, and through MKL's packed weights (the
-    engine's path for batches of up to ``PACKED_MAX_ROWS`` rows, where MKL has it), and the
-    fastest counts: the bound holds whichever of them an engine picks."""
+    weights, as ``x @ w`` on ``[in, out]`` weights, and through MKL's and oneDNN's packed
+    weights (the engine's paths, where this torch has them), and the fastest counts: the bound
+    holds whichever of them an engine picks."""
 
     def __init__(self, shape: LlamaShape, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -215,10 +215,11 @@ class MatmulReplay:
         self.layers_in_out = [tuple(w.t().contiguous() for w in layer) for layer in self.layers]
         self.lm_head = weight(shape.vocab_size, h)
         self.lm_head_in_out = self.lm_head.t().contiguous()
-        packed_head = pack(self.lm_head.t())  # as the engine packs it; None without MKL
-        self.packed = None
-        if packed_head is not None:
-            self.packed = ([tuple(map(pack, layer)) for layer in self.layers_in_out], packed_head)
+        self.packed = []  # per packer this torch has: the layers' and the lm_head's copies
+        for pack in PACKERS.values():
+            packed_head = pack(self.lm_head.t())  # as the engine packs it
+            if packed_head is not None:
+                self.packed.append(([tuple(map(pack, layer)) for layer in self.layers_in_out], packed_head))
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _activations(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,8 +237,7 @@ class MatmulReplay:
         sampled = sampled_rows[0]
         variants = [(self.layers, self.lm_head, torch.nn.functional.linear),
                     (self.layers_in_out, self.lm_head_in_out, torch.mm)]
-        if self.packed is not None:
-            variants.append((*self.packed, _packed_matmul))
+        variants += [(*packed, _packed_matmul) for packed in self.packed]
         times = []
         for layers, lm_head, multiply in variants:
             start = time.perf_counter()

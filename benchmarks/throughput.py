@@ -49,10 +49,11 @@ ROOFLINE_METHOD = (
     "down at M=S: the engine carries only sampled rows past its attention), plus the lm_head "
     "at M=S, on random "
     "float32 tensors of the model's shapes (distinct weights per layer), same thread count, "
-    "as torch.nn.functional.linear on [out, in] weights, as torch.mm on [in, out] weights and "
+    "as torch.nn.functional.linear on [out, in] weights, as torch.mm on [in, out] weights, "
     f"through MKL's packed weights (the engine's path for batches of up to {PACKED_MAX_ROWS} "
-    "rows), keeping the fastest. Roofline time = sum over steps of each step's best matmul "
-    "time across the replays; upper-bound tokens/s = the section's output tokens / roofline "
+    "rows where it picks MKL) and through oneDNN's (its path where it picks oneDNN), keeping "
+    "the fastest. Roofline time = sum over steps of each step's best matmul time across the "
+    "replays; upper-bound tokens/s = the section's output tokens / roofline "
     "time. "
     "It leaves out attention, norms, rope, embedding, sampling, scheduling and Python "
     "overhead, so no engine running these matmuls can beat it.")
@@ -184,6 +185,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> En
         "prompt_tokens_computed": stats_after.prompt_tokens - stats_before.prompt_tokens,
         "prefix_hit_rate": round(hits / queried, 4) if queried else 0.0,
         "minor_page_faults": page_faults,
+        "cpu_gemm": llm.engine.model.gemm_kind,
     }
     return EngineRun(figures, jobs, recorder)
 

@@ -8,7 +8,7 @@ import transformers
 from worker.attention import AttentionMetadata
 from worker.backends import get_backend
 from worker.loader import load_model
-from worker.models import packed_gemm
+from worker.models import gemm_choice, packed_gemm
 from worker.models.config import ModelConfig, UnsupportedModelError
 
 BLOCK_SIZE = 4
@@ -237,14 +237,26 @@ def test_output_rows_skip_the_last_mlp_but_not_the_kv_writes(llama_ckpt, monkeyp
     assert none.shape[0] == 0
 
 
-def test_float32_cpu_models_pack_their_projections(llama_ckpt, qwen2_ckpt):
-    """The HF comparisons above run through MKL's packed GEMM where it exists; bf16 never packs."""
-    if not packed_gemm.available():
-        pytest.skip("this torch build has no MKL packed GEMM")
+@pytest.mark.parametrize("kind", ["auto", "mkl", "onednn"])
+def test_float32_cpu_models_pack_their_projections(kind, llama_ckpt, qwen2_ckpt, monkeypatch):
+    """The HF comparisons above run through the packed GEMM this host picks (``auto``); each
+    library's copies give the unpacked model's logits; bf16 never packs."""
+    wanted = gemm_choice.AVAILABLE if kind == "auto" else {kind: gemm_choice.AVAILABLE[kind]}
+    if not any(available() for available in wanted.values()):
+        pytest.skip(f"this torch build cannot run the packed GEMM ({kind})")
+    monkeypatch.setenv(gemm_choice.ENV_VAR, kind)
+    tokens = prompts(seed=9, lengths=(13,))[0]
     for _, directory in (llama_ckpt, qwen2_ckpt):  # Qwen2: q/k/v bias through the packed path
-        model, _ = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))
+        model, config = load_model(directory, dtype=torch.float32, backend=get_backend("cpu"))
         assert all(set(layer.packed) == {"qkv", "o", "gate_up", "down"} for layer in model.layers)
-        assert model.packed_lm_head is not None
+        assert model.gemm_kind in ({"mkl", "onednn"} if kind == "auto" else {kind})
+        assert {p.kind for layer in model.layers for p in layer.packed.values()} == {model.gemm_kind}
+        packed_logits = run_chunks(model, config, tokens, [5, 8])
+        for layer in model.layers:
+            layer.packed = {}
+        model.packed_lm_head = None
+        torch.testing.assert_close(packed_logits, run_chunks(model, config, tokens, [5, 8]),
+                                   rtol=1e-4, atol=1e-4)
     model, _ = load_model(llama_ckpt[1], dtype=torch.bfloat16, backend=get_backend("cpu"))
     assert not model.layers[0].packed and model.packed_lm_head is None
 

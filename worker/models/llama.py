@@ -8,7 +8,8 @@ from torch import nn
 from worker.attention import AttentionBackend, AttentionMetadata, SelfAttentionParams
 from worker.models.config import ModelConfig
 from worker.models.fused_ops import add_rms_norm, rms_norm, rotate_qk, silu_mul
-from worker.models.packed_gemm import PackedWeight, affordable, pack, plain_matmul
+from worker.models.gemm_choice import Packer, PackedProjection, choose_packer
+from worker.models.packed_gemm import affordable, plain_matmul
 from worker.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -20,7 +21,7 @@ def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-             packed: PackedWeight | None = None) -> torch.Tensor:
+             packed: PackedProjection | None = None) -> torch.Tensor:
     """``x @ weight (+ bias)`` for a projection stored ``[in_features, out_features]``, through
     its packed copy when there is one."""
     if packed is not None:
@@ -56,7 +57,7 @@ class DecoderLayer(nn.Module):
             head_dim=c.head_dim,
             qk_scale=c.head_dim**-0.5,
         )
-        self.packed: dict[str, PackedWeight] = {}
+        self.packed: dict[str, PackedProjection] = {}
 
     def forward(
         self,
@@ -99,11 +100,11 @@ class DecoderLayer(nn.Module):
         return {"qkv": self.qkv_weight, "o": self.o_weight, "gate_up": self.gate_up_weight,
                 "down": self.down_weight}
 
-    def pack_weights(self) -> None:
-        """Pack the projections for MKL (float32 on the CPU; elsewhere nothing happens), keeping
-        a second copy of them. A weight later changed in place through its parameter is used
-        directly (its version counter moved); writes through ``.data`` aliases are not seen, so
-        call this again after those."""
+    def pack_weights(self, pack: Packer) -> None:
+        """Pack the projections with ``pack`` (MKL's or oneDNN's), keeping a second copy of
+        them. A weight later changed in place through its parameter is used directly (its
+        version counter moved); writes through ``.data`` aliases are not seen, so call this
+        again after those."""
         # detach(), not .data: it shares the parameter's version counter
         packed = {name: pack(weight.detach()) for name, weight in self.projections().items()}
         self.packed = {name: p for name, p in packed.items() if p is not None}
@@ -152,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = _weight(c.hidden_size, dtype=dtype)
         self.lm_head = self.embed_tokens if c.tie_word_embeddings else _weight(c.vocab_size, c.hidden_size, dtype=dtype)
         self.rotary = RotaryEmbedding(c)
-        self.packed_lm_head: PackedWeight | None = None
+        self.packed_lm_head: PackedProjection | None = None
 
     def forward(
         self,
@@ -188,16 +189,26 @@ class LlamaForCausalLM(nn.Module):
             return self.packed_lm_head.matmul(hidden)
         return F.linear(hidden, self.lm_head).float()
 
+    @property
+    def gemm_kind(self) -> str:
+        """Whose packed GEMM the projections run through: ``mkl``, ``onednn`` or ``torch``."""
+        return self.packed_lm_head.kind if self.packed_lm_head is not None else "torch"
+
     def pack_weights(self) -> None:
-        """See :meth:`DecoderLayer.pack_weights`; also packs the lm_head. Skipped when the
-        copies would not fit the host memory share (:func:`affordable`)."""
+        """Pack every projection and the lm_head for the faster of MKL's and oneDNN's packed
+        GEMM on this host (float32 on the CPU; elsewhere nothing happens; see
+        :meth:`DecoderLayer.pack_weights`). Skipped when the copies would not fit the host
+        memory share (:func:`affordable`)."""
         if self.dtype != torch.float32 or self.lm_head.device.type != "cpu":
             return
         weights = [w for layer in self.layers for w in layer.projections().values()]
         if not affordable(sum(w.nbytes for w in weights + [self.lm_head])):
             return
+        pack = choose_packer([w.detach() for w in weights])
+        if pack is None:
+            return
         for layer in self.layers:
-            layer.pack_weights()
+            layer.pack_weights(pack)
         self.packed_lm_head = pack(self.lm_head.detach().t())
 
     def hf_weight_slots(self) -> dict[str, torch.Tensor]:

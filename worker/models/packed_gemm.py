@@ -38,6 +38,8 @@ class PackedWeight:
     after packing (its version counter moved), uses it directly.
     """
 
+    kind = "mkl"
+
     def __init__(self, weight: torch.Tensor, buffer: torch.Tensor) -> None:
         self.weight = weight
         self.buffer = buffer
@@ -84,7 +86,7 @@ def affordable(nbytes: int) -> bool:
     free, _ = host_memory_info()
     if nbytes <= PACKED_MEMORY_SHARE * free:
         return True
-    log.warning("not packing the projections for MKL: the copies would take %.2f GiB of the "
+    log.warning("not packing the projections: the copies would take %.2f GiB of the "
                 "%.2f GiB available; matmuls re-pack each call (slower decode)",
                 nbytes / 2**30, free / 2**30)
     return False
