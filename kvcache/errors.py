@@ -12,11 +12,15 @@ class RequestTooLargeError(ValueError):
         self.num_blocks = num_blocks
         self.usable_blocks = usable_blocks
         super().__init__(
-            f"request of {num_tokens} tokens needs {blocks_needed} KV blocks of {block_size} "
-            f"tokens, but the cache has only {num_blocks} blocks ({usable_blocks} usable after "
+            f"request of {num_tokens} tokens needs {_blocks(blocks_needed)} of {block_size} "
+            f"tokens, but the cache has only {_blocks(num_blocks)} ({usable_blocks} usable after "
             f"the free-block watermark), so at most {usable_blocks * block_size} tokens fit; "
             f"shorten the prompt or max_tokens, or give the KV cache more memory"
         )
+
+
+def _blocks(n: int) -> str:
+    return f"{n} KV block" if n == 1 else f"{n} KV blocks"
 
 
 class OutOfBlocksError(RuntimeError):

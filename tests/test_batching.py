@@ -188,7 +188,7 @@ def test_abort_frees_blocks_at_once():
 
 def test_a_request_that_can_never_fit_is_rejected_at_once():
     b, _ = make(num_blocks=4, block_size=4)
-    with pytest.raises(InvalidRequestError, match="needs 5 KV blocks .* only 4 blocks") as raised:
+    with pytest.raises(InvalidRequestError, match="needs 5 KV blocks .* only 4 KV blocks") as raised:
         b.add(req("big", 12, max_tokens=8))
     assert isinstance(raised.value.__cause__, RequestTooLargeError)
     with pytest.raises(InvalidRequestError, match="max_model_len"):

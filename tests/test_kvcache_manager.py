@@ -29,8 +29,16 @@ def test_request_too_large_names_needed_and_existing_blocks():
         manager.check_fits(10 * BS + 1)
     assert isinstance(raised.value, ValueError)
     message = str(raised.value)
-    assert "needs 11 KV blocks" in message and "has only 10 blocks" in message
+    assert "needs 11 KV blocks" in message and "has only 10 KV blocks" in message
     assert raised.value.blocks_needed == 11 and raised.value.num_blocks == 10
+
+
+def test_request_too_large_says_one_block_in_the_singular():
+    manager = KVCacheManager(num_blocks=1, block_size=BS, watermark=0.0)
+    with pytest.raises(RequestTooLargeError) as raised:
+        manager.check_fits(BS + 1)
+    assert "needs 2 KV blocks of" in str(raised.value)
+    assert "has only 1 KV block (1 usable" in str(raised.value)
 
 
 def test_request_too_large_counts_the_watermark_as_unusable():
