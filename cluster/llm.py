@@ -159,6 +159,8 @@ class LLM:
                             "continue_final_message": continue_final_message,
                             "chat_template": chat_template, "tools": tools,
                             **(chat_template_kwargs or {})}
+        if template_options["continue_final_message"]:
+            _check_continuable(conversations)
         prompts = [self.tokenizer.encode_chat([template_message(m) for m in conversation],
                                               **template_options)
                    for conversation in conversations]
@@ -199,3 +201,14 @@ def _per_prompt(params, count: int) -> list[SamplingParams]:
     if len(params) != count:
         raise ValueError(f"got {len(params)} SamplingParams for {counted(count, 'prompt')}")
     return params
+
+
+def _check_continuable(conversations: list[Sequence[dict]]) -> None:
+    """continue_final_message carries the last message on: refused, as the HTTP API does, for a
+    conversation whose last message is not the assistant's."""
+    for i, conversation in enumerate(conversations):
+        last = conversation[-1].get("role")
+        if last != "assistant":
+            raise InvalidRequestError(
+                f"continue_final_message needs conversation {i}'s last message to be the "
+                f"assistant's to continue, not a {last} message")

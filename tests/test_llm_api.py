@@ -162,6 +162,11 @@ def test_chat_takes_vllm_s_template_arguments(llm):
         prompt_text(add_generation_prompt=False)
     with pytest.raises(ValueError, match="cannot both be true"):
         llm.chat(messages, GREEDY, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="conversation 1's last message to be the assistant's "
+                                         "to continue, not a user message"):
+        llm.chat([messages, messages[:1]], GREEDY, continue_final_message=True)
+    with pytest.raises(ValueError, match="not a user message"):  # set through the template's kwargs
+        llm.chat(messages[:1], GREEDY, chat_template_kwargs={"continue_final_message": True})
     assert llm.chat(messages=messages, sampling_params=GREEDY)[0].prompt_token_ids == \
         tokenizer.apply_chat_template(messages, tokenize=True)  # vLLM's argument names
 
