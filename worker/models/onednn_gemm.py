@@ -15,13 +15,17 @@ log = logging.getLogger("pagedserve.onednn_gemm")
 # AMD EPYC host, 8 layers of the benchmark model took about the same time packed for 16, 128
 # or 2048 rows, at 8 to 2048 rows.
 PACKED_FOR_ROWS = 128
+# A single row goes through torch's plain matmul on the source weight (MKL's matrix-vector
+# path) instead: 8 layers of the benchmark model at 1 row, 1 thread, took 13.1 ms through
+# oneDNN against 8.7 ms; at 2 rows they were even, from 4 rows oneDNN was 1.5x faster.
+PLAIN_MAX_ROWS = 1
 
 
 class OneDnnWeight:
     """One ``[in, out]`` float32 weight reordered for oneDNN's ``x @ weight``.
 
-    The source weight is kept: an input oneDNN's path does not take, or a weight changed in
-    place after packing (its version counter moved), uses it directly.
+    The source weight is kept: a single row, an input oneDNN's path does not take, or a weight
+    changed in place after packing (its version counter moved), uses it directly.
     """
 
     kind = "onednn"
@@ -34,11 +38,12 @@ class OneDnnWeight:
         self._version = weight._version
 
     def accepts(self, x: torch.Tensor) -> bool:
-        return (x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
-                and x.shape[1] == self.in_features and self.weight._version == self._version)
+        return (x.dim() == 2 and x.shape[0] > PLAIN_MAX_ROWS and x.shape[1] == self.in_features
+                and x.dtype == torch.float32 and x.is_contiguous()
+                and self.weight._version == self._version)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight (+ bias)``; falls back to torch for inputs the packed path does not take."""
+        """``x @ weight (+ bias)``; through torch for inputs the packed path does not take."""
         if not self.accepts(x):
             return plain_matmul(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
