@@ -224,7 +224,8 @@ def create_app(client: Client, cfg: PagedServeConfig, *,
     app.include_router(router)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)  # a middleware's own error
+    app.add_middleware(UnexpectedErrors)  # innermost: counted, and given the request id
     app.add_middleware(ConcurrencyLimit, limit=cfg.http.max_concurrent_requests)
     app.add_middleware(RequestCounter, metrics=server.metrics)
     if cfg.http.cors_allowed_origins:  # a preflight is answered before the rest
@@ -678,8 +679,8 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Respo
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
-    # answered from outside every middleware (Starlette's own outermost one calls this), so
-    # the request id is set here
+    # UnexpectedErrors calls this inside the middlewares; Starlette's own outermost one, for
+    # an error of a middleware itself, outside them all, so the request id is set here
     request_id = request.scope.get(REQUEST_ID_KEY, "")
     log.error("unexpected error on %s %s (request %s)", request.method, request.url.path,
               request_id, exc_info=exc)
@@ -880,6 +881,35 @@ class RequestCounter:
             # the route template (bounded label values), set on the scope by the router
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.requests.labels(route, str(status)).inc()
+
+
+class UnexpectedErrors:
+    """ASGI middleware answering an exception no handler took with a JSON 500. Starlette's
+    outermost middleware answers it too, but then raises it on to uvicorn, which closes the
+    connection: a client's next request on it then failed. A response already started cannot
+    be replaced, so such an error goes on."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - answered and logged, as Starlette would
+            if started:
+                raise
+            response = await _on_unexpected_error(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()  # as ASGI gives header names

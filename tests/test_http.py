@@ -2,6 +2,7 @@
 official openai client and raw httpx: results equal the daemon's own, streams equal whole
 responses, bad input gets the right status and error body, and the server keeps serving."""
 import asyncio
+import http.client as http_client
 import importlib.metadata
 import json
 import os
@@ -9,6 +10,7 @@ import resource
 import signal
 import socket
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -527,20 +529,31 @@ def test_a_request_s_x_request_id_is_echoed_and_others_get_their_own(http, base_
     assert made[0] != made[1] and all(len(m) >= 16 for m in made)
 
 
-def test_an_unexpected_error_is_500_with_the_request_id(base_url, monkeypatch):
-    """Starlette answers it from outside every middleware: the header was left off."""
+def test_an_unexpected_error_is_500_with_the_request_id_and_keeps_the_connection(base_url,
+                                                                                 monkeypatch):
+    """Starlette answered it from outside every middleware, so the header was left off, and
+    raised it on to uvicorn, which closed the connection: the next request on it failed."""
     def broken(server):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(cluster.http, "_model_card", broken)
-    # a connection of its own each: uvicorn closes one whose request raised
-    answers = [httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}",
-                                                           **given})
-               for given in ({"X-Request-Id": "bug-10"}, {})]
-    assert [a.status_code for a in answers] == [500, 500]
-    assert error_of(answers[0])["message"] == "internal server error"
-    assert answers[0].headers["x-request-id"] == "bug-10"
-    assert len(answers[1].headers["x-request-id"]) >= 16  # a made one
+    connection = http_client.HTTPConnection(*urllib.parse.urlsplit(base_url).netloc.split(":"),
+                                            timeout=60)  # one connection, never reopened
+    answers = []
+    try:
+        for given in ({"X-Request-Id": "bug-10"}, {}):
+            connection.request("GET", "/v1/models",
+                               headers={"Authorization": f"Bearer {KEY}", **given})
+            response = connection.getresponse()
+            answers.append((response.status, response.getheader("x-request-id"),
+                            json.loads(response.read())))
+            assert connection.sock is not None, "the server closed the connection"
+    finally:
+        connection.close()
+    assert [status for status, _, _ in answers] == [500, 500]
+    assert answers[0][2]["error"]["message"] == "internal server error"
+    assert answers[0][1] == "bug-10"
+    assert len(answers[1][1]) >= 16  # a made one
 
 
 def test_logprobs_cover_every_token(api, tokenizer):
