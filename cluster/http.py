@@ -825,7 +825,24 @@ def _prefers_msgpack(accept: str) -> bool:
 # -- request limiting and counting ------------------------------------------------------------
 
 
-class ConcurrencyLimit:
+class _HttpMiddleware:
+    """Plain ASGI middleware (so that streams and disconnect detection pass through untouched)
+    acting on HTTP requests in ``handle``; every other scope goes straight on."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send) -> None:
+        raise NotImplementedError
+
+
+class ConcurrencyLimit(_HttpMiddleware):
     """ASGI middleware answering 503 to a POST that arrives while ``limit`` are in progress,
     before its body is read, and closing its connection (which would otherwise hold what
     arrived of the body): 1,500 clients each sending most of a 1 MiB body (the largest taken)
@@ -833,12 +850,12 @@ class ConcurrencyLimit:
     scrape must still be answered."""
 
     def __init__(self, app, limit: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit = limit
         self.in_progress = 0
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+    async def handle(self, scope, receive, send) -> None:
+        if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         if self.in_progress >= self.limit:
@@ -855,18 +872,14 @@ class ConcurrencyLimit:
             self.in_progress -= 1
 
 
-class RequestCounter:
-    """ASGI middleware counting answered requests by route and status (plain ASGI, so that
-    streaming and disconnect detection pass through untouched)."""
+class RequestCounter(_HttpMiddleware):
+    """ASGI middleware counting answered requests by route and status."""
 
     def __init__(self, app, metrics: ServerMetrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         status = 500
 
         async def recording_send(message) -> None:
@@ -883,19 +896,13 @@ class RequestCounter:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
-class UnexpectedErrors:
+class UnexpectedErrors(_HttpMiddleware):
     """ASGI middleware answering an exception no handler took with a JSON 500. Starlette's
     outermost middleware answers it too, but then raises it on to uvicorn, which closes the
     connection: a client's next request on it then failed. A response already started cannot
     be replaced, so such an error goes on."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         started = False
 
         async def tracking_send(message) -> None:
@@ -915,18 +922,11 @@ class UnexpectedErrors:
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()  # as ASGI gives header names
 
 
-class RequestId:
+class RequestId(_HttpMiddleware):
     """ASGI middleware answering every request with an X-Request-Id header: the request's own
-    (so that a client's or a proxy's logs match the server's), else a new one. Plain ASGI, as
-    RequestCounter, so that streams pass through untouched."""
+    (so that a client's or a proxy's logs match the server's), else a new one."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         given = dict(scope["headers"]).get(_REQUEST_ID_NAME)
         request_id = given.decode("latin-1") if given else uuid.uuid4().hex
         scope[REQUEST_ID_KEY] = request_id
