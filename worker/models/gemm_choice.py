@@ -97,7 +97,8 @@ def _sample(projections: list[torch.Tensor]) -> list[torch.Tensor]:
     one weight takes more than ``SAMPLE_MAX_BYTES_EACH``."""
     sample, total = [], 0
     for weight in projections:
-        columns = max(1, min(weight.shape[1], SAMPLE_MAX_BYTES_EACH // (4 * weight.shape[0])))
+        row_bytes = weight.shape[0] * weight.element_size()
+        columns = max(1, min(weight.shape[1], SAMPLE_MAX_BYTES_EACH // row_bytes))
         sample.append(weight[:, :columns].contiguous())
         total += sample[-1].nbytes
         if total >= SAMPLE_BYTES:

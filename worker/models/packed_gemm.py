@@ -99,15 +99,24 @@ def available() -> bool:
     layout of a weight does not depend on the row count; this confirms it)."""
     if _mkl() is None:
         return False
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(24, 40, generator=gen)
-    packed = _pack(weight)
-    for rows in (1, 5, 37):
-        x = torch.randn(rows, 24, generator=gen)
-        if not torch.allclose(packed.matmul(x), x @ weight, rtol=1e-5, atol=1e-5):
-            log.warning("MKL packed GEMM disagrees with torch at %d rows; not using it", rows)
-            return False
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    rows = first_disagreement(_pack(weight), weight)
+    if rows is not None:
+        log.warning("MKL packed GEMM disagrees with torch at %d rows; not using it", rows)
+        return False
     return True
+
+
+def first_disagreement(packed, weight: torch.Tensor, bias: torch.Tensor | None = None) -> int | None:
+    """The first of a few row counts at which ``packed.matmul`` does not give torch's
+    ``x @ weight (+ bias)`` on random inputs; None when it agrees at all of them."""
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, 5, 37):
+        x = torch.randn(rows, weight.shape[0], generator=gen)
+        if not torch.allclose(packed.matmul(x, bias), plain_matmul(x, weight, bias),
+                              rtol=1e-5, atol=1e-5):
+            return rows
+    return None
 
 
 def _pack(weight: torch.Tensor) -> PackedWeight | None:
